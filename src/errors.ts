@@ -1,0 +1,76 @@
+/**
+ * Typed errors shared by every layer. Each carries a stable `code`, the HTTP status it maps to
+ * (RFC 9457 problem+json at the HTTP edge) and, where one input is at fault, the `field` that
+ * names it (a JSON path, a tensor name, a file name).
+ */
+export type ErrorCode =
+  | 'invalid_request'
+  | 'invalid_model'
+  | 'unsupported_model'
+  | 'invalid_intervention'
+  | 'invalid_checkpoint'
+  | 'context_length_exceeded'
+  | 'not_found'
+  | 'conflict'
+  | 'unauthorized'
+  | 'forbidden'
+  | 'payload_too_large'
+  | 'rate_limited'
+  | 'overloaded'
+  | 'unavailable'
+  | 'internal';
+
+const STATUS: Record<ErrorCode, number> = {
+  invalid_request: 400,
+  invalid_model: 400,
+  unsupported_model: 400,
+  invalid_intervention: 400,
+  invalid_checkpoint: 400,
+  context_length_exceeded: 400,
+  not_found: 404,
+  conflict: 409,
+  unauthorized: 401,
+  forbidden: 403,
+  payload_too_large: 413,
+  rate_limited: 429,
+  overloaded: 503,
+  unavailable: 503,
+  internal: 500,
+};
+
+export class ReftError extends Error {
+  readonly status: number;
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly field?: string,
+    readonly retryAfterSeconds?: number,
+  ) {
+    super(message);
+    this.name = 'ReftError';
+    this.status = STATUS[code];
+  }
+
+  /** Plain object that survives structured clone (worker threads, child processes). */
+  toJSON(): SerializedError {
+    return { code: this.code, message: this.message, field: this.field, retryAfterSeconds: this.retryAfterSeconds };
+  }
+
+  static fromJSON(e: SerializedError): ReftError {
+    return new ReftError(e.code, e.message, e.field, e.retryAfterSeconds);
+  }
+}
+
+export interface SerializedError {
+  code: ErrorCode;
+  message: string;
+  field?: string;
+  retryAfterSeconds?: number;
+}
+
+export const invalidRequest = (message: string, field?: string) => new ReftError('invalid_request', message, field);
+export const invalidIntervention = (message: string, field?: string) =>
+  new ReftError('invalid_intervention', message, field);
+export const invalidCheckpoint = (message: string, field?: string) => new ReftError('invalid_checkpoint', message, field);
+export const unsupportedModel = (message: string, field?: string) => new ReftError('unsupported_model', message, field);
+export const notFound = (message: string, field?: string) => new ReftError('not_found', message, field);

@@ -1,0 +1,158 @@
+import type { Checkpoint, WeightRef } from '../model/checkpoint.ts';
+import { ropeInverseFrequencies, type ModelConfig } from '../model/config.ts';
+import { GraphBuilder, MS_DOMAIN, float, type ElemType } from './onnx.ts';
+
+/**
+ * The inference graph of a Llama-family decoder, with ReFT interventions as inputs.
+ *
+ * One graph serves prefill and decode. Each call processes `batch` rows of `seq` new tokens on
+ * top of a KV cache the caller keeps (`past_key.L` / `past_value.L`, BNSH, any past length per
+ * row via `seqlens_k`), and returns only the new rotated K and V rows (`new_key.L`,
+ * `new_value.L`, [batch, seq, kv_heads * head_dim]) so the caller appends them without the
+ * binding copying the whole cache back. Logits are computed only for `logit_rows` (indices into
+ * the flattened batch × seq tokens).
+ *
+ * After decoder layer L, the interventions of the batch edit the residual stream:
+ *   rows = iv.L.rows (flattened token indices, unique), u = (h[rows]·downᵀ + bias) ⊙ mask,
+ *   h[rows] += u·up
+ * where down/bias/up stack the low-rank factors of every intervention on layer L in the batch
+ * (rank R in total) and mask[k, j] = 1 when the intervention owning rank column j applies at
+ * row k. With K = R = 0 (every decode step) the block is a handful of empty ops.
+ */
+export const DECODER_GRAPH_VERSION = 'decoder-v1';
+
+export const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
+
+export const decoderInputs = {
+  inputIds: 'input_ids',
+  positionIds: 'position_ids',
+  seqlensK: 'seqlens_k',
+  totalSequenceLength: 'total_sequence_length',
+  logitRows: 'logit_rows',
+  pastKey: (l: number) => `past_key.${l}`,
+  pastValue: (l: number) => `past_value.${l}`,
+  ivRows: (l: number) => `iv.${l}.rows`,
+  ivMask: (l: number) => `iv.${l}.mask`,
+  ivDown: (l: number) => `iv.${l}.down`,
+  ivBias: (l: number) => `iv.${l}.bias`,
+  ivUp: (l: number) => `iv.${l}.up`,
+};
+
+export const decoderOutputs = {
+  logits: 'logits',
+  newKey: (l: number) => `new_key.${l}`,
+  newValue: (l: number) => `new_value.${l}`,
+};
+
+const WEIGHT_ELEM: Record<string, ElemType> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
+
+export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint): Uint8Array {
+  const g = new GraphBuilder('reft_decoder');
+  const d = config.hiddenSize;
+  const kvDim = config.numKvHeads * config.headDim;
+
+  /** A weight as an initializer over the checkpoint's bytes; half types are cast (ORT folds the cast at load). */
+  const weight = (name: string): string => {
+    const w = checkpoint.weights.get(name) as WeightRef;
+    const ref = g.external({
+      name,
+      elemType: WEIGHT_ELEM[w.dtype],
+      dims: w.shape,
+      location: w.file,
+      offset: w.offset,
+      length: w.byteLength,
+    });
+    return w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 });
+  };
+  const linear = (x: string, prefix: string, bias: boolean): string => {
+    const y = g.op('FusedMatMul', [x, weight(`${prefix}.weight`)], { transB: 1 }, { domain: MS_DOMAIN });
+    return bias ? g.op('Add', [y, weight(`${prefix}.bias`)]) : y;
+  };
+  const rmsNorm = (x: string, w: string): string =>
+    g.op('SimplifiedLayerNormalization', [x, weight(w)], { axis: -1, epsilon: float(config.rmsNormEps), stash_type: 1 });
+
+  const inputIds = g.input(decoderInputs.inputIds, 'int64', ['batch', 'seq']);
+  const positionIds = g.input(decoderInputs.positionIds, 'int64', ['batch', 'seq']);
+  const seqlensK = g.input(decoderInputs.seqlensK, 'int32', ['batch']);
+  const totalSeq = g.input(decoderInputs.totalSequenceLength, 'int32', []);
+  const logitRows = g.input(decoderInputs.logitRows, 'int64', ['logit_rows']);
+
+  const { cos, sin } = rotaryTables(g, config);
+  const flat = g.int64s('flat_shape', [-1, d]);
+  const embed = weight('model.embed_tokens.weight');
+  let h = g.op('Gather', [embed, inputIds], { axis: 0 });
+
+  for (let l = 0; l < config.numLayers; l++) {
+    const p = `model.layers.${l}`;
+    const x = rmsNorm(h, `${p}.input_layernorm.weight`);
+    const rotary = (t: string, heads: number) =>
+      g.op('RotaryEmbedding', [t, positionIds, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN });
+    const q = rotary(linear(x, `${p}.self_attn.q_proj`, config.attentionBias), config.numHeads);
+    const k = rotary(linear(x, `${p}.self_attn.k_proj`, config.attentionBias), config.numKvHeads);
+    const v = linear(x, `${p}.self_attn.v_proj`, config.attentionBias);
+    g.output(k, decoderOutputs.newKey(l), 'float32', ['batch', 'seq', kvDim]);
+    g.output(v, decoderOutputs.newValue(l), 'float32', ['batch', 'seq', kvDim]);
+    const pastKey = g.input(decoderInputs.pastKey(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
+    const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
+    const [attn] = g.opN(
+      'GroupQueryAttention',
+      [q, k, v, pastKey, pastValue, seqlensK, totalSeq],
+      3,
+      { num_heads: config.numHeads, kv_num_heads: config.numKvHeads, do_rotary: 0 },
+      { domain: MS_DOMAIN },
+    );
+    const o = linear(attn, `${p}.self_attn.o_proj`, false);
+    const [x2, , , mid] = g.opN(
+      'SkipSimplifiedLayerNormalization',
+      [o, h, weight(`${p}.post_attention_layernorm.weight`)],
+      4,
+      { epsilon: float(config.rmsNormEps) },
+      { domain: MS_DOMAIN },
+    );
+    const gate = g.op('QuickGelu', [linear(x2, `${p}.mlp.gate_proj`, config.mlpBias)], { alpha: float(1) }, { domain: MS_DOMAIN });
+    const up = linear(x2, `${p}.mlp.up_proj`, config.mlpBias);
+    const down = linear(g.op('Mul', [gate, up]), `${p}.mlp.down_proj`, config.mlpBias);
+    h = g.op('Add', [mid, down]);
+    h = interventionBlock(g, h, l, d, flat);
+  }
+
+  const hFlat = g.op('Reshape', [h, flat]);
+  const last = rmsNorm(g.op('Gather', [hFlat, logitRows], { axis: 0 }), 'model.norm.weight');
+  const lmHead = config.tieWordEmbeddings ? embed : weight('lm_head.weight');
+  const logits = g.op('FusedMatMul', [last, lmHead], { transB: 1 }, { domain: MS_DOMAIN });
+  g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
+  return g.encode(OPSETS);
+}
+
+/** h[rows] += ((h[rows]·downᵀ + bias) ⊙ mask)·up, on the flattened [batch*seq, d] stream. */
+function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, flat: string): string {
+  const rows = g.input(decoderInputs.ivRows(l), 'int64', [`iv_rows_${l}`]);
+  const mask = g.input(decoderInputs.ivMask(l), 'float32', [`iv_rows_${l}`, `iv_rank_${l}`]);
+  const down = g.input(decoderInputs.ivDown(l), 'float32', [`iv_rank_${l}`, d]);
+  const bias = g.input(decoderInputs.ivBias(l), 'float32', [`iv_rank_${l}`]);
+  const up = g.input(decoderInputs.ivUp(l), 'float32', [`iv_rank_${l}`, d]);
+  const shape = g.op('Shape', [h]);
+  const hFlat = g.op('Reshape', [h, flat]);
+  const sel = g.op('Gather', [hFlat, rows], { axis: 0 });
+  const u = g.op('Mul', [g.op('Add', [g.op('FusedMatMul', [sel, down], { transB: 1 }, { domain: MS_DOMAIN }), bias]), mask]);
+  const edited = g.op('Add', [sel, g.op('MatMul', [u, up])]);
+  const index = g.op('Unsqueeze', [rows, g.int64s('axes', [1])]);
+  return g.op('Reshape', [g.op('ScatterND', [hFlat, index, edited]), shape]);
+}
+
+/** cos/sin tables [max_positions, head_dim/2] for com.microsoft RotaryEmbedding (rotate-half layout). */
+function rotaryTables(g: GraphBuilder, config: ModelConfig): { cos: string; sin: string } {
+  const inv = ropeInverseFrequencies(config);
+  const half = inv.length;
+  const n = config.maxPositions;
+  const cos = new Float32Array(n * half);
+  const sin = new Float32Array(n * half);
+  for (let p = 0; p < n; p++) {
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(p * Math.fround(inv[i]));
+      cos[p * half + i] = Math.cos(angle);
+      sin[p * half + i] = Math.sin(angle);
+    }
+  }
+  return { cos: g.constant('rope_cos', cos, [n, half]), sin: g.constant('rope_sin', sin, [n, half]) };
+}

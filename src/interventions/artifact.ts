@@ -1,0 +1,196 @@
+import { z } from 'zod';
+import { ReftError, invalidIntervention } from '../errors.ts';
+import { parseSafetensors, toFloat32, type SafetensorsFile } from '../model/safetensors.ts';
+import { parsePositions, type PositionSpec } from './positions.ts';
+
+/**
+ * The reft/v1 artifact (REFT.md "The intervention artifact"): reft_config.json plus
+ * reft_weights.safetensors. `parseArtifact` validates both against a base model and returns the
+ * interventions in the single low-rank form every kind shares at inference time:
+ *   delta = (h·downᵀ + bias)·up, with down = S − P.
+ */
+export const INTERVENTION_KINDS = ['loreft', 'direft', 'noreft', 'consreft', 'lobireft'] as const;
+export type InterventionKind = (typeof INTERVENTION_KINDS)[number];
+
+/** Tensor names per kind (REFT.md's table); `rotate` is R, orthonormal rows. */
+export const KIND_TENSORS: Record<InterventionKind, readonly string[]> = {
+  loreft: ['rotate', 'source.weight', 'source.bias'],
+  direft: ['source.weight', 'source.bias', 'proj.weight'],
+  noreft: ['source.weight', 'source.bias', 'proj.weight'],
+  consreft: ['rotate', 'source.bias'],
+  lobireft: ['rotate', 'source.bias'],
+};
+
+export const interventionEntrySchema = z.strictObject({
+  kind: z.enum(INTERVENTION_KINDS),
+  layer: z.number().int().min(0),
+  rank: z.number().int().min(1).max(1024),
+  positions: z.string(),
+  component: z.literal('block_output').optional(),
+});
+
+export const reftConfigSchema = z.strictObject({
+  format: z.literal('reft/v1'),
+  base_model: z.looseObject({
+    architecture: z.string().optional(),
+    hidden_size: z.number().int().positive(),
+    num_hidden_layers: z.number().int().positive(),
+  }),
+  interventions: z.array(interventionEntrySchema).min(1).max(1024),
+  name: z.string().max(200).optional(),
+  description: z.string().max(4000).optional(),
+  metadata: z.record(z.string(), z.string()).optional(),
+});
+
+export type ReftConfig = z.infer<typeof reftConfigSchema>;
+
+/** What an artifact is checked against. */
+export interface BaseModelShape {
+  hiddenSize: number;
+  numLayers: number;
+}
+
+export interface InterventionSpec {
+  kind: InterventionKind;
+  layer: number;
+  rank: number;
+  positions: PositionSpec;
+}
+
+/** One intervention ready for the engine: delta = (h·downᵀ + bias)·up at `positions`. */
+export interface LowRankIntervention extends InterventionSpec {
+  down: Float32Array; // [rank, d]
+  bias: Float32Array; // [rank]
+  up: Float32Array; // [rank, d]
+}
+
+export interface Artifact {
+  config: ReftConfig;
+  interventions: LowRankIntervention[];
+  /** Bytes the engine holds for it (the low-rank factors). */
+  byteSize: number;
+}
+
+export const ORTHONORMAL_TOLERANCE = 1e-3;
+
+export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
+  let json: unknown;
+  try {
+    json = JSON.parse(typeof bytes === 'string' ? bytes : new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch {
+    throw invalidIntervention('reft_config.json is not valid JSON', 'reft_config.json');
+  }
+  const parsed = reftConfigSchema.safeParse(json);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const keys = issue.code === 'unrecognized_keys' ? issue.keys : [];
+    const field = ['reft_config.json', ...issue.path.map(String), ...keys.slice(0, 1)].join('.');
+    throw invalidIntervention(`${field}: ${issue.message}`, field);
+  }
+  for (const [i, iv] of parsed.data.interventions.entries()) parsePositions(iv.positions, `reft_config.json.interventions.${i}.positions`);
+  return parsed.data;
+}
+
+/** Validates a whole artifact for a base model (REFT.md "valid for a base model"). */
+export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uint8Array, base: BaseModelShape): Artifact {
+  const config = parseReftConfig(configBytes);
+  const field = (s: string) => `reft_config.json.${s}`;
+  if (config.base_model.hidden_size !== base.hiddenSize) {
+    throw invalidIntervention(`base_model.hidden_size is ${config.base_model.hidden_size}, the model's is ${base.hiddenSize}`, field('base_model.hidden_size'));
+  }
+  if (config.base_model.num_hidden_layers !== base.numLayers) {
+    throw invalidIntervention(`base_model.num_hidden_layers is ${config.base_model.num_hidden_layers}, the model's is ${base.numLayers}`, field('base_model.num_hidden_layers'));
+  }
+  const file = parseWeights(weightBytes);
+  const expected = new Set<string>();
+  const interventions = config.interventions.map((entry, i) => {
+    if (entry.layer >= base.numLayers) {
+      throw invalidIntervention(`interventions.${i}.layer ${entry.layer} is out of range (the model has ${base.numLayers} layers)`, field(`interventions.${i}.layer`));
+    }
+    const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected);
+    return lowRank({ kind: entry.kind, layer: entry.layer, rank: entry.rank, positions: parsePositions(entry.positions) }, tensors, base.hiddenSize);
+  });
+  for (const name of file.header.tensors.keys()) {
+    if (!expected.has(name)) throw invalidIntervention(`reft_weights.safetensors has unexpected tensor ${name}`, name);
+  }
+  const byteSize = interventions.reduce((s, iv) => s + 4 * (iv.down.length + iv.bias.length + iv.up.length), 0);
+  return { config, interventions, byteSize };
+}
+
+function parseWeights(bytes: Uint8Array): SafetensorsFile {
+  try {
+    return parseSafetensors(bytes, 'reft_weights.safetensors');
+  } catch (e) {
+    if (e instanceof ReftError) throw invalidIntervention(e.message, e.field);
+    throw e;
+  }
+}
+
+function readTensors(
+  file: SafetensorsFile,
+  i: number,
+  kind: InterventionKind,
+  rank: number,
+  d: number,
+  expected: Set<string>,
+): Record<string, Float32Array> {
+  const out: Record<string, Float32Array> = {};
+  for (const t of KIND_TENSORS[kind]) {
+    const name = `interventions.${i}.${t}`;
+    expected.add(name);
+    const info = file.header.tensors.get(name);
+    if (!info) throw invalidIntervention(`reft_weights.safetensors is missing tensor ${name} (kind ${kind})`, name);
+    if (!['F32', 'F16', 'BF16'].includes(info.dtype)) throw invalidIntervention(`tensor ${name} has dtype ${info.dtype}; expected F32, F16 or BF16`, name);
+    const shape = t === 'source.bias' ? [rank] : [rank, d];
+    if (info.shape.length !== shape.length || info.shape.some((s, k) => s !== shape[k])) {
+      throw invalidIntervention(`tensor ${name} has shape [${info.shape}], expected [${shape}] for rank ${rank}`, name);
+    }
+    const data = toFloat32(file, info);
+    for (let k = 0; k < data.length; k++) {
+      if (!Number.isFinite(data[k])) throw invalidIntervention(`tensor ${name} has a non-finite value at index ${k}`, name);
+    }
+    if (t === 'rotate') checkOrthonormalRows(data, rank, d, name);
+    out[t] = data;
+  }
+  return out;
+}
+
+/** max |R·Rᵀ − I| over the entries. */
+export function orthonormalityError(r: Float32Array, rank: number, d: number): number {
+  let worst = 0;
+  for (let i = 0; i < rank; i++) {
+    for (let j = i; j < rank; j++) {
+      let dot = 0;
+      for (let k = 0; k < d; k++) dot += r[i * d + k] * r[j * d + k];
+      worst = Math.max(worst, Math.abs(dot - (i === j ? 1 : 0)));
+    }
+  }
+  return worst;
+}
+
+function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: string): void {
+  if (rank > d) throw invalidIntervention(`tensor ${name}: rank ${rank} exceeds the hidden size ${d}, rows cannot be orthonormal`, name);
+  const err = orthonormalityError(r, rank, d);
+  if (!(err <= ORTHONORMAL_TOLERANCE)) {
+    throw invalidIntervention(`tensor ${name}: rows are not orthonormal (max |R·Rᵀ − I| = ${err.toExponential(2)} > ${ORTHONORMAL_TOLERANCE})`, name);
+  }
+}
+
+/** Folds a kind's tensors into delta = (h·downᵀ + bias)·up. */
+export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number): LowRankIntervention {
+  const zeros = () => new Float32Array(spec.rank * d);
+  const minus = (a: Float32Array, b: Float32Array) => a.map((v, k) => v - b[k]);
+  const bias = t['source.bias'];
+  switch (spec.kind) {
+    case 'loreft':
+      return { ...spec, down: minus(t['source.weight'], t.rotate), bias, up: t.rotate };
+    case 'direft':
+      return { ...spec, down: t['source.weight'], bias, up: t['proj.weight'] };
+    case 'noreft':
+      return { ...spec, down: minus(t['source.weight'], t['proj.weight']), bias, up: t['proj.weight'] };
+    case 'consreft':
+      return { ...spec, down: minus(zeros(), t.rotate), bias, up: t.rotate };
+    case 'lobireft':
+      return { ...spec, down: zeros(), bias, up: t.rotate };
+  }
+}

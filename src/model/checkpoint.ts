@@ -1,0 +1,133 @@
+import { readFile, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { ReftError, invalidCheckpoint } from '../errors.ts';
+import type { ModelConfig } from './config.ts';
+import { readHeader, type DType, type TensorInfo } from './safetensors.ts';
+
+/** A tensor of the checkpoint, located in one of its safetensors files. */
+export interface WeightRef extends TensorInfo {
+  /** Name of the file (inside `Checkpoint.dataDir`) that holds the bytes. */
+  file: string;
+}
+
+export interface Checkpoint {
+  /**
+   * The real folder that holds every weight file, after resolving symlinks: ORT reads external
+   * data relative to it and refuses paths that leave it (a Hub cache's snapshot links do).
+   */
+  dataDir: string;
+  weights: Map<string, WeightRef>;
+  /** Identifies the content: file names, sizes and modification times of the weight files. */
+  fingerprint: string;
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(() => true, () => false);
+}
+
+async function weightFiles(modelDir: string): Promise<string[]> {
+  const indexPath = join(modelDir, 'model.safetensors.index.json');
+  if (await exists(indexPath)) {
+    let index: { weight_map?: Record<string, string> };
+    try {
+      index = JSON.parse(await readFile(indexPath, 'utf8'));
+    } catch {
+      throw invalidCheckpoint('model.safetensors.index.json is not valid JSON', 'model.safetensors.index.json');
+    }
+    if (!index.weight_map || typeof index.weight_map !== 'object') {
+      throw invalidCheckpoint('model.safetensors.index.json has no weight_map', 'model.safetensors.index.json');
+    }
+    const files = [...new Set(Object.values(index.weight_map))];
+    for (const f of files) {
+      if (typeof f !== 'string' || basename(f) !== f) throw invalidCheckpoint(`weight_map names an invalid file ${JSON.stringify(f)}`, 'model.safetensors.index.json');
+    }
+    return files.sort();
+  }
+  if (await exists(join(modelDir, 'model.safetensors'))) return ['model.safetensors'];
+  throw invalidCheckpoint(`${modelDir} has neither model.safetensors nor model.safetensors.index.json`, 'model.safetensors');
+}
+
+/** Reads every weight file's header and checks that they live in one real folder. */
+export async function openCheckpoint(modelDir: string): Promise<Checkpoint> {
+  const files = await weightFiles(modelDir);
+  const weights = new Map<string, WeightRef>();
+  const dirs = new Set<string>();
+  const fingerprint: string[] = [];
+  for (const f of files) {
+    const path = join(modelDir, f);
+    if (!(await exists(path))) throw invalidCheckpoint(`weight file ${f} is missing`, f);
+    const real = await realpath(path);
+    dirs.add(dirname(real));
+    const header = await readHeader(real);
+    const st = await stat(real);
+    fingerprint.push(`${basename(real)}:${st.size}:${st.mtimeMs}`);
+    for (const info of header.tensors.values()) {
+      if (weights.has(info.name)) throw invalidCheckpoint(`tensor ${info.name} appears in two weight files`, info.name);
+      weights.set(info.name, { ...info, file: basename(real) });
+    }
+  }
+  if (dirs.size !== 1) {
+    throw invalidCheckpoint(`the weight files of ${modelDir} resolve to ${dirs.size} different folders; put them in one folder`, 'model.safetensors');
+  }
+  return { dataDir: [...dirs][0], weights, fingerprint: fingerprint.join('|') };
+}
+
+export interface ExpectedTensor {
+  name: string;
+  shape: number[];
+}
+
+/** Every tensor the decoder graph reads, with the shape the config implies. */
+export function expectedTensors(config: ModelConfig): ExpectedTensor[] {
+  const { hiddenSize: d, intermediateSize: f, numHeads, numKvHeads, headDim, vocabSize } = config;
+  const q = numHeads * headDim;
+  const kv = numKvHeads * headDim;
+  const out: ExpectedTensor[] = [{ name: 'model.embed_tokens.weight', shape: [vocabSize, d] }];
+  for (let l = 0; l < config.numLayers; l++) {
+    const p = `model.layers.${l}`;
+    out.push(
+      { name: `${p}.input_layernorm.weight`, shape: [d] },
+      { name: `${p}.self_attn.q_proj.weight`, shape: [q, d] },
+      { name: `${p}.self_attn.k_proj.weight`, shape: [kv, d] },
+      { name: `${p}.self_attn.v_proj.weight`, shape: [kv, d] },
+      { name: `${p}.self_attn.o_proj.weight`, shape: [d, q] },
+      { name: `${p}.post_attention_layernorm.weight`, shape: [d] },
+      { name: `${p}.mlp.gate_proj.weight`, shape: [f, d] },
+      { name: `${p}.mlp.up_proj.weight`, shape: [f, d] },
+      { name: `${p}.mlp.down_proj.weight`, shape: [d, f] },
+    );
+    if (config.attentionBias) {
+      out.push(
+        { name: `${p}.self_attn.q_proj.bias`, shape: [q] },
+        { name: `${p}.self_attn.k_proj.bias`, shape: [kv] },
+        { name: `${p}.self_attn.v_proj.bias`, shape: [kv] },
+      );
+    }
+    if (config.mlpBias) {
+      out.push(
+        { name: `${p}.mlp.gate_proj.bias`, shape: [f] },
+        { name: `${p}.mlp.up_proj.bias`, shape: [f] },
+        { name: `${p}.mlp.down_proj.bias`, shape: [d] },
+      );
+    }
+  }
+  out.push({ name: 'model.norm.weight', shape: [d] });
+  if (!config.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [vocabSize, d] });
+  return out;
+}
+
+const FLOAT_DTYPES: DType[] = ['F32', 'F16', 'BF16'];
+
+/** Fails with the first missing or mis-shaped tensor; tensors the graph doesn't read are ignored. */
+export function validateCheckpoint(config: ModelConfig, checkpoint: Checkpoint): void {
+  for (const { name, shape } of expectedTensors(config)) {
+    const w = checkpoint.weights.get(name);
+    if (!w) throw new ReftError('invalid_checkpoint', `checkpoint is missing tensor ${name}`, name);
+    if (w.shape.length !== shape.length || w.shape.some((s, i) => s !== shape[i])) {
+      throw new ReftError('invalid_checkpoint', `tensor ${name} has shape [${w.shape}], config.json implies [${shape}]`, name);
+    }
+    if (!FLOAT_DTYPES.includes(w.dtype)) {
+      throw new ReftError('unsupported_model', `tensor ${name} has dtype ${w.dtype}; supported: ${FLOAT_DTYPES.join(', ')}`, name);
+    }
+  }
+}

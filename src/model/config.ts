@@ -1,0 +1,158 @@
+import { z } from 'zod';
+import { ReftError, unsupportedModel } from '../errors.ts';
+
+/** The architectures the graph builder knows; all share the Llama decoder layout. */
+export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
+export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
+
+export type RopeScaling =
+  | { type: 'linear'; factor: number }
+  | {
+      type: 'llama3';
+      factor: number;
+      lowFreqFactor: number;
+      highFreqFactor: number;
+      originalMaxPositionEmbeddings: number;
+    };
+
+/** What the graph builder and engine need from config.json, normalised across architectures. */
+export interface ModelConfig {
+  architecture: Architecture;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  maxPositions: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  ropeScaling: RopeScaling | null;
+  tieWordEmbeddings: boolean;
+  /** q/k/v projections carry a bias (Qwen2, or Llama with attention_bias). */
+  attentionBias: boolean;
+  mlpBias: boolean;
+  bosTokenId: number | null;
+  eosTokenIds: number[];
+}
+
+const tokenIds = z.union([z.number().int(), z.array(z.number().int())]).nullish();
+
+const rawConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).min(1),
+    hidden_size: z.number().int().positive(),
+    intermediate_size: z.number().int().positive(),
+    num_hidden_layers: z.number().int().positive(),
+    num_attention_heads: z.number().int().positive(),
+    num_key_value_heads: z.number().int().positive().nullish(),
+    head_dim: z.number().int().positive().nullish(),
+    vocab_size: z.number().int().positive(),
+    max_position_embeddings: z.number().int().positive(),
+    rms_norm_eps: z.number().positive(),
+    rope_theta: z.number().positive().default(10000),
+    rope_scaling: z.record(z.string(), z.unknown()).nullish(),
+    tie_word_embeddings: z.boolean().default(false),
+    hidden_act: z.string().default('silu'),
+    attention_bias: z.boolean().default(false),
+    mlp_bias: z.boolean().default(false),
+    bos_token_id: tokenIds,
+    eos_token_id: tokenIds,
+  })
+  .passthrough();
+
+function asList(v: number | number[] | null | undefined): number[] {
+  if (v === null || v === undefined) return [];
+  return Array.isArray(v) ? v : [v];
+}
+
+/** Parses config.json (plus generation_config.json, whose EOS ids extend the model's). */
+export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): ModelConfig {
+  const parsed = rawConfigSchema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const field = issue.path.join('.');
+    throw new ReftError('invalid_model', `config.json: ${field}: ${issue.message}`, field);
+  }
+  const c = parsed.data;
+  const architecture = c.architectures[0];
+  if (!(SUPPORTED_ARCHITECTURES as readonly string[]).includes(architecture)) {
+    throw unsupportedModel(
+      `unsupported architecture ${architecture}; supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`,
+      'architectures',
+    );
+  }
+  if (c.hidden_act !== 'silu') throw unsupportedModel(`unsupported hidden_act "${c.hidden_act}"; only silu is supported`, 'hidden_act');
+  const numKvHeads = c.num_key_value_heads ?? c.num_attention_heads;
+  if (c.num_attention_heads % numKvHeads !== 0) {
+    throw new ReftError('invalid_model', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${numKvHeads}`, 'num_key_value_heads');
+  }
+  const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads;
+  if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
+    throw unsupportedModel(`head dimension ${headDim} must be an even integer`, 'head_dim');
+  }
+  const gen = (generationConfig ?? {}) as { eos_token_id?: number | number[]; bos_token_id?: number };
+  const eos = [...new Set([...asList(c.eos_token_id), ...asList(gen.eos_token_id)])];
+  const bos = asList(c.bos_token_id)[0] ?? asList(gen.bos_token_id)[0] ?? null;
+  return {
+    architecture: architecture as Architecture,
+    hiddenSize: c.hidden_size,
+    intermediateSize: c.intermediate_size,
+    numLayers: c.num_hidden_layers,
+    numHeads: c.num_attention_heads,
+    numKvHeads,
+    headDim,
+    vocabSize: c.vocab_size,
+    maxPositions: c.max_position_embeddings,
+    rmsNormEps: c.rms_norm_eps,
+    ropeTheta: c.rope_theta,
+    ropeScaling: parseRopeScaling(c.rope_scaling),
+    tieWordEmbeddings: c.tie_word_embeddings,
+    attentionBias: architecture === 'Qwen2ForCausalLM' || c.attention_bias,
+    mlpBias: c.mlp_bias,
+    bosTokenId: bos,
+    eosTokenIds: eos,
+  };
+}
+
+function parseRopeScaling(raw: Record<string, unknown> | null | undefined): RopeScaling | null {
+  if (!raw) return null;
+  const type = (raw.rope_type ?? raw.type) as unknown;
+  const num = (key: string): number => {
+    const v = raw[key];
+    if (typeof v !== 'number' || !(v > 0)) throw new ReftError('invalid_model', `config.json: rope_scaling.${key} must be a positive number`, `rope_scaling.${key}`);
+    return v;
+  };
+  if (type === 'default') return null;
+  if (type === 'linear') return { type: 'linear', factor: num('factor') };
+  if (type === 'llama3') {
+    return {
+      type: 'llama3',
+      factor: num('factor'),
+      lowFreqFactor: num('low_freq_factor'),
+      highFreqFactor: num('high_freq_factor'),
+      originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
+    };
+  }
+  throw unsupportedModel(`unsupported rope_scaling type ${JSON.stringify(type)}; supported: linear, llama3`, 'rope_scaling.rope_type');
+}
+
+/** Inverse frequencies of the rotary embedding, as transformers computes them (incl. scaling). */
+export function ropeInverseFrequencies(config: ModelConfig): Float64Array {
+  const half = config.headDim / 2;
+  const inv = new Float64Array(half);
+  for (let i = 0; i < half; i++) inv[i] = 1 / config.ropeTheta ** ((2 * i) / config.headDim);
+  const s = config.ropeScaling;
+  if (!s) return inv;
+  if (s.type === 'linear') return inv.map((f) => f / s.factor);
+  const lowWavelen = s.originalMaxPositionEmbeddings / s.lowFreqFactor;
+  const highWavelen = s.originalMaxPositionEmbeddings / s.highFreqFactor;
+  return inv.map((f) => {
+    const wavelen = (2 * Math.PI) / f;
+    if (wavelen < highWavelen) return f;
+    if (wavelen > lowWavelen) return f / s.factor;
+    const smooth = (s.originalMaxPositionEmbeddings / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+    return (1 - smooth) * (f / s.factor) + smooth * f;
+  });
+}
