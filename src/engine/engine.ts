@@ -1,0 +1,230 @@
+import * as ort from 'onnxruntime-node';
+import { ReftError } from '../errors.ts';
+import { DECODER_GRAPH_VERSION, buildDecoderGraph, decoderInputs as IN, decoderOutputs as OUT } from '../graph/decoder.ts';
+import { cachedGraph } from '../graph/cache.ts';
+import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { Checkpoint } from '../model/checkpoint.ts';
+import type { ModelConfig } from '../model/config.ts';
+import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
+import { KvCache } from './kv-cache.ts';
+import { createSession, type SessionOptions } from './session.ts';
+
+/**
+ * Step-level execution of the decoder graph over a running batch. The scheduler (or a single
+ * generation) drives it: `prefill` admits new sequences (their prompts, with interventions),
+ * `decode` advances every live sequence by one token, `release` drops one. Decoding is the plain
+ * base model: interventions reach generated tokens only through the prompt's KV cache.
+ */
+export type SequenceId = number;
+
+export interface PrefillInput {
+  tokens: readonly number[];
+  interventions?: readonly LowRankIntervention[];
+  /** Return logits for every prompt position instead of only the last. */
+  allLogits?: boolean;
+}
+
+export interface PrefillOutput {
+  id: SequenceId;
+  /** [vocab] for the last position, or [n, vocab] with `allLogits`. */
+  logits: Float32Array;
+}
+
+export interface EngineOptions extends SessionOptions {
+  /** Where built graphs are cached. */
+  cacheDir: string;
+}
+
+export class Engine {
+  private readonly cache: KvCache;
+  private readonly rowOf = new Map<SequenceId, number>();
+  private readonly idOf: SequenceId[] = [];
+  private nextId = 1;
+  private readonly noInterventions: Record<string, ort.Tensor>;
+  private readonly fetches: string[];
+
+  private constructor(
+    readonly config: ModelConfig,
+    private readonly session: ort.InferenceSession,
+  ) {
+    this.cache = new KvCache(config);
+    this.noInterventions = emptyInterventionFeeds(config);
+    this.fetches = [OUT.logits];
+    for (let l = 0; l < config.numLayers; l++) this.fetches.push(OUT.newKey(l), OUT.newValue(l));
+  }
+
+  static async create(config: ModelConfig, checkpoint: Checkpoint, opts: EngineOptions): Promise<Engine> {
+    const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint };
+    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint));
+    const session = await createSession(graph.bytes, checkpoint.dataDir, opts);
+    return new Engine(config, session);
+  }
+
+  /** Sequences currently holding KV cache rows. */
+  get liveSequences(): SequenceId[] {
+    return [...this.idOf];
+  }
+
+  contextLength(id: SequenceId): number {
+    return this.cache.lengths[this.row(id)];
+  }
+
+  get kvBytes(): number {
+    return this.cache.byteSize;
+  }
+
+  private row(id: SequenceId): number {
+    const r = this.rowOf.get(id);
+    if (r === undefined) throw new Error(`unknown sequence ${id}`);
+    return r;
+  }
+
+  /** Runs the prompts of new sequences (no past) and adds them to the running batch. */
+  async prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
+    if (inputs.length === 0) return [];
+    const { config } = this;
+    const b = inputs.length;
+    const seq = Math.max(...inputs.map((x) => x.tokens.length));
+    for (const [i, x] of inputs.entries()) {
+      if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', `inputs.${i}.tokens`);
+      if (x.tokens.length > config.maxPositions) {
+        throw new ReftError('context_length_exceeded', `the prompt has ${x.tokens.length} tokens; the model's context is ${config.maxPositions}`, 'prompt');
+      }
+    }
+    const ids = new BigInt64Array(b * seq);
+    const positions = new BigInt64Array(b * seq);
+    const seqlens = new Int32Array(b);
+    const logitRows: number[] = [];
+    inputs.forEach((x, r) => {
+      x.tokens.forEach((t, s) => (ids[r * seq + s] = BigInt(t)));
+      for (let s = 0; s < seq; s++) positions[r * seq + s] = BigInt(s);
+      seqlens[r] = x.tokens.length - 1;
+      if (x.allLogits) for (let s = 0; s < x.tokens.length; s++) logitRows.push(r * seq + s);
+      else logitRows.push(r * seq + x.tokens.length - 1);
+    });
+    const feeds: Record<string, ort.Tensor> = {
+      [IN.inputIds]: new ort.Tensor('int64', ids, [b, seq]),
+      [IN.positionIds]: new ort.Tensor('int64', positions, [b, seq]),
+      [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
+      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(seq), []),
+      [IN.logitRows]: new ort.Tensor('int64', BigInt64Array.from(logitRows.map(BigInt)), [logitRows.length]),
+    };
+    const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
+    for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
+    const rows = inputs.map((x) => ({ length: x.tokens.length, interventions: x.interventions ?? [] }));
+    Object.assign(feeds, toTensors(interventionFeeds(rows, seq, config.numLayers, config.hiddenSize), config.hiddenSize));
+
+    const out = await this.session.run(feeds, this.fetches);
+
+    const cacheRows = inputs.map(() => this.addSequence());
+    this.cache.reserve(this.cache.rows, seq);
+    for (let l = 0; l < config.numLayers; l++) {
+      const k = out[OUT.newKey(l)].data as Float32Array;
+      const v = out[OUT.newValue(l)].data as Float32Array;
+      inputs.forEach((x, r) => this.cache.append(l, this.row(cacheRows[r]), k, v, r, seq, x.tokens.length));
+    }
+    inputs.forEach((x, r) => this.cache.advance(this.row(cacheRows[r]), x.tokens.length));
+
+    const logits = out[OUT.logits].data as Float32Array;
+    const vocab = config.vocabSize;
+    let at = 0;
+    return inputs.map((x, r) => {
+      const n = x.allLogits ? x.tokens.length : 1;
+      const slice = logits.slice(at * vocab, (at + n) * vocab);
+      at += n;
+      return { id: cacheRows[r], logits: slice };
+    });
+  }
+
+  private addSequence(): SequenceId {
+    const id = this.nextId++;
+    this.rowOf.set(id, this.cache.addRow());
+    this.idOf.push(id);
+    return id;
+  }
+
+  /**
+   * Feeds one token to every live sequence and returns each one's next-token logits. `tokens`
+   * must name every live sequence: the graph's past is a view of the whole running batch.
+   */
+  async decode(tokens: ReadonlyMap<SequenceId, number>): Promise<Map<SequenceId, Float32Array>> {
+    const { config } = this;
+    const b = this.cache.rows;
+    if (tokens.size !== b) throw new Error(`decode needs a token for each of the ${b} live sequences, got ${tokens.size}`);
+    const lengths = this.cache.lengths;
+    const maxLen = Math.max(...lengths);
+    if (maxLen + 1 > config.maxPositions) throw new ReftError('context_length_exceeded', `a sequence reached the model's context of ${config.maxPositions} tokens`, 'max_new_tokens');
+    this.cache.reserve(b, maxLen + 1);
+    const ids = new BigInt64Array(b);
+    const positions = new BigInt64Array(b);
+    const seqlens = new Int32Array(b);
+    for (let r = 0; r < b; r++) {
+      const t = tokens.get(this.idOf[r]);
+      if (t === undefined) throw new Error(`decode: no token for sequence ${this.idOf[r]}`);
+      ids[r] = BigInt(t);
+      positions[r] = BigInt(lengths[r]);
+      seqlens[r] = lengths[r];
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      ...this.noInterventions,
+      [IN.inputIds]: new ort.Tensor('int64', ids, [b, 1]),
+      [IN.positionIds]: new ort.Tensor('int64', positions, [b, 1]),
+      [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
+      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(maxLen + 1), []),
+      [IN.logitRows]: new ort.Tensor('int64', BigInt64Array.from({ length: b }, (_, i) => BigInt(i)), [b]),
+    };
+    for (let l = 0; l < config.numLayers; l++) {
+      const past = this.cache.past(l);
+      feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
+      feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
+    }
+    const out = await this.session.run(feeds, this.fetches);
+    for (let l = 0; l < config.numLayers; l++) {
+      const k = out[OUT.newKey(l)].data as Float32Array;
+      const v = out[OUT.newValue(l)].data as Float32Array;
+      for (let r = 0; r < b; r++) this.cache.append(l, r, k, v, r, 1, 1);
+    }
+    for (let r = 0; r < b; r++) this.cache.advance(r, 1);
+    const logits = out[OUT.logits].data as Float32Array;
+    const vocab = config.vocabSize;
+    const result = new Map<SequenceId, Float32Array>();
+    for (let r = 0; r < b; r++) result.set(this.idOf[r], logits.subarray(r * vocab, (r + 1) * vocab));
+    return result;
+  }
+
+  /** Drops a sequence from the running batch and frees its cache row. */
+  release(id: SequenceId): void {
+    const r = this.rowOf.get(id);
+    if (r === undefined) return;
+    const moved = this.cache.removeRow(r);
+    this.rowOf.delete(id);
+    if (moved >= 0) {
+      const movedId = this.idOf[moved];
+      this.idOf[r] = movedId;
+      this.rowOf.set(movedId, r);
+    }
+    this.idOf.pop();
+    if (this.cache.rows === 0) this.cache.clear();
+  }
+
+  async close(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, ort.Tensor> {
+  const out: Record<string, ort.Tensor> = {};
+  feeds.forEach((f, l) => {
+    out[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [f.k]);
+    out[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [f.k, f.r]);
+    out[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [f.r, d]);
+    out[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [f.r]);
+    out[IN.ivUp(l)] = new ort.Tensor('float32', f.up, [f.r, d]);
+  });
+  return out;
+}
+
+function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.Tensor> {
+  const empty = { rows: new BigInt64Array(0), mask: new Float32Array(0), down: new Float32Array(0), bias: new Float32Array(0), up: new Float32Array(0), k: 0, r: 0 };
+  return toTensors(Array.from({ length: config.numLayers }, () => empty), config.hiddenSize);
+}

@@ -1,0 +1,119 @@
+/**
+ * Next-token selection: repetition penalty, temperature, top-k, top-p, then a draw from a
+ * seeded generator (same seed, same tokens). Temperature 0 is greedy.
+ */
+export interface SamplingParams {
+  temperature: number;
+  topK: number; // 0 = off
+  topP: number; // 1 = off
+  repetitionPenalty: number; // 1 = off
+  seed?: number;
+}
+
+export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
+
+/** xoshiro128** seeded through splitmix32: small, fast, and identical on every platform. */
+export class Rng {
+  private s = new Uint32Array(4);
+  constructor(seed: number) {
+    let x = seed >>> 0;
+    for (let i = 0; i < 4; i++) {
+      x = (x + 0x9e3779b9) >>> 0;
+      let z = x;
+      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
+      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
+      this.s[i] = (z ^ (z >>> 16)) >>> 0;
+    }
+  }
+  /** Uniform in [0, 1). */
+  next(): number {
+    const s = this.s;
+    const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
+    const t = s[1] << 9;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 11);
+    return result / 4294967296;
+  }
+}
+
+function rotl(x: number, k: number): number {
+  return ((x << k) | (x >>> (32 - k))) >>> 0;
+}
+
+export function argmax(logits: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+  return best;
+}
+
+/** log p(token) under the model's raw distribution. */
+export function logProb(logits: Float32Array, token: number): number {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
+  return logits[token] - max - Math.log(sum);
+}
+
+export class Sampler {
+  private readonly rng: Rng;
+  private readonly seen = new Set<number>();
+
+  constructor(readonly params: SamplingParams, promptTokens: readonly number[]) {
+    this.rng = new Rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
+    if (params.repetitionPenalty !== 1) for (const t of promptTokens) this.seen.add(t);
+  }
+
+  /** Picks the next token; `logits` is not modified. */
+  next(logits: Float32Array): number {
+    const p = this.params;
+    let scores = logits;
+    if (p.repetitionPenalty !== 1 && this.seen.size) {
+      scores = Float32Array.from(logits);
+      for (const t of this.seen) scores[t] = scores[t] > 0 ? scores[t] / p.repetitionPenalty : scores[t] * p.repetitionPenalty;
+    }
+    const token = p.temperature === 0 ? argmax(scores) : this.draw(scores);
+    if (p.repetitionPenalty !== 1) this.seen.add(token);
+    return token;
+  }
+
+  private draw(scores: Float32Array): number {
+    const { temperature, topK, topP } = this.params;
+    // Tokens more than 40 nats below the best carry < 1e-17 of the mass each: leave them out
+    // of the sort, which otherwise dominates a sampled step over a large vocabulary.
+    let max = -Infinity;
+    for (let i = 0; i < scores.length; i++) if (scores[i] > max) max = scores[i];
+    const floor = max - 40 * temperature;
+    const order: number[] = [];
+    for (let i = 0; i < scores.length; i++) if (scores[i] >= floor) order.push(i);
+    order.sort((a, b) => scores[b] - scores[a]);
+    const keep = topK > 0 ? Math.min(topK, order.length) : order.length;
+    const probs = new Float64Array(keep);
+    let total = 0;
+    for (let i = 0; i < keep; i++) total += probs[i] = Math.exp((scores[order[i]] - max) / temperature);
+    // nucleus: the smallest prefix whose mass reaches top_p (always at least one token)
+    let cut = keep;
+    if (topP < 1) {
+      let mass = 0;
+      for (let i = 0; i < keep; i++) {
+        mass += probs[i] / total;
+        if (mass >= topP) {
+          cut = i + 1;
+          break;
+        }
+      }
+    }
+    let kept = 0;
+    for (let i = 0; i < cut; i++) kept += probs[i];
+    let u = this.rng.next() * kept;
+    for (let i = 0; i < cut; i++) {
+      u -= probs[i];
+      if (u < 0) return order[i];
+    }
+    return order[cut - 1];
+  }
+}
