@@ -22,6 +22,11 @@ export interface PrefillInput {
   interventions?: readonly LowRankIntervention[];
   /** Return logits for every prompt position instead of only the last. */
   allLogits?: boolean;
+  /**
+   * How many leading tokens are the prompt that interventions' positions are counted over
+   * (default: all). Recomputing a prompt plus generated tokens keeps the edit on the prompt.
+   */
+  promptLength?: number;
 }
 
 export interface PrefillOutput {
@@ -111,7 +116,7 @@ export class Engine {
     };
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
-    const rows = inputs.map((x) => ({ length: x.tokens.length, interventions: x.interventions ?? [] }));
+    const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
     Object.assign(feeds, toTensors(interventionFeeds(rows, seq, config.numLayers, config.hiddenSize), config.hiddenSize));
 
     const out = await this.session.run(feeds, this.fetches);

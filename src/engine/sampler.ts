@@ -50,13 +50,13 @@ export function argmax(logits: Float32Array): number {
   return best;
 }
 
-/** log p(token) under the model's raw distribution. */
-export function logProb(logits: Float32Array, token: number): number {
+/** log Σ exp(logits): log p(t) = logits[t] − logSumExp(logits) under the model's raw distribution. */
+export function logSumExp(logits: Float32Array): number {
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
   let sum = 0;
   for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
-  return logits[token] - max - Math.log(sum);
+  return max + Math.log(sum);
 }
 
 export class Sampler {

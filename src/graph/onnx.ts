@@ -1,6 +1,12 @@
 import onnxProto from 'onnx-proto';
+import type { onnx as OnnxTypes } from 'onnx-proto';
 
-const { onnx } = onnxProto;
+// onnx-proto is CommonJS without named exports: take the namespace off the default export.
+const { onnx } = onnxProto as unknown as { onnx: typeof OnnxTypes };
+type TensorProto = OnnxTypes.ITensorProto;
+type NodeProto = OnnxTypes.INodeProto;
+type ValueInfoProto = OnnxTypes.IValueInfoProto;
+type AttributeProto = OnnxTypes.IAttributeProto;
 
 /**
  * A small ONNX graph builder: values are names, `op` appends a node and returns its outputs'
@@ -23,7 +29,7 @@ const ELEM: Record<ElemType, number> = {
 export type AttrValue = number | string | number[] | FloatAttr | FloatsAttr | TensorAttr;
 interface FloatAttr { kind: 'float'; value: number }
 interface FloatsAttr { kind: 'floats'; value: number[] }
-interface TensorAttr { kind: 'tensor'; value: onnx.ITensorProto }
+interface TensorAttr { kind: 'tensor'; value: TensorProto }
 export const float = (value: number): FloatAttr => ({ kind: 'float', value });
 export const floats = (value: number[]): FloatsAttr => ({ kind: 'floats', value });
 
@@ -40,10 +46,10 @@ export interface ExternalTensor {
 }
 
 export class GraphBuilder {
-  private readonly nodes: onnx.INodeProto[] = [];
-  private readonly inputs: onnx.IValueInfoProto[] = [];
-  private readonly outputs: onnx.IValueInfoProto[] = [];
-  private readonly initializers: onnx.ITensorProto[] = [];
+  private readonly nodes: NodeProto[] = [];
+  private readonly inputs: ValueInfoProto[] = [];
+  private readonly outputs: ValueInfoProto[] = [];
+  private readonly initializers: TensorProto[] = [];
   private readonly names = new Set<string>();
   private counter = 0;
 
@@ -149,7 +155,7 @@ export class GraphBuilder {
   }
 }
 
-function valueInfo(name: string, elemType: ElemType, dims: Dim[]): onnx.IValueInfoProto {
+function valueInfo(name: string, elemType: ElemType, dims: Dim[]): ValueInfoProto {
   return {
     name,
     type: {
@@ -161,7 +167,7 @@ function valueInfo(name: string, elemType: ElemType, dims: Dim[]): onnx.IValueIn
   };
 }
 
-function attribute(name: string, v: AttrValue): onnx.IAttributeProto {
+function attribute(name: string, v: AttrValue): AttributeProto {
   const T = onnx.AttributeProto.AttributeType;
   if (typeof v === 'number') {
     return Number.isInteger(v) ? { name, type: T.INT, i: v } : { name, type: T.FLOAT, f: v };

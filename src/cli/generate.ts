@@ -1,0 +1,87 @@
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { EngineClient } from '../engine/engine-client.ts';
+import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../engine/options.ts';
+import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
+import { invalidRequest } from '../errors.ts';
+import { readArtifactDir } from '../interventions/directory.ts';
+import { loadModel } from '../model/load.ts';
+import { cacheDir } from '../settings.ts';
+import { modelDir, modelOption } from './model-option.ts';
+
+const int = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be an integer`);
+  return n;
+};
+const num = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number`);
+  return n;
+};
+
+interface GenerateFlags {
+  model: string;
+  intervention?: string;
+  prompt?: string;
+  messages?: string;
+  maxNewTokens: number;
+  temperature: number;
+  topP: number;
+  topK: number;
+  seed?: number;
+  stop?: string[];
+}
+
+export function generateCommand(): Command {
+  return new Command('generate')
+    .description('generate a continuation and print it (and nothing else) on stdout')
+    .addOption(modelOption())
+    .option('--intervention <dir>', 'a reft/v1 artifact folder (reft_config.json + reft_weights.safetensors)')
+    .option('--prompt <text>', 'plain text prompt')
+    .option('--messages <json>', 'chat messages as JSON: [{"role":"user","content":"..."}]')
+    .option('--max-new-tokens <n>', 'tokens to generate at most', int('--max-new-tokens'), 128)
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', num('--temperature'), 0)
+    .option('--top-p <p>', 'nucleus sampling mass', num('--top-p'), 1)
+    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', int('--top-k'), 0)
+    .option('--seed <s>', 'random seed (same seed, same output)', int('--seed'))
+    .addOption(new Option('--stop <text...>', 'stop strings'))
+    .action(runGenerate);
+}
+
+async function runGenerate(flags: GenerateFlags): Promise<void> {
+  const dir = await modelDir(flags.model);
+  const { config, tokenizer } = await loadModel(dir);
+  let messages: unknown;
+  if (flags.messages !== undefined) {
+    try {
+      messages = JSON.parse(flags.messages);
+    } catch {
+      throw invalidRequest('--messages is not valid JSON', 'messages');
+    }
+  }
+  const parsed = generateOptionsSchema.safeParse({
+    prompt: flags.prompt,
+    messages,
+    max_new_tokens: flags.maxNewTokens,
+    temperature: flags.temperature,
+    top_p: flags.topP,
+    top_k: flags.topK,
+    seed: flags.seed,
+    stop: flags.stop,
+  });
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw invalidRequest(`--${issue.path.join('.').replaceAll('_', '-')}: ${issue.message}`, issue.path.join('.'));
+  }
+  const tokens = tokenize(promptInput(parsed.data), tokenizer);
+  const interventions = flags.intervention ? (await readArtifactDir(flags.intervention, config)).interventions : [];
+  const request = toGenerationRequest(tokens, parsed.data, interventions, config.maxPositions);
+  const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS });
+  try {
+    const result = await engine.generate(request, { onToken: (e) => process.stdout.write(e.text) });
+    if (process.stdout.isTTY) process.stdout.write('\n');
+    if (result.finishReason === 'cancelled') process.exitCode = 1;
+  } finally {
+    await engine.close();
+  }
+}

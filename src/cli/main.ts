@@ -1,0 +1,21 @@
+import { Command } from 'commander';
+import { ReftError } from '../errors.ts';
+import { generateCommand } from './generate.ts';
+
+const program = new Command('reft-server')
+  .description('Serve and train ReFT interventions on a frozen language model')
+  .showHelpAfterError();
+
+program.addCommand(generateCommand());
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  // Errors users can act on are one line on stderr; anything else keeps its stack.
+  if (e instanceof ReftError) {
+    process.stderr.write(`reft-server: ${e.message}\n`);
+    process.exitCode = 1;
+  } else {
+    throw e;
+  }
+}

@@ -1,0 +1,127 @@
+import { randomUUID } from 'node:crypto';
+import { Worker } from 'node:worker_threads';
+import { ReftError } from '../errors.ts';
+import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
+import type { EngineStats, FromWorker, ToWorker, WorkerInit } from './protocol.ts';
+
+/**
+ * The main thread's handle on the engine worker: `generate` posts a request and resolves with
+ * its result, streaming tokens through `onToken`; aborting the signal cancels it.
+ */
+interface Pending {
+  resolve(r: GenerationResult): void;
+  reject(e: ReftError): void;
+  onToken?: (e: TokenEvent) => void;
+}
+
+/**
+ * The worker's entry is TypeScript: register tsx's loader in the new thread first (a loader
+ * registered by the host, tsx's or vitest's, does not carry over to worker threads).
+ */
+function spawnWorker(workerData: WorkerInit): Worker {
+  const entry = new URL('./worker.ts', import.meta.url).href;
+  const tsx = import.meta.resolve('tsx/esm/api');
+  const bootstrap = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
+  return new Worker(bootstrap, { eval: true, workerData });
+}
+
+export class EngineClient {
+  private readonly pending = new Map<string, Pending>();
+  private readonly statsWaiters = new Map<number, (s: EngineStats) => void>();
+  private statsId = 0;
+  private closed = false;
+
+  private constructor(private readonly worker: Worker) {
+    worker.on('message', (m: FromWorker) => this.onMessage(m));
+    worker.on('error', (e) => this.failAll(new ReftError('internal', `engine worker crashed: ${e.message}`)));
+    worker.on('exit', (code) => {
+      if (!this.closed) this.failAll(new ReftError('internal', `engine worker exited with code ${code}`));
+    });
+  }
+
+  static start(init: WorkerInit): Promise<EngineClient> {
+    const worker = spawnWorker(init);
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: FromWorker) => {
+        if (m.type === 'ready') {
+          worker.off('message', onMessage);
+          resolve(new EngineClient(worker));
+        } else if (m.type === 'fatal') {
+          void worker.terminate();
+          reject(ReftError.fromJSON(m.error));
+        }
+      };
+      worker.on('message', onMessage);
+      worker.once('error', reject);
+    });
+  }
+
+  private post(m: ToWorker): void {
+    this.worker.postMessage(m);
+  }
+
+  generate(request: GenerationRequest, opts: { onToken?: (e: TokenEvent) => void; signal?: AbortSignal } = {}): Promise<GenerationResult> {
+    if (this.closed) return Promise.reject(new ReftError('unavailable', 'the engine is shutting down', undefined, 1));
+    const key = randomUUID();
+    return new Promise<GenerationResult>((resolve, reject) => {
+      this.pending.set(key, { resolve, reject, onToken: opts.onToken });
+      if (opts.signal) {
+        if (opts.signal.aborted) return this.post({ type: 'cancel', key });
+        opts.signal.addEventListener('abort', () => this.post({ type: 'cancel', key }), { once: true });
+      }
+      this.post({ type: 'generate', key, request });
+    });
+  }
+
+  stats(): Promise<EngineStats> {
+    const id = ++this.statsId;
+    return new Promise((resolve) => {
+      this.statsWaiters.set(id, resolve);
+      this.post({ type: 'stats', id });
+    });
+  }
+
+  private onMessage(m: FromWorker): void {
+    switch (m.type) {
+      case 'token':
+        this.pending.get(m.key)?.onToken?.(m.event);
+        break;
+      case 'done':
+        this.pending.get(m.key)?.resolve(m.result);
+        this.pending.delete(m.key);
+        break;
+      case 'error':
+        this.pending.get(m.key)?.reject(ReftError.fromJSON(m.error));
+        this.pending.delete(m.key);
+        break;
+      case 'stats':
+        this.statsWaiters.get(m.id)?.(m.stats);
+        this.statsWaiters.delete(m.id);
+        break;
+      case 'fatal':
+        this.failAll(ReftError.fromJSON(m.error));
+        break;
+    }
+  }
+
+  private failAll(e: ReftError): void {
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+  }
+
+  /** Lets running generations finish, then stops the worker. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const exited = new Promise<void>((resolve) => this.worker.once('exit', () => resolve()));
+    this.post({ type: 'shutdown' });
+    await exited;
+  }
+
+  /** Stops the worker at once; running generations fail. */
+  async terminate(): Promise<void> {
+    this.closed = true;
+    await this.worker.terminate();
+    this.failAll(new ReftError('unavailable', 'the engine was stopped'));
+  }
+}

@@ -1,0 +1,173 @@
+import type { LowRankIntervention } from '../interventions/artifact.ts';
+import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
+
+/**
+ * One request's generation: what to feed, how to pick tokens, and when to stop. The scheduler
+ * owns the batching; this object owns the per-sequence decisions (sampling, EOS, stop strings,
+ * budgets) and turns tokens into text deltas.
+ */
+export interface GenerationRequest {
+  tokens: number[];
+  interventions: readonly LowRankIntervention[];
+  sampling: SamplingParams;
+  maxNewTokens: number;
+  stop: string[];
+  ignoreEos: boolean;
+  logprobs: boolean;
+  topLogprobs: number;
+}
+
+export type FinishReason = 'stop' | 'length' | 'cancelled';
+
+export interface TokenLogprob {
+  token: number;
+  logprob: number;
+  top?: Array<{ token: number; logprob: number }>;
+}
+
+/** What a step produced for one sequence. */
+export interface TokenEvent {
+  token: number;
+  /** Text that became final with this token (may be empty while a stop string could still match). */
+  text: string;
+  logprob?: TokenLogprob;
+}
+
+export interface GenerationResult {
+  tokens: number[];
+  text: string;
+  finishReason: FinishReason;
+  promptTokens: number;
+  logprobs?: TokenLogprob[];
+  /** Name of the stop string or 'eos' when finishReason is 'stop'. */
+  stoppedBy?: string;
+}
+
+export interface StreamDecoder {
+  push(id: number): string;
+  flush(): string;
+}
+
+export interface Detokenizer {
+  createStreamDecoder(): StreamDecoder;
+}
+
+export class Generation {
+  readonly tokens: number[] = [];
+  private readonly sampler: Sampler;
+  private readonly decoder: StreamDecoder;
+  private readonly logprobs: TokenLogprob[] = [];
+  /** Text decided so far (emitted) and text held back because a stop string may be starting. */
+  private emitted = '';
+  private pending = '';
+  finishReason: FinishReason | null = null;
+  stoppedBy: string | undefined;
+
+  constructor(
+    readonly request: GenerationRequest,
+    private readonly eosTokenIds: ReadonlySet<number>,
+    private readonly contextLength: number,
+    detokenizer: Detokenizer,
+  ) {
+    this.sampler = new Sampler(request.sampling, request.tokens);
+    this.decoder = detokenizer.createStreamDecoder();
+  }
+
+  get done(): boolean {
+    return this.finishReason !== null;
+  }
+
+  /** Picks the next token from `logits`, records it, and decides whether generation ends. */
+  accept(logits: Float32Array): TokenEvent {
+    const token = this.sampler.next(logits);
+    const lp = this.request.logprobs ? tokenLogprob(logits, token, this.request.topLogprobs) : undefined;
+    if (lp) this.logprobs.push(lp);
+    this.tokens.push(token);
+    const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);
+    let text = '';
+    if (isEos) {
+      this.finish('stop', 'eos');
+      text = this.release(this.decoder.flush(), true);
+    } else {
+      text = this.release(this.decoder.push(token), false);
+      if (!this.done && this.tokens.length >= this.request.maxNewTokens) {
+        this.finish('length');
+        text += this.release(this.decoder.flush(), true);
+      } else if (!this.done && this.request.tokens.length + this.tokens.length >= this.contextLength) {
+        this.finish('length');
+        text += this.release(this.decoder.flush(), true);
+      }
+    }
+    return { token, text, logprob: lp };
+  }
+
+  /** Ends the generation early (client gone, server stopping). */
+  cancel(): void {
+    if (!this.done) this.finish('cancelled');
+  }
+
+  private finish(reason: FinishReason, by?: string): void {
+    this.finishReason = reason;
+    this.stoppedBy = by;
+  }
+
+  /**
+   * Adds decoded text, cuts at the first stop string, and returns what can be emitted now: the
+   * text minus the longest tail that is still a prefix of a stop string (unless `final`).
+   */
+  private release(delta: string, final: boolean): string {
+    const stops = this.request.stop;
+    let text = this.pending + delta;
+    for (const s of stops) {
+      const at = (this.emitted + text).indexOf(s, Math.max(0, this.emitted.length - s.length + 1));
+      if (at >= 0) {
+        text = (this.emitted + text).slice(this.emitted.length, at);
+        this.finish('stop', s);
+        final = true;
+        break;
+      }
+    }
+    let hold = 0;
+    if (!final) for (const s of stops) hold = Math.max(hold, partialStopLength(text, s));
+    const out = text.slice(0, text.length - hold);
+    this.pending = text.slice(text.length - hold);
+    this.emitted += out;
+    return out;
+  }
+
+  result(): GenerationResult {
+    return {
+      tokens: this.tokens,
+      text: this.emitted,
+      finishReason: this.finishReason ?? 'length',
+      promptTokens: this.request.tokens.length,
+      logprobs: this.request.logprobs ? this.logprobs : undefined,
+      stoppedBy: this.stoppedBy,
+    };
+  }
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of `stop`. */
+function partialStopLength(text: string, stop: string): number {
+  for (let n = Math.min(stop.length - 1, text.length); n > 0; n--) {
+    if (text.endsWith(stop.slice(0, n))) return n;
+  }
+  return 0;
+}
+
+function tokenLogprob(logits: Float32Array, token: number, top: number): TokenLogprob {
+  const lse = logSumExp(logits);
+  const lp: TokenLogprob = { token, logprob: logits[token] - lse };
+  if (top > 0) {
+    const best: number[] = [];
+    for (let i = 0; i < logits.length; i++) {
+      if (best.length < top || logits[i] > logits[best[best.length - 1]]) {
+        best.push(i);
+        best.sort((a, b) => logits[b] - logits[a]);
+        if (best.length > top) best.pop();
+      }
+    }
+    lp.top = best.map((t) => ({ token: t, logprob: logits[t] - lse }));
+  }
+  return lp;
+}

@@ -1,0 +1,81 @@
+import { z } from 'zod';
+import { ReftError, invalidRequest } from '../errors.ts';
+import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
+import type { GenerationRequest } from './generation.ts';
+
+/**
+ * What a caller may ask of a generation, shared by the HTTP API and the CLI, with the defaults
+ * and limits a public server needs.
+ */
+export const MAX_STOP_STRINGS = 8;
+
+export const messageSchema = z.strictObject({
+  role: z.enum(['system', 'user', 'assistant', 'tool']),
+  content: z.string().max(1_000_000),
+});
+
+export const samplingFields = {
+  max_new_tokens: z.number().int().min(1).max(32768).default(128),
+  temperature: z.number().min(0).max(10).default(0),
+  top_p: z.number().gt(0).max(1).default(1),
+  top_k: z.number().int().min(0).max(100000).default(0),
+  seed: z.number().int().min(0).max(2 ** 32 - 1).optional(),
+  stop: z.union([z.string().min(1).max(256), z.array(z.string().min(1).max(256)).max(MAX_STOP_STRINGS)]).optional(),
+  ignore_eos: z.boolean().default(false),
+  repetition_penalty: z.number().gt(0).max(10).default(1),
+  logprobs: z.boolean().default(false),
+  top_logprobs: z.number().int().min(0).max(20).default(0),
+};
+
+export const inputFields = {
+  prompt: z.string().max(4_000_000).optional(),
+  messages: z.array(messageSchema).min(1).max(1024).optional(),
+  input_ids: z.array(z.number().int().min(0)).min(1).max(1_000_000).optional(),
+};
+
+export const generateOptionsSchema = z.strictObject({ ...inputFields, ...samplingFields });
+export type GenerateOptions = z.infer<typeof generateOptionsSchema>;
+
+export type PromptInput = { prompt: string } | { messages: ChatMessage[] } | { input_ids: number[] };
+
+/** Exactly one of prompt, messages and input_ids. */
+export function promptInput(o: { prompt?: string; messages?: ChatMessage[]; input_ids?: number[] }): PromptInput {
+  const given = (['prompt', 'messages', 'input_ids'] as const).filter((k) => o[k] !== undefined);
+  if (given.length !== 1) {
+    throw invalidRequest(given.length ? `give only one of prompt, messages, input_ids (got ${given.join(', ')})` : 'one of prompt, messages or input_ids is required', given[1] ?? 'prompt');
+  }
+  const k = given[0];
+  return k === 'prompt' ? { prompt: o.prompt! } : k === 'messages' ? { messages: o.messages! } : { input_ids: o.input_ids! };
+}
+
+export function tokenize(input: PromptInput, tokenizer: TextTokenizer): number[] {
+  if ('prompt' in input) return tokenizer.encode(input.prompt);
+  if ('messages' in input) return tokenizer.encodeChat(input.messages, { addGenerationPrompt: true });
+  for (const [i, id] of input.input_ids.entries()) {
+    if (id >= tokenizer.vocabSize) throw invalidRequest(`input_ids.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `input_ids.${i}`);
+  }
+  return input.input_ids;
+}
+
+export function toGenerationRequest(
+  tokens: number[],
+  o: Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'>,
+  interventions: readonly LowRankIntervention[],
+  contextLength: number,
+): GenerationRequest {
+  if (tokens.length === 0) throw invalidRequest('the prompt encodes to no tokens', 'prompt');
+  if (tokens.length >= contextLength) {
+    throw new ReftError('context_length_exceeded', `the prompt has ${tokens.length} tokens; the model's context is ${contextLength} (the prompt and at least one new token must fit)`, 'prompt');
+  }
+  return {
+    tokens,
+    interventions,
+    sampling: { temperature: o.temperature, topK: o.top_k, topP: o.top_p, repetitionPenalty: o.repetition_penalty, seed: o.seed },
+    maxNewTokens: o.max_new_tokens,
+    stop: o.stop === undefined ? [] : typeof o.stop === 'string' ? [o.stop] : o.stop,
+    ignoreEos: o.ignore_eos,
+    logprobs: o.logprobs || o.top_logprobs > 0,
+    topLogprobs: o.top_logprobs,
+  };
+}

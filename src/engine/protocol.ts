@@ -1,0 +1,31 @@
+import type { SerializedError } from '../errors.ts';
+import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
+import type { SchedulerLimits, SchedulerStats } from './scheduler.ts';
+import type { Device } from './session.ts';
+
+/** Messages between the main thread (EngineClient) and the engine's worker thread. */
+export interface WorkerInit {
+  modelDir: string;
+  cacheDir: string;
+  limits: SchedulerLimits;
+  threads?: number;
+  device?: Device;
+}
+
+export type ToWorker =
+  | { type: 'generate'; key: string; request: GenerationRequest }
+  | { type: 'cancel'; key: string }
+  | { type: 'stats'; id: number }
+  | { type: 'shutdown' };
+
+export type FromWorker =
+  | { type: 'ready' }
+  | { type: 'fatal'; error: SerializedError }
+  | { type: 'token'; key: string; event: TokenEvent }
+  | { type: 'done'; key: string; result: GenerationResult }
+  | { type: 'error'; key: string; error: SerializedError }
+  | { type: 'stats'; id: number; stats: EngineStats };
+
+export interface EngineStats extends SchedulerStats {
+  kvBytes: number;
+}

@@ -1,0 +1,209 @@
+import { ReftError } from '../errors.ts';
+import type { Engine, SequenceId } from './engine.ts';
+import { Generation, type Detokenizer, type GenerationRequest, type GenerationResult, type TokenEvent } from './generation.ts';
+
+/**
+ * Continuous batching. Requests wait in a bounded FIFO queue; between engine steps, newcomers
+ * that fit the batch and token budgets are prefilled together (each with its own
+ * interventions), and every running sequence then advances by one decode step. Finished or
+ * cancelled sequences leave at the next step boundary.
+ */
+export interface SchedulerLimits {
+  maxBatchSize: number;
+  /** Bound on Σ (prompt + max_new_tokens) over running sequences: the KV cache's worst case. */
+  maxTokensInFlight: number;
+  /** Requests waiting beyond this are refused (503) instead of growing memory. */
+  maxQueue: number;
+  /** Prompt tokens prefilled in one step, so a burst of long prompts doesn't stall decoding. */
+  maxPrefillTokens: number;
+}
+
+export const DEFAULT_LIMITS: SchedulerLimits = { maxBatchSize: 32, maxTokensInFlight: 65536, maxQueue: 256, maxPrefillTokens: 4096 };
+
+export interface GenerationSink {
+  onToken(event: TokenEvent): void;
+  onDone(result: GenerationResult): void;
+  onError(error: ReftError): void;
+}
+
+interface Entry {
+  key: string;
+  generation: Generation;
+  sink: GenerationSink;
+  seq?: SequenceId;
+  budget: number;
+  /** Counted in tokensInFlight (from admission until release). */
+  admitted: boolean;
+}
+
+export interface SchedulerStats {
+  queued: number;
+  running: number;
+  tokensInFlight: number;
+  steps: number;
+  lastBatchSize: number;
+}
+
+export class Scheduler {
+  private readonly queue: Entry[] = [];
+  private readonly running = new Map<SequenceId, Entry>();
+  private readonly byKey = new Map<string, Entry>();
+  private tokensInFlight = 0;
+  private loop: Promise<void> | null = null;
+  private steps = 0;
+  private lastBatchSize = 0;
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly detokenizer: Detokenizer,
+    private readonly eosTokenIds: ReadonlySet<number>,
+    readonly limits: SchedulerLimits = DEFAULT_LIMITS,
+  ) {}
+
+  stats(): SchedulerStats {
+    return { queued: this.queue.length, running: this.running.size, tokensInFlight: this.tokensInFlight, steps: this.steps, lastBatchSize: this.lastBatchSize };
+  }
+
+  /** Queues a request; throws (overloaded / context_length_exceeded) when it can't be taken. */
+  submit(key: string, request: GenerationRequest, sink: GenerationSink): void {
+    const context = this.engine.config.maxPositions;
+    if (request.tokens.length >= context) {
+      throw new ReftError('context_length_exceeded', `the prompt has ${request.tokens.length} tokens; the model's context is ${context} (prompt and at least one new token must fit)`, 'prompt');
+    }
+    if (this.byKey.has(key)) throw new Error(`duplicate request key ${key}`);
+    if (this.queue.length >= this.limits.maxQueue) {
+      throw new ReftError('overloaded', `the server is at capacity (${this.limits.maxQueue} requests queued); retry shortly`, undefined, 1);
+    }
+    const budget = Math.min(request.tokens.length + request.maxNewTokens, context);
+    if (budget > this.limits.maxTokensInFlight) {
+      throw new ReftError('invalid_request', `prompt plus max_new_tokens (${budget}) exceeds the server's max tokens in flight (${this.limits.maxTokensInFlight})`, 'max_new_tokens');
+    }
+    const entry: Entry = { key, generation: new Generation(request, this.eosTokenIds, context, this.detokenizer), sink, budget, admitted: false };
+    this.queue.push(entry);
+    this.byKey.set(key, entry);
+    this.kick();
+  }
+
+  /** Stops a request at the next step boundary (queued ones end at once). */
+  cancel(key: string): void {
+    const entry = this.byKey.get(key);
+    if (!entry) return;
+    entry.generation.cancel();
+    const i = this.queue.indexOf(entry);
+    if (i >= 0) {
+      this.queue.splice(i, 1);
+      this.finish(entry);
+    }
+  }
+
+  /** Resolves once nothing is queued or running. */
+  async idle(): Promise<void> {
+    while (this.loop) await this.loop;
+  }
+
+  private kick(): void {
+    if (!this.loop) {
+      this.loop = this.run().finally(() => {
+        this.loop = null;
+        if (this.queue.length || this.running.size) this.kick();
+      });
+    }
+  }
+
+  private async run(): Promise<void> {
+    while (this.queue.length || this.running.size) {
+      this.reapFinished();
+      const admitted = this.admit();
+      if (admitted.length) await this.prefill(admitted);
+      this.reapFinished();
+      if (this.running.size) await this.decode();
+    }
+  }
+
+  private admit(): Entry[] {
+    const admitted: Entry[] = [];
+    let prefillTokens = 0;
+    while (this.queue.length) {
+      const next = this.queue[0];
+      const n = next.generation.request.tokens.length;
+      const fitsBatch = this.running.size + admitted.length < this.limits.maxBatchSize;
+      const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
+      const fitsPrefill = admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
+      if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
+      this.queue.shift();
+      admitted.push(next);
+      prefillTokens += n;
+      next.admitted = true;
+      this.tokensInFlight += next.budget;
+    }
+    return admitted;
+  }
+
+  private async prefill(entries: Entry[]): Promise<void> {
+    let outputs;
+    try {
+      outputs = await this.engine.prefill(entries.map((e) => ({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions })));
+    } catch (err) {
+      for (const e of entries) this.fail(e, err);
+      return;
+    }
+    outputs.forEach((out, i) => {
+      const e = entries[i];
+      e.seq = out.id;
+      this.running.set(out.id, e);
+      this.emit(e, out.logits);
+    });
+  }
+
+  private async decode(): Promise<void> {
+    const tokens = new Map<SequenceId, number>();
+    for (const [seq, e] of this.running) tokens.set(seq, e.generation.tokens[e.generation.tokens.length - 1]);
+    this.lastBatchSize = tokens.size;
+    this.steps++;
+    let logits;
+    try {
+      logits = await this.engine.decode(tokens);
+    } catch (err) {
+      for (const e of [...this.running.values()]) this.fail(e, err);
+      return;
+    }
+    for (const [seq, l] of logits) {
+      const e = this.running.get(seq);
+      if (e && !e.generation.done) this.emit(e, l);
+    }
+  }
+
+  private emit(e: Entry, logits: Float32Array): void {
+    if (e.generation.done) return; // cancelled while the step ran
+    const event = e.generation.accept(logits);
+    try {
+      e.sink.onToken(event);
+    } catch {
+      e.generation.cancel(); // the consumer is gone
+    }
+  }
+
+  private reapFinished(): void {
+    for (const e of [...this.running.values()]) if (e.generation.done) this.finish(e);
+  }
+
+  private finish(e: Entry): void {
+    this.release(e);
+    e.sink.onDone(e.generation.result());
+  }
+
+  private fail(e: Entry, err: unknown): void {
+    this.release(e);
+    const error = err instanceof ReftError ? err : new ReftError('internal', `generation failed: ${(err as Error)?.message ?? String(err)}`);
+    e.sink.onError(error);
+  }
+
+  private release(e: Entry): void {
+    if (e.seq !== undefined && this.running.delete(e.seq)) this.engine.release(e.seq);
+    if (e.admitted) {
+      e.admitted = false;
+      this.tokensInFlight -= e.budget;
+    }
+    this.byKey.delete(e.key);
+  }
+}

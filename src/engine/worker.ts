@@ -1,0 +1,48 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { ReftError } from '../errors.ts';
+import { loadModel } from '../model/load.ts';
+import { Engine } from './engine.ts';
+import type { FromWorker, ToWorker, WorkerInit } from './protocol.ts';
+import { Scheduler } from './scheduler.ts';
+
+/**
+ * The engine's thread: ORT's session.run blocks the thread it runs on, so the model, the
+ * engine and the scheduler live here and the main thread only exchanges messages.
+ */
+const port = parentPort!;
+const send = (m: FromWorker) => port.postMessage(m);
+const serialize = (e: unknown) =>
+  (e instanceof ReftError ? e : new ReftError('internal', (e as Error)?.message ?? String(e))).toJSON();
+
+async function main(init: WorkerInit): Promise<void> {
+  const model = await loadModel(init.modelDir);
+  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: init.cacheDir, threads: init.threads, device: init.device });
+  const scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
+  port.on('message', (msg: ToWorker) => {
+    switch (msg.type) {
+      case 'generate':
+        try {
+          scheduler.submit(msg.key, msg.request, {
+            onToken: (event) => send({ type: 'token', key: msg.key, event }),
+            onDone: (result) => send({ type: 'done', key: msg.key, result }),
+            onError: (error) => send({ type: 'error', key: msg.key, error: error.toJSON() }),
+          });
+        } catch (e) {
+          send({ type: 'error', key: msg.key, error: serialize(e) });
+        }
+        break;
+      case 'cancel':
+        scheduler.cancel(msg.key);
+        break;
+      case 'stats':
+        send({ type: 'stats', id: msg.id, stats: { ...scheduler.stats(), kvBytes: engine.kvBytes } });
+        break;
+      case 'shutdown':
+        void scheduler.idle().then(() => engine.close()).then(() => process.exit(0));
+        break;
+    }
+  });
+  send({ type: 'ready' });
+}
+
+main(workerData as WorkerInit).catch((e) => send({ type: 'fatal', error: serialize(e) }));

@@ -1,0 +1,41 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ReftError } from '../errors.ts';
+import { openCheckpoint, validateCheckpoint, type Checkpoint } from './checkpoint.ts';
+import { parseModelConfig, type ModelConfig } from './config.ts';
+import { loadTokenizer, type TextTokenizer } from './tokenizer.ts';
+
+/** A checked Hugging Face model folder: config, weights index and tokenizer. */
+export interface LoadedModel {
+  dir: string;
+  config: ModelConfig;
+  checkpoint: Checkpoint;
+  tokenizer: TextTokenizer;
+}
+
+async function readJson(dir: string, file: string, required: boolean): Promise<unknown> {
+  let text: string;
+  try {
+    text = await readFile(join(dir, file), 'utf8');
+  } catch (e) {
+    if (!required && (e as NodeJS.ErrnoException).code === 'ENOENT') return {};
+    throw new ReftError('invalid_model', `${dir} has no readable ${file}; a model folder needs config.json, model.safetensors and tokenizer.json`, file);
+  }
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new ReftError('invalid_model', `${file} is not valid JSON`, file);
+  }
+}
+
+export async function loadModelConfig(dir: string): Promise<ModelConfig> {
+  return parseModelConfig(await readJson(dir, 'config.json', true), await readJson(dir, 'generation_config.json', false));
+}
+
+export async function loadModel(dir: string): Promise<LoadedModel> {
+  const config = await loadModelConfig(dir);
+  const checkpoint = await openCheckpoint(dir);
+  validateCheckpoint(config, checkpoint);
+  const tokenizer = await loadTokenizer(dir, config);
+  return { dir, config, checkpoint, tokenizer };
+}

@@ -1,0 +1,106 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Engine } from '../src/engine/engine.ts';
+import { argmax } from '../src/engine/sampler.ts';
+import type { LoadedModel } from '../src/model/load.ts';
+import { inferenceCases, type FixtureCase } from './support/fixtures.ts';
+import { maxAbsDiff, storiesEngine } from './support/engine.ts';
+
+let engine: Engine;
+let model: LoadedModel;
+const cases = inferenceCases();
+const VOCAB = 512;
+
+beforeAll(async () => {
+  ({ engine, model } = await storiesEngine());
+});
+afterAll(() => engine?.close());
+
+/** Greedy continuation of each row, decoding all rows together with the KV cache. */
+async function greedyBatch(rows: Array<{ tokens: number[]; interventions: FixtureCase['interventions'] }>, steps: number): Promise<number[][]> {
+  const outs = await engine.prefill(rows);
+  const gens = outs.map((o) => [argmax(o.logits)]);
+  for (let s = 1; s < steps; s++) {
+    const logits = await engine.decode(new Map(outs.map((o, i) => [o.id, gens[i].at(-1)!])));
+    outs.forEach((o, i) => gens[i].push(argmax(logits.get(o.id)!)));
+  }
+  for (const o of outs) engine.release(o.id);
+  return gens;
+}
+
+describe('decoder engine on stories260k against the PyTorch reference', () => {
+  it('has the fixture cases', () => {
+    expect(cases.map((c) => c.name)).toEqual(['base', 'loreft_l1', 'loreft_f2l2_shared', 'loreft_f3l3_split', 'direft_f1l1', 'mixed_rank']);
+  });
+
+  for (const c of cases) {
+    it(`${c.name}: logits within 1e-4 at every prompt position`, async () => {
+      const [out] = await engine.prefill([{ tokens: c.prompt, interventions: c.interventions, allLogits: true }]);
+      engine.release(out.id);
+      expect(out.logits.length).toBe(c.prompt.length * VOCAB);
+      expect(maxAbsDiff(out.logits, c.logits)).toBeLessThan(1e-4);
+    });
+
+    it(`${c.name}: greedy continuation with the KV cache equals the reference`, async () => {
+      const [gen] = await greedyBatch([{ tokens: c.prompt, interventions: c.interventions }], c.greedy.length);
+      expect(gen).toEqual(c.greedy);
+    });
+  }
+
+  it('a batch mixing every case and a row without intervention gives each row its own result', async () => {
+    const rows = [...cases.map((c) => ({ tokens: c.prompt, interventions: c.interventions })), { tokens: cases[3].prompt, interventions: [] }];
+    const gens = await greedyBatch(rows, 24);
+    cases.forEach((c, i) => expect(gens[i], c.name).toEqual(c.greedy));
+    const [alone] = await greedyBatch([rows.at(-1)!], 24);
+    expect(gens.at(-1)).toEqual(alone);
+    expect(alone).not.toEqual(cases[3].greedy); // the intervention matters for this prompt
+  });
+
+  it('batched prefill logits equal each row alone', async () => {
+    const batch = await engine.prefill(cases.map((c) => ({ tokens: c.prompt, interventions: c.interventions, allLogits: true })));
+    batch.forEach((o, i) => {
+      engine.release(o.id);
+      expect(maxAbsDiff(o.logits, cases[i].logits), cases[i].name).toBeLessThan(1e-4);
+    });
+  });
+
+  it('KV-cached decoding equals full recomputation for 32 steps (interventions on the prompt only)', async () => {
+    for (const c of [cases[3], cases[5]]) {
+      const [first] = await engine.prefill([{ tokens: c.prompt, interventions: c.interventions }]);
+      const tokens = [...c.prompt, argmax(first.logits)];
+      for (let step = 0; step < 32; step++) {
+        const cached = (await engine.decode(new Map([[first.id, tokens.at(-1)!]]))).get(first.id)!;
+        const [full] = await engine.prefill([{ tokens, interventions: c.interventions, promptLength: c.prompt.length }]);
+        engine.release(full.id);
+        expect(maxAbsDiff(cached, full.logits), `${c.name} step ${step}`).toBeLessThan(1e-4);
+        tokens.push(argmax(cached));
+      }
+      engine.release(first.id);
+    }
+  });
+
+  it('"Once upon a time" continues with the reference story', async () => {
+    const prompt = model.tokenizer.encode('Once upon a time');
+    expect(prompt).toEqual([1, 403, 407, 261, 378]);
+    const [gen] = await greedyBatch([{ tokens: prompt, interventions: [] }], 32);
+    expect(model.tokenizer.decode(gen)).toMatch(/^, there was a little girl named Lily\. She loved to play outside in the park\./);
+  });
+
+  it('sequences join and leave the running batch between steps', async () => {
+    const [a] = await engine.prefill([{ tokens: cases[1].prompt, interventions: cases[1].interventions }]);
+    const genA = [argmax(a.logits)];
+    const step = async (ids: number[], gens: number[][]) => {
+      const l = await engine.decode(new Map(ids.map((id, i) => [id, gens[i].at(-1)!])));
+      ids.forEach((id, i) => gens[i].push(argmax(l.get(id)!)));
+    };
+    for (let i = 0; i < 5; i++) await step([a.id], [genA]);
+    const [b] = await engine.prefill([{ tokens: cases[4].prompt, interventions: cases[4].interventions }]);
+    const genB = [argmax(b.logits)];
+    for (let i = 0; i < 10; i++) await step([a.id, b.id], [genA, genB]);
+    engine.release(a.id);
+    for (let i = 0; i < 13; i++) await step([b.id], [genB]);
+    expect(genA).toEqual(cases[1].greedy.slice(0, 16));
+    expect(genB).toEqual(cases[4].greedy);
+    engine.release(b.id);
+    expect(engine.liveSequences).toEqual([]);
+  });
+});

@@ -1,0 +1,22 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Engine } from '../../src/engine/engine.ts';
+import { loadModel, type LoadedModel } from '../../src/model/load.ts';
+import { STORIES } from './fixtures.ts';
+
+/** A fresh graph cache per test process: the model folder is read-only. */
+export const testCacheDir = mkdtempSync(join(tmpdir(), 'reft-test-cache-'));
+
+export async function storiesEngine(): Promise<{ model: LoadedModel; engine: Engine }> {
+  const model = await loadModel(STORIES);
+  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir });
+  return { model, engine };
+}
+
+export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
