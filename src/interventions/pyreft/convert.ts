@@ -1,0 +1,107 @@
+import { invalidIntervention, invalidRequest } from '../../errors.ts';
+import { encodeSafetensors } from '../../model/safetensors.ts';
+import { parseArtifact, type ReftConfig } from '../artifact.ts';
+import { formatPositions, parsePositions } from '../positions.ts';
+import { convertStateDict, type ConvertedIntervention } from './class-mapping.ts';
+import { parseSavedConfig, type SavedIntervention } from './saved-config.ts';
+import { readStateDict } from './state-dict.ts';
+
+/**
+ * Converts what pyreft's `ReftModel.save` wrote (config.json + one intkey_*.bin per intervention)
+ * into a reft/v1 artifact, validated for the base model before it is returned.
+ */
+export interface PyreftImportInput {
+  /** The bytes of config.json. */
+  config: Uint8Array;
+  /** intkey_*.bin bytes by file name; exactly the files config.json's sorted_keys name. */
+  files: Map<string, Uint8Array>;
+  /** pyreft's position spec (`fN`, `lN`, `fN+lN`): pyreft does not store it. */
+  positions: string;
+  /** pyreft's `share_weights`: not stored either. */
+  shareWeights: boolean;
+  /** Optional reft/v1 `name`. */
+  name?: string;
+}
+
+export interface PyreftBaseModel {
+  hiddenSize: number;
+  numLayers: number;
+  architecture: string;
+}
+
+export interface PyreftImportResult {
+  config: ReftConfig;
+  /** reft_config.json. */
+  configBytes: Uint8Array;
+  /** reft_weights.safetensors (F32). */
+  weightBytes: Uint8Array;
+}
+
+export async function importPyreft(input: PyreftImportInput, base: PyreftBaseModel): Promise<PyreftImportResult> {
+  const saved = parseSavedConfig(input.config, base.numLayers);
+  checkFilesMatch(saved, input.files);
+  const positions = assignPositions(saved.length, input.positions, input.shareWeights);
+  const converted: ConvertedIntervention[] = [];
+  for (const entry of saved) converted.push(await convertOne(entry, input.files.get(entry.file) as Uint8Array, base.hiddenSize));
+  const config = reftConfig(saved, converted, positions, base, input.name);
+  const configBytes = new TextEncoder().encode(`${JSON.stringify(config, null, 2)}\n`);
+  const weightBytes = encodeSafetensors(weightTensors(converted));
+  parseArtifact(configBytes, weightBytes, base); // whatever leaves here is valid for the base model
+  return { config, configBytes, weightBytes };
+}
+
+/** Every file sorted_keys names is there, and nothing else is. */
+function checkFilesMatch(saved: SavedIntervention[], files: Map<string, Uint8Array>): void {
+  for (const entry of saved) {
+    if (!files.has(entry.file)) {
+      throw invalidIntervention(`config.json.sorted_keys.${entry.index} names ${entry.file}, which is missing`, entry.file);
+    }
+  }
+  const named = new Set(saved.map((s) => s.file));
+  for (const name of files.keys()) {
+    if (!named.has(name)) throw invalidIntervention(`${name} is not named by config.json's sorted_keys`, name);
+  }
+}
+
+/**
+ * pyreft's positions per intervention. With share_weights=false and fN+lN it trains one set for the
+ * first N tokens (the first half, in sorted_keys order) and one for the last N (the second half).
+ */
+export function assignPositions(count: number, spec: string, shareWeights: boolean): string[] {
+  const p = parsePositions(spec, 'positions');
+  if (shareWeights || !(p.first && p.last)) return new Array<string>(count).fill(formatPositions(p));
+  if (count % 2 !== 0) {
+    throw invalidRequest(`share_weights=false with "${spec}" needs an even number of interventions (first half f${p.first}, second half l${p.last}); config.json has ${count}`, 'share_weights');
+  }
+  const half = count / 2;
+  return [...new Array<string>(half).fill(`f${p.first}`), ...new Array<string>(half).fill(`l${p.last}`)];
+}
+
+async function convertOne(entry: SavedIntervention, bytes: Uint8Array, d: number): Promise<ConvertedIntervention> {
+  if (entry.dimension !== d) {
+    throw invalidIntervention(`config.json.intervention_dimensions.${entry.index} is ${entry.dimension} but the model's hidden size is ${d}`, `config.json.intervention_dimensions.${entry.index}`);
+  }
+  const out = convertStateDict(entry.pyreftClass, await readStateDict(bytes, entry.file), d, entry.file);
+  if (entry.lowRankDimension !== null && entry.lowRankDimension !== out.rank) {
+    throw invalidIntervention(`config.json.representations.${entry.index}.low_rank_dimension is ${entry.lowRankDimension} but ${entry.file} holds rank ${out.rank}`, `config.json.representations.${entry.index}.low_rank_dimension`);
+  }
+  return out;
+}
+
+/** reft_config.json in the key order of the reference artifacts. */
+function reftConfig(saved: SavedIntervention[], converted: ConvertedIntervention[], positions: string[], base: PyreftBaseModel, name?: string): ReftConfig {
+  return {
+    format: 'reft/v1',
+    base_model: { architecture: base.architecture, hidden_size: base.hiddenSize, num_hidden_layers: base.numLayers },
+    interventions: saved.map((s, i) => ({ kind: converted[i].kind, layer: s.layer, rank: converted[i].rank, positions: positions[i] })),
+    ...(name !== undefined ? { name } : {}),
+  };
+}
+
+function weightTensors(converted: ConvertedIntervention[]): Record<string, { shape: number[]; data: Float32Array }> {
+  const out: Record<string, { shape: number[]; data: Float32Array }> = {};
+  converted.forEach((c, i) => {
+    for (const [name, t] of Object.entries(c.tensors)) out[`interventions.${i}.${name}`] = t;
+  });
+  return out;
+}

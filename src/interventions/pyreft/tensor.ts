@@ -1,0 +1,107 @@
+import { invalidIntervention } from '../../errors.ts';
+import { halfToFloat } from '../../model/safetensors.ts';
+
+/**
+ * Torch tensors as `torch.save` stores them: a typed storage (one `data/<key>` record of
+ * little-endian elements) and a view over it given by an offset, sizes and strides, all in
+ * elements. Values are decoded to float64, which holds every F32, BF16, F16 value exactly and
+ * every I64 this importer accepts (safe integers).
+ */
+export type TorchDType = 'F32' | 'BF16' | 'F16' | 'I64';
+
+/** The storage classes the pickle may name (`torch FloatStorage`, ...) and what they hold. */
+export const STORAGE_DTYPES: Readonly<Record<string, TorchDType>> = {
+  FloatStorage: 'F32',
+  BFloat16Storage: 'BF16',
+  HalfStorage: 'F16',
+  LongStorage: 'I64',
+};
+
+const ELEMENT_BYTES: Record<TorchDType, number> = { F32: 4, BF16: 2, F16: 2, I64: 8 };
+
+/** Refuse views with more elements than any intervention tensor could need (stride 0 can fake size). */
+const MAX_TENSOR_ELEMENTS = 1 << 26;
+
+export interface TorchStorage {
+  dtype: TorchDType;
+  key: string;
+  numel: number;
+  bytes: Uint8Array;
+}
+
+export interface TorchTensor {
+  dtype: TorchDType;
+  shape: number[];
+  /** Row-major (contiguous) values. */
+  values: Float64Array;
+}
+
+/** Ties a persistent id to its `data/<key>` record; the record must hold exactly `numel` elements. */
+export function makeStorage(dtype: TorchDType, key: string, numel: number, record: Uint8Array | undefined, file: string): TorchStorage {
+  if (record === undefined) throw invalid(file, `storage "${key}" has no record data/${key}`);
+  const need = numel * ELEMENT_BYTES[dtype];
+  if (record.byteLength < need) {
+    throw invalid(file, `storage "${key}" is shorter than declared: data/${key} holds ${record.byteLength} bytes, ${numel} × ${dtype} need ${need}`);
+  }
+  if (record.byteLength !== need) {
+    throw invalid(file, `storage "${key}" does not match its record: data/${key} holds ${record.byteLength} bytes, ${numel} × ${dtype} need ${need}`);
+  }
+  return { dtype, key, numel, bytes: record };
+}
+
+/** `_rebuild_tensor_v2(storage, offset, size, stride, ...)`: copies the view out of the storage. */
+export function rebuildTensor(storage: TorchStorage, offset: number, shape: number[], stride: number[], file: string): TorchTensor {
+  if (shape.length !== stride.length) throw invalid(file, `tensor over storage "${storage.key}" has ${shape.length} sizes but ${stride.length} strides`);
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (count > MAX_TENSOR_ELEMENTS) throw invalid(file, `tensor over storage "${storage.key}" has ${count} elements (at most ${MAX_TENSOR_ELEMENTS})`);
+  const last = count === 0 ? offset : offset + shape.reduce((sum, n, k) => sum + (n - 1) * stride[k], 0);
+  if (count > 0 && last >= storage.numel) {
+    throw invalid(file, `storage "${storage.key}" (${storage.numel} elements) is shorter than the tensor it backs (offset ${offset}, size [${shape}], stride [${stride}] reach element ${last})`);
+  }
+  const read = elementReader(storage, file);
+  const values = new Float64Array(count);
+  const index = new Array<number>(shape.length).fill(0);
+  for (let i = 0; i < count; i++) {
+    values[i] = read(offset + index.reduce((sum, v, k) => sum + v * stride[k], 0));
+    increment(index, shape);
+  }
+  return { dtype: storage.dtype, shape, values };
+}
+
+/** Advances a row-major multi-index by one. */
+function increment(index: number[], shape: number[]): void {
+  for (let k = shape.length - 1; k >= 0; k--) {
+    if (++index[k] < shape[k]) return;
+    index[k] = 0;
+  }
+}
+
+function elementReader(storage: TorchStorage, file: string): (i: number) => number {
+  const view = new DataView(storage.bytes.buffer, storage.bytes.byteOffset, storage.bytes.byteLength);
+  switch (storage.dtype) {
+    case 'F32':
+      return (i) => view.getFloat32(i * 4, true);
+    case 'BF16':
+      return (i) => bf16ToFloat(view.getUint16(i * 2, true));
+    case 'F16':
+      return (i) => halfToFloat(view.getUint16(i * 2, true));
+    case 'I64':
+      return (i) => {
+        const v = view.getBigInt64(i * 8, true);
+        if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < BigInt(Number.MIN_SAFE_INTEGER)) {
+          throw invalid(file, `storage "${storage.key}" holds an int64 (${v}) beyond the safe integer range`);
+        }
+        return Number(v);
+      };
+  }
+}
+
+const bf16Scratch = new DataView(new ArrayBuffer(4));
+function bf16ToFloat(bits: number): number {
+  bf16Scratch.setUint32(0, bits << 16);
+  return bf16Scratch.getFloat32(0);
+}
+
+function invalid(file: string, message: string) {
+  return invalidIntervention(`${file}: ${message}`, file);
+}
