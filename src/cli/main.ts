@@ -2,6 +2,10 @@ import { Command } from 'commander';
 import { ReftError } from '../errors.ts';
 import { generateCommand } from './generate.ts';
 
+// Libraries' chatter (@huggingface/hub announces each download with console.debug) belongs on
+// stderr: stdout carries only what a command outputs (a continuation, JSON logs).
+console.debug = console.error;
+
 const program = new Command('reft-server')
   .description('Serve and train ReFT interventions on a frozen language model')
   .showHelpAfterError();

@@ -1,0 +1,321 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Template } from '@huggingface/jinja';
+import { Tokenizer } from '@huggingface/tokenizers';
+import { ReftError, invalidRequest } from '../errors.ts';
+import type { ModelConfig } from './config.ts';
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+export interface StreamDecoder {
+  /** Adds one generated id; returns the text that became stable (often ''). */
+  push(id: number): string;
+  /** Returns whatever is still held back; call once the sequence has ended. */
+  flush(): string;
+}
+
+export interface TextTokenizer {
+  /** Largest accepted token id + 1: the model's logits width (config.json vocab_size). */
+  readonly vocabSize: number;
+  readonly bosTokenId: number | null;
+  /** Every id that ends generation: config.json, generation_config.json and the tokenizer's eos_token. */
+  readonly eosTokenIds: number[];
+  readonly hasChatTemplate: boolean;
+  /** Encodes plain text, adding BOS/EOS exactly as the checkpoint's tokenizer configs say. */
+  encode(text: string): number[];
+  /** Renders the chat template and encodes the result without adding special tokens again. */
+  encodeChat(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): number[];
+  /** Decodes ids, skipping special tokens. */
+  decode(ids: number[]): string;
+  /** Incremental detokenizer: the concatenation of all pushes plus flush equals decode(all ids). */
+  createStreamDecoder(): StreamDecoder;
+}
+
+type Json = Record<string, unknown>;
+
+async function readJson(path: string, name: string): Promise<Json | null> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw e;
+  }
+  try {
+    const value: unknown = JSON.parse(text);
+    if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new Error('not an object');
+    return value as Json;
+  } catch {
+    throw new ReftError('invalid_model', `${name} is not a valid JSON object`, name);
+  }
+}
+
+async function readText(path: string): Promise<string | null> {
+  return readFile(path, 'utf8').catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return null;
+    throw e;
+  });
+}
+
+/** Special tokens appear in tokenizer_config.json either as strings or as serialized AddedToken objects. */
+function tokenContent(value: unknown): string | null {
+  if (typeof value === 'string') return value;
+  if (value && typeof value === 'object' && typeof (value as { content?: unknown }).content === 'string') {
+    return (value as { content: string }).content;
+  }
+  return null;
+}
+
+/**
+ * The chat template, as transformers picks it: a separate chat_template.jinja wins over
+ * tokenizer_config.json, whose `chat_template` is a string or a list of named templates ("default" is used).
+ */
+function pickChatTemplate(fromFile: string | null, fromConfig: unknown): string | null {
+  if (fromFile !== null && fromFile.trim() !== '') return fromFile;
+  if (typeof fromConfig === 'string') return fromConfig;
+  if (Array.isArray(fromConfig)) {
+    const named = fromConfig.filter(
+      (t): t is { name: string; template: string } => typeof t?.name === 'string' && typeof t?.template === 'string',
+    );
+    return (named.find((t) => t.name === 'default') ?? named[0])?.template ?? null;
+  }
+  return null;
+}
+
+function findSubsequence(haystack: number[], needle: number[]): number {
+  for (let i = 0; i + needle.length <= haystack.length; i++) {
+    if (needle.every((v, j) => haystack[i + j] === v)) return i;
+  }
+  return -1;
+}
+
+/**
+ * The ids the tokenizer.json post-processor wraps around a single sequence, found by encoding a
+ * probe with and without special tokens (works for every post-processor type).
+ */
+function postProcessorAffixes(tok: Tokenizer): { prefix: number[]; suffix: number[] } {
+  const probe = 'a';
+  const bare = tok.encode(probe, { add_special_tokens: false }).ids;
+  const full = tok.encode(probe).ids;
+  const at = findSubsequence(full, bare);
+  if (at < 0) return { prefix: [], suffix: [] };
+  return { prefix: full.slice(0, at), suffix: full.slice(at + bare.length) };
+}
+
+/** tokenizer_config.json's add_bos_token / add_eos_token, when present, override the post-processor (as transformers does). */
+function applyAddFlags(
+  affixes: { prefix: number[]; suffix: number[] },
+  tc: Json,
+  bos: number | null,
+  eos: number | null,
+): { prefix: number[]; suffix: number[] } {
+  let { prefix, suffix } = affixes;
+  if (bos !== null && typeof tc.add_bos_token === 'boolean') {
+    prefix = prefix.filter((id) => id !== bos);
+    if (tc.add_bos_token) prefix = [bos, ...prefix];
+  }
+  if (eos !== null && typeof tc.add_eos_token === 'boolean') {
+    suffix = suffix.filter((id) => id !== eos);
+    if (tc.add_eos_token) suffix = [...suffix, eos];
+  }
+  return { prefix, suffix };
+}
+
+function idList(v: unknown): number[] {
+  if (typeof v === 'number' && Number.isInteger(v)) return [v];
+  if (Array.isArray(v)) return v.filter((x): x is number => typeof x === 'number' && Number.isInteger(x));
+  return [];
+}
+
+export async function loadTokenizer(modelDir: string, config: ModelConfig): Promise<TextTokenizer> {
+  const tokenizerJson = await readJson(join(modelDir, 'tokenizer.json'), 'tokenizer.json');
+  if (!tokenizerJson) {
+    throw new ReftError('invalid_model', `${modelDir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)`, 'tokenizer.json');
+  }
+  const specialMap = (await readJson(join(modelDir, 'special_tokens_map.json'), 'special_tokens_map.json')) ?? {};
+  // special_tokens_map.json only fills in what tokenizer_config.json leaves out.
+  const tc: Json = { ...specialMap, ...((await readJson(join(modelDir, 'tokenizer_config.json'), 'tokenizer_config.json')) ?? {}) };
+  const generation = (await readJson(join(modelDir, 'generation_config.json'), 'generation_config.json')) ?? {};
+  const templateFile = await readText(join(modelDir, 'chat_template.jinja'));
+
+  let tok: Tokenizer;
+  try {
+    // transformers (>= 4.45) no longer cleans up tokenization spaces unless the config asks for it.
+    tok = new Tokenizer(tokenizerJson, { ...tc, clean_up_tokenization_spaces: tc.clean_up_tokenization_spaces === true });
+  } catch (e) {
+    throw new ReftError('invalid_model', `tokenizer.json could not be loaded: ${(e as Error).message}`, 'tokenizer.json');
+  }
+  return new HfTextTokenizer(tok, config, tc, generation, pickChatTemplate(templateFile, tc.chat_template));
+}
+
+class HfTextTokenizer implements TextTokenizer {
+  readonly vocabSize: number;
+  readonly bosTokenId: number | null;
+  readonly eosTokenIds: number[];
+  readonly hasChatTemplate: boolean;
+  private readonly prefix: number[];
+  private readonly suffix: number[];
+  private readonly specialContents: Set<string>;
+  private readonly cleanUpSpaces: boolean;
+  private readonly templateVars: Record<string, string>;
+  private template: Template | null = null;
+  private templateError: string | null = null;
+
+  constructor(
+    private readonly tok: Tokenizer,
+    config: ModelConfig,
+    tc: Json,
+    generation: Json,
+    templateSource: string | null,
+  ) {
+    const idOf = (key: string): number | null => {
+      const content = tokenContent(tc[key]);
+      return content === null ? null : (tok.token_to_id(content) ?? null);
+    };
+    const tokenizerBos = idOf('bos_token');
+    const tokenizerEos = idOf('eos_token');
+    this.vocabSize = config.vocabSize;
+    this.bosTokenId = tokenizerBos ?? config.bosTokenId;
+    this.eosTokenIds = [
+      ...new Set([...config.eosTokenIds, ...idList(generation.eos_token_id), ...(tokenizerEos === null ? [] : [tokenizerEos])]),
+    ];
+    ({ prefix: this.prefix, suffix: this.suffix } = applyAddFlags(postProcessorAffixes(tok), tc, this.bosTokenId, tokenizerEos));
+    this.specialContents = new Set(
+      [...tok.get_added_tokens_decoder().values()].filter((t) => t.special).map((t) => t.content),
+    );
+    for (const t of Array.isArray(tc.additional_special_tokens) ? tc.additional_special_tokens : []) {
+      if (typeof t === 'string') this.specialContents.add(t);
+    }
+    this.cleanUpSpaces = tc.clean_up_tokenization_spaces === true;
+    // transformers hands the template every special token string of the tokenizer.
+    this.templateVars = {};
+    for (const key of ['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token']) {
+      const content = tokenContent(tc[key]);
+      if (content !== null) this.templateVars[key] = content;
+    }
+    this.hasChatTemplate = templateSource !== null;
+    if (templateSource !== null) {
+      try {
+        this.template = new Template(templateSource);
+      } catch (e) {
+        // A template this Jinja engine can't parse shouldn't stop plain completions; chat requests report it.
+        this.templateError = (e as Error).message;
+      }
+    }
+  }
+
+  encode(text: string): number[] {
+    return [...this.prefix, ...this.encodeBare(text), ...this.suffix];
+  }
+
+  encodeChat(messages: ChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): number[] {
+    if (!this.hasChatTemplate) {
+      throw invalidRequest('this model has no chat template; send a plain prompt instead of messages', 'messages');
+    }
+    if (!this.template) {
+      throw new ReftError('invalid_model', `the model's chat template could not be parsed: ${this.templateError}`, 'chat_template');
+    }
+    let rendered: string;
+    try {
+      rendered = this.template.render({
+        ...this.templateVars,
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: opts.addGenerationPrompt ?? false,
+      });
+    } catch (e) {
+      throw invalidRequest(`the chat template rejected the messages: ${(e as Error).message}`, 'messages');
+    }
+    // The template already wrote any BOS it wants; adding it again would double it.
+    return this.encodeBare(rendered);
+  }
+
+  decode(ids: number[]): string {
+    // tokenizers.js refuses an empty list.
+    return ids.length === 0 ? '' : this.tok.decode(ids, { skip_special_tokens: true });
+  }
+
+  createStreamDecoder(): StreamDecoder {
+    return new WindowStreamDecoder(
+      (ids) => this.decode(ids),
+      (id) => this.isSpecial(id),
+      (text) => this.isUnstable(text),
+    );
+  }
+
+  private encodeBare(text: string): number[] {
+    return text === '' ? [] : this.tok.encode(text, { add_special_tokens: false }).ids;
+  }
+
+  /** Same test as the library's skip_special_tokens: the id's token string (unknown ids read as unk) is special. */
+  private isSpecial(id: number): boolean {
+    const content = this.tok.id_to_token(id) ?? this.tok.model?.unk_token;
+    return content !== undefined && this.specialContents.has(content);
+  }
+
+  /**
+   * Text that later tokens may still change: a trailing U+FFFD is an unfinished UTF-8 sequence, and with
+   * clean-up on, a space near the end may yet be removed (" ." -> ".", " n't" -> "n't").
+   */
+  private isUnstable(text: string): boolean {
+    if (text.endsWith('\uFFFD')) return true;
+    return this.cleanUpSpaces && text.slice(-3).includes(' ');
+  }
+}
+
+/**
+ * Decodes a sliding window rather than single tokens: SentencePiece-style decoders drop the leading
+ * space of the first token and byte-fallback tokens only form characters together, so a token's
+ * text is decode(window) minus decode(window without it). Special tokens are dropped up front so
+ * the window always starts at a real token, as decode's skip_special_tokens would see it.
+ */
+class WindowStreamDecoder implements StreamDecoder {
+  private readonly ids: number[] = [];
+  /** Start of the window, one emission step behind `readOffset`, for context. */
+  private prefixOffset = 0;
+  /** Everything before this index has been emitted. */
+  private readOffset = 0;
+
+  constructor(
+    private readonly decodeIds: (ids: number[]) => string,
+    private readonly isSpecial: (id: number) => boolean,
+    private readonly isUnstable: (text: string) => boolean,
+  ) {}
+
+  push(id: number): string {
+    if (this.isSpecial(id)) return '';
+    this.ids.push(id);
+    return this.emit(false);
+  }
+
+  flush(): string {
+    return this.emit(true);
+  }
+
+  private emit(final: boolean): string {
+    if (this.readOffset === this.ids.length) return '';
+    let window = this.decodeWindow();
+    if (window === null) {
+      // The window's context disagrees with itself (a non-local decoder rule); widen it to the start.
+      this.prefixOffset = 0;
+      window = this.decodeWindow();
+      if (window === null) return '';
+    }
+    if (!final && (window.delta === '' || this.isUnstable(window.text))) return '';
+    this.prefixOffset = this.readOffset;
+    this.readOffset = this.ids.length;
+    return window.delta;
+  }
+
+  /**
+   * The window's text and its part after readOffset (`delta`); null if decoding the window
+   * doesn't extend decoding its already-emitted prefix.
+   */
+  private decodeWindow(): { text: string; delta: string } | null {
+    const before = this.decodeIds(this.ids.slice(this.prefixOffset, this.readOffset));
+    const text = this.decodeIds(this.ids.slice(this.prefixOffset));
+    return text.startsWith(before) ? { text, delta: text.slice(before.length) } : null;
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * The storage interface every process shares (servers, training workers). Two implementations:
+ * the embedded one (SQLite file + weight files under a data directory) and PostgreSQL.
+ *
+ * Rules every implementation keeps:
+ * - A write is all or nothing: a reader never sees a half-written intervention or file.
+ * - Tenant scoping is part of every read: a row of another tenant is indistinguishable from a
+ *   missing one (the method returns null / false).
+ * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names.
+ */
+export interface Tenant {
+  id: string;
+  name: string;
+  createdAt: string;
+}
+
+export interface ApiKey {
+  id: string;
+  tenantId: string;
+  createdAt: string;
+  revokedAt: string | null;
+}
+
+export type InterventionSource = 'upload' | 'training' | 'import' | 'shared';
+
+export interface InterventionMeta {
+  id: string;
+  /** null for shared interventions every tenant can use. */
+  tenantId: string | null;
+  name: string;
+  description: string | null;
+  source: InterventionSource;
+  /** reft_config.json, parsed (for listing without reading the files). */
+  config: unknown;
+  /** Bumped on every replacement: caches key on (id, version). */
+  version: number;
+  /** Total bytes of the two files. */
+  bytes: number;
+  sha256: string;
+  createdAt: string;
+  updatedAt: string;
+}
+
+export interface InterventionFiles {
+  config: Uint8Array;
+  weights: Uint8Array;
+}
+
+export interface NewIntervention {
+  tenantId: string | null;
+  name: string;
+  description?: string | null;
+  source: InterventionSource;
+  config: unknown;
+  files: InterventionFiles;
+}
+
+export interface Page<T> {
+  data: T[];
+  /** Pass as `after` to get the next page; null on the last page. */
+  nextCursor: string | null;
+}
+
+export interface PageRequest {
+  limit: number;
+  after?: string;
+}
+
+export interface Usage {
+  interventions: number;
+  bytes: number;
+}
+
+export interface StoredFile {
+  id: string;
+  tenantId: string;
+  filename: string;
+  purpose: string;
+  bytes: number;
+  createdAt: string;
+}
+
+export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+
+export interface Job {
+  id: string;
+  tenantId: string;
+  status: JobStatus;
+  /** The validated job request (recipe, data reference, name). */
+  spec: unknown;
+  /** Latest progress/metrics as the worker reports them. */
+  progress: unknown;
+  error: string | null;
+  interventionId: string | null;
+  attempts: number;
+  cancelRequested: boolean;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+export interface JobEvent {
+  seq: number;
+  jobId: string;
+  createdAt: string;
+  /** 'status' | 'metrics' | 'log' ... */
+  type: string;
+  data: unknown;
+}
+
+export interface Lease {
+  jobId: string;
+  workerId: string;
+  /** Epoch ms when the lease expires unless renewed. */
+  expiresAt: number;
+}
+
+export interface Store {
+  // tenants and keys
+  createTenant(name: string): Promise<Tenant>;
+  getTenant(id: string): Promise<Tenant | null>;
+  listTenants(page: PageRequest): Promise<Page<Tenant>>;
+  /** Stores a key by the hash of its secret; the secret itself is never stored. */
+  createApiKey(tenantId: string, secretHash: string): Promise<ApiKey>;
+  /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
+  findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null>;
+  revokeApiKey(id: string): Promise<boolean>;
+
+  // interventions
+  /** Creates one; with `replaceId`, replaces that one's files in place (same id, version + 1). */
+  putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta>;
+  /** An intervention the tenant can see (its own or shared), by id or by name. */
+  findIntervention(tenantId: string | null, idOrName: string): Promise<InterventionMeta | null>;
+  listInterventions(tenantId: string | null, page: PageRequest): Promise<Page<InterventionMeta>>;
+  readInterventionFiles(id: string): Promise<InterventionFiles | null>;
+  /** Deletes the tenant's own intervention (shared ones only with tenantId null). */
+  deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
+  usage(tenantId: string): Promise<Usage>;
+
+  // training data files
+  putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<StoredFile>;
+  getFile(tenantId: string, id: string): Promise<StoredFile | null>;
+  readFile(tenantId: string, id: string): Promise<Uint8Array | null>;
+  listFiles(tenantId: string, page: PageRequest): Promise<Page<StoredFile>>;
+  deleteFile(tenantId: string, id: string): Promise<boolean>;
+
+  // training jobs
+  createJob(tenantId: string, spec: unknown): Promise<Job>;
+  getJob(tenantId: string | null, id: string): Promise<Job | null>;
+  listJobs(tenantId: string, page: PageRequest): Promise<Page<Job>>;
+  /** Marks a job for cancellation; a queued job is cancelled at once. Returns the job. */
+  requestCancel(tenantId: string, id: string): Promise<Job | null>;
+  /** Atomically takes the oldest queued job (or one whose lease expired) for `workerId`. */
+  claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: Job; lease: Lease } | null>;
+  /** Extends a lease; false if the worker no longer holds it (expired and re-claimed). */
+  renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean>;
+  updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean>;
+  appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent>;
+  listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<JobEvent[]>;
+  saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean>;
+  loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
+  /** Ends a job held by `workerId`: succeeded (with its intervention), failed or cancelled. */
+  finishJob(
+    jobId: string,
+    workerId: string,
+    outcome: { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' },
+  ): Promise<boolean>;
+
+  /** Called when an intervention is deleted or replaced (by any process sharing the store). */
+  onInterventionChanged(listener: (id: string) => void): () => void;
+  /** Called when a job is queued (wakes idle workers). */
+  onJobQueued(listener: () => void): () => void;
+  close(): Promise<void>;
+}
