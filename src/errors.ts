@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'unauthorized'
   | 'forbidden'
   | 'payload_too_large'
+  | 'unsupported_media_type'
   | 'rate_limited'
   | 'overloaded'
   | 'unavailable'
@@ -32,6 +33,7 @@ const STATUS: Record<ErrorCode, number> = {
   unauthorized: 401,
   forbidden: 403,
   payload_too_large: 413,
+  unsupported_media_type: 415,
   rate_limited: 429,
   overloaded: 503,
   unavailable: 503,

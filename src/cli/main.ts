@@ -1,6 +1,8 @@
 import { Command } from 'commander';
 import { ReftError } from '../errors.ts';
 import { generateCommand } from './generate.ts';
+import { openapiCommand } from './openapi.ts';
+import { serveCommand } from './serve.ts';
 
 // Libraries' chatter (@huggingface/hub announces each download with console.debug) belongs on
 // stderr: stdout carries only what a command outputs (a continuation, JSON logs).
@@ -10,7 +12,9 @@ const program = new Command('reft-server')
   .description('Serve and train ReFT interventions on a frozen language model')
   .showHelpAfterError();
 
+program.addCommand(serveCommand());
 program.addCommand(generateCommand());
+program.addCommand(openapiCommand());
 
 try {
   await program.parseAsync(process.argv);

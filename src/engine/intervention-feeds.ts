@@ -31,15 +31,20 @@ export function interventionFeeds(rows: readonly PrefillRow[], seq: number, numL
 function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: number): LayerInterventionFeed {
   // Distinct interventions on this layer (rows sharing an adapter share its columns), and
   // for each flattened token the intervention indices that apply there.
-  const columns = new Map<LowRankIntervention, number>();
+  const columns = new Map<LowRankIntervention | string, number>();
+  const ivs: LowRankIntervention[] = [];
   const byToken = new Map<number, number[]>();
   rows.forEach((row, b) => {
     for (const iv of row.interventions) {
       if (iv.layer !== layer) continue;
       const positions = positionsFor(iv.positions, row.length);
       if (positions.length === 0) continue;
-      if (!columns.has(iv)) columns.set(iv, columns.size);
-      const index = columns.get(iv)!;
+      const id = iv.key ?? iv;
+      if (!columns.has(id)) {
+        columns.set(id, ivs.length);
+        ivs.push(iv);
+      }
+      const index = columns.get(id)!;
       for (const p of positions) {
         const token = b * seq + p;
         const list = byToken.get(token);
@@ -48,7 +53,6 @@ function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: n
       }
     }
   });
-  const ivs = [...columns.keys()];
   const offsets: number[] = [];
   let r = 0;
   for (const iv of ivs) {

@@ -59,6 +59,8 @@ export interface InterventionSpec {
 
 /** One intervention ready for the engine: delta = (h·downᵀ + bias)·up at `positions`. */
 export interface LowRankIntervention extends InterventionSpec {
+  /** Identity across copies (e.g. `<id>@<version>#<index>`): rows of one batch using the same key share its rank columns. */
+  key?: string;
   down: Float32Array; // [rank, d]
   bias: Float32Array; // [rank]
   up: Float32Array; // [rank, d]

@@ -1,0 +1,104 @@
+import { join } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
+import { startServer } from '../server/serve.ts';
+import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
+import { openSqliteStore } from '../storage/sqlite-store.ts';
+import { cacheDir } from '../settings.ts';
+import { modelDir, modelOption } from './model-option.ts';
+
+const int = (name: string, min = 0) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
+  return n;
+};
+
+export const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
+
+interface ServeFlags {
+  model: string;
+  host: string;
+  port: number;
+  dataDir: string;
+  interventionsDir: string;
+  maxBatchSize: number;
+  maxTokensInFlight: number;
+  maxQueue: number;
+  tenantMaxConcurrent: number;
+  tenantMaxInterventions: number;
+  tenantMaxBytes: number;
+  adapterCacheBytes: number;
+  maxBodyBytes: number;
+  maxUploadBytes: number;
+  shutdownTimeout: number;
+  threads?: number;
+  logLevel: string;
+}
+
+export function serveCommand(): Command {
+  const opt = (flags: string, description: string, env: string, parse?: (v: string) => number, def?: unknown) => {
+    const o = new Option(flags, description).env(env);
+    if (parse) o.argParser(parse);
+    if (def !== undefined) o.default(def);
+    return o;
+  };
+  return new Command('serve')
+    .description('run the HTTP server (REFT_ADMIN_KEY turns on multi-tenant API keys)')
+    .addOption(modelOption())
+    .addOption(opt('--host <host>', 'address to listen on', 'REFT_HOST', undefined, '127.0.0.1'))
+    .addOption(opt('--port <port>', 'port to listen on (0: any free port)', 'REFT_PORT', int('--port'), 8080))
+    .addOption(opt('--data-dir <dir>', 'where the embedded store keeps its SQLite file and weight files', 'REFT_DATA_DIR', undefined, './data'))
+    .addOption(opt('--interventions-dir <dir>', 'artifact folders registered at start as shared interventions', 'REFT_INTERVENTIONS_DIR', undefined, join(PACKAGE_ROOT, 'interventions')))
+    .addOption(opt('--max-batch-size <n>', 'sequences decoded together at most', 'REFT_MAX_BATCH_SIZE', int('--max-batch-size', 1), DEFAULT_LIMITS.maxBatchSize))
+    .addOption(opt('--max-tokens-in-flight <n>', 'bound on prompt + max_new_tokens over running sequences', 'REFT_MAX_TOKENS_IN_FLIGHT', int('--max-tokens-in-flight', 1), DEFAULT_LIMITS.maxTokensInFlight))
+    .addOption(opt('--max-queue <n>', 'waiting requests before new ones get 503', 'REFT_MAX_QUEUE', int('--max-queue', 0), DEFAULT_LIMITS.maxQueue))
+    .addOption(opt('--tenant-max-concurrent <n>', 'concurrent generations per tenant', 'REFT_TENANT_MAX_CONCURRENT', int('--tenant-max-concurrent', 1), DEFAULT_TENANT_LIMITS.maxConcurrentRequests))
+    .addOption(opt('--tenant-max-interventions <n>', 'stored interventions per tenant', 'REFT_TENANT_MAX_INTERVENTIONS', int('--tenant-max-interventions', 0), DEFAULT_TENANT_LIMITS.maxInterventions))
+    .addOption(opt('--tenant-max-bytes <n>', 'stored intervention bytes per tenant', 'REFT_TENANT_MAX_BYTES', int('--tenant-max-bytes', 0), DEFAULT_TENANT_LIMITS.maxInterventionBytes))
+    .addOption(opt('--adapter-cache-bytes <n>', 'memory for parsed interventions (LRU)', 'REFT_ADAPTER_CACHE_BYTES', int('--adapter-cache-bytes', 1), 512 * 1024 ** 2))
+    .addOption(opt('--max-body-bytes <n>', 'largest JSON request body', 'REFT_MAX_BODY_BYTES', int('--max-body-bytes', 1024), 8 * 1024 ** 2))
+    .addOption(opt('--max-upload-bytes <n>', 'largest uploaded file', 'REFT_MAX_UPLOAD_BYTES', int('--max-upload-bytes', 1024), 64 * 1024 ** 2))
+    .addOption(opt('--shutdown-timeout <ms>', 'on SIGTERM, how long in-flight generations may take to finish', 'REFT_SHUTDOWN_TIMEOUT_MS', int('--shutdown-timeout', 0), 30_000))
+    .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
+    .addOption(opt('--log-level <level>', 'pino log level', 'REFT_LOG_LEVEL', undefined, 'info'))
+    .action(runServe);
+}
+
+async function runServe(f: ServeFlags): Promise<void> {
+  const server = await startServer({
+    resolveModel: () => modelDir(f.model),
+    modelName: f.model,
+    host: f.host,
+    port: f.port,
+    openStore: () => openSqliteStore(f.dataDir),
+    adminKey: process.env.REFT_ADMIN_KEY || null,
+    cacheDir: cacheDir(),
+    sharedInterventionsDir: f.interventionsDir,
+    tenantLimits: { maxConcurrentRequests: f.tenantMaxConcurrent, maxInterventions: f.tenantMaxInterventions, maxInterventionBytes: f.tenantMaxBytes },
+    engineLimits: { ...DEFAULT_LIMITS, maxBatchSize: f.maxBatchSize, maxTokensInFlight: f.maxTokensInFlight, maxQueue: f.maxQueue },
+    adapterCacheBytes: f.adapterCacheBytes,
+    bodyLimit: f.maxBodyBytes,
+    uploadLimit: f.maxUploadBytes,
+    shutdownTimeoutMs: f.shutdownTimeout,
+    logLevel: f.logLevel,
+    threads: f.threads,
+  });
+  const stop = (signal: string) => {
+    server.shutdown(signal).then(
+      () => process.exit(0),
+      (err) => {
+        server.app.log.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+  server.ready.catch(async (err) => {
+    // A server that can't load its model can't serve: say why in one line and exit non-zero
+    // so a supervisor notices, rather than staying up and answering 503 forever.
+    process.stderr.write(`reft-server: ${err instanceof Error ? err.message : String(err)}\n`);
+    await server.shutdown('model failed to load').catch(() => {});
+    process.exit(1);
+  });
+}

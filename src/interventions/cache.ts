@@ -1,0 +1,77 @@
+import { LRUCache } from 'lru-cache';
+import { ReftError } from '../errors.ts';
+import type { Store } from '../storage/store.ts';
+import { parseArtifact, type BaseModelShape, type LowRankIntervention } from './artifact.ts';
+
+/**
+ * Parsed interventions, loaded on first use and kept in an LRU bounded in bytes. Entries are
+ * keyed by id and version, and `invalidate` drops an id when it is deleted or replaced. The
+ * factors live in SharedArrayBuffers so handing them to the engine thread copies nothing.
+ */
+export interface ResolvedIntervention {
+  id: string;
+  version: number;
+  interventions: LowRankIntervention[];
+}
+
+export class InterventionCache {
+  private readonly lru: LRUCache<string, ResolvedIntervention>;
+  hits = 0;
+  misses = 0;
+
+  constructor(
+    private readonly store: Store,
+    private readonly base: BaseModelShape,
+    maxBytes: number,
+    private readonly onLookup: (hit: boolean) => void = () => {},
+  ) {
+    this.lru = new LRUCache({
+      maxSize: maxBytes,
+      sizeCalculation: (v) => Math.max(1, v.interventions.reduce((s, iv) => s + 4 * (iv.down.length + iv.bias.length + iv.up.length), 0)),
+    });
+  }
+
+  /** The intervention `idOrName` as `tenantId` sees it, or a 404 that doesn't say whose it is. */
+  async resolve(tenantId: string | null, idOrName: string): Promise<ResolvedIntervention> {
+    const meta = await this.store.findIntervention(tenantId, idOrName);
+    if (!meta) throw new ReftError('not_found', `no intervention "${idOrName}"`, 'adapter');
+    const cached = this.lru.get(meta.id);
+    if (cached && cached.version === meta.version) {
+      this.hits++;
+      this.onLookup(true);
+      return cached;
+    }
+    this.misses++;
+    this.onLookup(false);
+    const files = await this.store.readInterventionFiles(meta.id);
+    if (!files) throw new ReftError('not_found', `no intervention "${idOrName}"`, 'adapter');
+    const artifact = parseArtifact(files.config, files.weights, this.base);
+    const resolved: ResolvedIntervention = {
+      id: meta.id,
+      version: meta.version,
+      interventions: artifact.interventions.map((iv, i) => ({
+        ...iv,
+        key: `${meta.id}@${meta.version}#${i}`,
+        down: shared(iv.down),
+        bias: shared(iv.bias),
+        up: shared(iv.up),
+      })),
+    };
+    this.lru.set(meta.id, resolved);
+    return resolved;
+  }
+
+  invalidate(id: string): void {
+    this.lru.delete(id);
+  }
+
+  get byteSize(): number {
+    return this.lru.calculatedSize;
+  }
+}
+
+function shared(a: Float32Array): Float32Array {
+  const out = new Float32Array(new SharedArrayBuffer(a.byteLength));
+  out.set(a);
+  return out;
+}

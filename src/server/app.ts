@@ -1,0 +1,89 @@
+import multipart from '@fastify/multipart';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
+import type { EngineStats } from '../engine/protocol.ts';
+import type { Store, Tenant } from '../storage/store.ts';
+import { registerAuth } from './auth.ts';
+import { ServerMetrics } from './metrics.ts';
+import { registerProblemHandlers } from './problem.ts';
+import { adminRoutes } from './routes/admin.ts';
+import { generateRoutes } from './routes/generate.ts';
+import { healthRoutes } from './routes/health.ts';
+import { interventionRoutes } from './routes/interventions.ts';
+import { openaiRoutes } from './routes/openai.ts';
+import { GenerationService, notReady, type ModelRuntime } from './runtime.ts';
+import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
+
+/**
+ * The HTTP application: plugins and routes over the store and the model runtime. The runtime
+ * arrives once the model is loaded; until then health routes answer and the rest get 503.
+ */
+export interface AppOptions {
+  store: Store;
+  adminKey: string | null;
+  defaultTenant: Tenant;
+  tenantLimits: TenantLimits;
+  /** Largest JSON body (bytes). */
+  bodyLimit: number;
+  /** Largest uploaded file (bytes). */
+  uploadLimit: number;
+  /** A pino logger, or null for none. */
+  logger: FastifyBaseLogger | null;
+  runtime: () => ModelRuntime | null;
+  /** Why the server isn't ready (draining, loading), or null when ready. */
+  notReadyReason: () => string | null;
+}
+
+export const API_VERSION = '0.1.0';
+
+export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance; metrics: ServerMetrics }> {
+  const app = Fastify({
+    ...(opts.logger ? { loggerInstance: opts.logger } : { logger: false }),
+    bodyLimit: opts.bodyLimit,
+    // ids in logs let an operator follow one request across lines
+    requestIdHeader: 'x-request-id',
+    genReqId: () => crypto.randomUUID(),
+    ajv: { customOptions: { coerceTypes: false } },
+  });
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+
+  const runtime = (): ModelRuntime => {
+    const rt = opts.runtime();
+    if (!rt) throw notReady();
+    return rt;
+  };
+  const metrics = new ServerMetrics(async (): Promise<EngineStats | null> => opts.runtime()?.engine.stats() ?? null);
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: { title: 'reft-server', version: API_VERSION, description: 'Serve and train ReFT interventions on a frozen language model.' },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      security: [{ bearer: [] }],
+    },
+    transform: jsonSchemaTransform,
+  });
+  await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { docExpansion: 'list' } });
+  app.addHook('onRoute', (route) => {
+    if (route.url.startsWith('/docs')) route.config = { ...(route.config ?? {}), auth: 'none' };
+  });
+  await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 64, fields: 16, fieldSize: 1024 * 1024, parts: 80 } });
+
+  registerProblemHandlers(app);
+  registerAuth(app, { store: opts.store, adminKey: opts.adminKey, defaultTenant: opts.defaultTenant });
+  metrics.register(app);
+
+  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics);
+  healthRoutes(app, metrics, () => {
+    const reason = opts.notReadyReason();
+    return { ready: reason === null, reason: reason ?? 'ok' };
+  });
+  generateRoutes(app, service);
+  openaiRoutes(app, service, opts.store);
+  interventionRoutes(app, { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits });
+  adminRoutes(app, opts.store);
+  return { app, metrics };
+}

@@ -1,0 +1,91 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
+import { ReftError, type ErrorCode } from '../errors.ts';
+
+/**
+ * RFC 9457 problem details for every error the server sends: typed ReftErrors keep their code
+ * and field; fastify's own errors (validation, body limits, bad JSON) are mapped; anything else
+ * is a 500 whose details stay in the log, never in the response.
+ */
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail: string;
+  code: ErrorCode;
+  field?: string;
+  instance?: string;
+}
+
+const TITLES: Record<number, string> = {
+  400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
+  409: 'Conflict', 413: 'Content Too Large', 415: 'Unsupported Media Type', 429: 'Too Many Requests',
+  500: 'Internal Server Error', 503: 'Service Unavailable',
+};
+
+export function problemOf(err: ReftError, instance?: string): Problem {
+  return {
+    type: `https://reft-server.dev/problems/${err.code.replaceAll('_', '-')}`,
+    title: TITLES[err.status] ?? 'Error',
+    status: err.status,
+    detail: err.message,
+    code: err.code,
+    ...(err.field ? { field: err.field } : {}),
+    ...(instance ? { instance } : {}),
+  };
+}
+
+export function sendProblem(reply: FastifyReply, err: ReftError, instance?: string): FastifyReply {
+  if (err.retryAfterSeconds !== undefined) reply.header('retry-after', String(Math.ceil(err.retryAfterSeconds)));
+  return reply.status(err.status).type('application/problem+json').send(problemOf(err, instance));
+}
+
+/** Maps anything thrown in a handler to a ReftError. */
+export function toReftError(err: unknown): ReftError {
+  if (err instanceof ReftError) return err;
+  const e = err as FastifyError & { statusCode?: number };
+  if (hasZodFastifySchemaValidationErrors(e)) {
+    const issue = e.validation[0];
+    const where = e.validationContext ?? 'body';
+    const path = (issue.instancePath ?? '').replace(/^\//, '').replaceAll('/', '.');
+    const params = issue.params as { keys?: string[] };
+    const unknownKey = issue.keyword === 'unrecognized_keys' ? params?.keys?.[0] : undefined;
+    const field = [path, unknownKey].filter(Boolean).join('.') || where;
+    const message = unknownKey ? `unknown field "${unknownKey}"` : issue.message ?? 'is invalid';
+    return new ReftError('invalid_request', `${where === 'body' ? '' : `${where} `}${field}: ${message}`, field);
+  }
+  switch (e.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+    case 'FST_REQ_FILE_TOO_LARGE':
+    case 'FST_PARTS_LIMIT':
+    case 'FST_FILES_LIMIT':
+    case 'FST_FIELDS_LIMIT':
+      return new ReftError('payload_too_large', `request body too large: ${e.message}`);
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return new ReftError('unsupported_media_type', e.message, 'content-type');
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+      return new ReftError('invalid_request', 'the JSON body is empty', 'body');
+    case 'FST_INVALID_MULTIPART_CONTENT_TYPE':
+      return new ReftError('invalid_request', 'expected a multipart/form-data body', 'content-type');
+  }
+  if (e instanceof SyntaxError || e.code === 'FST_ERR_CTP_INVALID_JSON_BODY') {
+    return new ReftError('invalid_request', `the body is not valid JSON: ${e.message}`, 'body');
+  }
+  if (e.statusCode === 404) return new ReftError('not_found', e.message);
+  if (e.statusCode === 413) return new ReftError('payload_too_large', e.message);
+  if (e.statusCode === 415) return new ReftError('unsupported_media_type', e.message);
+  if (e.statusCode && e.statusCode >= 400 && e.statusCode < 500) return new ReftError('invalid_request', e.message);
+  return new ReftError('internal', 'internal server error');
+}
+
+export function registerProblemHandlers(app: FastifyInstance): void {
+  app.setErrorHandler((err, request: FastifyRequest, reply) => {
+    const problem = toReftError(err);
+    if (problem.status >= 500 && problem.code === 'internal') request.log.error({ err }, 'request failed');
+    else request.log.info({ code: problem.code, field: problem.field }, problem.message);
+    return sendProblem(reply, problem, request.url);
+  });
+  app.setNotFoundHandler((request, reply) =>
+    sendProblem(reply, new ReftError('not_found', `no route ${request.method} ${request.url.split('?')[0]}`), request.url),
+  );
+}

@@ -1,0 +1,97 @@
+import type { FastifyInstance, FastifyReply } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { GenerationResult } from '../../engine/generation.ts';
+import { inputFields, samplingFields } from '../../engine/options.ts';
+import type { TextTokenizer } from '../../model/tokenizer.ts';
+import { problemOf, toReftError } from '../problem.ts';
+import type { GenerationService, PreparedGeneration } from '../runtime.ts';
+import { SseStream } from '../sse.ts';
+import { problemSchema } from './schemas.ts';
+
+const generateBody = z.strictObject({
+  adapter: z.string().min(1).max(200).nullable().optional().describe('intervention id or name; omit (or the base model name) for the base model'),
+  ...inputFields,
+  ...samplingFields,
+  stream: z.boolean().default(false).describe('stream tokens as server-sent events'),
+});
+
+const logprobSchema = z.object({
+  token_id: z.number().int(),
+  text: z.string(),
+  logprob: z.number(),
+  top_logprobs: z.array(z.object({ token_id: z.number().int(), text: z.string(), logprob: z.number() })).optional(),
+});
+
+const generateResponse = z.object({
+  id: z.string(),
+  adapter: z.string().nullable(),
+  text: z.string(),
+  token_ids: z.array(z.number().int()),
+  finish_reason: z.enum(['stop', 'length', 'cancelled']),
+  stop_reason: z.string().nullable(),
+  usage: z.object({ prompt_tokens: z.number().int(), completion_tokens: z.number().int(), total_tokens: z.number().int() }),
+  logprobs: z.array(logprobSchema).optional(),
+});
+
+export function generateResponseBody(p: PreparedGeneration, r: GenerationResult, tokenizer: TextTokenizer): z.infer<typeof generateResponse> {
+  const text = (id: number) => tokenizer.decode([id]);
+  return {
+    id: p.id,
+    adapter: p.adapter,
+    text: r.text,
+    token_ids: r.tokens,
+    finish_reason: r.finishReason,
+    stop_reason: r.stoppedBy ?? null,
+    usage: { prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length },
+    ...(r.logprobs
+      ? {
+          logprobs: r.logprobs.map((lp) => ({
+            token_id: lp.token,
+            text: text(lp.token),
+            logprob: lp.logprob,
+            ...(lp.top ? { top_logprobs: lp.top.map((t) => ({ token_id: t.token, text: text(t.token), logprob: t.logprob })) } : {}),
+          })),
+        }
+      : {}),
+  };
+}
+
+/** Aborts when the client closes the connection before the response is sent. */
+export function disconnectSignal(reply: FastifyReply): AbortSignal {
+  const controller = new AbortController();
+  reply.raw.on('close', () => {
+    if (!reply.raw.writableFinished) controller.abort();
+  });
+  return controller.signal;
+}
+
+export function generateRoutes(app: FastifyInstance, service: GenerationService): void {
+  app.withTypeProvider<ZodTypeProvider>().post('/v1/generate', {
+    schema: {
+      summary: 'Generate with an optional intervention',
+      tags: ['generation'],
+      body: generateBody,
+      response: { 200: generateResponse, '4xx': problemSchema, '5xx': problemSchema },
+    },
+  }, async (request, reply) => {
+    const { adapter, stream, ...input } = request.body;
+    const prepared = await service.prepare(request.tenant, adapter, input);
+    const tokenizer = service.model.tokenizer;
+    if (!stream) {
+      const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
+      return generateResponseBody(prepared, result, tokenizer);
+    }
+    const sse = new SseStream(request, reply);
+    try {
+      const result = await service.run(request.tenant, prepared, {
+        signal: sse.signal,
+        onToken: (e) => sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
+      });
+      sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
+    } catch (err) {
+      sse.send({ type: 'error', error: problemOf(toReftError(err)) });
+    }
+    sse.end();
+  });
+}

@@ -1,0 +1,204 @@
+import { createHash } from 'node:crypto';
+import '@fastify/multipart';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import { ReftError, invalidRequest } from '../../errors.ts';
+import { parseArtifact, type BaseModelShape } from '../../interventions/artifact.ts';
+import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
+import type { InterventionMeta, Store } from '../../storage/store.ts';
+import type { TenantLimits } from '../tenant-limits.ts';
+import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+
+/**
+ * Upload, list, read, download and delete interventions. An upload is validated completely
+ * against the base model before anything is stored, and the store writes it atomically.
+ */
+export const interventionSchema = z.object({
+  id: z.string(),
+  object: z.literal('intervention'),
+  name: z.string(),
+  description: z.string().nullable(),
+  shared: z.boolean(),
+  source: z.string(),
+  version: z.number().int(),
+  bytes: z.number().int(),
+  sha256: z.string(),
+  config: z.unknown(),
+  created_at: z.string(),
+  updated_at: z.string(),
+});
+
+export function interventionBody(m: InterventionMeta): z.infer<typeof interventionSchema> {
+  return {
+    id: m.id, object: 'intervention', name: m.name, description: m.description, shared: m.tenantId === null, source: m.source,
+    version: m.version, bytes: m.bytes, sha256: m.sha256, config: m.config, created_at: m.createdAt, updated_at: m.updatedAt,
+  };
+}
+
+export const nameSchema = idParam.describe('intervention name: letters, digits, "_", "." or "-"');
+
+export interface UploadParts {
+  files: Map<string, { filename: string; bytes: Uint8Array }[]>;
+  fields: Map<string, string>;
+}
+
+/** Reads a multipart body into memory (the multipart plugin enforces the size limits). */
+export async function readMultipart(request: FastifyRequest): Promise<UploadParts> {
+  if (!request.isMultipart()) throw new ReftError('unsupported_media_type', 'expected a multipart/form-data body', 'content-type');
+  const files = new Map<string, { filename: string; bytes: Uint8Array }[]>();
+  const fields = new Map<string, string>();
+  for await (const part of request.parts()) {
+    if (part.type === 'file') {
+      const bytes = new Uint8Array(await part.toBuffer());
+      const list = files.get(part.fieldname) ?? [];
+      list.push({ filename: part.filename, bytes });
+      files.set(part.fieldname, list);
+    } else {
+      if (fields.has(part.fieldname)) throw invalidRequest(`field "${part.fieldname}" is given twice`, part.fieldname);
+      fields.set(part.fieldname, String(part.value));
+    }
+  }
+  return { files, fields };
+}
+
+/** A part given either as a file or as a plain field. */
+function onePart(parts: UploadParts, name: string, required: true): Uint8Array;
+function onePart(parts: UploadParts, name: string, required: false): Uint8Array | undefined;
+function onePart(parts: UploadParts, name: string, required: boolean): Uint8Array | undefined {
+  const files = parts.files.get(name) ?? [];
+  const field = parts.fields.get(name);
+  if (files.length + (field === undefined ? 0 : 1) > 1) throw invalidRequest(`part "${name}" is given more than once`, name);
+  if (files.length) return files[0].bytes;
+  if (field !== undefined) return new TextEncoder().encode(field);
+  if (required) throw invalidRequest(`missing part "${name}"`, name);
+  return undefined;
+}
+
+export function checkKnownParts(parts: UploadParts, allowed: string[]): void {
+  for (const key of [...parts.files.keys(), ...parts.fields.keys()]) {
+    if (!allowed.includes(key)) throw invalidRequest(`unknown part "${key}" (expected ${allowed.join(', ')})`, key);
+  }
+}
+
+export function parseName(raw: string | undefined, fallback: string | undefined, field = 'name'): string {
+  const name = raw ?? fallback ?? `intervention-${Date.now().toString(36)}`;
+  const ok = nameSchema.safeParse(name);
+  if (!ok.success) throw invalidRequest(`${field}: ${ok.error.issues[0].message}`, field);
+  return name;
+}
+
+export function parseBool(raw: string | undefined, field: string, fallback: boolean): boolean {
+  if (raw === undefined) return fallback;
+  if (raw === 'true') return true;
+  if (raw === 'false') return false;
+  throw invalidRequest(`${field} must be "true" or "false"`, field);
+}
+
+export interface InterventionRouteDeps {
+  store: Store;
+  base: () => BaseModelShape;
+  limits: TenantLimits;
+}
+
+/** Stores a validated artifact for a tenant: quota checks, name conflicts, replacement. */
+export async function storeArtifact(
+  deps: InterventionRouteDeps,
+  tenantId: string,
+  files: { config: Uint8Array; weights: Uint8Array },
+  opts: { name?: string; description?: string; replace: boolean; source: 'upload' | 'import' },
+): Promise<{ meta: InterventionMeta; created: boolean }> {
+  const artifact = parseArtifact(files.config, files.weights, deps.base());
+  const name = parseName(opts.name, artifact.config.name);
+  const existing = await deps.store.findIntervention(tenantId, name);
+  const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
+  if (replaceId && !opts.replace) throw new ReftError('conflict', `an intervention named "${name}" exists; pass replace=true to replace it`, 'name');
+  const usage = await deps.store.usage(tenantId);
+  const bytes = files.config.byteLength + files.weights.byteLength;
+  const freed = replaceId ? existing!.bytes : 0;
+  if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {
+    throw new ReftError('rate_limited', `this tenant already stores ${usage.interventions} interventions (limit ${deps.limits.maxInterventions})`, 'weights', 60);
+  }
+  if (usage.bytes - freed + bytes > deps.limits.maxInterventionBytes) {
+    throw new ReftError('rate_limited', `storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`, 'weights', 60);
+  }
+  const meta = await deps.store.putIntervention(
+    { tenantId, name, description: opts.description ?? artifact.config.description ?? null, source: opts.source, config: artifact.config, files },
+    replaceId,
+  );
+  return { meta, created: !replaceId };
+}
+
+export function interventionRoutes(app: FastifyInstance, deps: InterventionRouteDeps): void {
+  const r = app.withTypeProvider<ZodTypeProvider>();
+  const { store } = deps;
+  const params = z.strictObject({ id: idParam });
+
+  r.post('/v1/interventions', {
+    schema: {
+      summary: 'Upload an intervention (multipart: config = reft_config.json, weights = reft_weights.safetensors, optional name, description, replace)',
+      tags: ['interventions'],
+      consumes: ['multipart/form-data'],
+      response: { 200: interventionSchema, 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+    },
+  }, async (request, reply) => {
+    const parts = await readMultipart(request);
+    checkKnownParts(parts, ['config', 'weights', 'name', 'description', 'replace']);
+    const files = { config: onePart(parts, 'config', true), weights: onePart(parts, 'weights', true) };
+    const { meta, created } = await storeArtifact(deps, request.tenant.id, files, {
+      name: parts.fields.get('name'),
+      description: parts.fields.get('description'),
+      replace: parseBool(parts.fields.get('replace'), 'replace', false),
+      source: 'upload',
+    });
+    request.log.info({ intervention: meta.id, tenant: request.tenant.id, bytes: meta.bytes, replaced: !created }, 'intervention stored');
+    return reply.status(created ? 201 : 200).send(interventionBody(meta));
+  });
+
+  r.get('/v1/interventions', {
+    schema: { summary: 'List the interventions the caller can use', tags: ['interventions'], querystring: pageQuery, response: { 200: pageSchema(interventionSchema), '4xx': problemSchema } },
+  }, async (request) => {
+    const page = await store.listInterventions(request.tenant.id, request.query);
+    return { object: 'list' as const, data: page.data.map(interventionBody), has_more: page.nextCursor !== null, next_cursor: page.nextCursor };
+  });
+
+  r.get('/v1/interventions/:id', {
+    schema: { summary: 'An intervention by id or name', tags: ['interventions'], params, response: { 200: interventionSchema, '4xx': problemSchema } },
+  }, async (request) => {
+    const meta = await store.findIntervention(request.tenant.id, request.params.id);
+    if (!meta) throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+    return interventionBody(meta);
+  });
+
+  r.get('/v1/interventions/:id/files/:file', {
+    schema: {
+      summary: 'Download one of the two artifact files, byte-identical to what was stored',
+      tags: ['interventions'],
+      params: z.strictObject({ id: idParam, file: z.enum([CONFIG_FILE, WEIGHTS_FILE]) }),
+      response: { 200: z.any().describe('the file bytes'), '4xx': problemSchema },
+    },
+  }, async (request, reply) => {
+    const meta = await store.findIntervention(request.tenant.id, request.params.id);
+    const files = meta && (await store.readInterventionFiles(meta.id));
+    if (!meta || !files) throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+    const isConfig = request.params.file === CONFIG_FILE;
+    const bytes = isConfig ? files.config : files.weights;
+    return reply
+      .type(isConfig ? 'application/json' : 'application/octet-stream')
+      .header('content-disposition', `attachment; filename="${request.params.file}"`)
+      .header('etag', `"${createHash('sha256').update(bytes).digest('hex')}"`)
+      .send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+  });
+
+  r.delete('/v1/interventions/:id', {
+    schema: { summary: "Delete one of the caller's interventions", tags: ['interventions'], params, response: { 204: z.null(), '4xx': problemSchema } },
+  }, async (request, reply) => {
+    const meta = await store.findIntervention(request.tenant.id, request.params.id);
+    // Shared interventions are visible to every tenant but belong to none of them.
+    if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
+      throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+    }
+    request.log.info({ intervention: meta.id, tenant: request.tenant.id }, 'intervention deleted');
+    return reply.status(204).send(null);
+  });
+}

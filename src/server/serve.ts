@@ -1,0 +1,145 @@
+import { createHash } from 'node:crypto';
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { EngineClient } from '../engine/engine-client.ts';
+import type { SchedulerLimits } from '../engine/scheduler.ts';
+import { ReftError } from '../errors.ts';
+import { parseArtifact } from '../interventions/artifact.ts';
+import { InterventionCache } from '../interventions/cache.ts';
+import { readArtifactFiles } from '../interventions/directory.ts';
+import { loadModel } from '../model/load.ts';
+import type { Store, Tenant } from '../storage/store.ts';
+import { buildApp } from './app.ts';
+import { DEFAULT_TENANT_NAME } from './auth.ts';
+import type { ModelRuntime } from './runtime.ts';
+import type { TenantLimits } from './tenant-limits.ts';
+
+/** Everything `reft-server serve` is configured with (flags and REFT_* variables). */
+export interface ServeSettings {
+  /** Resolves the model spec to a local folder (downloading from the Hub when needed). */
+  resolveModel: () => Promise<string>;
+  modelName: string;
+  host: string;
+  port: number;
+  openStore: () => Promise<Store>;
+  adminKey: string | null;
+  cacheDir: string;
+  sharedInterventionsDir: string | null;
+  tenantLimits: TenantLimits;
+  engineLimits: SchedulerLimits;
+  adapterCacheBytes: number;
+  bodyLimit: number;
+  uploadLimit: number;
+  shutdownTimeoutMs: number;
+  logLevel: string;
+  threads?: number;
+}
+
+const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
+
+export interface RunningServer {
+  app: FastifyInstance;
+  url: string;
+  /** Resolves once the model is loaded (rejects if loading failed). */
+  ready: Promise<void>;
+  shutdown(reason: string): Promise<void>;
+}
+
+export async function startServer(s: ServeSettings): Promise<RunningServer> {
+  if (!s.adminKey && !LOOPBACK.has(s.host)) {
+    throw new ReftError('invalid_request', `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`, 'host');
+  }
+  const logger = pino({ level: s.logLevel });
+  const store = await s.openStore();
+  const defaultTenant = await ensureDefaultTenant(store);
+  let runtime: ModelRuntime | null = null;
+  let notReady: string | null = 'loading the model';
+
+  const { app, metrics } = await buildApp({
+    store,
+    adminKey: s.adminKey,
+    defaultTenant,
+    tenantLimits: s.tenantLimits,
+    bodyLimit: s.bodyLimit,
+    uploadLimit: s.uploadLimit,
+    logger,
+    runtime: () => runtime,
+    notReadyReason: () => notReady,
+  });
+  const url = await app.listen({ host: s.host, port: s.port });
+  app.log.info({ url, mode: s.adminKey ? 'multi-tenant' : 'single-tenant (open, loopback only)' }, 'listening');
+
+  const ready = (async () => {
+    const dir = await s.resolveModel();
+    const model = await loadModel(dir);
+    const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
+    const interventions = new InterventionCache(store, model.config, s.adapterCacheBytes, (hit) => metrics.adapterCache.inc({ result: hit ? 'hit' : 'miss' }));
+    store.onInterventionChanged((id) => interventions.invalidate(id));
+    if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
+    runtime = { name: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };
+    notReady = null;
+    app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize }, 'model ready');
+  })();
+  ready.catch((err) => {
+    notReady = `model failed to load: ${err instanceof Error ? err.message : String(err)}`;
+    app.log.error({ err }, 'model failed to load');
+  });
+
+  let stopping: Promise<void> | null = null;
+  const shutdown = (reason: string) =>
+    (stopping ??= (async () => {
+      app.log.info({ reason, timeoutMs: s.shutdownTimeoutMs }, 'shutting down: no new requests, finishing in-flight generations');
+      notReady = 'shutting down';
+      const timer = setTimeout(() => {
+        app.log.warn('shutdown timeout: cancelling the remaining generations');
+        void runtime?.engine.terminate();
+      }, s.shutdownTimeoutMs);
+      timer.unref();
+      await app.close();
+      clearTimeout(timer);
+      await runtime?.engine.close();
+      await store.close();
+      app.log.info('stopped');
+    })());
+  return { app, url, ready, shutdown };
+}
+
+async function ensureDefaultTenant(store: Store): Promise<Tenant> {
+  let after: string | undefined;
+  do {
+    const page = await store.listTenants({ limit: 100, after });
+    const found = page.data.find((t) => t.name === DEFAULT_TENANT_NAME);
+    if (found) return found;
+    after = page.nextCursor ?? undefined;
+  } while (after);
+  return store.createTenant(DEFAULT_TENANT_NAME);
+}
+
+/**
+ * Registers each `<dir>/<name>/` artifact as a shared intervention every tenant can use.
+ * Unchanged ones are left alone; changed ones are replaced; invalid ones are skipped with a
+ * warning (a bad file on disk must not keep the server down).
+ */
+export async function registerSharedInterventions(store: Store, dir: string, base: { hiddenSize: number; numLayers: number }, log: FastifyInstance['log']): Promise<void> {
+  let entries: string[];
+  try {
+    entries = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name).sort();
+  } catch {
+    return;
+  }
+  for (const name of entries) {
+    try {
+      const files = await readArtifactFiles(join(dir, name));
+      const artifact = parseArtifact(files.config, files.weights, base);
+      const sha = createHash('sha256').update(files.config).update(files.weights).digest('hex');
+      const existing = await store.findIntervention(null, name);
+      if (existing && existing.sha256 === sha) continue;
+      await store.putIntervention({ tenantId: null, name, description: artifact.config.description ?? null, source: 'shared', config: artifact.config, files }, existing?.id);
+      log.info({ name }, existing ? 'shared intervention updated' : 'shared intervention registered');
+    } catch (err) {
+      log.warn({ name, err: err instanceof Error ? err.message : String(err) }, 'skipping shared intervention');
+    }
+  }
+}

@@ -1,0 +1,37 @@
+import { ReftError } from '../errors.ts';
+
+/** Per-tenant bounds a shared server enforces (answered with 429 and Retry-After). */
+export interface TenantLimits {
+  maxConcurrentRequests: number;
+  maxInterventions: number;
+  maxInterventionBytes: number;
+}
+
+export const DEFAULT_TENANT_LIMITS: TenantLimits = {
+  maxConcurrentRequests: 16,
+  maxInterventions: 1000,
+  maxInterventionBytes: 1024 ** 3,
+};
+
+/** Counts a tenant's generations in flight on this server process. */
+export class ConcurrencyLimiter {
+  private readonly active = new Map<string, number>();
+  constructor(private readonly max: number) {}
+
+  /** Takes a slot or throws 429; call the returned function exactly once to give it back. */
+  acquire(tenantId: string): () => void {
+    const n = this.active.get(tenantId) ?? 0;
+    if (n >= this.max) {
+      throw new ReftError('rate_limited', `too many concurrent requests for this tenant (limit ${this.max})`, undefined, 1);
+    }
+    this.active.set(tenantId, n + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.active.get(tenantId) ?? 1) - 1;
+      if (left <= 0) this.active.delete(tenantId);
+      else this.active.set(tenantId, left);
+    };
+  }
+}

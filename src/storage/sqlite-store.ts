@@ -1,0 +1,1092 @@
+import Database from 'better-sqlite3';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, statSync, unlinkSync } from 'node:fs';
+import { open, readFile, unlink } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { ReftError, invalidRequest, notFound } from '../errors.ts';
+import type {
+  ApiKey,
+  InterventionFiles,
+  InterventionMeta,
+  Job,
+  JobEvent,
+  JobStatus,
+  Lease,
+  NewIntervention,
+  Page,
+  PageRequest,
+  Store,
+  StoredFile,
+  Tenant,
+  Usage,
+} from './store.ts';
+
+/**
+ * The embedded Store: one SQLite database plus a directory of blob files, both under a data
+ * directory:
+ *
+ *   <dataDir>/reft.db   tables (WAL mode, so a training worker process can share the file)
+ *   <dataDir>/blobs/    intervention files, training data files, job checkpoints
+ *
+ * Choices this implementation makes where the Store contract leaves room (a PostgreSQL store
+ * should make the same ones):
+ * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
+ *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
+ * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
+ *   the row through a scoped method first.
+ * - `sha256` of an intervention is the digest of its config file's bytes followed by its weights
+ *   file's bytes (`cat reft_config.json reft_weights.safetensors | sha256sum`).
+ * - Pages, and the job queue, are in creation order: the order rows were inserted (a hidden
+ *   sequence number, exact even within one createdAt millisecond). An `after` cursor that names
+ *   no visible row (deleted, or another tenant's) is an invalid_request on field "after".
+ * - The store appends a 'status' event to a job's event stream for every status change it makes
+ *   (queued, running, failed, cancelled, succeeded), so followers see the whole life of a job;
+ *   workers append only their own 'metrics'/'log' events.
+ * - `claimJob` keeps a re-claimed job's first `startedAt`; a running job with cancelRequested
+ *   whose lease expired is cancelled by the next claim, not retried.
+ * - `revokeApiKey` returns true only when it revoked a live key.
+ * - `onInterventionChanged` and `onJobQueued` fire only in the process that made the change:
+ *   SQLite has no cross-process notifications. Workers poll `claimJob`, and caches key on
+ *   (id, version), which `findIntervention` always reads fresh.
+ *
+ * better-sqlite3 is synchronous: every statement runs on the calling thread. Writes are short
+ * (blob bytes are written and fsynced before the write transaction starts), but a busy database
+ * can make a call wait up to BUSY_TIMEOUT_MS for the other process's lock.
+ */
+
+/** How long a statement waits for another connection's write lock before failing. */
+const BUSY_TIMEOUT_MS = 10_000;
+/** A temp blob this old is abandoned whoever wrote it (covers writers in other pid namespaces). */
+const STALE_TEMP_MS = 60 * 60 * 1000;
+/** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
+const BLOB_READ_RETRIES = 3;
+
+/** Failure-injection points for tests (crash simulation); never set in production. */
+export type FaultPoint = 'blobs-written' | 'blobs-renamed';
+
+export interface SqliteStoreOptions {
+  /** Called at each FaultPoint of a blob write; a test can kill the process there. */
+  faultHook?: (point: FaultPoint) => void;
+}
+
+export async function openSqliteStore(dataDir: string, options: SqliteStoreOptions = {}): Promise<Store> {
+  return SqliteStore.open(dataDir, options);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema. Migrations are append-only: never edit one that has shipped, add the next version.
+// ---------------------------------------------------------------------------------------------
+
+interface Migration {
+  version: number;
+  name: string;
+  sql: string;
+}
+
+const MIGRATIONS: Migration[] = [
+  {
+    version: 1,
+    name: 'initial',
+    sql: `
+      -- Every listed table has 'seq INTEGER PRIMARY KEY' (SQLite's rowid, kept by VACUUM): it
+      -- numbers rows in insert order, which orders pages and the job queue exactly even when
+      -- two rows share a created_at millisecond. 'id' is the public key.
+      CREATE TABLE tenants (
+        seq        INTEGER PRIMARY KEY,
+        id         TEXT NOT NULL UNIQUE,
+        name       TEXT NOT NULL,
+        created_at TEXT NOT NULL
+      );
+
+      CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL REFERENCES tenants (id),
+        secret_hash TEXT NOT NULL UNIQUE,
+        created_at  TEXT NOT NULL,
+        revoked_at  TEXT
+      );
+
+      CREATE TABLE interventions (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        tenant_id    TEXT REFERENCES tenants (id),
+        name         TEXT NOT NULL,
+        description  TEXT,
+        source       TEXT NOT NULL,
+        config       TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        bytes        INTEGER NOT NULL,
+        sha256       TEXT NOT NULL,
+        config_blob  TEXT NOT NULL,
+        weights_blob TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL
+      );
+      -- One name per tenant, and one among shared rows: NULLs are distinct in a plain UNIQUE
+      -- index, so shared rows are indexed under ''.
+      CREATE UNIQUE INDEX interventions_name ON interventions (ifnull(tenant_id, ''), name);
+      CREATE INDEX interventions_tenant ON interventions (tenant_id, seq);
+
+      CREATE TABLE files (
+        seq        INTEGER PRIMARY KEY,
+        id         TEXT NOT NULL UNIQUE,
+        tenant_id  TEXT NOT NULL REFERENCES tenants (id),
+        filename   TEXT NOT NULL,
+        purpose    TEXT NOT NULL,
+        bytes      INTEGER NOT NULL,
+        blob       TEXT NOT NULL,
+        created_at TEXT NOT NULL
+      );
+      CREATE INDEX files_tenant ON files (tenant_id, seq);
+
+      CREATE TABLE jobs (
+        seq              INTEGER PRIMARY KEY,
+        id               TEXT NOT NULL UNIQUE,
+        tenant_id        TEXT NOT NULL REFERENCES tenants (id),
+        status           TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        spec             TEXT NOT NULL,
+        progress         TEXT NOT NULL,
+        error            TEXT,
+        intervention_id  TEXT REFERENCES interventions (id) ON DELETE SET NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at       TEXT NOT NULL,
+        started_at       TEXT,
+        finished_at      TEXT,
+        lease_worker     TEXT,
+        lease_expires_at INTEGER
+      );
+      CREATE INDEX jobs_tenant ON jobs (tenant_id, seq);
+      CREATE INDEX jobs_claimable ON jobs (seq) WHERE status IN ('queued', 'running');
+      CREATE INDEX jobs_intervention ON jobs (intervention_id);
+
+      CREATE TABLE job_events (
+        job_id     TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        seq        INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        type       TEXT NOT NULL,
+        data       TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+      );
+
+      CREATE TABLE checkpoints (
+        job_id     TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        step       INTEGER NOT NULL,
+        blob       TEXT NOT NULL,
+        bytes      INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+      );
+    `,
+  },
+];
+
+/** Every statement the store runs (named parameters are bound from objects). */
+const SQL = {
+  // tenants and keys
+  insertTenant: `INSERT INTO tenants (id, name, created_at) VALUES (:id, :name, :createdAt)`,
+  tenantById: `SELECT * FROM tenants WHERE id = :id`,
+  tenantCursor: `SELECT seq FROM tenants WHERE id = :after`,
+  tenantPage: `SELECT * FROM tenants WHERE seq > :afterSeq ORDER BY seq LIMIT :limit`,
+  insertKey: `
+    INSERT INTO api_keys (id, tenant_id, secret_hash, created_at)
+    VALUES (:id, :tenantId, :secretHash, :createdAt)`,
+  keyById: `SELECT * FROM api_keys WHERE id = :id`,
+  liveKeyByHash: `
+    SELECT k.*, t.name AS tenant_name, t.created_at AS tenant_created_at
+    FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+    WHERE k.secret_hash = :secretHash AND k.revoked_at IS NULL`,
+  revokeKey: `UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL`,
+
+  // interventions. `tenant_id IS :tenant` matches NULL to NULL, so a null tenant means "shared".
+  insertIntervention: `
+    INSERT INTO interventions (id, tenant_id, name, description, source, config, version, bytes, sha256,
+                               config_blob, weights_blob, created_at, updated_at)
+    VALUES (:id, :tenantId, :name, :description, :source, :config, 1, :bytes, :sha256,
+            :configBlob, :weightsBlob, :now, :now)`,
+  replaceIntervention: `
+    UPDATE interventions
+    SET name = :name, description = :description, source = :source, config = :config,
+        version = version + 1, bytes = :bytes, sha256 = :sha256,
+        config_blob = :configBlob, weights_blob = :weightsBlob, updated_at = :now
+    WHERE id = :id`,
+  interventionById: `SELECT * FROM interventions WHERE id = :id`,
+  ownIntervention: `SELECT * FROM interventions WHERE id = :id AND tenant_id IS :tenant`,
+  // An id match first, then the tenant's own name, then a shared name.
+  findIntervention: `
+    SELECT * FROM interventions
+    WHERE (tenant_id IS :tenant OR tenant_id IS NULL) AND (id = :key OR name = :key)
+    ORDER BY id = :key DESC, tenant_id IS NULL ASC
+    LIMIT 1`,
+  interventionCursor: `
+    SELECT seq FROM interventions WHERE id = :after AND (tenant_id IS :tenant OR tenant_id IS NULL)`,
+  interventionPage: `
+    SELECT * FROM interventions
+    WHERE (tenant_id IS :tenant OR tenant_id IS NULL) AND seq > :afterSeq
+    ORDER BY seq LIMIT :limit`,
+  deleteIntervention: `
+    DELETE FROM interventions WHERE id = :id AND tenant_id IS :tenant RETURNING config_blob, weights_blob`,
+  usage: `SELECT count(*) AS interventions, ifnull(sum(bytes), 0) AS bytes FROM interventions WHERE tenant_id = :tenant`,
+
+  // training data files
+  insertFile: `
+    INSERT INTO files (id, tenant_id, filename, purpose, bytes, blob, created_at)
+    VALUES (:id, :tenantId, :filename, :purpose, :bytes, :blob, :createdAt)`,
+  fileById: `SELECT * FROM files WHERE id = :id AND tenant_id = :tenant`,
+  fileCursor: `SELECT seq FROM files WHERE id = :after AND tenant_id = :tenant`,
+  filePage: `SELECT * FROM files WHERE tenant_id = :tenant AND seq > :afterSeq ORDER BY seq LIMIT :limit`,
+  deleteFile: `DELETE FROM files WHERE id = :id AND tenant_id = :tenant RETURNING blob`,
+
+  // jobs
+  insertJob: `
+    INSERT INTO jobs (id, tenant_id, status, spec, progress, created_at)
+    VALUES (:id, :tenantId, 'queued', :spec, 'null', :createdAt)`,
+  jobById: `SELECT * FROM jobs WHERE id = :id`,
+  // A null tenant is the worker or an administrator: any job.
+  scopedJob: `SELECT * FROM jobs WHERE id = :id AND (:tenant IS NULL OR tenant_id = :tenant)`,
+  jobCursor: `SELECT seq FROM jobs WHERE id = :after AND tenant_id = :tenant`,
+  jobPage: `SELECT * FROM jobs WHERE tenant_id = :tenant AND seq > :afterSeq ORDER BY seq LIMIT :limit`,
+  nextClaimable: `
+    SELECT * FROM jobs
+    WHERE status IN ('queued', 'running') AND (status = 'queued' OR lease_expires_at <= :now)
+    ORDER BY seq LIMIT 1`,
+  claimJob: `
+    UPDATE jobs
+    SET status = 'running', attempts = attempts + 1, started_at = ifnull(started_at, :startedAt),
+        lease_worker = :workerId, lease_expires_at = :expiresAt
+    WHERE id = :id`,
+  // Ends a job whatever holds it (claim-time give-ups, cancelling a queued job).
+  endJob: `
+    UPDATE jobs
+    SET status = :status, error = :error, finished_at = :finishedAt, lease_worker = NULL, lease_expires_at = NULL
+    WHERE id = :id`,
+  requestCancel: `UPDATE jobs SET cancel_requested = 1 WHERE id = :id`,
+  // The lease-holder guard shared by every worker write: the worker named holds an unexpired lease.
+  renewLease: `
+    UPDATE jobs SET lease_expires_at = :expiresAt
+    WHERE id = :id AND status = 'running' AND lease_worker = :workerId AND lease_expires_at > :now`,
+  updateProgress: `
+    UPDATE jobs SET progress = :progress
+    WHERE id = :id AND status = 'running' AND lease_worker = :workerId AND lease_expires_at > :now`,
+  finishJob: `
+    UPDATE jobs
+    SET status = :status, error = :error, intervention_id = :interventionId, finished_at = :finishedAt,
+        lease_worker = NULL, lease_expires_at = NULL
+    WHERE id = :id AND status = 'running' AND lease_worker = :workerId AND lease_expires_at > :now`,
+  leaseHeld: `
+    SELECT 1 FROM jobs
+    WHERE id = :id AND status = 'running' AND lease_worker = :workerId AND lease_expires_at > :now`,
+  insertEvent: `
+    INSERT INTO job_events (job_id, seq, created_at, type, data)
+    VALUES (:jobId, (SELECT ifnull(max(seq), 0) + 1 FROM job_events WHERE job_id = :jobId), :createdAt, :type, :data)
+    RETURNING *`,
+  eventsAfter: `SELECT * FROM job_events WHERE job_id = :jobId AND seq > :afterSeq ORDER BY seq LIMIT :limit`,
+  checkpointByJob: `SELECT * FROM checkpoints WHERE job_id = :jobId`,
+  upsertCheckpoint: `
+    INSERT INTO checkpoints (job_id, step, blob, bytes, created_at) VALUES (:jobId, :step, :blob, :bytes, :createdAt)
+    ON CONFLICT (job_id) DO UPDATE SET step = excluded.step, blob = excluded.blob, bytes = excluded.bytes,
+                                       created_at = excluded.created_at`,
+
+  // blob bookkeeping
+  referencedBlobs: `
+    SELECT config_blob AS name FROM interventions UNION ALL
+    SELECT weights_blob FROM interventions UNION ALL
+    SELECT blob FROM files UNION ALL
+    SELECT blob FROM checkpoints`,
+} as const;
+
+// ---------------------------------------------------------------------------------------------
+// Rows as SQLite returns them, and their mapping to the interface's types.
+// ---------------------------------------------------------------------------------------------
+
+interface TenantRow {
+  id: string;
+  name: string;
+  created_at: string;
+}
+
+interface KeyRow {
+  id: string;
+  tenant_id: string;
+  created_at: string;
+  revoked_at: string | null;
+}
+
+interface InterventionRow {
+  id: string;
+  tenant_id: string | null;
+  name: string;
+  description: string | null;
+  source: InterventionMeta['source'];
+  config: string;
+  version: number;
+  bytes: number;
+  sha256: string;
+  config_blob: string;
+  weights_blob: string;
+  created_at: string;
+  updated_at: string;
+}
+
+interface FileRow {
+  id: string;
+  tenant_id: string;
+  filename: string;
+  purpose: string;
+  bytes: number;
+  blob: string;
+  created_at: string;
+}
+
+interface JobRow {
+  id: string;
+  tenant_id: string;
+  status: JobStatus;
+  spec: string;
+  progress: string;
+  error: string | null;
+  intervention_id: string | null;
+  attempts: number;
+  cancel_requested: number;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  lease_worker: string | null;
+  lease_expires_at: number | null;
+}
+
+interface EventRow {
+  job_id: string;
+  seq: number;
+  created_at: string;
+  type: string;
+  data: string;
+}
+
+interface CheckpointRow {
+  job_id: string;
+  step: number;
+  blob: string;
+}
+
+const toTenant = (r: TenantRow): Tenant => ({ id: r.id, name: r.name, createdAt: r.created_at });
+
+const toKey = (r: KeyRow): ApiKey => ({ id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at });
+
+const toIntervention = (r: InterventionRow): InterventionMeta => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  name: r.name,
+  description: r.description,
+  source: r.source,
+  config: JSON.parse(r.config),
+  version: r.version,
+  bytes: r.bytes,
+  sha256: r.sha256,
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+});
+
+const toFile = (r: FileRow): StoredFile => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  filename: r.filename,
+  purpose: r.purpose,
+  bytes: r.bytes,
+  createdAt: r.created_at,
+});
+
+const toJob = (r: JobRow): Job => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  status: r.status,
+  spec: JSON.parse(r.spec),
+  progress: JSON.parse(r.progress),
+  error: r.error,
+  interventionId: r.intervention_id,
+  attempts: r.attempts,
+  cancelRequested: r.cancel_requested === 1,
+  createdAt: r.created_at,
+  startedAt: r.started_at,
+  finishedAt: r.finished_at,
+});
+
+const toEvent = (r: EventRow): JobEvent => ({
+  seq: r.seq,
+  jobId: r.job_id,
+  createdAt: r.created_at,
+  type: r.type,
+  data: JSON.parse(r.data),
+});
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+const ID_PREFIX = { tenant: 'ten_', key: 'key_', intervention: 'iv_', file: 'file_', job: 'job_' } as const;
+
+/** Prefix + 24 hex chars (96 random bits): safe in URLs and file names. */
+function newId(kind: keyof typeof ID_PREFIX): string {
+  return ID_PREFIX[kind] + randomBytes(12).toString('hex');
+}
+
+const isoNow = (): string => new Date().toISOString();
+
+/** JSON text for a JSON column; undefined is stored as null. */
+const json = (value: unknown): string => JSON.stringify(value ?? null);
+
+function interventionDigest(files: InterventionFiles): string {
+  return createHash('sha256').update(files.config).update(files.weights).digest('hex');
+}
+
+function sqliteCode(e: unknown): string | undefined {
+  return e instanceof Database.SqliteError ? e.code : undefined;
+}
+
+/** Runs a write that names a tenant: a missing tenant is a not_found on "tenantId". */
+function requireTenant<T>(tenantId: string | null, write: () => T): T {
+  try {
+    return write();
+  } catch (e) {
+    if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw notFound(`no tenant "${tenantId}"`, 'tenantId');
+    throw e;
+  }
+}
+
+function isMissing(e: unknown): boolean {
+  return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
+}
+
+function emit<A extends unknown[]>(listeners: Set<(...args: A) => void>, ...args: A): void {
+  for (const listener of [...listeners]) {
+    try {
+      listener(...args);
+    } catch (e) {
+      // A listener's bug must not fail the store call that already committed.
+      process.emitWarning(`store listener threw: ${(e as Error)?.message ?? e}`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blob files
+// ---------------------------------------------------------------------------------------------
+
+/** Temp files are named tmp~<host>~<pid>~<random> so a sweeper can tell whether the writer lives. */
+const TEMP_PREFIX = 'tmp~';
+/** Final blob names: <row id>.<random>.<kind>; anything else in blobs/ is left alone. */
+const FINAL_NAME = /^(iv|file|job)_[0-9a-f]{24}\.[0-9a-f]{8}\.(config|weights|data|ckpt)$/;
+
+function blobName(ownerId: string, kind: 'config' | 'weights' | 'data' | 'ckpt'): string {
+  return `${ownerId}.${randomBytes(4).toString('hex')}.${kind}`;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * The blobs/ directory. A blob is written whole to a temp file and fsynced, then renamed to its
+ * final name inside the write transaction that inserts the row naming it, so a final name is
+ * always either referenced by a committed row or an orphan of a crash, which `sweep` removes.
+ */
+class BlobDir {
+  constructor(readonly dir: string) {}
+
+  private path(name: string): string {
+    return join(this.dir, name);
+  }
+
+  /** Writes bytes to a new temp file, fsynced; returns its name. */
+  async writeTemp(bytes: Uint8Array): Promise<string> {
+    const name = `${TEMP_PREFIX}${hostname()}~${process.pid}~${randomBytes(8).toString('hex')}`;
+    const fh = await open(this.path(name), 'wx');
+    try {
+      await fh.writeFile(bytes);
+      await fh.sync();
+    } catch (e) {
+      await fh.close();
+      await this.discard([name]);
+      throw e;
+    }
+    await fh.close();
+    return name;
+  }
+
+  /** Gives a temp file its final name and makes the rename durable. Sync: runs inside a transaction. */
+  promote(temp: string, final: string): void {
+    renameSync(this.path(temp), this.path(final));
+    // Without this a power cut could keep the committed row but lose the rename.
+    const fd = openSync(this.dir, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  /** The blob's bytes, or null if it is gone. */
+  async read(name: string): Promise<Uint8Array | null> {
+    try {
+      const buf = await readFile(this.path(name));
+      return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
+    } catch (e) {
+      if (isMissing(e)) return null;
+      throw e;
+    }
+  }
+
+  async remove(names: string[]): Promise<void> {
+    await Promise.all(
+      names.map((n) =>
+        unlink(this.path(n)).catch((e) => {
+          if (!isMissing(e)) throw e;
+        }),
+      ),
+    );
+  }
+
+  /**
+   * Removes blobs no committed row names any more. Never throws: the caller's write has already
+   * committed (or already failed with its own error), and a file left behind is swept at open.
+   */
+  async discard(names: string[]): Promise<void> {
+    await this.remove(names).catch((e) => process.emitWarning(`could not remove unused blobs: ${(e as Error).message}`));
+  }
+
+  removeSync(names: string[]): void {
+    for (const n of names) {
+      try {
+        unlinkSync(this.path(n));
+      } catch (e) {
+        if (!isMissing(e)) throw e;
+      }
+    }
+  }
+
+  /**
+   * Removes what crashes leave behind: temp files whose writer is gone (or that are too old to
+   * be anyone's), and final blobs no row references. Sync: the caller holds the write lock, so
+   * no other process is between a rename and its commit.
+   */
+  sweep(referenced: Set<string>): void {
+    const now = Date.now();
+    for (const name of readdirSync(this.dir)) {
+      if (name.startsWith(TEMP_PREFIX)) {
+        if (this.abandonedTemp(name, now)) this.removeSync([name]);
+      } else if (FINAL_NAME.test(name) && !referenced.has(name)) {
+        this.removeSync([name]);
+      }
+    }
+  }
+
+  private abandonedTemp(name: string, now: number): boolean {
+    let mtimeMs: number;
+    try {
+      mtimeMs = statSync(this.path(name)).mtimeMs;
+    } catch (e) {
+      if (isMissing(e)) return false;
+      throw e;
+    }
+    if (now - mtimeMs > STALE_TEMP_MS) return true;
+    const [, host, pid] = name.split('~');
+    // A pid means something only on this host (and in this pid namespace, hence also the age rule).
+    return host === hostname() && !processAlive(Number(pid));
+  }
+}
+
+interface PendingBlob {
+  name: string;
+  bytes: Uint8Array;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------------------------
+
+export class SqliteStore implements Store {
+  private readonly statements = new Map<string, Database.Statement>();
+  private readonly interventionListeners = new Set<(id: string) => void>();
+  private readonly jobListeners = new Set<() => void>();
+
+  private constructor(
+    private readonly db: Database.Database,
+    private readonly blobs: BlobDir,
+    private readonly options: SqliteStoreOptions,
+  ) {}
+
+  /** Opens (creating if needed) the store under dataDir: migrates the schema, sweeps crash leftovers. */
+  static async open(dataDir: string, options: SqliteStoreOptions = {}): Promise<SqliteStore> {
+    const blobDir = join(dataDir, 'blobs');
+    mkdirSync(blobDir, { recursive: true });
+    const db = new Database(join(dataDir, 'reft.db'), { timeout: BUSY_TIMEOUT_MS });
+    try {
+      configure(db);
+      migrate(db);
+      const store = new SqliteStore(db, new BlobDir(blobDir), options);
+      store.sweepBlobs();
+      return store;
+    } catch (e) {
+      db.close();
+      throw e;
+    }
+  }
+
+  // --- tenants and keys ---------------------------------------------------------------------
+
+  async createTenant(name: string): Promise<Tenant> {
+    const row: TenantRow = { id: newId('tenant'), name, created_at: isoNow() };
+    this.run(SQL.insertTenant, { id: row.id, name, createdAt: row.created_at });
+    return toTenant(row);
+  }
+
+  async getTenant(id: string): Promise<Tenant | null> {
+    const row = this.get<TenantRow>(SQL.tenantById, { id });
+    return row ? toTenant(row) : null;
+  }
+
+  async listTenants(page: PageRequest): Promise<Page<Tenant>> {
+    return this.page(SQL.tenantCursor, SQL.tenantPage, {}, page, toTenant);
+  }
+
+  async createApiKey(tenantId: string, secretHash: string): Promise<ApiKey> {
+    const id = newId('key');
+    requireTenant(tenantId, () => this.run(SQL.insertKey, { id, tenantId, secretHash, createdAt: isoNow() }));
+    return toKey(this.get<KeyRow>(SQL.keyById, { id })!);
+  }
+
+  async findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null> {
+    const row = this.get<KeyRow & { tenant_name: string; tenant_created_at: string }>(SQL.liveKeyByHash, { secretHash });
+    if (!row) return null;
+    return { key: toKey(row), tenant: { id: row.tenant_id, name: row.tenant_name, createdAt: row.tenant_created_at } };
+  }
+
+  async revokeApiKey(id: string): Promise<boolean> {
+    return this.run(SQL.revokeKey, { id, now: isoNow() }).changes === 1;
+  }
+
+  // --- interventions ------------------------------------------------------------------------
+
+  async putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta> {
+    // The id becomes part of file names: refuse anything the store could not have made.
+    if (replaceId !== undefined && !/^iv_[0-9a-f]{24}$/.test(replaceId)) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
+    const id = replaceId ?? newId('intervention');
+    const configBlob = blobName(id, 'config');
+    const weightsBlob = blobName(id, 'weights');
+    const params = {
+      id,
+      tenantId: iv.tenantId,
+      name: iv.name,
+      description: iv.description ?? null,
+      source: iv.source,
+      config: json(iv.config),
+      bytes: iv.files.config.byteLength + iv.files.weights.byteLength,
+      sha256: interventionDigest(iv.files),
+      configBlob,
+      weightsBlob,
+      now: isoNow(),
+    };
+    let replaced: string[] = [];
+    const pending = [
+      { name: configBlob, bytes: iv.files.config },
+      { name: weightsBlob, bytes: iv.files.weights },
+    ];
+    await this.writeWithBlobs(pending, (promote) => {
+      if (replaceId !== undefined) {
+        const old = this.get<InterventionRow>(SQL.ownIntervention, { id: replaceId, tenant: iv.tenantId });
+        if (!old) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
+        replaced = [old.config_blob, old.weights_blob];
+      }
+      promote();
+      try {
+        requireTenant(iv.tenantId, () => this.run(replaceId === undefined ? SQL.insertIntervention : SQL.replaceIntervention, params));
+      } catch (e) {
+        if (sqliteCode(e) === 'SQLITE_CONSTRAINT_UNIQUE') {
+          throw new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name');
+        }
+        throw e;
+      }
+    });
+    const meta = toIntervention(this.get<InterventionRow>(SQL.interventionById, { id })!);
+    if (replaceId !== undefined) {
+      // Only now, after the commit, are the old files unreferenced.
+      await this.blobs.discard(replaced);
+      emit(this.interventionListeners, id);
+    }
+    return meta;
+  }
+
+  async findIntervention(tenantId: string | null, idOrName: string): Promise<InterventionMeta | null> {
+    const row = this.get<InterventionRow>(SQL.findIntervention, { tenant: tenantId, key: idOrName });
+    return row ? toIntervention(row) : null;
+  }
+
+  async listInterventions(tenantId: string | null, page: PageRequest): Promise<Page<InterventionMeta>> {
+    return this.page(SQL.interventionCursor, SQL.interventionPage, { tenant: tenantId }, page, toIntervention);
+  }
+
+  async readInterventionFiles(id: string): Promise<InterventionFiles | null> {
+    const found = await this.readBlobs(
+      () => this.get<InterventionRow>(SQL.interventionById, { id }),
+      (row) => [row.config_blob, row.weights_blob],
+    );
+    return found ? { config: found[0], weights: found[1] } : null;
+  }
+
+  async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
+    const row = this.get<{ config_blob: string; weights_blob: string }>(SQL.deleteIntervention, { id, tenant: tenantId });
+    if (!row) return false;
+    // The row is gone (committed) first, so a crash here leaves only orphans for the sweep.
+    await this.blobs.discard([row.config_blob, row.weights_blob]);
+    emit(this.interventionListeners, id);
+    return true;
+  }
+
+  async usage(tenantId: string): Promise<Usage> {
+    return this.get<Usage>(SQL.usage, { tenant: tenantId })!;
+  }
+
+  // --- training data files ------------------------------------------------------------------
+
+  async putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<StoredFile> {
+    const id = newId('file');
+    const row: FileRow = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, blob: blobName(id, 'data'), created_at: isoNow() };
+    await this.writeWithBlobs([{ name: row.blob, bytes }], (promote) => {
+      promote();
+      requireTenant(tenantId, () =>
+        this.run(SQL.insertFile, { id, tenantId, filename, purpose, bytes: row.bytes, blob: row.blob, createdAt: row.created_at }),
+      );
+    });
+    return toFile(row);
+  }
+
+  async getFile(tenantId: string, id: string): Promise<StoredFile | null> {
+    const row = this.get<FileRow>(SQL.fileById, { id, tenant: tenantId });
+    return row ? toFile(row) : null;
+  }
+
+  async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
+    const found = await this.readBlobs(
+      () => this.get<FileRow>(SQL.fileById, { id, tenant: tenantId }),
+      (row) => [row.blob],
+    );
+    return found ? found[0] : null;
+  }
+
+  async listFiles(tenantId: string, page: PageRequest): Promise<Page<StoredFile>> {
+    return this.page(SQL.fileCursor, SQL.filePage, { tenant: tenantId }, page, toFile);
+  }
+
+  async deleteFile(tenantId: string, id: string): Promise<boolean> {
+    const row = this.get<{ blob: string }>(SQL.deleteFile, { id, tenant: tenantId });
+    if (!row) return false;
+    await this.blobs.discard([row.blob]);
+    return true;
+  }
+
+  // --- training jobs ------------------------------------------------------------------------
+
+  async createJob(tenantId: string, spec: unknown): Promise<Job> {
+    const id = newId('job');
+    this.transaction(() => {
+      requireTenant(tenantId, () => this.run(SQL.insertJob, { id, tenantId, spec: json(spec), createdAt: isoNow() }));
+      this.addEvent(id, 'status', { status: 'queued' });
+    });
+    emit(this.jobListeners);
+    return toJob(this.get<JobRow>(SQL.jobById, { id })!);
+  }
+
+  async getJob(tenantId: string | null, id: string): Promise<Job | null> {
+    const row = this.get<JobRow>(SQL.scopedJob, { id, tenant: tenantId });
+    return row ? toJob(row) : null;
+  }
+
+  async listJobs(tenantId: string, page: PageRequest): Promise<Page<Job>> {
+    return this.page(SQL.jobCursor, SQL.jobPage, { tenant: tenantId }, page, toJob);
+  }
+
+  async requestCancel(tenantId: string, id: string): Promise<Job | null> {
+    return this.transaction(() => {
+      const row = this.get<JobRow>(SQL.scopedJob, { id, tenant: tenantId });
+      if (!row) return null;
+      if (row.status === 'queued') {
+        this.run(SQL.requestCancel, { id });
+        this.endJob(id, 'cancelled', null);
+      } else if (row.status === 'running') {
+        // The worker sees cancelRequested when it next reads the job, and finishes it as cancelled.
+        this.run(SQL.requestCancel, { id });
+      }
+      return toJob(this.get<JobRow>(SQL.jobById, { id })!);
+    });
+  }
+
+  async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: Job; lease: Lease } | null> {
+    // IMMEDIATE: the read of the candidate and its update hold the write lock together, so two
+    // workers (in any process) can never both take the same job.
+    return this.transaction(() => {
+      for (;;) {
+        const now = Date.now();
+        const row = this.get<JobRow>(SQL.nextClaimable, { now });
+        if (!row) return null;
+        if (row.cancel_requested === 1) {
+          // Its worker died while a cancel was pending: the cancel wins over a retry.
+          this.endJob(row.id, 'cancelled', null);
+          continue;
+        }
+        if (row.attempts >= maxAttempts) {
+          this.endJob(row.id, 'failed', `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`);
+          continue;
+        }
+        const expiresAt = now + leaseMs;
+        this.run(SQL.claimJob, { id: row.id, workerId, expiresAt, startedAt: new Date(now).toISOString() });
+        this.addEvent(row.id, 'status', { status: 'running', attempt: row.attempts + 1 });
+        const job = toJob(this.get<JobRow>(SQL.jobById, { id: row.id })!);
+        return { job, lease: { jobId: row.id, workerId, expiresAt } };
+      }
+    });
+  }
+
+  async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
+    const now = Date.now();
+    return this.run(SQL.renewLease, { id: jobId, workerId, now, expiresAt: now + leaseMs }).changes === 1;
+  }
+
+  async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
+    return this.run(SQL.updateProgress, { id: jobId, workerId, now: Date.now(), progress: json(progress) }).changes === 1;
+  }
+
+  async appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent> {
+    return this.transaction(() => {
+      if (!this.get(SQL.jobById, { id: jobId })) throw notFound(`no job "${jobId}"`, 'jobId');
+      return this.addEvent(jobId, type, data);
+    });
+  }
+
+  async listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<JobEvent[]> {
+    return this.all<EventRow>(SQL.eventsAfter, { jobId, afterSeq, limit: clampLimit(limit) }).map(toEvent);
+  }
+
+  async saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean> {
+    const blob = blobName(jobId, 'ckpt');
+    let replaced: string | undefined;
+    const saved = await this.writeWithBlobs([{ name: blob, bytes: state }], (promote) => {
+      if (!this.get(SQL.leaseHeld, { id: jobId, workerId, now: Date.now() })) return false;
+      replaced = this.get<CheckpointRow>(SQL.checkpointByJob, { jobId })?.blob;
+      promote();
+      this.run(SQL.upsertCheckpoint, { jobId, step, blob, bytes: state.byteLength, createdAt: isoNow() });
+      return true;
+    });
+    if (replaced !== undefined) await this.blobs.discard([replaced]);
+    return saved;
+  }
+
+  async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
+    let step = 0;
+    const found = await this.readBlobs(
+      () => this.get<CheckpointRow>(SQL.checkpointByJob, { jobId }),
+      (row) => {
+        step = row.step;
+        return [row.blob];
+      },
+    );
+    return found ? { step, state: found[0] } : null;
+  }
+
+  async finishJob(
+    jobId: string,
+    workerId: string,
+    outcome: { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' },
+  ): Promise<boolean> {
+    const error = outcome.status === 'failed' ? outcome.error : null;
+    const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
+    return this.transaction(() => {
+      const params = { id: jobId, workerId, now: Date.now(), status: outcome.status, error, interventionId, finishedAt: isoNow() };
+      if (this.runNamingIntervention(SQL.finishJob, params, interventionId).changes !== 1) return false;
+      this.addEvent(jobId, 'status', { status: outcome.status, ...(error !== null && { error }), ...(interventionId !== null && { interventionId }) });
+      return true;
+    });
+  }
+
+  // --- listeners and lifecycle --------------------------------------------------------------
+
+  onInterventionChanged(listener: (id: string) => void): () => void {
+    this.interventionListeners.add(listener);
+    return () => this.interventionListeners.delete(listener);
+  }
+
+  onJobQueued(listener: () => void): () => void {
+    this.jobListeners.add(listener);
+    return () => this.jobListeners.delete(listener);
+  }
+
+  async close(): Promise<void> {
+    if (this.db.open) this.db.close();
+  }
+
+  // --- internals ----------------------------------------------------------------------------
+
+  private stmt(sql: string): Database.Statement {
+    let s = this.statements.get(sql);
+    if (!s) {
+      s = this.db.prepare(sql);
+      this.statements.set(sql, s);
+    }
+    return s;
+  }
+
+  private get<R>(sql: string, params: Record<string, unknown>): R | undefined {
+    return this.stmt(sql).get(params) as R | undefined;
+  }
+
+  private all<R>(sql: string, params: Record<string, unknown>): R[] {
+    return this.stmt(sql).all(params) as R[];
+  }
+
+  private run(sql: string, params: Record<string, unknown>): Database.RunResult {
+    return this.stmt(sql).run(params);
+  }
+
+  /**
+   * A write transaction. Always BEGIN IMMEDIATE: a deferred transaction that reads and then
+   * writes can fail with SQLITE_BUSY at once when another process wrote in between, without
+   * waiting out the busy timeout.
+   */
+  private transaction<T>(body: () => T): T {
+    return this.db.transaction(body).immediate();
+  }
+
+  /**
+   * Writes blobs to temp files (fsynced, outside any lock), then runs `body` in a write
+   * transaction. `body` calls `promote()` to rename the temp files to their final names, and
+   * must do so before inserting rows that name them. On any failure, or if `body` never
+   * promotes, every file this call made is removed; a crash instead leaves them for the sweep.
+   */
+  private async writeWithBlobs<T>(pending: PendingBlob[], body: (promote: () => void) => T): Promise<T> {
+    const temps: string[] = [];
+    let promoted = false;
+    try {
+      for (const blob of pending) temps.push(await this.blobs.writeTemp(blob.bytes));
+      this.options.faultHook?.('blobs-written');
+      const promote = () => {
+        pending.forEach((blob, i) => this.blobs.promote(temps[i], blob.name));
+        promoted = true;
+        this.options.faultHook?.('blobs-renamed');
+      };
+      const result = this.transaction(() => body(promote));
+      if (!promoted) await this.blobs.discard(temps);
+      return result;
+    } catch (e) {
+      // The transaction rolled back, so no row names any of these files (final names are fresh
+      // random ones, so removing them can't touch another call's blob).
+      await this.blobs.discard([...temps, ...pending.map((b) => b.name)]);
+      throw e;
+    }
+  }
+
+  /**
+   * Reads a row's blobs. A concurrent replace or delete can remove a blob between reading the
+   * row and the file, so a missing blob means: read the row again.
+   */
+  private async readBlobs<R>(load: () => R | undefined, names: (row: R) => string[]): Promise<Uint8Array[] | null> {
+    for (let attempt = 0; ; attempt++) {
+      const row = load();
+      if (!row) return null;
+      const data = await Promise.all(names(row).map((n) => this.blobs.read(n)));
+      if (data.every((d) => d !== null)) return data as Uint8Array[];
+      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.blobs.dir}`);
+    }
+  }
+
+  private page<R extends { id: string }, T>(
+    cursorSql: string,
+    pageSql: string,
+    scope: Record<string, unknown>,
+    req: PageRequest,
+    map: (row: R) => T,
+  ): Page<T> {
+    const limit = clampLimit(req.limit);
+    let afterSeq = 0; // seq starts at 1
+    if (req.after !== undefined) {
+      const cursor = this.get<{ seq: number }>(cursorSql, { ...scope, after: req.after });
+      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
+      afterSeq = cursor.seq;
+    }
+    const rows = this.all<R>(pageSql, { ...scope, afterSeq, limit: limit + 1 });
+    const data = rows.slice(0, limit);
+    return { data: data.map(map), nextCursor: rows.length > limit ? data[data.length - 1].id : null };
+  }
+
+  /** A write whose `interventionId` must exist: a dangling one is a not_found, not a raw SQLite error. */
+  private runNamingIntervention(sql: string, params: Record<string, unknown>, interventionId: string | null): Database.RunResult {
+    try {
+      return this.run(sql, params);
+    } catch (e) {
+      if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw notFound(`no intervention "${interventionId}"`, 'interventionId');
+      throw e;
+    }
+  }
+
+  private addEvent(jobId: string, type: string, data: unknown): JobEvent {
+    return toEvent(this.get<EventRow>(SQL.insertEvent, { jobId, type, data: json(data), createdAt: isoNow() })!);
+  }
+
+  /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
+  private endJob(id: string, status: 'cancelled' | 'failed', error: string | null): void {
+    this.run(SQL.endJob, { id, status, error, finishedAt: isoNow() });
+    this.addEvent(id, 'status', error === null ? { status } : { status, error });
+  }
+
+  private sweepBlobs(): void {
+    this.transaction(() => {
+      const referenced = new Set(this.all<{ name: string }>(SQL.referencedBlobs, {}).map((r) => r.name));
+      this.blobs.sweep(referenced);
+    });
+  }
+}
+
+/** Limits are capped by the caller; this only keeps them a positive integer. */
+function clampLimit(limit: number): number {
+  return Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1;
+}
+
+function configure(db: Database.Database): void {
+  // WAL lets readers (the server) go on while a writer (the worker) commits.
+  const mode = db.pragma('journal_mode = WAL', { simple: true });
+  if (mode !== 'wal') throw new Error(`SQLite could not use WAL mode for ${db.name} (got "${mode}")`);
+  // FULL, not NORMAL: blobs are deleted right after a commit, so a commit must never be lost.
+  db.pragma('synchronous = FULL');
+  db.pragma('foreign_keys = ON');
+}
+
+/**
+ * Applies the migrations this database lacks, in order, in one IMMEDIATE transaction: a second
+ * process opening the same file at the same time waits, then finds them applied.
+ */
+function migrate(db: Database.Database): void {
+  db.transaction(() => {
+    db.exec(`CREATE TABLE IF NOT EXISTS schema_migrations (
+      version    INTEGER PRIMARY KEY,
+      name       TEXT NOT NULL,
+      applied_at TEXT NOT NULL
+    )`);
+    const applied = new Set(
+      (db.prepare('SELECT version FROM schema_migrations').all() as { version: number }[]).map((r) => r.version),
+    );
+    const newest = MIGRATIONS[MIGRATIONS.length - 1].version;
+    const unknown = [...applied].filter((v) => v > newest);
+    if (unknown.length) {
+      throw new Error(`${db.name} has schema version ${Math.max(...unknown)}, newer than this server's ${newest}: upgrade the server`);
+    }
+    const record = db.prepare('INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)');
+    for (const m of MIGRATIONS) {
+      if (applied.has(m.version)) continue;
+      db.exec(m.sql);
+      record.run(m.version, m.name, isoNow());
+    }
+  }).immediate();
+}

@@ -1,0 +1,71 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { STORIES } from './fixtures.ts';
+
+export const BIN = join(import.meta.dirname, '..', '..', 'bin', 'reft-server.js');
+
+export interface ServerProcess {
+  url: string;
+  proc: ChildProcess;
+  dataDir: string;
+  /** Parsed JSON log lines so far. */
+  logs: Array<Record<string, unknown>>;
+  stderr: () => string;
+  /** SIGTERM and wait; resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export interface ServerProcessOptions {
+  args?: string[];
+  env?: Record<string, string>;
+  dataDir?: string;
+  /** Wait for the model to be loaded (default true). */
+  waitReady?: boolean;
+}
+
+/** A real `reft-server serve` process on a free loopback port, on stories260k. */
+export async function startServerProcess(opts: ServerProcessOptions = {}): Promise<ServerProcess> {
+  const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'reft-data-'));
+  const args = [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', dataDir, ...(opts.args ?? [])];
+  const proc = spawn(process.execPath, args, {
+    env: { ...process.env, REFT_CACHE_DIR: join(dataDir, 'cache'), REFT_LOG_LEVEL: 'info', ...opts.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Array<Record<string, unknown>> = [];
+  let stderr = '';
+  proc.stderr!.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  const url = await new Promise<string>((resolve, reject) => {
+    let listening = '';
+    const lines = createInterface({ input: proc.stdout! });
+    lines.on('line', (line) => {
+      let entry: Record<string, unknown>;
+      try {
+        entry = JSON.parse(line);
+      } catch {
+        return;
+      }
+      logs.push(entry);
+      if (entry.msg === 'listening') {
+        listening = String(entry.url);
+        if (opts.waitReady === false) resolve(listening);
+      }
+      if (entry.msg === 'model ready' && listening) resolve(listening);
+    });
+    void exited.then((code) => reject(new Error(`server exited with ${code} before it was ready: ${stderr}`)));
+  });
+  return {
+    url,
+    proc,
+    dataDir,
+    logs,
+    stderr: () => stderr,
+    async stop(signal = 'SIGTERM') {
+      if (proc.exitCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
