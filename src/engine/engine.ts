@@ -99,20 +99,20 @@ export class Engine {
     const ids = new BigInt64Array(b * seq);
     const positions = new BigInt64Array(b * seq);
     const seqlens = new Int32Array(b);
-    const logitRows: number[] = [];
+    const logitIndex: bigint[] = [];
     inputs.forEach((x, r) => {
       x.tokens.forEach((t, s) => (ids[r * seq + s] = BigInt(t)));
       for (let s = 0; s < seq; s++) positions[r * seq + s] = BigInt(s);
       seqlens[r] = x.tokens.length - 1;
-      if (x.allLogits) for (let s = 0; s < x.tokens.length; s++) logitRows.push(r * seq + s);
-      else logitRows.push(r * seq + x.tokens.length - 1);
+      const n = x.tokens.length;
+      for (let s = x.allLogits ? 0 : n - 1; s < n; s++) logitIndex.push(BigInt(r), BigInt(s));
     });
     const feeds: Record<string, ort.Tensor> = {
       [IN.inputIds]: new ort.Tensor('int64', ids, [b, seq]),
       [IN.positionIds]: new ort.Tensor('int64', positions, [b, seq]),
       [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
       [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(seq), []),
-      [IN.logitRows]: new ort.Tensor('int64', BigInt64Array.from(logitRows.map(BigInt)), [logitRows.length]),
+      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from(logitIndex), [logitIndex.length / 2, 2]),
     };
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
@@ -176,7 +176,7 @@ export class Engine {
       [IN.positionIds]: new ort.Tensor('int64', positions, [b, 1]),
       [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
       [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(maxLen + 1), []),
-      [IN.logitRows]: new ort.Tensor('int64', BigInt64Array.from({ length: b }, (_, i) => BigInt(i)), [b]),
+      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]),
     };
     for (let l = 0; l < config.numLayers; l++) {
       const past = this.cache.past(l);
@@ -220,7 +220,7 @@ export class Engine {
 function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, ort.Tensor> {
   const out: Record<string, ort.Tensor> = {};
   feeds.forEach((f, l) => {
-    out[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [f.k]);
+    out[IN.ivIndex(l)] = new ort.Tensor('int64', f.index, [f.k, 2]);
     out[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [f.k, f.r]);
     out[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [f.r, d]);
     out[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [f.r]);
@@ -230,6 +230,6 @@ function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, or
 }
 
 function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.Tensor> {
-  const empty = { rows: new BigInt64Array(0), mask: new Float32Array(0), down: new Float32Array(0), bias: new Float32Array(0), up: new Float32Array(0), k: 0, r: 0 };
+  const empty = { index: new BigInt64Array(0), mask: new Float32Array(0), down: new Float32Array(0), bias: new Float32Array(0), up: new Float32Array(0), k: 0, r: 0 };
   return toTensors(Array.from({ length: config.numLayers }, () => empty), config.hiddenSize);
 }

@@ -7,7 +7,7 @@ import { positionsFor } from '../interventions/positions.ts';
  * stacked along the rank axis, and a mask says which rank columns act on which token.
  */
 export interface LayerInterventionFeed {
-  rows: BigInt64Array; // [K] flattened token indices, unique
+  index: BigInt64Array; // [K, 2] (row, position) pairs, unique
   mask: Float32Array; // [K, R]
   down: Float32Array; // [R, d]
   bias: Float32Array; // [R]
@@ -72,5 +72,10 @@ function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: n
   tokens.forEach((t, k) => {
     for (const i of byToken.get(t)!) mask.fill(1, k * r + offsets[i], k * r + offsets[i] + ivs[i].rank);
   });
-  return { rows: BigInt64Array.from(tokens.map(BigInt)), mask, down, bias, up, k: tokens.length, r };
+  const index = new BigInt64Array(tokens.length * 2);
+  tokens.forEach((t, k) => {
+    index[2 * k] = BigInt(Math.floor(t / seq));
+    index[2 * k + 1] = BigInt(t % seq);
+  });
+  return { index, mask, down, bias, up, k: tokens.length, r };
 }

@@ -9,17 +9,17 @@ import { GraphBuilder, MS_DOMAIN, float, type ElemType } from './onnx.ts';
  * top of a KV cache the caller keeps (`past_key.L` / `past_value.L`, BNSH, any past length per
  * row via `seqlens_k`), and returns only the new rotated K and V rows (`new_key.L`,
  * `new_value.L`, [batch, seq, kv_heads * head_dim]) so the caller appends them without the
- * binding copying the whole cache back. Logits are computed only for `logit_rows` (indices into
- * the flattened batch × seq tokens).
+ * binding copying the whole cache back. Logits are computed only for the (row, position) pairs
+ * in `logit_index` [n, 2].
  *
  * After decoder layer L, the interventions of the batch edit the residual stream:
- *   rows = iv.L.rows (flattened token indices, unique), u = (h[rows]·downᵀ + bias) ⊙ mask,
- *   h[rows] += u·up
- * where down/bias/up stack the low-rank factors of every intervention on layer L in the batch
- * (rank R in total) and mask[k, j] = 1 when the intervention owning rank column j applies at
- * row k. With K = R = 0 (every decode step) the block is a handful of empty ops.
+ *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up
+ * where `iv.L.index` [K, 2] lists the (row, position) pairs edited on layer L (unique),
+ * down/bias/up stack the low-rank factors of every intervention on layer L in the batch (rank
+ * R in total) and mask[k, j] = 1 when the intervention owning rank column j applies at pair k.
+ * With K = R = 0 (every decode step) the block is five empty ops.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v1';
+export const DECODER_GRAPH_VERSION = 'decoder-v2';
 
 export const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
 
@@ -28,10 +28,10 @@ export const decoderInputs = {
   positionIds: 'position_ids',
   seqlensK: 'seqlens_k',
   totalSequenceLength: 'total_sequence_length',
-  logitRows: 'logit_rows',
+  logitIndex: 'logit_index',
   pastKey: (l: number) => `past_key.${l}`,
   pastValue: (l: number) => `past_value.${l}`,
-  ivRows: (l: number) => `iv.${l}.rows`,
+  ivIndex: (l: number) => `iv.${l}.index`,
   ivMask: (l: number) => `iv.${l}.mask`,
   ivDown: (l: number) => `iv.${l}.down`,
   ivBias: (l: number) => `iv.${l}.bias`,
@@ -64,9 +64,11 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint): 
     });
     return w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 });
   };
-  const linear = (x: string, prefix: string, bias: boolean): string => {
+  /** x·Wᵀ (+ b) over the checkpoint's [out, in] weight; `name` names the result. */
+  const linear = (x: string, prefix: string, bias: boolean, name?: string): string => {
+    if (!bias) return g.op('FusedMatMul', [x, weight(`${prefix}.weight`)], { transB: 1 }, { domain: MS_DOMAIN, name });
     const y = g.op('FusedMatMul', [x, weight(`${prefix}.weight`)], { transB: 1 }, { domain: MS_DOMAIN });
-    return bias ? g.op('Add', [y, weight(`${prefix}.bias`)]) : y;
+    return g.op('Add', [y, weight(`${prefix}.bias`)], {}, { name });
   };
   const rmsNorm = (x: string, w: string): string =>
     g.op('SimplifiedLayerNormalization', [x, weight(w)], { axis: -1, epsilon: float(config.rmsNormEps), stash_type: 1 });
@@ -75,23 +77,23 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint): 
   const positionIds = g.input(decoderInputs.positionIds, 'int64', ['batch', 'seq']);
   const seqlensK = g.input(decoderInputs.seqlensK, 'int32', ['batch']);
   const totalSeq = g.input(decoderInputs.totalSequenceLength, 'int32', []);
-  const logitRows = g.input(decoderInputs.logitRows, 'int64', ['logit_rows']);
+  const logitIndex = g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]);
 
   const { cos, sin } = rotaryTables(g, config);
-  const flat = g.int64s('flat_shape', [-1, d]);
   const embed = weight('model.embed_tokens.weight');
   let h = g.op('Gather', [embed, inputIds], { axis: 0 });
 
   for (let l = 0; l < config.numLayers; l++) {
     const p = `model.layers.${l}`;
     const x = rmsNorm(h, `${p}.input_layernorm.weight`);
-    const rotary = (t: string, heads: number) =>
-      g.op('RotaryEmbedding', [t, positionIds, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN });
+    const rotary = (t: string, heads: number, name?: string) =>
+      g.op('RotaryEmbedding', [t, positionIds, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
     const q = rotary(linear(x, `${p}.self_attn.q_proj`, config.attentionBias), config.numHeads);
-    const k = rotary(linear(x, `${p}.self_attn.k_proj`, config.attentionBias), config.numKvHeads);
-    const v = linear(x, `${p}.self_attn.v_proj`, config.attentionBias);
-    g.output(k, decoderOutputs.newKey(l), 'float32', ['batch', 'seq', kvDim]);
-    g.output(v, decoderOutputs.newValue(l), 'float32', ['batch', 'seq', kvDim]);
+    // K and V are graph outputs under their own names (an Identity would copy them).
+    const k = rotary(linear(x, `${p}.self_attn.k_proj`, config.attentionBias), config.numKvHeads, decoderOutputs.newKey(l));
+    const v = linear(x, `${p}.self_attn.v_proj`, config.attentionBias, decoderOutputs.newValue(l));
+    g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
+    g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
     const pastKey = g.input(decoderInputs.pastKey(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
     const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
     const [attn] = g.opN(
@@ -113,31 +115,26 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint): 
     const up = linear(x2, `${p}.mlp.up_proj`, config.mlpBias);
     const down = linear(g.op('Mul', [gate, up]), `${p}.mlp.down_proj`, config.mlpBias);
     h = g.op('Add', [mid, down]);
-    h = interventionBlock(g, h, l, d, flat);
+    h = interventionBlock(g, h, l, d);
   }
 
-  const hFlat = g.op('Reshape', [h, flat]);
-  const last = rmsNorm(g.op('Gather', [hFlat, logitRows], { axis: 0 }), 'model.norm.weight');
+  const last = rmsNorm(g.op('GatherND', [h, logitIndex]), 'model.norm.weight');
   const lmHead = config.tieWordEmbeddings ? embed : weight('lm_head.weight');
-  const logits = g.op('FusedMatMul', [last, lmHead], { transB: 1 }, { domain: MS_DOMAIN });
-  g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
+  const logits = g.op('FusedMatMul', [last, lmHead], { transB: 1 }, { domain: MS_DOMAIN, name: decoderOutputs.logits });
+  g.output(logits, logits, 'float32', ['logit_rows', config.vocabSize]);
   return g.encode(OPSETS);
 }
 
-/** h[rows] += ((h[rows]·downᵀ + bias) ⊙ mask)·up, on the flattened [batch*seq, d] stream. */
-function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, flat: string): string {
-  const rows = g.input(decoderInputs.ivRows(l), 'int64', [`iv_rows_${l}`]);
+/** h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up on the [batch, seq, d] stream. */
+function interventionBlock(g: GraphBuilder, h: string, l: number, d: number): string {
+  const index = g.input(decoderInputs.ivIndex(l), 'int64', [`iv_rows_${l}`, 2]);
   const mask = g.input(decoderInputs.ivMask(l), 'float32', [`iv_rows_${l}`, `iv_rank_${l}`]);
   const down = g.input(decoderInputs.ivDown(l), 'float32', [`iv_rank_${l}`, d]);
   const bias = g.input(decoderInputs.ivBias(l), 'float32', [`iv_rank_${l}`]);
   const up = g.input(decoderInputs.ivUp(l), 'float32', [`iv_rank_${l}`, d]);
-  const shape = g.op('Shape', [h]);
-  const hFlat = g.op('Reshape', [h, flat]);
-  const sel = g.op('Gather', [hFlat, rows], { axis: 0 });
-  const u = g.op('Mul', [g.op('Add', [g.op('FusedMatMul', [sel, down], { transB: 1 }, { domain: MS_DOMAIN }), bias]), mask]);
-  const edited = g.op('Add', [sel, g.op('MatMul', [u, up])]);
-  const index = g.op('Unsqueeze', [rows, g.int64s('axes', [1])]);
-  return g.op('Reshape', [g.op('ScatterND', [hFlat, index, edited]), shape]);
+  const selected = g.op('GatherND', [h, index]);
+  const u = g.op('Mul', [g.op('Gemm', [selected, down, bias], { transB: 1 }), mask]);
+  return g.op('ScatterND', [h, index, g.op('MatMul', [u, up])], { reduction: 'add' });
 }
 
 /** cos/sin tables [max_positions, head_dim/2] for com.microsoft RotaryEmbedding (rotate-half layout). */
