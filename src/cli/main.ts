@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { ReftError } from '../errors.ts';
 import { generateCommand } from './generate.ts';
+import { importPyreftCommand } from './import-pyreft.ts';
 import { openapiCommand } from './openapi.ts';
 import { serveCommand } from './serve.ts';
 
@@ -14,6 +15,7 @@ const program = new Command('reft-server')
 
 program.addCommand(serveCommand());
 program.addCommand(generateCommand());
+program.addCommand(importPyreftCommand());
 program.addCommand(openapiCommand());
 
 try {

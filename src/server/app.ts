@@ -13,6 +13,7 @@ import { generateRoutes } from './routes/generate.ts';
 import { healthRoutes } from './routes/health.ts';
 import { interventionRoutes } from './routes/interventions.ts';
 import { openaiRoutes } from './routes/openai.ts';
+import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { GenerationService, notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 
@@ -83,7 +84,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
-  interventionRoutes(app, { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits });
+  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
+  interventionRoutes(app, interventionDeps);
+  pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   adminRoutes(app, opts.store);
   return { app, metrics };
 }

@@ -1,0 +1,49 @@
+import type { FastifyInstance } from 'fastify';
+import { ReftError, invalidRequest } from '../../errors.ts';
+import { importPyreft } from '../../interventions/pyreft/index.ts';
+import { parsePositions } from '../../interventions/positions.ts';
+import type { ModelConfig } from '../../model/config.ts';
+import { problemSchema } from './schemas.ts';
+import { checkKnownParts, interventionBody, interventionSchema, parseBool, readMultipart, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+
+/**
+ * Imports an intervention saved by pyreft (config.json + intkey_*.bin zip-pickles, read as
+ * data: nothing in them is executed) and stores the reft/v1 artifact it converts to.
+ */
+export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig }): void {
+  app.post('/v1/interventions/import/pyreft', {
+    schema: {
+      summary: 'Import a pyreft intervention (multipart: config = config.json, one files part per intkey_*.bin, positions, share_weights, name)',
+      tags: ['interventions'],
+      consumes: ['multipart/form-data'],
+      response: { 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+    },
+  }, async (request, reply) => {
+    const parts = await readMultipart(request);
+    checkKnownParts(parts, ['config', 'files', 'positions', 'share_weights', 'name', 'description']);
+    const config = parts.files.get('config')?.[0]?.bytes ?? (parts.fields.has('config') ? new TextEncoder().encode(parts.fields.get('config')) : undefined);
+    if (!config) throw invalidRequest('missing part "config" (pyreft\'s config.json)', 'config');
+    const positions = parts.fields.get('positions');
+    if (!positions) throw invalidRequest('missing field "positions" (pyreft does not store them: fN, lN or fN+lN)', 'positions');
+    parsePositions(positions, 'positions');
+    const files = new Map<string, Uint8Array>();
+    for (const f of parts.files.get('files') ?? []) {
+      if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
+      files.set(f.filename, f.bytes);
+    }
+    const model = deps.model();
+    const converted = await importPyreft(
+      { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', true) },
+      { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
+    );
+    const { meta, created } = await storeArtifact(deps, request.tenant.id, { config: converted.configBytes, weights: converted.weightBytes }, {
+      name: parts.fields.get('name'),
+      description: parts.fields.get('description'),
+      replace: false,
+      source: 'import',
+    });
+    if (!created) throw new ReftError('internal', 'import replaced an existing intervention');
+    request.log.info({ intervention: meta.id, tenant: request.tenant.id, files: files.size }, 'pyreft intervention imported');
+    return reply.status(201).send(interventionBody(meta));
+  });
+}
