@@ -27,7 +27,7 @@ beforeAll(async () => {
   writeFileSync(join(sharedDir, 'house-style', 'reft_weights.safetensors'), files.weights);
   mkdirSync(join(sharedDir, 'broken'));
   writeFileSync(join(sharedDir, 'broken', 'reft_config.json'), '{');
-  server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--max-batch-size', '2', '--max-queue', '1'] });
+  server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--max-batch-size', '1', '--max-queue', '1'] });
   api = { url: server.url };
 });
 afterAll(async () => {
@@ -115,16 +115,23 @@ describe('operations', () => {
   });
 
   it('a full queue answers 503 with Retry-After instead of growing', async () => {
-    const long = { prompt: 'Once upon a time', max_new_tokens: 300, ignore_eos: true };
-    const inFlight = [json(api, 'POST', '/v1/generate', long), json(api, 'POST', '/v1/generate', long)];
-    await new Promise((r) => setTimeout(r, 200));
-    const queued = json(api, 'POST', '/v1/generate', long); // waits in the queue (size 1)
-    await new Promise((r) => setTimeout(r, 100));
-    const refused = await json(api, 'POST', '/v1/generate', long);
+    // batch size 1 and queue size 1: one stream runs, one request waits, the next is refused
+    const controller = new AbortController();
+    const running = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }), signal: controller.signal });
+    const reader = running.body!.getReader();
+    await reader.read(); // it is generating
+    const queued = json(api, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 3 });
+    let depth = 0;
+    for (let i = 0; i < 100 && depth === 0; i++) {
+      depth = Number(/reft_queue_depth (\d+)/.exec(await (await fetch(`${api.url}/metrics`)).text())![1]);
+    }
+    expect(depth).toBe(1);
+    const refused = await json(api, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 3 });
     expect(refused.status).toBe(503);
     expect(refused.headers.get('retry-after')).toBeTruthy();
     expect(refused.body.code).toBe('overloaded');
-    for (const r of await Promise.all([...inFlight, queued])) expect(r.status).toBe(200);
+    controller.abort();
+    expect((await queued).status).toBe(200);
   });
 
   it('a client that disconnects is dropped from the batch', async () => {

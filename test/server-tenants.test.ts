@@ -73,14 +73,19 @@ describe('API keys and tenants', () => {
     const over = await upload(a, artifact([randomLoreft(23, 1)], { name: 'a-3' }));
     expect(over.status).toBe(429);
     expect(over.headers.get('retry-after')).toBeTruthy();
-    // concurrency: two long generations in flight, the third is refused
-    const long = { prompt: 'Once upon a time', max_new_tokens: 400, ignore_eos: true };
-    const running = [json(a, 'POST', '/v1/generate', long), json(a, 'POST', '/v1/generate', long)];
-    await new Promise((r) => setTimeout(r, 150));
+    // concurrency: two streams in flight, the third request is refused
+    const controller = new AbortController();
+    const streams = [];
+    for (let i = 0; i < 2; i++) {
+      const res = await fetch(`${a.url}/v1/generate`, { method: 'POST', headers: { authorization: `Bearer ${a.key}`, 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }), signal: controller.signal });
+      await res.body!.getReader().read();
+      streams.push(res);
+    }
     const third = await json(a, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 1 });
     expect(third.status).toBe(429);
     expect(third.headers.get('retry-after')).toBe('1');
-    for (const r of await Promise.all(running)) expect(r.status).toBe(200);
+    expect((await json(b, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 1 })).status).toBe(200); // other tenants are unaffected
+    controller.abort();
   });
 });
 

@@ -43,7 +43,8 @@ export type TrainingOutcome =
   | { status: 'cancelled'; steps: number; checkpoint: TrainingCheckpoint };
 
 export interface TrainerOptions extends TrainingGraphOptions {
-  onProgress?: (p: TrainingProgress) => void;
+  /** Called after every optimizer step and awaited (a job checks for cancellation here). */
+  onProgress?: (p: TrainingProgress) => void | Promise<void>;
   /** Checked before every optimizer step; an aborted run returns a checkpoint to resume from. */
   signal?: AbortSignal;
   /** Hands a checkpoint to `onCheckpoint` every this many optimizer steps. */
@@ -138,7 +139,7 @@ export class Trainer {
       if (onProgress) {
         const elapsed = (performance.now() - started) / 1000;
         const done = this.stepsDone - firstStep;
-        onProgress({
+        await onProgress({
           step: this.stepsDone,
           totalSteps: this.totalSteps,
           epoch: this.stepsDone / this.stepsPerEpoch,
