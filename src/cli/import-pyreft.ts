@@ -1,5 +1,6 @@
 import { Command } from 'commander';
-import { importPyreftDirectory, writeArtifact } from '../interventions/pyreft/index.ts';
+import { writeArtifact } from '../interventions/directory.ts';
+import { importPyreftDirectory } from '../interventions/pyreft/index.ts';
 import { parsePositions } from '../interventions/positions.ts';
 import { loadModelConfig } from '../model/load.ts';
 import { modelDir, modelOption } from './model-option.ts';

@@ -4,6 +4,8 @@ import { generateCommand } from './generate.ts';
 import { importPyreftCommand } from './import-pyreft.ts';
 import { openapiCommand } from './openapi.ts';
 import { serveCommand } from './serve.ts';
+import { trainCommand } from './train.ts';
+import { workerCommand } from './worker.ts';
 
 // Libraries' chatter (@huggingface/hub announces each download with console.debug) belongs on
 // stderr: stdout carries only what a command outputs (a continuation, JSON logs).
@@ -14,7 +16,9 @@ const program = new Command('reft-server')
   .showHelpAfterError();
 
 program.addCommand(serveCommand());
+program.addCommand(workerCommand());
 program.addCommand(generateCommand());
+program.addCommand(trainCommand());
 program.addCommand(importPyreftCommand());
 program.addCommand(openapiCommand());
 

@@ -1,25 +1,23 @@
 import { join } from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
+import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
-import { openSqliteStore } from '../storage/sqlite-store.ts';
 import { cacheDir } from '../settings.ts';
+import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
-
-const int = (name: string, min = 0) => (v: string) => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
-  return n;
-};
+import { envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
 
 export const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
 
-interface ServeFlags {
+interface ServeFlags extends WorkerFlags {
   model: string;
   host: string;
   port: number;
   dataDir: string;
+  database?: string;
+  worker: boolean;
   interventionsDir: string;
   maxBatchSize: number;
   maxTokensInFlight: number;
@@ -36,18 +34,14 @@ interface ServeFlags {
 }
 
 export function serveCommand(): Command {
-  const opt = (flags: string, description: string, env: string, parse?: (v: string) => number, def?: unknown) => {
-    const o = new Option(flags, description).env(env);
-    if (parse) o.argParser(parse);
-    if (def !== undefined) o.default(def);
-    return o;
-  };
-  return new Command('serve')
-    .description('run the HTTP server (REFT_ADMIN_KEY turns on multi-tenant API keys)')
+  const cmd = new Command('serve')
+    .description('run the HTTP server (REFT_ADMIN_KEY turns on multi-tenant API keys) and a training worker next to it')
     .addOption(modelOption())
     .addOption(opt('--host <host>', 'address to listen on', 'REFT_HOST', undefined, '127.0.0.1'))
-    .addOption(opt('--port <port>', 'port to listen on (0: any free port)', 'REFT_PORT', int('--port'), 8080))
-    .addOption(opt('--data-dir <dir>', 'where the embedded store keeps its SQLite file and weight files', 'REFT_DATA_DIR', undefined, './data'))
+    .addOption(opt('--port <port>', 'port to listen on (0: any free port)', 'REFT_PORT', int('--port'), 8080));
+  for (const o of [...storeOptions(), ...workerOptions()]) cmd.addOption(o);
+  return cmd
+    .addOption(new Option('--no-worker', 'do not start a training worker (run `reft-server worker` elsewhere)').env('REFT_NO_WORKER'))
     .addOption(opt('--interventions-dir <dir>', 'artifact folders registered at start as shared interventions', 'REFT_INTERVENTIONS_DIR', undefined, join(PACKAGE_ROOT, 'interventions')))
     .addOption(opt('--max-batch-size <n>', 'sequences decoded together at most', 'REFT_MAX_BATCH_SIZE', int('--max-batch-size', 1), DEFAULT_LIMITS.maxBatchSize))
     .addOption(opt('--max-tokens-in-flight <n>', 'bound on prompt + max_new_tokens over running sequences', 'REFT_MAX_TOKENS_IN_FLIGHT', int('--max-tokens-in-flight', 1), DEFAULT_LIMITS.maxTokensInFlight))
@@ -70,7 +64,16 @@ async function runServe(f: ServeFlags): Promise<void> {
     modelName: f.model,
     host: f.host,
     port: f.port,
-    openStore: () => openSqliteStore(f.dataDir),
+    openStore: () => openStore({ database: f.database, dataDir: f.dataDir }),
+    startWorker: f.worker ? (log) => {
+      // the same settings the server runs with, for the worker process
+      const argv = [join(PACKAGE_ROOT, 'bin', 'reft-server.js'), 'worker', '--model', f.model, '--data-dir', f.dataDir, '--log-level', f.logLevel, ...workerArgv(f)];
+      if (f.database) argv.push('--database', f.database);
+      if (f.threads) argv.push('--threads', String(f.threads));
+      const supervisor = new WorkerSupervisor(argv, log);
+      supervisor.start();
+      return supervisor;
+    } : null,
     adminKey: process.env.REFT_ADMIN_KEY || null,
     cacheDir: cacheDir(),
     sharedInterventionsDir: f.interventionsDir,

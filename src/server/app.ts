@@ -14,6 +14,8 @@ import { healthRoutes } from './routes/health.ts';
 import { interventionRoutes } from './routes/interventions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
+import { fileRoutes } from './routes/files.ts';
+import { trainingRoutes } from './routes/training.ts';
 import { GenerationService, notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 
@@ -87,6 +89,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
+  fileRoutes(app, opts.store);
+  trainingRoutes(app, opts.store, runtime);
   adminRoutes(app, opts.store);
   return { app, metrics };
 }

@@ -2,7 +2,8 @@ import { createHash } from 'node:crypto';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
+import type { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
 import { ReftError } from '../errors.ts';
@@ -24,6 +25,8 @@ export interface ServeSettings {
   host: string;
   port: number;
   openStore: () => Promise<Store>;
+  /** Starts the training worker next to the server (null: none). */
+  startWorker: ((log: Logger) => WorkerSupervisor) | null;
   adminKey: string | null;
   cacheDir: string;
   sharedInterventionsDir: string | null;
@@ -44,6 +47,7 @@ export interface RunningServer {
   url: string;
   /** Resolves once the model is loaded (rejects if loading failed). */
   ready: Promise<void>;
+  worker: WorkerSupervisor | null;
   shutdown(reason: string): Promise<void>;
 }
 
@@ -70,6 +74,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   });
   const url = await app.listen({ host: s.host, port: s.port });
   app.log.info({ url, mode: s.adminKey ? 'multi-tenant' : 'single-tenant (open, loopback only)' }, 'listening');
+  const worker = s.startWorker?.(logger.child({ component: 'supervisor' })) ?? null;
 
   const ready = (async () => {
     const dir = await s.resolveModel();
@@ -97,13 +102,13 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
         void runtime?.engine.terminate();
       }, s.shutdownTimeoutMs);
       timer.unref();
-      await app.close();
+      await Promise.all([app.close(), worker?.stop()]);
       clearTimeout(timer);
       await runtime?.engine.close();
       await store.close();
       app.log.info('stopped');
     })());
-  return { app, url, ready, shutdown };
+  return { app, url, ready, shutdown, worker };
 }
 
 async function ensureDefaultTenant(store: Store): Promise<Tenant> {

@@ -44,7 +44,7 @@ export type TrainingOutcome =
 
 export interface TrainerOptions extends TrainingGraphOptions {
   /** Called after every optimizer step and awaited (a job checks for cancellation here). */
-  onProgress?: (p: TrainingProgress) => void | Promise<void>;
+  onProgress?: (p: TrainingProgress) => unknown;
   /** Checked before every optimizer step; an aborted run returns a checkpoint to resume from. */
   signal?: AbortSignal;
   /** Hands a checkpoint to `onCheckpoint` every this many optimizer steps. */

@@ -1,5 +1,4 @@
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { invalidIntervention } from '../../errors.ts';
 import { importPyreft, type PyreftBaseModel, type PyreftImportResult } from './convert.ts';
@@ -50,32 +49,4 @@ async function readLimited(path: string, name: string): Promise<Uint8Array> {
 
 function isMissing(e: unknown): boolean {
   return (e as NodeJS.ErrnoException | null)?.code === 'ENOENT';
-}
-
-/**
- * Writes reft_config.json and reft_weights.safetensors into `outDir`, each atomically: written to a
- * temporary file in the same folder, flushed, then renamed over the target, so a reader never
- * sees a half-written file. The weights go first, so a config never points at missing weights.
- */
-export async function writeArtifact(outDir: string, result: Pick<PyreftImportResult, 'configBytes' | 'weightBytes'>): Promise<void> {
-  await mkdir(outDir, { recursive: true });
-  await writeAtomically(join(outDir, 'reft_weights.safetensors'), result.weightBytes);
-  await writeAtomically(join(outDir, 'reft_config.json'), result.configBytes);
-}
-
-async function writeAtomically(path: string, bytes: Uint8Array): Promise<void> {
-  const tmp = `${path}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`;
-  try {
-    const fh = await open(tmp, 'wx');
-    try {
-      await fh.writeFile(bytes);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, path);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
 }

@@ -3,6 +3,6 @@
  * latter PyTorch zip-pickles read without running pickle). See fixtures/pyreft/README.md.
  */
 export { importPyreft, assignPositions, type PyreftImportInput, type PyreftBaseModel, type PyreftImportResult } from './convert.ts';
-export { importPyreftDirectory, writeArtifact, type PyreftDirectoryOptions } from './directory.ts';
+export { importPyreftDirectory, type PyreftDirectoryOptions } from './directory.ts';
 export { readStateDict } from './state-dict.ts';
 export type { TorchTensor, TorchDType } from './tensor.ts';

@@ -1,0 +1,80 @@
+import { z } from 'zod';
+import { ReftError, invalidRequest } from '../errors.ts';
+import { messageSchema } from '../engine/options.ts';
+import type { TextTokenizer } from '../model/tokenizer.ts';
+import { tokenizeRows, type TrainingExample, type TrainingRow } from '../training/index.ts';
+
+/**
+ * Training data: JSONL files (one row per line) or inline rows, each `{prompt, completion}` or
+ * `{messages: [...]}`. Errors name the line (files) or the index (inline rows).
+ */
+export const MAX_TRAINING_ROWS = 100_000;
+
+export const trainingRowSchema = z.union([
+  z.strictObject({ prompt: z.string().min(1).max(1_000_000), completion: z.string().min(1).max(1_000_000) }),
+  z.strictObject({ messages: z.array(messageSchema).min(2).max(1024) }),
+]);
+
+/** Where a row came from, for error messages: "line 7" or "data.6". */
+export type RowOrigin = { kind: 'file'; lines: number[] } | { kind: 'inline' };
+
+export interface ParsedRows {
+  rows: TrainingRow[];
+  origin: RowOrigin;
+}
+
+function describeRowError(error: z.ZodError): string {
+  const issue = error.issues[0];
+  if (issue.code === 'invalid_union') return 'a row is {"prompt", "completion"} (strings) or {"messages": [{"role", "content"}, ...]}';
+  return `${issue.path.join('.') || 'row'}: ${issue.message}`;
+}
+
+export function parseJsonl(bytes: Uint8Array, field = 'training_file'): ParsedRows {
+  let text: string;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw invalidRequest(`${field}: the file is not UTF-8 text`, field);
+  }
+  const rows: TrainingRow[] = [];
+  const lines: number[] = [];
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (!line) return;
+    let json: unknown;
+    try {
+      json = JSON.parse(line);
+    } catch {
+      throw invalidRequest(`${field}: line ${i + 1} is not valid JSON`, `${field}:line ${i + 1}`);
+    }
+    const row = trainingRowSchema.safeParse(json);
+    if (!row.success) throw invalidRequest(`${field}: line ${i + 1}: ${describeRowError(row.error)}`, `${field}:line ${i + 1}`);
+    rows.push(row.data);
+    lines.push(i + 1);
+    if (rows.length > MAX_TRAINING_ROWS) throw invalidRequest(`${field}: more than ${MAX_TRAINING_ROWS} rows`, field);
+  });
+  if (rows.length === 0) throw invalidRequest(`${field}: the file has no rows`, field);
+  return { rows, origin: { kind: 'file', lines } };
+}
+
+export function parseInlineRows(data: unknown[]): ParsedRows {
+  const rows = data.map((json, i) => {
+    const row = trainingRowSchema.safeParse(json);
+    if (!row.success) throw invalidRequest(`data.${i}: ${describeRowError(row.error)}`, `data.${i}`);
+    return row.data;
+  });
+  return { rows, origin: { kind: 'inline' } };
+}
+
+/** Tokenizes rows, rewriting the trainer's `data.<i>` fields into the row's origin. */
+export function tokenizeTrainingRows(parsed: ParsedRows, tokenizer: TextTokenizer, maxLength: number, field = 'training_file'): TrainingExample[] {
+  try {
+    return tokenizeRows(parsed.rows, tokenizer, maxLength);
+  } catch (e) {
+    if (!(e instanceof ReftError) || parsed.origin.kind === 'inline') throw e;
+    const m = /^data\.(\d+)/.exec(e.field ?? '');
+    if (!m) throw e;
+    const line = parsed.origin.lines[Number(m[1])];
+    throw new ReftError(e.code, e.message.replace(/^data\.\d+/, `${field}: line ${line}`), `${field}:line ${line}`);
+  }
+}

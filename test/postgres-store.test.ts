@@ -1,0 +1,168 @@
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { promisify } from 'node:util';
+import pg from 'pg';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { openPostgresStore } from '../src/storage/postgres-store.ts';
+import type { Store } from '../src/storage/store.ts';
+import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, useStoreFixture } from './support/store-contract.ts';
+import type { StoreBackend } from './support/store-contract.ts';
+
+// Every test runs against a fresh database, created (and dropped afterwards) through the role of
+// REFT_TEST_DATABASE_URL, which needs CREATEDB. A missing server fails the tests: it is not a skip.
+
+const ADMIN_URL = process.env.REFT_TEST_DATABASE_URL ?? 'postgres://reft:reft@127.0.0.1:5432/reft_test';
+const HOW_TO_START = 'start it with `bash .ci/postgres.sh` (as root), or point REFT_TEST_DATABASE_URL at a server whose role has CREATEDB';
+
+/** Runs statements on the admin database with a short-lived connection. */
+async function admin<T>(body: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: ADMIN_URL, connectionTimeoutMillis: 5_000 });
+  try {
+    await client.connect();
+  } catch (e) {
+    throw new Error(`PostgreSQL is not reachable at ${ADMIN_URL} (${(e as Error).message}): ${HOW_TO_START}`);
+  }
+  try {
+    return await body(client);
+  } finally {
+    await client.end();
+  }
+}
+
+function databaseUrl(name: string): string {
+  const url = new URL(ADMIN_URL);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+const postgres: StoreBackend = {
+  name: 'postgres',
+  async create() {
+    const name = `reft_t_${randomBytes(6).toString('hex')}`;
+    await admin((c) => c.query(`CREATE DATABASE ${name}`));
+    return databaseUrl(name);
+  },
+  open: (url) => openPostgresStore(url),
+  async destroy(url) {
+    const name = new URL(url).pathname.slice(1);
+    // FORCE: a test that failed midway may have left a connection (a child process's) open.
+    await admin((c) => c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
+  },
+};
+
+beforeAll(async () => {
+  await admin((c) => c.query('SELECT 1'));
+});
+
+storeContract(postgres);
+
+// ---------------------------------------------------------------------------------------------
+
+describe('postgres: several processes', () => {
+  const fx = useStoreFixture(postgres);
+
+  it("hears another process's replace, delete and queued job within a second; each process once", async () => {
+    const store = await fx.open();
+    const t = await store.createTenant('a');
+    const replaced = await store.putIntervention(newIv(t.id, 'replaced'));
+    const deleted = await store.putIntervention(newIv(t.id, 'deleted'));
+    const heard: { id: string; at: number }[] = [];
+    let woken = 0;
+    store.onInterventionChanged((id) => heard.push({ id, at: Date.now() }));
+    store.onJobQueued(() => woken++);
+
+    let changedAt = 0;
+    const result = await runChild('postgres', fx.location, ['change', t.id, replaced.id, deleted.id], {
+      onLine: (line) => {
+        if (line === 'changed') changedAt = Date.now();
+      },
+    });
+    expect(result.code, result.stderr).toBe(0);
+    // The child's own listeners fired once per change: at commit, and not again for the echo.
+    expect(lastJson(result)).toEqual({ seen: [replaced.id, deleted.id], woken: 1 });
+    // Ours, once each, within a second of the child reporting its changes done.
+    expect(heard.map((h) => h.id)).toEqual([replaced.id, deleted.id]);
+    for (const h of heard) expect(h.at - changedAt).toBeLessThan(1_000);
+    expect(woken).toBe(1);
+    expect((await store.findIntervention(t.id, replaced.id))!.version).toBe(2);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// A database restart under an open store. Stops and starts the server with Debian's
+// pg_ctlcluster, so it needs the server on this machine and the rights to do that (root, as in CI).
+// ---------------------------------------------------------------------------------------------
+
+const run = promisify(execFile);
+
+/** The Debian cluster ("15/main") serving the test database, from its cluster_name setting. */
+async function serverCluster(): Promise<{ stop(): Promise<void>; start(): Promise<void> }> {
+  const name: string = await admin(async (c) => (await c.query('SHOW cluster_name')).rows[0].cluster_name);
+  const match = /^(\d+)\/(\S+)$/.exec(name);
+  if (!match) throw new Error(`cannot tell the server's cluster (cluster_name = "${name}"): the outage test needs a Debian cluster, see .ci/postgres.sh`);
+  const [, version, cluster] = match;
+  return {
+    stop: async () => void (await run('pg_ctlcluster', [version, cluster, 'stop', '-m', 'fast'])),
+    start: async () => void (await run('pg_ctlcluster', [version, cluster, 'start'])),
+  };
+}
+
+describe('postgres: outage', () => {
+  const fx = useStoreFixture(postgres);
+  const extra: Store[] = [];
+  afterEach(async () => {
+    for (const s of extra.splice(0)) await s.close();
+  });
+
+  it('fails fast with unavailable while the server is down, and recovers without a reopen', async () => {
+    const background: string[] = [];
+    const store = await openPostgresStore(fx.location, { onBackgroundError: (e) => background.push(e.message) });
+    extra.push(store);
+    const t = await store.createTenant('a');
+    const iv = await store.putIntervention(newIv(t.id, 'watched'));
+    const heard: string[] = [];
+    store.onInterventionChanged((id) => heard.push(id));
+
+    const cluster = await serverCluster();
+    await cluster.stop();
+    try {
+      for (const call of [() => store.getTenant(t.id), () => store.createTenant('b'), () => store.claimJob('w', 1000, 3)]) {
+        const started = Date.now();
+        const e = await rejection(call());
+        expect(e.code).toBe('unavailable');
+        expect(e.status).toBe(503);
+        expect(e.retryAfterSeconds).toBeGreaterThan(0);
+        expect(Date.now() - started).toBeLessThan(3_000);
+      }
+      await sleep(300); // the listener is retrying meanwhile
+    } finally {
+      // Whatever failed above, the server comes back for the tests after this one.
+      await cluster.start();
+    }
+
+    // Queries work again on the same store.
+    expect(await eventually(() => store.getTenant(t.id), 10_000, 100)).toEqual(t);
+    expect((await store.createTenant('after')).name).toBe('after');
+
+    // And so does NOTIFY: the listener reconnected and LISTENs again. Changes from another store
+    // (another process, as far as the database can tell) until one is heard, in case the
+    // listener's backoff has not come round yet.
+    const other = await openPostgresStore(fx.location);
+    extra.push(other);
+    const started = Date.now();
+    await eventually(
+      async () => {
+        if (!heard.includes(iv.id)) {
+          await other.putIntervention(newIv(t.id, 'watched'), iv.id);
+          await sleep(100);
+        }
+        expect(heard).toContain(iv.id);
+      },
+      10_000,
+      0,
+    );
+    expect(Date.now() - started).toBeLessThan(5_000);
+    expect(background.some((m) => /lost/.test(m))).toBe(true);
+    expect(background.some((m) => /back/.test(m))).toBe(true);
+  });
+});

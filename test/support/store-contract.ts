@@ -1,0 +1,711 @@
+/**
+ * The Store contract: every test here runs against each implementation (test/sqlite-store.test.ts,
+ * test/postgres-store.test.ts), each on fresh, empty storage per test. Tests of one backend's
+ * own machinery (blob files, crash points, LISTEN/NOTIFY, outages) stay in that backend's file.
+ */
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ReftError } from '../../src/errors.ts';
+import type { NewIntervention, Page, Store } from '../../src/storage/store.ts';
+
+export interface StoreBackend {
+  name: 'sqlite' | 'postgres';
+  /** Makes fresh, empty storage for one test; returns where it is (a data directory, a database URL). */
+  create(): Promise<string>;
+  open(location: string): Promise<Store>;
+  /** Removes the storage after the test; every store opened on it is closed by then. */
+  destroy(location: string): Promise<void>;
+  /** The blob files under a location, for a backend that keeps file bytes outside its database. */
+  blobs?(location: string): Promise<string[]>;
+}
+
+export interface StoreFixture {
+  /** This test's storage. */
+  readonly location: string;
+  /** Opens a store on it (closed after the test). */
+  open(): Promise<Store>;
+  /** Blob file names, or null for a backend without blob files. */
+  blobs(): Promise<string[] | null>;
+  /** Expects n blob files where the backend has them; passes elsewhere. */
+  expectBlobs(n: number): Promise<void>;
+}
+
+/** Fresh storage for every test of the enclosing describe block, cleaned up after it. */
+export function useStoreFixture(backend: StoreBackend): StoreFixture {
+  let location: string | undefined;
+  let opened: Store[] = [];
+  beforeEach(async () => {
+    location = await backend.create();
+    opened = [];
+  });
+  afterEach(async () => {
+    for (const s of opened) await s.close();
+    if (location !== undefined) await backend.destroy(location);
+    location = undefined;
+  });
+  const here = () => {
+    if (location === undefined) throw new Error('no storage outside a test');
+    return location;
+  };
+  const blobs = async () => (backend.blobs ? (await backend.blobs(here())).sort() : null);
+  return {
+    get location() {
+      return here();
+    },
+    async open() {
+      const s = await backend.open(here());
+      opened.push(s);
+      return s;
+    },
+    blobs,
+    async expectBlobs(n) {
+      const names = await blobs();
+      if (names !== null) expect(names).toHaveLength(n);
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the backend test files.
+// ---------------------------------------------------------------------------------------------
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export const bytes = (n: number) => new Uint8Array(randomBytes(n));
+
+export function newIv(tenantId: string | null, name: string, size = 64): NewIntervention {
+  return {
+    tenantId,
+    name,
+    description: `about ${name}`,
+    source: 'upload',
+    config: { name, layers: [1, 2] },
+    files: { config: new TextEncoder().encode(JSON.stringify({ name })), weights: bytes(size) },
+  };
+}
+
+export async function rejection(p: Promise<unknown>): Promise<ReftError> {
+  const e = await p.then(
+    () => {
+      throw new Error('expected a rejection');
+    },
+    (err: unknown) => err,
+  );
+  expect(e).toBeInstanceOf(ReftError);
+  return e as ReftError;
+}
+
+/** Every item of a paged list, walking the cursor with the given page size. */
+export async function collect<T extends { id: string }>(fetch: (after?: string) => Promise<Page<T>>): Promise<T[]> {
+  const all: T[] = [];
+  let after: string | undefined;
+  for (;;) {
+    const page = await fetch(after);
+    all.push(...page.data);
+    if (page.nextCursor === null) return all;
+    expect(page.nextCursor).toBe(page.data[page.data.length - 1].id);
+    after = page.nextCursor;
+  }
+}
+
+/** Polls until `check` stops throwing, or rethrows its last error after `timeoutMs`. */
+export async function eventually<T>(check: () => T | Promise<T>, timeoutMs = 5_000, everyMs = 20): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+      await sleep(everyMs);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes on the same store (test/support/store-child.ts says what each mode does).
+// ---------------------------------------------------------------------------------------------
+
+const ROOT = resolve(import.meta.dirname, '../..');
+const CHILD = join(ROOT, 'test/support/store-child.ts');
+
+export interface ChildResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  pid: number;
+}
+
+export interface ChildOptions {
+  /** Called with each line the child prints, and a function that writes a line to its stdin. */
+  onLine?: (line: string, send: (line: string) => void) => void;
+}
+
+export function runChild(backend: StoreBackend['name'], location: string, args: string[], options: ChildOptions = {}): Promise<ChildResult> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', CHILD, backend, location, ...args], {
+      cwd: ROOT,
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const send = (line: string) => child.stdin.write(`${line}\n`);
+    child.stdin.on('error', () => {}); // a child that exits early closes its stdin
+    let stdout = '';
+    let stderr = '';
+    let partial = '';
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d;
+      partial += d;
+      const lines = partial.split('\n');
+      partial = lines.pop()!;
+      for (const l of lines) options.onLine?.(l, send);
+    });
+    child.stderr.on('data', (d: Buffer) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      child.stdin.destroy();
+      resolvePromise({ code, signal, stdout, stderr, pid: child.pid! });
+    });
+  });
+}
+
+/** The JSON object a child printed last. */
+export function lastJson<T>(result: ChildResult): T {
+  return JSON.parse(result.stdout.trim().split('\n').at(-1)!) as T;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract
+// ---------------------------------------------------------------------------------------------
+
+export function storeContract(backend: StoreBackend): void {
+  describe('Store contract', () => {
+    const fx = useStoreFixture(backend);
+    const open = () => fx.open();
+
+    describe('tenants and API keys', () => {
+      it('creates, gets and pages tenants', async () => {
+        const store = await open();
+        const made = [];
+        for (let i = 0; i < 7; i++) made.push(await store.createTenant(`t${i}`));
+        expect(made[0].id).toMatch(/^ten_[0-9a-f]{24}$/);
+        expect(new Date(made[0].createdAt).toISOString()).toBe(made[0].createdAt);
+        expect(await store.getTenant(made[3].id)).toEqual(made[3]);
+        expect(await store.getTenant('ten_missing')).toBeNull();
+
+        const first = await store.listTenants({ limit: 3 });
+        expect(first.data).toHaveLength(3);
+        expect(first.nextCursor).toBe(first.data[2].id);
+        const all = await collect((after) => store.listTenants({ limit: 3, after }));
+        expect(all.map((t) => t.id)).toEqual(made.map((t) => t.id));
+        const exact = await store.listTenants({ limit: 7 });
+        expect(exact.nextCursor).toBeNull();
+        expect((await rejection(store.listTenants({ limit: 3, after: 'ten_nope' }))).field).toBe('after');
+      });
+
+      it('finds live keys by hash, never revoked ones', async () => {
+        const store = await open();
+        const t = await store.createTenant('acme');
+        const key = await store.createApiKey(t.id, 'hash-1');
+        expect(key).toMatchObject({ tenantId: t.id, revokedAt: null });
+        expect(key.id).toMatch(/^key_[0-9a-f]{24}$/);
+        expect(await store.findApiKey('hash-1')).toEqual({ key, tenant: t });
+        expect(await store.findApiKey('hash-2')).toBeNull();
+
+        expect(await store.revokeApiKey(key.id)).toBe(true);
+        expect(await store.revokeApiKey(key.id)).toBe(false);
+        expect(await store.revokeApiKey('key_unknown')).toBe(false);
+        expect(await store.findApiKey('hash-1')).toBeNull();
+
+        expect((await rejection(store.createApiKey('ten_missing', 'h'))).code).toBe('not_found');
+        await expect(store.createApiKey(t.id, 'hash-1')).rejects.toThrow(); // hashes are unique
+      });
+    });
+
+    describe('interventions', () => {
+      it('stores, finds by id or name, and reads back byte-identical files', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const iv = newIv(t.id, 'sentiment', 5000);
+        const meta = await store.putIntervention(iv);
+        expect(meta).toMatchObject({
+          tenantId: t.id, name: 'sentiment', description: 'about sentiment', source: 'upload', version: 1,
+          config: iv.config, bytes: iv.files.config.byteLength + 5000,
+        });
+        expect(meta.id).toMatch(/^iv_[0-9a-f]{24}$/);
+        // The digest of the config bytes followed by the weights bytes.
+        const digest = createHash('sha256').update(iv.files.config).update(iv.files.weights).digest('hex');
+        expect(meta.sha256).toBe(digest);
+        expect(meta.createdAt).toBe(meta.updatedAt);
+
+        expect(await store.findIntervention(t.id, meta.id)).toEqual(meta);
+        expect(await store.findIntervention(t.id, 'sentiment')).toEqual(meta);
+        expect(await store.findIntervention(t.id, 'other')).toBeNull();
+        const files = await store.readInterventionFiles(meta.id);
+        expect(Buffer.from(files!.config).equals(Buffer.from(iv.files.config))).toBe(true);
+        expect(Buffer.from(files!.weights).equals(Buffer.from(iv.files.weights))).toBe(true);
+        expect(await store.readInterventionFiles('iv_missing')).toBeNull();
+        await fx.expectBlobs(2);
+      });
+
+      it('keeps tenants apart: another tenant cannot find, list, replace or delete', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const ofA = await store.putIntervention(newIv(a.id, 'secret'));
+
+        expect(await store.findIntervention(b.id, ofA.id)).toBeNull();
+        expect(await store.findIntervention(b.id, 'secret')).toBeNull();
+        expect(await store.findIntervention(null, ofA.id)).toBeNull();
+        expect((await store.listInterventions(b.id, { limit: 10 })).data).toEqual([]);
+        expect(await store.deleteIntervention(b.id, ofA.id)).toBe(false);
+        expect(await store.deleteIntervention(null, ofA.id)).toBe(false);
+        expect((await rejection(store.putIntervention(newIv(b.id, 'secret'), ofA.id))).code).toBe('not_found');
+        expect((await rejection(store.putIntervention(newIv(b.id, 'x'), '../../escape'))).code).toBe('not_found');
+        // b may use the same name for its own.
+        const ofB = await store.putIntervention(newIv(b.id, 'secret'));
+        expect((await store.findIntervention(b.id, 'secret'))!.id).toBe(ofB.id);
+        expect((await store.findIntervention(a.id, 'secret'))!.id).toBe(ofA.id);
+        expect(await store.usage(b.id)).toEqual({ interventions: 1, bytes: ofB.bytes });
+        expect((await store.findIntervention(a.id, ofA.id))!.version).toBe(1);
+      });
+
+      it("shares tenant-less interventions; a tenant's own name wins", async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const shared = await store.putIntervention({ ...newIv(null, 'common'), source: 'shared' });
+        const sharedOther = await store.putIntervention({ ...newIv(null, 'only-shared'), source: 'shared' });
+        const own = await store.putIntervention(newIv(a.id, 'common'));
+
+        expect((await store.findIntervention(a.id, 'common'))!.id).toBe(own.id);
+        expect((await store.findIntervention(b.id, 'common'))!.id).toBe(shared.id);
+        expect((await store.findIntervention(a.id, shared.id))!.id).toBe(shared.id); // by id, the shared one
+        expect((await store.findIntervention(null, 'common'))!.id).toBe(shared.id);
+        expect(await store.findIntervention(null, own.id)).toBeNull();
+
+        const listA = await store.listInterventions(a.id, { limit: 10 });
+        expect(listA.data.map((m) => m.id)).toEqual([shared.id, sharedOther.id, own.id]);
+        const listShared = await store.listInterventions(null, { limit: 10 });
+        expect(listShared.data.map((m) => m.id)).toEqual([shared.id, sharedOther.id]);
+
+        // A tenant can't delete or replace a shared one; only a null (admin) caller can.
+        expect(await store.deleteIntervention(a.id, shared.id)).toBe(false);
+        expect((await rejection(store.putIntervention(newIv(a.id, 'common'), shared.id))).code).toBe('not_found');
+        expect((await rejection(store.putIntervention(newIv(null, 'common')))).code).toBe('conflict');
+        expect(await store.deleteIntervention(null, shared.id)).toBe(true);
+        expect(await store.findIntervention(b.id, 'common')).toBeNull();
+        expect(await store.usage(a.id)).toEqual({ interventions: 1, bytes: own.bytes });
+      });
+
+      it('rejects a duplicate name without replaceId, leaving nothing behind', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const first = await store.putIntervention(newIv(t.id, 'dup'));
+        const before = await fx.blobs();
+        const e = await rejection(store.putIntervention(newIv(t.id, 'dup')));
+        expect(e.code).toBe('conflict');
+        expect(e.field).toBe('name');
+        expect(await fx.blobs()).toEqual(before);
+        expect((await store.listInterventions(t.id, { limit: 10 })).data.map((m) => m.id)).toEqual([first.id]);
+        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: first.bytes });
+        // And for an unknown tenant (foreign key): a not_found, again leaving nothing behind.
+        expect((await rejection(store.putIntervention(newIv('ten_ghost', 'x')))).field).toBe('tenantId');
+        expect(await fx.blobs()).toEqual(before);
+      });
+
+      it('replaces in place: same id, version + 1, new bytes, listener fired', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const changed: string[] = [];
+        const off = store.onInterventionChanged((id) => changed.push(id));
+        const v1 = await store.putIntervention(newIv(t.id, 'model', 100));
+        const oldBlobs = await fx.blobs();
+        expect(changed).toEqual([]);
+        await sleep(5);
+
+        const next = { ...newIv(t.id, 'model', 300), description: 'v2' };
+        const v2 = await store.putIntervention(next, v1.id);
+        expect(v2).toMatchObject({ id: v1.id, version: 2, description: 'v2', createdAt: v1.createdAt, bytes: next.files.config.byteLength + 300 });
+        expect(v2.updatedAt > v1.updatedAt).toBe(true);
+        expect(v2.sha256).not.toBe(v1.sha256);
+        expect(changed).toEqual([v1.id]); // at once, before the call returns
+        const files = await store.readInterventionFiles(v1.id);
+        expect(Buffer.from(files!.weights).equals(Buffer.from(next.files.weights))).toBe(true);
+        const nowBlobs = await fx.blobs();
+        if (nowBlobs !== null) {
+          expect(nowBlobs).toHaveLength(2);
+          expect(nowBlobs.some((n) => oldBlobs!.includes(n))).toBe(false);
+        }
+        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: v2.bytes });
+
+        // Replacing into another intervention's name conflicts and keeps v2 whole.
+        await store.putIntervention(newIv(t.id, 'other'));
+        expect((await rejection(store.putIntervention(newIv(t.id, 'other'), v1.id))).code).toBe('conflict');
+        expect((await store.findIntervention(t.id, v1.id))!.version).toBe(2);
+        expect(Buffer.from((await store.readInterventionFiles(v1.id))!.weights).equals(Buffer.from(next.files.weights))).toBe(true);
+        await fx.expectBlobs(4);
+
+        off();
+        await store.putIntervention(newIv(t.id, 'model'), v1.id);
+        await sleep(100); // a backend that also hears its own change from the database must not fire twice
+        expect(changed).toEqual([v1.id]);
+      });
+
+      it('deletes the row and its files, and tells listeners', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const changed: string[] = [];
+        store.onInterventionChanged((id) => changed.push(id));
+        store.onInterventionChanged(() => {
+          throw new Error('a broken listener does not break the store');
+        });
+        const keep = await store.putIntervention(newIv(t.id, 'keep'));
+        const gone = await store.putIntervention(newIv(t.id, 'gone'));
+        await fx.expectBlobs(4);
+        expect(await store.deleteIntervention(t.id, gone.id)).toBe(true);
+        expect(changed).toEqual([gone.id]);
+        expect(await store.deleteIntervention(t.id, gone.id)).toBe(false);
+        expect(await store.findIntervention(t.id, gone.id)).toBeNull();
+        expect(await store.readInterventionFiles(gone.id)).toBeNull();
+        await fx.expectBlobs(2);
+        expect(await store.readInterventionFiles(keep.id)).not.toBeNull();
+        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: keep.bytes });
+        await sleep(100);
+        expect(changed).toEqual([gone.id]); // exactly once
+      });
+
+      it('pages in creation order with a cursor, scoped to the tenant', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const mine = [];
+        for (let i = 0; i < 5; i++) {
+          mine.push((await store.putIntervention(newIv(a.id, `a${i}`))).id);
+          await store.putIntervention(newIv(b.id, `b${i}`));
+        }
+        for (const limit of [1, 2, 5, 100]) {
+          const all = await collect((after) => store.listInterventions(a.id, { limit, after }));
+          expect(all.map((m) => m.id)).toEqual(mine);
+        }
+        // Another tenant's id is no cursor for me.
+        const ofB = (await store.listInterventions(b.id, { limit: 1 })).data[0].id;
+        expect((await rejection(store.listInterventions(a.id, { limit: 2, after: ofB }))).code).toBe('invalid_request');
+      });
+
+      it('reads whole versions when a replace races reads', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const first = newIv(t.id, 'race', 200_000);
+        const v1 = await store.putIntervention(first);
+        const reads = Array.from({ length: 20 }, () => store.readInterventionFiles(v1.id));
+        const next = newIv(t.id, 'race', 200_000);
+        await store.putIntervention(next, v1.id);
+        for (const r of await Promise.all(reads)) {
+          expect(r).not.toBeNull();
+          // Never the config of one version with the weights of the other.
+          const isFirst = Buffer.from(r!.weights).equals(Buffer.from(first.files.weights));
+          const isNext = Buffer.from(r!.weights).equals(Buffer.from(next.files.weights));
+          expect(isFirst || isNext).toBe(true);
+        }
+        const after = await store.readInterventionFiles(v1.id);
+        expect(Buffer.from(after!.weights).equals(Buffer.from(next.files.weights))).toBe(true);
+      });
+    });
+
+    describe('training data files', () => {
+      it('stores, reads, pages and deletes files per tenant', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const data = bytes(10_000);
+        const f = await store.putFile(a.id, 'train.jsonl', 'fine-tune', data);
+        expect(f).toMatchObject({ tenantId: a.id, filename: 'train.jsonl', purpose: 'fine-tune', bytes: 10_000 });
+        expect(f.id).toMatch(/^file_[0-9a-f]{24}$/);
+        expect(await store.getFile(a.id, f.id)).toEqual(f);
+        expect(Buffer.from((await store.readFile(a.id, f.id))!).equals(Buffer.from(data))).toBe(true);
+
+        expect(await store.getFile(b.id, f.id)).toBeNull();
+        expect(await store.readFile(b.id, f.id)).toBeNull();
+        expect(await store.deleteFile(b.id, f.id)).toBe(false);
+        expect((await store.listFiles(b.id, { limit: 10 })).data).toEqual([]);
+
+        const more = [f.id];
+        for (let i = 0; i < 4; i++) more.push((await store.putFile(a.id, `f${i}`, 'fine-tune', bytes(10))).id);
+        expect((await collect((after) => store.listFiles(a.id, { limit: 2, after }))).map((x) => x.id)).toEqual(more);
+
+        await fx.expectBlobs(5);
+        expect(await store.deleteFile(a.id, f.id)).toBe(true);
+        expect(await store.deleteFile(a.id, f.id)).toBe(false);
+        expect(await store.readFile(a.id, f.id)).toBeNull();
+        await fx.expectBlobs(4);
+        expect((await rejection(store.putFile('ten_ghost', 'x', 'p', bytes(3)))).code).toBe('not_found');
+        await fx.expectBlobs(4);
+      });
+    });
+
+    describe('training jobs', () => {
+      it('creates, scopes, lists and wakes listeners', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        let woken = 0;
+        store.onJobQueued(() => woken++);
+        const job = await store.createJob(a.id, { recipe: 'loreft', data: 'file_x' });
+        expect(job).toMatchObject({
+          tenantId: a.id, status: 'queued', spec: { recipe: 'loreft', data: 'file_x' }, progress: null, error: null,
+          interventionId: null, attempts: 0, cancelRequested: false, startedAt: null, finishedAt: null,
+        });
+        expect(job.id).toMatch(/^job_[0-9a-f]{24}$/);
+        expect(woken).toBe(1);
+        expect(await store.getJob(a.id, job.id)).toEqual(job);
+        expect(await store.getJob(null, job.id)).toEqual(job);
+        expect(await store.getJob(b.id, job.id)).toBeNull();
+        expect(await store.requestCancel(b.id, job.id)).toBeNull();
+        expect((await store.listJobs(b.id, { limit: 10 })).data).toEqual([]);
+        const ids = [job.id];
+        for (let i = 0; i < 4; i++) ids.push((await store.createJob(a.id, { i })).id);
+        expect((await collect((after) => store.listJobs(a.id, { limit: 3, after }))).map((j) => j.id)).toEqual(ids);
+        expect((await rejection(store.createJob('ten_ghost', {}))).code).toBe('not_found');
+        await sleep(100);
+        expect(woken).toBe(5); // once per job, however the backend also hears about it
+      });
+
+      it('claims oldest first; only the lease holder may renew, report, checkpoint and finish', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const first = await store.createJob(t.id, { n: 1 });
+        const second = await store.createJob(t.id, { n: 2 });
+
+        const c1 = await store.claimJob('w1', 60_000, 3);
+        expect(c1!.job).toMatchObject({ id: first.id, status: 'running', attempts: 1 });
+        expect(c1!.job.startedAt).not.toBeNull();
+        expect(c1!.lease).toMatchObject({ jobId: first.id, workerId: 'w1' });
+        expect(c1!.lease.expiresAt).toBeGreaterThan(Date.now() + 59_000);
+        const c2 = await store.claimJob('w2', 60_000, 3);
+        expect(c2!.job.id).toBe(second.id);
+        expect(await store.claimJob('w3', 60_000, 3)).toBeNull();
+
+        expect(await store.renewLease(first.id, 'w2', 60_000)).toBe(false);
+        expect(await store.renewLease(first.id, 'w1', 60_000)).toBe(true);
+        expect(await store.updateProgress(first.id, 'w2', { step: 9 })).toBe(false);
+        expect(await store.updateProgress(first.id, 'w1', { step: 10, loss: 0.5 })).toBe(true);
+        expect((await store.getJob(null, first.id))!.progress).toEqual({ step: 10, loss: 0.5 });
+
+        expect(await store.loadCheckpoint(first.id)).toBeNull();
+        expect(await store.saveCheckpoint(first.id, 'w2', 5, bytes(10))).toBe(false);
+        await fx.expectBlobs(0);
+        const s1 = bytes(4000);
+        expect(await store.saveCheckpoint(first.id, 'w1', 5, s1)).toBe(true);
+        const s2 = bytes(5000);
+        expect(await store.saveCheckpoint(first.id, 'w1', 10, s2)).toBe(true);
+        const ck = await store.loadCheckpoint(first.id);
+        expect(ck!.step).toBe(10);
+        expect(Buffer.from(ck!.state).equals(Buffer.from(s2))).toBe(true);
+        await fx.expectBlobs(1); // the older checkpoint's blob is gone
+
+        const iv = await store.putIntervention({ ...newIv(t.id, 'trained'), source: 'training' });
+        expect(await store.finishJob(first.id, 'w2', { status: 'failed', error: 'nope' })).toBe(false);
+        const dangling = await rejection(store.finishJob(first.id, 'w1', { status: 'succeeded', interventionId: 'iv_gone' }));
+        expect(dangling.field).toBe('interventionId');
+        expect((await store.getJob(t.id, first.id))!.status).toBe('running');
+        expect(await store.finishJob(first.id, 'w1', { status: 'succeeded', interventionId: iv.id })).toBe(true);
+        expect(await store.finishJob(first.id, 'w1', { status: 'failed', error: 'again' })).toBe(false);
+        const done = await store.getJob(t.id, first.id);
+        expect(done).toMatchObject({ status: 'succeeded', interventionId: iv.id, error: null });
+        expect(done!.finishedAt).not.toBeNull();
+        expect(await store.renewLease(first.id, 'w1', 60_000)).toBe(false);
+        expect(await store.saveCheckpoint(first.id, 'w1', 11, bytes(3))).toBe(false);
+
+        expect(await store.finishJob(second.id, 'w2', { status: 'failed', error: 'out of memory' })).toBe(true);
+        expect(await store.getJob(t.id, second.id)).toMatchObject({ status: 'failed', error: 'out of memory' });
+
+        // Deleting the intervention a job produced leaves the job, without the reference.
+        await store.deleteIntervention(t.id, iv.id);
+        expect((await store.getJob(t.id, first.id))!.interventionId).toBeNull();
+      });
+
+      it('lets another worker take a job whose lease expired; the old holder is locked out', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const job = await store.createJob(t.id, {});
+        await store.claimJob('w1', 300, 3);
+        expect(await store.claimJob('w2', 60_000, 3)).toBeNull();
+        await sleep(350);
+        const again = await store.claimJob('w2', 60_000, 3);
+        expect(again!.job).toMatchObject({ id: job.id, attempts: 2, status: 'running' });
+        expect(await store.renewLease(job.id, 'w1', 60_000)).toBe(false);
+        expect(await store.updateProgress(job.id, 'w1', {})).toBe(false);
+        expect(await store.saveCheckpoint(job.id, 'w1', 1, bytes(3))).toBe(false);
+        expect(await store.finishJob(job.id, 'w1', { status: 'cancelled' })).toBe(false);
+        expect(await store.finishJob(job.id, 'w2', { status: 'cancelled' })).toBe(true);
+        expect((await store.getJob(null, job.id))!.status).toBe('cancelled');
+      });
+
+      it('fails a job instead of claiming it past maxAttempts', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const job = await store.createJob(t.id, {});
+        const later = await store.createJob(t.id, {});
+        expect((await store.claimJob('w1', 1, 2))!.job.id).toBe(job.id);
+        await sleep(10);
+        expect((await store.claimJob('w2', 1, 2))!.job).toMatchObject({ id: job.id, attempts: 2 });
+        await sleep(10);
+        // The third claim gives up on `job` and takes the next one in the same call.
+        const third = await store.claimJob('w3', 60_000, 2);
+        expect(third!.job.id).toBe(later.id);
+        const failed = await store.getJob(null, job.id);
+        expect(failed).toMatchObject({ status: 'failed', attempts: 2 });
+        expect(failed!.error).toMatch(/2 attempt/);
+        expect(failed!.finishedAt).not.toBeNull();
+        const last = (await store.listJobEvents(job.id, 0, 100)).at(-1)!;
+        expect(last).toMatchObject({ type: 'status', data: { status: 'failed' } });
+      });
+
+      it('cancels a queued job at once and never claims it; a running one is only flagged', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const queued = await store.createJob(t.id, { q: 1 });
+        const running = await store.createJob(t.id, { q: 2 });
+
+        const cancelled = await store.requestCancel(t.id, queued.id);
+        expect(cancelled).toMatchObject({ status: 'cancelled', cancelRequested: true });
+        expect(cancelled!.finishedAt).not.toBeNull();
+        const claim = await store.claimJob('w1', 60_000, 3);
+        expect(claim!.job.id).toBe(running.id);
+        expect(await store.claimJob('w2', 60_000, 3)).toBeNull();
+
+        const flagged = await store.requestCancel(t.id, running.id);
+        expect(flagged).toMatchObject({ status: 'running', cancelRequested: true, finishedAt: null });
+        expect(await store.finishJob(running.id, 'w1', { status: 'cancelled' })).toBe(true);
+        expect(await store.getJob(t.id, running.id)).toMatchObject({ status: 'cancelled' });
+        // Cancelling a finished job changes nothing.
+        expect(await store.requestCancel(t.id, running.id)).toMatchObject({ status: 'cancelled' });
+      });
+
+      it('cancels rather than retries a flagged job whose worker died', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const job = await store.createJob(t.id, {});
+        await store.claimJob('w1', 20, 3);
+        await store.requestCancel(t.id, job.id);
+        await sleep(40);
+        expect(await store.claimJob('w2', 60_000, 3)).toBeNull();
+        expect(await store.getJob(null, job.id)).toMatchObject({ status: 'cancelled', attempts: 1 });
+      });
+
+      it('numbers events per job in order, pages them, and records status changes', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const j1 = await store.createJob(t.id, {});
+        const j2 = await store.createJob(t.id, {});
+        await store.claimJob('w', 60_000, 3);
+        for (let i = 0; i < 5; i++) {
+          await store.appendJobEvent(j1.id, 'metrics', { step: i });
+          await store.appendJobEvent(j2.id, 'log', { line: `l${i}` });
+        }
+        await store.finishJob(j1.id, 'w', { status: 'failed', error: 'boom' });
+
+        const events = await store.listJobEvents(j1.id, 0, 100);
+        expect(events.map((e) => e.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+        expect(events.map((e) => e.type)).toEqual(['status', 'status', 'metrics', 'metrics', 'metrics', 'metrics', 'metrics', 'status']);
+        expect(events[0].data).toEqual({ status: 'queued' });
+        expect(events[1].data).toEqual({ status: 'running', attempt: 1 });
+        expect(events[4]).toMatchObject({ jobId: j1.id, type: 'metrics', data: { step: 2 } });
+        expect(events[7].data).toEqual({ status: 'failed', error: 'boom' });
+
+        const page = await store.listJobEvents(j1.id, 3, 2);
+        expect(page.map((e) => e.seq)).toEqual([4, 5]);
+        expect(await store.listJobEvents(j1.id, 8, 10)).toEqual([]);
+        expect((await store.listJobEvents(j2.id, 0, 100)).map((e) => e.seq)).toEqual([1, 2, 3, 4, 5, 6]);
+
+        expect((await rejection(store.appendJobEvent('job_missing', 'log', {}))).code).toBe('not_found');
+      });
+
+      it('numbers concurrent appends to one job without gaps or duplicates', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const job = await store.createJob(t.id, {});
+        await Promise.all(Array.from({ length: 30 }, (_, i) => store.appendJobEvent(job.id, 'log', { i })));
+        const seqs = (await store.listJobEvents(job.id, 0, 100)).map((e) => e.seq);
+        expect(seqs).toEqual(Array.from({ length: 31 }, (_, i) => i + 1));
+      });
+    });
+
+    describe('persistence', () => {
+      it('keeps everything across a reopen', async () => {
+        const first = await open();
+        const t = await first.createTenant('a');
+        const key = await first.createApiKey(t.id, 'h');
+        const iv = newIv(t.id, 'kept', 1234);
+        const meta = await first.putIntervention(iv);
+        const file = await first.putFile(t.id, 'd.jsonl', 'fine-tune', bytes(50));
+        const job = await first.createJob(t.id, { a: 1 });
+        const claim = await first.claimJob('w', 60_000, 3);
+        const state = bytes(99);
+        await first.saveCheckpoint(job.id, 'w', 7, state);
+        await first.appendJobEvent(job.id, 'log', { hi: 1 });
+        await first.close();
+
+        const again = await open();
+        expect(await again.getTenant(t.id)).toEqual(t);
+        expect(await again.findApiKey('h')).toEqual({ key, tenant: t });
+        expect(await again.findIntervention(t.id, 'kept')).toEqual(meta);
+        expect(Buffer.from((await again.readInterventionFiles(meta.id))!.weights).equals(Buffer.from(iv.files.weights))).toBe(true);
+        expect(await again.getFile(t.id, file.id)).toEqual(file);
+        expect(await again.getJob(t.id, job.id)).toEqual(claim!.job);
+        // The lease survives too: the same worker can go on after a restart of its store.
+        expect(await again.renewLease(job.id, 'w', 60_000)).toBe(true);
+        const ck = await again.loadCheckpoint(job.id);
+        expect(ck!.step).toBe(7);
+        expect(Buffer.from(ck!.state).equals(Buffer.from(state))).toBe(true);
+        expect((await again.listJobEvents(job.id, 0, 10)).map((e) => e.type)).toEqual(['status', 'status', 'log']);
+        await fx.expectBlobs(4);
+      });
+    });
+
+    describe('several processes', () => {
+      it('migrate the same new storage at once', async () => {
+        const results = await Promise.all([0, 1, 2].map(() => runChild(backend.name, fx.location, ['open'])));
+        for (const r of results) expect(r.code, r.stderr).toBe(0);
+        const store = await open();
+        const tenants = (await store.listTenants({ limit: 10 })).data.map((t) => t.id);
+        expect(tenants.sort()).toEqual(results.map((r) => lastJson<{ tenant: string }>(r).tenant).sort());
+      });
+
+      it('claim each job exactly once', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const ids: string[] = [];
+        for (let i = 0; i < 40; i++) ids.push((await store.createJob(t.id, { i })).id);
+
+        // Every worker waits for "go" until all have opened the store, so they claim at the same time.
+        const workers = ['w1', 'w2', 'w3'];
+        const senders: ((line: string) => void)[] = [];
+        const onLine = (line: string, send: (line: string) => void) => {
+          if (line !== 'ready') return;
+          senders.push(send);
+          if (senders.length === workers.length) for (const s of senders) s('go');
+        };
+        const results = await Promise.all(workers.map((w) => runChild(backend.name, fx.location, ['claim', w], { onLine })));
+        const claimedBy = new Map<string, string>();
+        const all: string[] = [];
+        results.forEach((r, i) => {
+          expect(r.code, r.stderr).toBe(0);
+          const claimed = lastJson<{ claimed: string[] }>(r).claimed;
+          for (const id of claimed) claimedBy.set(id, workers[i]);
+          all.push(...claimed);
+        });
+        expect(all.sort()).toEqual([...ids].sort()); // each exactly once
+        // Two of three at least took part (a slow start can leave one worker nothing).
+        expect(results.filter((r) => lastJson<{ claimed: string[] }>(r).claimed.length > 0).length).toBeGreaterThanOrEqual(2);
+
+        for (const id of ids) {
+          const job = await store.getJob(t.id, id);
+          expect(job).toMatchObject({ status: 'failed', attempts: 1 });
+          expect(job!.error).toBe(`done by ${claimedBy.get(id)}`);
+        }
+      });
+    });
+  });
+}
