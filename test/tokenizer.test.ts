@@ -7,7 +7,7 @@ import { ReftError } from '../src/errors.ts';
 import { parseModelConfig, type ModelConfig } from '../src/model/config.ts';
 import { loadTokenizer, type TextTokenizer } from '../src/model/tokenizer.ts';
 
-const MODEL_DIR = '/work/shared/models/stories260k';
+import { STORIES as MODEL_DIR } from './support/fixtures.ts';
 const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json'];
 
 /** Greedy continuation of "Once upon a time" by the base stories260k model. */

@@ -69,3 +69,15 @@ export async function startServerProcess(opts: ServerProcessOptions = {}): Promi
     },
   };
 }
+
+/** Runs the CLI without blocking this process (spawnSync would starve servers running in it). */
+export function runCli(args: string[], env: Record<string, string | undefined> = process.env): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    proc.stdout!.on('data', (d) => (stdout += d));
+    proc.stderr!.on('data', (d) => (stderr += d));
+    proc.once('exit', (status) => resolve({ status, stdout, stderr }));
+  });
+}

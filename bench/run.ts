@@ -1,0 +1,52 @@
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Engine } from '../src/engine/engine.ts';
+import { loadModel } from '../src/model/load.ts';
+import { benchEngine } from './engine.ts';
+import { describeMachine } from './machine.ts';
+import { randomCheckpoint } from './random-checkpoint.ts';
+import { benchServer } from './server.ts';
+import { benchRecipeA, benchTrainingStep } from './training.ts';
+
+/**
+ * `npm run bench [-- engine server training]`: the speed targets of the issues, measured on a
+ * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
+ * stories260k. Writes bench/results/<date>.{json,md} with the machine's description.
+ */
+const ROOT = join(import.meta.dirname, '..');
+const STORIES = join(ROOT, '..', 'shared', 'models', 'stories260k');
+const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training'];
+
+const lines: string[] = [];
+const log = (s: string) => {
+  lines.push(s);
+  process.stderr.write(`${s}\n`);
+};
+
+const machine = describeMachine();
+log(`machine: ${JSON.stringify(machine)}`);
+const dir = await randomCheckpoint(join(ROOT, 'bench', '.work', 'smol135m-f32'), STORIES);
+const model = await loadModel(dir);
+const cacheDir = join(ROOT, 'bench', '.work', 'cache');
+const results: Record<string, unknown> = { machine };
+
+if (sections.includes('engine') || sections.includes('training')) {
+  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir });
+  if (sections.includes('engine')) results.engine = await benchEngine(model, engine, log);
+  if (sections.includes('training')) {
+    results.training = {
+      recipe_a: await benchRecipeA(await loadModel(STORIES), log),
+      step_135m: await benchTrainingStep(model, engine, log),
+    };
+  }
+  await engine.close();
+}
+if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
+
+(results.machine as Record<string, unknown>).load_average_1m_end = describeMachine().load_average_1m;
+const stamp = new Date().toISOString().slice(0, 16).replace(/[:T]/g, '-');
+await mkdir(join(ROOT, 'bench', 'results'), { recursive: true });
+const base = join(ROOT, 'bench', 'results', `${stamp}-${sections.join('-')}`);
+await writeFile(`${base}.json`, JSON.stringify(results, null, 2) + '\n');
+await writeFile(`${base}.md`, `# Benchmark ${stamp}\n\n\`\`\`\n${lines.join('\n')}\n\`\`\`\n`);
+log(`wrote ${base}.json and .md`);

@@ -1,0 +1,237 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { Rng } from '../src/engine/sampler.ts';
+import { InterventionCache } from '../src/interventions/cache.ts';
+import { encodeSafetensors } from '../src/model/safetensors.ts';
+import type { ModelConfig } from '../src/model/config.ts';
+import { openSqliteStore } from '../src/storage/sqlite-store.ts';
+import { median, percentile, round } from './machine.ts';
+
+/**
+ * Issue 3's benchmark: a real server process on the 135M-shape model driven over HTTP as
+ * clients would: 32 concurrent streams over 32 distinct interventions, the same load without
+ * interventions, one stream alone; time to first token and inter-token latency; and the cost
+ * of first use of an intervention that isn't cached yet.
+ */
+const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
+
+function orthonormal(rank: number, d: number, rng: Rng): Float32Array {
+  const rows: Float64Array[] = [];
+  while (rows.length < rank) {
+    const v = Float64Array.from({ length: d }, () => rng.next() * 2 - 1);
+    for (const r of rows) {
+      const dot = r.reduce((s, x, i) => s + x * v[i], 0);
+      for (let i = 0; i < d; i++) v[i] -= dot * r[i];
+    }
+    const n = Math.hypot(...v);
+    rows.push(v.map((x) => x / n));
+  }
+  const out = new Float32Array(rank * d);
+  rows.forEach((r, i) => out.set(r, i * d));
+  return out;
+}
+
+export function loreftArtifact(seed: number, config: ModelConfig, layers: number[], rank: number, positions: string) {
+  const rng = new Rng(seed);
+  const d = config.hiddenSize;
+  const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
+  layers.forEach((_, i) => {
+    tensors[`interventions.${i}.rotate`] = { shape: [rank, d], data: orthonormal(rank, d, rng) };
+    tensors[`interventions.${i}.source.weight`] = { shape: [rank, d], data: Float32Array.from({ length: rank * d }, () => (rng.next() - 0.5) * 0.1) };
+    tensors[`interventions.${i}.source.bias`] = { shape: [rank], data: Float32Array.from({ length: rank }, () => rng.next() - 0.5) };
+  });
+  const config_ = {
+    format: 'reft/v1',
+    base_model: { architecture: config.architecture, hidden_size: d, num_hidden_layers: config.numLayers },
+    interventions: layers.map((layer) => ({ kind: 'loreft', layer, rank, positions })),
+  };
+  return { config: JSON.stringify(config_), weights: encodeSafetensors(tensors) };
+}
+
+interface StreamTiming {
+  tokens: number;
+  start: number;
+  firstToken: number;
+  end: number;
+  gaps: number[];
+}
+
+async function stream(url: string, body: unknown): Promise<StreamTiming> {
+  const start = performance.now();
+  const res = await fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...(body as object), stream: true }) });
+  if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  const reader = res.body!.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '';
+  let tokens = 0;
+  let firstToken = 0;
+  let last = 0;
+  const gaps: number[] = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let at;
+    while ((at = buffer.indexOf('\n\n')) >= 0) {
+      const frame = buffer.slice(0, at);
+      buffer = buffer.slice(at + 2);
+      if (!frame.includes('"type":"token"')) continue;
+      const now = performance.now();
+      tokens++;
+      if (!firstToken) firstToken = now;
+      else gaps.push(now - last);
+      last = now;
+    }
+  }
+  return { tokens, start, firstToken, end: performance.now(), gaps };
+}
+
+async function load(url: string, bodies: unknown[]) {
+  const t = performance.now();
+  const runs = await Promise.all(bodies.map((b) => stream(url, b)));
+  const seconds = (performance.now() - t) / 1000;
+  const tokens = runs.reduce((s, r) => s + r.tokens, 0);
+  const ttft = runs.map((r) => r.firstToken - r.start);
+  const itl = runs.flatMap((r) => r.gaps);
+  // decode throughput: tokens after the first of each stream over the span from the first first-token to the end
+  const decodeTokens = tokens - runs.length;
+  const decodeSpan = (Math.max(...runs.map((r) => r.end)) - Math.min(...runs.map((r) => r.firstToken))) / 1000;
+  return {
+    streams: runs.length,
+    tokens,
+    wall_seconds: round(seconds, 2),
+    aggregate_tokens_s: round(tokens / seconds, 1),
+    decode_tokens_s: round(decodeTokens / decodeSpan, 1),
+    ttft_ms: { p50: round(percentile(ttft, 50), 1), p99: round(percentile(ttft, 99), 1) },
+    itl_ms: { p50: round(percentile(itl, 50), 1), p99: round(percentile(itl, 99), 1) },
+  };
+}
+
+async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
+  const proc = spawn(process.execPath, [BIN, 'serve', '--model', modelDir, '--port', '0', '--data-dir', dataDir, '--no-worker', '--tenant-max-concurrent', '128', '--max-batch-size', '32', '--log-level', 'warn'], {
+    env: { ...process.env, REFT_LOG_LEVEL: 'info' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const url = await new Promise<string>((resolve, reject) => {
+    let listening = '';
+    createInterface({ input: proc.stdout! }).on('line', (line) => {
+      try {
+        const e = JSON.parse(line);
+        if (e.msg === 'listening') listening = e.url;
+        if (e.msg === 'model ready') resolve(listening);
+      } catch {
+        /* not a log line */
+      }
+    });
+    proc.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return {
+    url,
+    stop: () => new Promise<void>((resolve) => {
+      proc.once('exit', () => resolve());
+      proc.kill('SIGTERM');
+    }),
+  };
+}
+
+async function upload(url: string, files: { config: string; weights: Uint8Array }, name: string): Promise<string> {
+  const form = new FormData();
+  form.append('config', new Blob([files.config]), 'reft_config.json');
+  form.append('weights', new Blob([files.weights]), 'reft_weights.safetensors');
+  form.append('name', name);
+  const res = await fetch(`${url}/v1/interventions`, { method: 'POST', body: form });
+  const body = (await res.json()) as { id: string };
+  if (res.status !== 201) throw new Error(JSON.stringify(body));
+  return body.id;
+}
+
+/** In-process cost of resolving an intervention: store read, parse, validation, shared buffers. */
+async function firstUseInProcess(config: ModelConfig): Promise<{ miss_ms: number; hit_ms: number }> {
+  const dir = mkdtempSync(join(tmpdir(), 'reft-bench-store-'));
+  const store = await openSqliteStore(dir);
+  const tenant = await store.createTenant('bench');
+  const all = Array.from({ length: config.numLayers }, (_, l) => l);
+  const ids: string[] = [];
+  for (let i = 0; i < 20; i++) {
+    const a = loreftArtifact(1000 + i, config, all, 8, 'f7+l7');
+    const meta = await store.putIntervention({ tenantId: tenant.id, name: `first-use-${i}`, source: 'upload', config: JSON.parse(a.config), files: { config: new TextEncoder().encode(a.config), weights: a.weights } });
+    ids.push(meta.id);
+  }
+  const cache = new InterventionCache(store, config, 1024 ** 3);
+  const miss: number[] = [];
+  const hit: number[] = [];
+  for (const id of ids) {
+    let t = performance.now();
+    await cache.resolve(tenant.id, id);
+    miss.push(performance.now() - t);
+    t = performance.now();
+    await cache.resolve(tenant.id, id);
+    hit.push(performance.now() - t);
+  }
+  await store.close();
+  rmSync(dir, { recursive: true, force: true });
+  return { miss_ms: round(median(miss), 2), hit_ms: round(median(hit), 3) };
+}
+
+export async function benchServer(modelDir: string, config: ModelConfig, log: (s: string) => void) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'reft-bench-server-'));
+  const server = await startServer(modelDir, dataDir);
+  try {
+    const rng = new Rng(5);
+    const promptOf = () => Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * 500));
+    const layers = [3, 10, 17, 24].map((l) => Math.min(l, config.numLayers - 1));
+    const adapters: string[] = [];
+    for (let i = 0; i < 32; i++) adapters.push(await upload(server.url, loreftArtifact(i, config, layers, 4, 'f3+l3'), `bench-${i}`));
+    const maxNew = 64;
+    const body = (adapter?: string) => ({ input_ids: promptOf(), max_new_tokens: maxNew, ignore_eos: true, ...(adapter ? { adapter } : {}) });
+    await load(server.url, [body()]); // warm up
+    await load(server.url, adapters.map((a) => body(a))); // every adapter cached once
+    const single = await load(server.url, [body()]);
+    const plain: Array<Awaited<ReturnType<typeof load>>> = [];
+    const withIv: Array<Awaited<ReturnType<typeof load>>> = [];
+    for (let rep = 0; rep < 3; rep++) {
+      plain.push(await load(server.url, adapters.map(() => body())));
+      withIv.push(await load(server.url, adapters.map((a) => body(a))));
+    }
+    const best = (runs: typeof plain) => runs.reduce((a, b) => (b.decode_tokens_s > a.decode_tokens_s ? b : a));
+    const p = best(plain);
+    const v = best(withIv);
+    log(`one stream: ${single.decode_tokens_s} tokens/s; 32 streams plain: ${p.decode_tokens_s}; 32 streams over 32 interventions: ${v.decode_tokens_s} (ratio ${round(v.decode_tokens_s / p.decode_tokens_s, 3)}, ${round(v.decode_tokens_s / single.decode_tokens_s, 2)}x one stream)`);
+    log(`32 streams with interventions: TTFT p50 ${v.ttft_ms.p50} ms p99 ${v.ttft_ms.p99} ms; inter-token p50 ${v.itl_ms.p50} ms p99 ${v.itl_ms.p99} ms`);
+
+    // first use over HTTP: a fresh rank-8 every-layer intervention vs the same one cached
+    const all = Array.from({ length: config.numLayers }, (_, l) => l);
+    const firstUse: number[] = [];
+    const cached: number[] = [];
+    for (let i = 0; i < 10; i++) {
+      const id = await upload(server.url, loreftArtifact(500 + i, config, all, 8, 'f7+l7'), `fresh-${i}`);
+      const b = { input_ids: promptOf(), max_new_tokens: 1, adapter: id };
+      const t0 = performance.now();
+      await stream(server.url, b);
+      firstUse.push(performance.now() - t0);
+      const t1 = performance.now();
+      await stream(server.url, b);
+      cached.push(performance.now() - t1);
+    }
+    const inProcess = await firstUseInProcess(config);
+    const httpExtra = median(firstUse) - median(cached);
+    log(`first use of an uncached rank-8 every-layer intervention: ${inProcess.miss_ms} ms to load in process (cached lookup ${inProcess.hit_ms} ms); over HTTP a first-use request took ${round(httpExtra, 1)} ms more than the cached one`);
+    return {
+      one_stream: single,
+      streams32_plain: p,
+      streams32_interventions: v,
+      interventions_vs_plain: round(v.decode_tokens_s / p.decode_tokens_s, 3),
+      interventions_vs_one_stream: round(v.decode_tokens_s / single.decode_tokens_s, 2),
+      all_runs: { plain: plain.map((r) => r.decode_tokens_s), interventions: withIv.map((r) => r.decode_tokens_s) },
+      first_use_load_ms: inProcess.miss_ms,
+      first_use_http_extra_ms: round(httpExtra, 1),
+      cached_lookup_ms: inProcess.hit_ms,
+    };
+  } finally {
+    await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
