@@ -58,8 +58,11 @@ export interface PostgresStoreOptions {
   maxConnections?: number;
   /** Server-side limit for one statement, in ms (default 30 s). */
   statementTimeoutMs?: number;
-  /** Errors no caller sees (an idle connection dying, the listener losing its connection). Default: a process warning. */
-  onBackgroundError?: (err: Error) => void;
+  /**
+   * Told about trouble no caller sees, and recovery from it: an idle pool connection dying, the
+   * LISTEN connection lost and back. Default: a process warning.
+   */
+  log?: (message: string) => void;
 }
 
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
@@ -209,6 +212,19 @@ const MIGRATIONS: Migration[] = [
     `,
   },
 ];
+
+/** The bookkeeping of migrate(). */
+const MIGRATION_SQL = {
+  lock: `SELECT pg_advisory_xact_lock($1)`,
+  createTable: `
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+      version    integer PRIMARY KEY,
+      name       text NOT NULL,
+      applied_at timestamptz NOT NULL DEFAULT now()
+    )`,
+  applied: `SELECT version FROM schema_migrations`,
+  record: `INSERT INTO schema_migrations (version, name) VALUES ($1, $2)`,
+} as const;
 
 /** Intervention columns without the file bytes (lists and lookups never read those). */
 const IV_COLUMNS = 'id, tenant_id, name, description, source, config, version, bytes, sha256, created_at, updated_at';
@@ -618,13 +634,10 @@ async function inTransaction<T>(pool: Pool, body: (db: Db) => Promise<T>): Promi
  */
 async function migrate(pool: Pool): Promise<void> {
   await inTransaction(pool, async (db) => {
-    await db.all('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
-    await db.all(`CREATE TABLE IF NOT EXISTS schema_migrations (
-      version    integer PRIMARY KEY,
-      name       text NOT NULL,
-      applied_at timestamptz NOT NULL DEFAULT now()
-    )`);
-    const applied = new Set((await db.all<{ version: number }>('SELECT version FROM schema_migrations')).map((r) => r.version));
+    // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
+    await db.all(MIGRATION_SQL.lock, [MIGRATION_LOCK_KEY]);
+    await db.all(MIGRATION_SQL.createTable);
+    const applied = new Set((await db.all<{ version: number }>(MIGRATION_SQL.applied)).map((r) => r.version));
     const newest = MIGRATIONS[MIGRATIONS.length - 1].version;
     const unknown = [...applied].filter((v) => v > newest);
     if (unknown.length) {
@@ -633,7 +646,7 @@ async function migrate(pool: Pool): Promise<void> {
     for (const m of MIGRATIONS) {
       if (applied.has(m.version)) continue;
       await db.all(m.sql);
-      await db.all('INSERT INTO schema_migrations (version, name) VALUES ($1, $2)', [m.version, m.name]);
+      await db.all(MIGRATION_SQL.record, [m.version, m.name]);
     }
   });
 }
@@ -772,7 +785,7 @@ export class PostgresStore implements Store {
 
   private constructor(
     private readonly pool: Pool,
-    private readonly reportBackground: (err: Error) => void,
+    private readonly log: (message: string) => void,
   ) {
     // Single statements: each is its own transaction; retried on deadlock, errors mapped.
     this.db = new Db(async (sql, params) => {
@@ -784,7 +797,7 @@ export class PostgresStore implements Store {
     });
     // An idle client whose connection dies (e.g. the server restarts) is reported here, and
     // the pool drops it. Without a handler, the 'error' event would end the process.
-    pool.on('error', (err) => this.reportBackground(err));
+    pool.on('error', (err) => this.log(`an idle database connection failed: ${err.message}`));
     pool.on('connect', (client) => {
       const pid = backendPid(client);
       if (pid !== null) this.ownBackends.add(pid);
@@ -797,19 +810,19 @@ export class PostgresStore implements Store {
 
   /** Connects, migrates the schema and starts listening; fails (cleaning up) if any step does. */
   static async open(url: string, options: PostgresStoreOptions = {}): Promise<PostgresStore> {
-    const report = options.onBackgroundError ?? ((err: Error) => process.emitWarning(`postgres store: ${err.message}`));
+    const log = options.log ?? ((message: string) => process.emitWarning(`postgres store: ${message}`));
     const config = clientConfig(url, options);
     const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: IDLE_TIMEOUT_MS });
-    const store = new PostgresStore(pool, report);
+    const store = new PostgresStore(pool, log);
     try {
       await migrate(pool);
       const listener = new Listener(config, [CHANNELS.interventionChanged, CHANNELS.jobQueued], {
         notification: (msg) => store.onNotification(msg),
         reconnected: () => {
-          report(new Error('the listener connection is back'));
+          log('the LISTEN connection is back');
           emit(store.jobListeners); // a job queued while we were deaf would otherwise wait for a poll
         },
-        lost: (err) => report(new Error(`the listener connection was lost (${err.message}); reconnecting`)),
+        lost: (err) => log(`the LISTEN connection was lost (${err.message}); reconnecting`),
       });
       await listener.start();
       store.listener = listener;
