@@ -1,5 +1,4 @@
 import { execFile } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import pg from 'pg';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -7,47 +6,16 @@ import { openPostgresStore } from '../src/storage/postgres-store.ts';
 import type { Store } from '../src/storage/store.ts';
 import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, useStoreFixture } from './support/store-contract.ts';
 import type { StoreBackend } from './support/store-contract.ts';
+import { admin, createDatabase, dropDatabase } from './support/databases.ts';
 
 // Every test runs against a fresh database, created (and dropped afterwards) through the role of
 // REFT_TEST_DATABASE_URL, which needs CREATEDB. A missing server fails the tests: it is not a skip.
 
-const ADMIN_URL = process.env.REFT_TEST_DATABASE_URL ?? 'postgres://reft:reft@127.0.0.1:5432/reft_test';
-const HOW_TO_START = 'start it with `bash .ci/postgres.sh` (as root), or point REFT_TEST_DATABASE_URL at a server whose role has CREATEDB';
-
-/** Runs statements on the admin database with a short-lived connection. */
-async function admin<T>(body: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: ADMIN_URL, connectionTimeoutMillis: 5_000 });
-  try {
-    await client.connect();
-  } catch (e) {
-    throw new Error(`PostgreSQL is not reachable at ${ADMIN_URL} (${(e as Error).message}): ${HOW_TO_START}`);
-  }
-  try {
-    return await body(client);
-  } finally {
-    await client.end();
-  }
-}
-
-function databaseUrl(name: string): string {
-  const url = new URL(ADMIN_URL);
-  url.pathname = `/${name}`;
-  return url.toString();
-}
-
 const postgres: StoreBackend = {
   name: 'postgres',
-  async create() {
-    const name = `reft_t_${randomBytes(6).toString('hex')}`;
-    await admin((c) => c.query(`CREATE DATABASE ${name}`));
-    return databaseUrl(name);
-  },
+  create: createDatabase,
   open: (url) => openPostgresStore(url),
-  async destroy(url) {
-    const name = new URL(url).pathname.slice(1);
-    // FORCE: a test that failed midway may have left a connection (a child process's) open.
-    await admin((c) => c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
-  },
+  destroy: dropDatabase,
 };
 
 storeContract(postgres);

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { STORIES } from './fixtures.ts';
+import { createDatabase, dropDatabase, type Backend } from './databases.ts';
 
 export const BIN = join(import.meta.dirname, '..', '..', 'bin', 'reft-server.js');
 
@@ -11,6 +12,7 @@ export interface ServerProcess {
   url: string;
   proc: ChildProcess;
   dataDir: string;
+  database: string | null;
   /** Parsed JSON log lines so far. */
   logs: Array<Record<string, unknown>>;
   stderr: () => string;
@@ -24,12 +26,18 @@ export interface ServerProcessOptions {
   dataDir?: string;
   /** Wait for the model to be loaded (default true). */
   waitReady?: boolean;
+  /** sqlite (the data dir) or postgres (a fresh database, dropped on stop); default sqlite. */
+  backend?: Backend;
+  /** An existing database to share between processes (overrides backend). */
+  database?: string;
 }
 
 /** A real `reft-server serve` process on a free loopback port, on stories260k. */
 export async function startServerProcess(opts: ServerProcessOptions = {}): Promise<ServerProcess> {
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'reft-data-'));
-  const args = [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', dataDir, ...(opts.args ?? [])];
+  const ownDatabase = !opts.database && opts.backend === 'postgres' ? await createDatabase() : null;
+  const database = opts.database ?? ownDatabase;
+  const args = [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', dataDir, ...(database ? ['--database', database] : []), ...(opts.args ?? [])];
   const proc = spawn(process.execPath, args, {
     env: { ...process.env, REFT_CACHE_DIR: join(dataDir, 'cache'), REFT_LOG_LEVEL: 'info', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -61,11 +69,14 @@ export async function startServerProcess(opts: ServerProcessOptions = {}): Promi
     url,
     proc,
     dataDir,
+    database,
     logs,
     stderr: () => stderr,
     async stop(signal = 'SIGTERM') {
       if (proc.exitCode === null) proc.kill(signal);
-      return exited;
+      const code = await exited;
+      if (ownDatabase) await dropDatabase(ownDatabase);
+      return code;
     },
   };
 }

@@ -1,0 +1,46 @@
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+
+/**
+ * Fresh PostgreSQL databases for tests, created (and dropped) through the role of
+ * REFT_TEST_DATABASE_URL, which needs CREATEDB. A missing server fails the tests: it is not a skip.
+ */
+export const ADMIN_URL = process.env.REFT_TEST_DATABASE_URL ?? 'postgres://reft:reft@127.0.0.1:5432/reft_test';
+const HOW_TO_START = 'start it with `bash .ci/postgres.sh` (as root), or point REFT_TEST_DATABASE_URL at a server whose role has CREATEDB';
+
+/** Runs statements on the admin database with a short-lived connection. */
+export async function admin<T>(body: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: ADMIN_URL, connectionTimeoutMillis: 5_000 });
+  try {
+    await client.connect();
+  } catch (e) {
+    throw new Error(`PostgreSQL is not reachable at ${ADMIN_URL} (${(e as Error).message}): ${HOW_TO_START}`);
+  }
+  try {
+    return await body(client);
+  } finally {
+    await client.end();
+  }
+}
+
+export function databaseUrl(name: string): string {
+  const url = new URL(ADMIN_URL);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+export async function createDatabase(): Promise<string> {
+  const name = `reft_t_${randomBytes(6).toString('hex')}`;
+  await admin((c) => c.query(`CREATE DATABASE ${name}`));
+  return databaseUrl(name);
+}
+
+export async function dropDatabase(url: string): Promise<void> {
+  const name = new URL(url).pathname.slice(1);
+  // FORCE: a process that died midway may have left a connection open.
+  await admin((c) => c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`));
+}
+
+/** The storage backends the API and training tests run against. */
+export const BACKENDS = ['sqlite', 'postgres'] as const;
+export type Backend = (typeof BACKENDS)[number];
