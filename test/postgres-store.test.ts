@@ -1,12 +1,9 @@
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
-import pg from 'pg';
 import { afterEach, describe, expect, it } from 'vitest';
 import { openPostgresStore } from '../src/storage/postgres-store.ts';
 import type { Store } from '../src/storage/store.ts';
 import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, useStoreFixture } from './support/store-contract.ts';
 import type { StoreBackend } from './support/store-contract.ts';
-import { admin, createDatabase, dropDatabase } from './support/databases.ts';
+import { createDatabase, dropDatabase, pgQuery, postgresServer, type PostgresServer } from './support/databases.ts';
 
 // Every test runs against a fresh database, created (and dropped afterwards) through the role of
 // REFT_TEST_DATABASE_URL, which needs CREATEDB. A missing server fails the tests: it is not a skip.
@@ -65,58 +62,10 @@ describe('postgres: migrations', () => {
   });
 });
 
-/** Rows of one query on the given database. */
-async function pgQuery(url: string, sql: string): Promise<Record<string, unknown>[]> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return (await client.query(sql)).rows;
-  } finally {
-    await client.end();
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A database restart under an open store. Stops and starts the server with Debian's
-// pg_ctlcluster, so it needs the server on this machine and the rights to do that (root, as in CI).
-// ---------------------------------------------------------------------------------------------
-
-const run = promisify(execFile);
-
-interface Server {
-  stop(): Promise<void>;
-  start(): Promise<void>;
-  /** Starts the server if this test stopped it and did not start it again. */
-  restore(): Promise<void>;
-}
-
-/** The Debian cluster ("15/main") serving the test database, from its cluster_name setting. */
-async function testServer(): Promise<Server> {
-  const name: string = await admin(async (c) => (await c.query('SHOW cluster_name')).rows[0].cluster_name);
-  const match = /^(\d+)\/(\S+)$/.exec(name);
-  if (!match) throw new Error(`cannot tell the server's cluster (cluster_name = "${name}"): the outage test needs a Debian cluster, see .ci/postgres.sh`);
-  const [, version, cluster] = match;
-  let stopped = false;
-  const server: Server = {
-    async stop() {
-      stopped = true;
-      await run('pg_ctlcluster', [version, cluster, 'stop', '-m', 'fast']);
-    },
-    async start() {
-      await run('pg_ctlcluster', [version, cluster, 'start']);
-      stopped = false;
-    },
-    async restore() {
-      if (stopped) await server.start();
-    },
-  };
-  return server;
-}
-
 describe('postgres: outage', () => {
   const fx = useStoreFixture(postgres);
   const extra: Store[] = [];
-  let server: Server | undefined;
+  let server: PostgresServer | undefined;
   // Runs before the fixture drops the database (after-hooks run in reverse order): even a test
   // that timed out mid-outage leaves a running server to the tests after it.
   afterEach(async () => {
@@ -133,7 +82,7 @@ describe('postgres: outage', () => {
     const heard: string[] = [];
     store.onInterventionChanged((id) => heard.push(id));
 
-    server = await testServer();
+    server = await postgresServer();
     await server.stop();
     try {
       for (const call of [() => store.getTenant(t.id), () => store.createTenant('b'), () => store.claimJob('w', 1000, 3)]) {

@@ -111,15 +111,25 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   return { app, url, ready, shutdown, worker };
 }
 
+/**
+ * The tenant single-tenant mode acts as. Several servers may start at once on one database:
+ * each creates one if none exists, and all then settle on the oldest.
+ */
 async function ensureDefaultTenant(store: Store): Promise<Tenant> {
-  let after: string | undefined;
-  do {
-    const page = await store.listTenants({ limit: 100, after });
-    const found = page.data.find((t) => t.name === DEFAULT_TENANT_NAME);
-    if (found) return found;
-    after = page.nextCursor ?? undefined;
-  } while (after);
-  return store.createTenant(DEFAULT_TENANT_NAME);
+  const oldest = async () => {
+    let after: string | undefined;
+    do {
+      const page = await store.listTenants({ limit: 100, after });
+      const found = page.data.find((t) => t.name === DEFAULT_TENANT_NAME);
+      if (found) return found;
+      after = page.nextCursor ?? undefined;
+    } while (after);
+    return null;
+  };
+  const existing = await oldest();
+  if (existing) return existing;
+  await store.createTenant(DEFAULT_TENANT_NAME);
+  return (await oldest())!;
 }
 
 /**

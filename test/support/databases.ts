@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { promisify } from 'node:util';
 import pg from 'pg';
 
 /**
@@ -44,3 +46,51 @@ export async function dropDatabase(url: string): Promise<void> {
 /** The storage backends the API and training tests run against. */
 export const BACKENDS = ['sqlite', 'postgres'] as const;
 export type Backend = (typeof BACKENDS)[number];
+
+/** Rows of one query on the given database. */
+export async function pgQuery(url: string, sql: string): Promise<Record<string, unknown>[]> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return (await client.query(sql)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A database restart under an open store. Stops and starts the server with Debian's
+// pg_ctlcluster, so it needs the server on this machine and the rights to do that (root, as in CI).
+// ---------------------------------------------------------------------------------------------
+
+const run = promisify(execFile);
+
+export interface PostgresServer {
+  stop(): Promise<void>;
+  start(): Promise<void>;
+  /** Starts the server if this test stopped it and did not start it again. */
+  restore(): Promise<void>;
+}
+
+/** The Debian cluster ("15/main") serving the test database, from its cluster_name setting. */
+export async function postgresServer(): Promise<PostgresServer> {
+  const name: string = await admin(async (c) => (await c.query('SHOW cluster_name')).rows[0].cluster_name);
+  const match = /^(\d+)\/(\S+)$/.exec(name);
+  if (!match) throw new Error(`cannot tell the server's cluster (cluster_name = "${name}"): the outage test needs a Debian cluster, see .ci/postgres.sh`);
+  const [, version, cluster] = match;
+  let stopped = false;
+  const server: PostgresServer = {
+    async stop() {
+      stopped = true;
+      await run('pg_ctlcluster', [version, cluster, 'stop', '-m', 'fast']);
+    },
+    async start() {
+      await run('pg_ctlcluster', [version, cluster, 'start']);
+      stopped = false;
+    },
+    async restore() {
+      if (stopped) await server.start();
+    },
+  };
+  return server;
+}

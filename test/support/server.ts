@@ -92,3 +92,42 @@ export function runCli(args: string[], env: Record<string, string | undefined> =
     proc.once('exit', (status) => resolve({ status, stdout, stderr }));
   });
 }
+
+export interface WorkerProcess {
+  proc: ChildProcess;
+  logs: Array<Record<string, unknown>>;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** A standalone `reft-server worker` on a shared database. */
+export async function startWorkerProcess(database: string, args: string[] = []): Promise<WorkerProcess> {
+  const dataDir = mkdtempSync(join(tmpdir(), 'reft-worker-'));
+  const proc = spawn(process.execPath, [BIN, 'worker', '--model', STORIES, '--database', database, '--data-dir', dataDir, ...args], {
+    env: { ...process.env, REFT_CACHE_DIR: join(dataDir, 'cache') },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Array<Record<string, unknown>> = [];
+  let stderr = '';
+  proc.stderr!.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  await new Promise<void>((resolve, reject) => {
+    createInterface({ input: proc.stdout! }).on('line', (line) => {
+      try {
+        const entry = JSON.parse(line);
+        logs.push(entry);
+        if (entry.msg === 'training worker ready') resolve();
+      } catch {
+        /* not a log line */
+      }
+    });
+    void exited.then((code) => reject(new Error(`worker exited with ${code}: ${stderr}`)));
+  });
+  return {
+    proc,
+    logs,
+    async stop(signal = 'SIGTERM') {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
