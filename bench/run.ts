@@ -15,7 +15,7 @@ import { benchRecipeA, benchTrainingStep } from './training.ts';
  */
 const ROOT = join(import.meta.dirname, '..');
 const STORIES = join(ROOT, '..', 'shared', 'models', 'stories260k');
-const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training'];
+const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training', 'soak'];
 
 const lines: string[] = [];
 const log = (s: string) => {
@@ -42,6 +42,13 @@ if (sections.includes('engine') || sections.includes('training')) {
   await engine.close();
 }
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
+if (sections.includes('soak')) {
+  // two servers and one worker on PostgreSQL (REFT_TEST_DATABASE_URL), on stories260k
+  const { soakCluster } = await import('../test/support/cluster.ts');
+  const soak = await soakCluster({ seconds: Number(process.env.SOAK_SECONDS ?? 180), clients: 8, interventions: 32, jobEverySeconds: 10, log });
+  log(`soak: ${soak.seconds} s, ${soak.requests} requests, ${soak.failed} failed, ${soak.tokens_per_second} tokens/s, jobs ${soak.jobs.succeeded}/${soak.jobs.submitted} succeeded, RSS growth after warm-up ${soak.rss_growth_after_warmup_percent.join('% / ')}%`);
+  results.soak = soak;
+}
 
 (results.machine as Record<string, unknown>).load_average_1m_end = describeMachine().load_average_1m;
 const stamp = new Date().toISOString().slice(0, 16).replace(/[:T]/g, '-');
