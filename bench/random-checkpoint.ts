@@ -1,8 +1,9 @@
-import { mkdir, open, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Rng } from '../src/engine/sampler.ts';
 import { expectedTensors } from '../src/model/checkpoint.ts';
 import { parseModelConfig } from '../src/model/config.ts';
-import { Rng } from '../src/engine/sampler.ts';
+import { halfToFloat } from '../src/model/safetensors.ts';
 
 /** SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M config.json). */
 export const SMOL_135M_CONFIG = {
@@ -25,22 +26,43 @@ export const SMOL_135M_CONFIG = {
   torch_dtype: 'float32',
 };
 
+export type WeightDType = 'F32' | 'F16' | 'BF16';
+
+function f32ToF16(x: number): number {
+  const f = new Float32Array([x]);
+  const u = new Uint32Array(f.buffer)[0];
+  const sign = (u >>> 16) & 0x8000;
+  const exp = ((u >>> 23) & 0xff) - 127 + 15;
+  const mant = u & 0x7fffff;
+  if (exp <= 0) return sign; // tiny values flush to zero (the generator never makes them)
+  if (exp >= 31) return sign | 0x7c00;
+  return sign | (exp << 10) | (mant >>> 13);
+}
+
+function bf16Value(x: number): number {
+  const u = new Uint32Array(new Float32Array([x]).buffer);
+  u[0] &= 0xffff0000;
+  return new Float32Array(u.buffer)[0];
+}
+
 /**
- * Writes a random-weight F32 checkpoint with SmolLM2-135M's shapes (538 MB) into `dir`, once.
- * Norm weights are 1 and matrices N(0, 0.02)-like, so activations stay in a realistic range.
- * The tokenizer files are copied from `tokenizerFrom` (token ids are all the bench uses).
+ * Writes a random-weight checkpoint for `rawConfig` (config.json's content) into `dir`, once:
+ * norm weights 1, biases small, matrices N(0, 0.02)-like so activations stay realistic. The
+ * tokenizer files are copied from `tokenizerFrom` (token ids are all a benchmark needs).
  */
-export async function randomCheckpoint(dir: string, tokenizerFrom: string): Promise<string> {
+export async function randomCheckpoint(dir: string, tokenizerFrom: string, rawConfig: Record<string, unknown> = SMOL_135M_CONFIG, opts: { dtype?: WeightDType; seed?: number; roundTo?: 'F16' | 'BF16' } = {}): Promise<string> {
   const done = join(dir, '.complete');
   if (await stat(done).then(() => true, () => false)) return dir;
+  const dtype = opts.dtype ?? 'F32';
+  const bytesPer = dtype === 'F32' ? 4 : 2;
   await mkdir(dir, { recursive: true });
-  const config = parseModelConfig(SMOL_135M_CONFIG);
+  const config = parseModelConfig(rawConfig);
   const tensors = expectedTensors(config);
   const header: Record<string, unknown> = {};
   let offset = 0;
   for (const t of tensors) {
-    const bytes = t.shape.reduce((a, b) => a * b, 1) * 4;
-    header[t.name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + bytes] };
+    const bytes = t.shape.reduce((a, b) => a * b, 1) * bytesPer;
+    header[t.name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
     offset += bytes;
   }
   let json = JSON.stringify(header);
@@ -50,21 +72,26 @@ export async function randomCheckpoint(dir: string, tokenizerFrom: string): Prom
   len.writeBigUInt64LE(BigInt(json.length));
   await fh.write(len);
   await fh.write(Buffer.from(json));
-  const rng = new Rng(1234);
+  const rng = new Rng(opts.seed ?? 1234);
   for (const t of tensors) {
     const n = t.shape.reduce((a, b) => a * b, 1);
     const data = new Float32Array(n);
-    if (t.shape.length === 1) data.fill(1);
-    else for (let i = 0; i < n; i++) data[i] = (rng.next() + rng.next() + rng.next() - 1.5) * 0.04;
-    await fh.write(new Uint8Array(data.buffer));
+    if (t.name.endsWith('norm.weight')) data.fill(1);
+    else for (let i = 0; i < n; i++) data[i] = (rng.next() + rng.next() + rng.next() - 1.5) * (t.shape.length === 1 ? 0.02 : 0.04);
+    // roundTo writes F32 weights holding exactly the values a half-precision copy would
+    if (opts.roundTo) for (let i = 0; i < n; i++) data[i] = opts.roundTo === 'BF16' ? bf16Value(data[i]) : halfToFloat(f32ToF16(data[i]));
+    if (dtype === 'F32') await fh.write(new Uint8Array(data.buffer));
+    else {
+      const half = new Uint16Array(n);
+      const u32 = new Uint32Array(data.buffer);
+      for (let i = 0; i < n; i++) half[i] = dtype === 'BF16' ? u32[i] >>> 16 : f32ToF16(data[i]);
+      await fh.write(new Uint8Array(half.buffer));
+    }
   }
   await fh.close();
-  await writeFile(join(dir, 'config.json'), JSON.stringify(SMOL_135M_CONFIG, null, 2));
-  await writeFile(join(dir, 'generation_config.json'), JSON.stringify({ bos_token_id: 0, eos_token_id: 0 }));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) {
-    const { readFile } = await import('node:fs/promises');
-    await writeFile(join(dir, f), await readFile(join(tokenizerFrom, f)));
-  }
+  await writeFile(join(dir, 'config.json'), JSON.stringify({ ...rawConfig, torch_dtype: { F32: 'float32', F16: 'float16', BF16: 'bfloat16' }[dtype] }, null, 2));
+  await writeFile(join(dir, 'generation_config.json'), JSON.stringify({ bos_token_id: rawConfig.bos_token_id ?? 1, eos_token_id: rawConfig.eos_token_id ?? 2 }));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) await writeFile(join(dir, f), await readFile(join(tokenizerFrom, f)));
   await writeFile(done, '');
   return dir;
 }

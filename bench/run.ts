@@ -4,7 +4,7 @@ import { Engine } from '../src/engine/engine.ts';
 import { loadModel } from '../src/model/load.ts';
 import { benchEngine } from './engine.ts';
 import { describeMachine } from './machine.ts';
-import { randomCheckpoint } from './random-checkpoint.ts';
+import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
 
@@ -25,7 +25,7 @@ const log = (s: string) => {
 
 const machine = describeMachine();
 log(`machine: ${JSON.stringify(machine)}`);
-const dir = await randomCheckpoint(join(ROOT, 'bench', '.work', 'smol135m-f32'), STORIES);
+const dir = await randomCheckpoint(join(ROOT, 'bench', '.work', 'smol135m-f32'), STORIES, SMOL_135M_CONFIG);
 const model = await loadModel(dir);
 const cacheDir = join(ROOT, 'bench', '.work', 'cache');
 const results: Record<string, unknown> = { machine };

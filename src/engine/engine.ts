@@ -1,12 +1,13 @@
 import * as ort from 'onnxruntime-node';
 import { ReftError } from '../errors.ts';
-import { DECODER_GRAPH_VERSION, buildDecoderGraph, decoderInputs as IN, decoderOutputs as OUT } from '../graph/decoder.ts';
+import { DECODER_GRAPH_VERSION, buildDecoderGraph, defaultAttentionLayout, decoderInputs as IN, decoderOutputs as OUT, type AttentionLayout } from '../graph/decoder.ts';
+import { ropeTables, type RopeTables } from '../graph/rope.ts';
 import { cachedGraph } from '../graph/cache.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
-import { KvCache } from './kv-cache.ts';
+import { KvCache, type RowSource } from './kv-cache.ts';
 import { createSession, type SessionOptions } from './session.ts';
 
 /**
@@ -38,6 +39,8 @@ export interface PrefillOutput {
 export interface EngineOptions extends SessionOptions {
   /** Where built graphs are cached. */
   cacheDir: string;
+  /** The graph's attention layout (default: packed where GroupQueryAttention can rotate). */
+  attention?: AttentionLayout;
 }
 
 export class Engine {
@@ -47,22 +50,45 @@ export class Engine {
   private nextId = 1;
   private readonly noInterventions: Record<string, ort.Tensor>;
   private readonly fetches: string[];
+  /** Set for the packed layout, whose new keys come back unrotated. */
+  private readonly rope: RopeTables | undefined;
 
   private constructor(
     readonly config: ModelConfig,
     private readonly session: ort.InferenceSession,
+    readonly attention: AttentionLayout,
   ) {
     this.cache = new KvCache(config);
     this.noInterventions = emptyInterventionFeeds(config);
     this.fetches = [OUT.logits];
-    for (let l = 0; l < config.numLayers; l++) this.fetches.push(OUT.newKey(l), OUT.newValue(l));
+    for (let l = 0; l < config.numLayers; l++) {
+      if (attention === 'packed') this.fetches.push(OUT.qkv(l));
+      else this.fetches.push(OUT.newKey(l), OUT.newValue(l));
+    }
+    this.rope = attention === 'packed' ? ropeTables(config) : undefined;
   }
 
   static async create(config: ModelConfig, checkpoint: Checkpoint, opts: EngineOptions): Promise<Engine> {
-    const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint };
-    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint));
+    const attention = opts.attention ?? defaultAttentionLayout(config);
+    const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention };
+    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention));
     const session = await createSession(graph.bytes, checkpoint.dataDir, opts);
-    return new Engine(config, session);
+    return new Engine(config, session, attention);
+  }
+
+  /** Where layer l's new keys and values sit in the step's outputs. */
+  private newRows(out: ort.InferenceSession.OnnxValueMapType, l: number): { keys: RowSource; values: RowSource } {
+    const { numHeads, numKvHeads, headDim } = this.config;
+    const kvDim = numKvHeads * headDim;
+    if (this.attention === 'packed') {
+      const data = out[OUT.qkv(l)].data as Float32Array;
+      const stride = (numHeads + 2 * numKvHeads) * headDim;
+      return { keys: { data, offset: numHeads * headDim, stride }, values: { data, offset: numHeads * headDim + kvDim, stride } };
+    }
+    return {
+      keys: { data: out[OUT.newKey(l)].data as Float32Array, offset: 0, stride: kvDim },
+      values: { data: out[OUT.newValue(l)].data as Float32Array, offset: 0, stride: kvDim },
+    };
   }
 
   /** Sequences currently holding KV cache rows. */
@@ -117,16 +143,17 @@ export class Engine {
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
     const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
-    Object.assign(feeds, toTensors(interventionFeeds(rows, seq, config.numLayers, config.hiddenSize), config.hiddenSize));
+    const layerFeeds = interventionFeeds(rows, seq, config.numLayers, config.hiddenSize);
+    Object.assign(feeds, toTensors(layerFeeds, config.hiddenSize));
+    feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
 
     const out = await this.session.run(feeds, this.fetches);
 
     const cacheRows = inputs.map(() => this.addSequence());
     this.cache.reserve(this.cache.rows, seq);
     for (let l = 0; l < config.numLayers; l++) {
-      const k = out[OUT.newKey(l)].data as Float32Array;
-      const v = out[OUT.newValue(l)].data as Float32Array;
-      inputs.forEach((x, r) => this.cache.append(l, this.row(cacheRows[r]), k, v, r, seq, x.tokens.length));
+      const { keys, values } = this.newRows(out, l);
+      inputs.forEach((x, r) => this.cache.append(l, this.row(cacheRows[r]), keys, values, r, seq, x.tokens.length, this.rope));
     }
     inputs.forEach((x, r) => this.cache.advance(this.row(cacheRows[r]), x.tokens.length));
 
@@ -185,9 +212,8 @@ export class Engine {
     }
     const out = await this.session.run(feeds, this.fetches);
     for (let l = 0; l < config.numLayers; l++) {
-      const k = out[OUT.newKey(l)].data as Float32Array;
-      const v = out[OUT.newValue(l)].data as Float32Array;
-      for (let r = 0; r < b; r++) this.cache.append(l, r, k, v, r, 1, 1);
+      const { keys, values } = this.newRows(out, l);
+      for (let r = 0; r < b; r++) this.cache.append(l, r, keys, values, r, 1, 1, this.rope);
     }
     for (let r = 0; r < b; r++) this.cache.advance(r, 1);
     const logits = out[OUT.logits].data as Float32Array;
@@ -231,5 +257,8 @@ function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, or
 
 function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.Tensor> {
   const empty = { index: new BigInt64Array(0), mask: new Float32Array(0), down: new Float32Array(0), bias: new Float32Array(0), up: new Float32Array(0), k: 0, r: 0 };
-  return toTensors(Array.from({ length: config.numLayers }, () => empty), config.hiddenSize);
+  return {
+    ...toTensors(Array.from({ length: config.numLayers }, () => empty), config.hiddenSize),
+    [IN.hasInterventions]: new ort.Tensor('bool', Uint8Array.of(0), []),
+  };
 }

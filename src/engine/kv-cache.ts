@@ -1,3 +1,5 @@
+import { rotateHeads, type RopeTables } from '../graph/rope.ts';
+
 /**
  * The KV cache of the running batch, kept on the JS side.
  *
@@ -7,6 +9,13 @@
  * `rows` rows. Rows are kept dense: removing a sequence moves the last row into its place.
  * Capacity grows in blocks; growing re-lays out the slab, which happens once per block of tokens.
  */
+/** Where new key or value rows sit in a graph output: token t at data[offset + t·stride]. */
+export interface RowSource {
+  data: Float32Array;
+  offset: number;
+  stride: number;
+}
+
 export interface KvShape {
   numLayers: number;
   numKvHeads: number;
@@ -92,22 +101,26 @@ export class KvCache {
   }
 
   /**
-   * Appends `count` new tokens to `row` from a [batch, seq, kv_heads*head_dim] output of the
-   * graph (`batchRow` selects the row in it, `seq` its padded length).
+   * Appends `count` new tokens of batch row `batchRow` to cache row `row`. Token t's keys start at
+   * keys.data[keys.offset + t·keys.stride] (kv_heads·head_dim floats), likewise values; t counts
+   * over the graph output's [batch, seq] tokens. `rope`, when given, rotates the keys at their
+   * positions on the way in (the packed layout returns them unrotated).
    */
-  append(layer: number, row: number, newKeys: Float32Array, newValues: Float32Array, batchRow: number, seq: number, count: number): void {
+  append(layer: number, row: number, keys: RowSource, values: RowSource, batchRow: number, seq: number, count: number, rope?: RopeTables): void {
     const { numKvHeads, headDim } = this.shape;
-    const kvDim = numKvHeads * headDim;
     const start = this.lengths[row];
     if (start + count > this.capacity) throw new Error(`KV cache row ${row} overflow: reserve before appending`);
     const k = this.keys[layer];
     const v = this.values[layer];
     for (let s = 0; s < count; s++) {
-      const src = (batchRow * seq + s) * kvDim;
+      const token = batchRow * seq + s;
+      const kFrom = keys.offset + token * keys.stride;
+      const vFrom = values.offset + token * values.stride;
       for (let h = 0; h < numKvHeads; h++) {
         const dst = ((row * numKvHeads + h) * this.capacity + start + s) * headDim;
-        k.set(newKeys.subarray(src + h * headDim, src + (h + 1) * headDim), dst);
-        v.set(newValues.subarray(src + h * headDim, src + (h + 1) * headDim), dst);
+        if (rope) rotateHeads(rope, keys.data, kFrom + h * headDim, k, dst, 1, start + s);
+        else k.set(keys.data.subarray(kFrom + h * headDim, kFrom + (h + 1) * headDim), dst);
+        v.set(values.data.subarray(vFrom + h * headDim, vFrom + (h + 1) * headDim), dst);
       }
     }
   }

@@ -26,12 +26,15 @@ const ELEM: Record<ElemType, number> = {
 };
 
 /** Attribute values: integers, floats (tag with `float()` when integral), lists and strings. */
-export type AttrValue = number | string | number[] | FloatAttr | FloatsAttr | TensorAttr;
+export type AttrValue = number | string | number[] | FloatAttr | FloatsAttr | TensorAttr | GraphAttr;
 interface FloatAttr { kind: 'float'; value: number }
 interface FloatsAttr { kind: 'floats'; value: number[] }
 interface TensorAttr { kind: 'tensor'; value: TensorProto }
+interface GraphAttr { kind: 'graph'; value: GraphBuilder }
 export const float = (value: number): FloatAttr => ({ kind: 'float', value });
 export const floats = (value: number[]): FloatsAttr => ({ kind: 'floats', value });
+/** A subgraph attribute (If / Loop bodies); it may read values of the enclosing graph by name. */
+export const subgraph = (value: GraphBuilder): GraphAttr => ({ kind: 'graph', value });
 
 export const MS_DOMAIN = 'com.microsoft';
 
@@ -53,11 +56,12 @@ export class GraphBuilder {
   private readonly names = new Set<string>();
   private counter = 0;
 
-  constructor(readonly name: string) {}
+  /** `prefix` keeps generated names apart from the enclosing graph's (for If / Loop bodies). */
+  constructor(readonly name: string, private readonly prefix = '') {}
 
   private fresh(hint: string): string {
-    let n = `${hint}_${this.counter++}`;
-    while (this.names.has(n)) n = `${hint}_${this.counter++}`;
+    let n = `${this.prefix}${hint}_${this.counter++}`;
+    while (this.names.has(n)) n = `${this.prefix}${hint}_${this.counter++}`;
     this.names.add(n);
     return n;
   }
@@ -138,18 +142,16 @@ export class GraphBuilder {
     return outputs;
   }
 
+  graphProto() {
+    return { name: this.name, node: this.nodes, input: this.inputs, output: this.outputs, initializer: this.initializers };
+  }
+
   encode(opsets: Record<string, number>): Uint8Array {
     const model = onnx.ModelProto.create({
       irVersion: 10,
       producerName: 'reft-server',
       opsetImport: Object.entries(opsets).map(([domain, version]) => ({ domain, version })),
-      graph: {
-        name: this.name,
-        node: this.nodes,
-        input: this.inputs,
-        output: this.outputs,
-        initializer: this.initializers,
-      },
+      graph: this.graphProto(),
     });
     return onnx.ModelProto.encode(model).finish();
   }
@@ -176,5 +178,6 @@ function attribute(name: string, v: AttrValue): AttributeProto {
   if (Array.isArray(v)) return { name, type: T.INTS, ints: v };
   if (v.kind === 'float') return { name, type: T.FLOAT, f: v.value };
   if (v.kind === 'floats') return { name, type: T.FLOATS, floats: v.value };
+  if (v.kind === 'graph') return { name, type: T.GRAPH, g: v.value.graphProto() };
   return { name, type: T.TENSOR, t: v.value };
 }
