@@ -22,7 +22,8 @@ export async function bandwidthProbe(threads: number): Promise<{ measure(): Prom
   g.output(g.op('ReduceSum', [x, g.int64s('axes', [1])], { keepdims: 0 }), 'y', 'float32', [rows]);
   const session = await ort.InferenceSession.create(g.encode({ '': 21 }), {
     intraOpNumThreads: threads,
-    extra: { session: { intra_op: { allow_spinning: '1' } } },
+    // no spinning: idle probe threads must not steal cycles from the decode measured next
+    extra: { session: { intra_op: { allow_spinning: '0' } } },
   } as ort.InferenceSession.SessionOptions);
   const data = new Float32Array(rows * cols).fill(1);
   const feeds = { x: new ort.Tensor('float32', data, [rows, cols]) };

@@ -111,7 +111,7 @@ async function load(url: string, bodies: unknown[]) {
 }
 
 async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
-  const proc = spawn(process.execPath, [BIN, 'serve', '--model', modelDir, '--port', '0', '--data-dir', dataDir, '--no-worker', '--tenant-max-concurrent', '128', '--max-batch-size', '32', '--log-level', 'warn'], {
+  const proc = spawn(process.execPath, [BIN, 'serve', '--model', modelDir, '--port', '0', '--data-dir', dataDir, '--no-worker', '--tenant-max-concurrent', '128', '--max-batch-size', '32', '--log-level', 'info'], {
     env: { ...process.env, REFT_LOG_LEVEL: 'info' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });

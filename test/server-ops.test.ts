@@ -50,6 +50,15 @@ describe('operations', () => {
     expect(text).toMatch(/reft_http_requests_total\{method="POST",route="\/v1\/generate",status="200"\} 3/);
   });
 
+  it('serves the API description and its UI at /docs', async () => {
+    const ui = await fetch(`${api.url}/docs`);
+    expect(ui.status).toBe(200);
+    expect(await ui.text()).toMatch(/swagger/i);
+    const doc = (await json(api, 'GET', '/docs/json')).body;
+    expect(doc.openapi).toBe('3.1.0');
+    expect(doc.paths).toHaveProperty(['/v1/generate']);
+  });
+
   it('registers interventions/<name>/ folders as shared interventions and skips broken ones', async () => {
     const list = await json(api, 'GET', '/v1/interventions');
     expect(list.body.data.map((i: { name: string; shared: boolean }) => [i.name, i.shared])).toEqual([['house-style', true]]);

@@ -145,24 +145,28 @@ describe.each(BACKENDS)('on %s', (backend) => {
   });
 
   describe('job budgets and restarts', () => {
-    it('a job over its step budget fails with a reason; queued jobs survive a server restart', async () => {
+    it('jobs over their step or time budget fail with a reason; queued jobs survive a server restart', async () => {
       const dataDir = mkdtempSync(join(tmpdir(), 'reft-jobs-'));
       const database = backend === 'postgres' ? await createDatabase() : undefined;
       const first = await startServerProcess({ backend, database, dataDir, args: ['--no-worker'] });
       const a = { url: first.url };
       const rows = TRAIN_OPENINGS.slice(0, 4).map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
       const small = await json(a, 'POST', '/v1/training/jobs', { data: rows, ...RECIPE, hyperparameters: { epochs: 2 } });
-      const big = await json(a, 'POST', '/v1/training/jobs', { data: rows, ...RECIPE, hyperparameters: { epochs: 100 } });
-      expect([small.status, big.status]).toEqual([202, 202]);
+      const big = await json(a, 'POST', '/v1/training/jobs', { data: rows, ...RECIPE, hyperparameters: { epochs: 5000 } });
+      const long = await json(a, 'POST', '/v1/training/jobs', { data: rows, ...RECIPE, hyperparameters: { epochs: 450 } });
+      expect([small.status, big.status, long.status]).toEqual([202, 202, 202]);
       expect(await first.stop()).toBe(0);
-      const second = await startServerProcess({ backend, database, dataDir, args: ['--job-max-steps', '50', '--poll-ms', '100'] });
+      const second = await startServerProcess({ backend, database, dataDir, args: ['--job-max-steps', '2000', '--job-max-seconds', '1', '--poll-ms', '100'] });
       api = { url: second.url };
       try {
         const ok = await waitFor(small.body.id, ['succeeded', 'failed']);
         expect(ok.status).toBe('succeeded');
         const over = await waitFor(big.body.id, ['succeeded', 'failed']);
         expect(over.status).toBe('failed');
-        expect(over.error).toMatch(/needs 400 steps, over the budget of 50/);
+        expect(over.error).toMatch(/needs 20000 steps, over the budget of 2000/);
+        const slow = await waitFor(long.body.id, ['succeeded', 'failed']);
+        expect(slow.status).toBe('failed');
+        expect(slow.error).toMatch(/exceeded its time budget of 1 s at step \d+/);
       } finally {
         api = { url: server.url };
         expect(await second.stop()).toBe(0);

@@ -93,8 +93,13 @@ export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
   return parsed.data;
 }
 
-/** Validates a whole artifact for a base model (REFT.md "valid for a base model"). */
-export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uint8Array, base: BaseModelShape): Artifact {
+/**
+ * Validates a whole artifact for a base model (REFT.md "valid for a base model"). With
+ * `verifyValues: false` the structure is still checked but not every value (finite, R
+ * orthonormal): for artifacts read back from the store, which validated them when they came in.
+ */
+export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uint8Array, base: BaseModelShape, opts: { verifyValues?: boolean } = {}): Artifact {
+  const verifyValues = opts.verifyValues ?? true;
   const config = parseReftConfig(configBytes);
   const field = (s: string) => `reft_config.json.${s}`;
   if (config.base_model.hidden_size !== base.hiddenSize) {
@@ -109,7 +114,7 @@ export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uin
     if (entry.layer >= base.numLayers) {
       throw invalidIntervention(`interventions.${i}.layer ${entry.layer} is out of range (the model has ${base.numLayers} layers)`, field(`interventions.${i}.layer`));
     }
-    const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected);
+    const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected, verifyValues);
     return lowRank({ kind: entry.kind, layer: entry.layer, rank: entry.rank, positions: parsePositions(entry.positions) }, tensors, base.hiddenSize);
   });
   for (const name of file.header.tensors.keys()) {
@@ -135,6 +140,7 @@ function readTensors(
   rank: number,
   d: number,
   expected: Set<string>,
+  verifyValues: boolean,
 ): Record<string, Float32Array> {
   const out: Record<string, Float32Array> = {};
   for (const t of KIND_TENSORS[kind]) {
@@ -148,13 +154,24 @@ function readTensors(
       throw invalidIntervention(`tensor ${name} has shape [${info.shape}], expected [${shape}] for rank ${rank}`, name);
     }
     const data = toFloat32(file, info);
-    for (let k = 0; k < data.length; k++) {
-      if (!Number.isFinite(data[k])) throw invalidIntervention(`tensor ${name} has a non-finite value at index ${k}`, name);
+    if (verifyValues) {
+      const bad = firstNonFinite(data);
+      if (bad >= 0) throw invalidIntervention(`tensor ${name} has a non-finite value at index ${bad}`, name);
+      if (t === 'rotate') checkOrthonormalRows(data, rank, d, name);
     }
-    if (t === 'rotate') checkOrthonormalRows(data, rank, d, name);
     out[t] = data;
   }
   return out;
+}
+
+/** Index of the first NaN or ±Infinity, or -1. x·0 is NaN exactly for those, so one pass of
+ * multiply-adds screens the tensor and only a bad one is searched. */
+function firstNonFinite(data: Float32Array): number {
+  let acc = 0;
+  for (let k = 0; k < data.length; k++) acc += data[k] * 0;
+  if (acc === 0) return -1;
+  for (let k = 0; k < data.length; k++) if (!Number.isFinite(data[k])) return k;
+  return -1;
 }
 
 /** max |R·Rᵀ − I| over the entries. */
@@ -181,7 +198,11 @@ function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: st
 /** Folds a kind's tensors into delta = (h·downᵀ + bias)·up. */
 export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number): LowRankIntervention {
   const zeros = () => new Float32Array(spec.rank * d);
-  const minus = (a: Float32Array, b: Float32Array) => a.map((v, k) => v - b[k]);
+  const minus = (a: Float32Array, b: Float32Array) => {
+    const out = new Float32Array(a.length);
+    for (let k = 0; k < a.length; k++) out[k] = a[k] - b[k];
+    return out;
+  };
   const bias = t['source.bias'];
   switch (spec.kind) {
     case 'loreft':

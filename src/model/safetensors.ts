@@ -151,9 +151,11 @@ export function toFloat32(file: SafetensorsFile, info: TensorInfo): Float32Array
   const out = new Float32Array(n);
   const view = new DataView(file.bytes.buffer, file.bytes.byteOffset + info.offset, info.byteLength);
   switch (info.dtype) {
-    case 'F32':
-      for (let i = 0; i < n; i++) out[i] = view.getFloat32(i * 4, true);
+    case 'F32': {
+      // little-endian host (x86, ARM): the bytes are the floats; copy them in one go
+      out.set(new Float32Array(file.bytes.slice(info.offset, info.offset + info.byteLength).buffer));
       return out;
+    }
     case 'F16':
       for (let i = 0; i < n; i++) out[i] = halfToFloat(view.getUint16(i * 2, true));
       return out;
