@@ -1,6 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { Engine, type PrefillInput } from '../src/engine/engine.ts';
-import { argmax, Rng } from '../src/engine/sampler.ts';
+import { argmax } from '../src/engine/sampler.ts';
+import { Rng } from '../src/rng.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';

@@ -1,6 +1,6 @@
 import { mkdir, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Rng } from '../src/engine/sampler.ts';
+import { Rng } from '../src/rng.ts';
 import { expectedTensors } from '../src/model/checkpoint.ts';
 import { parseModelConfig } from '../src/model/config.ts';
 import { halfToFloat } from '../src/model/safetensors.ts';

@@ -3,7 +3,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { Rng } from '../src/engine/sampler.ts';
+import { Rng } from '../src/rng.ts';
+import { orthonormalRows } from '../test/support/artifacts.ts';
 import { InterventionCache } from '../src/interventions/cache.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
 import type { ModelConfig } from '../src/model/config.ts';
@@ -18,28 +19,12 @@ import { median, percentile, round } from './machine.ts';
  */
 const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
 
-function orthonormal(rank: number, d: number, rng: Rng): Float32Array {
-  const rows: Float64Array[] = [];
-  while (rows.length < rank) {
-    const v = Float64Array.from({ length: d }, () => rng.next() * 2 - 1);
-    for (const r of rows) {
-      const dot = r.reduce((s, x, i) => s + x * v[i], 0);
-      for (let i = 0; i < d; i++) v[i] -= dot * r[i];
-    }
-    const n = Math.hypot(...v);
-    rows.push(v.map((x) => x / n));
-  }
-  const out = new Float32Array(rank * d);
-  rows.forEach((r, i) => out.set(r, i * d));
-  return out;
-}
-
 export function loreftArtifact(seed: number, config: ModelConfig, layers: number[], rank: number, positions: string) {
   const rng = new Rng(seed);
   const d = config.hiddenSize;
   const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
   layers.forEach((_, i) => {
-    tensors[`interventions.${i}.rotate`] = { shape: [rank, d], data: orthonormal(rank, d, rng) };
+    tensors[`interventions.${i}.rotate`] = { shape: [rank, d], data: orthonormalRows(rank, d, rng) };
     tensors[`interventions.${i}.source.weight`] = { shape: [rank, d], data: Float32Array.from({ length: rank * d }, () => (rng.next() - 0.5) * 0.1) };
     tensors[`interventions.${i}.source.bias`] = { shape: [rank], data: Float32Array.from({ length: rank }, () => rng.next() - 0.5) };
   });

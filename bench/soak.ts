@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { Rng } from '../src/engine/sampler.ts';
+import { Rng } from '../src/rng.ts';
 import { median, round } from './machine.ts';
 
 /**

@@ -1,5 +1,5 @@
 import { Engine } from '../src/engine/engine.ts';
-import { Rng } from '../src/engine/sampler.ts';
+import { Rng } from '../src/rng.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { Trainer, type TrainingExample } from '../src/training/index.ts';
 import { median, round } from './machine.ts';

@@ -2,8 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Engine } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
-import { inferenceCases, type FixtureCase } from './support/fixtures.ts';
-import { maxAbsDiff, storiesEngine } from './support/engine.ts';
+import { inferenceCases } from './support/fixtures.ts';
+import { greedyBatch as greedyRows, maxAbsDiff, storiesEngine } from './support/engine.ts';
 
 let engine: Engine;
 let model: LoadedModel;
@@ -15,17 +15,7 @@ beforeAll(async () => {
 });
 afterAll(() => engine?.close());
 
-/** Greedy continuation of each row, decoding all rows together with the KV cache. */
-async function greedyBatch(rows: Array<{ tokens: number[]; interventions: FixtureCase['interventions'] }>, steps: number): Promise<number[][]> {
-  const outs = await engine.prefill(rows);
-  const gens = outs.map((o) => [argmax(o.logits)]);
-  for (let s = 1; s < steps; s++) {
-    const logits = await engine.decode(new Map(outs.map((o, i) => [o.id, gens[i].at(-1)!])));
-    outs.forEach((o, i) => gens[i].push(argmax(logits.get(o.id)!)));
-  }
-  for (const o of outs) engine.release(o.id);
-  return gens;
-}
+const greedyBatch = (rows: Parameters<typeof greedyRows>[1], steps: number) => greedyRows(engine, rows, steps);
 
 describe('decoder engine on stories260k against the PyTorch reference', () => {
   it('has the fixture cases', () => {

@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { createSession } from '../src/engine/session.ts';
 import { Tape } from '../src/graph/autodiff/index.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
-import { TrainingRng } from '../src/training/rng.ts';
+import { Rng } from '../src/rng.ts';
 
 /**
  * Each gradient rule on a tiny graph: loss = Σ op(inputs) ⊙ probe (a fixed random weight, so
@@ -20,7 +20,7 @@ interface Arg {
   frozen?: boolean;
 }
 
-const rng = new TrainingRng(7);
+const rng = new Rng(7);
 const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
 
 async function checkRule(args: Arg[], build: (t: Tape, x: string[]) => string): Promise<{ err: number; n: number }> {

@@ -7,7 +7,7 @@ import { parsePositions } from '../src/interventions/positions.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { StackLayout, allocateFactors, packBatch, type TrainingExample } from '../src/training/batch.ts';
 import { initialTensors, kindGradients, writeLowRank, type KindTensors } from '../src/training/kinds.ts';
-import { TrainingRng } from '../src/training/rng.ts';
+import { Rng } from '../src/rng.ts';
 import { TrainingGraph, type TrainingBatch } from '../src/training/training-graph.ts';
 import { STORIES, fixtureCase, reference, tensor } from './support/fixtures.ts';
 
@@ -68,7 +68,7 @@ class Problem {
     this.specs.forEach((s, i) => writeLowRank(s.kind, this.params[i], s.rank, D, this.layout.slotOf(i).offset, this.factors.get(s.layer)!));
   }
 
-  pack(examples: TrainingExample[], dropout?: { p: number; rng: TrainingRng }): this {
+  pack(examples: TrainingExample[], dropout?: { p: number; rng: Rng }): this {
     this.batch = packBatch(examples, this.layout, this.factors, D, dropout);
     return this;
   }
@@ -136,7 +136,7 @@ const FD_TOLERANCE = 1e-3;
  * of differencing a float32 loss (a few ulps of the loss over 2·eps; ~2e-4 at loss ≈ 15),
  * which dominates only for tensors with tiny gradients (a bias).
  */
-async function finiteDifferenceCheck(p: Problem, rng: TrainingRng): Promise<{ worst: number; worstRelative: number }> {
+async function finiteDifferenceCheck(p: Problem, rng: Rng): Promise<{ worst: number; worstRelative: number }> {
   const eps = 1e-2;
   const { loss, grads } = await p.gradients();
   const norm = Math.sqrt(dot(grads, grads));
@@ -170,13 +170,13 @@ async function finiteDifferenceCheck(p: Problem, rng: TrainingRng): Promise<{ wo
   return { worst, worstRelative };
 }
 
-function randomExamples(rng: TrainingRng, shapes: Array<[number, number]>): TrainingExample[] {
+function randomExamples(rng: Rng, shapes: Array<[number, number]>): TrainingExample[] {
   return shapes.map(([n, prompt]) => ({ tokens: [1, ...Array.from({ length: n - 1 }, () => 3 + Math.floor(rng.next() * 500))], promptLength: prompt }));
 }
 
 describe('training graph: gradients against finite differences', () => {
   it('loreft on the first and last layers, split f2 / l2 on one layer, batch 3 with padding and dropout', async () => {
-    const rng = new TrainingRng(11);
+    const rng = new Rng(11);
     const specs = [spec('loreft', 0, 4, 'f2+l2'), spec('loreft', 4, 3, 'f2'), spec('loreft', 4, 3, 'l2')];
     const p = new Problem(await graphFor([0, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     p.pack(randomExamples(rng, [[12, 6], [7, 4], [15, 9]]), { p: 0.2, rng });
@@ -184,7 +184,7 @@ describe('training graph: gradients against finite differences', () => {
   });
 
   it('direft on layers 2 and 4, batch 2', async () => {
-    const rng = new TrainingRng(12);
+    const rng = new Rng(12);
     const specs = [spec('direft', 2, 4, 'f1+l1'), spec('direft', 4, 2, 'l3')];
     const p = new Problem(await graphFor([2, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     p.pack(randomExamples(rng, [[9, 5], [14, 8]]));
@@ -192,7 +192,7 @@ describe('training graph: gradients against finite differences', () => {
   });
 
   it('noreft, consreft and lobireft through the low-rank mapping, two kinds sharing positions on one layer', async () => {
-    const rng = new TrainingRng(13);
+    const rng = new Rng(13);
     const specs = [spec('noreft', 1, 2, 'f1+l1'), spec('consreft', 3, 2, 'f3'), spec('lobireft', 3, 1, 'f2+l2'), spec('loreft', 2, 2, 'l1')];
     const p = new Problem(await graphFor([1, 2, 3]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     p.pack(randomExamples(rng, [[10, 7], [16, 6], [8, 8]]), { p: 0.1, rng });
@@ -202,7 +202,7 @@ describe('training graph: gradients against finite differences', () => {
 
 describe('training graph: batching', () => {
   it('a padded batch gives the token-weighted mean of its rows run alone (padding is ignored)', async () => {
-    const rng = new TrainingRng(21);
+    const rng = new Rng(21);
     const specs = [spec('loreft', 1, 2, 'f3+l3'), spec('direft', 3, 2, 'l2')];
     const params = specs.map((s) => initialTensors(s.kind, s.rank, D, rng));
     const p = new Problem(await graphFor([1, 3]), specs, params);
@@ -227,7 +227,7 @@ describe('training graph: batching', () => {
   });
 
   it('attention_mask hides padding keys: a left-padded row gives the same loss and gradients', async () => {
-    const rng = new TrainingRng(24);
+    const rng = new Rng(24);
     const specs = [spec('loreft', 1, 2, 'f2+l2'), spec('direft', 4, 2, 'l1')];
     const p = new Problem(await graphFor([1, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     const plain = await p.pack(randomExamples(rng, [[11, 6]])).gradients();
@@ -257,7 +257,7 @@ describe('training graph: batching', () => {
   });
 
   it('a layer with no intervened token in the batch gets zero gradients', async () => {
-    const rng = new TrainingRng(22);
+    const rng = new Rng(22);
     const specs = [spec('loreft', 2, 2, 'l1'), spec('direft', 4, 2, 'f2')];
     const p = new Problem(await graphFor([2, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     // a 1-token prompt: l1 is capped at 1 // 2 = 0 positions
@@ -267,7 +267,7 @@ describe('training graph: batching', () => {
   });
 
   it('a batch with nothing to score has loss 0 and zero gradients (no NaN)', async () => {
-    const rng = new TrainingRng(23);
+    const rng = new Rng(23);
     const specs = [spec('loreft', 3, 2, 'f2+l2')];
     const p = new Problem(await graphFor([3]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
     p.pack(randomExamples(rng, [[9, 5]]));

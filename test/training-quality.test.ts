@@ -1,11 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Engine } from '../src/engine/engine.ts';
-import { argmax } from '../src/engine/sampler.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import type { RecipeInput } from '../src/training/recipe.ts';
 import { Trainer } from '../src/training/trainer.ts';
-import { storiesEngine } from './support/engine.ts';
+import { greedyBatch, storiesEngine } from './support/engine.ts';
 import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/training-data.ts';
 
 /**
@@ -29,16 +28,8 @@ function completionTokens(opening: string, completion: string): number[] {
 }
 
 /** Greedy continuations of every prompt, decoded together with the KV cache. */
-async function greedy(prompts: string[], interventions: readonly LowRankIntervention[], steps: number): Promise<number[][]> {
-  const outs = await engine.prefill(prompts.map((p) => ({ tokens: model.tokenizer.encode(p), interventions })));
-  const gens = outs.map((o) => [argmax(o.logits)]);
-  for (let s = 1; s < steps; s++) {
-    const logits = await engine.decode(new Map(outs.map((o, i) => [o.id, gens[i].at(-1)!])));
-    outs.forEach((o, i) => gens[i].push(argmax(logits.get(o.id)!)));
-  }
-  for (const o of outs) engine.release(o.id);
-  return gens;
-}
+const greedy = (prompts: string[], interventions: readonly LowRankIntervention[], steps: number) =>
+  greedyBatch(engine, prompts.map((p) => ({ tokens: model.tokenizer.encode(p), interventions })), steps);
 
 const startsWith = (gen: number[], prefix: number[]) => prefix.every((t, i) => gen[i] === t);
 

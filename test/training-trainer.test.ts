@@ -9,7 +9,7 @@ import { initialTensors } from '../src/training/kinds.ts';
 import { adamwStep, clipGradNorm, learningRate } from '../src/training/optimizer.ts';
 import { retractRows } from '../src/training/orthogonal.ts';
 import { interventionSpecs, parseRecipe, type RecipeInput } from '../src/training/recipe.ts';
-import { TrainingRng } from '../src/training/rng.ts';
+import { Rng } from '../src/rng.ts';
 import { Trainer, type TrainingProgress } from '../src/training/trainer.ts';
 import { STORIES } from './support/fixtures.ts';
 
@@ -29,9 +29,9 @@ const ROWS = [
 
 describe('initialisation (pyreft)', () => {
   it('LoReFT: R has orthonormal rows, W and b are U(−1/√d, 1/√d); the same seed gives the same tensors', () => {
-    const a = initialTensors('loreft', 4, D, new TrainingRng(5));
-    const b = initialTensors('loreft', 4, D, new TrainingRng(5));
-    const c = initialTensors('loreft', 4, D, new TrainingRng(6));
+    const a = initialTensors('loreft', 4, D, new Rng(5));
+    const b = initialTensors('loreft', 4, D, new Rng(5));
+    const c = initialTensors('loreft', 4, D, new Rng(6));
     expect(orthonormalityError(a.rotate, 4, D)).toBeLessThan(1e-6);
     const bound = 1 / Math.sqrt(D);
     for (const name of ['source.weight', 'source.bias']) {
@@ -43,21 +43,21 @@ describe('initialisation (pyreft)', () => {
   });
 
   it('DiReFT: W1, b and W2 (nn.Linear(d, r) weights, [r, d]) are uniform in ±1/√d; consreft bias is U(0, 1)', () => {
-    const t = initialTensors('direft', 4, D, new TrainingRng(1));
+    const t = initialTensors('direft', 4, D, new Rng(1));
     expect(Object.keys(t).sort()).toEqual(['proj.weight', 'source.bias', 'source.weight']);
     expect(t['proj.weight'].length).toBe(4 * D);
     expect(t['proj.weight'].every((x) => Math.abs(x) <= 1 / Math.sqrt(D))).toBe(true);
-    const cons = initialTensors('consreft', 2, D, new TrainingRng(1));
+    const cons = initialTensors('consreft', 2, D, new Rng(1));
     expect(cons['source.bias'].every((x) => x >= 0 && x < 1)).toBe(true);
     expect(orthonormalityError(cons.rotate, 2, D)).toBeLessThan(1e-6);
   });
 
   it('the QR retraction restores orthonormal rows and keeps an orthonormal R as it is', () => {
-    const r = initialTensors('loreft', 4, D, new TrainingRng(2)).rotate;
+    const r = initialTensors('loreft', 4, D, new Rng(2)).rotate;
     const kept = r.slice();
     retractRows(kept, 4, D);
     for (let i = 0; i < r.length; i++) expect(Math.abs(kept[i] - r[i])).toBeLessThan(1e-6);
-    const rng = new TrainingRng(3);
+    const rng = new Rng(3);
     const moved = r.map((x) => x + 0.05 * rng.normal());
     expect(orthonormalityError(moved, 4, D)).toBeGreaterThan(1e-2);
     retractRows(moved, 4, D);

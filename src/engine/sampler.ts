@@ -1,3 +1,5 @@
+import { Rng } from '../rng.ts';
+
 /**
  * Next-token selection: repetition penalty, temperature, top-k, top-p, then a draw from a
  * seeded generator (same seed, same tokens). Temperature 0 is greedy.
@@ -11,38 +13,6 @@ export interface SamplingParams {
 }
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
-
-/** xoshiro128** seeded through splitmix32: small, fast, and identical on every platform. */
-export class Rng {
-  private s = new Uint32Array(4);
-  constructor(seed: number) {
-    let x = seed >>> 0;
-    for (let i = 0; i < 4; i++) {
-      x = (x + 0x9e3779b9) >>> 0;
-      let z = x;
-      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-      this.s[i] = (z ^ (z >>> 16)) >>> 0;
-    }
-  }
-  /** Uniform in [0, 1). */
-  next(): number {
-    const s = this.s;
-    const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
-    const t = s[1] << 9;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 11);
-    return result / 4294967296;
-  }
-}
-
-function rotl(x: number, k: number): number {
-  return ((x << k) | (x >>> (32 - k))) >>> 0;
-}
 
 export function argmax(logits: Float32Array): number {
   let best = 0;

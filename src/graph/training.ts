@@ -1,7 +1,8 @@
 import type { Checkpoint, WeightRef } from '../model/checkpoint.ts';
-import { ropeInverseFrequencies, type ModelConfig } from '../model/config.ts';
+import type { ModelConfig } from '../model/config.ts';
 import { Tape } from './autodiff/tape.ts';
 import { GraphBuilder, type ElemType } from './onnx.ts';
+import { ropeTables } from './rope.ts';
 
 /**
  * The training graph: the frozen decoder's forward pass, the ReFT loss, and the gradient of
@@ -192,17 +193,17 @@ function attentionBias(t: Tape, inputIds: string, attentionMask: string): string
  * broadcast over the heads.
  */
 function rotary(t: Tape, config: ModelConfig, positionIds: string): { cos: string; sin: string; rotateHalf: string } {
-  const inv = ropeInverseFrequencies(config);
-  const half = inv.length;
+  const rope = ropeTables(config);
+  const { half } = rope;
   const hd = config.headDim;
-  const n = config.maxPositions;
+  const n = rope.positions;
+  // the inference tables hold each angle once; here it is repeated for both halves of a head
   const cosTable = new Float32Array(n * hd);
   const sinTable = new Float32Array(n * hd);
   for (let p = 0; p < n; p++) {
     for (let i = 0; i < half; i++) {
-      const angle = Math.fround(p * Math.fround(inv[i]));
-      cosTable[p * hd + i] = cosTable[p * hd + i + half] = Math.cos(angle);
-      sinTable[p * hd + i] = sinTable[p * hd + i + half] = Math.sin(angle);
+      cosTable[p * hd + i] = cosTable[p * hd + i + half] = rope.cos[p * half + i];
+      sinTable[p * hd + i] = sinTable[p * hd + i + half] = rope.sin[p * half + i];
     }
   }
   const perm = new Float32Array(hd * hd);

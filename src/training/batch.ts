@@ -1,6 +1,6 @@
 import type { InterventionSpec } from '../interventions/artifact.ts';
 import { positionsFor } from '../interventions/positions.ts';
-import type { TrainingRng } from './rng.ts';
+import type { Rng } from '../rng.ts';
 import type { LayerTrainingFeed, TrainingBatch } from './training-graph.ts';
 
 /** A tokenized training row: the prompt (edited) followed by the completion (scored). */
@@ -56,7 +56,7 @@ export function allocateFactors(layout: StackLayout, d: number): LayerFactors {
 
 export interface DropoutOptions {
   p: number;
-  rng: TrainingRng;
+  rng: Rng;
 }
 
 /**

@@ -1,6 +1,6 @@
 import { KIND_TENSORS, type InterventionKind } from '../interventions/artifact.ts';
 import { orthogonalRows } from './orthogonal.ts';
-import type { TrainingRng } from './rng.ts';
+import type { Rng } from '../rng.ts';
 
 /**
  * What each kind's tensors mean for training: how they fold into the graph's low-rank form
@@ -82,7 +82,7 @@ export function kindGradients(
  *   well; its weight is [r, d], exactly our proj.weight, so U(−1/√d, 1/√d) with no transpose.
  * - consreft / lobireft source.bias: torch.rand(r), U(0, 1).
  */
-export function initialTensors(kind: InterventionKind, rank: number, d: number, rng: TrainingRng): KindTensors {
+export function initialTensors(kind: InterventionKind, rank: number, d: number, rng: Rng): KindTensors {
   const bound = 1 / Math.sqrt(d);
   const uniform = (n: number, lo: number, hi: number) => Float32Array.from({ length: n }, () => rng.uniform(lo, hi));
   const out: KindTensors = {};

@@ -1,4 +1,4 @@
-import type { TrainingRng } from './rng.ts';
+import type { Rng } from '../rng.ts';
 
 /**
  * Orthonormal rows for `rotate` [r, d]: initialisation as torch.nn.init.orthogonal_, and the
@@ -11,7 +11,7 @@ import type { TrainingRng } from './rng.ts';
  * matrix and ours is its transpose. Gram–Schmidt on the columns gives exactly that Q (its
  * diagonal is positive by construction); the columns become our rows.
  */
-export function orthogonalRows(rank: number, d: number, rng: TrainingRng): Float32Array {
+export function orthogonalRows(rank: number, d: number, rng: Rng): Float32Array {
   if (rank > d) throw new Error(`rank ${rank} exceeds the hidden size ${d}: rows cannot be orthonormal`);
   const gaussian = new Float64Array(d * rank); // [d, r], row-major as torch fills it
   for (let i = 0; i < gaussian.length; i++) gaussian[i] = rng.normal();

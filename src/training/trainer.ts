@@ -11,7 +11,7 @@ import { adamwStep, clipGradNorm, learningRate, type AdamMoments, type AdamWSett
 import { retractRows } from './orthogonal.ts';
 import { buildArtifact, type ArtifactInfo, type TrainedArtifact } from './output.ts';
 import { interventionSpecs, parseRecipe, type Recipe, type RecipeInput } from './recipe.ts';
-import { TrainingRng } from './rng.ts';
+import { Rng } from '../rng.ts';
 import { TrainingGraph, type TrainingGraphOptions } from './training-graph.ts';
 
 /**
@@ -74,7 +74,7 @@ export class Trainer {
   private readonly adam: AdamWSettings;
   private readonly microBatches: number;
   private readonly fingerprint: string;
-  private dropoutRng: TrainingRng;
+  private dropoutRng: Rng;
   private stepsDone = 0;
   private epochOrder: { epoch: number; order: number[] } | null = null;
 
@@ -95,11 +95,11 @@ export class Trainer {
     this.fingerprint = dataFingerprint(examples);
     this.adam = { beta1: recipe.adam_beta1, beta2: recipe.adam_beta2, eps: recipe.adam_epsilon, weightDecay: recipe.weight_decay };
 
-    const initRng = new TrainingRng(recipe.seed);
+    const initRng = new Rng(recipe.seed);
     this.params = this.specs.map((s) => initialTensors(s.kind, s.rank, d, initRng));
     this.moments = this.params.map((t) => mapTensors(t, (v) => ({ m: new Float32Array(v.length), v: new Float32Array(v.length) })));
     this.grads = this.params.map((t) => mapTensors(t, (v) => new Float32Array(v.length)));
-    this.dropoutRng = new TrainingRng((recipe.seed ^ 0x5bd1e995) >>> 0);
+    this.dropoutRng = new Rng((recipe.seed ^ 0x5bd1e995) >>> 0);
     if (opts.resumeFrom) this.restore(opts.resumeFrom);
     this.writeFactors();
   }
@@ -244,7 +244,7 @@ export class Trainer {
   /** Each epoch's shuffle is its own stream, a function of (seed, epoch). */
   private orderOf(epoch: number): number[] {
     if (this.epochOrder?.epoch !== epoch) {
-      const rng = new TrainingRng((this.recipe.seed + Math.imul(epoch + 1, 0x9e3779b1)) >>> 0);
+      const rng = new Rng((this.recipe.seed + Math.imul(epoch + 1, 0x9e3779b1)) >>> 0);
       this.epochOrder = { epoch, order: rng.permutation(this.examples.length) };
     }
     return this.epochOrder.order;
@@ -259,7 +259,7 @@ export class Trainer {
     if (c.dataFingerprint !== this.fingerprint) throw invalidRequest('the checkpoint was taken on different training data', 'resume_from');
     if (c.totalSteps !== this.totalSteps || c.step > this.totalSteps) throw invalidRequest('the checkpoint does not belong to this job', 'resume_from');
     this.stepsDone = c.step;
-    this.dropoutRng = TrainingRng.fromState(c.rngState);
+    this.dropoutRng = Rng.fromState(c.rngState);
     this.epochOrder = { epoch: c.epoch, order: [...c.order] };
     c.params.forEach((t, i) => {
       for (const [name, v] of Object.entries(t)) {

@@ -1,4 +1,4 @@
-import { Rng } from '../../src/engine/sampler.ts';
+import { Rng } from '../../src/rng.ts';
 import type { InterventionKind } from '../../src/interventions/artifact.ts';
 import { encodeSafetensors } from '../../src/model/safetensors.ts';
 import type { FixtureCase } from './fixtures.ts';

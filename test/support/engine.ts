@@ -1,7 +1,8 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Engine } from '../../src/engine/engine.ts';
+import { Engine, type PrefillInput } from '../../src/engine/engine.ts';
+import { argmax } from '../../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../../src/model/load.ts';
 import { STORIES } from './fixtures.ts';
 
@@ -19,4 +20,16 @@ export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
   return m;
+}
+
+/** Greedy continuations of every row, decoded together with the KV cache. */
+export async function greedyBatch(engine: Engine, rows: readonly PrefillInput[], steps: number): Promise<number[][]> {
+  const outs = await engine.prefill(rows);
+  const gens = outs.map((o) => [argmax(o.logits)]);
+  for (let s = 1; s < steps; s++) {
+    const logits = await engine.decode(new Map(outs.map((o, i) => [o.id, gens[i].at(-1)!])));
+    outs.forEach((o, i) => gens[i].push(argmax(logits.get(o.id)!)));
+  }
+  for (const o of outs) engine.release(o.id);
+  return gens;
 }

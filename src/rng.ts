@@ -1,8 +1,9 @@
 /**
- * The trainer's random numbers: xoshiro128** seeded through splitmix32, with a state that can
- * be saved and restored exactly (checkpoints must resume the same stream).
+ * Seeded random numbers for sampling and training: xoshiro128** seeded through splitmix32 (same
+ * seed, same stream on every platform), with a state that can be saved and restored exactly
+ * (training checkpoints resume the same stream).
  */
-export class TrainingRng {
+export class Rng {
   private readonly s = new Uint32Array(4);
 
   constructor(seed: number) {
@@ -16,8 +17,8 @@ export class TrainingRng {
     }
   }
 
-  static fromState(state: readonly number[]): TrainingRng {
-    const r = new TrainingRng(0);
+  static fromState(state: readonly number[]): Rng {
+    const r = new Rng(0);
     r.s.set(state);
     return r;
   }
