@@ -1,5 +1,7 @@
 import { Command } from 'commander';
 import pino from 'pino';
+import { ReftError } from '../errors.ts';
+import { cudaAvailable } from '../engine/session.ts';
 import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
@@ -30,6 +32,9 @@ export function workerCommand(): Command {
 
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
+  if (f.device === 'cuda' && !(await cudaAvailable())) {
+    throw new ReftError('unavailable', 'this onnxruntime-node install has no CUDA provider: install with ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci, or run with --device cpu', 'device');
+  }
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));

@@ -30,13 +30,28 @@ export class EngineClient {
   private readonly statsWaiters = new Map<number, (s: EngineStats) => void>();
   private statsId = 0;
   private closed = false;
+  private readonly crashListeners: Array<(e: ReftError) => void> = [];
 
   private constructor(private readonly worker: Worker) {
     worker.on('message', (m: FromWorker) => this.onMessage(m));
-    worker.on('error', (e) => this.failAll(new ReftError('internal', `engine worker crashed: ${e.message}`)));
+    worker.on('error', (e) => this.crashed(new ReftError('internal', `engine worker crashed: ${e.message}`)));
     worker.on('exit', (code) => {
-      if (!this.closed) this.failAll(new ReftError('internal', `engine worker exited with code ${code}`));
+      if (!this.closed) this.crashed(new ReftError('internal', `engine worker exited with code ${code}`));
     });
+  }
+
+  /** Called once if the engine thread dies while in use (its generations have failed). */
+  onCrash(listener: (e: ReftError) => void): void {
+    this.crashListeners.push(listener);
+  }
+
+  private crashed(e: ReftError): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.failAll(e);
+    for (const s of this.statsWaiters.values()) s({ queued: 0, running: 0, tokensInFlight: 0, steps: 0, lastBatchSize: 0, kvBytes: 0 });
+    this.statsWaiters.clear();
+    for (const l of this.crashListeners) l(e);
   }
 
   static start(init: WorkerInit): Promise<EngineClient> {

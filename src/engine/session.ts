@@ -30,3 +30,17 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
     },
   } as ort.InferenceSession.SessionOptions);
 }
+
+/** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
+export async function cudaAvailable(): Promise<boolean> {
+  const { GraphBuilder } = await import('../graph/onnx.ts');
+  const g = new GraphBuilder('probe');
+  g.output(g.op('Identity', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
+  try {
+    const session = await ort.InferenceSession.create(g.encode({ '': 21 }), { executionProviders: ['cuda'], logSeverityLevel: 4 });
+    await session.release();
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -80,6 +80,12 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     const dir = await s.resolveModel();
     const model = await loadModel(dir);
     const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
+    engine.onCrash((err) => {
+      // Without its engine the server can only refuse: exit so a supervisor starts a fresh one.
+      app.log.fatal({ err: err.message }, 'engine crashed; exiting');
+      notReady = 'engine crashed';
+      void shutdown('engine crashed').finally(() => process.exit(1));
+    });
     const interventions = new InterventionCache(store, model.config, s.adapterCacheBytes, (hit) => metrics.adapterCache.inc({ result: hit ? 'hit' : 'miss' }));
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);

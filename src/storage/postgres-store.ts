@@ -1,13 +1,22 @@
-import { createHash, randomBytes } from 'node:crypto';
 import { Client, DatabaseError, Pool, TypeOverrides } from 'pg';
 import type { ClientConfig, Notification, PoolClient, PoolConfig, QueryResult, QueryResultRow } from 'pg';
-import { ReftError, invalidRequest, notFound } from '../errors.ts';
+import { ReftError } from '../errors.ts';
+import { newId } from './ids.ts';
+import { interventionRecord } from './intervention-record.ts';
+import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
+import { Listeners } from './listeners.ts';
+import { pendingMigrations, type Migration } from './migrations.ts';
+import { clampLimit, pageOf, seqAfter } from './paging.ts';
+import { jsonText as json, rowMappers } from './rows.ts';
+import type * as Rows from './rows.ts';
+import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import type {
   ApiKey,
   InterventionFiles,
   InterventionMeta,
   Job,
   JobEvent,
+  JobOutcome,
   JobStatus,
   Lease,
   NewIntervention,
@@ -23,11 +32,8 @@ import type {
  * The PostgreSQL Store: everything, file bytes included (bytea), lives in one database, so
  * servers and training workers on different hosts share it.
  *
- * It makes the same choices as the SQLite store (see the header of sqlite-store.ts): creation
- * order by a hidden identity column, the cursor rules, a null tenant meaning "shared only" for
- * interventions and "any tenant" for getJob, sha256 over config bytes then weights bytes, the
- * automatic 'status' events, cancel-over-retry for an expired lease, not_found for unknown
- * tenants/jobs/interventions, revokeApiKey true only for a live key. Where it differs:
+ * It keeps the contract, and makes the choices, written in the header of store.ts (its hidden
+ * creation order is an identity column). Particular to it:
  *
  * - Time comes from the database clock (now()): createdAt & co., and lease expiry, so hosts with
  *   skewed clocks still agree on whether a lease has expired. `now()` is the start of the
@@ -100,14 +106,8 @@ export const CHANNELS = {
 } as const;
 
 // ---------------------------------------------------------------------------------------------
-// Schema. Migrations are append-only: never edit one that has shipped, add the next version.
+// Schema (migrations.ts: append-only).
 // ---------------------------------------------------------------------------------------------
-
-interface Migration {
-  version: number;
-  name: string;
-  sql: string;
-}
 
 const MIGRATIONS: Migration[] = [
   {
@@ -346,156 +346,37 @@ const SQL = {
 } as const;
 
 // ---------------------------------------------------------------------------------------------
-// Rows as pg returns them (timestamptz as Date, bytea as Buffer, json parsed, int8 as number),
-// and their mapping to the interface's types.
+// Rows as pg returns them (rows.ts maps them): timestamptz as Date, json parsed, boolean as
+// boolean (and bytea as Buffer, int8 as number); plus the lease expiry claimJob reads.
 // ---------------------------------------------------------------------------------------------
 
-interface TenantRow {
-  id: string;
-  name: string;
-  created_at: Date;
-}
+type Columns = { time: Date; json: unknown; flag: boolean };
 
-interface KeyRow {
-  id: string;
-  tenant_id: string;
-  created_at: Date;
-  revoked_at: Date | null;
-}
+type TenantRow = Rows.TenantRow<Columns>;
+type KeyRow = Rows.KeyRow<Columns>;
+type InterventionRow = Rows.InterventionRow<Columns>;
+type FileRow = Rows.FileRow<Columns>;
+type EventRow = Rows.EventRow<Columns>;
 
-interface InterventionRow {
-  id: string;
-  tenant_id: string | null;
-  name: string;
-  description: string | null;
-  source: InterventionMeta['source'];
-  config: unknown;
-  version: number;
-  bytes: number;
-  sha256: string;
-  created_at: Date;
-  updated_at: Date;
-}
-
-interface FileRow {
-  id: string;
-  tenant_id: string;
-  filename: string;
-  purpose: string;
-  bytes: number;
-  created_at: Date;
-}
-
-interface JobRow {
-  id: string;
-  tenant_id: string;
-  status: JobStatus;
-  spec: unknown;
-  progress: unknown;
-  error: string | null;
-  intervention_id: string | null;
-  attempts: number;
-  cancel_requested: boolean;
-  created_at: Date;
-  started_at: Date | null;
-  finished_at: Date | null;
+interface JobRow extends Rows.JobRow<Columns> {
   lease_expires_at: Date | null;
 }
 
-interface EventRow {
-  job_id: string;
-  seq: number;
-  created_at: Date;
-  type: string;
-  data: unknown;
-}
-
-const iso = (d: Date): string => d.toISOString();
-const isoOrNull = (d: Date | null): string | null => (d === null ? null : d.toISOString());
-
-const toTenant = (r: TenantRow): Tenant => ({ id: r.id, name: r.name, createdAt: iso(r.created_at) });
-
-const toKey = (r: KeyRow): ApiKey => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  createdAt: iso(r.created_at),
-  revokedAt: isoOrNull(r.revoked_at),
-});
-
-const toIntervention = (r: InterventionRow): InterventionMeta => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  name: r.name,
-  description: r.description,
-  source: r.source,
-  config: r.config,
-  version: r.version,
-  bytes: r.bytes,
-  sha256: r.sha256,
-  createdAt: iso(r.created_at),
-  updatedAt: iso(r.updated_at),
-});
-
-const toFile = (r: FileRow): StoredFile => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  filename: r.filename,
-  purpose: r.purpose,
-  bytes: r.bytes,
-  createdAt: iso(r.created_at),
-});
-
-const toJob = (r: JobRow): Job => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  status: r.status,
-  spec: r.spec,
-  progress: r.progress,
-  error: r.error,
-  interventionId: r.intervention_id,
-  attempts: r.attempts,
-  cancelRequested: r.cancel_requested,
-  createdAt: iso(r.created_at),
-  startedAt: isoOrNull(r.started_at),
-  finishedAt: isoOrNull(r.finished_at),
-});
-
-const toEvent = (r: EventRow): JobEvent => ({
-  seq: r.seq,
-  jobId: r.job_id,
-  createdAt: iso(r.created_at),
-  type: r.type,
-  data: r.data,
+const { toTenant, toKey, toKeyWithTenant, toIntervention, toFile, toJob, toEvent } = rowMappers<Columns>({
+  time: (date) => date.toISOString(),
+  json: (value) => value,
+  flag: (flag) => flag,
 });
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-const ID_PREFIX = { tenant: 'ten_', key: 'key_', intervention: 'iv_', file: 'file_', job: 'job_' } as const;
-
-/** Prefix + 24 hex chars (96 random bits), as the SQLite store makes them. */
-function newId(kind: keyof typeof ID_PREFIX): string {
-  return ID_PREFIX[kind] + randomBytes(12).toString('hex');
-}
-
-/** JSON text for a json column; undefined is stored as null. (Passing objects to pg would turn arrays into PG arrays.) */
-const json = (value: unknown): string => JSON.stringify(value ?? null);
-
 /** A bytea parameter: pg sends Buffers as binary, without copying the bytes. */
 const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 
 /** A bytea result as a plain Uint8Array view, like the SQLite store returns. */
 const bytesOf = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
-
-function interventionDigest(files: InterventionFiles): string {
-  return createHash('sha256').update(files.config).update(files.weights).digest('hex');
-}
-
-/** Limits are capped by the caller; this only keeps them a positive integer. */
-function clampLimit(limit: number): number {
-  return Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1;
-}
 
 function sqlState(e: unknown): string | undefined {
   return e instanceof DatabaseError ? e.code : undefined;
@@ -509,17 +390,6 @@ function translate(e: unknown, byState: Partial<Record<string, () => ReftError>>
   const state = sqlState(e);
   const make = state === undefined ? undefined : byState[state];
   return make ? make() : e;
-}
-
-function emit<A extends unknown[]>(listeners: Set<(...args: A) => void>, ...args: A): void {
-  for (const listener of [...listeners]) {
-    try {
-      listener(...args);
-    } catch (e) {
-      // A listener's bug must not fail the store call that already committed.
-      process.emitWarning(`store listener threw: ${(e as Error)?.message ?? e}`);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,13 +508,7 @@ async function migrate(pool: Pool): Promise<void> {
     await db.all(MIGRATION_SQL.lock, [MIGRATION_LOCK_KEY]);
     await db.all(MIGRATION_SQL.createTable);
     const applied = new Set((await db.all<{ version: number }>(MIGRATION_SQL.applied)).map((r) => r.version));
-    const newest = MIGRATIONS[MIGRATIONS.length - 1].version;
-    const unknown = [...applied].filter((v) => v > newest);
-    if (unknown.length) {
-      throw new Error(`the database has schema version ${Math.max(...unknown)}, newer than this server's ${newest}: upgrade the server`);
-    }
-    for (const m of MIGRATIONS) {
-      if (applied.has(m.version)) continue;
+    for (const m of pendingMigrations(MIGRATIONS, applied, 'the database')) {
       await db.all(m.sql);
       await db.all(MIGRATION_SQL.record, [m.version, m.name]);
     }
@@ -775,8 +639,8 @@ class Listener {
 // ---------------------------------------------------------------------------------------------
 
 export class PostgresStore implements Store {
-  private readonly interventionListeners = new Set<(id: string) => void>();
-  private readonly jobListeners = new Set<() => void>();
+  private readonly interventionListeners = new Listeners<[id: string]>();
+  private readonly jobListeners = new Listeners<[]>();
   /** Backend pids of this store's pool connections: NOTIFYs they send are our own echoes. */
   private readonly ownBackends = new Set<number>();
   private readonly db: Db;
@@ -820,7 +684,7 @@ export class PostgresStore implements Store {
         notification: (msg) => store.onNotification(msg),
         reconnected: () => {
           log('the LISTEN connection is back');
-          emit(store.jobListeners); // a job queued while we were deaf would otherwise wait for a poll
+          store.jobListeners.emit(); // a job queued while we were deaf would otherwise wait for a poll
         },
         lost: (err) => log(`the LISTEN connection was lost (${err.message}); reconnecting`),
       });
@@ -853,16 +717,15 @@ export class PostgresStore implements Store {
       return toKey((await this.db.one<KeyRow>(SQL.insertKey, [newId('key'), tenantId, secretHash]))!);
     } catch (e) {
       throw translate(e, {
-        [FOREIGN_KEY_VIOLATION]: () => notFound(`no tenant "${tenantId}"`, 'tenantId'),
+        [FOREIGN_KEY_VIOLATION]: () => noTenant(tenantId),
         [UNIQUE_VIOLATION]: () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash'),
       });
     }
   }
 
   async findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null> {
-    const row = await this.db.one<KeyRow & { tenant_name: string; tenant_created_at: Date }>(SQL.liveKeyByHash, [secretHash]);
-    if (!row) return null;
-    return { key: toKey(row), tenant: { id: row.tenant_id, name: row.tenant_name, createdAt: iso(row.tenant_created_at) } };
+    const row = await this.db.one<Rows.KeyWithTenantRow<Columns>>(SQL.liveKeyByHash, [secretHash]);
+    return row ? toKeyWithTenant(row) : null;
   }
 
   async revokeApiKey(id: string): Promise<boolean> {
@@ -872,18 +735,17 @@ export class PostgresStore implements Store {
   // --- interventions ------------------------------------------------------------------------
 
   async putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta> {
-    // Refuse ids the store could not have made, as the SQLite store does (there they name files).
-    if (replaceId !== undefined && !/^iv_[0-9a-f]{24}$/.test(replaceId)) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
-    const id = replaceId ?? newId('intervention');
+    const record = interventionRecord(iv, replaceId);
+    const { id } = record;
     const params = [
       id,
-      iv.tenantId,
-      iv.name,
-      iv.description ?? null,
-      iv.source,
-      json(iv.config),
-      iv.files.config.byteLength + iv.files.weights.byteLength,
-      interventionDigest(iv.files),
+      record.tenantId,
+      record.name,
+      record.description,
+      record.source,
+      record.config,
+      record.bytes,
+      record.sha256,
       bytea(iv.files.config),
       bytea(iv.files.weights),
     ];
@@ -892,17 +754,17 @@ export class PostgresStore implements Store {
       row = await this.transaction(async (db) => {
         if (replaceId === undefined) return (await db.one<InterventionRow>(SQL.insertIntervention, params))!;
         const replaced = await db.one<InterventionRow>(SQL.replaceIntervention, params);
-        if (!replaced) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
+        if (!replaced) throw noInterventionToReplace(replaceId);
         await db.all(SQL.notify, [CHANNELS.interventionChanged, id]);
         return replaced;
       });
     } catch (e) {
       throw translate(e, {
-        [UNIQUE_VIOLATION]: () => new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name'),
-        [FOREIGN_KEY_VIOLATION]: () => notFound(`no tenant "${iv.tenantId}"`, 'tenantId'),
+        [UNIQUE_VIOLATION]: () => interventionNameTaken(iv.name),
+        [FOREIGN_KEY_VIOLATION]: () => noTenant(iv.tenantId),
       });
     }
-    if (replaceId !== undefined) emit(this.interventionListeners, id);
+    if (replaceId !== undefined) this.interventionListeners.emit(id);
     return toIntervention(row);
   }
 
@@ -927,7 +789,7 @@ export class PostgresStore implements Store {
       await db.all(SQL.notify, [CHANNELS.interventionChanged, id]);
       return true;
     });
-    if (deleted) emit(this.interventionListeners, id);
+    if (deleted) this.interventionListeners.emit(id);
     return deleted;
   }
 
@@ -942,7 +804,7 @@ export class PostgresStore implements Store {
       const row = await this.db.one<FileRow>(SQL.insertFile, [newId('file'), tenantId, filename, purpose, bytes.byteLength, bytea(bytes)]);
       return toFile(row!);
     } catch (e) {
-      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => notFound(`no tenant "${tenantId}"`, 'tenantId') });
+      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => noTenant(tenantId) });
     }
   }
 
@@ -972,14 +834,14 @@ export class PostgresStore implements Store {
     try {
       row = await this.transaction(async (db) => {
         const inserted = (await db.one<JobRow>(SQL.insertJob, [id, tenantId, json(spec)]))!;
-        await addEvent(db, id, 'status', { status: 'queued' });
+        await addEvent(db, id, 'status', queuedEvent());
         await db.all(SQL.notify, [CHANNELS.jobQueued, id]);
         return inserted;
       });
     } catch (e) {
-      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => notFound(`no tenant "${tenantId}"`, 'tenantId') });
+      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => noTenant(tenantId) });
     }
-    emit(this.jobListeners);
+    this.jobListeners.emit();
     return toJob(row);
   }
 
@@ -1013,17 +875,13 @@ export class PostgresStore implements Store {
       for (;;) {
         const row = await db.one<JobRow>(SQL.nextClaimable);
         if (!row) return null;
-        if (row.cancel_requested) {
-          // Its worker died while a cancel was pending: the cancel wins over a retry.
-          await endJob(db, row.id, 'cancelled', null);
-          continue;
-        }
-        if (row.attempts >= maxAttempts) {
-          await endJob(db, row.id, 'failed', `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`);
+        const end = endInsteadOfClaim({ cancelRequested: row.cancel_requested, attempts: row.attempts }, maxAttempts);
+        if (end) {
+          await endJob(db, row.id, end.status, end.error);
           continue;
         }
         const claimed = (await db.one<JobRow>(SQL.claimJob, [row.id, workerId, leaseMs]))!;
-        await addEvent(db, row.id, 'status', { status: 'running', attempt: claimed.attempts });
+        await addEvent(db, row.id, 'status', runningEvent(claimed.attempts));
         return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: claimed.lease_expires_at!.getTime() } };
       }
     });
@@ -1039,7 +897,7 @@ export class PostgresStore implements Store {
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent> {
     const row = await this.db.one<EventRow>(SQL.insertEvent, [jobId, type, json(data)]);
-    if (!row) throw notFound(`no job "${jobId}"`, 'jobId');
+    if (!row) throw noJob(jobId);
     return toEvent(row);
   }
 
@@ -1060,38 +918,27 @@ export class PostgresStore implements Store {
     return row ? { step: row.step, state: bytesOf(row.state) } : null;
   }
 
-  async finishJob(
-    jobId: string,
-    workerId: string,
-    outcome: { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' },
-  ): Promise<boolean> {
-    const error = outcome.status === 'failed' ? outcome.error : null;
-    const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
+  async finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean> {
+    const { error, interventionId } = outcomeColumns(outcome);
     try {
       return await this.transaction(async (db) => {
         if ((await db.count(SQL.finishJob, [jobId, workerId, outcome.status, error, interventionId])) !== 1) return false;
-        await addEvent(db, jobId, 'status', {
-          status: outcome.status,
-          ...(error !== null && { error }),
-          ...(interventionId !== null && { interventionId }),
-        });
+        await addEvent(db, jobId, 'status', endedEvent(outcome.status, error, interventionId));
         return true;
       });
     } catch (e) {
-      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => notFound(`no intervention "${interventionId}"`, 'interventionId') });
+      throw translate(e, { [FOREIGN_KEY_VIOLATION]: () => noIntervention(interventionId) });
     }
   }
 
   // --- listeners and lifecycle --------------------------------------------------------------
 
   onInterventionChanged(listener: (id: string) => void): () => void {
-    this.interventionListeners.add(listener);
-    return () => this.interventionListeners.delete(listener);
+    return this.interventionListeners.add(listener);
   }
 
   onJobQueued(listener: () => void): () => void {
-    this.jobListeners.add(listener);
-    return () => this.jobListeners.delete(listener);
+    return this.jobListeners.add(listener);
   }
 
   async close(): Promise<void> {
@@ -1107,8 +954,8 @@ export class PostgresStore implements Store {
   private onNotification(msg: Notification): void {
     // Our own write already fired our listeners when it committed.
     if (this.ownBackends.has(msg.processId)) return;
-    if (msg.channel === CHANNELS.interventionChanged && msg.payload) emit(this.interventionListeners, msg.payload);
-    else if (msg.channel === CHANNELS.jobQueued) emit(this.jobListeners);
+    if (msg.channel === CHANNELS.interventionChanged && msg.payload) this.interventionListeners.emit(msg.payload);
+    else if (msg.channel === CHANNELS.jobQueued) this.jobListeners.emit();
   }
 
   /** A write transaction, retried on deadlock or serialization failure; errors mapped for callers. */
@@ -1128,15 +975,9 @@ export class PostgresStore implements Store {
     map: (row: R) => T,
   ): Promise<Page<T>> {
     const limit = clampLimit(req.limit);
-    let afterSeq = 0; // identity columns start at 1
-    if (req.after !== undefined) {
-      const cursor = await this.db.one<{ seq: number }>(cursorSql, [req.after, ...scope]);
-      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
-      afterSeq = cursor.seq;
-    }
-    const rows = await this.db.all<R>(pageSql, [afterSeq, limit + 1, ...scope]);
-    const data = rows.slice(0, limit);
-    return { data: data.map(map), nextCursor: rows.length > limit ? data[data.length - 1].id : null };
+    const cursor = req.after === undefined ? undefined : await this.db.one<{ seq: number }>(cursorSql, [req.after, ...scope]);
+    const rows = await this.db.all<R>(pageSql, [seqAfter(req.after, cursor), limit + 1, ...scope]);
+    return pageOf(rows, limit, map);
   }
 }
 
@@ -1148,7 +989,7 @@ async function addEvent(db: Db, jobId: string, type: string, data: unknown): Pro
 /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
 async function endJob(db: Db, id: string, status: 'cancelled' | 'failed', error: string | null): Promise<void> {
   await db.count(SQL.endJob, [id, status, error]);
-  await addEvent(db, id, 'status', error === null ? { status } : { status, error });
+  await addEvent(db, id, 'status', endedEvent(status, error));
 }
 
 /** The server process serving this client (pg knows it from the startup handshake, but doesn't type it). */

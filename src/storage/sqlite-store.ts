@@ -1,17 +1,26 @@
 import Database from 'better-sqlite3';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, statSync, unlinkSync } from 'node:fs';
 import { open, readFile, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { ReftError, invalidRequest, notFound } from '../errors.ts';
+import { ReftError } from '../errors.ts';
+import { newId } from './ids.ts';
+import { interventionRecord } from './intervention-record.ts';
+import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
+import { Listeners } from './listeners.ts';
+import { pendingMigrations, type Migration } from './migrations.ts';
+import { clampLimit, pageOf, seqAfter } from './paging.ts';
+import { jsonText as json, rowMappers } from './rows.ts';
+import type * as Rows from './rows.ts';
+import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import type {
   ApiKey,
   InterventionFiles,
   InterventionMeta,
   Job,
   JobEvent,
-  JobStatus,
+  JobOutcome,
   Lease,
   NewIntervention,
   Page,
@@ -29,26 +38,14 @@ import type {
  *   <dataDir>/reft.db   tables (WAL mode, so a training worker process can share the file)
  *   <dataDir>/blobs/    intervention files, training data files, job checkpoints
  *
- * Choices this implementation makes where the Store contract leaves room (a PostgreSQL store
- * should make the same ones):
- * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
- *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
- * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
- *   the row through a scoped method first.
- * - `sha256` of an intervention is the digest of its config file's bytes followed by its weights
- *   file's bytes (`cat reft_config.json reft_weights.safetensors | sha256sum`).
- * - Pages, and the job queue, are in creation order: the order rows were inserted (a hidden
- *   sequence number, exact even within one createdAt millisecond). An `after` cursor that names
- *   no visible row (deleted, or another tenant's) is an invalid_request on field "after".
- * - The store appends a 'status' event to a job's event stream for every status change it makes
- *   (queued, running, failed, cancelled, succeeded), so followers see the whole life of a job;
- *   workers append only their own 'metrics'/'log' events.
- * - `claimJob` keeps a re-claimed job's first `startedAt`; a running job with cancelRequested
- *   whose lease expired is cancelled by the next claim, not retried.
- * - `revokeApiKey` returns true only when it revoked a live key.
+ * It keeps the contract, and makes the choices, written in the header of store.ts. Particular
+ * to it:
+ * - Time is the writing process's clock: timestamps are its ISO text, lease expiry its epoch ms.
  * - `onInterventionChanged` and `onJobQueued` fire only in the process that made the change:
- *   SQLite has no cross-process notifications. Workers poll `claimJob`, and caches key on
- *   (id, version), which `findIntervention` always reads fresh.
+ *   SQLite has no cross-process notifications. Workers poll `claimJob`.
+ * - File bytes live in blob files, not in the database: written and fsynced to a temp file
+ *   first, renamed to a final name inside the write transaction that inserts the row naming
+ *   it; what a crash leaves behind is swept when the store is next opened.
  *
  * better-sqlite3 is synchronous: every statement runs on the calling thread. Writes are short
  * (blob bytes are written and fsynced before the write transaction starts), but a busy database
@@ -75,14 +72,8 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
 }
 
 // ---------------------------------------------------------------------------------------------
-// Schema. Migrations are append-only: never edit one that has shipped, add the next version.
+// Schema (migrations.ts: append-only).
 // ---------------------------------------------------------------------------------------------
-
-interface Migration {
-  version: number;
-  name: string;
-  sql: string;
-}
 
 const MIGRATIONS: Migration[] = [
   {
@@ -296,71 +287,28 @@ const SQL = {
 } as const;
 
 // ---------------------------------------------------------------------------------------------
-// Rows as SQLite returns them, and their mapping to the interface's types.
+// Rows as SQLite returns them (rows.ts maps them): timestamps as ISO text, JSON as text,
+// booleans as 0/1; plus what this store reads beyond the mapped columns (blob names, lease).
 // ---------------------------------------------------------------------------------------------
 
-interface TenantRow {
-  id: string;
-  name: string;
-  created_at: string;
-}
+type Columns = { time: string; json: string; flag: number };
 
-interface KeyRow {
-  id: string;
-  tenant_id: string;
-  created_at: string;
-  revoked_at: string | null;
-}
+type TenantRow = Rows.TenantRow<Columns>;
+type KeyRow = Rows.KeyRow<Columns>;
+type EventRow = Rows.EventRow<Columns>;
 
-interface InterventionRow {
-  id: string;
-  tenant_id: string | null;
-  name: string;
-  description: string | null;
-  source: InterventionMeta['source'];
-  config: string;
-  version: number;
-  bytes: number;
-  sha256: string;
+interface InterventionRow extends Rows.InterventionRow<Columns> {
   config_blob: string;
   weights_blob: string;
-  created_at: string;
-  updated_at: string;
 }
 
-interface FileRow {
-  id: string;
-  tenant_id: string;
-  filename: string;
-  purpose: string;
-  bytes: number;
+interface FileRow extends Rows.FileRow<Columns> {
   blob: string;
-  created_at: string;
 }
 
-interface JobRow {
-  id: string;
-  tenant_id: string;
-  status: JobStatus;
-  spec: string;
-  progress: string;
-  error: string | null;
-  intervention_id: string | null;
-  attempts: number;
-  cancel_requested: number;
-  created_at: string;
-  started_at: string | null;
-  finished_at: string | null;
+interface JobRow extends Rows.JobRow<Columns> {
   lease_worker: string | null;
   lease_expires_at: number | null;
-}
-
-interface EventRow {
-  job_id: string;
-  seq: number;
-  created_at: string;
-  type: string;
-  data: string;
 }
 
 interface CheckpointRow {
@@ -369,75 +317,17 @@ interface CheckpointRow {
   blob: string;
 }
 
-const toTenant = (r: TenantRow): Tenant => ({ id: r.id, name: r.name, createdAt: r.created_at });
-
-const toKey = (r: KeyRow): ApiKey => ({ id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at });
-
-const toIntervention = (r: InterventionRow): InterventionMeta => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  name: r.name,
-  description: r.description,
-  source: r.source,
-  config: JSON.parse(r.config),
-  version: r.version,
-  bytes: r.bytes,
-  sha256: r.sha256,
-  createdAt: r.created_at,
-  updatedAt: r.updated_at,
-});
-
-const toFile = (r: FileRow): StoredFile => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  filename: r.filename,
-  purpose: r.purpose,
-  bytes: r.bytes,
-  createdAt: r.created_at,
-});
-
-const toJob = (r: JobRow): Job => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  status: r.status,
-  spec: JSON.parse(r.spec),
-  progress: JSON.parse(r.progress),
-  error: r.error,
-  interventionId: r.intervention_id,
-  attempts: r.attempts,
-  cancelRequested: r.cancel_requested === 1,
-  createdAt: r.created_at,
-  startedAt: r.started_at,
-  finishedAt: r.finished_at,
-});
-
-const toEvent = (r: EventRow): JobEvent => ({
-  seq: r.seq,
-  jobId: r.job_id,
-  createdAt: r.created_at,
-  type: r.type,
-  data: JSON.parse(r.data),
+const { toTenant, toKey, toKeyWithTenant, toIntervention, toFile, toJob, toEvent } = rowMappers<Columns>({
+  time: (text) => text,
+  json: (text) => JSON.parse(text),
+  flag: (flag) => flag === 1,
 });
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-const ID_PREFIX = { tenant: 'ten_', key: 'key_', intervention: 'iv_', file: 'file_', job: 'job_' } as const;
-
-/** Prefix + 24 hex chars (96 random bits): safe in URLs and file names. */
-function newId(kind: keyof typeof ID_PREFIX): string {
-  return ID_PREFIX[kind] + randomBytes(12).toString('hex');
-}
-
 const isoNow = (): string => new Date().toISOString();
-
-/** JSON text for a JSON column; undefined is stored as null. */
-const json = (value: unknown): string => JSON.stringify(value ?? null);
-
-function interventionDigest(files: InterventionFiles): string {
-  return createHash('sha256').update(files.config).update(files.weights).digest('hex');
-}
 
 function sqliteCode(e: unknown): string | undefined {
   return e instanceof Database.SqliteError ? e.code : undefined;
@@ -448,24 +338,13 @@ function requireTenant<T>(tenantId: string | null, write: () => T): T {
   try {
     return write();
   } catch (e) {
-    if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw notFound(`no tenant "${tenantId}"`, 'tenantId');
+    if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw noTenant(tenantId);
     throw e;
   }
 }
 
 function isMissing(e: unknown): boolean {
   return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
-}
-
-function emit<A extends unknown[]>(listeners: Set<(...args: A) => void>, ...args: A): void {
-  for (const listener of [...listeners]) {
-    try {
-      listener(...args);
-    } catch (e) {
-      // A listener's bug must not fail the store call that already committed.
-      process.emitWarning(`store listener threw: ${(e as Error)?.message ?? e}`);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,8 +490,8 @@ interface PendingBlob {
 
 export class SqliteStore implements Store {
   private readonly statements = new Map<string, Database.Statement>();
-  private readonly interventionListeners = new Set<(id: string) => void>();
-  private readonly jobListeners = new Set<() => void>();
+  private readonly interventionListeners = new Listeners<[id: string]>();
+  private readonly jobListeners = new Listeners<[]>();
 
   private constructor(
     private readonly db: Database.Database,
@@ -661,9 +540,8 @@ export class SqliteStore implements Store {
   }
 
   async findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null> {
-    const row = this.get<KeyRow & { tenant_name: string; tenant_created_at: string }>(SQL.liveKeyByHash, { secretHash });
-    if (!row) return null;
-    return { key: toKey(row), tenant: { id: row.tenant_id, name: row.tenant_name, createdAt: row.tenant_created_at } };
+    const row = this.get<Rows.KeyWithTenantRow<Columns>>(SQL.liveKeyByHash, { secretHash });
+    return row ? toKeyWithTenant(row) : null;
   }
 
   async revokeApiKey(id: string): Promise<boolean> {
@@ -673,24 +551,12 @@ export class SqliteStore implements Store {
   // --- interventions ------------------------------------------------------------------------
 
   async putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta> {
-    // The id becomes part of file names: refuse anything the store could not have made.
-    if (replaceId !== undefined && !/^iv_[0-9a-f]{24}$/.test(replaceId)) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
-    const id = replaceId ?? newId('intervention');
+    // Refuses a replaceId the store could not have made: the id becomes part of file names.
+    const record = interventionRecord(iv, replaceId);
+    const { id } = record;
     const configBlob = blobName(id, 'config');
     const weightsBlob = blobName(id, 'weights');
-    const params = {
-      id,
-      tenantId: iv.tenantId,
-      name: iv.name,
-      description: iv.description ?? null,
-      source: iv.source,
-      config: json(iv.config),
-      bytes: iv.files.config.byteLength + iv.files.weights.byteLength,
-      sha256: interventionDigest(iv.files),
-      configBlob,
-      weightsBlob,
-      now: isoNow(),
-    };
+    const params = { ...record, configBlob, weightsBlob, now: isoNow() };
     let replaced: string[] = [];
     const pending = [
       { name: configBlob, bytes: iv.files.config },
@@ -699,16 +565,14 @@ export class SqliteStore implements Store {
     await this.writeWithBlobs(pending, (promote) => {
       if (replaceId !== undefined) {
         const old = this.get<InterventionRow>(SQL.ownIntervention, { id: replaceId, tenant: iv.tenantId });
-        if (!old) throw notFound(`no intervention "${replaceId}" to replace`, 'id');
+        if (!old) throw noInterventionToReplace(replaceId);
         replaced = [old.config_blob, old.weights_blob];
       }
       promote();
       try {
         requireTenant(iv.tenantId, () => this.run(replaceId === undefined ? SQL.insertIntervention : SQL.replaceIntervention, params));
       } catch (e) {
-        if (sqliteCode(e) === 'SQLITE_CONSTRAINT_UNIQUE') {
-          throw new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name');
-        }
+        if (sqliteCode(e) === 'SQLITE_CONSTRAINT_UNIQUE') throw interventionNameTaken(iv.name);
         throw e;
       }
     });
@@ -716,7 +580,7 @@ export class SqliteStore implements Store {
     if (replaceId !== undefined) {
       // Only now, after the commit, are the old files unreferenced.
       await this.blobs.discard(replaced);
-      emit(this.interventionListeners, id);
+      this.interventionListeners.emit(id);
     }
     return meta;
   }
@@ -743,7 +607,7 @@ export class SqliteStore implements Store {
     if (!row) return false;
     // The row is gone (committed) first, so a crash here leaves only orphans for the sweep.
     await this.blobs.discard([row.config_blob, row.weights_blob]);
-    emit(this.interventionListeners, id);
+    this.interventionListeners.emit(id);
     return true;
   }
 
@@ -795,9 +659,9 @@ export class SqliteStore implements Store {
     const id = newId('job');
     this.transaction(() => {
       requireTenant(tenantId, () => this.run(SQL.insertJob, { id, tenantId, spec: json(spec), createdAt: isoNow() }));
-      this.addEvent(id, 'status', { status: 'queued' });
+      this.addEvent(id, 'status', queuedEvent());
     });
-    emit(this.jobListeners);
+    this.jobListeners.emit();
     return toJob(this.get<JobRow>(SQL.jobById, { id })!);
   }
 
@@ -833,18 +697,14 @@ export class SqliteStore implements Store {
         const now = Date.now();
         const row = this.get<JobRow>(SQL.nextClaimable, { now });
         if (!row) return null;
-        if (row.cancel_requested === 1) {
-          // Its worker died while a cancel was pending: the cancel wins over a retry.
-          this.endJob(row.id, 'cancelled', null);
-          continue;
-        }
-        if (row.attempts >= maxAttempts) {
-          this.endJob(row.id, 'failed', `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`);
+        const end = endInsteadOfClaim({ cancelRequested: row.cancel_requested === 1, attempts: row.attempts }, maxAttempts);
+        if (end) {
+          this.endJob(row.id, end.status, end.error);
           continue;
         }
         const expiresAt = now + leaseMs;
         this.run(SQL.claimJob, { id: row.id, workerId, expiresAt, startedAt: new Date(now).toISOString() });
-        this.addEvent(row.id, 'status', { status: 'running', attempt: row.attempts + 1 });
+        this.addEvent(row.id, 'status', runningEvent(row.attempts + 1));
         const job = toJob(this.get<JobRow>(SQL.jobById, { id: row.id })!);
         return { job, lease: { jobId: row.id, workerId, expiresAt } };
       }
@@ -862,7 +722,7 @@ export class SqliteStore implements Store {
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent> {
     return this.transaction(() => {
-      if (!this.get(SQL.jobById, { id: jobId })) throw notFound(`no job "${jobId}"`, 'jobId');
+      if (!this.get(SQL.jobById, { id: jobId })) throw noJob(jobId);
       return this.addEvent(jobId, type, data);
     });
   }
@@ -897,17 +757,12 @@ export class SqliteStore implements Store {
     return found ? { step, state: found[0] } : null;
   }
 
-  async finishJob(
-    jobId: string,
-    workerId: string,
-    outcome: { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' },
-  ): Promise<boolean> {
-    const error = outcome.status === 'failed' ? outcome.error : null;
-    const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
+  async finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean> {
+    const { error, interventionId } = outcomeColumns(outcome);
     return this.transaction(() => {
       const params = { id: jobId, workerId, now: Date.now(), status: outcome.status, error, interventionId, finishedAt: isoNow() };
       if (this.runNamingIntervention(SQL.finishJob, params, interventionId).changes !== 1) return false;
-      this.addEvent(jobId, 'status', { status: outcome.status, ...(error !== null && { error }), ...(interventionId !== null && { interventionId }) });
+      this.addEvent(jobId, 'status', endedEvent(outcome.status, error, interventionId));
       return true;
     });
   }
@@ -915,13 +770,11 @@ export class SqliteStore implements Store {
   // --- listeners and lifecycle --------------------------------------------------------------
 
   onInterventionChanged(listener: (id: string) => void): () => void {
-    this.interventionListeners.add(listener);
-    return () => this.interventionListeners.delete(listener);
+    return this.interventionListeners.add(listener);
   }
 
   onJobQueued(listener: () => void): () => void {
-    this.jobListeners.add(listener);
-    return () => this.jobListeners.delete(listener);
+    return this.jobListeners.add(listener);
   }
 
   async close(): Promise<void> {
@@ -1010,15 +863,9 @@ export class SqliteStore implements Store {
     map: (row: R) => T,
   ): Page<T> {
     const limit = clampLimit(req.limit);
-    let afterSeq = 0; // seq starts at 1
-    if (req.after !== undefined) {
-      const cursor = this.get<{ seq: number }>(cursorSql, { ...scope, after: req.after });
-      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
-      afterSeq = cursor.seq;
-    }
-    const rows = this.all<R>(pageSql, { ...scope, afterSeq, limit: limit + 1 });
-    const data = rows.slice(0, limit);
-    return { data: data.map(map), nextCursor: rows.length > limit ? data[data.length - 1].id : null };
+    const cursor = req.after === undefined ? undefined : this.get<{ seq: number }>(cursorSql, { ...scope, after: req.after });
+    const rows = this.all<R>(pageSql, { ...scope, afterSeq: seqAfter(req.after, cursor), limit: limit + 1 });
+    return pageOf(rows, limit, map);
   }
 
   /** A write whose `interventionId` must exist: a dangling one is a not_found, not a raw SQLite error. */
@@ -1026,7 +873,7 @@ export class SqliteStore implements Store {
     try {
       return this.run(sql, params);
     } catch (e) {
-      if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw notFound(`no intervention "${interventionId}"`, 'interventionId');
+      if (sqliteCode(e) === 'SQLITE_CONSTRAINT_FOREIGNKEY') throw noIntervention(interventionId);
       throw e;
     }
   }
@@ -1038,7 +885,7 @@ export class SqliteStore implements Store {
   /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
   private endJob(id: string, status: 'cancelled' | 'failed', error: string | null): void {
     this.run(SQL.endJob, { id, status, error, finishedAt: isoNow() });
-    this.addEvent(id, 'status', error === null ? { status } : { status, error });
+    this.addEvent(id, 'status', endedEvent(status, error));
   }
 
   private sweepBlobs(): void {
@@ -1047,11 +894,6 @@ export class SqliteStore implements Store {
       this.blobs.sweep(referenced);
     });
   }
-}
-
-/** Limits are capped by the caller; this only keeps them a positive integer. */
-function clampLimit(limit: number): number {
-  return Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1;
 }
 
 function configure(db: Database.Database): void {
@@ -1077,14 +919,9 @@ function migrate(db: Database.Database): void {
     const applied = new Set(
       (db.prepare('SELECT version FROM schema_migrations').all() as { version: number }[]).map((r) => r.version),
     );
-    const newest = MIGRATIONS[MIGRATIONS.length - 1].version;
-    const unknown = [...applied].filter((v) => v > newest);
-    if (unknown.length) {
-      throw new Error(`${db.name} has schema version ${Math.max(...unknown)}, newer than this server's ${newest}: upgrade the server`);
-    }
+    const pending = pendingMigrations(MIGRATIONS, applied, db.name);
     const record = db.prepare('INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)');
-    for (const m of MIGRATIONS) {
-      if (applied.has(m.version)) continue;
+    for (const m of pending) {
       db.exec(m.sql);
       record.run(m.version, m.name, isoNow());
     }

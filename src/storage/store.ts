@@ -1,12 +1,43 @@
 /**
  * The storage interface every process shares (servers, training workers). Two implementations:
- * the embedded one (SQLite file + weight files under a data directory) and PostgreSQL.
+ * the embedded one (sqlite-store.ts: a SQLite file + blob files under a data directory) and
+ * PostgreSQL (postgres-store.ts). This header is the contract and the choices both make; each
+ * store's own header says only what is particular to it.
  *
  * Rules every implementation keeps:
  * - A write is all or nothing: a reader never sees a half-written intervention or file.
  * - Tenant scoping is part of every read: a row of another tenant is indistinguishable from a
  *   missing one (the method returns null / false).
- * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names.
+ * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names
+ *   (ids.ts).
+ *
+ * Choices both implementations make where the contract leaves room (the code for them that is
+ * not SQL lives once, in the small modules named):
+ * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
+ *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
+ * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
+ *   the row through a scoped method first.
+ * - `sha256` of an intervention is the digest of its config file's bytes followed by its weights
+ *   file's bytes (`cat reft_config.json reft_weights.safetensors | sha256sum`); `bytes` is the
+ *   two files' total (intervention-record.ts).
+ * - Pages, and the job queue, are in creation order: the order rows were inserted (a hidden
+ *   sequence number, exact even within one createdAt millisecond). An `after` cursor that names
+ *   no visible row (deleted, or another tenant's) is an invalid_request on field "after"
+ *   (paging.ts).
+ * - A write naming a tenant, job or intervention that does not exist is a not_found on that
+ *   field; replacing an id the store could not have made, or one the tenant does not own, is a
+ *   not_found on "id"; a taken intervention name is a conflict on "name" (store-errors.ts).
+ * - The store appends a 'status' event to a job's event stream for every status change it makes
+ *   (queued, running, failed, cancelled, succeeded), so followers see the whole life of a job;
+ *   workers append only their own 'metrics'/'log' events (job-lifecycle.ts).
+ * - `claimJob` keeps a re-claimed job's first `startedAt`; a running job with cancelRequested
+ *   whose lease expired is cancelled by the next claim, not retried; one that has used up its
+ *   attempts fails (job-lifecycle.ts).
+ * - `revokeApiKey` returns true only when it revoked a live key.
+ * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
+ *   after its commit; whether other processes hear of it is each store's own (listeners.ts).
+ *   Caches key on (id, version), which `findIntervention` always reads fresh, so a change a
+ *   process did not hear of never serves it stale files.
  */
 export interface Tenant {
   id: string;
@@ -108,6 +139,12 @@ export interface JobEvent {
   data: unknown;
 }
 
+/** How a worker ends a job it holds. */
+export type JobOutcome =
+  | { status: 'succeeded'; interventionId: string }
+  | { status: 'failed'; error: string }
+  | { status: 'cancelled' };
+
 export interface Lease {
   jobId: string;
   workerId: string;
@@ -160,11 +197,7 @@ export interface Store {
   saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean>;
   loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
   /** Ends a job held by `workerId`: succeeded (with its intervention), failed or cancelled. */
-  finishJob(
-    jobId: string,
-    workerId: string,
-    outcome: { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' },
-  ): Promise<boolean>;
+  finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
 
   /** Called when an intervention is deleted or replaced (by any process sharing the store). */
   onInterventionChanged(listener: (id: string) => void): () => void;
