@@ -26,7 +26,8 @@ import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 export interface AppOptions {
   store: Store;
   adminKey: string | null;
-  defaultTenant: Tenant;
+  /** The tenant every request acts as when there are no API keys (single-tenant mode); null with keys. */
+  defaultTenant: Tenant | null;
   tenantLimits: TenantLimits;
   /** Largest JSON body (bytes). */
   bodyLimit: number;

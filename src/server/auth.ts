@@ -46,8 +46,8 @@ function sameSecret(a: string, b: string): boolean {
 export interface AuthOptions {
   store: Store;
   adminKey: string | null;
-  /** The tenant open (single-tenant) mode acts as. */
-  defaultTenant: Tenant;
+  /** The tenant open (single-tenant) mode acts as; null with API keys. */
+  defaultTenant: Tenant | null;
 }
 
 export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
@@ -57,7 +57,7 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
     if (level === 'none') return;
     if (!opts.adminKey) {
       if (level === 'admin') throw new ReftError('not_found', 'tenant administration is off: the server runs single-tenant (set REFT_ADMIN_KEY)');
-      request.tenant = opts.defaultTenant;
+      request.tenant = opts.defaultTenant!;
       return;
     }
     const secret = bearer(request);

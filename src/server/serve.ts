@@ -57,7 +57,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   }
   const logger = pino({ level: s.logLevel });
   const store = await s.openStore();
-  const defaultTenant = await ensureDefaultTenant(store);
+  // with API keys every request names its tenant; only open mode needs a default one
+  const defaultTenant = s.adminKey ? null : await ensureDefaultTenant(store);
   let runtime: ModelRuntime | null = null;
   let notReady: string | null = 'loading the model';
 
