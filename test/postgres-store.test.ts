@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { openPostgresStore } from '../src/storage/postgres-store.ts';
 import type { Store } from '../src/storage/store.ts';
-import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, useStoreFixture } from './support/store-contract.ts';
+import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, usageOf, useStoreFixture } from './support/store-contract.ts';
 import type { StoreBackend } from './support/store-contract.ts';
 import { createDatabase, dropDatabase, pgQuery, postgresServer, type PostgresServer } from './support/databases.ts';
 
@@ -12,6 +12,8 @@ const postgres: StoreBackend = {
   name: 'postgres',
   create: createDatabase,
   open: (url) => openPostgresStore(url),
+  openAt: (url, schemaVersion) => openPostgresStore(url, { schemaVersion }),
+  schemaVersions: async (url) => (await pgQuery(url, 'SELECT version FROM schema_migrations ORDER BY version')).map((r) => Number(r.version)),
   destroy: dropDatabase,
 };
 
@@ -58,7 +60,38 @@ describe('postgres: migrations', () => {
     await Promise.all(stores.map((s, i) => s.createTenant(`t${i}`)));
     expect((await stores[0].listTenants({ limit: 10 })).data).toHaveLength(6);
     const versions = await pgQuery(fx.location, 'SELECT version FROM schema_migrations ORDER BY version');
-    expect(versions.map((r) => r.version)).toEqual([1]);
+    expect(versions.map((r) => r.version)).toEqual([1, 2]);
+  });
+});
+
+describe('postgres: usage accounting', () => {
+  const fx = useStoreFixture(postgres);
+
+  it('loses no increment when several stores each run all their calls at once', async () => {
+    // In one process, so the transactions overlap for sure: 4 pools of 10 connections, every call
+    // in flight together, each batch listing the same rows in a different order.
+    const stores = await Promise.all(Array.from({ length: 4 }, () => fx.open()));
+    const tenants = await Promise.all(['a', 'b', 'c'].map((n) => stores[0].createTenant(n)));
+    const days = ['2024-10-30', '2024-10-31', '2024-11-01'];
+    const calls = 50;
+    await Promise.all(
+      stores.flatMap((store, s) =>
+        Array.from({ length: calls }, (_, i) => {
+          const entries = tenants.flatMap((t) => days.map((d) => usageOf(t.id, d, { requests: 1, promptTokens: s + 1, completionTokens: i })));
+          // A different order per call: the store sorts, so concurrent batches can't deadlock.
+          const rotated = entries.map((_, k) => entries[(k + i * 7 + s) % entries.length]);
+          return store.recordUsage(i % 2 ? rotated.reverse() : rotated);
+        }),
+      ),
+    );
+    const n = stores.length * calls;
+    const promptTokens = calls * (1 + 2 + 3 + 4);
+    const completionTokens = stores.length * ((calls * (calls - 1)) / 2);
+    for (const t of tenants) {
+      expect(await stores[1].getUsage(t.id, days[0], days[2])).toEqual(
+        days.map((d) => ({ day: d, requests: n, promptTokens, completionTokens, trainingTokens: 0 })),
+      );
+    }
   });
 });
 

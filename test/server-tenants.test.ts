@@ -19,7 +19,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
   let ivB: string;
 
   beforeAll(async () => {
-    server = await startServerProcess({ backend, env: { REFT_ADMIN_KEY: ADMIN }, args: ['--tenant-max-concurrent', '2', '--tenant-max-interventions', '3'] });
+    server = await startServerProcess({ backend, env: { REFT_ADMIN_KEY: ADMIN }, args: ['--tenant-max-concurrent', '2', '--tenant-max-interventions', '3', '--usage-flush-ms', '100'] });
     admin = { url: server.url, key: ADMIN };
     const tenantA = await json(admin, 'POST', '/v1/admin/tenants', { name: 'alpha' });
     const tenantB = await json(admin, 'POST', '/v1/admin/tenants', { name: 'beta' });
@@ -61,6 +61,24 @@ describe.each(BACKENDS)('on %s', (backend) => {
       // B still has it
       expect((await json(b, 'GET', `/v1/interventions/${ivB}`)).status).toBe(200);
       expect((await json(b, 'POST', '/v1/generate', { adapter: ivB, prompt: 'Once upon a time', max_new_tokens: 2 })).status).toBe(200);
+    });
+
+    it("usage belongs to the tenant: each sees its own requests and tokens", async () => {
+      const before = (await json(a, 'GET', '/v1/usage')).body.totals;
+      for (let i = 0; i < 3; i++) expect((await json(a, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 7, ignore_eos: true })).status).toBe(200);
+      let after = before;
+      for (let i = 0; i < 50 && after.requests < before.requests + 3; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        after = (await json(a, 'GET', '/v1/usage')).body.totals;
+      }
+      expect(after.requests - before.requests).toBe(3);
+      expect(after.completion_tokens - before.completion_tokens).toBe(21);
+      expect(after.prompt_tokens - before.prompt_tokens).toBe(15);
+      const usageB = (await json(b, 'GET', '/v1/usage')).body;
+      expect(usageB.totals.requests).toBeLessThan(after.requests);
+      expect(usageB.data.every((d: { day: string }) => /^\d{4}-\d{2}-\d{2}$/.test(d.day))).toBe(true);
+      expect((await json(a, 'GET', '/v1/usage?from=2020-01-02&to=2020-01-01')).status).toBe(400);
+      expect((await json(a, 'GET', '/v1/usage?from=2020-01-01&to=2020-01-31')).body.data).toEqual([]);
     });
 
     it('a revoked key stops working at once', async () => {

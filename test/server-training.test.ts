@@ -86,6 +86,8 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect(iv.body).toMatchObject({ name: 'frog-song', source: 'training' });
       const list = await json(api, 'GET', '/v1/training/jobs');
       expect(list.body.data.map((j: { id: string }) => j.id)).toContain(created.body.id);
+      const usage = await json(api, 'GET', '/v1/usage');
+      expect(usage.body.totals.training_tokens).toBeGreaterThan(600 * 20);
       const plain = await json(api, 'GET', `/v1/training/jobs/${created.body.id}/events?limit=5`);
       expect(plain.body.data).toHaveLength(5);
       expect(plain.body.has_more).toBe(true);

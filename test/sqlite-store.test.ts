@@ -1,6 +1,7 @@
 import { mkdtemp, readdir, rm, utimes, writeFile } from 'node:fs/promises';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { describe, expect, it } from 'vitest';
 import { openSqliteStore } from '../src/storage/sqlite-store.ts';
 import { newIv, runChild, storeContract, useStoreFixture } from './support/store-contract.ts';
@@ -12,6 +13,15 @@ const sqlite: StoreBackend = {
   name: 'sqlite',
   create: () => mkdtemp(join(tmpdir(), 'reft-store-')),
   open: (dir) => openSqliteStore(dir),
+  openAt: (dir, schemaVersion) => openSqliteStore(dir, { schemaVersion }),
+  schemaVersions: async (dir) => {
+    const db = new Database(join(dir, 'reft.db'), { readonly: true });
+    try {
+      return (db.prepare('SELECT version FROM schema_migrations ORDER BY version').all() as { version: number }[]).map((r) => r.version);
+    } finally {
+      db.close();
+    }
+  },
   destroy: (dir) => rm(dir, { recursive: true, force: true }),
   blobs: (dir) => readdir(join(dir, 'blobs')),
 };

@@ -29,6 +29,7 @@ interface ServeFlags extends WorkerFlags {
   maxBodyBytes: number;
   maxUploadBytes: number;
   shutdownTimeout: number;
+  usageFlushMs: number;
   threads?: number;
   logLevel: string;
 }
@@ -53,6 +54,7 @@ export function serveCommand(): Command {
     .addOption(opt('--max-body-bytes <n>', 'largest JSON request body', 'REFT_MAX_BODY_BYTES', int('--max-body-bytes', 1024), 8 * 1024 ** 2))
     .addOption(opt('--max-upload-bytes <n>', 'largest uploaded file', 'REFT_MAX_UPLOAD_BYTES', int('--max-upload-bytes', 1024), 64 * 1024 ** 2))
     .addOption(opt('--shutdown-timeout <ms>', 'on SIGTERM, how long in-flight generations may take to finish', 'REFT_SHUTDOWN_TIMEOUT_MS', int('--shutdown-timeout', 0), 30_000))
+    .addOption(opt('--usage-flush-ms <ms>', 'how often per-tenant usage is written to the store', 'REFT_USAGE_FLUSH_MS', int('--usage-flush-ms', 10), 5000))
     .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
     .addOption(opt('--log-level <level>', 'pino log level', 'REFT_LOG_LEVEL', undefined, 'info'))
     .action(runServe);
@@ -83,6 +85,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     bodyLimit: f.maxBodyBytes,
     uploadLimit: f.maxUploadBytes,
     shutdownTimeoutMs: f.shutdownTimeout,
+    usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,
     threads: f.threads,
   });

@@ -146,6 +146,7 @@ export class JobRunner {
     const examples = tokenizeTrainingRows(rows, model.tokenizer, model.config.maxPositions);
     const saved = await store.loadCheckpoint(job.id);
     let requested = false;
+    let trainedTokens = 0;
     let lastEvent = 0;
     let lastCheckpoint = performance.now();
     const startedAt = job.startedAt ? Date.parse(job.startedAt) : Date.now();
@@ -157,6 +158,7 @@ export class JobRunner {
       cacheDir: this.o.cacheDir,
       artifact: { name, description: spec.description ?? undefined, metadata: { job_id: job.id } },
       onProgress: async (p: TrainingProgress) => {
+        trainedTokens = Math.round(p.tokensPerSecond * p.elapsedSeconds);
         const fresh = await store.getJob(null, job.id);
         if (fresh?.cancelRequested) {
           requested = true;
@@ -184,7 +186,7 @@ export class JobRunner {
       }
       log.info({ steps: trainer.totalSteps, resumedAt: trainer.step, examples: examples.length }, saved ? 'job resumed from checkpoint' : 'job started');
       await store.appendJobEvent(job.id, 'log', { message: saved ? `resumed at step ${trainer.step} of ${trainer.totalSteps}` : `training ${trainer.totalSteps} steps on ${examples.length} examples` });
-      const outcome = await trainer.train();
+      const outcome = await trainer.train().finally(() => this.recordTrainingTokens(job, trainedTokens));
       if (outcome.status === 'cancelled') {
         if (!requested && !this.stopping) return { kind: 'cancelled', step: outcome.steps, requested: false };
         if (!requested) await store.saveCheckpoint(job.id, this.workerId, outcome.steps, encodeCheckpoint(outcome.checkpoint));
@@ -202,6 +204,14 @@ export class JobRunner {
     } finally {
       await trainer.release();
     }
+  }
+
+  /** Training counts in the tenant's usage whatever the outcome (a retry counts its own run). */
+  private async recordTrainingTokens(job: Job, tokens: number): Promise<void> {
+    if (tokens <= 0) return;
+    await this.o.store
+      .recordUsage([{ tenantId: job.tenantId, day: new Date().toISOString().slice(0, 10), requests: 0, promptTokens: 0, completionTokens: 0, trainingTokens: tokens }])
+      .catch((err) => this.o.log.warn({ job: job.id, err: (err as Error).message }, 'training usage not recorded'));
   }
 
   private async rows(job: Job, spec: JobSpec): Promise<ParsedRows> {

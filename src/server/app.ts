@@ -16,6 +16,8 @@ import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
 import { trainingRoutes } from './routes/training.ts';
+import { usageRoutes } from './routes/usage.ts';
+import { UsageMeter } from './usage.ts';
 import { GenerationService, notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 
@@ -38,6 +40,8 @@ export interface AppOptions {
   runtime: () => ModelRuntime | null;
   /** Why the server isn't ready (draining, loading), or null when ready. */
   notReadyReason: () => string | null;
+  /** How often metered usage is written to the store. */
+  usageFlushMs?: number;
 }
 
 export const API_VERSION = '0.1.0';
@@ -80,7 +84,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerAuth(app, { store: opts.store, adminKey: opts.adminKey, defaultTenant: opts.defaultTenant });
   metrics.register(app);
 
-  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics);
+  const usage = new UsageMeter(opts.store, app.log, opts.usageFlushMs);
+  app.addHook('onClose', () => usage.close());
+  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics, usage);
   healthRoutes(app, metrics, () => {
     const reason = opts.notReadyReason();
     return { ready: reason === null, reason: reason ?? 'ok' };
@@ -92,6 +98,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   fileRoutes(app, opts.store);
   trainingRoutes(app, opts.store, runtime);
+  usageRoutes(app, opts.store);
   adminRoutes(app, opts.store);
   return { app, metrics };
 }

@@ -9,6 +9,7 @@ import type { TextTokenizer } from '../model/tokenizer.ts';
 import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
 import type { ConcurrencyLimiter } from './tenant-limits.ts';
+import type { UsageMeter } from './usage.ts';
 
 /**
  * What the routes need once the model is loaded: the base model's name, config and tokenizer,
@@ -41,6 +42,7 @@ export class GenerationService {
     private readonly runtime: () => ModelRuntime,
     private readonly limiter: ConcurrencyLimiter,
     private readonly metrics: ServerMetrics,
+    private readonly usage: UsageMeter,
   ) {}
 
   get model(): ModelRuntime {
@@ -75,6 +77,7 @@ export class GenerationService {
       });
       this.metrics.promptTokens.inc(result.promptTokens);
       this.metrics.generatedTokens.inc(result.tokens.length);
+      this.usage.add(tenant.id, { requests: 1, promptTokens: result.promptTokens, completionTokens: result.tokens.length });
       const decodeSeconds = (performance.now() - first) / 1000;
       if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
       return result;

@@ -36,6 +36,7 @@ export interface ServeSettings {
   bodyLimit: number;
   uploadLimit: number;
   shutdownTimeoutMs: number;
+  usageFlushMs: number;
   logLevel: string;
   threads?: number;
 }
@@ -72,6 +73,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     logger,
     runtime: () => runtime,
     notReadyReason: () => notReady,
+    usageFlushMs: s.usageFlushMs,
   });
   const url = await app.listen({ host: s.host, port: s.port });
   app.log.info({ url, mode: s.adminKey ? 'multi-tenant' : 'single-tenant (open, loopback only)' }, 'listening');

@@ -22,3 +22,14 @@ export function pendingMigrations(migrations: readonly Migration[], applied: Rea
   }
   return migrations.filter((m) => !applied.has(m.version));
 }
+
+/**
+ * The migrations up to and including `version` (all of them when undefined). Only tests of an
+ * upgrade pass a version: a store opened that way has the schema an older server left behind,
+ * which is how such a test makes one.
+ */
+export function migrationsUpTo(migrations: readonly Migration[], version: number | undefined): readonly Migration[] {
+  if (version === undefined) return migrations;
+  if (!migrations.some((m) => m.version === version)) throw new Error(`no schema version ${version}`);
+  return migrations.filter((m) => m.version <= version);
+}

@@ -5,11 +5,12 @@ import { newId } from './ids.ts';
 import { interventionRecord } from './intervention-record.ts';
 import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
 import { Listeners } from './listeners.ts';
-import { pendingMigrations, type Migration } from './migrations.ts';
+import { migrationsUpTo, pendingMigrations, type Migration } from './migrations.ts';
 import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { jsonText as json, rowMappers } from './rows.ts';
 import type * as Rows from './rows.ts';
 import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
+import { checkUsageRange, toUsageDay, usageBatch, type UsageRow } from './usage.ts';
 import type {
   ApiKey,
   InterventionFiles,
@@ -26,6 +27,8 @@ import type {
   StoredFile,
   Tenant,
   Usage,
+  UsageDay,
+  UsageRecord,
 } from './store.ts';
 
 /**
@@ -69,6 +72,11 @@ export interface PostgresStoreOptions {
    * LISTEN connection lost and back. Default: a process warning.
    */
   log?: (message: string) => void;
+  /**
+   * Migrate only up to this schema version (default: all). Only tests of an upgrade set it, to
+   * make a database as an older server left it; never set in production.
+   */
+  schemaVersion?: number;
 }
 
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
@@ -211,6 +219,22 @@ const MIGRATIONS: Migration[] = [
       ALTER TABLE checkpoints ALTER COLUMN state SET STORAGE EXTERNAL;
     `,
   },
+  {
+    version: 2,
+    name: 'tenant usage',
+    sql: `
+      -- Usage per tenant and UTC day; recordUsage adds to the counters in place.
+      CREATE TABLE tenant_usage (
+        tenant_id         text NOT NULL REFERENCES tenants (id),
+        day               date NOT NULL,
+        requests          bigint NOT NULL DEFAULT 0,
+        prompt_tokens     bigint NOT NULL DEFAULT 0,
+        completion_tokens bigint NOT NULL DEFAULT 0,
+        training_tokens   bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant_id, day)
+      );
+    `,
+  },
 ];
 
 /** The bookkeeping of migrate(). */
@@ -284,6 +308,31 @@ const SQL = {
   usage: `
     SELECT count(*) AS interventions, coalesce(sum(bytes), 0)::bigint AS bytes
     FROM interventions WHERE tenant_id = $1`,
+
+  // usage accounting. The tenants of a batch that exist, locked FOR KEY SHARE (what a foreign
+  // key check takes) until the commit: a concurrent delete of one waits, or has happened and
+  // the tenant is not returned, so the upsert never meets a foreign-key violation.
+  lockTenants: `SELECT id FROM tenants WHERE id = ANY($1::text[]) FOR KEY SHARE`,
+  // One statement for the batch, rows in the (sorted) order given: concurrent batches take their
+  // row locks in the same order. Arrays: $1 tenant ids, $2 days, $3..$6 counters; $7 the tenants
+  // to keep.
+  addUsage: `
+    INSERT INTO tenant_usage AS u (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
+    SELECT e.tenant_id, e.day, e.requests, e.prompt_tokens, e.completion_tokens, e.training_tokens
+    FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) WITH ORDINALITY
+         AS e (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens, n)
+    WHERE e.tenant_id = ANY($7::text[])
+    ORDER BY e.n
+    ON CONFLICT (tenant_id, day) DO UPDATE
+    SET requests = u.requests + excluded.requests,
+        prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = u.completion_tokens + excluded.completion_tokens,
+        training_tokens = u.training_tokens + excluded.training_tokens`,
+  usageDays: `
+    SELECT to_char(day, 'YYYY-MM-DD') AS day, requests, prompt_tokens, completion_tokens, training_tokens
+    FROM tenant_usage
+    WHERE tenant_id = $1 AND day BETWEEN $2::date AND $3::date
+    ORDER BY tenant_usage.day`,
 
   // training data files
   insertFile: `
@@ -502,13 +551,13 @@ async function inTransaction<T>(pool: Pool, body: (db: Db) => Promise<T>): Promi
  * Applies the migrations this database lacks, in order, in one transaction holding an advisory
  * lock: a second process starting at the same time waits for the lock, then finds them applied.
  */
-async function migrate(pool: Pool): Promise<void> {
+async function migrate(pool: Pool, migrations: readonly Migration[]): Promise<void> {
   await inTransaction(pool, async (db) => {
     // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
     await db.all(MIGRATION_SQL.lock, [MIGRATION_LOCK_KEY]);
     await db.all(MIGRATION_SQL.createTable);
     const applied = new Set((await db.all<{ version: number }>(MIGRATION_SQL.applied)).map((r) => r.version));
-    for (const m of pendingMigrations(MIGRATIONS, applied, 'the database')) {
+    for (const m of pendingMigrations(migrations, applied, 'the database')) {
       await db.all(m.sql);
       await db.all(MIGRATION_SQL.record, [m.version, m.name]);
     }
@@ -679,7 +728,7 @@ export class PostgresStore implements Store {
     const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: IDLE_TIMEOUT_MS });
     const store = new PostgresStore(pool, log);
     try {
-      await migrate(pool);
+      await migrate(pool, migrationsUpTo(MIGRATIONS, options.schemaVersion));
       const listener = new Listener(config, [CHANNELS.interventionChanged, CHANNELS.jobQueued], {
         notification: (msg) => store.onNotification(msg),
         reconnected: () => {
@@ -795,6 +844,33 @@ export class PostgresStore implements Store {
 
   async usage(tenantId: string): Promise<Usage> {
     return (await this.db.one<Usage>(SQL.usage, [tenantId]))!;
+  }
+
+  // --- usage accounting ---------------------------------------------------------------------
+
+  async recordUsage(entries: UsageRecord[]): Promise<void> {
+    const rows = usageBatch(entries);
+    if (rows.length === 0) return;
+    const tenantIds = [...new Set(rows.map((r) => r.tenantId))];
+    const column = <K extends keyof UsageRecord>(k: K) => rows.map((r) => r[k]);
+    await this.transaction(async (db) => {
+      const live = (await db.all<{ id: string }>(SQL.lockTenants, [tenantIds])).map((r) => r.id);
+      if (live.length === 0) return;
+      await db.count(SQL.addUsage, [
+        column('tenantId'),
+        column('day'),
+        column('requests'),
+        column('promptTokens'),
+        column('completionTokens'),
+        column('trainingTokens'),
+        live,
+      ]);
+    });
+  }
+
+  async getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]> {
+    checkUsageRange(from, to);
+    return (await this.db.all<UsageRow>(SQL.usageDays, [tenantId, from, to])).map(toUsageDay);
   }
 
   // --- training data files ------------------------------------------------------------------

@@ -9,11 +9,12 @@ import { newId } from './ids.ts';
 import { interventionRecord } from './intervention-record.ts';
 import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
 import { Listeners } from './listeners.ts';
-import { pendingMigrations, type Migration } from './migrations.ts';
+import { migrationsUpTo, pendingMigrations, type Migration } from './migrations.ts';
 import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { jsonText as json, rowMappers } from './rows.ts';
 import type * as Rows from './rows.ts';
 import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
+import { checkUsageRange, toUsageDay, usageBatch, type UsageRow } from './usage.ts';
 import type {
   ApiKey,
   InterventionFiles,
@@ -29,6 +30,8 @@ import type {
   StoredFile,
   Tenant,
   Usage,
+  UsageDay,
+  UsageRecord,
 } from './store.ts';
 
 /**
@@ -65,6 +68,11 @@ export type FaultPoint = 'blobs-written' | 'blobs-renamed';
 export interface SqliteStoreOptions {
   /** Called at each FaultPoint of a blob write; a test can kill the process there. */
   faultHook?: (point: FaultPoint) => void;
+  /**
+   * Migrate only up to this schema version (default: all). Only tests of an upgrade set it, to
+   * make a database as an older server left it; never set in production.
+   */
+  schemaVersion?: number;
 }
 
 export async function openSqliteStore(dataDir: string, options: SqliteStoreOptions = {}): Promise<Store> {
@@ -170,6 +178,23 @@ const MIGRATIONS: Migration[] = [
       );
     `,
   },
+  {
+    version: 2,
+    name: 'tenant usage',
+    sql: `
+      -- Usage per tenant and UTC day (YYYY-MM-DD text, which sorts as the dates do); recordUsage
+      -- adds to the counters in place.
+      CREATE TABLE tenant_usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (id),
+        day               TEXT NOT NULL CHECK (day GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]'),
+        requests          INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        training_tokens   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant_id, day)
+      ) WITHOUT ROWID;
+    `,
+  },
 ];
 
 /** Every statement the store runs (named parameters are bound from objects). */
@@ -218,6 +243,22 @@ const SQL = {
   deleteIntervention: `
     DELETE FROM interventions WHERE id = :id AND tenant_id IS :tenant RETURNING config_blob, weights_blob`,
   usage: `SELECT count(*) AS interventions, ifnull(sum(bytes), 0) AS bytes FROM interventions WHERE tenant_id = :tenant`,
+
+  // usage accounting. An entry whose tenant does not exist inserts nothing (the WHERE also
+  // settles the INSERT ... SELECT ... ON CONFLICT parsing ambiguity SQLite documents).
+  addUsage: `
+    INSERT INTO tenant_usage (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
+    SELECT :tenantId, :day, :requests, :promptTokens, :completionTokens, :trainingTokens
+    WHERE EXISTS (SELECT 1 FROM tenants WHERE id = :tenantId)
+    ON CONFLICT (tenant_id, day) DO UPDATE
+    SET requests = requests + excluded.requests,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens,
+        training_tokens = training_tokens + excluded.training_tokens`,
+  usageDays: `
+    SELECT day, requests, prompt_tokens, completion_tokens, training_tokens FROM tenant_usage
+    WHERE tenant_id = :tenant AND day BETWEEN :from AND :to
+    ORDER BY day`,
 
   // training data files
   insertFile: `
@@ -506,7 +547,7 @@ export class SqliteStore implements Store {
     const db = new Database(join(dataDir, 'reft.db'), { timeout: BUSY_TIMEOUT_MS });
     try {
       configure(db);
-      migrate(db);
+      migrate(db, migrationsUpTo(MIGRATIONS, options.schemaVersion));
       const store = new SqliteStore(db, new BlobDir(blobDir), options);
       store.sweepBlobs();
       return store;
@@ -613,6 +654,23 @@ export class SqliteStore implements Store {
 
   async usage(tenantId: string): Promise<Usage> {
     return this.get<Usage>(SQL.usage, { tenant: tenantId })!;
+  }
+
+  // --- usage accounting ---------------------------------------------------------------------
+
+  async recordUsage(entries: UsageRecord[]): Promise<void> {
+    const rows = usageBatch(entries);
+    if (rows.length === 0) return;
+    // IMMEDIATE: the tenant check and the upsert of every row happen under the write lock, so
+    // writers in other processes wait for each other instead of losing increments.
+    this.transaction(() => {
+      for (const row of rows) this.run(SQL.addUsage, { ...row });
+    });
+  }
+
+  async getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]> {
+    checkUsageRange(from, to);
+    return this.all<UsageRow>(SQL.usageDays, { tenant: tenantId, from, to }).map(toUsageDay);
   }
 
   // --- training data files ------------------------------------------------------------------
@@ -909,7 +967,7 @@ function configure(db: Database.Database): void {
  * Applies the migrations this database lacks, in order, in one IMMEDIATE transaction: a second
  * process opening the same file at the same time waits, then finds them applied.
  */
-function migrate(db: Database.Database): void {
+function migrate(db: Database.Database, migrations: readonly Migration[]): void {
   db.transaction(() => {
     db.exec(`CREATE TABLE IF NOT EXISTS schema_migrations (
       version    INTEGER PRIMARY KEY,
@@ -919,7 +977,7 @@ function migrate(db: Database.Database): void {
     const applied = new Set(
       (db.prepare('SELECT version FROM schema_migrations').all() as { version: number }[]).map((r) => r.version),
     );
-    const pending = pendingMigrations(MIGRATIONS, applied, db.name);
+    const pending = pendingMigrations(migrations, applied, db.name);
     const record = db.prepare('INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)');
     for (const m of pending) {
       db.exec(m.sql);

@@ -34,6 +34,15 @@
  *   whose lease expired is cancelled by the next claim, not retried; one that has used up its
  *   attempts fails (job-lifecycle.ts).
  * - `revokeApiKey` returns true only when it revoked a live key.
+ * - Usage accounting (usage.ts): `recordUsage` adds each entry's counts to its tenant's row for
+ *   that day, creating the row if needed, all entries in one transaction; concurrent calls from
+ *   any number of processes never lose an increment. An entry for a tenant that does not exist
+ *   (deleted between metering and flushing, say) is skipped silently rather than failing the
+ *   batch; an entry whose counts are all zero makes no row. An invalid entry (a day that is not
+ *   a real YYYY-MM-DD date, a count that is not a non-negative integer) is an invalid_request
+ *   naming it, and nothing of the batch is written. `getUsage` returns the tenant's days in
+ *   [from, to] (inclusive, YYYY-MM-DD) that have a row, ascending; an unknown tenant, or
+ *   from > to, gives an empty list.
  * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
  *   after its commit; whether other processes hear of it is each store's own (listeners.ts).
  *   Caches key on (id, version), which `findIntervention` always reads fresh, so a change a
@@ -101,6 +110,20 @@ export interface Usage {
   interventions: number;
   bytes: number;
 }
+
+/** What a tenant used on one day (UTC): `recordUsage` adds these, `getUsage` returns the sums. */
+export interface UsageRecord {
+  tenantId: string;
+  /** YYYY-MM-DD, UTC. */
+  day: string;
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  trainingTokens: number;
+}
+
+/** One day of a tenant's usage, as `getUsage` returns it. */
+export type UsageDay = Omit<UsageRecord, 'tenantId'>;
 
 export interface StoredFile {
   id: string;
@@ -173,6 +196,16 @@ export interface Store {
   /** Deletes the tenant's own intervention (shared ones only with tenantId null). */
   deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
   usage(tenantId: string): Promise<Usage>;
+
+  // usage accounting (per tenant and day)
+  /**
+   * Adds each entry's counts to its tenant's row for its day, in one transaction. Entries naming
+   * a tenant that does not exist are skipped silently (a tenant deleted between metering and
+   * flushing must not fail the flush); invalid entries fail the whole batch (invalid_request).
+   */
+  recordUsage(entries: UsageRecord[]): Promise<void>;
+  /** The tenant's days in [from, to] (inclusive, YYYY-MM-DD) that have usage, ascending. */
+  getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]>;
 
   // training data files
   putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<StoredFile>;

@@ -6,15 +6,20 @@
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ReftError } from '../../src/errors.ts';
-import type { NewIntervention, Page, Store } from '../../src/storage/store.ts';
+import type { NewIntervention, Page, Store, UsageRecord } from '../../src/storage/store.ts';
 
 export interface StoreBackend {
   name: 'sqlite' | 'postgres';
   /** Makes fresh, empty storage for one test; returns where it is (a data directory, a database URL). */
   create(): Promise<string>;
   open(location: string): Promise<Store>;
+  /** Opens a store that migrates only up to `schemaVersion`: storage as an older server left it. */
+  openAt(location: string, schemaVersion: number): Promise<Store>;
+  /** The schema versions recorded as applied, ascending. */
+  schemaVersions(location: string): Promise<number[]>;
   /** Removes the storage after the test; every store opened on it is closed by then. */
   destroy(location: string): Promise<void>;
   /** The blob files under a location, for a backend that keeps file bytes outside its database. */
@@ -26,6 +31,8 @@ export interface StoreFixture {
   readonly location: string;
   /** Opens a store on it (closed after the test). */
   open(): Promise<Store>;
+  /** Opens a store on it migrated only up to `schemaVersion` (closed after the test). */
+  openAt(schemaVersion: number): Promise<Store>;
   /** Blob file names, or null for a backend without blob files. */
   blobs(): Promise<string[] | null>;
   /** Expects n blob files where the backend has them; passes elsewhere. */
@@ -56,6 +63,11 @@ export function useStoreFixture(backend: StoreBackend): StoreFixture {
     },
     async open() {
       const s = await backend.open(here());
+      opened.push(s);
+      return s;
+    },
+    async openAt(schemaVersion) {
+      const s = await backend.openAt(here(), schemaVersion);
       opened.push(s);
       return s;
     },
@@ -143,8 +155,24 @@ export interface ChildOptions {
 }
 
 export function runChild(backend: StoreBackend['name'], location: string, args: string[], options: ChildOptions = {}): Promise<ChildResult> {
+  return runNode([CHILD, backend, location, ...args], options);
+}
+
+/**
+ * Runs `code` (JavaScript, an ES module, so top-level await works) in another node process with
+ * tsx loaded, so it can import the project's .ts modules (by file URL: see `moduleUrl`). Its
+ * `process.argv.slice(1)` is `args`.
+ */
+export function runScript(code: string, args: string[], options: ChildOptions = {}): Promise<ChildResult> {
+  return runNode(['--input-type=module', '--eval', code, ...args], options);
+}
+
+/** A file URL for a module of the project, for `import()` in a `runScript` child. */
+export const moduleUrl = (path: string): string => pathToFileURL(join(ROOT, path)).href;
+
+function runNode(args: string[], options: ChildOptions): Promise<ChildResult> {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', CHILD, backend, location, ...args], {
+    const child = spawn(process.execPath, ['--import', 'tsx', ...args], {
       cwd: ROOT,
       stdio: ['pipe', 'pipe', 'pipe'],
     });
@@ -173,6 +201,56 @@ export function runChild(backend: StoreBackend['name'], location: string, args: 
 export function lastJson<T>(result: ChildResult): T {
   return JSON.parse(result.stdout.trim().split('\n').at(-1)!) as T;
 }
+
+/** Where each backend's store comes from, for a `runScript` child. */
+const STORE_MODULES: Record<StoreBackend['name'], { path: string; open: string }> = {
+  sqlite: { path: 'src/storage/sqlite-store.ts', open: 'openSqliteStore' },
+  postgres: { path: 'src/storage/postgres-store.ts', open: 'openPostgresStore' },
+};
+
+/**
+ * A usage writer (a `runScript` child). Args: the store module's URL, its open function, the
+ * location, and a JSON plan { tenants, days, calls, ghost }. It opens a store, prints "ready",
+ * waits for "go" on stdin, then makes `calls` concurrent recordUsage calls: call i adds
+ * { requests: 1, promptTokens: i + 1, completionTokens: 2, trainingTokens: 3 } to every tenant
+ * on every day, plus one entry for the tenant `ghost`, which does not exist; odd calls list
+ * their entries in reverse. Prints { done } at the end.
+ */
+const USAGE_WRITER = `
+  import { createInterface } from 'node:readline';
+  const [moduleUrl, opener, location, planJson] = process.argv.slice(1);
+  const { tenants, days, calls, ghost } = JSON.parse(planJson);
+  const store = await (await import(moduleUrl))[opener](location);
+  console.log('ready');
+  await new Promise((resolve) => {
+    const rl = createInterface({ input: process.stdin });
+    rl.on('line', (line) => {
+      if (line.trim() !== 'go') return;
+      rl.close();
+      process.stdin.destroy();
+      resolve();
+    });
+  });
+  await Promise.all(Array.from({ length: calls }, (_, i) => {
+    const entries = [];
+    for (const tenantId of tenants) {
+      for (const day of days) entries.push({ tenantId, day, requests: 1, promptTokens: i + 1, completionTokens: 2, trainingTokens: 3 });
+    }
+    entries.push({ tenantId: ghost, day: days[0], requests: 1, promptTokens: 1, completionTokens: 1, trainingTokens: 1 });
+    if (i % 2) entries.reverse();
+    return store.recordUsage(entries);
+  }));
+  await store.close();
+  console.log(JSON.stringify({ done: calls }));
+`;
+
+/** A usage entry with the given counts (zero where not given). */
+export function usageOf(tenantId: string, day: string, counts: Partial<Omit<UsageRecord, 'tenantId' | 'day'>> = {}): UsageRecord {
+  return { tenantId, day, requests: 0, promptTokens: 0, completionTokens: 0, trainingTokens: 0, ...counts };
+}
+
+/** A tenant id the store could have made but did not. */
+const GHOST_TENANT = `ten_${'0'.repeat(24)}`;
 
 // ---------------------------------------------------------------------------------------------
 // The contract
@@ -632,6 +710,141 @@ export function storeContract(backend: StoreBackend): void {
       });
     });
 
+    describe('usage accounting', () => {
+      const day = (d: string, requests: number, promptTokens: number, completionTokens: number, trainingTokens: number) => ({
+        day: d, requests, promptTokens, completionTokens, trainingTokens,
+      });
+
+      it('adds the counts up per tenant and day; days are separate', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        await store.recordUsage([usageOf(t.id, '2024-03-01', { requests: 1, promptTokens: 10, completionTokens: 20 })]);
+        await store.recordUsage([
+          usageOf(t.id, '2024-03-01', { requests: 2, promptTokens: 5, completionTokens: 7, trainingTokens: 100 }),
+          usageOf(t.id, '2024-03-02', { requests: 1, promptTokens: 1, completionTokens: 1, trainingTokens: 1 }),
+        ]);
+        expect(await store.getUsage(t.id, '2024-03-01', '2024-03-31')).toEqual([day('2024-03-01', 3, 15, 27, 100), day('2024-03-02', 1, 1, 1, 1)]);
+
+        // The same tenant and day twice in one batch: both count.
+        await store.recordUsage([usageOf(t.id, '2024-03-02', { requests: 1 }), usageOf(t.id, '2024-03-02', { requests: 1, trainingTokens: 9 })]);
+        expect(await store.getUsage(t.id, '2024-03-02', '2024-03-02')).toEqual([day('2024-03-02', 3, 1, 1, 10)]);
+        // Nothing to add makes no row; an empty batch is fine.
+        await store.recordUsage([usageOf(t.id, '2024-03-05')]);
+        await store.recordUsage([]);
+        expect((await store.getUsage(t.id, '2024-03-01', '2024-03-31')).map((d) => d.day)).toEqual(['2024-03-01', '2024-03-02']);
+        // Counters are 64-bit: sums past 2^31 are exact.
+        await store.recordUsage([usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 }), usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 + 5 })]);
+        expect(await store.getUsage(t.id, '2024-03-03', '2024-03-03')).toEqual([day('2024-03-03', 0, 2 ** 32 + 5, 0, 0)]);
+        // The interventions usage is a different thing, and untouched.
+        expect(await store.usage(t.id)).toEqual({ interventions: 0, bytes: 0 });
+      });
+
+      it('returns the days in an inclusive range, ascending', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const days = ['2024-02-29', '2023-12-31', '2024-03-01', '2024-01-01', '2024-01-15'];
+        await store.recordUsage(days.map((d, i) => usageOf(t.id, d, { requests: i + 1 })));
+        const requestsIn = async (from: string, to: string) =>
+          (await store.getUsage(t.id, from, to)).map((d) => [d.day, d.requests]);
+
+        expect(await requestsIn('2000-01-01', '2099-12-31')).toEqual([
+          ['2023-12-31', 2], ['2024-01-01', 4], ['2024-01-15', 5], ['2024-02-29', 1], ['2024-03-01', 3],
+        ]);
+        expect(await requestsIn('2024-01-01', '2024-02-29')).toEqual([['2024-01-01', 4], ['2024-01-15', 5], ['2024-02-29', 1]]);
+        expect(await requestsIn('2024-01-02', '2024-02-28')).toEqual([['2024-01-15', 5]]);
+        expect(await requestsIn('2024-03-01', '2024-03-01')).toEqual([['2024-03-01', 3]]);
+        expect(await requestsIn('2024-04-01', '2024-04-30')).toEqual([]);
+        expect(await requestsIn('2024-03-01', '2024-01-01')).toEqual([]); // from after to
+
+        for (const bad of ['2024-02-30', '2024-1-01', 'yesterday', '']) {
+          expect(await rejection(store.getUsage(t.id, bad, '2024-03-01'))).toMatchObject({ code: 'invalid_request', field: 'from' });
+          expect(await rejection(store.getUsage(t.id, '2024-01-01', bad))).toMatchObject({ code: 'invalid_request', field: 'to' });
+        }
+      });
+
+      it('skips unknown tenants silently, recording the rest of the batch', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        await store.recordUsage([
+          usageOf(GHOST_TENANT, '2024-05-01', { requests: 7 }),
+          usageOf(t.id, '2024-05-01', { requests: 1, completionTokens: 4 }),
+          usageOf('not-even-an-id', '2024-05-01', { requests: 7 }),
+        ]);
+        await store.recordUsage([usageOf(GHOST_TENANT, '2024-05-02', { requests: 1 })]); // nothing known at all
+        expect(await store.getUsage(t.id, '2024-05-01', '2024-05-31')).toEqual([day('2024-05-01', 1, 0, 4, 0)]);
+        expect(await store.getUsage(GHOST_TENANT, '2024-05-01', '2024-05-31')).toEqual([]);
+        // And no tenant appeared on the way.
+        expect((await store.listTenants({ limit: 10 })).data).toEqual([t]);
+      });
+
+      it('refuses a batch with an invalid entry whole', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const good = usageOf(t.id, '2024-05-01', { requests: 1 });
+        const cases: [UsageRecord, string][] = [
+          [usageOf(t.id, '2024-13-01', { requests: 1 }), 'entries[1].day'],
+          [usageOf(t.id, '2024-5-1', { requests: 1 }), 'entries[1].day'],
+          [usageOf(t.id, '2024-05-01', { requests: -1 }), 'entries[1].requests'],
+          [usageOf(t.id, '2024-05-01', { promptTokens: 1.5 }), 'entries[1].promptTokens'],
+          [usageOf(t.id, '2024-05-01', { completionTokens: Number.NaN }), 'entries[1].completionTokens'],
+          [usageOf(t.id, '2024-05-01', { trainingTokens: 2 ** 53 }), 'entries[1].trainingTokens'],
+        ];
+        for (const [bad, field] of cases) {
+          expect(await rejection(store.recordUsage([good, bad]))).toMatchObject({ code: 'invalid_request', field });
+        }
+        expect(await store.getUsage(t.id, '2024-01-01', '2024-12-31')).toEqual([]);
+      });
+
+      it("keeps tenants apart: one tenant's usage is never another's", async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const c = await store.createTenant('c');
+        await store.recordUsage([
+          usageOf(a.id, '2024-06-01', { requests: 1, promptTokens: 100 }),
+          usageOf(b.id, '2024-06-01', { requests: 5, promptTokens: 7 }),
+          usageOf(b.id, '2024-06-02', { requests: 2 }),
+        ]);
+        expect(await store.getUsage(a.id, '2024-06-01', '2024-06-30')).toEqual([day('2024-06-01', 1, 100, 0, 0)]);
+        expect(await store.getUsage(b.id, '2024-06-01', '2024-06-30')).toEqual([day('2024-06-01', 5, 7, 0, 0), day('2024-06-02', 2, 0, 0, 0)]);
+        expect(await store.getUsage(c.id, '2024-06-01', '2024-06-30')).toEqual([]);
+      });
+
+      it('keeps usage across a reopen, and goes on adding to it', async () => {
+        const first = await open();
+        const t = await first.createTenant('a');
+        await first.recordUsage([usageOf(t.id, '2024-07-01', { requests: 2, promptTokens: 3, completionTokens: 4, trainingTokens: 5 })]);
+        await first.close();
+
+        const again = await open();
+        expect(await again.getUsage(t.id, '2024-07-01', '2024-07-01')).toEqual([day('2024-07-01', 2, 3, 4, 5)]);
+        await again.recordUsage([usageOf(t.id, '2024-07-01', { requests: 1, promptTokens: 1, completionTokens: 1, trainingTokens: 1 })]);
+        expect(await again.getUsage(t.id, '2024-07-01', '2024-07-01')).toEqual([day('2024-07-01', 3, 4, 5, 6)]);
+      });
+
+      it('migrates storage at schema version 1 (before usage) on open, keeping its data', async () => {
+        const old = await fx.openAt(1);
+        expect(await backend.schemaVersions(fx.location)).toEqual([1]);
+        const t = await old.createTenant('from v1');
+        const iv = await old.putIntervention(newIv(t.id, 'old'));
+        const job = await old.createJob(t.id, { from: 'v1' });
+        await old.close();
+
+        const store = await open();
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2]);
+        expect(await store.getTenant(t.id)).toEqual(t);
+        expect(await store.findIntervention(t.id, 'old')).toEqual(iv);
+        expect(await store.getJob(t.id, job.id)).toEqual(job);
+        await store.recordUsage([usageOf(t.id, '2024-08-01', { requests: 1, trainingTokens: 64 })]);
+        expect(await store.getUsage(t.id, '2024-08-01', '2024-08-01')).toEqual([day('2024-08-01', 1, 0, 0, 64)]);
+        await store.close();
+        // Opening again changes nothing; a server that only knows version 1 now refuses it.
+        await open();
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2]);
+        await expect(backend.openAt(fx.location, 1)).rejects.toThrow(/schema version 2, newer than this server's 1/);
+      });
+    });
+
     describe('persistence', () => {
       it('keeps everything across a reopen', async () => {
         const first = await open();
@@ -671,6 +884,40 @@ export function storeContract(backend: StoreBackend): void {
         const store = await open();
         const tenants = (await store.listTenants({ limit: 10 })).data.map((t) => t.id);
         expect(tenants.sort()).toEqual(results.map((r) => lastJson<{ tenant: string }>(r).tenant).sort());
+      });
+
+      it('add usage at the same time without losing an increment', async () => {
+        const store = await open();
+        const tenants = [(await store.createTenant('a')).id, (await store.createTenant('b')).id];
+        const days = ['2024-09-01', '2024-09-02'];
+        const processes = 4;
+        const calls = 50;
+        const plan = JSON.stringify({ tenants, days, calls, ghost: GHOST_TENANT });
+        const { path, open: opener } = STORE_MODULES[backend.name];
+
+        // Every writer waits for "go" until all have opened the store, so they write at the same time.
+        const senders: ((line: string) => void)[] = [];
+        const onLine = (line: string, send: (line: string) => void) => {
+          if (line !== 'ready') return;
+          senders.push(send);
+          if (senders.length === processes) for (const s of senders) s('go');
+        };
+        const results = await Promise.all(
+          Array.from({ length: processes }, () => runScript(USAGE_WRITER, [moduleUrl(path), opener, fx.location, plan], { onLine })),
+        );
+        for (const r of results) {
+          expect(r.code, r.stderr).toBe(0);
+          expect(lastJson(r)).toEqual({ done: calls });
+        }
+
+        const n = processes * calls;
+        const promptTokens = processes * ((calls * (calls + 1)) / 2); // call i adds i + 1
+        for (const t of tenants) {
+          expect(await store.getUsage(t, days[0], days[1])).toEqual(
+            days.map((d) => ({ day: d, requests: n, promptTokens, completionTokens: 2 * n, trainingTokens: 3 * n })),
+          );
+        }
+        expect(await store.getUsage(GHOST_TENANT, days[0], days[1])).toEqual([]);
       });
 
       it('claim each job exactly once', async () => {

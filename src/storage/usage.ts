@@ -1,0 +1,82 @@
+import { invalidRequest } from '../errors.ts';
+import type { UsageDay, UsageRecord } from './store.ts';
+
+/**
+ * The usage-accounting rules both stores share (the contract is in store.ts); the SQL that adds
+ * and reads the counts stays in each store. Both stores write a batch as:
+ *
+ *   rows = usageBatch(entries)   // validated, merged, sorted; throws before anything is written
+ *   <one transaction: upsert each row whose tenant exists, adding its counts to the stored ones>
+ */
+
+/** The counters of a usage row, in the order the stores' SQL binds them. */
+export const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
+
+const DAY = /^(\d{4})-(\d{2})-(\d{2})$/;
+
+/** A real calendar date written YYYY-MM-DD (year 1 or later: PostgreSQL has no year 0). */
+export function isUsageDay(day: unknown): day is string {
+  if (typeof day !== 'string') return false;
+  const m = DAY.exec(day);
+  if (!m) return false;
+  const [y, mo, d] = [Number(m[1]), Number(m[2]), Number(m[3])];
+  if (y < 1) return false;
+  const date = new Date(0);
+  date.setUTCFullYear(y, mo - 1, d);
+  return date.getUTCFullYear() === y && date.getUTCMonth() === mo - 1 && date.getUTCDate() === d;
+}
+
+/**
+ * The rows a `recordUsage` call writes: every entry checked (an invalid one is an
+ * invalid_request on `entries[i].<field>`, so a batch is refused whole), entries for the same
+ * tenant and day merged into one (a statement may not update one row twice), all-zero ones
+ * dropped, and sorted by tenant and day, so that concurrent batches lock rows in the same order
+ * and cannot deadlock each other.
+ */
+export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
+  if (!Array.isArray(entries)) throw invalidRequest('usage entries must be an array', 'entries');
+  const merged = new Map<string, UsageRecord>();
+  entries.forEach((e, i) => {
+    const at = `entries[${i}]`;
+    if (typeof e?.tenantId !== 'string' || e.tenantId === '') throw invalidRequest('must be a tenant id', `${at}.tenantId`);
+    if (!isUsageDay(e.day)) throw invalidRequest('must be a date YYYY-MM-DD', `${at}.day`);
+    for (const k of USAGE_COUNTERS) {
+      if (!Number.isSafeInteger(e[k]) || e[k] < 0) throw invalidRequest('must be a non-negative integer', `${at}.${k}`);
+    }
+    if (USAGE_COUNTERS.every((k) => e[k] === 0)) return;
+    const key = `${e.tenantId}\u0000${e.day}`;
+    const row = merged.get(key);
+    if (!row) {
+      merged.set(key, { tenantId: e.tenantId, day: e.day, requests: e.requests, promptTokens: e.promptTokens, completionTokens: e.completionTokens, trainingTokens: e.trainingTokens });
+    } else {
+      for (const k of USAGE_COUNTERS) row[k] += e[k];
+    }
+  });
+  const order = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+  return [...merged.values()].sort((a, b) => order(a.tenantId, b.tenantId) || order(a.day, b.day));
+}
+
+/** Checks a `getUsage` range: each end a YYYY-MM-DD date (invalid_request on "from" / "to"). */
+export function checkUsageRange(from: string, to: string): void {
+  if (!isUsageDay(from)) throw invalidRequest('must be a date YYYY-MM-DD', 'from');
+  if (!isUsageDay(to)) throw invalidRequest('must be a date YYYY-MM-DD', 'to');
+}
+
+/** A tenant_usage row as both stores select it (the day as YYYY-MM-DD text). */
+export interface UsageRow {
+  day: string;
+  requests: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  training_tokens: number;
+}
+
+export function toUsageDay(row: UsageRow): UsageDay {
+  return {
+    day: row.day,
+    requests: Number(row.requests),
+    promptTokens: Number(row.prompt_tokens),
+    completionTokens: Number(row.completion_tokens),
+    trainingTokens: Number(row.training_tokens),
+  };
+}
