@@ -147,6 +147,36 @@ describe.each(BACKENDS)('on %s', (backend) => {
   });
 
   describe('job budgets and restarts', () => {
+    it('a server stopped mid-job hands the job back; the next worker resumes it from its checkpoint', async () => {
+      const dataDir = mkdtempSync(join(tmpdir(), 'reft-handback-'));
+      const database = backend === 'postgres' ? await createDatabase() : undefined;
+      const args = ['--lease-ms', '30000', '--checkpoint-ms', '200', '--poll-ms', '100'];
+      const first = await startServerProcess({ backend, database, dataDir, args });
+      const a = { url: first.url };
+      const created = await json(a, 'POST', '/v1/training/jobs', { data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })), ...RECIPE, hyperparameters: { ...RECIPE.hyperparameters, epochs: 100 } });
+      for (;;) {
+        const job = (await json(a, 'GET', `/v1/training/jobs/${created.body.id}`)).body;
+        if ((job.progress?.step ?? 0) > 300) break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(await first.stop('SIGTERM')).toBe(0);
+      // a 30 s lease: only a job handed back on SIGTERM is claimed again this soon
+      const second = await startServerProcess({ backend, database, dataDir, args });
+      api = { url: second.url };
+      try {
+        const done = await waitFor(created.body.id, ['succeeded', 'failed', 'cancelled'], 60_000);
+        expect(done.status).toBe('succeeded');
+        expect(done.attempts).toBe(2);
+        const events = (await json(api, 'GET', `/v1/training/jobs/${created.body.id}/events?limit=1000`)).body.data;
+        const resumed = events.find((e: any) => e.type === 'log' && /resumed at step/.test(e.data.message));
+        expect(Number(/resumed at step (\d+)/.exec(resumed.data.message)![1])).toBeGreaterThan(300);
+      } finally {
+        api = { url: server.url };
+        expect(await second.stop()).toBe(0);
+        if (database) await dropDatabase(database);
+      }
+    });
+
     it('jobs over their step or time budget fail with a reason; queued jobs survive a server restart', async () => {
       const dataDir = mkdtempSync(join(tmpdir(), 'reft-jobs-'));
       const database = backend === 'postgres' ? await createDatabase() : undefined;
