@@ -9,7 +9,7 @@ import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
 
-export const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
+const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
 
 interface ServeFlags extends WorkerFlags {
   model: string;

@@ -8,7 +8,7 @@ import type { GenerationRequest } from './generation.ts';
  * What a caller may ask of a generation, shared by the HTTP API and the CLI, with the defaults
  * and limits a public server needs.
  */
-export const MAX_STOP_STRINGS = 8;
+const MAX_STOP_STRINGS = 8;
 
 export const messageSchema = z.strictObject({
   role: z.enum(['system', 'user', 'assistant', 'tool']),

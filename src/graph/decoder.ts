@@ -30,7 +30,7 @@ import { ropeTables } from './rope.ts';
  */
 export const DECODER_GRAPH_VERSION = 'decoder-v3';
 
-export const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
+const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
 
 export const decoderInputs = {
   inputIds: 'input_ids',

@@ -26,7 +26,7 @@ import { ropeTables } from './rope.ts';
  * query heads of one KV head are an extra axis that MatMul broadcasts K and V over.
  */
 export const TRAINING_GRAPH_VERSION = 'training-v1';
-export const TRAINING_OPSETS = { '': 21 };
+const TRAINING_OPSETS = { '': 21 };
 
 export const trainingInputs = {
   inputIds: 'input_ids',

@@ -21,7 +21,7 @@ export const KIND_TENSORS: Record<InterventionKind, readonly string[]> = {
   lobireft: ['rotate', 'source.bias'],
 };
 
-export const interventionEntrySchema = z.strictObject({
+const interventionEntrySchema = z.strictObject({
   kind: z.enum(INTERVENTION_KINDS),
   layer: z.number().int().min(0),
   rank: z.number().int().min(1).max(1024),
@@ -73,7 +73,7 @@ export interface Artifact {
   byteSize: number;
 }
 
-export const ORTHONORMAL_TOLERANCE = 1e-3;
+const ORTHONORMAL_TOLERANCE = 1e-3;
 
 export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
   let json: unknown;

@@ -8,9 +8,9 @@ import { tokenizeRows, type TrainingExample, type TrainingRow } from '../trainin
  * Training data: JSONL files (one row per line) or inline rows, each `{prompt, completion}` or
  * `{messages: [...]}`. Errors name the line (files) or the index (inline rows).
  */
-export const MAX_TRAINING_ROWS = 100_000;
+const MAX_TRAINING_ROWS = 100_000;
 
-export const trainingRowSchema = z.union([
+const trainingRowSchema = z.union([
   z.strictObject({ prompt: z.string().min(1).max(1_000_000), completion: z.string().min(1).max(1_000_000) }),
   z.strictObject({ messages: z.array(messageSchema).min(2).max(1024) }),
 ]);

@@ -222,7 +222,7 @@ export class JobRunner {
   }
 }
 
-export function progressOf(p: TrainingProgress) {
+function progressOf(p: TrainingProgress) {
   return {
     step: p.step,
     total_steps: p.totalSteps,

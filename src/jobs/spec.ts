@@ -9,7 +9,7 @@ import { parseRecipe, recipeSchema, type Recipe } from '../training/index.ts';
  */
 const r = recipeSchema.shape;
 
-export const interventionRecipeSchema = z.strictObject({
+const interventionRecipeSchema = z.strictObject({
   kind: r.kind,
   rank: r.rank,
   layers: r.layers,
@@ -17,7 +17,7 @@ export const interventionRecipeSchema = z.strictObject({
   share_weights: r.share_weights,
 });
 
-export const hyperparametersSchema = z.strictObject({
+const hyperparametersSchema = z.strictObject({
   epochs: r.epochs,
   max_steps: r.max_steps,
   batch_size: r.batch_size,
@@ -31,7 +31,7 @@ export const hyperparametersSchema = z.strictObject({
   seed: r.seed,
 });
 
-export const MAX_INLINE_ROWS = 10_000;
+const MAX_INLINE_ROWS = 10_000;
 
 export const jobRequestSchema = z.strictObject({
   training_file: z.string().min(1).max(128).optional().describe('id of a file uploaded with POST /v1/files'),

@@ -81,7 +81,3 @@ export function axis(a: number, rank: number): number {
   if (r < 0 || r >= rank) throw new Error(`shape: axis ${a} out of range for rank ${rank}`);
   return r;
 }
-
-export function sameShape(a: Shape, b: Shape): boolean {
-  return a.length === b.length && a.every((d, i) => d === b[i]);
-}
