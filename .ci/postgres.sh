@@ -9,7 +9,8 @@
 #   3. Starts it as the postgres user with `pg_ctlcluster <ver> main start` unless a server already
 #      answers on 127.0.0.1:5432 (first removing stale lock files left by a killed server),
 #      and waits until it accepts TCP connections there.
-#   4. Creates (or resets the password and rights of) the login role reft/reft with CREATEDB, so
+#   4. Creates (or resets the password and rights of) the login role reft/reft with CREATEDB and
+#      pg_signal_backend (to drop a test database an autovacuum worker is visiting), so
 #      tests can create and drop a database per test, and the database reft_test owned by it.
 #   5. Prints the URL on stdout (everything else goes to stderr), so a caller can do
 #        export REFT_TEST_DATABASE_URL=$(bash .ci/postgres.sh)
@@ -101,6 +102,9 @@ fi
 psql_admin <<SQL
 SELECT 'CREATE ROLE $PG_USER' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER') \gexec
 ALTER ROLE $PG_USER WITH LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+-- DROP DATABASE ... WITH (FORCE) must end an autovacuum worker that may have just started on a
+-- test database; that worker runs as the superuser, so the test role needs pg_signal_backend.
+GRANT pg_signal_backend TO $PG_USER;
 SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$PG_DB') \gexec
 SQL
 
