@@ -58,6 +58,12 @@ export class ReftError extends Error {
     return { code: this.code, message: this.message, field: this.field, retryAfterSeconds: this.retryAfterSeconds };
   }
 
+  /** `e` itself if typed, else an internal error carrying its message (prefixed with `context`). */
+  static from(e: unknown, context = ''): ReftError {
+    if (e instanceof ReftError) return e;
+    return new ReftError('internal', `${context}${(e as Error)?.message ?? String(e)}`);
+  }
+
   static fromJSON(e: SerializedError): ReftError {
     return new ReftError(e.code, e.message, e.field, e.retryAfterSeconds);
   }
@@ -76,3 +82,5 @@ export const invalidIntervention = (message: string, field?: string) =>
 export const invalidCheckpoint = (message: string, field?: string) => new ReftError('invalid_checkpoint', message, field);
 export const unsupportedModel = (message: string, field?: string) => new ReftError('unsupported_model', message, field);
 export const notFound = (message: string, field?: string) => new ReftError('not_found', message, field);
+/** The 404 of every lookup: the same words whether the thing is missing or another tenant's. */
+export const noSuch = (kind: string, id: string, field = 'id') => new ReftError('not_found', `no ${kind} "${id}"`, field);

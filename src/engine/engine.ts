@@ -48,7 +48,8 @@ export class Engine {
   private readonly rowOf = new Map<SequenceId, number>();
   private readonly idOf: SequenceId[] = [];
   private nextId = 1;
-  private readonly noInterventions: Record<string, ort.Tensor>;
+  /** A decode step's feeds: the empty intervention inputs stay; the rest is set each step. */
+  private readonly decodeFeeds: Record<string, ort.Tensor>;
   private readonly fetches: string[];
   /** Set for the packed layout, whose new keys come back unrotated. */
   private readonly rope: RopeTables | undefined;
@@ -59,7 +60,7 @@ export class Engine {
     readonly attention: AttentionLayout,
   ) {
     this.cache = new KvCache(config);
-    this.noInterventions = emptyInterventionFeeds(config);
+    this.decodeFeeds = emptyInterventionFeeds(config);
     this.fetches = [OUT.logits];
     for (let l = 0; l < config.numLayers; l++) {
       if (attention === 'packed') this.fetches.push(OUT.qkv(l));
@@ -94,10 +95,6 @@ export class Engine {
   /** Sequences currently holding KV cache rows. */
   get liveSequences(): SequenceId[] {
     return [...this.idOf];
-  }
-
-  contextLength(id: SequenceId): number {
-    return this.cache.lengths[this.row(id)];
   }
 
   get kvBytes(): number {
@@ -197,14 +194,12 @@ export class Engine {
       positions[r] = BigInt(lengths[r]);
       seqlens[r] = lengths[r];
     }
-    const feeds: Record<string, ort.Tensor> = {
-      ...this.noInterventions,
-      [IN.inputIds]: new ort.Tensor('int64', ids, [b, 1]),
-      [IN.positionIds]: new ort.Tensor('int64', positions, [b, 1]),
-      [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
-      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(maxLen + 1), []),
-      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]),
-    };
+    const feeds = this.decodeFeeds;
+    feeds[IN.inputIds] = new ort.Tensor('int64', ids, [b, 1]);
+    feeds[IN.positionIds] = new ort.Tensor('int64', positions, [b, 1]);
+    feeds[IN.seqlensK] = new ort.Tensor('int32', seqlens, [b]);
+    feeds[IN.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(maxLen + 1), []);
+    feeds[IN.logitIndex] = new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]);
     for (let l = 0; l < config.numLayers; l++) {
       const past = this.cache.past(l);
       feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);

@@ -1,3 +1,4 @@
+import { ReftError } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
 
@@ -52,6 +53,13 @@ export interface Detokenizer {
   createStreamDecoder(): StreamDecoder;
 }
 
+/** The one check every entry point makes: a prompt must leave room for one new token. */
+export function checkPromptFits(promptTokens: number, context: number): void {
+  if (promptTokens >= context) {
+    throw new ReftError('context_length_exceeded', `the prompt has ${promptTokens} tokens; the model's context is ${context} (the prompt and at least one new token must fit)`, 'prompt');
+  }
+}
+
 export class Generation {
   readonly tokens: number[] = [];
   private readonly sampler: Sampler;
@@ -84,19 +92,15 @@ export class Generation {
     if (lp) this.logprobs.push(lp);
     this.tokens.push(token);
     const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);
-    let text = '';
     if (isEos) {
       this.finish('stop', 'eos');
-      text = this.release(this.decoder.flush(), true);
-    } else {
-      text = this.release(this.decoder.push(token), false);
-      if (!this.done && this.tokens.length >= this.request.maxNewTokens) {
-        this.finish('length');
-        text += this.release(this.decoder.flush(), true);
-      } else if (!this.done && this.request.tokens.length + this.tokens.length >= this.contextLength) {
-        this.finish('length');
-        text += this.release(this.decoder.flush(), true);
-      }
+      return { token, text: this.release(this.decoder.flush(), true), logprob: lp };
+    }
+    let text = this.release(this.decoder.push(token), false);
+    const outOfRoom = this.tokens.length >= this.request.maxNewTokens || this.request.tokens.length + this.tokens.length >= this.contextLength;
+    if (!this.done && outOfRoom) {
+      this.finish('length');
+      text += this.release(this.decoder.flush(), true);
     }
     return { token, text, logprob: lp };
   }

@@ -1,8 +1,8 @@
 import { z } from 'zod';
-import { ReftError, invalidRequest } from '../errors.ts';
+import { invalidRequest } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
-import type { GenerationRequest } from './generation.ts';
+import { checkPromptFits, type GenerationRequest } from './generation.ts';
 
 /**
  * What a caller may ask of a generation, shared by the HTTP API and the CLI, with the defaults
@@ -65,9 +65,7 @@ export function toGenerationRequest(
   contextLength: number,
 ): GenerationRequest {
   if (tokens.length === 0) throw invalidRequest('the prompt encodes to no tokens', 'prompt');
-  if (tokens.length >= contextLength) {
-    throw new ReftError('context_length_exceeded', `the prompt has ${tokens.length} tokens; the model's context is ${contextLength} (the prompt and at least one new token must fit)`, 'prompt');
-  }
+  checkPromptFits(tokens.length, contextLength);
   return {
     tokens,
     interventions,

@@ -1,6 +1,6 @@
 import { ReftError } from '../errors.ts';
 import type { Engine, SequenceId } from './engine.ts';
-import { Generation, type Detokenizer, type GenerationRequest, type GenerationResult, type TokenEvent } from './generation.ts';
+import { Generation, checkPromptFits, type Detokenizer, type GenerationRequest, type GenerationResult, type TokenEvent } from './generation.ts';
 
 /**
  * Continuous batching. Requests wait in a bounded FIFO queue; between engine steps, newcomers
@@ -67,9 +67,7 @@ export class Scheduler {
   /** Queues a request; throws (overloaded / context_length_exceeded) when it can't be taken. */
   submit(key: string, request: GenerationRequest, sink: GenerationSink): void {
     const context = this.engine.config.maxPositions;
-    if (request.tokens.length >= context) {
-      throw new ReftError('context_length_exceeded', `the prompt has ${request.tokens.length} tokens; the model's context is ${context} (prompt and at least one new token must fit)`, 'prompt');
-    }
+    checkPromptFits(request.tokens.length, context);
     if (this.byKey.has(key)) throw new Error(`duplicate request key ${key}`);
     if (this.queue.length >= this.limits.maxQueue) {
       throw new ReftError('overloaded', `the server is at capacity (${this.limits.maxQueue} requests queued); retry shortly`, undefined, 1);
@@ -194,7 +192,7 @@ export class Scheduler {
 
   private fail(e: Entry, err: unknown): void {
     this.release(e);
-    const error = err instanceof ReftError ? err : new ReftError('internal', `generation failed: ${(err as Error)?.message ?? String(err)}`);
+    const error = ReftError.from(err, 'generation failed: ');
     e.sink.onError(error);
   }
 

@@ -11,8 +11,7 @@ import { Scheduler } from './scheduler.ts';
  */
 const port = parentPort!;
 const send = (m: FromWorker) => port.postMessage(m);
-const serialize = (e: unknown) =>
-  (e instanceof ReftError ? e : new ReftError('internal', (e as Error)?.message ?? String(e))).toJSON();
+const serialize = (e: unknown) => ReftError.from(e).toJSON();
 
 async function main(init: WorkerInit): Promise<void> {
   const model = await loadModel(init.modelDir);

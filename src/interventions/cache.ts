@@ -1,5 +1,5 @@
 import { LRUCache } from 'lru-cache';
-import { ReftError } from '../errors.ts';
+import { noSuch } from '../errors.ts';
 import type { Store } from '../storage/store.ts';
 import { parseArtifact, type BaseModelShape, type LowRankIntervention } from './artifact.ts';
 
@@ -34,7 +34,7 @@ export class InterventionCache {
   /** The intervention `idOrName` as `tenantId` sees it, or a 404 that doesn't say whose it is. */
   async resolve(tenantId: string | null, idOrName: string): Promise<ResolvedIntervention> {
     const meta = await this.store.findIntervention(tenantId, idOrName);
-    if (!meta) throw new ReftError('not_found', `no intervention "${idOrName}"`, 'adapter');
+    if (!meta) throw noSuch('intervention', idOrName, 'adapter');
     const cached = this.lru.get(meta.id);
     if (cached && cached.version === meta.version) {
       this.hits++;
@@ -44,7 +44,7 @@ export class InterventionCache {
     this.misses++;
     this.onLookup(false);
     const files = await this.store.readInterventionFiles(meta.id);
-    if (!files) throw new ReftError('not_found', `no intervention "${idOrName}"`, 'adapter');
+    if (!files) throw noSuch('intervention', idOrName, 'adapter');
     // validated value by value when it was stored; here the structure is enough
     const artifact = parseArtifact(files.config, files.weights, this.base, { verifyValues: false });
     const resolved: ResolvedIntervention = {

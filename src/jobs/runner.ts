@@ -5,6 +5,7 @@ import { ReftError } from '../errors.ts';
 import type { LoadedModel } from '../model/load.ts';
 import type { Device } from '../engine/session.ts';
 import type { Job, Lease, Store } from '../storage/store.ts';
+import { utcDay } from '../storage/usage.ts';
 import { Trainer, decodeCheckpoint, encodeCheckpoint, type TrainingProgress } from '../training/index.ts';
 import { parseInlineRows, parseJsonl, tokenizeTrainingRows, type ParsedRows } from './data.ts';
 import type { JobSpec } from './spec.ts';
@@ -29,6 +30,9 @@ export interface RunnerOptions {
   threads?: number;
   cacheDir?: string;
 }
+
+/** Why a running job's training was stopped before its last step. */
+type StopReason = 'cancel' | 'shutdown' | 'lease';
 
 /** Events are throttled so a long job doesn't write a row per step. */
 const EVENT_INTERVAL_MS = 500;
@@ -75,7 +79,7 @@ export class JobRunner {
   /** Stops after the current step; the job's lease is handed back so another worker resumes at once. */
   stop(): void {
     this.stopping = true;
-    this.current?.abort();
+    this.current?.abort('shutdown' satisfies StopReason);
     this.wake?.();
   }
 
@@ -85,37 +89,40 @@ export class JobRunner {
     const jobLog = log.child({ job: job.id, tenant: job.tenantId, attempt: job.attempts });
     const controller = new AbortController();
     this.current = controller;
-    let leaseLost = false;
     const heartbeat = setInterval(() => {
       store.renewLease(job.id, this.workerId, this.o.leaseMs).then(
         (held) => {
-          if (!held && !leaseLost) {
-            leaseLost = true;
+          if (!held && !controller.signal.aborted) {
             jobLog.warn('lease lost (another worker took the job); stopping');
-            controller.abort();
+            controller.abort('lease' satisfies StopReason);
           }
         },
         (err) => jobLog.warn({ err: (err as Error).message }, 'lease renewal failed'),
       );
     }, Math.max(200, Math.floor(this.o.leaseMs / 3)));
+    const stopReason = () => (controller.signal.aborted ? (controller.signal.reason as StopReason) : null);
     try {
       const outcome = await this.train(job, spec, controller, jobLog);
-      if (leaseLost) return;
-      if (outcome.kind === 'cancelled') {
-        if (this.stopping && !outcome.requested) {
-          await store.renewLease(job.id, this.workerId, 0); // hand the job back now, not after the lease
-          jobLog.info({ step: outcome.step }, 'worker stopping; job handed back');
-        } else {
-          await store.finishJob(job.id, this.workerId, { status: 'cancelled' });
-          jobLog.info({ step: outcome.step }, 'job cancelled');
-        }
+      if (outcome.kind === 'done') {
+        await store.finishJob(job.id, this.workerId, { status: 'succeeded', interventionId: outcome.interventionId });
+        jobLog.info({ intervention: outcome.interventionId }, 'job succeeded');
         return;
       }
-      await store.finishJob(job.id, this.workerId, { status: 'succeeded', interventionId: outcome.interventionId });
-      jobLog.info({ intervention: outcome.interventionId }, 'job succeeded');
+      switch (stopReason()) {
+        case 'cancel':
+          await store.finishJob(job.id, this.workerId, { status: 'cancelled' });
+          jobLog.info({ step: outcome.step }, 'job cancelled');
+          return;
+        case 'shutdown':
+          await store.renewLease(job.id, this.workerId, 0); // hand the job back now, not after the lease
+          jobLog.info({ step: outcome.step }, 'worker stopping; job handed back');
+          return;
+        default:
+          return; // the lease went to another worker, which owns the job now
+      }
     } catch (err) {
-      if (leaseLost) return;
-      const reason = err instanceof ReftError ? err.message : `internal error: ${(err as Error)?.message ?? String(err)}`;
+      if (stopReason() === 'lease') return;
+      const reason = ReftError.from(err, 'internal error: ').message;
       if (err instanceof ReftError && err.code === 'unavailable') {
         jobLog.warn({ reason }, 'store unavailable; the job will be retried when its lease expires');
         return;
@@ -133,7 +140,7 @@ export class JobRunner {
     spec: JobSpec,
     controller: AbortController,
     log: Logger,
-  ): Promise<{ kind: 'done'; interventionId: string } | { kind: 'cancelled'; step: number; requested: boolean }> {
+  ): Promise<{ kind: 'done'; interventionId: string } | { kind: 'stopped'; step: number }> {
     const { store, model } = this.o;
     const name = spec.name ?? `job-${job.id.replace(/^job_/, '')}`;
     const existing = await store.findIntervention(job.tenantId, name);
@@ -145,7 +152,6 @@ export class JobRunner {
     const rows = await this.rows(job, spec);
     const examples = tokenizeTrainingRows(rows, model.tokenizer, model.config.maxPositions);
     const saved = await store.loadCheckpoint(job.id);
-    let requested = false;
     let trainedTokens = 0;
     let lastEvent = 0;
     let lastCheckpoint = performance.now();
@@ -160,10 +166,7 @@ export class JobRunner {
       onProgress: async (p: TrainingProgress) => {
         trainedTokens = Math.round(p.tokensPerSecond * p.elapsedSeconds);
         const fresh = await store.getJob(null, job.id);
-        if (fresh?.cancelRequested) {
-          requested = true;
-          controller.abort();
-        }
+        if (fresh?.cancelRequested && !controller.signal.aborted) controller.abort('cancel' satisfies StopReason);
         if ((Date.now() - startedAt) / 1000 > this.o.budget.maxSeconds) {
           throw new ReftError('invalid_request', `the job exceeded its time budget of ${this.o.budget.maxSeconds} s at step ${p.step}`);
         }
@@ -188,9 +191,9 @@ export class JobRunner {
       await store.appendJobEvent(job.id, 'log', { message: saved ? `resumed at step ${trainer.step} of ${trainer.totalSteps}` : `training ${trainer.totalSteps} steps on ${examples.length} examples` });
       const outcome = await trainer.train().finally(() => this.recordTrainingTokens(job, trainedTokens));
       if (outcome.status === 'cancelled') {
-        if (!requested && !this.stopping) return { kind: 'cancelled', step: outcome.steps, requested: false };
-        if (!requested) await store.saveCheckpoint(job.id, this.workerId, outcome.steps, encodeCheckpoint(outcome.checkpoint));
-        return { kind: 'cancelled', step: outcome.steps, requested };
+        // a shutdown keeps the work done so far for whoever resumes the job
+        if (controller.signal.reason === 'shutdown') await store.saveCheckpoint(job.id, this.workerId, outcome.steps, encodeCheckpoint(outcome.checkpoint));
+        return { kind: 'stopped', step: outcome.steps };
       }
       const meta = await store.putIntervention({
         tenantId: job.tenantId,
@@ -210,7 +213,7 @@ export class JobRunner {
   private async recordTrainingTokens(job: Job, tokens: number): Promise<void> {
     if (tokens <= 0) return;
     await this.o.store
-      .recordUsage([{ tenantId: job.tenantId, day: new Date().toISOString().slice(0, 10), requests: 0, promptTokens: 0, completionTokens: 0, trainingTokens: tokens }])
+      .recordUsage([{ tenantId: job.tenantId, day: utcDay(), requests: 0, promptTokens: 0, completionTokens: 0, trainingTokens: tokens }])
       .catch((err) => this.o.log.warn({ job: job.id, err: (err as Error).message }, 'training usage not recorded'));
   }
 

@@ -1,4 +1,4 @@
-import { open, readFile } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { ReftError } from '../errors.ts';
 
 /**
@@ -141,9 +141,6 @@ export function parseSafetensors(bytes: Uint8Array, source: string): Safetensors
   return { header: parseHeader(bytes, bytes.byteLength, source), bytes };
 }
 
-export async function readSafetensors(path: string): Promise<SafetensorsFile> {
-  return parseSafetensors(new Uint8Array(await readFile(path)), path);
-}
 
 /** Decodes a floating-point tensor to a fresh Float32Array. */
 export function toFloat32(file: SafetensorsFile, info: TensorInfo): Float32Array {

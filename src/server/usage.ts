@@ -1,5 +1,6 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { Store } from '../storage/store.ts';
+import { utcDay } from '../storage/usage.ts';
 
 /**
  * Token usage per tenant, counted as requests finish and written to the store in batches (a
@@ -12,8 +13,6 @@ export interface UsageCounts {
   completionTokens?: number;
   trainingTokens?: number;
 }
-
-export const utcDay = (at = new Date()) => at.toISOString().slice(0, 10);
 
 export class UsageMeter {
   private pending = new Map<string, Required<UsageCounts> & { tenantId: string; day: string }>();

@@ -1,4 +1,4 @@
-import { ReftError, notFound } from '../errors.ts';
+import { ReftError, noSuch, notFound } from '../errors.ts';
 
 /**
  * The errors both stores raise for the same mistakes (see the contract in store.ts), so callers
@@ -6,14 +6,14 @@ import { ReftError, notFound } from '../errors.ts';
  */
 
 /** A write named a tenant that does not exist. */
-export const noTenant = (tenantId: string | null): ReftError => notFound(`no tenant "${tenantId}"`, 'tenantId');
+export const noTenant = (tenantId: string | null): ReftError => noSuch('tenant', String(tenantId), 'tenantId');
 
 /** A write named a job that does not exist. */
-export const noJob = (jobId: string): ReftError => notFound(`no job "${jobId}"`, 'jobId');
+export const noJob = (jobId: string): ReftError => noSuch('job', jobId, 'jobId');
 
 /** A write named an intervention (a finished job's) that does not exist. */
 export const noIntervention = (interventionId: string | null): ReftError =>
-  notFound(`no intervention "${interventionId}"`, 'interventionId');
+  noSuch('intervention', String(interventionId), 'interventionId');
 
 /** A replace named an id that is not one of the tenant's interventions (or not an id at all). */
 export const noInterventionToReplace = (id: string): ReftError => notFound(`no intervention "${id}" to replace`, 'id');

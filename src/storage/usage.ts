@@ -10,6 +10,9 @@ import type { UsageDay, UsageRecord } from './store.ts';
  */
 
 /** The counters of a usage row, in the order the stores' SQL binds them. */
+/** Usage is kept by UTC day: YYYY-MM-DD. */
+export const utcDay = (at = new Date()): string => at.toISOString().slice(0, 10);
+
 export const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
 
 const DAY = /^(\d{4})-(\d{2})-(\d{2})$/;

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError } from '../../errors.ts';
+import { noSuch } from '../../errors.ts';
 import type { Store } from '../../storage/store.ts';
 import { hashSecret, newApiKeySecret } from '../auth.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
@@ -43,7 +43,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
     },
   }, async (request, reply) => {
     const tenant = await store.getTenant(request.params.id);
-    if (!tenant) throw new ReftError('not_found', `no tenant "${request.params.id}"`, 'id');
+    if (!tenant) throw noSuch('tenant', request.params.id);
     const secret = newApiKeySecret();
     const key = await store.createApiKey(tenant.id, hashSecret(secret));
     request.log.info({ tenant: tenant.id, key: key.id }, 'api key created');
@@ -54,7 +54,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
     config,
     schema: { summary: 'Revoke an API key (effective at once)', tags: ['admin'], params: z.strictObject({ id: idParam }), response: { 204: z.null(), '4xx': problemSchema } },
   }, async (request, reply) => {
-    if (!(await store.revokeApiKey(request.params.id))) throw new ReftError('not_found', `no key "${request.params.id}"`, 'id');
+    if (!(await store.revokeApiKey(request.params.id))) throw noSuch('key', request.params.id);
     request.log.info({ key: request.params.id }, 'api key revoked');
     return reply.status(204).send(null);
   });

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError, invalidRequest } from '../../errors.ts';
+import { invalidRequest, noSuch } from '../../errors.ts';
 import { parseJsonl } from '../../jobs/data.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
 import { checkKnownParts, readMultipart } from './interventions.ts';
@@ -50,14 +50,14 @@ export function fileRoutes(app: FastifyInstance, store: Store): void {
     schema: { summary: 'A file', tags: ['training'], params, response: { 200: fileSchema, '4xx': problemSchema } },
   }, async (request) => {
     const f = await store.getFile(request.tenant.id, request.params.id);
-    if (!f) throw new ReftError('not_found', `no file "${request.params.id}"`, 'id');
+    if (!f) throw noSuch('file', request.params.id);
     return fileBody(f);
   });
 
   r.delete('/v1/files/:id', {
     schema: { summary: 'Delete a file', tags: ['training'], params, response: { 204: z.null(), '4xx': problemSchema } },
   }, async (request, reply) => {
-    if (!(await store.deleteFile(request.tenant.id, request.params.id))) throw new ReftError('not_found', `no file "${request.params.id}"`, 'id');
+    if (!(await store.deleteFile(request.tenant.id, request.params.id))) throw noSuch('file', request.params.id);
     return reply.status(204).send(null);
   });
 }

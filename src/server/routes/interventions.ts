@@ -3,7 +3,7 @@ import '@fastify/multipart';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError, invalidRequest } from '../../errors.ts';
+import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
 import { parseArtifact, type BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
@@ -166,7 +166,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
     schema: { summary: 'An intervention by id or name', tags: ['interventions'], params, response: { 200: interventionSchema, '4xx': problemSchema } },
   }, async (request) => {
     const meta = await store.findIntervention(request.tenant.id, request.params.id);
-    if (!meta) throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+    if (!meta) throw noSuch('intervention', request.params.id);
     return interventionBody(meta);
   });
 
@@ -180,7 +180,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
   }, async (request, reply) => {
     const meta = await store.findIntervention(request.tenant.id, request.params.id);
     const files = meta && (await store.readInterventionFiles(meta.id));
-    if (!meta || !files) throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+    if (!meta || !files) throw noSuch('intervention', request.params.id);
     const isConfig = request.params.file === CONFIG_FILE;
     const bytes = isConfig ? files.config : files.weights;
     return reply
@@ -196,7 +196,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
     const meta = await store.findIntervention(request.tenant.id, request.params.id);
     // Shared interventions are visible to every tenant but belong to none of them.
     if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
-      throw new ReftError('not_found', `no intervention "${request.params.id}"`, 'id');
+      throw noSuch('intervention', request.params.id);
     }
     request.log.info({ intervention: meta.id, tenant: request.tenant.id }, 'intervention deleted');
     return reply.status(204).send(null);

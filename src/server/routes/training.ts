@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError } from '../../errors.ts';
+import { ReftError, noSuch } from '../../errors.ts';
 import { parseInlineRows, parseJsonl, tokenizeTrainingRows } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
@@ -52,7 +52,7 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
   const params = z.strictObject({ id: idParam });
   const find = async (tenantId: string, id: string) => {
     const job = await store.getJob(tenantId, id);
-    if (!job) throw new ReftError('not_found', `no training job "${id}"`, 'id');
+    if (!job) throw noSuch('training job', id);
     return job;
   };
 
@@ -87,7 +87,7 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
     schema: { summary: 'Cancel a job (a running one stops within one step)', tags: ['training'], params, response: { 200: jobSchema, '4xx': problemSchema } },
   }, async (request) => {
     const job = await store.requestCancel(request.tenant.id, request.params.id);
-    if (!job) throw new ReftError('not_found', `no training job "${request.params.id}"`, 'id');
+    if (!job) throw noSuch('training job', request.params.id);
     return jobBody(job);
   });
 
@@ -132,6 +132,6 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
 
 async function fileRows(store: Store, tenantId: string, id: string) {
   const bytes = await store.readFile(tenantId, id);
-  if (!bytes) throw new ReftError('not_found', `no file "${id}"`, 'training_file');
+  if (!bytes) throw noSuch('file', id, 'training_file');
   return parseJsonl(bytes, 'training_file');
 }

@@ -3,7 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { invalidRequest } from '../../errors.ts';
 import type { Store } from '../../storage/store.ts';
-import { utcDay } from '../usage.ts';
+import { utcDay } from '../../storage/usage.ts';
 import { problemSchema } from './schemas.ts';
 
 /** The caller's usage by day: requests and tokens generated, read and trained on. */
