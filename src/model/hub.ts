@@ -105,7 +105,7 @@ function isValidRevision(rev: string): boolean {
   return /^[A-Za-z0-9._/-]+$/.test(rev) && !rev.startsWith('/') && rev.split('/').every((s) => s !== '' && s !== '.' && s !== '..');
 }
 
-export function parseRepoSpec(spec: string): RepoRef {
+function parseRepoSpec(spec: string): RepoRef {
   const at = spec.indexOf('@');
   const repo = at < 0 ? spec : spec.slice(0, at);
   const revision = at < 0 ? 'main' : spec.slice(at + 1);
@@ -173,14 +173,15 @@ async function isCompleteModelDir(dir: string): Promise<boolean> {
   for (const f of REQUIRED_FILES) if (!(await exists(join(dir, f)))) return false;
   const indexPath = join(dir, WEIGHTS_INDEX);
   if (!(await exists(indexPath))) return exists(join(dir, WEIGHTS));
-  let shards: string[];
-  try {
-    shards = shardNames(JSON.parse(await readFile(indexPath, 'utf8')));
-  } catch {
-    return false;
-  }
+  const shards = await readShardNames(indexPath).catch(() => null);
+  if (!shards) return false;
   for (const s of shards) if (!(await exists(join(dir, s)))) return false;
   return true;
+}
+
+/** The weight files a model.safetensors.index.json names. */
+async function readShardNames(indexPath: string): Promise<string[]> {
+  return shardNames(JSON.parse(await readFile(indexPath, 'utf8')));
 }
 
 function shardNames(index: unknown): string[] {
@@ -222,7 +223,7 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
   } else if (available.has(WEIGHTS_INDEX)) {
     const indexPath = await fetchFile(WEIGHTS_INDEX);
     snapshot = dirname(indexPath);
-    for (const shard of shardNames(JSON.parse(await readFile(indexPath, 'utf8')))) {
+    for (const shard of await readShardNames(indexPath)) {
       if (!available.has(shard)) throw new ReftError('invalid_model', `Hub repo ${where}: ${WEIGHTS_INDEX} names ${shard}, which the repo doesn't have`, 'model');
       await fetchFile(shard);
     }
@@ -305,9 +306,7 @@ function toReftError(e: unknown, ref: RepoRef, hub: HubAccess): ReftError {
         // The Hub answers 401 both for missing repos and for private ones when the token is missing or bad.
         return new ReftError(
           'invalid_model',
-          hub.token
-            ? `Hub repo ${where} was not found on ${hub.endpoint}, or the token is not authorized for it (401)${detail}`
-            : `Hub repo ${where} was not found on ${hub.endpoint}, or it is private and needs a token (set HF_TOKEN) (401)${detail}`,
+          `Hub repo ${where} was not found on ${hub.endpoint}, or ${hub.token ? 'the token is not authorized for it' : 'it is private and needs a token (set HF_TOKEN)'} (401)${detail}`,
           'model',
         );
       case 403:

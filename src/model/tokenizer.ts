@@ -36,14 +36,16 @@ export interface TextTokenizer {
 
 type Json = Record<string, unknown>;
 
-async function readJson(path: string, name: string): Promise<Json | null> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+async function readText(path: string): Promise<string | null> {
+  return readFile(path, 'utf8').catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return null;
     throw e;
-  }
+  });
+}
+
+async function readJson(path: string, name: string): Promise<Json | null> {
+  const text = await readText(path);
+  if (text === null) return null;
   try {
     const value: unknown = JSON.parse(text);
     if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new Error('not an object');
@@ -51,13 +53,6 @@ async function readJson(path: string, name: string): Promise<Json | null> {
   } catch {
     throw new ReftError('invalid_model', `${name} is not a valid JSON object`, name);
   }
-}
-
-async function readText(path: string): Promise<string | null> {
-  return readFile(path, 'utf8').catch((e: NodeJS.ErrnoException) => {
-    if (e.code === 'ENOENT') return null;
-    throw e;
-  });
 }
 
 /** Special tokens appear in tokenizer_config.json either as strings or as serialized AddedToken objects. */

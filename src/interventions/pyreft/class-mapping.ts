@@ -16,7 +16,7 @@ export interface ConvertedIntervention {
   tensors: Record<string, { shape: number[]; data: Float32Array }>;
 }
 
-export const KIND_OF_CLASS: Record<PyreftClass, InterventionKind> = {
+const KIND_OF_CLASS: Record<PyreftClass, InterventionKind> = {
   LoreftIntervention: 'loreft',
   NoreftIntervention: 'noreft',
   NodireftIntervention: 'direft',

@@ -67,7 +67,7 @@ function checkFilesMatch(saved: SavedIntervention[], files: Map<string, Uint8Arr
  * pyreft's positions per intervention. With share_weights=false and fN+lN it trains one set for the
  * first N tokens (the first half, in sorted_keys order) and one for the last N (the second half).
  */
-export function assignPositions(count: number, spec: string, shareWeights: boolean): string[] {
+function assignPositions(count: number, spec: string, shareWeights: boolean): string[] {
   const p = parsePositions(spec, 'positions');
   if (shareWeights || !(p.first && p.last)) return new Array<string>(count).fill(formatPositions(p));
   if (count % 2 !== 0) {

@@ -6,7 +6,7 @@ import { invalidIntervention } from '../../errors.ts';
  * `sorted_keys` and `intervention_dimensions` is one intervention; everything here is checked
  * against what reft/v1 can express, and anything else is refused naming the field.
  */
-export const PYREFT_CLASSES = [
+const PYREFT_CLASSES = [
   'LoreftIntervention',
   'NoreftIntervention',
   'NodireftIntervention',

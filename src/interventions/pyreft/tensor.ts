@@ -1,5 +1,5 @@
 import { invalidIntervention } from '../../errors.ts';
-import { halfToFloat } from '../../model/safetensors.ts';
+import { DTYPE_BYTES, toFloat32, type TensorInfo } from '../../model/safetensors.ts';
 
 /**
  * Torch tensors as `torch.save` stores them: a typed storage (one `data/<key>` record of
@@ -16,8 +16,6 @@ export const STORAGE_DTYPES: Readonly<Record<string, TorchDType>> = {
   HalfStorage: 'F16',
   LongStorage: 'I64',
 };
-
-const ELEMENT_BYTES: Record<TorchDType, number> = { F32: 4, BF16: 2, F16: 2, I64: 8 };
 
 /** Refuse views with more elements than any intervention tensor could need (stride 0 can fake size). */
 const MAX_TENSOR_ELEMENTS = 1 << 26;
@@ -39,7 +37,7 @@ export interface TorchTensor {
 /** Ties a persistent id to its `data/<key>` record; the record must hold exactly `numel` elements. */
 export function makeStorage(dtype: TorchDType, key: string, numel: number, record: Uint8Array | undefined, file: string): TorchStorage {
   if (record === undefined) throw invalid(file, `storage "${key}" has no record data/${key}`);
-  const need = numel * ELEMENT_BYTES[dtype];
+  const need = numel * DTYPE_BYTES[dtype];
   if (record.byteLength < need) {
     throw invalid(file, `storage "${key}" is shorter than declared: data/${key} holds ${record.byteLength} bytes, ${numel} × ${dtype} need ${need}`);
   }
@@ -77,29 +75,21 @@ function increment(index: number[], shape: number[]): void {
 }
 
 function elementReader(storage: TorchStorage, file: string): (i: number) => number {
-  const view = new DataView(storage.bytes.buffer, storage.bytes.byteOffset, storage.bytes.byteLength);
-  switch (storage.dtype) {
-    case 'F32':
-      return (i) => view.getFloat32(i * 4, true);
-    case 'BF16':
-      return (i) => bf16ToFloat(view.getUint16(i * 2, true));
-    case 'F16':
-      return (i) => halfToFloat(view.getUint16(i * 2, true));
-    case 'I64':
-      return (i) => {
-        const v = view.getBigInt64(i * 8, true);
-        if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < BigInt(Number.MIN_SAFE_INTEGER)) {
-          throw invalid(file, `storage "${storage.key}" holds an int64 (${v}) beyond the safe integer range`);
-        }
-        return Number(v);
-      };
+  const { key, dtype, numel, bytes } = storage;
+  if (dtype !== 'I64') {
+    // F32, BF16 and F16 storages are laid out as safetensors lays out a tensor: decode it as one.
+    const info: TensorInfo = { name: key, dtype, shape: [numel], offset: 0, byteLength: bytes.byteLength };
+    const floats = toFloat32({ header: { tensors: new Map([[key, info]]), metadata: {}, dataStart: 0 }, bytes }, info);
+    return (i) => floats[i];
   }
-}
-
-const bf16Scratch = new DataView(new ArrayBuffer(4));
-function bf16ToFloat(bits: number): number {
-  bf16Scratch.setUint32(0, bits << 16);
-  return bf16Scratch.getFloat32(0);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  return (i) => {
+    const v = view.getBigInt64(i * 8, true);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < BigInt(Number.MIN_SAFE_INTEGER)) {
+      throw invalid(file, `storage "${key}" holds an int64 (${v}) beyond the safe integer range`);
+    }
+    return Number(v);
+  };
 }
 
 function invalid(file: string, message: string) {

@@ -9,8 +9,6 @@ import { ReftError, invalidIntervention } from '../../errors.ts';
  * checked against the bytes actually present before anyone reads it.
  */
 export interface TorchZip {
-  /** The top folder every entry sits under (torch names it after the file's stem). */
-  folder: string;
   /** Records by their name inside the folder: `data.pkl`, `data/0`, `version`, ... */
   records: Map<string, Uint8Array>;
 }
@@ -26,7 +24,7 @@ export async function readTorchZip(bytes: Uint8Array, file: string): Promise<Tor
   const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const entries = await listEntries(buffer, file);
   if (entries.length === 0) throw broken(file, 'the zip has no entries');
-  const folder = topFolder(entries[0].fileName, file);
+  const folder = topFolder(entries[0].entry.fileName, file);
   const records = new Map<string, Uint8Array>();
   for (const { entry, dataStart } of entries) {
     const name = recordName(entry.fileName, folder, file);
@@ -36,12 +34,11 @@ export async function readTorchZip(bytes: Uint8Array, file: string): Promise<Tor
   checkNoOverlap(entries, file);
   if (!records.has('data.pkl')) throw broken(file, `missing ${folder}/data.pkl (not a torch.save file?)`);
   checkByteOrder(records, file);
-  return { folder, records };
+  return { records };
 }
 
 interface LocatedEntry {
   entry: yauzl.Entry;
-  fileName: string;
   /** Absolute offset of the record's first byte (after the local header). */
   dataStart: number;
 }
@@ -85,7 +82,7 @@ async function locate(zip: yauzl.ZipFile, entry: yauzl.Entry, file: string): Pro
     throw broken(file, `record ${name}: ${describe(e)}`);
   }
   if (!local.fileName.equals(entry.fileNameRaw)) throw broken(file, `record ${name}: local header names ${JSON.stringify(local.fileName.toString('utf8'))}`);
-  return { entry, fileName: name, dataStart: local.fileDataStart };
+  return { entry, dataStart: local.fileDataStart };
 }
 
 /** The record's bytes, proven by its CRC and (when flagged) its data descriptor. */
@@ -132,7 +129,7 @@ function recordName(fileName: string, folder: string, file: string): string {
 /** Records (local header through data) must not share bytes: each byte has one meaning. */
 function checkNoOverlap(entries: LocatedEntry[], file: string): void {
   const spans = entries
-    .map((e) => ({ name: e.fileName, start: e.entry.relativeOffsetOfLocalHeader, end: e.dataStart + e.entry.compressedSize }))
+    .map((e) => ({ name: e.entry.fileName, start: e.entry.relativeOffsetOfLocalHeader, end: e.dataStart + e.entry.compressedSize }))
     .sort((a, b) => a.start - b.start);
   for (let i = 1; i < spans.length; i++) {
     if (spans[i].start < spans[i - 1].end) throw broken(file, `records ${spans[i - 1].name} and ${spans[i].name} overlap`);
