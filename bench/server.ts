@@ -4,9 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { Rng } from '../src/rng.ts';
-import { orthonormalRows } from '../test/support/artifacts.ts';
+import { artifact, randomLoreft } from '../test/support/artifacts.ts';
 import { InterventionCache } from '../src/interventions/cache.ts';
-import { encodeSafetensors } from '../src/model/safetensors.ts';
 import type { ModelConfig } from '../src/model/config.ts';
 import { openSqliteStore } from '../src/storage/sqlite-store.ts';
 import { median, percentile, round } from './machine.ts';
@@ -19,21 +18,10 @@ import { median, percentile, round } from './machine.ts';
  */
 const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
 
+/** A LoReFT artifact with one rank-`rank` intervention on each of `layers`. */
 export function loreftArtifact(seed: number, config: ModelConfig, layers: number[], rank: number, positions: string) {
-  const rng = new Rng(seed);
-  const d = config.hiddenSize;
-  const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
-  layers.forEach((_, i) => {
-    tensors[`interventions.${i}.rotate`] = { shape: [rank, d], data: orthonormalRows(rank, d, rng) };
-    tensors[`interventions.${i}.source.weight`] = { shape: [rank, d], data: Float32Array.from({ length: rank * d }, () => (rng.next() - 0.5) * 0.1) };
-    tensors[`interventions.${i}.source.bias`] = { shape: [rank], data: Float32Array.from({ length: rank }, () => rng.next() - 0.5) };
-  });
-  const config_ = {
-    format: 'reft/v1',
-    base_model: { architecture: config.architecture, hidden_size: d, num_hidden_layers: config.numLayers },
-    interventions: layers.map((layer) => ({ kind: 'loreft', layer, rank, positions })),
-  };
-  return { config: JSON.stringify(config_), weights: encodeSafetensors(tensors) };
+  const base = { hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers };
+  return artifact(layers.map((layer, i) => randomLoreft(seed * 1000 + i, layer, rank, positions, config.hiddenSize, 0.05)), {}, base);
 }
 
 interface StreamTiming {

@@ -1,4 +1,4 @@
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
 import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../engine/options.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
@@ -7,17 +7,7 @@ import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
-
-const int = (name: string) => (v: string) => {
-  const n = Number(v);
-  if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be an integer`);
-  return n;
-};
-const num = (name: string) => (v: string) => {
-  const n = Number(v);
-  if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number`);
-  return n;
-};
+import { intArg, numberArg } from './options.ts';
 
 interface GenerateFlags {
   model: string;
@@ -39,11 +29,11 @@ export function generateCommand(): Command {
     .option('--intervention <dir>', 'a reft/v1 artifact folder (reft_config.json + reft_weights.safetensors)')
     .option('--prompt <text>', 'plain text prompt')
     .option('--messages <json>', 'chat messages as JSON: [{"role":"user","content":"..."}]')
-    .option('--max-new-tokens <n>', 'tokens to generate at most', int('--max-new-tokens'), 128)
-    .option('--temperature <t>', 'sampling temperature; 0 is greedy', num('--temperature'), 0)
-    .option('--top-p <p>', 'nucleus sampling mass', num('--top-p'), 1)
-    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', int('--top-k'), 0)
-    .option('--seed <s>', 'random seed (same seed, same output)', int('--seed'))
+    .option('--max-new-tokens <n>', 'tokens to generate at most', intArg('--max-new-tokens', 1), 128)
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', numberArg('--temperature'), 0)
+    .option('--top-p <p>', 'nucleus sampling mass', numberArg('--top-p'), 1)
+    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', intArg('--top-k'), 0)
+    .option('--seed <s>', 'random seed (same seed, same output)', intArg('--seed'))
     .addOption(new Option('--stop <text...>', 'stop strings'))
     .action(runGenerate);
 }

@@ -83,12 +83,13 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, l
     });
     return w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 });
   };
-  /** x·Wᵀ (+ b) over the checkpoint's [out, in] weight; `name` names the result. */
-  const linear = (x: string, prefix: string, bias: boolean, name?: string): string => {
-    if (!bias) return g.op('FusedMatMul', [x, weight(`${prefix}.weight`)], { transB: 1 }, { domain: MS_DOMAIN, name });
-    const y = g.op('FusedMatMul', [x, weight(`${prefix}.weight`)], { transB: 1 }, { domain: MS_DOMAIN });
-    return g.op('Add', [y, weight(`${prefix}.bias`)], {}, { name });
+  /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. */
+  const project = (x: string, w: string, b: string | null, name?: string): string => {
+    if (!b) return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
+    return g.op('Add', [g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN }), b], {}, { name });
   };
+  const linear = (x: string, prefix: string, bias: boolean, name?: string): string =>
+    project(x, weight(`${prefix}.weight`), bias ? weight(`${prefix}.bias`) : null, name);
   const rmsNorm = (x: string, w: string): string =>
     g.op('SimplifiedLayerNormalization', [x, weight(w)], { axis: -1, epsilon: float(config.rmsNormEps), stash_type: 1 });
 
@@ -113,8 +114,8 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, l
     if (layout === 'packed') {
       const proj = (t: string) => ['q_proj', 'k_proj', 'v_proj'].map((m) => weight(`${p}.self_attn.${m}.${t}`));
       // ORT folds the concatenation of initializers into one weight when the session loads.
-      let qkv = g.op('FusedMatMul', [x, g.op('Concat', proj('weight'), { axis: 0 })], { transB: 1 }, { domain: MS_DOMAIN, name: config.attentionBias ? undefined : decoderOutputs.qkv(l) });
-      if (config.attentionBias) qkv = g.op('Add', [qkv, g.op('Concat', proj('bias'), { axis: 0 })], {}, { name: decoderOutputs.qkv(l) });
+      const concat = (t: string) => g.op('Concat', proj(t), { axis: 0 });
+      const qkv = project(x, concat('weight'), config.attentionBias ? concat('bias') : null, decoderOutputs.qkv(l));
       g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
       [attn] = g.opN('GroupQueryAttention', [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], 3, { ...gqa, do_rotary: 1, rotary_interleaved: 0 }, { domain: MS_DOMAIN });
     } else {
