@@ -1,7 +1,7 @@
 import type { InterventionSpec } from '../interventions/artifact.ts';
 import { positionsFor } from '../interventions/positions.ts';
 import type { Rng } from '../rng.ts';
-import type { LayerTrainingFeed, TrainingBatch } from './training-graph.ts';
+import type { LayerTrainingFeed, LowRankFactors, TrainingBatch } from './training-graph.ts';
 
 /** A tokenized training row: the prompt (edited) followed by the completion (scored). */
 export interface TrainingExample {
@@ -11,7 +11,6 @@ export interface TrainingExample {
 
 /** Where one intervention's rank columns sit in its layer's stacked factors. */
 export interface InterventionSlot {
-  index: number;
   spec: InterventionSpec;
   offset: number;
 }
@@ -25,25 +24,28 @@ export class StackLayout {
   readonly layers: number[];
   readonly slots = new Map<number, InterventionSlot[]>();
   readonly rankOf = new Map<number, number>();
+  /** Each intervention's slot, in declaration order. */
+  private readonly bySpec: InterventionSlot[];
 
-  constructor(readonly specs: readonly InterventionSpec[]) {
-    specs.forEach((spec, index) => {
-      const slots = this.slots.get(spec.layer) ?? [];
-      const offset = this.rankOf.get(spec.layer) ?? 0;
-      slots.push({ index, spec, offset });
-      this.slots.set(spec.layer, slots);
-      this.rankOf.set(spec.layer, offset + spec.rank);
+  constructor(specs: readonly InterventionSpec[]) {
+    this.bySpec = specs.map((spec) => {
+      const slot = { spec, offset: this.rankOf.get(spec.layer) ?? 0 };
+      const slots = this.slots.get(spec.layer);
+      if (slots) slots.push(slot);
+      else this.slots.set(spec.layer, [slot]);
+      this.rankOf.set(spec.layer, slot.offset + spec.rank);
+      return slot;
     });
     this.layers = [...this.slots.keys()].sort((a, b) => a - b);
   }
 
   slotOf(index: number): InterventionSlot {
-    return this.slots.get(this.specs[index].layer)!.find((s) => s.index === index)!;
+    return this.bySpec[index];
   }
 }
 
 /** The current low-rank factors of every intervened layer (the trainer rewrites them each step). */
-export type LayerFactors = Map<number, { down: Float32Array; bias: Float32Array; up: Float32Array }>;
+export type LayerFactors = Map<number, LowRankFactors>;
 
 export function allocateFactors(layout: StackLayout, d: number): LayerFactors {
   const out: LayerFactors = new Map();
@@ -91,7 +93,7 @@ export function packBatch(
     });
   });
   const layers = new Map<number, LayerTrainingFeed>();
-  for (const l of layout.layers) layers.set(l, layerFeed(examples, seq, layout.slots.get(l)!, layout.rankOf.get(l)!, factors.get(l)!, d, dropout));
+  for (const l of layout.layers) layers.set(l, layerFeed(examples, seq, layout.slots.get(l)!, factors.get(l)!, d, dropout));
   return { batch, seq, inputIds, attentionMask, positionIds, targets, lossMask, layers };
 }
 
@@ -99,8 +101,7 @@ function layerFeed(
   examples: readonly TrainingExample[],
   seq: number,
   slots: readonly InterventionSlot[],
-  r: number,
-  f: { down: Float32Array; bias: Float32Array; up: Float32Array },
+  f: LowRankFactors,
   d: number,
   dropout?: DropoutOptions,
 ): LayerTrainingFeed {
@@ -118,11 +119,12 @@ function layerFeed(
   });
   const tokens = [...byToken.keys()].sort((a, b) => a - b);
   const k = tokens.length;
+  const r = f.bias.length;
   const mask = new Float32Array(k * r);
   tokens.forEach((t, i) => {
     for (const s of byToken.get(t)!) mask.fill(1, i * r + s.offset, i * r + s.offset + s.spec.rank);
   });
-  return { rows: BigInt64Array.from(tokens, BigInt), mask, down: f.down, bias: f.bias, up: f.up, dropout: dropoutMask(k * d, dropout), k, r };
+  return { rows: BigInt64Array.from(tokens, BigInt), mask, down: f.down, bias: f.bias, up: f.up, dropout: dropoutMask(k * d, dropout) };
 }
 
 /** pyreft's nn.Dropout on the edited rows: keep with probability 1 − p, scaled by 1/(1 − p). */

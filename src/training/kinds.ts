@@ -1,6 +1,7 @@
-import { KIND_TENSORS, type InterventionKind } from '../interventions/artifact.ts';
+import { KIND_TENSORS, lowRank, type InterventionKind } from '../interventions/artifact.ts';
 import { orthogonalRows } from './orthogonal.ts';
 import type { Rng } from '../rng.ts';
+import type { LowRankFactors } from './training-graph.ts';
 
 /**
  * What each kind's tensors mean for training: how they fold into the graph's low-rank form
@@ -35,24 +36,16 @@ export function tensorShape(name: string, rank: number, d: number): number[] {
   return name === 'source.bias' ? [rank] : [rank, d];
 }
 
-/** Writes one intervention's factors into rows [offset, offset + rank) of a layer's stack. */
-export function writeLowRank(
-  kind: InterventionKind,
-  t: KindTensors,
-  rank: number,
-  d: number,
-  offset: number,
-  out: { down: Float32Array; bias: Float32Array; up: Float32Array },
-): void {
-  const up = t[UP_TENSOR[kind]];
-  const source = t['source.weight'];
-  const at = offset * d;
-  for (let i = 0; i < rank * d; i++) {
-    const s = source ? source[i] : 0;
-    out.down[at + i] = SUBTRACTS[kind] ? s - up[i] : s;
-    out.up[at + i] = up[i];
-  }
-  out.bias.set(t['source.bias'], offset);
+/**
+ * Writes one intervention's factors into rows [offset, offset + rank) of a layer's stack,
+ * folded by the engine's own `lowRank`, so training edits exactly as inference will (layer and
+ * positions play no part in the fold).
+ */
+export function writeLowRank(kind: InterventionKind, t: KindTensors, rank: number, d: number, offset: number, out: LowRankFactors): void {
+  const f = lowRank({ kind, rank, layer: 0, positions: { first: 0, last: 0 } }, t, d);
+  out.down.set(f.down, offset * d);
+  out.up.set(f.up, offset * d);
+  out.bias.set(f.bias, offset);
 }
 
 /** The gradient of each of the kind's tensors from the stacked low-rank gradients. */
@@ -61,7 +54,7 @@ export function kindGradients(
   rank: number,
   d: number,
   offset: number,
-  g: { down: Float32Array; bias: Float32Array; up: Float32Array },
+  g: LowRankFactors,
 ): KindTensors {
   const n = rank * d;
   const dDown = g.down.subarray(offset * d, offset * d + n);

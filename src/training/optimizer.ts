@@ -5,11 +5,6 @@ import type { Recipe } from './recipe.ts';
  * torch.optim.AdamW, over the intervention tensors (a few thousand floats: plain loops).
  */
 
-/** Warmup steps as Trainer computes them: ceil(total · warmup_ratio). */
-export function warmupSteps(recipe: Pick<Recipe, 'warmup_ratio'>, total: number): number {
-  return Math.ceil(total * recipe.warmup_ratio);
-}
-
 /**
  * The learning rate of optimizer step `step` (0-based) of `total`: linear warmup, then
  * transformers' get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup (half a
@@ -17,7 +12,7 @@ export function warmupSteps(recipe: Pick<Recipe, 'warmup_ratio'>, total: number)
  * lr/total under linear decay.
  */
 export function learningRate(recipe: Pick<Recipe, 'learning_rate' | 'lr_scheduler' | 'warmup_ratio'>, step: number, total: number): number {
-  const warmup = warmupSteps(recipe, total);
+  const warmup = Math.ceil(total * recipe.warmup_ratio); // as Trainer computes it
   if (step < warmup) return (recipe.learning_rate * step) / Math.max(1, warmup);
   const progress = (step - warmup) / Math.max(1, total - warmup);
   switch (recipe.lr_scheduler) {

@@ -25,9 +25,10 @@ export function buildArtifact(specs: readonly InterventionSpec[], params: readon
     format: 'reft/v1',
     base_model: { architecture: model.architecture, hidden_size: model.hiddenSize, num_hidden_layers: model.numLayers },
     interventions: specs.map((s) => ({ kind: s.kind, layer: s.layer, rank: s.rank, positions: formatPositions(s.positions), component: 'block_output' as const })),
-    ...(info.name !== undefined ? { name: info.name } : {}),
-    ...(info.description !== undefined ? { description: info.description } : {}),
-    ...(info.metadata !== undefined ? { metadata: info.metadata } : {}),
+    // unset ones are undefined, which JSON leaves out
+    name: info.name,
+    description: info.description,
+    metadata: info.metadata,
   };
   const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
   specs.forEach((s, i) => {

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ReftError, invalidRequest } from '../errors.ts';
+import { invalidRequest, firstIssue } from '../errors.ts';
 import { INTERVENTION_KINDS, type InterventionSpec } from '../interventions/artifact.ts';
 import { parsePositions } from '../interventions/positions.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -54,10 +54,8 @@ export type RecipeInput = z.input<typeof recipeSchema>;
 export function parseRecipe(input: unknown, config: ModelConfig): Recipe {
   const parsed = recipeSchema.safeParse(input ?? {});
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const keys = issue.code === 'unrecognized_keys' ? issue.keys : [];
-    const field = ['recipe', ...issue.path.map(String), ...keys.slice(0, 1)].join('.');
-    throw invalidRequest(`${field}: ${issue.message}`, field);
+    const { field, message } = firstIssue(parsed.error, ['recipe']);
+    throw invalidRequest(`${field}: ${message}`, field);
   }
   const recipe = parsed.data;
   parsePositions(recipe.positions, 'recipe.positions');
@@ -67,7 +65,7 @@ export function parseRecipe(input: unknown, config: ModelConfig): Recipe {
     }
   }
   if (hasRotation(recipe.kind) && recipe.rank > config.hiddenSize) {
-    throw new ReftError('invalid_request', `recipe.rank ${recipe.rank} exceeds the hidden size ${config.hiddenSize}`, 'recipe.rank');
+    throw invalidRequest(`recipe.rank ${recipe.rank} exceeds the hidden size ${config.hiddenSize}`, 'recipe.rank');
   }
   return recipe;
 }

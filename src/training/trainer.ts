@@ -63,7 +63,6 @@ export interface TrainerModel {
 }
 
 export class Trainer {
-  readonly specs: InterventionSpec[];
   readonly totalSteps: number;
   readonly stepsPerEpoch: number;
   private readonly layout: StackLayout;
@@ -81,12 +80,12 @@ export class Trainer {
   private constructor(
     private readonly config: ModelConfig,
     readonly recipe: Recipe,
+    readonly specs: InterventionSpec[],
     readonly examples: readonly TrainingExample[],
     private readonly graph: TrainingGraph,
     private readonly opts: TrainerOptions,
   ) {
     const d = config.hiddenSize;
-    this.specs = interventionSpecs(recipe, config);
     this.layout = new StackLayout(this.specs);
     this.factors = allocateFactors(this.layout, d);
     this.microBatches = Math.ceil(examples.length / recipe.batch_size);
@@ -114,9 +113,9 @@ export class Trainer {
   static async fromExamples(model: TrainerModel, recipeInput: RecipeInput | Recipe, examples: readonly TrainingExample[], opts: TrainerOptions = {}): Promise<Trainer> {
     const recipe = parseRecipe(recipeInput, model.config);
     checkExamples(examples, model.config);
-    const layers = [...new Set(interventionSpecs(recipe, model.config).map((s) => s.layer))];
-    const graph = await TrainingGraph.create(model.config, model.checkpoint, layers, opts);
-    return new Trainer(model.config, recipe, examples, graph, opts);
+    const specs = interventionSpecs(recipe, model.config);
+    const graph = await TrainingGraph.create(model.config, model.checkpoint, specs.map((s) => s.layer), opts);
+    return new Trainer(model.config, recipe, specs, examples, graph, opts);
   }
 
   get step(): number {

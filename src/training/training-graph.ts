@@ -5,16 +5,18 @@ import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, train
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 
-/** One intervened layer's inputs for a batch (see buildTrainingGraph). */
-export interface LayerTrainingFeed {
-  rows: BigInt64Array; // [K] flattened token indices, unique
-  mask: Float32Array; // [K, R]
+/** One layer's stacked low-rank factors (or their gradients), R rank columns in all. */
+export interface LowRankFactors {
   down: Float32Array; // [R, d]
   bias: Float32Array; // [R]
   up: Float32Array; // [R, d]
+}
+
+/** One intervened layer's inputs for a batch (see buildTrainingGraph). */
+export interface LayerTrainingFeed extends LowRankFactors {
+  rows: BigInt64Array; // [K] flattened token indices, unique
+  mask: Float32Array; // [K, R]
   dropout: Float32Array; // [K, d]
-  k: number;
-  r: number;
 }
 
 /** A padded batch: every [B, S] array is row-major, padding on the right. */
@@ -30,15 +32,9 @@ export interface TrainingBatch {
   layers: ReadonlyMap<number, LayerTrainingFeed>;
 }
 
-export interface LayerGradients {
-  down: Float32Array; // [R, d]
-  bias: Float32Array; // [R]
-  up: Float32Array; // [R, d]
-}
-
 export interface TrainingResult {
   loss: number;
-  grads: Map<number, LayerGradients>;
+  grads: Map<number, LowRankFactors>;
 }
 
 const SINGLE_THREAD_HIDDEN = 256;
@@ -80,7 +76,7 @@ export class TrainingGraph {
   /** Loss and gradients. */
   async run(batch: TrainingBatch): Promise<TrainingResult> {
     const out = await this.session.run(this.feeds(batch), this.gradFetches);
-    const grads = new Map<number, LayerGradients>();
+    const grads = new Map<number, LowRankFactors>();
     for (const l of this.layers) {
       grads.set(l, {
         down: out[OUT.gradDown(l)].data as Float32Array,
@@ -114,12 +110,14 @@ export class TrainingGraph {
     for (const l of this.layers) {
       const f = b.layers.get(l);
       if (!f) throw new Error(`training batch has no feed for layer ${l}`);
-      feeds[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [f.k]);
-      feeds[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [f.k, f.r]);
-      feeds[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [f.r, d]);
-      feeds[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [f.r]);
-      feeds[IN.ivUp(l)] = new ort.Tensor('float32', f.up, [f.r, d]);
-      feeds[IN.ivDropout(l)] = new ort.Tensor('float32', f.dropout, [f.k, d]);
+      const k = f.rows.length;
+      const r = f.bias.length;
+      feeds[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [k]);
+      feeds[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [k, r]);
+      feeds[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [r, d]);
+      feeds[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [r]);
+      feeds[IN.ivUp(l)] = new ort.Tensor('float32', f.up, [r, d]);
+      feeds[IN.ivDropout(l)] = new ort.Tensor('float32', f.dropout, [k, d]);
     }
     return feeds;
   }

@@ -1,9 +1,12 @@
+import type { Dim } from '../onnx.ts';
+
 /**
- * Static shapes as the tape tracks them. A dimension is a number or a symbol ("B", "S", or a
- * product "B*S"); ranks are always known. Gradient rules need shapes for one thing only:
- * knowing which axes a broadcast expanded, so the gradient can be summed back over them.
+ * Static shapes as the tape tracks them. A dimension (the builder's Dim) is a number or a
+ * symbol ("B", "S", or a product "B*S"); ranks are always known. Gradient rules need shapes for
+ * one thing only: knowing which axes a broadcast expanded, so the gradient can be summed back
+ * over them.
  */
-export type Dim = number | string;
+export type { Dim };
 export type Shape = readonly Dim[];
 
 /** Splits a dimension into its numeric factor and its symbols ("64*B*S" → 64, [B, S]). */

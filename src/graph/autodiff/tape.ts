@@ -1,7 +1,7 @@
 import type { AttrValue, ElemType, GraphBuilder } from '../onnx.ts';
 import { RULES } from './rules/index.ts';
 import type { Shape } from './shape.ts';
-import type { Backward, TapeNode } from './types.ts';
+import type { Backward, ShapeQuery, TapeNode } from './types.ts';
 
 /**
  * Graph-level reverse-mode autodiff over a GraphBuilder. Forward ops go through `op`, which
@@ -14,7 +14,6 @@ export class Tape {
   private readonly nodes: TapeNode[] = [];
   private readonly shapes = new Map<string, Shape>();
   private readonly intConsts = new Map<string, number[]>();
-  private readonly floatConsts = new Map<string, number[]>();
 
   private readonly backward: Backward;
 
@@ -37,8 +36,7 @@ export class Tape {
   constant(hint: string, data: Float32Array | BigInt64Array, dims: number[]): string {
     const name = this.g.constant(hint, data, dims);
     this.shapes.set(name, dims);
-    if (data instanceof Float32Array) this.floatConsts.set(name, [...data]);
-    else this.intConsts.set(name, [...data].map(Number));
+    if (data instanceof BigInt64Array) this.intConsts.set(name, [...data].map(Number));
     return name;
   }
 
@@ -78,7 +76,6 @@ export class Tape {
       if (!c) throw new Error(`tape: ${v} must be an int64 constant`);
       return c;
     },
-    floats: (v: string) => this.floatConsts.get(v) ?? null,
   };
 
   /**
@@ -94,7 +91,7 @@ export class Tape {
     for (let i = this.nodes.length - 1; i >= 0; i--) {
       const node = this.nodes[i];
       const dy = grads.get(node.output);
-      if (dy === undefined || !reach.has(node.output)) continue;
+      if (dy === undefined) continue; // only values in `reach` ever get a gradient
       const rule = RULES[node.op];
       if (!rule) throw new Error(`tape: no gradient rule for ${node.op}`);
       const wants = node.inputs.map((v) => reach.has(v));
@@ -115,8 +112,8 @@ class BackwardContext implements Backward {
   private readonly shapesOf = new Map<string, string>();
 
   constructor(
-    readonly g: GraphBuilder,
-    private readonly q: Pick<Backward, 'shape' | 'ints' | 'floats'>,
+    private readonly g: GraphBuilder,
+    private readonly q: ShapeQuery,
   ) {}
 
   shape(v: string): Shape {
@@ -124,9 +121,6 @@ class BackwardContext implements Backward {
   }
   ints(v: string): readonly number[] {
     return this.q.ints(v);
-  }
-  floats(v: string): readonly number[] | null {
-    return this.q.floats(v);
   }
 
   op(type: string, inputs: string[], attrs: Record<string, AttrValue> = {}): string {

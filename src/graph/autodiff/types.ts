@@ -1,4 +1,4 @@
-import type { AttrValue, GraphBuilder } from '../onnx.ts';
+import type { AttrValue } from '../onnx.ts';
 import type { Shape } from './shape.ts';
 
 /** One recorded forward node (every op the tape records has a single output). */
@@ -14,13 +14,10 @@ export interface ShapeQuery {
   shape(value: string): Shape;
   /** The values of an int64 constant (axes, reshape targets); throws for anything else. */
   ints(value: string): readonly number[];
-  /** A float constant's values, or null when the value is not a float constant. */
-  floats(value: string): readonly number[] | null;
 }
 
 /** What a rule may use to emit its backward nodes. */
 export interface Backward extends ShapeQuery {
-  readonly g: GraphBuilder;
   op(type: string, inputs: string[], attrs?: Record<string, AttrValue>): string;
   /** A float32 scalar constant (shared per value). */
   scalar(v: number): string;
