@@ -1,3 +1,5 @@
+import type { ZodError } from 'zod';
+
 /**
  * Typed errors shared by every layer. Each carries a stable `code`, the HTTP status it maps to
  * (RFC 9457 problem+json at the HTTP edge) and, where one input is at fault, the `field` that
@@ -84,3 +86,13 @@ export const unsupportedModel = (message: string, field?: string) => new ReftErr
 export const notFound = (message: string, field?: string) => new ReftError('not_found', message, field);
 /** The 404 of every lookup: the same words whether the thing is missing or another tenant's. */
 export const noSuch = (kind: string, id: string, field = 'id') => new ReftError('not_found', `no ${kind} "${id}"`, field);
+
+/**
+ * The first problem zod found, with the field it is about as a dotted path under `prefix`
+ * (an unknown key is named by itself: `reft_config.json.extra`).
+ */
+export function firstIssue(error: ZodError, prefix: string[] = []): { field: string; message: string } {
+  const issue = error.issues[0];
+  const keys = issue.code === 'unrecognized_keys' ? issue.keys : [];
+  return { field: [...prefix, ...issue.path.map(String), ...keys.slice(0, 1)].join('.'), message: issue.message };
+}

@@ -2,7 +2,7 @@ import { Command, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
 import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../engine/options.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
-import { invalidRequest } from '../errors.ts';
+import { invalidRequest, firstIssue } from '../errors.ts';
 import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
@@ -60,8 +60,8 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
     stop: flags.stop,
   });
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    throw invalidRequest(`--${issue.path.join('.').replaceAll('_', '-')}: ${issue.message}`, issue.path.join('.'));
+    const { field, message } = firstIssue(parsed.error);
+    throw invalidRequest(`--${field.replaceAll('_', '-')}: ${message}`, field);
   }
   const tokens = tokenize(promptInput(parsed.data), tokenizer);
   const interventions = flags.intervention ? (await readArtifactDir(flags.intervention, config)).interventions : [];

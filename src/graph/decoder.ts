@@ -1,7 +1,8 @@
-import type { Checkpoint, WeightRef } from '../model/checkpoint.ts';
+import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
-import { GraphBuilder, MS_DOMAIN, float, subgraph, type ElemType } from './onnx.ts';
+import { GraphBuilder, MS_DOMAIN, float, subgraph } from './onnx.ts';
 import { ropeTables } from './rope.ts';
+import { checkpointWeight } from './weights.ts';
 
 /**
  * The inference graph of a Llama-family decoder, with ReFT interventions as inputs.
@@ -62,27 +63,13 @@ export function defaultAttentionLayout(config: ModelConfig): AttentionLayout {
   return config.headDim % 16 === 0 ? 'packed' : 'separate';
 }
 
-const WEIGHT_ELEM: Record<string, ElemType> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
-
 export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, layout: AttentionLayout = defaultAttentionLayout(config)): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
   const d = config.hiddenSize;
   const kvDim = config.numKvHeads * config.headDim;
   const qDim = config.numHeads * config.headDim;
 
-  /** A weight as an initializer over the checkpoint's bytes; half types are cast (ORT folds the cast at load). */
-  const weight = (name: string): string => {
-    const w = checkpoint.weights.get(name) as WeightRef;
-    const ref = g.external({
-      name,
-      elemType: WEIGHT_ELEM[w.dtype],
-      dims: w.shape,
-      location: w.file,
-      offset: w.offset,
-      length: w.byteLength,
-    });
-    return w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 });
-  };
+  const weight = (name: string): string => checkpointWeight(g, checkpoint, name);
   /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. */
   const project = (x: string, w: string, b: string | null, name?: string): string => {
     if (!b) return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });

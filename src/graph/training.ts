@@ -1,8 +1,9 @@
-import type { Checkpoint, WeightRef } from '../model/checkpoint.ts';
+import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { Tape } from './autodiff/tape.ts';
-import { GraphBuilder, type ElemType } from './onnx.ts';
+import { GraphBuilder } from './onnx.ts';
 import { ropeTables } from './rope.ts';
+import { checkpointWeight } from './weights.ts';
 
 /**
  * The training graph: the frozen decoder's forward pass, the ReFT loss, and the gradient of
@@ -49,7 +50,6 @@ export const trainingOutputs = {
   gradUp: (l: number) => `grad.${l}.up`,
 };
 
-const WEIGHT_ELEM: Record<string, ElemType> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
 /** Additive attention mask for hidden keys: exp(−1e9 − max) is exactly 0 in float32. */
 const MASKED = -1e9;
 
@@ -65,11 +65,7 @@ export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, 
   const group = numHeads / numKvHeads;
 
   /** A frozen weight over the checkpoint's bytes (half types cast to float32). */
-  const weight = (name: string): string => {
-    const w = checkpoint.weights.get(name) as WeightRef;
-    const ref = g.external({ name, elemType: WEIGHT_ELEM[w.dtype], dims: w.shape, location: w.file, offset: w.offset, length: w.byteLength });
-    return t.declare(w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 }), w.shape);
-  };
+  const weight = (name: string): string => t.declare(checkpointWeight(g, checkpoint, name), checkpoint.weights.get(name)!.shape);
   const linear = (x: string, prefix: string, bias: boolean): string =>
     t.op('Gemm', bias ? [x, weight(`${prefix}.weight`), weight(`${prefix}.bias`)] : [x, weight(`${prefix}.weight`)], { transB: 1 });
   const eps = t.scalar('rms_eps', config.rmsNormEps);
@@ -128,14 +124,15 @@ export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, 
 
   // Only scored tokens reach the vocabulary projection: with a 50k vocabulary the logits of
   // every token of a batch would dwarf the rest of the graph.
-  const scored = t.declare(g.op('Reshape', [g.op('NonZero', [g.op('Reshape', [lossMask, flatTokens])]), flatTokens]), ['scored']);
+  const flatMask = t.op('Reshape', [lossMask, flatTokens]);
+  const scored = t.declare(g.op('Reshape', [g.op('NonZero', [flatMask]), flatTokens]), ['scored']);
   const column = t.int64s('column', [-1, 1]);
   const final = rmsNorm(t.op('Gather', [h, scored], { axis: 0 }), 'model.norm.weight');
   const logits = t.op('Gemm', [final, config.tieWordEmbeddings ? embed : weight('lm_head.weight')], { transB: 1 }); // [M, V]
   const logProbs = t.op('LogSoftmax', [logits], { axis: -1 });
   const target = t.op('Reshape', [t.op('Gather', [t.op('Reshape', [targets, flatTokens]), scored], { axis: 0 }), column]);
   const picked = t.op('GatherElements', [logProbs, target], { axis: 1 }); // [M, 1]
-  const weights = t.op('Reshape', [t.op('Gather', [t.op('Reshape', [lossMask, flatTokens]), scored], { axis: 0 }), column]);
+  const weights = t.op('Reshape', [t.op('Gather', [flatMask, scored], { axis: 0 }), column]);
   const total = t.op('ReduceSum', [t.op('Mul', [picked, weights])], { keepdims: 0 });
   // max(Σ mask, tiny): an all-zero mask gives loss 0 rather than NaN
   const count = t.declare(g.op('Max', [g.op('ReduceSum', [lossMask], { keepdims: 0 }), g.constant('tiny', Float32Array.of(1e-12), [])]), []);
@@ -175,9 +172,10 @@ function interventionBlock(t: Tape, h: string, l: number, d: number): string {
  */
 function attentionBias(t: Tape, inputIds: string, attentionMask: string): string {
   const g = t.g;
-  const seq = g.op('Squeeze', [g.op('Shape', [inputIds], { start: 1, end: 2 }), g.int64s('axis0', [0])]);
+  const axis0 = g.int64s('axis0', [0]);
+  const seq = g.op('Squeeze', [g.op('Shape', [inputIds], { start: 1, end: 2 }), axis0]);
   const range = g.op('Range', [g.constant('zero', BigInt64Array.of(0n), []), seq, g.constant('one', BigInt64Array.of(1n), [])]);
-  const future = g.op('Greater', [g.op('Unsqueeze', [range, g.int64s('axis0', [0])]), g.op('Unsqueeze', [range, g.int64s('axis1', [1])])]);
+  const future = g.op('Greater', [g.op('Unsqueeze', [range, axis0]), g.op('Unsqueeze', [range, g.int64s('axis1', [1])])]);
   const masked = g.constant('masked', Float32Array.of(MASKED), []);
   const causal = g.op('Where', [future, masked, g.constant('zero_f', Float32Array.of(0), [])]); // [S, S]
   const keep = g.op('Cast', [attentionMask], { to: 1 });

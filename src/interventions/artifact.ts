@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ReftError, invalidIntervention } from '../errors.ts';
+import { ReftError, invalidIntervention, firstIssue } from '../errors.ts';
 import { parseSafetensors, toFloat32, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
 
@@ -84,10 +84,8 @@ export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
   }
   const parsed = reftConfigSchema.safeParse(json);
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const keys = issue.code === 'unrecognized_keys' ? issue.keys : [];
-    const field = ['reft_config.json', ...issue.path.map(String), ...keys.slice(0, 1)].join('.');
-    throw invalidIntervention(`${field}: ${issue.message}`, field);
+    const { field, message } = firstIssue(parsed.error, ['reft_config.json']);
+    throw invalidIntervention(`${field}: ${message}`, field);
   }
   for (const [i, iv] of parsed.data.interventions.entries()) parsePositions(iv.positions, `reft_config.json.interventions.${i}.positions`);
   return parsed.data;

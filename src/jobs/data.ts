@@ -1,7 +1,8 @@
 import { z } from 'zod';
-import { ReftError, invalidRequest } from '../errors.ts';
+import { ReftError, invalidRequest, noSuch } from '../errors.ts';
 import { messageSchema } from '../engine/options.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
+import type { Store } from '../storage/store.ts';
 import { tokenizeRows, type TrainingExample, type TrainingRow } from '../training/index.ts';
 
 /**
@@ -77,4 +78,12 @@ export function tokenizeTrainingRows(parsed: ParsedRows, tokenizer: TextTokenize
     const line = parsed.origin.lines[Number(m[1])];
     throw new ReftError(e.code, e.message.replace(/^data\.\d+/, `${field}: line ${line}`), `${field}:line ${line}`);
   }
+}
+
+/** A job's rows: inline, or the tenant's uploaded file (a 404 naming training_file if it's gone). */
+export async function jobRows(store: Store, tenantId: string, data: { file: string } | { rows: unknown[] }): Promise<ParsedRows> {
+  if ('rows' in data) return parseInlineRows(data.rows);
+  const bytes = await store.readFile(tenantId, data.file);
+  if (!bytes) throw noSuch('file', data.file, 'training_file');
+  return parseJsonl(bytes, 'training_file');
 }

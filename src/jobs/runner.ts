@@ -7,7 +7,7 @@ import type { Device } from '../engine/session.ts';
 import type { Job, Lease, Store } from '../storage/store.ts';
 import { utcDay } from '../storage/usage.ts';
 import { Trainer, decodeCheckpoint, encodeCheckpoint, type TrainingProgress } from '../training/index.ts';
-import { parseInlineRows, parseJsonl, tokenizeTrainingRows, type ParsedRows } from './data.ts';
+import { jobRows, tokenizeTrainingRows } from './data.ts';
 import type { JobSpec } from './spec.ts';
 
 /**
@@ -149,7 +149,7 @@ export class JobRunner {
       if ((existing.config as { metadata?: Record<string, string> })?.metadata?.job_id === job.id) return { kind: 'done', interventionId: existing.id };
       throw new ReftError('conflict', `an intervention named "${name}" already exists`, 'name');
     }
-    const rows = await this.rows(job, spec);
+    const rows = await jobRows(store, job.tenantId, spec.data);
     const examples = tokenizeTrainingRows(rows, model.tokenizer, model.config.maxPositions);
     const saved = await store.loadCheckpoint(job.id);
     let trainedTokens = 0;
@@ -215,13 +215,6 @@ export class JobRunner {
     await this.o.store
       .recordUsage([{ tenantId: job.tenantId, day: utcDay(), requests: 0, promptTokens: 0, completionTokens: 0, trainingTokens: tokens }])
       .catch((err) => this.o.log.warn({ job: job.id, err: (err as Error).message }, 'training usage not recorded'));
-  }
-
-  private async rows(job: Job, spec: JobSpec): Promise<ParsedRows> {
-    if ('rows' in spec.data) return parseInlineRows(spec.data.rows);
-    const bytes = await this.o.store.readFile(job.tenantId, spec.data.file);
-    if (!bytes) throw new ReftError('not_found', `training file ${spec.data.file} no longer exists`, 'training_file');
-    return parseJsonl(bytes);
   }
 }
 

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ReftError, unsupportedModel } from '../errors.ts';
+import { ReftError, unsupportedModel, firstIssue } from '../errors.ts';
 
 /** The architectures the graph builder knows; all share the Llama decoder layout. */
 export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
@@ -71,9 +71,8 @@ function asList(v: number | number[] | null | undefined): number[] {
 export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): ModelConfig {
   const parsed = rawConfigSchema.safeParse(raw);
   if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const field = issue.path.join('.');
-    throw new ReftError('invalid_model', `config.json: ${field}: ${issue.message}`, field);
+    const { field, message } = firstIssue(parsed.error);
+    throw new ReftError('invalid_model', `config.json: ${field}: ${message}`, field);
   }
   const c = parsed.data;
   const architecture = c.architectures[0];

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ReftError, noSuch } from '../../errors.ts';
-import { parseInlineRows, parseJsonl, tokenizeTrainingRows } from '../../jobs/data.ts';
+import { jobRows, tokenizeTrainingRows } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
@@ -62,7 +62,7 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
     const rt = runtime();
     const spec = jobSpec(request.body, rt.config);
     // Check every row now, so a bad line is a 400 here rather than a failed job later.
-    const rows = 'file' in spec.data ? await fileRows(store, request.tenant.id, spec.data.file) : parseInlineRows(spec.data.rows);
+    const rows = await jobRows(store, request.tenant.id, spec.data);
     tokenizeTrainingRows(rows, rt.tokenizer, rt.config.maxPositions, 'training_file');
     if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
       throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
@@ -128,10 +128,4 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
     }
     sse.end();
   });
-}
-
-async function fileRows(store: Store, tenantId: string, id: string) {
-  const bytes = await store.readFile(tenantId, id);
-  if (!bytes) throw noSuch('file', id, 'training_file');
-  return parseJsonl(bytes, 'training_file');
 }

@@ -1,0 +1,15 @@
+import type { Checkpoint } from '../model/checkpoint.ts';
+import type { GraphBuilder, ElemType } from './onnx.ts';
+
+const WEIGHT_ELEM: Record<string, ElemType> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
+
+/**
+ * A checkpoint tensor as an initializer over the safetensors file's own bytes (external data,
+ * no copy). Half-precision weights are cast to float32, a cast ORT folds when the session loads.
+ */
+export function checkpointWeight(g: GraphBuilder, checkpoint: Checkpoint, name: string): string {
+  const w = checkpoint.weights.get(name);
+  if (!w) throw new Error(`graph builder: checkpoint has no tensor ${name} (validate the checkpoint first)`);
+  const ref = g.external({ name, elemType: WEIGHT_ELEM[w.dtype], dims: w.shape, location: w.file, offset: w.offset, length: w.byteLength });
+  return w.dtype === 'F32' ? ref : g.op('Cast', [ref], { to: 1 });
+}
