@@ -68,6 +68,23 @@ describe('decoder engine on stories260k against the PyTorch reference', () => {
     }
   });
 
+  it('decoding on past the cache growing its blocks still equals full recomputation', async () => {
+    // 140 tokens crosses two re-layouts of the cache (blocks of 64); the past tensors are rebuilt
+    // there and reused between them
+    const c = cases[3];
+    const [first] = await engine.prefill([{ tokens: c.prompt, interventions: c.interventions }]);
+    const tokens = [...c.prompt, argmax(first.logits)];
+    let cached = first.logits;
+    while (tokens.length < 140) {
+      cached = (await engine.decode(new Map([[first.id, tokens.at(-1)!]]))).get(first.id)!;
+      tokens.push(argmax(cached));
+    }
+    engine.release(first.id);
+    const [full] = await engine.prefill([{ tokens: tokens.slice(0, -1), interventions: c.interventions, promptLength: c.prompt.length }]);
+    engine.release(full.id);
+    expect(maxAbsDiff(cached, full.logits)).toBeLessThan(1e-4);
+  });
+
   it('"Once upon a time" continues with the reference story', async () => {
     const prompt = model.tokenizer.encode('Once upon a time');
     expect(prompt).toEqual([1, 403, 407, 261, 378]);

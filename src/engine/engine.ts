@@ -50,6 +50,8 @@ export class Engine {
   private nextId = 1;
   /** A decode step's feeds: the empty intervention inputs stay; the rest is set each step. */
   private readonly decodeFeeds: Record<string, ort.Tensor>;
+  /** The cache layout `decodeFeeds`' past tensors view; they are rebuilt only when it changes. */
+  private pastLayout = -1;
   private readonly fetches: string[];
   /** Set for the packed layout, whose new keys come back unrotated. */
   private readonly rope: RopeTables | undefined;
@@ -200,10 +202,13 @@ export class Engine {
     feeds[IN.seqlensK] = new ort.Tensor('int32', seqlens, [b]);
     feeds[IN.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(maxLen + 1), []);
     feeds[IN.logitIndex] = new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]);
-    for (let l = 0; l < config.numLayers; l++) {
-      const past = this.cache.past(l);
-      feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
-      feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
+    if (this.pastLayout !== this.cache.layoutVersion) {
+      for (let l = 0; l < config.numLayers; l++) {
+        const past = this.cache.past(l);
+        feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
+        feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
+      }
+      this.pastLayout = this.cache.layoutVersion;
     }
     const out = await this.session.run(feeds, this.fetches);
     for (let l = 0; l < config.numLayers; l++) {

@@ -32,6 +32,8 @@ export class KvCache {
   capacity = 0;
   /** Cached tokens per row. */
   readonly lengths: number[] = [];
+  /** Changes whenever `past` views change (rows added or removed, slabs re-laid out). */
+  layoutVersion = 0;
 
   constructor(private readonly shape: KvShape) {}
 
@@ -64,6 +66,7 @@ export class KvCache {
     }
     this.capacity = capacity;
     this.rowCapacity = rowCapacity;
+    this.layoutVersion++;
   }
 
   private copyRows(src: Float32Array, srcCap: number, dst: Float32Array, dstCap: number): void {
@@ -82,6 +85,7 @@ export class KvCache {
   addRow(): number {
     this.reserve(this.rows + 1, Math.max(this.capacity, 1));
     this.lengths.push(0);
+    this.layoutVersion++;
     return this.rows - 1;
   }
 
@@ -97,6 +101,7 @@ export class KvCache {
       this.lengths[r] = this.lengths[last];
     }
     this.lengths.pop();
+    this.layoutVersion++;
     return r === last ? -1 : last;
   }
 
@@ -146,5 +151,6 @@ export class KvCache {
     this.values = [];
     this.rowCapacity = 0;
     this.capacity = 0;
+    this.layoutVersion++;
   }
 }

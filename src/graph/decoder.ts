@@ -29,7 +29,7 @@ import { checkpointWeight } from './weights.ts';
  * The block sits in an If on `has_interventions`, so a step without edits (every decode step)
  * skips it.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v3';
+export const DECODER_GRAPH_VERSION = 'decoder-v4';
 
 const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
 
@@ -70,7 +70,8 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, l
   const qDim = config.numHeads * config.headDim;
 
   const weight = (name: string): string => checkpointWeight(g, checkpoint, name);
-  /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. */
+  /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. Weights stacked with Concat
+   * are folded into one initializer when the session loads. */
   const project = (x: string, w: string, b: string | null, name?: string): string => {
     if (!b) return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
     return g.op('Add', [g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN }), b], {}, { name });
@@ -100,7 +101,6 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, l
     let attn: string;
     if (layout === 'packed') {
       const proj = (t: string) => ['q_proj', 'k_proj', 'v_proj'].map((m) => weight(`${p}.self_attn.${m}.${t}`));
-      // ORT folds the concatenation of initializers into one weight when the session loads.
       const concat = (t: string) => g.op('Concat', proj(t), { axis: 0 });
       const qkv = project(x, concat('weight'), config.attentionBias ? concat('bias') : null, decoderOutputs.qkv(l));
       g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
@@ -124,8 +124,10 @@ export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, l
       { epsilon: float(config.rmsNormEps) },
       { domain: MS_DOMAIN },
     );
-    const gate = g.op('QuickGelu', [linear(x2, `${p}.mlp.gate_proj`, config.mlpBias)], { alpha: float(1) }, { domain: MS_DOMAIN });
-    const up = linear(x2, `${p}.mlp.up_proj`, config.mlpBias);
+    // gate and up as one matmul over their stacked weights: one longer stream per layer
+    const gateUp = (t: string) => g.op('Concat', ['gate_proj', 'up_proj'].map((m) => weight(`${p}.mlp.${m}.${t}`)), { axis: 0 });
+    const [gatePre, up] = g.opN('Split', [project(x2, gateUp('weight'), config.mlpBias ? gateUp('bias') : null)], 2, { axis: -1, num_outputs: 2 });
+    const gate = g.op('QuickGelu', [gatePre], { alpha: float(1) }, { domain: MS_DOMAIN });
     const down = linear(g.op('Mul', [gate, up]), `${p}.mlp.down_proj`, config.mlpBias);
     h = g.op('Add', [mid, down]);
     h = interventionBlock(g, h, l, d, hasInterventions);
