@@ -50,6 +50,24 @@ describe('operations', () => {
     expect(text).toMatch(/reft_http_requests_total\{method="POST",route="\/v1\/generate",status="200"\} 3/);
   });
 
+  it('says at start whether the weights get huge pages, and how to turn them on', async () => {
+    // what Linux offers decides the expectation: 'always' gives them to every process, 'madvise'
+    // only to glibc's malloc under the tunable that npm start sets
+    const mode = /\[(\w+)\]/.exec(readFileSync('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8'))?.[1];
+    const ready = (logs: Array<Record<string, unknown>>) => logs.find((l) => l.msg === 'model ready')!;
+    const plain = ready(server.logs);
+    expect(plain.hugePages).toBe(mode === 'always' ? 'on' : 'off');
+    if (plain.hugePages === 'off') expect(plain.hint).toContain('GLIBC_TUNABLES=glibc.malloc.hugetlb=1');
+    const tuned = await startServerProcess({ env: { GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' } });
+    try {
+      const state = ready(tuned.logs);
+      expect(state.hugePages).toBe(mode === 'never' ? 'off' : 'on');
+      if (state.hugePages === 'on') expect(state.hint).toBeUndefined();
+    } finally {
+      await tuned.stop();
+    }
+  });
+
   it('serves the API description and its UI at /docs', async () => {
     const ui = await fetch(`${api.url}/docs`);
     expect(ui.status).toBe(200);

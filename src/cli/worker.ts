@@ -6,6 +6,7 @@ import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { describeStore, openStore } from '../storage/open.ts';
+import { describeHugePages } from '../engine/huge-pages.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption, intArg, storeOptions, workerOptions, type WorkerFlags } from './options.ts';
 
@@ -38,7 +39,7 @@ async function runWorker(f: Flags): Promise<void> {
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));
-  log.info({ model: f.model, store: describeStore(where), device: f.device }, 'model loaded');
+  log.info({ model: f.model, store: describeStore(where), device: f.device, ...describeHugePages() }, 'model loaded');
   const runner = new JobRunner({
     store,
     model,

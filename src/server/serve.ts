@@ -15,6 +15,7 @@ import type { Store, Tenant } from '../storage/store.ts';
 import { buildApp } from './app.ts';
 import { DEFAULT_TENANT_NAME } from './auth.ts';
 import type { ModelRuntime } from './runtime.ts';
+import { describeHugePages } from '../engine/huge-pages.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 
 /** Everything `reft-server serve` is configured with (flags and REFT_* variables). */
@@ -94,7 +95,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
     runtime = { name: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };
     notReady = null;
-    app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize }, 'model ready');
+    app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() }, 'model ready');
   })();
   ready.catch((err) => {
     notReady = `model failed to load: ${err instanceof Error ? err.message : String(err)}`;
