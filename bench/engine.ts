@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import * as ort from 'onnxruntime-node';
 import { Engine, type PrefillInput } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
@@ -7,6 +8,7 @@ import { lowRank, type LowRankIntervention } from '../src/interventions/artifact
 import { parsePositions } from '../src/interventions/positions.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { median, round } from './machine.ts';
+import { hugePages } from '../src/engine/huge-pages.ts';
 
 /**
  * Issue 2's engine benchmark on the 135M-shape model: decode at batch 1 and 8 next to the
@@ -14,8 +16,13 @@ import { median, round } from './machine.ts';
  * decode after an intervened prompt vs a plain one. Variants are interleaved and medians
  * reported, since the machine is shared.
  */
-/** ORT's read bandwidth with `threads` threads: a row-sum over 512 MiB, far beyond the caches. */
-export async function bandwidthProbe(threads: number): Promise<{ measure(): Promise<number>; release(): Promise<void> }> {
+/**
+ * ORT's read bandwidth with `threads` threads: a row-sum over 512 MiB, far beyond the caches.
+ * The buffer holds varied values: on this VM a buffer of one repeated value read at anything
+ * from 22 to 45 GB/s over a minute (the host treats identical pages specially), so it measured
+ * the host, not the memory the weights stream from.
+ */
+export async function bandwidthProbe(threads: number): Promise<{ once(): Promise<number>; release(): Promise<void> }> {
   const rows = 4096;
   const cols = 32768;
   const g = new GraphBuilder('bandwidth');
@@ -26,18 +33,15 @@ export async function bandwidthProbe(threads: number): Promise<{ measure(): Prom
     // no spinning: idle probe threads must not steal cycles from the decode measured next
     extra: { session: { intra_op: { allow_spinning: '0' } } },
   } as ort.InferenceSession.SessionOptions);
-  const data = new Float32Array(rows * cols).fill(1);
+  const data = new Float32Array(rows * cols);
+  for (let i = 0; i < data.length; i++) data[i] = ((i * 2654435761) % 1000) / 1000;
   const feeds = { x: new ort.Tensor('float32', data, [rows, cols]) };
-  await session.run(feeds);
+  for (let i = 0; i < 3; i++) await session.run(feeds);
   return {
-    async measure() {
-      const times: number[] = [];
-      for (let i = 0; i < 7; i++) {
-        const t = performance.now();
-        await session.run(feeds);
-        times.push(performance.now() - t);
-      }
-      return data.byteLength / (median(times) / 1000); // bytes per second
+    async once() {
+      const t = performance.now();
+      await session.run(feeds);
+      return data.byteLength / ((performance.now() - t) / 1000); // bytes per second
     },
     release: () => session.release(),
   };
@@ -77,6 +81,65 @@ async function decodeRate(engine: Engine, inputs: PrefillInput[], steps: number)
   return (steps * inputs.length) / seconds;
 }
 
+interface PairedSamples {
+  /** One probe run's bytes/s each, in time order. */
+  bandwidths: number[];
+  /** Batch-1 decode step times in ms, `STEPS_PER_PROBE` per probe run, in time order. */
+  stepMs: number[];
+}
+
+const STEPS_PER_PROBE = 3;
+
+/** Alternates one bandwidth probe run with a few timed batch-1 decode steps, `samples` times. */
+async function decodeAgainstBandwidth(engine: Engine, probe: { once(): Promise<number> }, vocab: number, samples: number): Promise<PairedSamples> {
+  const bandwidths: number[] = [];
+  const stepMs: number[] = [];
+  let sequence: { id: number; token: number } | undefined;
+  for (let i = 0; i < samples; i++) {
+    if (!sequence || i % 20 === 0) {
+      if (sequence) engine.release(sequence.id);
+      const [out] = await engine.prefill([{ tokens: prompt(i, 16, vocab) }]);
+      sequence = { id: out.id, token: argmax(out.logits) };
+    }
+    // ORT's pool threads spin for ~35 ms after a run (measured); let them sleep before probing,
+    // or the probe shares a core with them and the ceiling comes out low
+    await sleep(60);
+    bandwidths.push(await probe.once());
+    for (let k = 0; k < STEPS_PER_PROBE; k++) {
+      const t = performance.now();
+      const logits = (await engine.decode(new Map([[sequence.id, sequence.token]]))).get(sequence.id)!;
+      stepMs.push(performance.now() - t);
+      sequence.token = argmax(logits);
+    }
+  }
+  if (sequence) engine.release(sequence.id);
+  return { bandwidths, stepMs };
+}
+
+/** The ratio to the ceiling within each quarter of the paired samples: how much it drifted. */
+function quartersOf(p: PairedSamples, weightBytes: number): number[] {
+  const n = p.bandwidths.length / 4;
+  return [0, 1, 2, 3].map((q) => {
+    const bw = median(p.bandwidths.slice(q * n, (q + 1) * n));
+    const ms = median(p.stepMs.slice(q * n * STEPS_PER_PROBE, (q + 1) * n * STEPS_PER_PROBE));
+    return 1000 / ms / (bw / weightBytes);
+  });
+}
+
+/** Times of `steps` decode steps (ms each) after prefilling `input` alone. */
+async function decodeSteps(engine: Engine, input: PrefillInput, steps: number): Promise<number[]> {
+  const [out] = await engine.prefill([input]);
+  let token = argmax(out.logits);
+  const times: number[] = [];
+  for (let i = 0; i < steps; i++) {
+    const t = performance.now();
+    token = argmax((await engine.decode(new Map([[out.id, token]]))).get(out.id)!);
+    times.push(performance.now() - t);
+  }
+  engine.release(out.id);
+  return times;
+}
+
 async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([input]);
@@ -89,28 +152,22 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
   const { config } = model;
   const d = config.hiddenSize;
   const weightBytes = weightBytesPerStep(model);
-  // Each decode measurement is paired with a bandwidth measurement taken right before it: the
-  // machine is shared, and its speed drifts between phases more than the effects measured.
+  // The machine is shared and its memory bandwidth drifts by a third within seconds, so single
+  // probe runs and short bursts of decode steps alternate, and the ceiling and the decode rate
+  // are medians over the same stretch of time.
   const probe = await bandwidthProbe(2);
-  const bandwidths: number[] = [];
-  const b1: number[] = [];
-  const b8: number[] = [];
-  const ratios: number[] = [];
-  for (let rep = 0; rep < 5; rep++) {
-    const bw = await probe.measure();
-    bandwidths.push(bw);
-    const rate = await decodeRate(engine, [{ tokens: prompt(rep, 16, config.vocabSize) }], 64);
-    b1.push(rate);
-    ratios.push(rate / (bw / weightBytes));
-    b8.push(await decodeRate(engine, Array.from({ length: 8 }, (_, i) => ({ tokens: prompt(10 * rep + i, 16, config.vocabSize) })), 32));
-  }
+  const paired = await decodeAgainstBandwidth(engine, probe, config.vocabSize, 160);
   await probe.release();
-  const bandwidth = median(bandwidths);
+  const bandwidth = median(paired.bandwidths);
   const ceiling = bandwidth / weightBytes;
-  const decode1 = median(b1);
+  const decode1 = 1000 / median(paired.stepMs);
+  const ratio = decode1 / ceiling;
+  const quarters = quartersOf(paired, weightBytes);
+  const b8: number[] = [];
+  for (let rep = 0; rep < 5; rep++) b8.push(await decodeRate(engine, Array.from({ length: 8 }, (_, i) => ({ tokens: prompt(10 * rep + i, 16, config.vocabSize) })), 32));
   const decode8 = median(b8);
-  log(`read bandwidth (2 threads): ${round(bandwidth / 1e9)} GB/s; weights per step ${round(weightBytes / 1e6, 1)} MB; ceiling ${round(ceiling, 1)} tokens/s`);
-  log(`decode batch 1: ${round(decode1, 1)} tokens/s, ${round(median(ratios))} of the ceiling (median of ${ratios.length} paired runs: ${ratios.map((r) => round(r)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`);
+  log(`read bandwidth (2 threads): ${round(bandwidth / 1e9)} GB/s; weights per step ${round(weightBytes / 1e6, 1)} MB; ceiling ${round(ceiling, 1)} tokens/s; huge pages ${hugePages()}`);
+  log(`decode batch 1: ${round(decode1, 1)} tokens/s, ${round(ratio)} of the ceiling (by quarter of the run: ${quarters.map((r) => round(r)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`);
 
   const long = prompt(99, 512, config.vocabSize);
   const ivs = [3, 10, 17, 24].map((layer, i) => randomIntervention(i, Math.min(layer, config.numLayers - 1), 8, 'f7+l7', d));
@@ -126,28 +183,31 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
   const prefillOverhead = median(ivPrefill) / median(plainPrefill) - 1;
   log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}%`);
 
+  // Same prompt, with and without interventions, alternating in short bursts.
   const afterPlain: number[] = [];
   const afterIv: number[] = [];
-  for (let rep = 0; rep < 9; rep++) {
-    afterPlain.push(await decodeRate(engine, [{ tokens: prompt(7, 64, config.vocabSize) }], 48));
-    afterIv.push(await decodeRate(engine, [{ tokens: prompt(7, 64, config.vocabSize), interventions: ivs }], 48));
+  const promptTokens = prompt(7, 64, config.vocabSize);
+  for (let rep = 0; rep < 40; rep++) {
+    afterPlain.push(...(await decodeSteps(engine, { tokens: promptTokens }, 4)));
+    afterIv.push(...(await decodeSteps(engine, { tokens: promptTokens, interventions: ivs }, 4)));
   }
-  const decodeRatio = median(afterIv) / median(afterPlain);
-  log(`decode after an intervened prompt vs a plain one: ${round(median(afterIv), 1)} vs ${round(median(afterPlain), 1)} tokens/s (ratio ${round(decodeRatio, 3)})`);
+  const decodeRatio = median(afterPlain) / median(afterIv);
+  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(afterIv), 1)} vs ${round(1000 / median(afterPlain), 1)} tokens/s (ratio ${round(decodeRatio, 3)})`);
 
   return {
     read_bandwidth_gb_s: round(bandwidth / 1e9),
     weight_bytes_per_step: weightBytes,
     ceiling_tokens_s: round(ceiling, 1),
     decode_batch1_tokens_s: round(decode1, 1),
-    decode_batch1_of_ceiling: round(median(ratios)),
+    decode_batch1_of_ceiling: round(ratio),
     decode_batch8_tokens_s: round(decode8, 1),
-    decode_runs: { batch1: b1.map((x) => round(x, 1)), batch8: b8.map((x) => round(x, 1)), bandwidth_gb_s: bandwidths.map((x) => round(x / 1e9)), batch1_of_ceiling: ratios.map((x) => round(x)) },
+    huge_pages: hugePages(),
+    decode_runs: { batch1_of_ceiling_by_quarter: quarters.map((x) => round(x)), batch8: b8.map((x) => round(x, 1)), bandwidth_samples: paired.bandwidths.length, decode_steps: paired.stepMs.length },
     prefill512_plain_tokens_s: round(prefillPlain, 1),
     prefill512_loreft_tokens_s: round(prefillIv, 1),
     prefill_overhead_percent: round(prefillOverhead * 100, 2),
-    decode_after_intervened_prompt_tokens_s: round(median(afterIv), 1),
-    decode_after_plain_prompt_tokens_s: round(median(afterPlain), 1),
+    decode_after_intervened_prompt_tokens_s: round(1000 / median(afterIv), 1),
+    decode_after_plain_prompt_tokens_s: round(1000 / median(afterPlain), 1),
     decode_after_intervention_ratio: round(decodeRatio, 3),
   };
 }
