@@ -140,6 +140,31 @@ async function decodeSteps(engine: Engine, input: PrefillInput, steps: number): 
   return times;
 }
 
+/**
+ * Times `a` and `b` in `reps` back-to-back pairs, alternating which runs first, so drift of the
+ * machine between pairs cancels in each pair's ratio.
+ */
+async function inPairs(reps: number, a: () => Promise<number>, b: () => Promise<number>): Promise<{ a: number[]; b: number[]; bOverA: number[] }> {
+  const as: number[] = [];
+  const bs: number[] = [];
+  const bOverA: number[] = [];
+  for (let rep = 0; rep < reps; rep++) {
+    let ta: number;
+    let tb: number;
+    if (rep % 2) {
+      ta = await a();
+      tb = await b();
+    } else {
+      tb = await b();
+      ta = await a();
+    }
+    as.push(ta);
+    bs.push(tb);
+    bOverA.push(tb / ta);
+  }
+  return { a: as, b: bs, bOverA };
+}
+
 async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([input]);
@@ -171,28 +196,19 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
 
   const long = prompt(99, 512, config.vocabSize);
   const ivs = [3, 10, 17, 24].map((layer, i) => randomIntervention(i, Math.min(layer, config.numLayers - 1), 8, 'f7+l7', d));
-  const plainPrefill: number[] = [];
-  const ivPrefill: number[] = [];
   await prefillSeconds(engine, { tokens: long });
-  for (let rep = 0; rep < 15; rep++) {
-    plainPrefill.push(await prefillSeconds(engine, { tokens: long }));
-    ivPrefill.push(await prefillSeconds(engine, { tokens: long, interventions: ivs }));
-  }
-  const prefillPlain = 512 / median(plainPrefill);
-  const prefillIv = 512 / median(ivPrefill);
-  const prefillOverhead = median(ivPrefill) / median(plainPrefill) - 1;
-  log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}%`);
+  const prefill = await inPairs(15, () => prefillSeconds(engine, { tokens: long }), () => prefillSeconds(engine, { tokens: long, interventions: ivs }));
+  const prefillPlain = 512 / median(prefill.a);
+  const prefillIv = 512 / median(prefill.b);
+  const prefillOverhead = median(prefill.bOverA) - 1;
+  log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}% (median of ${prefill.bOverA.length} pairs)`);
 
-  // Same prompt, with and without interventions, alternating in short bursts.
-  const afterPlain: number[] = [];
-  const afterIv: number[] = [];
+  // The same prompt with and without interventions, in bursts of 4 decode steps.
   const promptTokens = prompt(7, 64, config.vocabSize);
-  for (let rep = 0; rep < 40; rep++) {
-    afterPlain.push(...(await decodeSteps(engine, { tokens: promptTokens }, 4)));
-    afterIv.push(...(await decodeSteps(engine, { tokens: promptTokens, interventions: ivs }, 4)));
-  }
-  const decodeRatio = median(afterPlain) / median(afterIv);
-  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(afterIv), 1)} vs ${round(1000 / median(afterPlain), 1)} tokens/s (ratio ${round(decodeRatio, 3)})`);
+  const burst = async (interventions: LowRankIntervention[]) => median(await decodeSteps(engine, { tokens: promptTokens, interventions }, 4));
+  const after = await inPairs(60, () => burst([]), () => burst(ivs));
+  const decodeRatio = 1 / median(after.bOverA);
+  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.bOverA.length} pairs)`);
 
   return {
     read_bandwidth_gb_s: round(bandwidth / 1e9),
@@ -206,8 +222,8 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
     prefill512_plain_tokens_s: round(prefillPlain, 1),
     prefill512_loreft_tokens_s: round(prefillIv, 1),
     prefill_overhead_percent: round(prefillOverhead * 100, 2),
-    decode_after_intervened_prompt_tokens_s: round(1000 / median(afterIv), 1),
-    decode_after_plain_prompt_tokens_s: round(1000 / median(afterPlain), 1),
+    decode_after_intervened_prompt_tokens_s: round(1000 / median(after.b), 1),
+    decode_after_plain_prompt_tokens_s: round(1000 / median(after.a), 1),
     decode_after_intervention_ratio: round(decodeRatio, 3),
   };
 }
