@@ -1,13 +1,12 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import * as ort from 'onnxruntime-node';
 import { Engine, type PrefillInput } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { Rng } from '../src/rng.ts';
-import { GraphBuilder } from '../src/graph/onnx.ts';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { median, round } from './machine.ts';
+import { bandwidthProbe, gemvProbe, type Probe } from './probes.ts';
 import { hugePages } from '../src/engine/huge-pages.ts';
 
 /**
@@ -16,37 +15,6 @@ import { hugePages } from '../src/engine/huge-pages.ts';
  * decode after an intervened prompt vs a plain one. Variants are interleaved and medians
  * reported, since the machine is shared.
  */
-/**
- * ORT's read bandwidth with `threads` threads: a row-sum over 512 MiB, far beyond the caches.
- * The buffer holds varied values: on this VM a buffer of one repeated value read at anything
- * from 22 to 45 GB/s over a minute (the host treats identical pages specially), so it measured
- * the host, not the memory the weights stream from.
- */
-export async function bandwidthProbe(threads: number): Promise<{ once(): Promise<number>; release(): Promise<void> }> {
-  const rows = 4096;
-  const cols = 32768;
-  const g = new GraphBuilder('bandwidth');
-  const x = g.input('x', 'float32', [rows, cols]);
-  g.output(g.op('ReduceSum', [x, g.int64s('axes', [1])], { keepdims: 0 }), 'y', 'float32', [rows]);
-  const session = await ort.InferenceSession.create(g.encode({ '': 21 }), {
-    intraOpNumThreads: threads,
-    // no spinning: idle probe threads must not steal cycles from the decode measured next
-    extra: { session: { intra_op: { allow_spinning: '0' } } },
-  } as ort.InferenceSession.SessionOptions);
-  const data = new Float32Array(rows * cols);
-  for (let i = 0; i < data.length; i++) data[i] = ((i * 2654435761) % 1000) / 1000;
-  const feeds = { x: new ort.Tensor('float32', data, [rows, cols]) };
-  for (let i = 0; i < 3; i++) await session.run(feeds);
-  return {
-    async once() {
-      const t = performance.now();
-      await session.run(feeds);
-      return data.byteLength / ((performance.now() - t) / 1000); // bytes per second
-    },
-    release: () => session.release(),
-  };
-}
-
 /** Bytes of weights one decode step reads: every matrix once (the embedding as the LM head). */
 export function weightBytesPerStep(model: LoadedModel): number {
   let bytes = 0;
@@ -84,15 +52,21 @@ async function decodeRate(engine: Engine, inputs: PrefillInput[], steps: number)
 interface PairedSamples {
   /** One probe run's bytes/s each, in time order. */
   bandwidths: number[];
+  /** One run of the single-GEMV probe after each bandwidth probe, bytes/s. */
+  gemv: number[];
   /** Batch-1 decode step times in ms, `STEPS_PER_PROBE` per probe run, in time order. */
   stepMs: number[];
 }
 
 const STEPS_PER_PROBE = 3;
 
-/** Alternates one bandwidth probe run with a few timed batch-1 decode steps, `samples` times. */
-async function decodeAgainstBandwidth(engine: Engine, probe: { once(): Promise<number> }, vocab: number, samples: number): Promise<PairedSamples> {
+/**
+ * Alternates one bandwidth probe run, one run of the single-GEMV probe and a few timed batch-1
+ * decode steps, `samples` times.
+ */
+async function decodeAgainstBandwidth(engine: Engine, probe: Probe, gemv: Probe, vocab: number, samples: number): Promise<PairedSamples> {
   const bandwidths: number[] = [];
+  const gemvRates: number[] = [];
   const stepMs: number[] = [];
   let sequence: { id: number; token: number } | undefined;
   for (let i = 0; i < samples; i++) {
@@ -105,6 +79,7 @@ async function decodeAgainstBandwidth(engine: Engine, probe: { once(): Promise<n
     // or the probe shares a core with them and the ceiling comes out low
     await sleep(60);
     bandwidths.push(await probe.once());
+    gemvRates.push(await gemv.once());
     for (let k = 0; k < STEPS_PER_PROBE; k++) {
       const t = performance.now();
       const logits = (await engine.decode(new Map([[sequence.id, sequence.token]]))).get(sequence.id)!;
@@ -113,16 +88,16 @@ async function decodeAgainstBandwidth(engine: Engine, probe: { once(): Promise<n
     }
   }
   if (sequence) engine.release(sequence.id);
-  return { bandwidths, stepMs };
+  return { bandwidths, gemv: gemvRates, stepMs };
 }
 
-/** The ratio to the ceiling within each quarter of the paired samples: how much it drifted. */
-function quartersOf(p: PairedSamples, weightBytes: number): number[] {
+/** Within each quarter of the samples: decode's ratio to the ceiling and the GEMV's to the probe. */
+function quartersOf(p: PairedSamples, weightBytes: number): Array<{ decode: number; gemv: number }> {
   const n = p.bandwidths.length / 4;
   return [0, 1, 2, 3].map((q) => {
     const bw = median(p.bandwidths.slice(q * n, (q + 1) * n));
     const ms = median(p.stepMs.slice(q * n * STEPS_PER_PROBE, (q + 1) * n * STEPS_PER_PROBE));
-    return 1000 / ms / (bw / weightBytes);
+    return { decode: 1000 / ms / (bw / weightBytes), gemv: median(p.gemv.slice(q * n, (q + 1) * n)) / bw };
   });
 }
 
@@ -173,7 +148,7 @@ async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<numb
   return seconds;
 }
 
-export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: string) => void) {
+export async function benchEngine(model: LoadedModel, engine: Engine, workDir: string, log: (s: string) => void) {
   const { config } = model;
   const d = config.hiddenSize;
   const weightBytes = weightBytesPerStep(model);
@@ -181,8 +156,11 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
   // probe runs and short bursts of decode steps alternate, and the ceiling and the decode rate
   // are medians over the same stretch of time.
   const probe = await bandwidthProbe(2);
-  const paired = await decodeAgainstBandwidth(engine, probe, config.vocabSize, 160);
+  const gemv = await gemvProbe(weightBytes, d, 2, workDir);
+  const paired = await decodeAgainstBandwidth(engine, probe, gemv, config.vocabSize, 160);
   await probe.release();
+  await gemv.release();
+  const gemvRatio = median(paired.gemv) / median(paired.bandwidths);
   const bandwidth = median(paired.bandwidths);
   const ceiling = bandwidth / weightBytes;
   const decode1 = 1000 / median(paired.stepMs);
@@ -192,7 +170,8 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
   for (let rep = 0; rep < 5; rep++) b8.push(await decodeRate(engine, Array.from({ length: 8 }, (_, i) => ({ tokens: prompt(10 * rep + i, 16, config.vocabSize) })), 32));
   const decode8 = median(b8);
   log(`read bandwidth (2 threads): ${round(bandwidth / 1e9)} GB/s; weights per step ${round(weightBytes / 1e6, 1)} MB; ceiling ${round(ceiling, 1)} tokens/s; huge pages ${hugePages()}`);
-  log(`decode batch 1: ${round(decode1, 1)} tokens/s, ${round(ratio)} of the ceiling (by quarter of the run: ${quarters.map((r) => round(r)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`);
+  log(`decode batch 1: ${round(decode1, 1)} tokens/s, ${round(ratio)} of the ceiling (by quarter of the run: ${quarters.map((q) => round(q.decode)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`);
+  log(`one matrix-vector product over the same ${round(weightBytes / 1e6, 1)} MB in one matrix (ORT's best case for these bytes): ${round(median(paired.gemv) / 1e9)} GB/s, ${round(gemvRatio)} of the probe (by quarter: ${quarters.map((q) => round(q.gemv)).join(', ')})`);
 
   const long = prompt(99, 512, config.vocabSize);
   const ivs = [3, 10, 17, 24].map((layer, i) => randomIntervention(i, Math.min(layer, config.numLayers - 1), 8, 'f7+l7', d));
@@ -218,7 +197,8 @@ export async function benchEngine(model: LoadedModel, engine: Engine, log: (s: s
     decode_batch1_of_ceiling: round(ratio),
     decode_batch8_tokens_s: round(decode8, 1),
     huge_pages: hugePages(),
-    decode_runs: { batch1_of_ceiling_by_quarter: quarters.map((x) => round(x)), batch8: b8.map((x) => round(x, 1)), bandwidth_samples: paired.bandwidths.length, decode_steps: paired.stepMs.length },
+    single_gemv_of_bandwidth: round(gemvRatio),
+    decode_runs: { batch1_of_ceiling_by_quarter: quarters.map((q) => round(q.decode)), single_gemv_of_bandwidth_by_quarter: quarters.map((q) => round(q.gemv)), batch8: b8.map((x) => round(x, 1)), bandwidth_samples: paired.bandwidths.length, decode_steps: paired.stepMs.length },
     prefill512_plain_tokens_s: round(prefillPlain, 1),
     prefill512_loreft_tokens_s: round(prefillIv, 1),
     prefill_overhead_percent: round(prefillOverhead * 100, 2),

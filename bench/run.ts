@@ -32,7 +32,7 @@ const results: Record<string, unknown> = { machine };
 
 if (sections.includes('engine') || sections.includes('training')) {
   const engine = await Engine.create(model.config, model.checkpoint, { cacheDir });
-  if (sections.includes('engine')) results.engine = await benchEngine(model, engine, log);
+  if (sections.includes('engine')) results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
   if (sections.includes('training')) {
     results.training = {
       recipe_a: await benchRecipeA(await loadModel(STORIES), log),
