@@ -9,7 +9,7 @@ import { migrationsUpTo, pendingMigrations, type Migration } from './migrations.
 import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { jsonText as json, rowMappers } from './rows.ts';
 import type * as Rows from './rows.ts';
-import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
+import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import { checkUsageRange, toUsageDay, usageBatch, type UsageRow } from './usage.ts';
 import type {
   ApiKey,
@@ -767,7 +767,7 @@ export class PostgresStore implements Store {
     } catch (e) {
       throw translate(e, {
         [FOREIGN_KEY_VIOLATION]: () => noTenant(tenantId),
-        [UNIQUE_VIOLATION]: () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash'),
+        [UNIQUE_VIOLATION]: keySecretTaken,
       });
     }
   }

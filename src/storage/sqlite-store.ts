@@ -13,7 +13,7 @@ import { migrationsUpTo, pendingMigrations, type Migration } from './migrations.
 import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { jsonText as json, rowMappers } from './rows.ts';
 import type * as Rows from './rows.ts';
-import { interventionNameTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
+import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import { checkUsageRange, toUsageDay, usageBatch, type UsageRow } from './usage.ts';
 import type {
   ApiKey,
@@ -576,7 +576,12 @@ export class SqliteStore implements Store {
 
   async createApiKey(tenantId: string, secretHash: string): Promise<ApiKey> {
     const id = newId('key');
-    requireTenant(tenantId, () => this.run(SQL.insertKey, { id, tenantId, secretHash, createdAt: isoNow() }));
+    try {
+      requireTenant(tenantId, () => this.run(SQL.insertKey, { id, tenantId, secretHash, createdAt: isoNow() }));
+    } catch (e) {
+      if (sqliteCode(e) === 'SQLITE_CONSTRAINT_UNIQUE') throw keySecretTaken();
+      throw e;
+    }
     return toKey(this.get<KeyRow>(SQL.keyById, { id })!);
   }
 

@@ -21,3 +21,6 @@ export const noInterventionToReplace = (id: string): ReftError => notFound(`no i
 /** Another intervention of the same owner (or another shared one) has the name. */
 export const interventionNameTaken = (name: string): ReftError =>
   new ReftError('conflict', `an intervention named "${name}" already exists`, 'name');
+
+/** Another API key has the same secret hash (a reused secret; random ones never collide). */
+export const keySecretTaken = (): ReftError => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
