@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process';
-import { readFileSync, truncateSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, truncateSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
@@ -11,6 +12,7 @@ import { loadModel } from '../src/model/load.ts';
 import { toGenerationRequest } from '../src/engine/options.ts';
 import { copyOfStories, editConfig, editHeader } from './support/model-copies.ts';
 import { storiesEngine } from './support/engine.ts';
+import { STORIES } from './support/fixtures.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
 
@@ -79,6 +81,15 @@ describe('bad checkpoints are refused with an error that names the problem', () 
     expect(r.status).toBe(1);
     expect(r.stdout).toBe('');
     expect(r.stderr.trim().split('\n')).toEqual(['reft-server: checkpoint is missing tensor model.norm.weight']);
+  });
+});
+
+describe('a device this install cannot drive', () => {
+  it('worker --device cuda on the CPU-only install says how to get CUDA, in one line of ours', () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'reft-cuda-'));
+    const r = spawnSync(process.execPath, [BIN, 'worker', '--device', 'cuda', '--model', STORIES, '--data-dir', dataDir], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual(['reft-server: this onnxruntime-node install has no CUDA provider: install with ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci, or run with --device cpu']);
   });
 });
 

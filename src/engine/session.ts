@@ -1,4 +1,7 @@
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
+import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 
 export type Device = 'cpu' | 'cuda';
@@ -33,6 +36,11 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
 
 /** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
 export async function cudaAvailable(): Promise<boolean> {
+  // Without the provider libraries beside the binding, asking ORT for CUDA only makes it print a
+  // native error line of its own before ours.
+  const library = (name: string) => (process.platform === 'win32' ? `${name}.dll` : `lib${name}.so`);
+  const providers = ['onnxruntime_providers_shared', 'onnxruntime_providers_cuda'].map(library);
+  if (!providers.every((f) => existsSync(join(bindingDir(), f)))) return false;
   const { GraphBuilder } = await import('../graph/onnx.ts');
   const g = new GraphBuilder('probe');
   g.output(g.op('Identity', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
@@ -43,4 +51,10 @@ export async function cudaAvailable(): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/** Where onnxruntime-node keeps its native libraries (and the CUDA install adds its providers). */
+function bindingDir(): string {
+  const entry = createRequire(import.meta.url).resolve('onnxruntime-node'); // <package>/dist/index.js
+  return join(dirname(dirname(entry)), 'bin', 'napi-v6', process.platform, process.arch);
 }
