@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Engine } from '../src/engine/engine.ts';
+import { Engine } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { inferenceCases } from './support/fixtures.ts';
-import { greedyBatch as greedyRows, maxAbsDiff, storiesEngine } from './support/engine.ts';
+import { greedyBatch as greedyRows, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 
 let engine: Engine;
 let model: LoadedModel;
@@ -109,5 +109,36 @@ describe('decoder engine on stories260k against the PyTorch reference', () => {
     expect(genB).toEqual(cases[4].greedy);
     engine.release(b.id);
     expect(engine.liveSequences).toEqual([]);
+  });
+});
+
+describe('prompts longer than the prefill chunk run chunk by chunk', () => {
+  let chunked: Engine;
+  beforeAll(async () => {
+    // chunks of 3 tokens: every fixture prompt spans several, and intervened positions fall on
+    // both sides of chunk boundaries
+    chunked = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 3 });
+  });
+  afterAll(() => chunked?.close());
+
+  for (const c of cases) {
+    it(`${c.name}: logits at every position and the greedy continuation equal the reference`, async () => {
+      expect(c.prompt.length).toBeGreaterThan(3);
+      const [out] = await chunked.prefill([{ tokens: c.prompt, interventions: c.interventions, allLogits: true }]);
+      chunked.release(out.id);
+      expect(out.logits.length).toBe(c.logits.length);
+      expect(maxAbsDiff(out.logits, c.logits)).toBeLessThan(1e-4);
+      const [gen] = await greedyRows(chunked, [{ tokens: c.prompt, interventions: c.interventions }], c.greedy.length);
+      expect(gen).toEqual(c.greedy);
+    });
+  }
+
+  it('one call mixing short and long prompts returns each row its own result, in order', async () => {
+    const rows = [cases[1], { ...cases[0], prompt: cases[0].prompt.slice(0, 2) }, cases[4], cases[3]];
+    const gens = await greedyRows(chunked, rows.map((c) => ({ tokens: c.prompt, interventions: c.interventions })), 8);
+    const alone: number[][] = [];
+    for (const c of rows) alone.push((await greedyBatch([{ tokens: c.prompt, interventions: c.interventions }], 8))[0]);
+    expect(gens).toEqual(alone);
+    expect(chunked.liveSequences).toEqual([]);
   });
 });

@@ -41,7 +41,11 @@ export interface EngineOptions extends SessionOptions {
   cacheDir: string;
   /** The graph's attention layout (default: packed where GroupQueryAttention can rotate). */
   attention?: AttentionLayout;
+  /** Longer prompts are prefilled in chunks of this many tokens (default 512). */
+  prefillChunkTokens?: number;
 }
+
+export const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
 
 export class Engine {
   private readonly cache: KvCache;
@@ -60,6 +64,7 @@ export class Engine {
     readonly config: ModelConfig,
     private readonly session: ort.InferenceSession,
     readonly attention: AttentionLayout,
+    private readonly prefillChunkTokens: number,
   ) {
     this.cache = new KvCache(config);
     this.decodeFeeds = emptyInterventionFeeds(config);
@@ -76,7 +81,7 @@ export class Engine {
     const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention };
     const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention));
     const session = await createSession(graph.bytes, checkpoint.dataDir, opts);
-    return new Engine(config, session, attention);
+    return new Engine(config, session, attention, opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS);
   }
 
   /** Where layer l's new keys and values sit in the step's outputs. */
@@ -109,18 +114,32 @@ export class Engine {
     return r;
   }
 
-  /** Runs the prompts of new sequences (no past) and adds them to the running batch. */
+  /**
+   * Runs the prompts of new sequences and adds them to the running batch. Prompts up to
+   * `prefillChunkTokens` run together in one step; a longer one runs alone, chunk by chunk over
+   * its own growing cache, so attention's scratch memory stays bounded by the chunk size (it
+   * grows with the square of the tokens run at once).
+   */
   async prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
-    if (inputs.length === 0) return [];
     const { config } = this;
-    const b = inputs.length;
-    const seq = Math.max(...inputs.map((x) => x.tokens.length));
     for (const [i, x] of inputs.entries()) {
       if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', `inputs.${i}.tokens`);
       if (x.tokens.length > config.maxPositions) {
         throw new ReftError('context_length_exceeded', `the prompt has ${x.tokens.length} tokens; the model's context is ${config.maxPositions}`, 'prompt');
       }
     }
+    const outputs = new Array<PrefillOutput>(inputs.length);
+    const short = [...inputs.keys()].filter((i) => inputs[i].tokens.length <= this.prefillChunkTokens);
+    if (short.length) (await this.prefillTogether(short.map((i) => inputs[i]))).forEach((o, j) => (outputs[short[j]] = o));
+    for (const [i, x] of inputs.entries()) if (x.tokens.length > this.prefillChunkTokens) outputs[i] = await this.prefillInChunks(x);
+    return outputs;
+  }
+
+  /** Prompts as the rows of one step with no past (shorter rows padded). */
+  private async prefillTogether(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
+    const { config } = this;
+    const b = inputs.length;
+    const seq = Math.max(...inputs.map((x) => x.tokens.length));
     const ids = new BigInt64Array(b * seq);
     const positions = new BigInt64Array(b * seq);
     const seqlens = new Int32Array(b);
@@ -142,9 +161,7 @@ export class Engine {
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
     const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
-    const layerFeeds = interventionFeeds(rows, seq, config.numLayers, config.hiddenSize);
-    Object.assign(feeds, toTensors(layerFeeds, config.hiddenSize));
-    feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
+    this.setInterventions(feeds, interventionFeeds(rows, seq, config.numLayers, config.hiddenSize));
 
     const out = await this.session.run(feeds, this.fetches);
 
@@ -165,6 +182,55 @@ export class Engine {
       at += n;
       return { id: cacheRows[r], logits: slice };
     });
+  }
+
+  /** One long prompt, `prefillChunkTokens` at a time, each chunk attending to the ones before. */
+  private async prefillInChunks(x: PrefillInput): Promise<PrefillOutput> {
+    const { config } = this;
+    const n = x.tokens.length;
+    const id = this.addSequence();
+    const logits: Float32Array[] = [];
+    try {
+      this.cache.reserve(this.cache.rows, n); // room for the whole prompt at once: one re-layout
+      for (let start = 0; start < n; start += this.prefillChunkTokens) {
+        const end = Math.min(n, start + this.prefillChunkTokens);
+        const seq = end - start;
+        const wanted = x.allLogits ? seq : end === n ? 1 : 0;
+        const feeds: Record<string, ort.Tensor> = {
+          [IN.inputIds]: new ort.Tensor('int64', BigInt64Array.from(x.tokens.slice(start, end), BigInt), [1, seq]),
+          [IN.positionIds]: new ort.Tensor('int64', BigInt64Array.from({ length: seq }, (_, s) => BigInt(start + s)), [1, seq]),
+          [IN.seqlensK]: new ort.Tensor('int32', Int32Array.of(end - 1), [1]),
+          [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(end), []),
+          [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)), [wanted, 2]),
+        };
+        const r = this.row(id);
+        for (let l = 0; l < config.numLayers; l++) {
+          const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, r);
+          feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
+          feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
+        }
+        const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start };
+        this.setInterventions(feeds, interventionFeeds([row], seq, config.numLayers, config.hiddenSize));
+
+        const out = await this.session.run(feeds, this.fetches);
+
+        for (let l = 0; l < config.numLayers; l++) {
+          const { keys, values } = this.newRows(out, l);
+          this.cache.append(l, r, keys, values, 0, seq, seq, this.rope);
+        }
+        this.cache.advance(r, seq);
+        if (wanted) logits.push(out[OUT.logits].data as Float32Array);
+      }
+    } catch (err) {
+      this.release(id);
+      throw err;
+    }
+    return { id, logits: logits.length === 1 ? logits[0] : concatFloats(logits) };
+  }
+
+  private setInterventions(feeds: Record<string, ort.Tensor>, layerFeeds: LayerInterventionFeed[]): void {
+    Object.assign(feeds, toTensors(layerFeeds, this.config.hiddenSize));
+    feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
   }
 
   private addSequence(): SequenceId {
@@ -241,6 +307,16 @@ export class Engine {
   async close(): Promise<void> {
     await this.session.release();
   }
+}
+
+function concatFloats(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, ort.Tensor> {

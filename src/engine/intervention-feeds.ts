@@ -17,9 +17,11 @@ export interface LayerInterventionFeed {
 }
 
 export interface PrefillRow {
-  /** Number of prompt tokens of this row (the rest of the padded row is padding). */
+  /** Number of prompt tokens of this row, which interventions' positions are counted over. */
   length: number;
   interventions: readonly LowRankIntervention[];
+  /** The prompt position of this run's first token (a chunk of a long prompt); default 0. */
+  start?: number;
 }
 
 export function interventionFeeds(rows: readonly PrefillRow[], seq: number, numLayers: number, d: number): LayerInterventionFeed[] {
@@ -37,7 +39,9 @@ function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: n
   rows.forEach((row, b) => {
     for (const iv of row.interventions) {
       if (iv.layer !== layer) continue;
-      const positions = positionsFor(iv.positions, row.length);
+      const start = row.start ?? 0;
+      // the positions that fall in this run's [start, start + seq), as offsets into it
+      const positions = positionsFor(iv.positions, row.length).map((p) => p - start).filter((p) => p >= 0 && p < seq);
       if (positions.length === 0) continue;
       const id = iv.key ?? iv;
       if (!columns.has(id)) {

@@ -145,6 +145,16 @@ export class KvCache {
     };
   }
 
+  /** One row's past, [1, kv_heads, capacity, head_dim] views (a chunk of a long prompt). */
+  rowPast(layer: number, row: number): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
+    const stride = this.rowStride();
+    return {
+      key: this.keys[layer].subarray(row * stride, (row + 1) * stride),
+      value: this.values[layer].subarray(row * stride, (row + 1) * stride),
+      dims: [1, this.shape.numKvHeads, this.capacity, this.shape.headDim],
+    };
+  }
+
   clear(): void {
     this.lengths.length = 0;
     this.keys = [];
