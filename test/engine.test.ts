@@ -133,6 +133,49 @@ describe('prompts longer than the prefill chunk run chunk by chunk', () => {
     });
   }
 
+  it('a prompt prefilled a chunk at a time between decode steps leaves every row its own result', async () => {
+    const short = { ...cases[0], prompt: cases[0].prompt.slice(0, 2) };
+    const gens = new Map<number, number[]>();
+    const decodeAll = async () => {
+      const logits = await chunked.decode(new Map([...gens].map(([id, g]) => [id, g.at(-1)!])));
+      for (const [id, l] of logits) gens.get(id)!.push(argmax(l));
+    };
+    const [a] = await chunked.prefill([{ tokens: cases[1].prompt, interventions: cases[1].interventions }]);
+    gens.set(a.id, [argmax(a.logits)]);
+    const b = chunked.beginPrefill({ tokens: cases[3].prompt, interventions: cases[3].interventions });
+    expect(chunked.prefilling).toBe(b);
+    let c: number | undefined;
+    let cTokens: number[] = [];
+    let outB = null;
+    for (let chunk = 0; ; chunk++) {
+      outB = await chunked.continuePrefill();
+      if (outB) break;
+      await decodeAll(); // b is not part of it until its last chunk has run
+      if (chunk === 0) {
+        const [out] = await chunked.prefill([{ tokens: short.prompt }]); // joins behind b's row
+        c = out.id;
+        gens.set(c, [argmax(out.logits)]);
+      }
+      if (chunk === 1) {
+        cTokens = gens.get(c!)!;
+        gens.delete(c!);
+        chunked.release(c!); // leaves while b is still pending
+      }
+    }
+    expect(chunked.prefilling).toBeNull();
+    expect(cTokens.length).toBeGreaterThan(1); // c joined and left while b was pending
+    gens.set(b, [argmax(outB.logits)]);
+    while (gens.get(b)!.length < 8) await decodeAll();
+    for (const id of gens.keys()) chunked.release(id);
+    expect(chunked.liveSequences).toEqual([]);
+
+    const solo = async (tokens: number[], interventions?: (typeof cases)[number]['interventions']) => (await greedyBatch([{ tokens, interventions }], 16))[0];
+    const genA = gens.get(a.id)!;
+    expect(genA).toEqual((await solo(cases[1].prompt, cases[1].interventions)).slice(0, genA.length));
+    expect(gens.get(b)).toEqual((await solo(cases[3].prompt, cases[3].interventions)).slice(0, 8));
+    expect(cTokens).toEqual((await solo(short.prompt)).slice(0, cTokens.length));
+  });
+
   it('one call mixing short and long prompts returns each row its own result, in order', async () => {
     const rows = [cases[1], { ...cases[0], prompt: cases[0].prompt.slice(0, 2) }, cases[4], cases[3]];
     const gens = await greedyRows(chunked, rows.map((c) => ({ tokens: c.prompt, interventions: c.interventions })), 8);

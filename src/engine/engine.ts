@@ -55,7 +55,12 @@ export class Engine {
   /** A decode step's feeds: the empty intervention inputs stay; the rest is set each step. */
   private readonly decodeFeeds: Record<string, ort.Tensor>;
   /** The cache layout `decodeFeeds`' past tensors view; they are rebuilt only when it changes. */
-  private pastLayout = -1;
+  private pastLayout = '';
+  /**
+   * A long prompt being prefilled a chunk at a time between decode steps. Its cache row is
+   * always the last one, so a decode step's past (the first rows) leaves it out.
+   */
+  private pending: { id: SequenceId; input: PrefillInput; next: number; logits: Float32Array[] } | null = null;
   private readonly fetches: string[];
   /** Set for the packed layout, whose new keys come back unrotated. */
   private readonly rope: RopeTables | undefined;
@@ -64,7 +69,8 @@ export class Engine {
     readonly config: ModelConfig,
     private readonly session: ort.InferenceSession,
     readonly attention: AttentionLayout,
-    private readonly prefillChunkTokens: number,
+    /** Prompts longer than this are prefilled in chunks of this many tokens. */
+    readonly prefillChunkTokens: number,
   ) {
     this.cache = new KvCache(config);
     this.decodeFeeds = emptyInterventionFeeds(config);
@@ -121,18 +127,91 @@ export class Engine {
    * grows with the square of the tokens run at once).
    */
   async prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
-    const { config } = this;
-    for (const [i, x] of inputs.entries()) {
-      if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', `inputs.${i}.tokens`);
-      if (x.tokens.length > config.maxPositions) {
-        throw new ReftError('context_length_exceeded', `the prompt has ${x.tokens.length} tokens; the model's context is ${config.maxPositions}`, 'prompt');
-      }
-    }
+    inputs.forEach((x, i) => this.checkPrompt(x, `inputs.${i}.tokens`));
     const outputs = new Array<PrefillOutput>(inputs.length);
     const short = [...inputs.keys()].filter((i) => inputs[i].tokens.length <= this.prefillChunkTokens);
     if (short.length) (await this.prefillTogether(short.map((i) => inputs[i]))).forEach((o, j) => (outputs[short[j]] = o));
-    for (const [i, x] of inputs.entries()) if (x.tokens.length > this.prefillChunkTokens) outputs[i] = await this.prefillInChunks(x);
+    for (const [i, x] of inputs.entries()) {
+      if (x.tokens.length <= this.prefillChunkTokens) continue;
+      this.beginPrefill(x);
+      let out: PrefillOutput | null = null;
+      while (!out) out = await this.continuePrefill();
+      outputs[i] = out;
+    }
     return outputs;
+  }
+
+  private checkPrompt(x: PrefillInput, field: string): void {
+    if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
+    if (x.tokens.length > this.config.maxPositions) {
+      throw new ReftError('context_length_exceeded', `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`, 'prompt');
+    }
+  }
+
+  /**
+   * Starts prefilling one prompt a chunk at a time (`continuePrefill` runs each), so a scheduler
+   * can interleave decode steps of the running batch; one such prompt at a time. Its sequence
+   * is not part of decode steps until its last chunk has run.
+   */
+  beginPrefill(input: PrefillInput): SequenceId {
+    this.checkPrompt(input, 'tokens');
+    if (this.pending) throw new Error(`sequence ${this.pending.id} is still being prefilled`);
+    const id = this.addSequence();
+    this.cache.reserve(this.cache.rows, input.tokens.length); // room for the whole prompt: one re-layout
+    this.pending = { id, input, next: 0, logits: [] };
+    return id;
+  }
+
+  /** Runs the pending prompt's next chunk; returns its output once the last chunk has run. */
+  async continuePrefill(): Promise<PrefillOutput | null> {
+    const p = this.pending;
+    if (!p) throw new Error('no prompt is being prefilled');
+    const { config } = this;
+    const x = p.input;
+    const n = x.tokens.length;
+    const start = p.next;
+    const end = Math.min(n, start + this.prefillChunkTokens);
+    const seq = end - start;
+    const wanted = x.allLogits ? seq : end === n ? 1 : 0;
+    const feeds: Record<string, ort.Tensor> = {
+      [IN.inputIds]: new ort.Tensor('int64', BigInt64Array.from(x.tokens.slice(start, end), BigInt), [1, seq]),
+      [IN.positionIds]: new ort.Tensor('int64', BigInt64Array.from({ length: seq }, (_, s) => BigInt(start + s)), [1, seq]),
+      [IN.seqlensK]: new ort.Tensor('int32', Int32Array.of(end - 1), [1]),
+      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(end), []),
+      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)), [wanted, 2]),
+    };
+    const r = this.row(p.id);
+    for (let l = 0; l < config.numLayers; l++) {
+      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, r);
+      feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
+      feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
+    }
+    const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start };
+    this.setInterventions(feeds, interventionFeeds([row], seq, config.numLayers, config.hiddenSize));
+
+    let out: ort.InferenceSession.OnnxValueMapType;
+    try {
+      out = await this.session.run(feeds, this.fetches);
+    } catch (err) {
+      this.release(p.id);
+      throw err;
+    }
+    if (this.pending !== p) return null; // released while the chunk ran
+    for (let l = 0; l < config.numLayers; l++) {
+      const { keys, values } = this.newRows(out, l);
+      this.cache.append(l, r, keys, values, 0, seq, seq, this.rope);
+    }
+    this.cache.advance(r, seq);
+    if (wanted) p.logits.push(out[OUT.logits].data as Float32Array);
+    p.next = end;
+    if (end < n) return null;
+    this.pending = null;
+    return { id: p.id, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) };
+  }
+
+  /** The sequence being prefilled a chunk at a time, if any. */
+  get prefilling(): SequenceId | null {
+    return this.pending?.id ?? null;
   }
 
   /** Prompts as the rows of one step with no past (shorter rows padded). */
@@ -184,50 +263,6 @@ export class Engine {
     });
   }
 
-  /** One long prompt, `prefillChunkTokens` at a time, each chunk attending to the ones before. */
-  private async prefillInChunks(x: PrefillInput): Promise<PrefillOutput> {
-    const { config } = this;
-    const n = x.tokens.length;
-    const id = this.addSequence();
-    const logits: Float32Array[] = [];
-    try {
-      this.cache.reserve(this.cache.rows, n); // room for the whole prompt at once: one re-layout
-      for (let start = 0; start < n; start += this.prefillChunkTokens) {
-        const end = Math.min(n, start + this.prefillChunkTokens);
-        const seq = end - start;
-        const wanted = x.allLogits ? seq : end === n ? 1 : 0;
-        const feeds: Record<string, ort.Tensor> = {
-          [IN.inputIds]: new ort.Tensor('int64', BigInt64Array.from(x.tokens.slice(start, end), BigInt), [1, seq]),
-          [IN.positionIds]: new ort.Tensor('int64', BigInt64Array.from({ length: seq }, (_, s) => BigInt(start + s)), [1, seq]),
-          [IN.seqlensK]: new ort.Tensor('int32', Int32Array.of(end - 1), [1]),
-          [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(end), []),
-          [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)), [wanted, 2]),
-        };
-        const r = this.row(id);
-        for (let l = 0; l < config.numLayers; l++) {
-          const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, r);
-          feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
-          feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
-        }
-        const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start };
-        this.setInterventions(feeds, interventionFeeds([row], seq, config.numLayers, config.hiddenSize));
-
-        const out = await this.session.run(feeds, this.fetches);
-
-        for (let l = 0; l < config.numLayers; l++) {
-          const { keys, values } = this.newRows(out, l);
-          this.cache.append(l, r, keys, values, 0, seq, seq, this.rope);
-        }
-        this.cache.advance(r, seq);
-        if (wanted) logits.push(out[OUT.logits].data as Float32Array);
-      }
-    } catch (err) {
-      this.release(id);
-      throw err;
-    }
-    return { id, logits: logits.length === 1 ? logits[0] : concatFloats(logits) };
-  }
-
   private setInterventions(feeds: Record<string, ort.Tensor>, layerFeeds: LayerInterventionFeed[]): void {
     Object.assign(feeds, toTensors(layerFeeds, this.config.hiddenSize));
     feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
@@ -237,21 +272,35 @@ export class Engine {
     const id = this.nextId++;
     this.rowOf.set(id, this.cache.addRow());
     this.idOf.push(id);
+    this.keepPendingLast();
     return id;
   }
 
+  /** Moves the pending prompt's row back to the end after rows were added or removed. */
+  private keepPendingLast(): void {
+    if (!this.pending) return;
+    const a = this.row(this.pending.id);
+    const b = this.cache.rows - 1;
+    if (a === b) return;
+    this.cache.swapRows(a, b);
+    [this.idOf[a], this.idOf[b]] = [this.idOf[b], this.idOf[a]];
+    this.rowOf.set(this.idOf[a], a);
+    this.rowOf.set(this.idOf[b], b);
+  }
+
   /**
-   * Feeds one token to every live sequence and returns each one's next-token logits. `tokens`
-   * must name every live sequence: the graph's past is a view of the whole running batch.
+   * Feeds one token to every live sequence (all but one still being prefilled) and returns each
+   * one's next-token logits. `tokens` must name every one of them: the graph's past is a view
+   * of the running batch's rows.
    */
   async decode(tokens: ReadonlyMap<SequenceId, number>): Promise<Map<SequenceId, Float32Array>> {
     const { config } = this;
-    const b = this.cache.rows;
+    const b = this.cache.rows - (this.pending ? 1 : 0);
     if (tokens.size !== b) throw new Error(`decode needs a token for each of the ${b} live sequences, got ${tokens.size}`);
-    const lengths = this.cache.lengths;
+    const lengths = this.cache.lengths.slice(0, b);
     const maxLen = Math.max(...lengths);
     if (maxLen + 1 > config.maxPositions) throw new ReftError('context_length_exceeded', `a sequence reached the model's context of ${config.maxPositions} tokens`, 'max_new_tokens');
-    this.cache.reserve(b, maxLen + 1);
+    this.cache.reserve(this.cache.rows, maxLen + 1);
     const ids = new BigInt64Array(b);
     const positions = new BigInt64Array(b);
     const seqlens = new Int32Array(b);
@@ -268,13 +317,14 @@ export class Engine {
     feeds[IN.seqlensK] = new ort.Tensor('int32', seqlens, [b]);
     feeds[IN.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(maxLen + 1), []);
     feeds[IN.logitIndex] = new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]);
-    if (this.pastLayout !== this.cache.layoutVersion) {
+    const layout = `${this.cache.layoutVersion}:${b}`;
+    if (this.pastLayout !== layout) {
       for (let l = 0; l < config.numLayers; l++) {
-        const past = this.cache.past(l);
+        const past = this.cache.past(l, b);
         feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
         feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
       }
-      this.pastLayout = this.cache.layoutVersion;
+      this.pastLayout = layout;
     }
     const out = await this.session.run(feeds, this.fetches);
     for (let l = 0; l < config.numLayers; l++) {
@@ -301,6 +351,8 @@ export class Engine {
       this.rowOf.set(movedId, r);
     }
     this.idOf.pop();
+    if (this.pending?.id === id) this.pending = null;
+    this.keepPendingLast();
     if (this.cache.rows === 0) this.cache.clear();
   }
 

@@ -135,14 +135,28 @@ export class KvCache {
     this.lengths[row] += count;
   }
 
-  /** Past tensors' data for all rows: [rows, kv_heads, capacity, head_dim] views. */
-  past(layer: number): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
-    const n = this.rows * this.rowStride();
+  /** Past tensors' data for the first `rows` rows: [rows, kv_heads, capacity, head_dim] views. */
+  past(layer: number, rows = this.rows): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
+    const n = rows * this.rowStride();
     return {
       key: this.keys[layer].subarray(0, n),
       value: this.values[layer].subarray(0, n),
-      dims: [this.rows, this.shape.numKvHeads, this.capacity, this.shape.headDim],
+      dims: [rows, this.shape.numKvHeads, this.capacity, this.shape.headDim],
     };
+  }
+
+  /** Exchanges rows `a` and `b` (their tokens and lengths). */
+  swapRows(a: number, b: number): void {
+    const stride = this.rowStride();
+    for (const slabs of [this.keys, this.values]) {
+      for (const slab of slabs) {
+        const rowA = slab.slice(a * stride, (a + 1) * stride);
+        slab.copyWithin(a * stride, b * stride, (b + 1) * stride);
+        slab.set(rowA, b * stride);
+      }
+    }
+    [this.lengths[a], this.lengths[b]] = [this.lengths[b], this.lengths[a]];
+    this.layoutVersion++;
   }
 
   /** One row's past, [1, kv_heads, capacity, head_dim] views (a chunk of a long prompt). */

@@ -5,8 +5,10 @@ import { Generation, checkPromptFits, type Detokenizer, type GenerationRequest, 
 /**
  * Continuous batching. Requests wait in a bounded FIFO queue; between engine steps, newcomers
  * that fit the batch and token budgets are prefilled together (each with its own
- * interventions), and every running sequence then advances by one decode step. Finished or
- * cancelled sequences leave at the next step boundary.
+ * interventions), and every running sequence then advances by one decode step. A prompt longer
+ * than the engine's prefill chunk is prefilled one chunk per step instead, so the running
+ * sequences keep decoding meanwhile. Finished or cancelled sequences leave at the next step
+ * boundary.
  */
 export interface SchedulerLimits {
   maxBatchSize: number;
@@ -47,6 +49,8 @@ export interface SchedulerStats {
 export class Scheduler {
   private readonly queue: Entry[] = [];
   private readonly running = new Map<SequenceId, Entry>();
+  /** The long prompt being prefilled a chunk per step (one at a time). */
+  private pending: Entry | null = null;
   private readonly byKey = new Map<string, Entry>();
   private tokensInFlight = 0;
   private loop: Promise<void> | null = null;
@@ -61,7 +65,7 @@ export class Scheduler {
   ) {}
 
   stats(): SchedulerStats {
-    return { queued: this.queue.length, running: this.running.size, tokensInFlight: this.tokensInFlight, steps: this.steps, lastBatchSize: this.lastBatchSize };
+    return { queued: this.queue.length, running: this.running.size + (this.pending ? 1 : 0), tokensInFlight: this.tokensInFlight, steps: this.steps, lastBatchSize: this.lastBatchSize };
   }
 
   /** Queues a request; throws (overloaded / context_length_exceeded) when it can't be taken. */
@@ -103,19 +107,27 @@ export class Scheduler {
     if (!this.loop) {
       this.loop = this.run().finally(() => {
         this.loop = null;
-        if (this.queue.length || this.running.size) this.kick();
+        if (this.queue.length || this.running.size || this.pending) this.kick();
       });
     }
   }
 
   private async run(): Promise<void> {
-    while (this.queue.length || this.running.size) {
+    while (this.queue.length || this.running.size || this.pending) {
       this.reapFinished();
       const admitted = this.admit();
-      if (admitted.length) await this.prefill(admitted);
+      const short = admitted.filter((e) => !this.isLong(e));
+      if (short.length) await this.prefill(short);
+      const long = admitted.find((e) => this.isLong(e));
+      if (long) this.beginLong(long);
+      if (this.pending) await this.continueLong(this.pending);
       this.reapFinished();
       if (this.running.size) await this.decode();
     }
+  }
+
+  private isLong(e: Entry): boolean {
+    return e.generation.request.tokens.length > this.engine.prefillChunkTokens;
   }
 
   private admit(): Entry[] {
@@ -126,11 +138,13 @@ export class Scheduler {
       const n = next.generation.request.tokens.length;
       const fitsBatch = this.running.size + admitted.length < this.limits.maxBatchSize;
       const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
-      const fitsPrefill = admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
+      // a long prompt is prefilled a chunk per step, outside the step's prompt budget, one at a time
+      const long = this.isLong(next);
+      const fitsPrefill = long ? !this.pending && !admitted.some((e) => this.isLong(e)) : admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
       if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
       this.queue.shift();
       admitted.push(next);
-      prefillTokens += n;
+      if (!long) prefillTokens += n;
       next.admitted = true;
       this.tokensInFlight += next.budget;
     }
@@ -151,6 +165,31 @@ export class Scheduler {
       this.running.set(out.id, e);
       this.emit(e, out.logits);
     });
+  }
+
+  private beginLong(e: Entry): void {
+    try {
+      e.seq = this.engine.beginPrefill({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions });
+      this.pending = e;
+    } catch (err) {
+      this.fail(e, err);
+    }
+  }
+
+  /** The pending prompt's next chunk; after its last one it joins the running batch. */
+  private async continueLong(e: Entry): Promise<void> {
+    if (e.generation.done) return; // cancelled: reaped below
+    let out;
+    try {
+      out = await this.engine.continuePrefill();
+    } catch (err) {
+      this.fail(e, err);
+      return;
+    }
+    if (!out || this.pending !== e) return;
+    this.pending = null;
+    this.running.set(out.id, e);
+    this.emit(e, out.logits);
   }
 
   private async decode(): Promise<void> {
@@ -183,6 +222,7 @@ export class Scheduler {
 
   private reapFinished(): void {
     for (const e of [...this.running.values()]) if (e.generation.done) this.finish(e);
+    if (this.pending?.generation.done) this.finish(this.pending);
   }
 
   private finish(e: Entry): void {
@@ -198,6 +238,10 @@ export class Scheduler {
 
   private release(e: Entry): void {
     if (e.seq !== undefined && this.running.delete(e.seq)) this.engine.release(e.seq);
+    if (e === this.pending) {
+      this.pending = null;
+      this.engine.release(e.seq!);
+    }
     if (e.admitted) {
       e.admitted = false;
       this.tokensInFlight -= e.budget;

@@ -1,0 +1,75 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Engine } from '../src/engine/engine.ts';
+import type { GenerationRequest, GenerationResult } from '../src/engine/generation.ts';
+import { GREEDY } from '../src/engine/sampler.ts';
+import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
+import { loadModel, type LoadedModel } from '../src/model/load.ts';
+import { greedyBatch, testCacheDir } from './support/engine.ts';
+import { STORIES, inferenceCases } from './support/fixtures.ts';
+
+/**
+ * The scheduler over a real engine on stories260k, with a prefill chunk of 8 tokens so that a
+ * paragraph is a "long" prompt: it must be prefilled a chunk per step while the running
+ * sequences keep decoding, and everyone must still get what they get alone.
+ */
+let model: LoadedModel;
+let engine: Engine;
+let scheduler: Scheduler;
+const cases = inferenceCases();
+
+beforeAll(async () => {
+  model = await loadModel(STORIES);
+  engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 8 });
+  scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), DEFAULT_LIMITS);
+});
+afterAll(() => engine?.close());
+
+const request = (tokens: number[], maxNewTokens: number, interventions = cases[0].interventions): GenerationRequest => ({
+  tokens, interventions, sampling: GREEDY, maxNewTokens, stop: [], ignoreEos: true, logprobs: false, topLogprobs: 0,
+});
+
+describe('scheduler with long prompts', () => {
+  it('a long prompt is prefilled chunk by chunk while a running stream keeps decoding; both get what they get alone', async () => {
+    const shortPrompt = model.tokenizer.encode('Once upon a time');
+    const longPrompt = model.tokenizer.encode('Tom and his dog went to the park. They played with a red ball all day. Then it began to rain, so they ran home.');
+    expect(shortPrompt.length).toBeLessThanOrEqual(8);
+    expect(longPrompt.length).toBeGreaterThan(24); // at least 4 chunks
+    const events: string[] = [];
+    const done = (name: string, req: GenerationRequest) =>
+      new Promise<GenerationResult>((resolve, reject) =>
+        scheduler.submit(name, req, { onToken: () => events.push(name), onDone: resolve, onError: reject }),
+      );
+    const short = done('short', request(shortPrompt, 40));
+    // let the short one start decoding before the long one arrives
+    while (events.length < 2) await new Promise((r) => setTimeout(r, 1));
+    const long = done('long', request(longPrompt, 6, cases[3].interventions));
+    const [s, l] = await Promise.all([short, long]);
+
+    const firstLong = events.indexOf('long');
+    const shortBeforeLong = events.slice(2, firstLong).filter((e) => e === 'short').length;
+    expect(shortBeforeLong).toBeGreaterThanOrEqual(Math.ceil(longPrompt.length / 8) - 1);
+    const [aloneShort, aloneLong] = [
+      (await greedyBatch(engine, [{ tokens: shortPrompt }], 40))[0],
+      (await greedyBatch(engine, [{ tokens: longPrompt, interventions: cases[3].interventions }], 6))[0],
+    ];
+    expect(s.tokens).toEqual(aloneShort);
+    expect(l.tokens).toEqual(aloneLong);
+    expect(engine.liveSequences).toEqual([]);
+  });
+
+  it('a long prompt cancelled mid-prefill frees its row, and the next one runs', async () => {
+    const longPrompt = model.tokenizer.encode('The little cat sat on the mat and looked at the big blue sky for a long, long time.');
+    expect(longPrompt.length).toBeGreaterThan(16);
+    const cancelled = new Promise<GenerationResult>((resolve, reject) =>
+      scheduler.submit('gone', request(longPrompt, 5), { onToken() {}, onDone: resolve, onError: reject }),
+    );
+    scheduler.cancel('gone');
+    expect((await cancelled).finishReason).toBe('cancelled');
+    const next = await new Promise<GenerationResult>((resolve, reject) =>
+      scheduler.submit('next', request(longPrompt, 5), { onToken() {}, onDone: resolve, onError: reject }),
+    );
+    expect(next.tokens).toEqual((await greedyBatch(engine, [{ tokens: longPrompt }], 5))[0]);
+    await scheduler.idle();
+    expect(engine.liveSequences).toEqual([]);
+  });
+});
