@@ -176,7 +176,7 @@ export async function benchEngine(model: LoadedModel, engine: Engine, workDir: s
   const long = prompt(99, 512, config.vocabSize);
   const ivs = [3, 10, 17, 24].map((layer, i) => randomIntervention(i, Math.min(layer, config.numLayers - 1), 8, 'f7+l7', d));
   await prefillSeconds(engine, { tokens: long });
-  const prefill = await inPairs(15, () => prefillSeconds(engine, { tokens: long }), () => prefillSeconds(engine, { tokens: long, interventions: ivs }));
+  const prefill = await inPairs(25, () => prefillSeconds(engine, { tokens: long }), () => prefillSeconds(engine, { tokens: long, interventions: ivs }));
   const prefillPlain = 512 / median(prefill.a);
   const prefillIv = 512 / median(prefill.b);
   const prefillOverhead = median(prefill.bOverA) - 1;
@@ -185,7 +185,7 @@ export async function benchEngine(model: LoadedModel, engine: Engine, workDir: s
   // The same prompt with and without interventions, in bursts of 4 decode steps.
   const promptTokens = prompt(7, 64, config.vocabSize);
   const burst = async (interventions: LowRankIntervention[]) => median(await decodeSteps(engine, { tokens: promptTokens, interventions }, 4));
-  const after = await inPairs(60, () => burst([]), () => burst(ivs));
+  const after = await inPairs(120, () => burst([]), () => burst(ivs));
   const decodeRatio = 1 / median(after.bOverA);
   log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.bOverA.length} pairs)`);
 
