@@ -173,16 +173,15 @@ export class Engine {
     const end = Math.min(n, start + this.prefillChunkTokens);
     const seq = end - start;
     const wanted = x.allLogits ? seq : end === n ? 1 : 0;
-    const feeds: Record<string, ort.Tensor> = {
-      [IN.inputIds]: new ort.Tensor('int64', BigInt64Array.from(x.tokens.slice(start, end), BigInt), [1, seq]),
-      [IN.positionIds]: new ort.Tensor('int64', BigInt64Array.from({ length: seq }, (_, s) => BigInt(start + s)), [1, seq]),
-      [IN.seqlensK]: new ort.Tensor('int32', Int32Array.of(end - 1), [1]),
-      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(end), []),
-      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)), [wanted, 2]),
-    };
-    const r = this.row(p.id);
+    const feeds = tokenFeeds(1, seq, {
+      ids: BigInt64Array.from(x.tokens.slice(start, end), BigInt),
+      positions: BigInt64Array.from({ length: seq }, (_, s) => BigInt(start + s)),
+      seqlens: Int32Array.of(end - 1),
+      total: end,
+      logitPairs: BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)),
+    });
     for (let l = 0; l < config.numLayers; l++) {
-      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, r);
+      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, this.row(p.id));
       feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
       feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
     }
@@ -197,6 +196,7 @@ export class Engine {
       throw err;
     }
     if (this.pending !== p) return null; // released while the chunk ran
+    const r = this.row(p.id);
     for (let l = 0; l < config.numLayers; l++) {
       const { keys, values } = this.newRows(out, l);
       this.cache.append(l, r, keys, values, 0, seq, seq, this.rope);
@@ -222,21 +222,15 @@ export class Engine {
     const ids = new BigInt64Array(b * seq);
     const positions = new BigInt64Array(b * seq);
     const seqlens = new Int32Array(b);
-    const logitIndex: bigint[] = [];
+    const logitPairs: bigint[] = [];
     inputs.forEach((x, r) => {
       x.tokens.forEach((t, s) => (ids[r * seq + s] = BigInt(t)));
       for (let s = 0; s < seq; s++) positions[r * seq + s] = BigInt(s);
       seqlens[r] = x.tokens.length - 1;
       const n = x.tokens.length;
-      for (let s = x.allLogits ? 0 : n - 1; s < n; s++) logitIndex.push(BigInt(r), BigInt(s));
+      for (let s = x.allLogits ? 0 : n - 1; s < n; s++) logitPairs.push(BigInt(r), BigInt(s));
     });
-    const feeds: Record<string, ort.Tensor> = {
-      [IN.inputIds]: new ort.Tensor('int64', ids, [b, seq]),
-      [IN.positionIds]: new ort.Tensor('int64', positions, [b, seq]),
-      [IN.seqlensK]: new ort.Tensor('int32', seqlens, [b]),
-      [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(seq), []),
-      [IN.logitIndex]: new ort.Tensor('int64', BigInt64Array.from(logitIndex), [logitIndex.length / 2, 2]),
-    };
+    const feeds = tokenFeeds(b, seq, { ids, positions, seqlens, total: seq, logitPairs: BigInt64Array.from(logitPairs) });
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
     const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
@@ -312,11 +306,8 @@ export class Engine {
       seqlens[r] = lengths[r];
     }
     const feeds = this.decodeFeeds;
-    feeds[IN.inputIds] = new ort.Tensor('int64', ids, [b, 1]);
-    feeds[IN.positionIds] = new ort.Tensor('int64', positions, [b, 1]);
-    feeds[IN.seqlensK] = new ort.Tensor('int32', seqlens, [b]);
-    feeds[IN.totalSequenceLength] = new ort.Tensor('int32', Int32Array.of(maxLen + 1), []);
-    feeds[IN.logitIndex] = new ort.Tensor('int64', BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2))), [b, 2]);
+    const logitPairs = BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2)));
+    Object.assign(feeds, tokenFeeds(b, 1, { ids, positions, seqlens, total: maxLen + 1, logitPairs }));
     const layout = `${this.cache.layoutVersion}:${b}`;
     if (this.pastLayout !== layout) {
       for (let l = 0; l < config.numLayers; l++) {
@@ -359,6 +350,20 @@ export class Engine {
   async close(): Promise<void> {
     await this.session.release();
   }
+}
+
+/**
+ * A step's token inputs: ids and positions [b, seq], each row's seqlens_k (its last valid
+ * position), the total length, and the (row, position) pairs whose logits are wanted.
+ */
+function tokenFeeds(b: number, seq: number, t: { ids: BigInt64Array; positions: BigInt64Array; seqlens: Int32Array; total: number; logitPairs: BigInt64Array }): Record<string, ort.Tensor> {
+  return {
+    [IN.inputIds]: new ort.Tensor('int64', t.ids, [b, seq]),
+    [IN.positionIds]: new ort.Tensor('int64', t.positions, [b, seq]),
+    [IN.seqlensK]: new ort.Tensor('int32', t.seqlens, [b]),
+    [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(t.total), []),
+    [IN.logitIndex]: new ort.Tensor('int64', t.logitPairs, [t.logitPairs.length / 2, 2]),
+  };
 }
 
 function concatFloats(parts: Float32Array[]): Float32Array {
