@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { ReftError, invalidIntervention, firstIssue } from '../errors.ts';
-import { parseSafetensors, toFloat32, type SafetensorsFile } from '../model/safetensors.ts';
+import { parseSafetensors, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
 
 /**
@@ -95,9 +95,16 @@ export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
  * Validates a whole artifact for a base model (REFT.md "valid for a base model"). With
  * `verifyValues: false` the structure is still checked but not every value (finite, R
  * orthonormal): for artifacts read back from the store, which validated them when they came in.
+ * `allocate` says where the factors go (the cache puts them in SharedArrayBuffers at once).
  */
-export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uint8Array, base: BaseModelShape, opts: { verifyValues?: boolean } = {}): Artifact {
+export function parseArtifact(
+  configBytes: Uint8Array | string,
+  weightBytes: Uint8Array,
+  base: BaseModelShape,
+  opts: { verifyValues?: boolean; allocate?: FloatAllocator } = {},
+): Artifact {
   const verifyValues = opts.verifyValues ?? true;
+  const allocate = opts.allocate ?? ((n: number) => new Float32Array(n));
   const config = parseReftConfig(configBytes);
   const field = (s: string) => `reft_config.json.${s}`;
   if (config.base_model.hidden_size !== base.hiddenSize) {
@@ -112,8 +119,8 @@ export function parseArtifact(configBytes: Uint8Array | string, weightBytes: Uin
     if (entry.layer >= base.numLayers) {
       throw invalidIntervention(`interventions.${i}.layer ${entry.layer} is out of range (the model has ${base.numLayers} layers)`, field(`interventions.${i}.layer`));
     }
-    const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected, verifyValues);
-    return lowRank({ kind: entry.kind, layer: entry.layer, rank: entry.rank, positions: parsePositions(entry.positions) }, tensors, base.hiddenSize);
+    const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected, verifyValues, allocate);
+    return lowRank({ kind: entry.kind, layer: entry.layer, rank: entry.rank, positions: parsePositions(entry.positions) }, tensors, base.hiddenSize, allocate);
   });
   for (const name of file.header.tensors.keys()) {
     if (!expected.has(name)) throw invalidIntervention(`reft_weights.safetensors has unexpected tensor ${name}`, name);
@@ -139,6 +146,7 @@ function readTensors(
   d: number,
   expected: Set<string>,
   verifyValues: boolean,
+  allocate: FloatAllocator,
 ): Record<string, Float32Array> {
   const out: Record<string, Float32Array> = {};
   for (const t of KIND_TENSORS[kind]) {
@@ -151,7 +159,7 @@ function readTensors(
     if (info.shape.length !== shape.length || info.shape.some((s, k) => s !== shape[k])) {
       throw invalidIntervention(`tensor ${name} has shape [${info.shape}], expected [${shape}] for rank ${rank}`, name);
     }
-    const data = toFloat32(file, info);
+    const data = toFloat32(file, info, allocate);
     if (verifyValues) {
       const bad = firstNonFinite(data);
       if (bad >= 0) throw invalidIntervention(`tensor ${name} has a non-finite value at index ${bad}`, name);
@@ -194,10 +202,10 @@ function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: st
 }
 
 /** Folds a kind's tensors into delta = (h·downᵀ + bias)·up. */
-export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number): LowRankIntervention {
-  const zeros = () => new Float32Array(spec.rank * d);
+export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number, allocate: FloatAllocator = (n) => new Float32Array(n)): LowRankIntervention {
+  const zeros = () => allocate(spec.rank * d);
   const minus = (a: Float32Array, b: Float32Array) => {
-    const out = new Float32Array(a.length);
+    const out = allocate(a.length);
     for (let k = 0; k < a.length; k++) out[k] = a[k] - b[k];
     return out;
   };

@@ -46,17 +46,12 @@ export class InterventionCache {
     const files = await this.store.readInterventionFiles(meta.id);
     if (!files) throw noSuch('intervention', idOrName, 'adapter');
     // validated value by value when it was stored; here the structure is enough
-    const artifact = parseArtifact(files.config, files.weights, this.base, { verifyValues: false });
+    // factors straight into shared memory: first use allocates (and later collects) less
+    const artifact = parseArtifact(files.config, files.weights, this.base, { verifyValues: false, allocate: sharedFloats });
     const resolved: ResolvedIntervention = {
       id: meta.id,
       version: meta.version,
-      interventions: artifact.interventions.map((iv, i) => ({
-        ...iv,
-        key: `${meta.id}@${meta.version}#${i}`,
-        down: shared(iv.down),
-        bias: shared(iv.bias),
-        up: shared(iv.up),
-      })),
+      interventions: artifact.interventions.map((iv, i) => ({ ...iv, key: `${meta.id}@${meta.version}#${i}` })),
     };
     this.lru.set(meta.id, resolved);
     return resolved;
@@ -71,8 +66,6 @@ export class InterventionCache {
   }
 }
 
-function shared(a: Float32Array): Float32Array {
-  const out = new Float32Array(new SharedArrayBuffer(a.byteLength));
-  out.set(a);
-  return out;
+function sharedFloats(length: number): Float32Array {
+  return new Float32Array(new SharedArrayBuffer(4 * length));
 }

@@ -143,21 +143,31 @@ export function parseSafetensors(bytes: Uint8Array, source: string): Safetensors
 
 
 /** Decodes a floating-point tensor to a fresh Float32Array. */
-export function toFloat32(file: SafetensorsFile, info: TensorInfo): Float32Array {
+/** Where converted tensors go: plain memory by default, or e.g. SharedArrayBuffers. */
+export type FloatAllocator = (length: number) => Float32Array;
+
+const plainFloats: FloatAllocator = (length) => new Float32Array(length);
+
+export function toFloat32(file: SafetensorsFile, info: TensorInfo, allocate: FloatAllocator = plainFloats): Float32Array {
   const n = info.byteLength / DTYPE_BYTES[info.dtype];
-  const out = new Float32Array(n);
-  const view = new DataView(file.bytes.buffer, file.bytes.byteOffset + info.offset, info.byteLength);
+  const start = file.bytes.byteOffset + info.offset;
+  const view = new DataView(file.bytes.buffer, start, info.byteLength);
   switch (info.dtype) {
     case 'F32': {
-      // little-endian host (x86, ARM): the bytes are the floats; copy them in one go
-      out.set(new Float32Array(file.bytes.slice(info.offset, info.offset + info.byteLength).buffer));
+      // little-endian host (x86, ARM): the bytes are the floats; one copy (aligned or not)
+      const out = allocate(n);
+      if (start % 4 === 0) out.set(new Float32Array(file.bytes.buffer, start, n));
+      else new Uint8Array(out.buffer, out.byteOffset, info.byteLength).set(file.bytes.subarray(info.offset, info.offset + info.byteLength));
       return out;
     }
-    case 'F16':
+    case 'F16': {
+      const out = allocate(n);
       for (let i = 0; i < n; i++) out[i] = halfToFloat(view.getUint16(i * 2, true));
       return out;
+    }
     case 'BF16': {
-      const u32 = new Uint32Array(out.buffer);
+      const out = allocate(n);
+      const u32 = new Uint32Array(out.buffer, out.byteOffset, n);
       for (let i = 0; i < n; i++) u32[i] = view.getUint16(i * 2, true) << 16;
       return out;
     }
