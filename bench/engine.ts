@@ -5,7 +5,7 @@ import { Rng } from '../src/rng.ts';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
 import type { LoadedModel } from '../src/model/load.ts';
-import { median, round } from './machine.ts';
+import { inPairs, median, pairRatios, round } from './machine.ts';
 import { bandwidthProbe, gemvProbe, type Probe } from './probes.ts';
 import { hugePages } from '../src/engine/huge-pages.ts';
 
@@ -115,31 +115,6 @@ async function decodeSteps(engine: Engine, input: PrefillInput, steps: number): 
   return times;
 }
 
-/**
- * Times `a` and `b` in `reps` back-to-back pairs, alternating which runs first, so drift of the
- * machine between pairs cancels in each pair's ratio.
- */
-async function inPairs(reps: number, a: () => Promise<number>, b: () => Promise<number>): Promise<{ a: number[]; b: number[]; bOverA: number[] }> {
-  const as: number[] = [];
-  const bs: number[] = [];
-  const bOverA: number[] = [];
-  for (let rep = 0; rep < reps; rep++) {
-    let ta: number;
-    let tb: number;
-    if (rep % 2) {
-      ta = await a();
-      tb = await b();
-    } else {
-      tb = await b();
-      ta = await a();
-    }
-    as.push(ta);
-    bs.push(tb);
-    bOverA.push(tb / ta);
-  }
-  return { a: as, b: bs, bOverA };
-}
-
 async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([input]);
@@ -179,15 +154,15 @@ export async function benchEngine(model: LoadedModel, engine: Engine, workDir: s
   const prefill = await inPairs(25, () => prefillSeconds(engine, { tokens: long }), () => prefillSeconds(engine, { tokens: long, interventions: ivs }));
   const prefillPlain = 512 / median(prefill.a);
   const prefillIv = 512 / median(prefill.b);
-  const prefillOverhead = median(prefill.bOverA) - 1;
-  log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}% (median of ${prefill.bOverA.length} pairs)`);
+  const prefillOverhead = median(pairRatios(prefill)) - 1;
+  log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}% (median of ${prefill.a.length} pairs)`);
 
   // The same prompt with and without interventions, in bursts of 4 decode steps.
   const promptTokens = prompt(7, 64, config.vocabSize);
   const burst = async (interventions: LowRankIntervention[]) => median(await decodeSteps(engine, { tokens: promptTokens, interventions }, 4));
   const after = await inPairs(120, () => burst([]), () => burst(ivs));
-  const decodeRatio = 1 / median(after.bOverA);
-  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.bOverA.length} pairs)`);
+  const decodeRatio = 1 / median(pairRatios(after));
+  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.a.length} pairs)`);
 
   return {
     read_bandwidth_gb_s: round(bandwidth / 1e9),

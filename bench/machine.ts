@@ -33,3 +33,25 @@ export function percentile(xs: number[], p: number): number {
 }
 
 export const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
+
+/**
+ * Runs `a` and `b` back to back `reps` times, alternating which goes first, so the machine's
+ * drift between pairs cancels in each pair's comparison.
+ */
+export async function inPairs<T>(reps: number, a: () => Promise<T>, b: () => Promise<T>): Promise<{ a: T[]; b: T[] }> {
+  const as: T[] = [];
+  const bs: T[] = [];
+  for (let rep = 0; rep < reps; rep++) {
+    if (rep % 2) {
+      as.push(await a());
+      bs.push(await b());
+    } else {
+      bs.push(await b());
+      as.push(await a());
+    }
+  }
+  return { a: as, b: bs };
+}
+
+/** Each pair's b / a. */
+export const pairRatios = (p: { a: number[]; b: number[] }): number[] => p.a.map((a, i) => p.b[i] / a);

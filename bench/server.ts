@@ -9,7 +9,7 @@ import { artifact, randomLoreft } from '../test/support/artifacts.ts';
 import { InterventionCache } from '../src/interventions/cache.ts';
 import type { ModelConfig } from '../src/model/config.ts';
 import { openSqliteStore } from '../src/storage/sqlite-store.ts';
-import { median, percentile, round } from './machine.ts';
+import { inPairs, median, pairRatios, percentile, round } from './machine.ts';
 
 /**
  * Issue 3's benchmark: a real server process on the 135M-shape model driven over HTTP as
@@ -170,25 +170,10 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
     // plain and intervened loads back to back, the order alternating; the ratio is the median of
     // the pairs' ratios, since the machine's speed drifts between pairs more than the effect
     type Load = Awaited<ReturnType<typeof load>>;
-    const plain: Load[] = [];
-    const withIv: Load[] = [];
-    const ratios: number[] = [];
-    for (let rep = 0; rep < 7; rep++) {
-      const runPlain = () => load(server.url, adapters.map(() => body()));
-      const runIv = () => load(server.url, adapters.map((a) => body(a)));
-      let a: Load;
-      let b: Load;
-      if (rep % 2) {
-        a = await runPlain();
-        b = await runIv();
-      } else {
-        b = await runIv();
-        a = await runPlain();
-      }
-      plain.push(a);
-      withIv.push(b);
-      ratios.push(b.decode_tokens_s / a.decode_tokens_s);
-    }
+    const loads = await inPairs(7, () => load(server.url, adapters.map(() => body())), () => load(server.url, adapters.map((a) => body(a))));
+    const plain = loads.a;
+    const withIv = loads.b;
+    const ratios = pairRatios({ a: plain.map((x) => x.decode_tokens_s), b: withIv.map((x) => x.decode_tokens_s) });
     const middle = (runs: Load[]) => [...runs].sort((x, y) => x.decode_tokens_s - y.decode_tokens_s)[runs.length >> 1];
     const p = middle(plain);
     const v = middle(withIv);
