@@ -57,6 +57,28 @@ describe('scheduler with long prompts', () => {
     expect(engine.liveSequences).toEqual([]);
   });
 
+  it('a prompt being prefilled counts against the batch size', async () => {
+    const small = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), { ...DEFAULT_LIMITS, maxBatchSize: 2 });
+    const longPrompt = model.tokenizer.encode('Tom and his dog went to the park. They played with a red ball all day.');
+    let most = 0;
+    const run = (name: string, tokens: number[], n: number) =>
+      new Promise<GenerationResult>((resolve, reject) =>
+        small.submit(name, request(tokens, n), {
+          onToken: () => (most = Math.max(most, small.stats().running)),
+          onDone: resolve,
+          onError: reject,
+        }),
+      );
+    const a = run('a', model.tokenizer.encode('Once upon a time'), 30);
+    const b = run('b', longPrompt, 4);
+    const c = run('c', model.tokenizer.encode('The cat'), 4);
+    const [ra, rb, rc] = await Promise.all([a, b, c]);
+    expect(most).toBeLessThanOrEqual(2);
+    expect(rb.tokens).toEqual((await greedyBatch(engine, [{ tokens: longPrompt }], 4))[0]);
+    expect(rc.tokens).toEqual((await greedyBatch(engine, [{ tokens: model.tokenizer.encode('The cat') }], 4))[0]);
+    expect(ra.tokens).toHaveLength(30);
+  });
+
   it('a long prompt cancelled mid-prefill frees its row, and the next one runs', async () => {
     const longPrompt = model.tokenizer.encode('The little cat sat on the mat and looked at the big blue sky for a long, long time.');
     expect(longPrompt.length).toBeGreaterThan(16);

@@ -136,7 +136,7 @@ export class Scheduler {
     while (this.queue.length) {
       const next = this.queue[0];
       const n = next.generation.request.tokens.length;
-      const fitsBatch = this.running.size + admitted.length < this.limits.maxBatchSize;
+      const fitsBatch = this.running.size + (this.pending ? 1 : 0) + admitted.length < this.limits.maxBatchSize;
       const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
       // a long prompt is prefilled a chunk per step, outside the step's prompt budget, one at a time
       const long = this.isLong(next);
