@@ -45,7 +45,7 @@ export interface EngineOptions extends SessionOptions {
   prefillChunkTokens?: number;
 }
 
-export const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
+const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
 
 export class Engine {
   private readonly cache: KvCache;
@@ -181,7 +181,7 @@ export class Engine {
       logitPairs: BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)),
     });
     for (let l = 0; l < config.numLayers; l++) {
-      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.rowPast(l, this.row(p.id));
+      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.past(l, 1, this.row(p.id));
       feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
       feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
     }
@@ -291,8 +291,9 @@ export class Engine {
     const { config } = this;
     const b = this.cache.rows - (this.pending ? 1 : 0);
     if (tokens.size !== b) throw new Error(`decode needs a token for each of the ${b} live sequences, got ${tokens.size}`);
-    const lengths = this.cache.lengths.slice(0, b);
-    const maxLen = Math.max(...lengths);
+    const lengths = this.cache.lengths; // rows [0, b) are the ones decoding
+    let maxLen = 0;
+    for (let r = 0; r < b; r++) maxLen = Math.max(maxLen, lengths[r]);
     if (maxLen + 1 > config.maxPositions) throw new ReftError('context_length_exceeded', `a sequence reached the model's context of ${config.maxPositions} tokens`, 'max_new_tokens');
     this.cache.reserve(this.cache.rows, maxLen + 1);
     const ids = new BigInt64Array(b);

@@ -135,12 +135,16 @@ export class KvCache {
     this.lengths[row] += count;
   }
 
-  /** Past tensors' data for the first `rows` rows: [rows, kv_heads, capacity, head_dim] views. */
-  past(layer: number, rows = this.rows): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
-    const n = rows * this.rowStride();
+  /**
+   * Past tensors' data for `rows` rows from row `from` (default: all of them):
+   * [rows, kv_heads, capacity, head_dim] views.
+   */
+  past(layer: number, rows = this.rows, from = 0): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
+    const stride = this.rowStride();
+    const [start, end] = [from * stride, (from + rows) * stride];
     return {
-      key: this.keys[layer].subarray(0, n),
-      value: this.values[layer].subarray(0, n),
+      key: this.keys[layer].subarray(start, end),
+      value: this.values[layer].subarray(start, end),
       dims: [rows, this.shape.numKvHeads, this.capacity, this.shape.headDim],
     };
   }
@@ -157,16 +161,6 @@ export class KvCache {
     }
     [this.lengths[a], this.lengths[b]] = [this.lengths[b], this.lengths[a]];
     this.layoutVersion++;
-  }
-
-  /** One row's past, [1, kv_heads, capacity, head_dim] views (a chunk of a long prompt). */
-  rowPast(layer: number, row: number): { key: Float32Array; value: Float32Array; dims: [number, number, number, number] } {
-    const stride = this.rowStride();
-    return {
-      key: this.keys[layer].subarray(row * stride, (row + 1) * stride),
-      value: this.values[layer].subarray(row * stride, (row + 1) * stride),
-      dims: [1, this.shape.numKvHeads, this.capacity, this.shape.headDim],
-    };
   }
 
   clear(): void {

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { ReftError, invalidIntervention, firstIssue } from '../errors.ts';
-import { parseSafetensors, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
+import { parseSafetensors, plainFloats, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
 
 /**
@@ -104,7 +104,7 @@ export function parseArtifact(
   opts: { verifyValues?: boolean; allocate?: FloatAllocator } = {},
 ): Artifact {
   const verifyValues = opts.verifyValues ?? true;
-  const allocate = opts.allocate ?? ((n: number) => new Float32Array(n));
+  const allocate = opts.allocate ?? plainFloats;
   const config = parseReftConfig(configBytes);
   const field = (s: string) => `reft_config.json.${s}`;
   if (config.base_model.hidden_size !== base.hiddenSize) {
@@ -202,7 +202,7 @@ function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: st
 }
 
 /** Folds a kind's tensors into delta = (h·downᵀ + bias)·up. */
-export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number, allocate: FloatAllocator = (n) => new Float32Array(n)): LowRankIntervention {
+export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number, allocate: FloatAllocator = plainFloats): LowRankIntervention {
   const zeros = () => allocate(spec.rank * d);
   const minus = (a: Float32Array, b: Float32Array) => {
     const out = allocate(a.length);

@@ -146,7 +146,7 @@ export function parseSafetensors(bytes: Uint8Array, source: string): Safetensors
 /** Where converted tensors go: plain memory by default, or e.g. SharedArrayBuffers. */
 export type FloatAllocator = (length: number) => Float32Array;
 
-const plainFloats: FloatAllocator = (length) => new Float32Array(length);
+export const plainFloats: FloatAllocator = (length) => new Float32Array(length);
 
 export function toFloat32(file: SafetensorsFile, info: TensorInfo, allocate: FloatAllocator = plainFloats): Float32Array {
   const n = info.byteLength / DTYPE_BYTES[info.dtype];
