@@ -9,7 +9,7 @@ import { ReftError } from '../src/errors.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
 import { loadModel } from '../src/model/load.ts';
-import { toGenerationRequest } from '../src/engine/options.ts';
+import { toGenerationRequest } from '../src/server/protocol.ts';
 import { copyOfStories, editConfig, editHeader } from './support/model-copies.ts';
 import { storiesEngine } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';

@@ -86,7 +86,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
     });
     it('an unknown adapter', async () => {
       expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'adapter');
-      expectProblem(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'adapter');
+      expectProblem(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'model');
     });
     it('a path-traversal id', async () => {
       expectProblem(await json(api, 'GET', '/v1/interventions/..%2F..%2Fetc%2Fpasswd'), 400, /id/);

@@ -1,6 +1,6 @@
 import { Command, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
-import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../engine/options.ts';
+import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../server/protocol.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { invalidRequest, firstIssue } from '../errors.ts';
 import { readArtifactDir } from '../interventions/directory.ts';

@@ -81,7 +81,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     sharedInterventionsDir: f.interventionsDir,
     tenantLimits: { maxConcurrentRequests: f.tenantMaxConcurrent, maxInterventions: f.tenantMaxInterventions, maxInterventionBytes: f.tenantMaxBytes },
     engineLimits: { ...DEFAULT_LIMITS, maxBatchSize: f.maxBatchSize, maxTokensInFlight: f.maxTokensInFlight, maxQueue: f.maxQueue },
-    adapterCacheBytes: f.adapterCacheBytes,
+    interventionCacheBytes: f.adapterCacheBytes,
     bodyLimit: f.maxBodyBytes,
     uploadLimit: f.maxUploadBytes,
     shutdownTimeoutMs: f.shutdownTimeout,

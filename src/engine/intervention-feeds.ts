@@ -31,7 +31,7 @@ export function interventionFeeds(rows: readonly PrefillRow[], seq: number, numL
 }
 
 function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: number): LayerInterventionFeed {
-  // Distinct interventions on this layer (rows sharing an adapter share its columns), and
+  // Distinct interventions on this layer (rows sharing an intervention share its columns), and
   // for each flattened token the intervention indices that apply there.
   const columns = new Map<LowRankIntervention | string, number>();
   const ivs: LowRankIntervention[] = [];

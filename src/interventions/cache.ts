@@ -31,10 +31,13 @@ export class InterventionCache {
     });
   }
 
-  /** The intervention `idOrName` as `tenantId` sees it, or a 404 that doesn't say whose it is. */
-  async resolve(tenantId: string | null, idOrName: string): Promise<ResolvedIntervention> {
+  /**
+   * The intervention `idOrName` as `tenantId` sees it, or a 404 on `field` (the request field
+   * that named it) that doesn't say whose it is.
+   */
+  async resolve(tenantId: string | null, idOrName: string, field = 'intervention'): Promise<ResolvedIntervention> {
     const meta = await this.store.findIntervention(tenantId, idOrName);
-    if (!meta) throw noSuch('intervention', idOrName, 'adapter');
+    if (!meta) throw noSuch('intervention', idOrName, field);
     const cached = this.lru.get(meta.id);
     if (cached && cached.version === meta.version) {
       this.hits++;
@@ -44,7 +47,7 @@ export class InterventionCache {
     this.misses++;
     this.onLookup(false);
     const files = await this.store.readInterventionFiles(meta.id);
-    if (!files) throw noSuch('intervention', idOrName, 'adapter');
+    if (!files) throw noSuch('intervention', idOrName, field);
     // validated value by value when it was stored; here the structure is enough
     // factors straight into shared memory: first use allocates (and later collects) less
     const artifact = parseArtifact(files.config, files.weights, this.base, { verifyValues: false, allocate: sharedFloats });

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { ReftError, invalidRequest, noSuch } from '../errors.ts';
-import { messageSchema } from '../engine/options.ts';
+import { messageSchema } from '../server/protocol.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
 import type { Store } from '../storage/store.ts';
 import { tokenizeRows, type TrainingExample, type TrainingRow } from '../training/index.ts';

@@ -18,7 +18,8 @@ import { fileRoutes } from './routes/files.ts';
 import { trainingRoutes } from './routes/training.ts';
 import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
-import { GenerationService, notReady, type ModelRuntime } from './runtime.ts';
+import { GenerationService } from './generation-service.ts';
+import { notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 
 /**

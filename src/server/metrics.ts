@@ -20,7 +20,7 @@ export class ServerMetrics {
   });
   readonly generatedTokens = new Counter({ name: 'reft_generated_tokens_total', help: 'Tokens generated', registers: [this.registry] });
   readonly promptTokens = new Counter({ name: 'reft_prompt_tokens_total', help: 'Prompt tokens processed', registers: [this.registry] });
-  readonly adapterCache = new Counter({ name: 'reft_adapter_cache_total', help: 'Intervention cache lookups', labelNames: ['result'], registers: [this.registry] });
+  readonly interventionCache = new Counter({ name: 'reft_adapter_cache_total', help: 'Intervention cache lookups', labelNames: ['result'], registers: [this.registry] });
 
   constructor(engineStats: () => Promise<EngineStats | null>) {
     collectDefaultMetrics({ register: this.registry, prefix: 'reft_process_' });

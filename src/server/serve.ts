@@ -33,7 +33,7 @@ export interface ServeSettings {
   sharedInterventionsDir: string | null;
   tenantLimits: TenantLimits;
   engineLimits: SchedulerLimits;
-  adapterCacheBytes: number;
+  interventionCacheBytes: number;
   bodyLimit: number;
   uploadLimit: number;
   shutdownTimeoutMs: number;
@@ -90,7 +90,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       notReady = 'engine crashed';
       void shutdown('engine crashed').finally(() => process.exit(1));
     });
-    const interventions = new InterventionCache(store, model.config, s.adapterCacheBytes, (hit) => metrics.adapterCache.inc({ result: hit ? 'hit' : 'miss' }));
+    const interventions = new InterventionCache(store, model.config, s.interventionCacheBytes, (hit) => metrics.interventionCache.inc({ result: hit ? 'hit' : 'miss' }));
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
     runtime = { name: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };

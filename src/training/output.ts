@@ -4,7 +4,7 @@ import type { ModelConfig } from '../model/config.ts';
 import { encodeSafetensors } from '../model/safetensors.ts';
 import { tensorShape, type KindTensors } from './kinds.ts';
 
-/** A trained adapter as the two reft/v1 files, already validated against the base model. */
+/** A trained intervention as the two reft/v1 files, already validated against the base model. */
 export interface TrainedArtifact {
   /** reft_config.json */
   configJson: string;

@@ -2,10 +2,10 @@ import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { GenerationResult } from '../../engine/generation.ts';
-import { inputFields, samplingFields } from '../../engine/options.ts';
+import { inputFields, samplingFields } from '../protocol.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
-import type { GenerationService, PreparedGeneration } from '../runtime.ts';
+import type { GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { SseStream } from '../sse.ts';
 import { problemSchema } from './schemas.ts';
 
@@ -38,7 +38,7 @@ export function generateResponseBody(p: PreparedGeneration, r: GenerationResult,
   const text = (id: number) => tokenizer.decode([id]);
   return {
     id: p.id,
-    adapter: p.adapter,
+    adapter: p.interventionId,
     text: r.text,
     token_ids: r.tokens,
     finish_reason: r.finishReason,
@@ -76,7 +76,7 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
     },
   }, async (request, reply) => {
     const { adapter, stream, ...input } = request.body;
-    const prepared = await service.prepare(request.tenant, adapter, input);
+    const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
     const tokenizer = service.model.tokenizer;
     if (!stream) {
       const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });

@@ -2,12 +2,12 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { GenerationResult, TokenLogprob } from '../../engine/generation.ts';
-import { messageSchema, samplingFields } from '../../engine/options.ts';
+import { messageSchema, samplingFields } from '../protocol.ts';
 import { invalidRequest } from '../../errors.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import type { Store } from '../../storage/store.ts';
 import { problemOf, toReftError } from '../problem.ts';
-import type { GenerationInput, GenerationService, PreparedGeneration } from '../runtime.ts';
+import type { GenerationInput, GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { SseStream } from '../sse.ts';
 import { disconnectSignal } from './generate.ts';
 import { problemSchema } from './schemas.ts';
@@ -138,7 +138,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
   }, async (request, reply) => {
     const b = request.body;
     const input = { ...generationInput(b, b.max_tokens, b.logprobs ?? 0), ...(typeof b.prompt === 'string' ? { prompt: b.prompt } : { input_ids: b.prompt }) };
-    const prepared = await service.prepare(request.tenant, b.model, input, 'cmpl');
+    const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'cmpl');
     const tokenizer = service.model.tokenizer;
     const base = { id: prepared.id, object: 'text_completion' as const, created: created(), model: b.model };
     if (b.stream) {
@@ -162,7 +162,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
     const input = { ...generationInput(b, b.max_completion_tokens ?? b.max_tokens, lp), messages: b.messages };
     if (b.logprobs) input.logprobs = true;
-    const prepared = await service.prepare(request.tenant, b.model, input, 'chatcmpl');
+    const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
     const tokenizer = service.model.tokenizer;
     const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
     if (b.stream) {

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { invalidRequest } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
-import { checkPromptFits, type GenerationRequest } from './generation.ts';
+import { checkPromptFits, type GenerationRequest } from '../engine/generation.ts';
 
 /**
  * What a caller may ask of a generation, shared by the HTTP API and the CLI, with the defaults

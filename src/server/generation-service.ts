@@ -1,0 +1,85 @@
+import { randomUUID } from 'node:crypto';
+import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
+import type { Tenant } from '../storage/store.ts';
+import type { ServerMetrics } from './metrics.ts';
+import { promptInput, toGenerationRequest, tokenize, type GenerateOptions } from './protocol.ts';
+import type { ModelRuntime } from './runtime.ts';
+import type { ConcurrencyLimiter } from './tenant-limits.ts';
+import type { UsageMeter } from './usage.ts';
+
+/**
+ * Turns a route's validated request into an engine request (intervention resolved, input
+ * tokenized) and runs it under the tenant's concurrency limit, metering it.
+ */
+export interface PreparedGeneration {
+  id: string;
+  /** The intervention id used, or null for the base model. */
+  interventionId: string | null;
+  request: GenerationRequest;
+}
+
+export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'> {
+  prompt?: string;
+  messages?: Array<{ role: string; content: string }>;
+  input_ids?: number[];
+}
+
+export class GenerationService {
+  constructor(
+    private readonly runtime: () => ModelRuntime,
+    private readonly limiter: ConcurrencyLimiter,
+    private readonly metrics: ServerMetrics,
+    private readonly usage: UsageMeter,
+  ) {}
+
+  get model(): ModelRuntime {
+    return this.runtime();
+  }
+
+  /**
+   * Resolves the intervention (none when null or the base model's name) and tokenizes the input.
+   * `field` is the request field that named it, for a not-found error.
+   */
+  async prepare(
+    tenant: Tenant,
+    intervention: { name: string | null | undefined; field: string },
+    input: GenerationInput,
+    idPrefix = 'gen',
+  ): Promise<PreparedGeneration> {
+    const rt = this.runtime();
+    const { name, field } = intervention;
+    const useBase = name === undefined || name === null || name === rt.name;
+    const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
+    const tokens = tokenize(promptInput(input), rt.tokenizer);
+    const request = toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions);
+    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request };
+  }
+
+  /** Runs a prepared generation under the tenant's concurrency limit, recording metrics. */
+  async run(tenant: Tenant, prepared: PreparedGeneration, opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {}): Promise<GenerationResult> {
+    const release = this.limiter.acquire(tenant.id);
+    const started = performance.now();
+    let first = 0;
+    try {
+      const result = await this.runtime().engine.generate(prepared.request, {
+        signal: opts.signal,
+        onToken: (e) => {
+          if (!first) {
+            first = performance.now();
+            this.metrics.timeToFirstToken.observe((first - started) / 1000);
+          }
+          opts.onToken?.(e);
+        },
+      });
+      this.metrics.promptTokens.inc(result.promptTokens);
+      this.metrics.generatedTokens.inc(result.tokens.length);
+      this.usage.add(tenant.id, { requests: 1, promptTokens: result.promptTokens, completionTokens: result.tokens.length });
+      const decodeSeconds = (performance.now() - first) / 1000;
+      if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
+      return result;
+    } finally {
+      release();
+    }
+  }
+}
+
