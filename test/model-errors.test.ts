@@ -89,7 +89,7 @@ describe('a device this install cannot drive', () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'reft-cuda-'));
     const r = spawnSync(process.execPath, [BIN, 'worker', '--device', 'cuda', '--model', STORIES, '--data-dir', dataDir], { encoding: 'utf8', timeout: 60_000 });
     expect(r.status).toBe(1);
-    expect(r.stderr.trim().split('\n')).toEqual(['reft-server: this onnxruntime-node install has no CUDA provider: install with ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci, or run with --device cpu']);
+    expect(r.stderr.trim().split('\n')).toEqual(['reft-server: this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu']);
   });
 });
 

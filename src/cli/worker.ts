@@ -34,7 +34,7 @@ export function workerCommand(): Command {
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
   if (f.device === 'cuda' && !(await cudaAvailable())) {
-    throw new ReftError('unavailable', 'this onnxruntime-node install has no CUDA provider: install with ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci, or run with --device cpu', 'device');
+    throw new ReftError('unavailable', 'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu', 'device');
   }
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);

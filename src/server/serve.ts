@@ -112,7 +112,12 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
         void runtime?.engine.terminate();
       }, s.shutdownTimeoutMs);
       timer.unref();
-      await Promise.all([app.close(), worker?.stop()]);
+      const closed = app.close();
+      // close() drops the connections idle now; a keep-alive client's turns idle only after its
+      // in-flight answer, and would hold close() open until the client lets go
+      const sweep = setInterval(() => app.server.closeIdleConnections(), 100);
+      await Promise.all([closed, worker?.stop()]);
+      clearInterval(sweep);
       clearTimeout(timer);
       await runtime?.engine.close();
       await store.close();
