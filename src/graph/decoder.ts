@@ -179,8 +179,7 @@ function attentionAttributes(config: ModelConfig, layer: LayerSpec): Record<stri
   const attrs: Record<string, AttrValue> = {};
   if (attentionScale !== null) attrs.scale = float(attentionScale);
   if (attentionSoftcap !== null) attrs.softcap = float(attentionSoftcap);
-  // GroupQueryAttention's window counts the keys before the query's own position
-  if (layer.slidingWindow !== null) attrs.local_window_size = layer.slidingWindow - 1;
+  if (layer.slidingWindow !== null) attrs.local_window_size = layer.slidingWindow;
   return attrs;
 }
 
