@@ -277,16 +277,18 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
     const tensors = checkpointTensors(arch, 11);
     const ref = new Reference(arch, tensors);
     let model: LoadedModel;
-    const layouts = arch === 'gemma2' ? (['packed', 'separate'] as const) : (['separate'] as const);
+    // Gemma 2 also in chunks of 3 tokens: a chunk's queries see the sliding window across the cache
+    const runs: Array<{ attention: 'packed' | 'separate'; chunk?: number }> =
+      arch === 'gemma2' ? [{ attention: 'packed' }, { attention: 'separate' }, { attention: 'packed', chunk: 3 }] : [{ attention: 'separate' }];
 
     it('loads from the Hugging Face layout', async () => {
       model = await loadModel(writeModel(arch));
       expect(model.config.architecture).toBe((CONFIGS[arch].architectures as string[])[0]);
     });
 
-    for (const attention of layouts) {
-      it(`${attention} attention: prefill logits, an intervention, KV-cached decoding equal to recomputation`, async () => {
-        const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention });
+    for (const { attention, chunk } of runs) {
+      it(`${attention} attention${chunk ? `, prefill in chunks of ${chunk}` : ''}: prefill logits, an intervention, KV-cached decoding equal to recomputation`, async () => {
+        const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention, prefillChunkTokens: chunk });
         engines.push(engine);
         const rng = new Rng(5);
         const iv = randomEdit(rng, 1, 2, ref.dims.d, 'f2+l2');
