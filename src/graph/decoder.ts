@@ -7,7 +7,8 @@ import { ropeTables } from './rope.ts';
 import { checkpointWeights, offsetWeight } from './weights.ts';
 
 /**
- * The inference graph of a Llama-family decoder, with ReFT interventions as inputs.
+ * The inference graph of a decoder (any architecture of src/model/architecture.ts: the forward
+ * pass is graph/forward.ts, this file chooses its operators), with ReFT interventions as inputs.
  *
  * One graph serves prefill and decode. Each call processes `batch` rows of `seq` new tokens on
  * top of a KV cache the caller keeps (`past_key.L` / `past_value.L`, BNSH, any past length per
@@ -20,8 +21,11 @@ import { checkpointWeights, offsetWeight } from './weights.ts';
  *   FusedMatMul over the concatenated q/k/v weights feeds GQA, which rotates q and k itself.
  *   The graph returns that packed projection (`qkv.L`, [batch, seq, (heads + 2·kv_heads)·head_dim]);
  *   the caller takes k and v from it and rotates k with the same tables (src/graph/rope.ts).
- * - `separate`: q, k, v projections, RotaryEmbedding on q and k, GQA without rotary; the graph
- *   returns the rotated `new_key.L` and `new_value.L` ([batch, seq, kv_heads·head_dim]).
+ * - `separate`: q, k, v projections, per-head q/k norms where the architecture has them,
+ *   RotaryEmbedding on q and k, GQA without rotary; the graph returns the rotated `new_key.L`
+ *   and `new_value.L` ([batch, seq, kv_heads·head_dim]).
+ * GroupQueryAttention also takes the architecture's attention scale, soft-cap and sliding
+ * window (`local_window_size`: the keys a query sees, its own included).
  *
  * After decoder layer L, the interventions of the batch edit the residual stream:
  *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up

@@ -8,7 +8,8 @@ import { ropeTables } from './rope.ts';
 import { checkpointWeights, offsetWeight } from './weights.ts';
 
 /**
- * The training graph: the frozen decoder's forward pass, the ReFT loss, and the gradient of
+ * The training graph: the frozen decoder's forward pass (graph/forward.ts, over this file's
+ * differentiable operators), the ReFT loss, and the gradient of
  * the loss with respect to the interventions' low-rank factors, computed by our tape
  * (autodiff/). Only standard ai.onnx operators, so it runs on ORT's CUDA provider as on CPU.
  *
