@@ -4,7 +4,7 @@ import { ReftError, firstIssue, unsupportedModel } from '../errors.ts';
 /**
  * What distinguishes one decoder architecture from another, as plain data on the model's
  * config: the checkpoint loader (which tensors to expect), the inference graph and the
- * training graph all read it, and nothing else about an architecture is written anywhere.
+ * training graph all read it, and nothing else names an architecture.
  * An architecture is a declaration over the Llama base (ARCHITECTURES, below): the weight
  * names it stores and how its config.json fills in this layout.
  */
