@@ -114,9 +114,9 @@ function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoi
   const norm = (x: string, w: string): string =>
     g.op('SimplifiedLayerNormalization', [x, normWeight(w)], { axis: -1, epsilon: eps, stash_type: 1 });
   /** RMSNorm of each head of a [batch, seq, heads·head_dim] projection. */
-  const headNorm = (x: string, w: string, name?: string): string => {
+  const headNorm = (x: string, w: string): string => {
     const heads = g.op('Reshape', [x, g.int64s('head_view', [0, 0, -1, headDim])]);
-    return g.op('Reshape', [norm(heads, w), g.int64s('flat_view', [0, 0, -1])], {}, { name });
+    return g.op('Reshape', [norm(heads, w), g.int64s('flat_view', [0, 0, -1])]);
   };
   const { cos, sin } = rotaryTables(g, config);
 
