@@ -81,6 +81,7 @@ const cases: Array<[string, Arg[], (t: Tape, x: string[]) => string]> = [
   ['Sqrt', [{ shape: [4], positive: true }], (t, [a]) => t.op('Sqrt', [a])],
   ['Reciprocal', [{ shape: [4], positive: true }], (t, [a]) => t.op('Reciprocal', [a])],
   ['Sigmoid', [{ shape: [6] }], (t, [a]) => t.op('Sigmoid', [a])],
+  ['Tanh', [{ shape: [6] }], (t, [a]) => t.op('Tanh', [a])],
   [
     'Where (broadcast branches)',
     [{ shape: [2, 3] }, { shape: [3] }],

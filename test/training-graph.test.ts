@@ -1,14 +1,14 @@
 import onnxProto from 'onnx-proto';
 import type { onnx as OnnxTypes } from 'onnx-proto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildTrainingGraph } from '../src/graph/training.ts';
+import { buildTrainingGraph } from '../src/graph/training-graph.ts';
 import type { InterventionSpec } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { StackLayout, allocateFactors, packBatch, type TrainingExample } from '../src/training/batch.ts';
 import { initialTensors, kindGradients, writeLowRank, type KindTensors } from '../src/training/kinds.ts';
 import { Rng } from '../src/rng.ts';
-import { TrainingGraph, type TrainingBatch } from '../src/training/training-graph.ts';
+import { TrainingGraph, type TrainingBatch } from '../src/training/step-session.ts';
 import { STORIES, fixtureCase, reference, tensor } from './support/fixtures.ts';
 
 const { onnx } = onnxProto as unknown as { onnx: typeof OnnxTypes };

@@ -1,11 +1,14 @@
+import type { LayerSpec, LinearWeights } from '../model/architecture.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
-import { GraphBuilder, MS_DOMAIN, float, subgraph } from './onnx.ts';
+import { decoderForward, type ForwardOps } from './forward.ts';
+import { GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
 import { ropeTables } from './rope.ts';
-import { checkpointWeight } from './weights.ts';
+import { checkpointWeights, offsetWeight } from './weights.ts';
 
 /**
- * The inference graph of a Llama-family decoder, with ReFT interventions as inputs.
+ * The inference graph of a decoder (any architecture of src/model/architecture.ts: the forward
+ * pass is graph/forward.ts, this file chooses its operators), with ReFT interventions as inputs.
  *
  * One graph serves prefill and decode. Each call processes `batch` rows of `seq` new tokens on
  * top of a KV cache the caller keeps (`past_key.L` / `past_value.L`, BNSH, any past length per
@@ -18,8 +21,11 @@ import { checkpointWeight } from './weights.ts';
  *   FusedMatMul over the concatenated q/k/v weights feeds GQA, which rotates q and k itself.
  *   The graph returns that packed projection (`qkv.L`, [batch, seq, (heads + 2·kv_heads)·head_dim]);
  *   the caller takes k and v from it and rotates k with the same tables (src/graph/rope.ts).
- * - `separate`: q, k, v projections, RotaryEmbedding on q and k, GQA without rotary; the graph
- *   returns the rotated `new_key.L` and `new_value.L` ([batch, seq, kv_heads·head_dim]).
+ * - `separate`: q, k, v projections, per-head q/k norms where the architecture has them,
+ *   RotaryEmbedding on q and k, GQA without rotary; the graph returns the rotated `new_key.L`
+ *   and `new_value.L` ([batch, seq, kv_heads·head_dim]).
+ * GroupQueryAttention also takes the architecture's attention scale, soft-cap and sliding
+ * window (`local_window_size`: the keys a query sees, its own included).
  *
  * After decoder layer L, the interventions of the batch edit the residual stream:
  *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up
@@ -58,86 +64,133 @@ export const decoderOutputs = {
 
 export type AttentionLayout = 'packed' | 'separate';
 
-/** GroupQueryAttention rotates q and k itself only for head sizes that are multiples of 16. */
+/**
+ * GroupQueryAttention rotates q and k itself only for head sizes that are multiples of 16, and
+ * only straight from the projection (per-head q/k norms come between).
+ */
 export function defaultAttentionLayout(config: ModelConfig): AttentionLayout {
-  return config.headDim % 16 === 0 ? 'packed' : 'separate';
+  return config.headDim % 16 === 0 && !config.layout.qkNorm ? 'packed' : 'separate';
 }
 
 export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, layout: AttentionLayout = defaultAttentionLayout(config)): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
-  const d = config.hiddenSize;
-  const kvDim = config.numKvHeads * config.headDim;
-  const qDim = config.numHeads * config.headDim;
+  const inputs = {
+    ids: g.input(decoderInputs.inputIds, 'int64', ['batch', 'seq']),
+    positions: g.input(decoderInputs.positionIds, 'int64', ['batch', 'seq']),
+    seqlensK: g.input(decoderInputs.seqlensK, 'int32', ['batch']),
+    totalSeq: g.input(decoderInputs.totalSequenceLength, 'int32', []),
+    logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
+    hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
+  };
+  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, inputs), config);
+  g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
+  return g.encode(OPSETS);
+}
 
-  const weight = (name: string): string => checkpointWeight(g, checkpoint, name);
+interface DecoderGraphInputs {
+  ids: string;
+  positions: string;
+  seqlensK: string;
+  totalSeq: string;
+  logitIndex: string;
+  hasInterventions: string;
+}
+
+/** The inference graph's operators: ORT's fused contrib operators, attention over the KV cache. */
+function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoint, layout: AttentionLayout, inputs: DecoderGraphInputs): ForwardOps {
+  const { numHeads, numKvHeads, headDim, hiddenSize: d } = config;
+  const kvDim = numKvHeads * headDim;
+  const qDim = numHeads * headDim;
+  const eps = float(config.rmsNormEps);
+  const weight = checkpointWeights(g, checkpoint);
+  const normWeight = (name: string) => offsetWeight(g, weight(name), config.layout.normOffset);
   /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. Weights stacked with Concat
    * are folded into one initializer when the session loads. */
   const project = (x: string, w: string, b: string | null, name?: string): string => {
     if (!b) return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
     return g.op('Add', [g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN }), b], {}, { name });
   };
-  const linear = (x: string, prefix: string, bias: boolean, name?: string): string =>
-    project(x, weight(`${prefix}.weight`), bias ? weight(`${prefix}.bias`) : null, name);
-  const rmsNorm = (x: string, w: string): string =>
-    g.op('SimplifiedLayerNormalization', [x, weight(w)], { axis: -1, epsilon: float(config.rmsNormEps), stash_type: 1 });
-
-  const inputIds = g.input(decoderInputs.inputIds, 'int64', ['batch', 'seq']);
-  const positionIds = g.input(decoderInputs.positionIds, 'int64', ['batch', 'seq']);
-  const seqlensK = g.input(decoderInputs.seqlensK, 'int32', ['batch']);
-  const totalSeq = g.input(decoderInputs.totalSequenceLength, 'int32', []);
-  const logitIndex = g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]);
-  const hasInterventions = g.input(decoderInputs.hasInterventions, 'bool', []);
-
+  const linear = (x: string, w: LinearWeights, name?: string): string => project(x, weight(w.weight), w.bias ? weight(w.bias) : null, name);
+  const norm = (x: string, w: string): string =>
+    g.op('SimplifiedLayerNormalization', [x, normWeight(w)], { axis: -1, epsilon: eps, stash_type: 1 });
+  /** RMSNorm of each head of a [batch, seq, heads·head_dim] projection. */
+  const headNorm = (x: string, w: string): string => {
+    const heads = g.op('Reshape', [x, g.int64s('head_view', [0, 0, -1, headDim])]);
+    return g.op('Reshape', [norm(heads, w), g.int64s('flat_view', [0, 0, -1])]);
+  };
   const { cos, sin } = rotaryTables(g, config);
-  const embed = weight('model.embed_tokens.weight');
-  let h = g.op('Gather', [embed, inputIds], { axis: 0 });
 
-  for (let l = 0; l < config.numLayers; l++) {
-    const p = `model.layers.${l}`;
-    const x = rmsNorm(h, `${p}.input_layernorm.weight`);
-    const pastKey = g.input(decoderInputs.pastKey(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
-    const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', config.numKvHeads, 'past', config.headDim]);
-    const gqa = { num_heads: config.numHeads, kv_num_heads: config.numKvHeads };
-    let attn: string;
+  const attention = (x: string, layer: LayerSpec): string => {
+    const l = layer.index;
+    const pastKey = g.input(decoderInputs.pastKey(l), 'float32', ['batch', numKvHeads, 'past', headDim]);
+    const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', numKvHeads, 'past', headDim]);
+    const gqa = { num_heads: numHeads, kv_num_heads: numKvHeads, ...attentionAttributes(config, layer) };
+    const { seqlensK, totalSeq } = inputs;
     if (layout === 'packed') {
-      const proj = (t: string) => ['q_proj', 'k_proj', 'v_proj'].map((m) => weight(`${p}.self_attn.${m}.${t}`));
-      const concat = (t: string) => g.op('Concat', proj(t), { axis: 0 });
-      const qkv = project(x, concat('weight'), config.attentionBias ? concat('bias') : null, decoderOutputs.qkv(l));
+      if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
+      const stack = (part: 'weight' | 'bias') => g.op('Concat', [layer.q, layer.k, layer.v].map((w) => weight(w[part]!)), { axis: 0 });
+      const qkv = project(x, stack('weight'), layer.q.bias ? stack('bias') : null, decoderOutputs.qkv(l));
       g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
-      [attn] = g.opN('GroupQueryAttention', [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], 3, { ...gqa, do_rotary: 1, rotary_interleaved: 0 }, { domain: MS_DOMAIN });
-    } else {
-      const rotary = (t: string, heads: number, name?: string) =>
-        g.op('RotaryEmbedding', [t, positionIds, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
-      const q = rotary(linear(x, `${p}.self_attn.q_proj`, config.attentionBias), config.numHeads);
-      // K and V are graph outputs under their own names (an Identity would copy them).
-      const k = rotary(linear(x, `${p}.self_attn.k_proj`, config.attentionBias), config.numKvHeads, decoderOutputs.newKey(l));
-      const v = linear(x, `${p}.self_attn.v_proj`, config.attentionBias, decoderOutputs.newValue(l));
-      g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
-      g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
-      [attn] = g.opN('GroupQueryAttention', [q, k, v, pastKey, pastValue, seqlensK, totalSeq], 3, { ...gqa, do_rotary: 0 }, { domain: MS_DOMAIN });
+      return g.opN('GroupQueryAttention', [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], 3, { ...gqa, do_rotary: 1, rotary_interleaved: 0 }, { domain: MS_DOMAIN })[0];
     }
-    const o = linear(attn, `${p}.self_attn.o_proj`, false);
-    const [x2, , , mid] = g.opN(
-      'SkipSimplifiedLayerNormalization',
-      [o, h, weight(`${p}.post_attention_layernorm.weight`)],
-      4,
-      { epsilon: float(config.rmsNormEps) },
-      { domain: MS_DOMAIN },
-    );
-    // gate and up as one matmul over their stacked weights: one longer stream per layer
-    const gateUp = (t: string) => g.op('Concat', ['gate_proj', 'up_proj'].map((m) => weight(`${p}.mlp.${m}.${t}`)), { axis: 0 });
-    const [gatePre, up] = g.opN('Split', [project(x2, gateUp('weight'), config.mlpBias ? gateUp('bias') : null)], 2, { axis: -1, num_outputs: 2 });
-    const gate = g.op('QuickGelu', [gatePre], { alpha: float(1) }, { domain: MS_DOMAIN });
-    const down = linear(g.op('Mul', [gate, up]), `${p}.mlp.down_proj`, config.mlpBias);
-    h = g.op('Add', [mid, down]);
-    h = interventionBlock(g, h, l, d, hasInterventions);
-  }
+    const rotary = (t: string, heads: number, name?: string) =>
+      g.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
+    const normed = (t: string, w: string | null) => (w ? headNorm(t, w) : t);
+    const q = rotary(normed(linear(x, layer.q), layer.qNorm), numHeads);
+    // K and V are graph outputs under their own names (an Identity would copy them).
+    const k = rotary(normed(linear(x, layer.k), layer.kNorm), numKvHeads, decoderOutputs.newKey(l));
+    const v = linear(x, layer.v, decoderOutputs.newValue(l));
+    g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
+    g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
+    return g.opN('GroupQueryAttention', [q, k, v, pastKey, pastValue, seqlensK, totalSeq], 3, { ...gqa, do_rotary: 0 }, { domain: MS_DOMAIN })[0];
+  };
 
-  const last = rmsNorm(g.op('GatherND', [h, logitIndex]), 'model.norm.weight');
-  const lmHead = config.tieWordEmbeddings ? embed : weight('lm_head.weight');
-  const logits = g.op('FusedMatMul', [last, lmHead], { transB: 1 }, { domain: MS_DOMAIN, name: decoderOutputs.logits });
-  g.output(logits, logits, 'float32', ['logit_rows', config.vocabSize]);
-  return g.encode(OPSETS);
+  return {
+    embed: (w, scale) => {
+      const h = g.op('Gather', [weight(w), inputs.ids], { axis: 0 });
+      return scale === null ? h : g.op('Mul', [h, g.constant('embed_scale', Float32Array.of(scale), [])]);
+    },
+    norm,
+    addNorm: (residual, x, w) => {
+      const [normed, , , sum] = g.opN('SkipSimplifiedLayerNormalization', [x, residual, normWeight(w)], 4, { epsilon: eps }, { domain: MS_DOMAIN });
+      return { sum, normed };
+    },
+    add: (a, b) => g.op('Add', [a, b]),
+    linear: (x, w) => linear(x, w),
+    attention,
+    gatedActivation: (x, layer) => {
+      // gate and up as one matmul over their stacked weights: one longer stream per layer
+      const stack = (part: 'weight' | 'bias') => g.op('Concat', [weight(layer.gate[part]!), weight(layer.up[part]!)], { axis: 0 });
+      const [gatePre, up] = g.opN('Split', [project(x, stack('weight'), layer.gate.bias ? stack('bias') : null)], 2, { axis: -1, num_outputs: 2 });
+      const gate =
+        config.layout.activation === 'silu'
+          ? g.op('QuickGelu', [gatePre], { alpha: float(1) }, { domain: MS_DOMAIN })
+          : g.op('FastGelu', [gatePre], {}, { domain: MS_DOMAIN });
+      return g.op('Mul', [gate, up]);
+    },
+    intervene: (h, l) => interventionBlock(g, h, l, d, inputs.hasInterventions),
+    logitRows: (h) => g.op('GatherND', [h, inputs.logitIndex]),
+    logits: (x, w, softcap) => {
+      if (softcap === null) return g.op('FusedMatMul', [x, weight(w)], { transB: 1 }, { domain: MS_DOMAIN, name: decoderOutputs.logits });
+      return softcapOp(g, g.op('FusedMatMul', [x, weight(w)], { transB: 1 }, { domain: MS_DOMAIN }), softcap, decoderOutputs.logits);
+    },
+  };
+}
+
+/** GroupQueryAttention's attributes for what the layout changes (none for Llama). */
+function attentionAttributes(config: ModelConfig, layer: LayerSpec): Record<string, AttrValue> {
+  const { attentionScale, attentionSoftcap } = config.layout;
+  const attrs: Record<string, AttrValue> = {};
+  if (attentionScale !== null) attrs.scale = float(attentionScale);
+  if (attentionSoftcap !== null) attrs.softcap = float(attentionSoftcap);
+  if (layer.slidingWindow !== null) attrs.local_window_size = layer.slidingWindow;
+  return attrs;
+}
+
+/** cap·tanh(x / cap) in plain operators. */
+function softcapOp(g: GraphBuilder, x: string, cap: number, name?: string): string {
+  const scaled = g.op('Tanh', [g.op('Div', [x, g.constant('softcap', Float32Array.of(cap), [])])]);
+  return g.op('Mul', [scaled, g.constant('softcap', Float32Array.of(cap), [])], {}, { name });
 }
 
 /**

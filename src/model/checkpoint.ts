@@ -1,6 +1,7 @@
 import { readFile, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ReftError, invalidCheckpoint } from '../errors.ts';
+import { MODEL_WEIGHTS, layerSpec, type LinearWeights } from './architecture.ts';
 import type { ModelConfig } from './config.ts';
 import { readHeader, type DType, type TensorInfo } from './safetensors.ts';
 
@@ -77,42 +78,35 @@ export interface ExpectedTensor {
   shape: number[];
 }
 
-/** Every tensor the decoder graph reads, with the shape the config implies. */
+/** Every tensor the graphs read, with the shape the config implies (names: the layer specs). */
 export function expectedTensors(config: ModelConfig): ExpectedTensor[] {
   const { hiddenSize: d, intermediateSize: f, numHeads, numKvHeads, headDim, vocabSize } = config;
   const q = numHeads * headDim;
   const kv = numKvHeads * headDim;
-  const out: ExpectedTensor[] = [{ name: 'model.embed_tokens.weight', shape: [vocabSize, d] }];
+  const out: ExpectedTensor[] = [{ name: MODEL_WEIGHTS.embed, shape: [vocabSize, d] }];
+  const linear = (w: LinearWeights, rows: number, cols: number) => {
+    out.push({ name: w.weight, shape: [rows, cols] });
+    if (w.bias) out.push({ name: w.bias, shape: [rows] });
+  };
+  const norm = (name: string | null, size: number) => name && out.push({ name, shape: [size] });
   for (let l = 0; l < config.numLayers; l++) {
-    const p = `model.layers.${l}`;
-    out.push(
-      { name: `${p}.input_layernorm.weight`, shape: [d] },
-      { name: `${p}.self_attn.q_proj.weight`, shape: [q, d] },
-      { name: `${p}.self_attn.k_proj.weight`, shape: [kv, d] },
-      { name: `${p}.self_attn.v_proj.weight`, shape: [kv, d] },
-      { name: `${p}.self_attn.o_proj.weight`, shape: [d, q] },
-      { name: `${p}.post_attention_layernorm.weight`, shape: [d] },
-      { name: `${p}.mlp.gate_proj.weight`, shape: [f, d] },
-      { name: `${p}.mlp.up_proj.weight`, shape: [f, d] },
-      { name: `${p}.mlp.down_proj.weight`, shape: [d, f] },
-    );
-    if (config.attentionBias) {
-      out.push(
-        { name: `${p}.self_attn.q_proj.bias`, shape: [q] },
-        { name: `${p}.self_attn.k_proj.bias`, shape: [kv] },
-        { name: `${p}.self_attn.v_proj.bias`, shape: [kv] },
-      );
-    }
-    if (config.mlpBias) {
-      out.push(
-        { name: `${p}.mlp.gate_proj.bias`, shape: [f] },
-        { name: `${p}.mlp.up_proj.bias`, shape: [f] },
-        { name: `${p}.mlp.down_proj.bias`, shape: [d] },
-      );
-    }
+    const s = layerSpec(config, l);
+    norm(s.attnNorm, d);
+    linear(s.q, q, d);
+    linear(s.k, kv, d);
+    linear(s.v, kv, d);
+    linear(s.o, d, q);
+    norm(s.qNorm, headDim);
+    norm(s.kNorm, headDim);
+    norm(s.attnOutNorm, d);
+    norm(s.mlpNorm, d);
+    linear(s.gate, f, d);
+    linear(s.up, f, d);
+    linear(s.down, d, f);
+    norm(s.mlpOutNorm, d);
   }
-  out.push({ name: 'model.norm.weight', shape: [d] });
-  if (!config.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [vocabSize, d] });
+  out.push({ name: MODEL_WEIGHTS.finalNorm, shape: [d] });
+  if (!config.tieWordEmbeddings) out.push({ name: MODEL_WEIGHTS.lmHead, shape: [vocabSize, d] });
   return out;
 }
 

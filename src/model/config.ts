@@ -1,9 +1,8 @@
 import { z } from 'zod';
 import { ReftError, unsupportedModel, firstIssue } from '../errors.ts';
+import { SUPPORTED_ARCHITECTURES, decoderLayout, isArchitecture, type Architecture, type DecoderLayout } from './architecture.ts';
 
-/** The architectures the graph builder knows; all share the Llama decoder layout. */
-export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
-export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
+export { SUPPORTED_ARCHITECTURES, type Architecture } from './architecture.ts';
 
 export type RopeScaling =
   | { type: 'linear'; factor: number }
@@ -30,9 +29,8 @@ export interface ModelConfig {
   ropeTheta: number;
   ropeScaling: RopeScaling | null;
   tieWordEmbeddings: boolean;
-  /** q/k/v projections carry a bias (Qwen2, or Llama with attention_bias). */
-  attentionBias: boolean;
-  mlpBias: boolean;
+  /** How the architecture's layers differ from Llama's (src/model/architecture.ts). */
+  layout: DecoderLayout;
   bosTokenId: number | null;
   eosTokenIds: number[];
 }
@@ -54,7 +52,6 @@ const rawConfigSchema = z
     rope_theta: z.number().positive().default(10000),
     rope_scaling: z.record(z.string(), z.unknown()).nullish(),
     tie_word_embeddings: z.boolean().default(false),
-    hidden_act: z.string().default('silu'),
     attention_bias: z.boolean().default(false),
     mlp_bias: z.boolean().default(false),
     bos_token_id: tokenIds,
@@ -76,13 +73,12 @@ export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): 
   }
   const c = parsed.data;
   const architecture = c.architectures[0];
-  if (!(SUPPORTED_ARCHITECTURES as readonly string[]).includes(architecture)) {
+  if (!isArchitecture(architecture)) {
     throw unsupportedModel(
       `unsupported architecture ${architecture}; supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`,
       'architectures',
     );
   }
-  if (c.hidden_act !== 'silu') throw unsupportedModel(`unsupported hidden_act "${c.hidden_act}"; only silu is supported`, 'hidden_act');
   const numKvHeads = c.num_key_value_heads ?? c.num_attention_heads;
   if (c.num_attention_heads % numKvHeads !== 0) {
     throw new ReftError('invalid_model', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${numKvHeads}`, 'num_key_value_heads');
@@ -95,7 +91,7 @@ export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): 
   const eos = [...new Set([...asList(c.eos_token_id), ...asList(gen.eos_token_id)])];
   const bos = asList(c.bos_token_id)[0] ?? asList(gen.bos_token_id)[0] ?? null;
   return {
-    architecture: architecture as Architecture,
+    architecture,
     hiddenSize: c.hidden_size,
     intermediateSize: c.intermediate_size,
     numLayers: c.num_hidden_layers,
@@ -108,8 +104,7 @@ export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): 
     ropeTheta: c.rope_theta,
     ropeScaling: parseRopeScaling(c.rope_scaling),
     tieWordEmbeddings: c.tie_word_embeddings,
-    attentionBias: architecture === 'Qwen2ForCausalLM' || c.attention_bias,
-    mlpBias: c.mlp_bias,
+    layout: decoderLayout(architecture, c),
     bosTokenId: bos,
     eosTokenIds: eos,
   };

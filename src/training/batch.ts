@@ -1,7 +1,7 @@
 import type { InterventionSpec } from '../interventions/artifact.ts';
 import { positionsFor } from '../interventions/positions.ts';
 import type { Rng } from '../rng.ts';
-import type { LayerTrainingFeed, LowRankFactors, TrainingBatch } from './training-graph.ts';
+import type { LayerTrainingFeed, LowRankFactors, TrainingBatch } from './step-session.ts';
 
 /** A tokenized training row: the prompt (edited) followed by the completion (scored). */
 export interface TrainingExample {

@@ -1,7 +1,7 @@
 import { KIND_TENSORS, lowRank, type InterventionKind } from '../interventions/artifact.ts';
 import { orthogonalRows } from './orthogonal.ts';
 import type { Rng } from '../rng.ts';
-import type { LowRankFactors } from './training-graph.ts';
+import type { LowRankFactors } from './step-session.ts';
 
 /**
  * What each kind's tensors mean for training: how they fold into the graph's low-rank form

@@ -12,7 +12,7 @@ import { retractRows } from './orthogonal.ts';
 import { buildArtifact, type ArtifactInfo, type TrainedArtifact } from './output.ts';
 import { interventionSpecs, parseRecipe, type Recipe, type RecipeInput } from './recipe.ts';
 import { Rng } from '../rng.ts';
-import { TrainingGraph, type TrainingGraphOptions } from './training-graph.ts';
+import { TrainingGraph, type TrainingGraphOptions } from './step-session.ts';
 
 /**
  * Trains ReFT interventions on a frozen model: pyreft's initialisation, Hugging Face Trainer's

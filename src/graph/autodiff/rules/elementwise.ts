@@ -84,6 +84,12 @@ export const Sigmoid: OpRule = {
   backward: (b, n, dy) => [b.op('Mul', [dy, b.op('Mul', [n.output, b.op('Sub', [b.scalar(1), n.output])])])],
 };
 
+/** y = tanh(x): dx = dy·(1 − y²) */
+export const Tanh: OpRule = {
+  shape: unaryShape,
+  backward: (b, n, dy) => [b.op('Mul', [dy, b.op('Sub', [b.scalar(1), b.op('Mul', [n.output, n.output])])])],
+};
+
 /** y = cond ? a : b — the condition is not differentiable. */
 export const Where: OpRule = {
   shape: (n, q) => broadcast(broadcast(q.shape(n.inputs[0]), q.shape(n.inputs[1])), q.shape(n.inputs[2])),

@@ -1,5 +1,5 @@
 import type { OpRule } from '../types.ts';
-import { Add, Div, Identity, Mul, Neg, Pow, Reciprocal, Sigmoid, Sqrt, Sub, Where } from './elementwise.ts';
+import { Add, Div, Identity, Mul, Neg, Pow, Reciprocal, Sigmoid, Sqrt, Sub, Tanh, Where } from './elementwise.ts';
 import { Gather, GatherElements, ScatterND } from './indexing.ts';
 import { Expand, Reshape, Squeeze, Transpose, Unsqueeze } from './layout.ts';
 import { Gemm, MatMul } from './matmul.ts';
@@ -7,7 +7,7 @@ import { LogSoftmax, ReduceMean, ReduceSum, Softmax } from './reductions.ts';
 
 /** Every operator the tape can differentiate, by ONNX op type (all standard ai.onnx, opset 21). */
 export const RULES: Readonly<Record<string, OpRule>> = {
-  Add, Sub, Mul, Div, Pow, Neg, Identity, Sqrt, Reciprocal, Sigmoid, Where,
+  Add, Sub, Mul, Div, Pow, Neg, Identity, Sqrt, Reciprocal, Sigmoid, Tanh, Where,
   MatMul, Gemm,
   Reshape, Unsqueeze, Squeeze, Transpose, Expand,
   Gather, GatherElements, ScatterND,

@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { createSession, type SessionOptions } from '../engine/session.ts';
 import { cachedGraph } from '../graph/cache.ts';
-import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training.ts';
+import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training-graph.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 
