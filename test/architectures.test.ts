@@ -10,7 +10,7 @@ import { positionsFor } from '../src/interventions/positions.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
 import { Rng } from '../src/rng.ts';
-import { TrainingGraph, type TrainingBatch } from '../src/training/step-session.ts';
+import { StepSession, type TrainingBatch } from '../src/training/step-session.ts';
 import { testCacheDir } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
 
@@ -261,7 +261,7 @@ function randomEdit(rng: Rng, layer: number, rank: number, d: number, positions:
 const asRefEdit = (iv: LowRankIntervention, promptLength: number): RefEdit => ({ ...iv, positions: positionsFor(iv.positions, promptLength) });
 
 const engines: Engine[] = [];
-const graphs: TrainingGraph[] = [];
+const graphs: StepSession[] = [];
 afterAll(async () => {
   for (const e of engines) await e.close();
   for (const g of graphs) await g.release();
@@ -325,7 +325,7 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
 
     it("one training step's loss and gradients against the reference's finite differences", async () => {
       const layer = 1;
-      const graph = await TrainingGraph.create(model.config, model.checkpoint, [layer], { threads: 1 });
+      const graph = await StepSession.create(model.config, model.checkpoint, [layer], { threads: 1 });
       graphs.push(graph);
       const { d } = ref.dims;
       const rng = new Rng(9);

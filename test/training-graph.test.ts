@@ -8,13 +8,13 @@ import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { StackLayout, allocateFactors, packBatch, type TrainingExample } from '../src/training/batch.ts';
 import { initialTensors, kindGradients, writeLowRank, type KindTensors } from '../src/training/kinds.ts';
 import { Rng } from '../src/rng.ts';
-import { TrainingGraph, type TrainingBatch } from '../src/training/step-session.ts';
+import { StepSession, type TrainingBatch } from '../src/training/step-session.ts';
 import { STORIES, fixtureCase, reference, tensor } from './support/fixtures.ts';
 
 const { onnx } = onnxProto as unknown as { onnx: typeof OnnxTypes };
 const D = 64;
 let model: LoadedModel;
-const graphs: TrainingGraph[] = [];
+const graphs: StepSession[] = [];
 
 beforeAll(async () => {
   model = await loadModel(STORIES);
@@ -23,8 +23,8 @@ afterAll(async () => {
   for (const g of graphs) await g.release();
 });
 
-async function graphFor(layers: number[]): Promise<TrainingGraph> {
-  const g = await TrainingGraph.create(model.config, model.checkpoint, layers, { threads: 1 });
+async function graphFor(layers: number[]): Promise<StepSession> {
+  const g = await StepSession.create(model.config, model.checkpoint, layers, { threads: 1 });
   graphs.push(g);
   return g;
 }
@@ -54,7 +54,7 @@ class Problem {
   batch!: TrainingBatch;
 
   constructor(
-    readonly graph: TrainingGraph,
+    readonly graph: StepSession,
     readonly specs: InterventionSpec[],
     readonly params: KindTensors[],
   ) {

@@ -39,7 +39,7 @@ export interface TrainingResult {
 
 const SINGLE_THREAD_HIDDEN = 256;
 
-export interface TrainingGraphOptions extends SessionOptions {
+export interface StepSessionOptions extends SessionOptions {
   /** Where built graphs are cached (skip to build in memory every time). */
   cacheDir?: string;
 }
@@ -49,7 +49,7 @@ export interface TrainingGraphOptions extends SessionOptions {
  * the mean loss over the batch's completion tokens and its gradient for each layer's stacked
  * low-rank factors.
  */
-export class TrainingGraph {
+export class StepSession {
   private readonly gradFetches: string[];
 
   private constructor(
@@ -60,7 +60,7 @@ export class TrainingGraph {
     this.gradFetches = [OUT.loss, ...layers.flatMap((l) => [OUT.gradDown(l), OUT.gradBias(l), OUT.gradUp(l)])];
   }
 
-  static async create(config: ModelConfig, checkpoint: Checkpoint, layers: readonly number[], opts: TrainingGraphOptions = {}): Promise<TrainingGraph> {
+  static async create(config: ModelConfig, checkpoint: Checkpoint, layers: readonly number[], opts: StepSessionOptions = {}): Promise<StepSession> {
     const sorted = [...new Set(layers)].sort((a, b) => a - b);
     const build = () => buildTrainingGraph(config, checkpoint, sorted);
     const bytes = opts.cacheDir
@@ -70,7 +70,7 @@ export class TrainingGraph {
     // (stories260k: 1.1 vs 1.9 ms per step measured), so small models default to one thread.
     const threads = opts.threads ?? (config.hiddenSize <= SINGLE_THREAD_HIDDEN ? 1 : undefined);
     const session = await createSession(bytes, checkpoint.dataDir, { ...opts, threads });
-    return new TrainingGraph(config, sorted, session);
+    return new StepSession(config, sorted, session);
   }
 
   /** Loss and gradients. */

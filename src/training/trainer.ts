@@ -12,7 +12,7 @@ import { retractRows } from './orthogonal.ts';
 import { buildArtifact, type ArtifactInfo, type TrainedArtifact } from './output.ts';
 import { interventionSpecs, parseRecipe, type Recipe, type RecipeInput } from './recipe.ts';
 import { Rng } from '../rng.ts';
-import { TrainingGraph, type TrainingGraphOptions } from './step-session.ts';
+import { StepSession, type StepSessionOptions } from './step-session.ts';
 
 /**
  * Trains ReFT interventions on a frozen model: pyreft's initialisation, Hugging Face Trainer's
@@ -42,7 +42,7 @@ export type TrainingOutcome =
   | { status: 'completed'; steps: number; loss: number; artifact: TrainedArtifact }
   | { status: 'cancelled'; steps: number; checkpoint: TrainingCheckpoint };
 
-export interface TrainerOptions extends TrainingGraphOptions {
+export interface TrainerOptions extends StepSessionOptions {
   /** Called after every optimizer step and awaited (a job checks for cancellation here). */
   onProgress?: (p: TrainingProgress) => unknown;
   /** Checked before every optimizer step; an aborted run returns a checkpoint to resume from. */
@@ -82,7 +82,7 @@ export class Trainer {
     readonly recipe: Recipe,
     readonly specs: InterventionSpec[],
     readonly examples: readonly TrainingExample[],
-    private readonly graph: TrainingGraph,
+    private readonly graph: StepSession,
     private readonly opts: TrainerOptions,
   ) {
     const d = config.hiddenSize;
@@ -114,7 +114,7 @@ export class Trainer {
     const recipe = parseRecipe(recipeInput, model.config);
     checkExamples(examples, model.config);
     const specs = interventionSpecs(recipe, model.config);
-    const graph = await TrainingGraph.create(model.config, model.checkpoint, specs.map((s) => s.layer), opts);
+    const graph = await StepSession.create(model.config, model.checkpoint, specs.map((s) => s.layer), opts);
     return new Trainer(model.config, recipe, specs, examples, graph, opts);
   }
 
