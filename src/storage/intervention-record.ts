@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { isIdOf, newId } from './ids.ts';
-import { jsonText } from './rows.ts';
+import { jsonText } from './schema.ts';
 import { noInterventionToReplace } from './store-errors.ts';
 import type { InterventionFiles, InterventionMeta, NewIntervention } from './store.ts';
 

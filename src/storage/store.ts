@@ -106,7 +106,8 @@ export interface PageRequest {
   after?: string;
 }
 
-export interface Usage {
+/** What a tenant has stored: its interventions, and their files' total bytes. */
+export interface StoredUsage {
   interventions: number;
   bytes: number;
 }
@@ -195,7 +196,7 @@ export interface Store {
   readInterventionFiles(id: string): Promise<InterventionFiles | null>;
   /** Deletes the tenant's own intervention (shared ones only with tenantId null). */
   deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
-  usage(tenantId: string): Promise<Usage>;
+  storedUsage(tenantId: string): Promise<StoredUsage>;
 
   // usage accounting (per tenant and day)
   /**

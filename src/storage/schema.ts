@@ -1,0 +1,223 @@
+import type { Generated, Selectable } from 'kysely';
+import type { Migration } from './migrations.ts';
+import type { ApiKey, InterventionMeta, Job, JobEvent, JobStatus, StoredFile, Tenant } from './store.ts';
+
+/**
+ * The one declaration of the schema, for both dialects: the tables as the store's queries see
+ * them (Tables: the row types come from here) and the migrations that make them (migrations(),
+ * written once with each dialect's column types spliced in).
+ *
+ * Both drivers are set up to hand back the same values: timestamps as ISO 8601 text, JSON as
+ * text, int8 as a JS number. Three kinds of column still differ and stay out of Tables: the
+ * columns holding file bytes (bytea, or the name of a blob file: BlobColumns names them), a
+ * boolean (PostgreSQL boolean, SQLite 0/1: read with Boolean()) and a lease's expiry (epoch ms
+ * or a timestamp: read with new Date()).
+ */
+
+/** JSON text (jsonText writes it); undefined is stored as null. Given objects, pg would turn arrays into PG arrays. */
+export type Json = string;
+export const jsonText = (value: unknown): Json => JSON.stringify(value ?? null);
+
+/** Every listed table has 'seq': it numbers rows in insert order (pages, the job queue); 'id' is the public key. */
+export interface Tables {
+  tenants: { seq: Generated<number>; id: string; name: string; created_at: string };
+  api_keys: { id: string; tenant_id: string; secret_hash: string; created_at: string; revoked_at: string | null };
+  interventions: {
+    seq: Generated<number>;
+    id: string;
+    tenant_id: string | null;
+    name: string;
+    description: string | null;
+    source: InterventionMeta['source'];
+    config: Json;
+    version: number;
+    bytes: number;
+    sha256: string;
+    created_at: string;
+    updated_at: string;
+  };
+  files: { seq: Generated<number>; id: string; tenant_id: string; filename: string; purpose: string; bytes: number; created_at: string };
+  jobs: {
+    seq: Generated<number>;
+    id: string;
+    tenant_id: string;
+    status: JobStatus;
+    spec: Json;
+    progress: Json;
+    error: string | null;
+    intervention_id: string | null;
+    attempts: Generated<number>;
+    cancel_requested: Generated<boolean | number>;
+    created_at: string;
+    started_at: string | null;
+    finished_at: string | null;
+    lease_worker: string | null;
+    lease_expires_at: number | string | null;
+  };
+  job_events: { job_id: string; seq: number; created_at: string; type: string; data: Json };
+  checkpoints: { job_id: string; step: number; bytes: number; created_at: string };
+  tenant_usage: {
+    tenant_id: string;
+    day: string;
+    requests: number;
+    prompt_tokens: number;
+    completion_tokens: number;
+    training_tokens: number;
+  };
+  schema_migrations: { version: number; name: string; applied_at: string };
+}
+
+/** The columns holding (or naming) each table's file bytes. */
+export interface BlobColumns {
+  config: string;
+  weights: string;
+  file: string;
+  checkpoint: string;
+}
+
+/** A dialect's words for the schema's column kinds (spliced into the migrations). */
+export interface SqlTypes {
+  /** The seq column, primary key. */
+  seq: string;
+  time: string;
+  /** A default of the current time for created_at & co. (or nothing). */
+  nowDefault: string;
+  json: string;
+  flag: string;
+  falseValue: string;
+  big: string;
+  blob: string;
+  lease: string;
+  day: string;
+  /** The unique key of an intervention's name among its owner's (or the shared) ones. */
+  nameKey: string;
+  /** Appended to migration 1 and to tenant_usage. */
+  afterInitial: string;
+  usageTable: string;
+  /** Job column that numbers events (or nothing). */
+  eventSeq: string;
+}
+
+/** The migrations (append-only: never edit a shipped one, add the next version). */
+export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
+  const created = `created_at ${t.time} NOT NULL${t.nowDefault}`;
+  const owned = (table: string) => `CREATE INDEX ${table}_tenant ON ${table} (tenant_id, seq);`;
+  const initial = `
+    CREATE TABLE tenants (seq ${t.seq}, id text NOT NULL UNIQUE, name text NOT NULL, ${created});
+    CREATE TABLE api_keys (
+      id text PRIMARY KEY, tenant_id text NOT NULL REFERENCES tenants (id), secret_hash text NOT NULL UNIQUE,
+      ${created}, revoked_at ${t.time}
+    );
+    CREATE TABLE interventions (
+      seq ${t.seq}, id text NOT NULL UNIQUE, tenant_id text REFERENCES tenants (id), name text NOT NULL, description text,
+      source text NOT NULL, config ${t.json} NOT NULL, version integer NOT NULL DEFAULT 1, bytes ${t.big} NOT NULL,
+      sha256 text NOT NULL, ${b.config} ${t.blob} NOT NULL, ${b.weights} ${t.blob} NOT NULL, ${created},
+      updated_at ${t.time} NOT NULL${t.nowDefault}
+    );
+    -- One name per tenant, and one among shared rows (NULLs are distinct in a UNIQUE index: shared rows are indexed under '').
+    CREATE UNIQUE INDEX interventions_name ON interventions ${t.nameKey};
+    ${owned('interventions')}
+    CREATE TABLE files (
+      seq ${t.seq}, id text NOT NULL UNIQUE, tenant_id text NOT NULL REFERENCES tenants (id), filename text NOT NULL,
+      purpose text NOT NULL, bytes ${t.big} NOT NULL, ${b.file} ${t.blob} NOT NULL, ${created}
+    );
+    ${owned('files')}
+    CREATE TABLE jobs (
+      seq ${t.seq}, id text NOT NULL UNIQUE, tenant_id text NOT NULL REFERENCES tenants (id),
+      status text NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+      spec ${t.json} NOT NULL, progress ${t.json} NOT NULL DEFAULT 'null', error text,
+      intervention_id text REFERENCES interventions (id) ON DELETE SET NULL, attempts integer NOT NULL DEFAULT 0,
+      cancel_requested ${t.flag} NOT NULL DEFAULT ${t.falseValue}, ${created}, started_at ${t.time}, finished_at ${t.time},
+      lease_worker text, lease_expires_at ${t.lease}${t.eventSeq}
+    );
+    ${owned('jobs')}
+    CREATE INDEX jobs_claimable ON jobs (seq) WHERE status IN ('queued', 'running');
+    CREATE INDEX jobs_intervention ON jobs (intervention_id);
+    CREATE TABLE job_events (
+      job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE, seq integer NOT NULL, ${created}, type text NOT NULL,
+      data ${t.json} NOT NULL, PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE checkpoints (
+      job_id text PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE, step integer NOT NULL, ${b.checkpoint} ${t.blob} NOT NULL,
+      bytes ${t.big} NOT NULL, ${created}
+    );
+    ${t.afterInitial}`;
+  const counter = (name: string) => `${name} ${t.big} NOT NULL DEFAULT 0`;
+  const usage = `
+    -- Usage per tenant and UTC day; recordUsage adds to the counters in place.
+    CREATE TABLE tenant_usage (
+      tenant_id text NOT NULL REFERENCES tenants (id), day ${t.day},
+      ${['requests', 'prompt_tokens', 'completion_tokens', 'training_tokens'].map(counter).join(', ')},
+      PRIMARY KEY (tenant_id, day)
+    )${t.usageTable};`;
+  return [
+    { version: 1, name: 'initial', sql: initial },
+    { version: 2, name: 'tenant usage', sql: usage },
+  ];
+}
+
+// Rows and their mapping to the interface's types.
+
+export type TenantRow = Selectable<Tables['tenants']>;
+export type KeyRow = Omit<Selectable<Tables['api_keys']>, 'secret_hash'>;
+export type InterventionRow = Omit<Selectable<Tables['interventions']>, 'seq'>;
+export type FileRow = Omit<Selectable<Tables['files']>, 'seq'>;
+export type JobRow = Omit<Selectable<Tables['jobs']>, 'seq' | 'lease_worker'>;
+export type EventRow = Selectable<Tables['job_events']>;
+
+/** The columns each kind of row is read with (never the file bytes). */
+export const COLUMNS = {
+  tenant: ['id', 'name', 'created_at'],
+  key: ['id', 'tenant_id', 'created_at', 'revoked_at'],
+  intervention: ['id', 'tenant_id', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256', 'created_at', 'updated_at'],
+  file: ['id', 'tenant_id', 'filename', 'purpose', 'bytes', 'created_at'],
+  job: [
+    'id', 'tenant_id', 'status', 'spec', 'progress', 'error', 'intervention_id', 'attempts', 'cancel_requested',
+    'created_at', 'started_at', 'finished_at', 'lease_expires_at',
+  ],
+  event: ['job_id', 'seq', 'created_at', 'type', 'data'],
+} as const;
+
+export const toTenant = (r: Pick<TenantRow, 'id' | 'name' | 'created_at'>): Tenant => ({ id: r.id, name: r.name, createdAt: r.created_at });
+
+export const toKey = (r: KeyRow): ApiKey => ({ id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at });
+
+export const toIntervention = (r: InterventionRow): InterventionMeta => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  name: r.name,
+  description: r.description,
+  source: r.source,
+  config: JSON.parse(r.config),
+  version: r.version,
+  bytes: r.bytes,
+  sha256: r.sha256,
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+});
+
+export const toFile = (r: FileRow): StoredFile => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  filename: r.filename,
+  purpose: r.purpose,
+  bytes: r.bytes,
+  createdAt: r.created_at,
+});
+
+export const toJob = (r: JobRow): Job => ({
+  id: r.id,
+  tenantId: r.tenant_id,
+  status: r.status,
+  spec: JSON.parse(r.spec),
+  progress: JSON.parse(r.progress),
+  error: r.error,
+  interventionId: r.intervention_id,
+  attempts: r.attempts,
+  cancelRequested: Boolean(r.cancel_requested),
+  createdAt: r.created_at,
+  startedAt: r.started_at,
+  finishedAt: r.finished_at,
+});
+
+export const toEvent = (r: EventRow): JobEvent => ({ seq: r.seq, jobId: r.job_id, createdAt: r.created_at, type: r.type, data: JSON.parse(r.data) });
