@@ -4,7 +4,7 @@ import { open, readFile, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { BlobColumns } from './schema.ts';
-import type { BlobKind, Blobs, StagedBlobs } from './sql-store.ts';
+import type { BlobKind, Blobs, StagedBlobs } from './dialect.ts';
 
 /**
  * The SQLite store's file bytes: files in a blobs/ directory, named by their rows. A blob is

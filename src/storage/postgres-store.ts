@@ -4,8 +4,9 @@ import type { PoolConfig } from 'pg';
 import { ReftError } from '../errors.ts';
 import { migrate, migrationsUpTo } from './migrations.ts';
 import { Listener } from './pg-listener.ts';
-import { migrations, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
-import { SqlStore, type Dialect } from './sql-store.ts';
+import { EVENT_COLUMNS, migrations, type EventRow, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
+import type { Dialect } from './dialect.ts';
+import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
 /**
@@ -238,35 +239,33 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     flag: (value) => value,
     lock: (query, mode) => (mode === 'skip' ? query.forNoKeyUpdate().skipLocked() : query.forNoKeyUpdate()) as typeof query,
     addEvent: async (tx, jobId, type, data, at) => {
-      const { rows } = await sql<Tables['job_events']>`
+      const { rows } = await sql<EventRow>`
         WITH next AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ${jobId} RETURNING id, event_seq)
         INSERT INTO job_events (job_id, seq, created_at, type, data)
         SELECT id, event_seq, ${at}, ${type}, ${data} FROM next
-        RETURNING job_id, seq, created_at, type, data`.execute(tx);
+        RETURNING ${EVENT_COLUMNS}`.execute(tx);
       return rows[0];
     },
-    addUsage: async (tx, rows) => {
-      // The batch's tenants that exist, locked FOR KEY SHARE (what a foreign key check takes)
-      // until the commit: a concurrent delete of one waits, or has happened and the tenant is
-      // not returned, so the upsert never meets a foreign-key violation.
-      const ids = [...new Set(rows.map((r) => r.tenantId))];
-      const live = (await tx.selectFrom('tenants').select('id').where('id', '=', sql<string>`ANY(${ids}::text[])`).forKeyShare().execute()).map((r) => r.id);
-      if (live.length === 0) return;
+    addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
-      // One statement for the batch, rows in the (sorted) order given: concurrent batches take
-      // their row locks in the same order.
+      // One statement (its own transaction) for the batch. The batch's tenants that exist are
+      // locked FOR KEY SHARE (what a foreign key check takes) until the commit: a concurrent
+      // delete of one waits, or has happened and the tenant is not there, so the upsert never
+      // meets a foreign-key violation. Rows go in the (sorted) order given: concurrent batches
+      // take their row locks in the same order.
       await sql`
+        WITH live AS (SELECT id FROM tenants WHERE id = ANY(${column('tenantId')}::text[]) FOR KEY SHARE)
         INSERT INTO tenant_usage AS u (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
         SELECT e.tenant_id, e.day, e.requests, e.prompt_tokens, e.completion_tokens, e.training_tokens
         FROM unnest(${column('tenantId')}::text[], ${column('day')}::date[], ${column('requests')}::bigint[],
                     ${column('promptTokens')}::bigint[], ${column('completionTokens')}::bigint[], ${column('trainingTokens')}::bigint[])
              WITH ORDINALITY AS e (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens, n)
-        WHERE e.tenant_id = ANY(${live}::text[])
+        WHERE e.tenant_id IN (SELECT id FROM live)
         ORDER BY e.n
         ON CONFLICT (tenant_id, day) DO UPDATE
         SET requests = u.requests + excluded.requests, prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
             completion_tokens = u.completion_tokens + excluded.completion_tokens,
-            training_tokens = u.training_tokens + excluded.training_tokens`.execute(tx);
+            training_tokens = u.training_tokens + excluded.training_tokens`.execute(db);
     },
     notify: async (tx, channel, payload) => void (await sql`SELECT pg_notify(${CHANNELS[channel]}, ${payload})`.execute(tx)),
     violation: (e) => ({ '23505': 'unique', '23503': 'foreignKey' } as const)[sqlState(e) as '23505'],

@@ -1,6 +1,6 @@
-import type { Generated, Selectable } from 'kysely';
+import { sql, type Generated } from 'kysely';
 import type { Migration } from './migrations.ts';
-import type { ApiKey, InterventionMeta, Job, JobEvent, JobStatus, StoredFile, Tenant } from './store.ts';
+import type { InterventionMeta, JobStatus } from './store.ts';
 
 /**
  * The one declaration of the schema, for both dialects: the tables as the store's queries see
@@ -16,6 +16,7 @@ import type { ApiKey, InterventionMeta, Job, JobEvent, JobStatus, StoredFile, Te
 
 /** JSON text (jsonText writes it); undefined is stored as null. Given objects, pg would turn arrays into PG arrays. */
 export type Json = string;
+
 export const jsonText = (value: unknown): Json => JSON.stringify(value ?? null);
 
 /** Every listed table has 'seq': it numbers rows in insert order (pages, the job queue); 'id' is the public key. */
@@ -156,68 +157,40 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
   ];
 }
 
-// Rows and their mapping to the interface's types.
+// Rows as the store reads them: with the interface's names (COLUMNS aliases them), JSON and flags mapped.
 
-export type TenantRow = Selectable<Tables['tenants']>;
-export type KeyRow = Omit<Selectable<Tables['api_keys']>, 'secret_hash'>;
-export type InterventionRow = Omit<Selectable<Tables['interventions']>, 'seq'>;
-export type FileRow = Omit<Selectable<Tables['files']>, 'seq'>;
-export type JobRow = Omit<Selectable<Tables['jobs']>, 'seq' | 'lease_worker'>;
-export type EventRow = Selectable<Tables['job_events']>;
-
-/** The columns each kind of row is read with (never the file bytes). */
+/** The columns each kind of row is read with (never the file bytes), in the interface's order. */
 export const COLUMNS = {
-  tenant: ['id', 'name', 'created_at'],
-  key: ['id', 'tenant_id', 'created_at', 'revoked_at'],
-  intervention: ['id', 'tenant_id', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256', 'created_at', 'updated_at'],
-  file: ['id', 'tenant_id', 'filename', 'purpose', 'bytes', 'created_at'],
-  job: [
-    'id', 'tenant_id', 'status', 'spec', 'progress', 'error', 'intervention_id', 'attempts', 'cancel_requested',
-    'created_at', 'started_at', 'finished_at', 'lease_expires_at',
+  tenant: ['id', 'name', 'created_at as createdAt'],
+  key: ['id', 'tenant_id as tenantId', 'created_at as createdAt', 'revoked_at as revokedAt'],
+  intervention: [
+    ...['id', 'tenant_id as tenantId', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256'],
+    ...['created_at as createdAt', 'updated_at as updatedAt'],
   ],
-  event: ['job_id', 'seq', 'created_at', 'type', 'data'],
+  file: ['id', 'tenant_id as tenantId', 'filename', 'purpose', 'bytes', 'created_at as createdAt'],
+  job: [
+    ...['id', 'tenant_id as tenantId', 'status', 'spec', 'progress', 'error', 'intervention_id as interventionId', 'attempts'],
+    ...['cancel_requested as cancelRequested', 'created_at as createdAt', 'started_at as startedAt', 'finished_at as finishedAt'],
+  ],
+  event: ['seq', 'job_id as jobId', 'created_at as createdAt', 'type', 'data'],
 } as const;
 
-export const toTenant = (r: Pick<TenantRow, 'id' | 'name' | 'created_at'>): Tenant => ({ id: r.id, name: r.name, createdAt: r.created_at });
-
-export const toKey = (r: KeyRow): ApiKey => ({ id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at });
-
-export const toIntervention = (r: InterventionRow): InterventionMeta => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  name: r.name,
-  description: r.description,
-  source: r.source,
-  config: JSON.parse(r.config),
-  version: r.version,
-  bytes: r.bytes,
-  sha256: r.sha256,
-  createdAt: r.created_at,
-  updatedAt: r.updated_at,
+export const toIntervention = <R extends { config: Json }>(r: R) => ({ ...r, config: JSON.parse(r.config) as unknown });
+export const toEvent = <R extends { data: Json }>(r: R) => ({ ...r, data: JSON.parse(r.data) as unknown });
+export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: unknown }>(r: R) => ({
+  ...r,
+  spec: JSON.parse(r.spec) as unknown,
+  progress: JSON.parse(r.progress) as unknown,
+  cancelRequested: Boolean(r.cancelRequested),
 });
 
-export const toFile = (r: FileRow): StoredFile => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  filename: r.filename,
-  purpose: r.purpose,
-  bytes: r.bytes,
-  createdAt: r.created_at,
-});
+/** A job_events row as a dialect's addEvent returns it (RETURNING EVENT_COLUMNS). */
+export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "createdAt", type, data');
 
-export const toJob = (r: JobRow): Job => ({
-  id: r.id,
-  tenantId: r.tenant_id,
-  status: r.status,
-  spec: JSON.parse(r.spec),
-  progress: JSON.parse(r.progress),
-  error: r.error,
-  interventionId: r.intervention_id,
-  attempts: r.attempts,
-  cancelRequested: Boolean(r.cancel_requested),
-  createdAt: r.created_at,
-  startedAt: r.started_at,
-  finishedAt: r.finished_at,
-});
-
-export const toEvent = (r: EventRow): JobEvent => ({ seq: r.seq, jobId: r.job_id, createdAt: r.created_at, type: r.type, data: JSON.parse(r.data) });
+export interface EventRow {
+  seq: number;
+  jobId: string;
+  createdAt: string;
+  type: string;
+  data: Json;
+}

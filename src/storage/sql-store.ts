@@ -1,118 +1,59 @@
-import { sql, type Expression, type ExpressionBuilder, type Kysely, type SelectQueryBuilder } from 'kysely';
+import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
 import { ReftError } from '../errors.ts';
+import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
 import { newId } from './ids.ts';
 import { interventionRecord } from './intervention-record.ts';
 import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
 import { Listeners } from './listeners.ts';
 import { clampLimit, pageOf, seqAfter } from './paging.ts';
-import { COLUMNS, jsonText, toEvent, toFile, toIntervention, toJob, toKey, toTenant } from './schema.ts';
-import type { BlobColumns, EventRow, Json, Tables } from './schema.ts';
+import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
-import { checkUsageRange, toUsageDay, usageBatch } from './usage.ts';
 import type * as S from './store.ts';
+import { checkUsageRange, toUsageDay, usageBatch } from './usage.ts';
 
-/**
- * The Store, once for both databases, over Kysely. What differs between SQLite and PostgreSQL is
- * a Dialect (sqlite-store.ts, postgres-store.ts): the clock, row locks, where file bytes live,
- * how event numbers are made, the usage upsert, notifications and error translation.
- */
+/** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
-export type Value<T> = T | Expression<T>;
-export type Channel = 'interventionChanged' | 'jobQueued';
-type AnySelect = SelectQueryBuilder<any, any, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
-
-export interface Dialect {
-  readonly db: Kysely<Tables>;
-  /** Now, for timestamps (ISO text). */
-  now(): Value<string>;
-  /** Now, and `ms` from now, in the terms of jobs.lease_expires_at. */
-  leaseNow(): Value<number | string>;
-  leaseUntil(ms: number): Value<number | string>;
-  flag(value: boolean): boolean | number;
-  /** Locks the rows a select reads until the commit; 'skip' passes over rows others hold. */
-  lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip'): Q;
-  /** Appends an event with the job's next seq; undefined when there is no such job. */
-  addEvent(tx: Kysely<Tables>, jobId: string, type: string, data: Json, at: Value<string>): Promise<EventRow | undefined>;
-  /** Adds a usageBatch's rows (those of tenants that exist) to the stored counts. */
-  addUsage(tx: Kysely<Tables>, rows: S.UsageRecord[]): Promise<void>;
-  /** Tells other processes, on commit (or nothing, where the database can't). */
-  notify(tx: Kysely<Tables>, channel: Channel, payload: string): Promise<void>;
-  violation(e: unknown): 'unique' | 'foreignKey' | undefined;
-  /** A transaction that failed this way is run again (deadlock, serialization failure). */
-  retryable(e: unknown): boolean;
-  /** The error a caller sees for an error of the database. */
-  toStoreError(e: unknown): unknown;
-  readonly blobs: Blobs;
-  close(): Promise<void>;
-}
-
-export type BlobKind = 'config' | 'weights' | 'data' | 'ckpt';
-
-/** Where file bytes live: in their rows' columns, or in files the columns name. */
-export interface Blobs {
-  readonly columns: BlobColumns;
-  /** Whether the column values name files, which must be released after the rows naming them go. */
-  readonly external: boolean;
-  /** Where they are (for errors). */
-  readonly where: string;
-  /** Before a write transaction: the column values for `bytes`. */
-  stage(owner: string, kinds: BlobKind[], bytes: Uint8Array[]): Promise<StagedBlobs>;
-  /** The bytes of column values; null if a file has vanished (replaced or deleted meanwhile: read the row again). */
-  read(values: unknown[]): Promise<Uint8Array[] | null>;
-  /** After a commit: drops files no row names any more. */
-  release(values: unknown[]): Promise<void>;
-}
-
-export interface StagedBlobs {
-  readonly values: unknown[];
-  /** Inside the write transaction, before writing the rows that name them. */
-  promote(): void;
-  /** After the transaction: cleans up what no committed row names. */
-  settle(committed: boolean): Promise<void>;
-}
-
-interface Violations {
-  unique?: () => ReftError;
-  foreignKey?: () => ReftError;
-}
+type Tx = Kysely<Tables>;
+type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
 /** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
 const BLOB_READ_RETRIES = 3;
 /** Attempts of a transaction that fails with a deadlock or serialization failure. */
 const TRANSACTION_ATTEMPTS = 3;
 
+const same = <T>(row: T): T => row;
+const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
+const one = (result: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (result.numUpdatedRows ?? result.numDeletedRows) === 1n;
+
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
   readonly jobListeners = new Listeners<[]>();
   private readonly db: Kysely<Tables>;
-  private readonly blobs: Blobs;
   private closing: Promise<void> | null = null;
 
   constructor(private readonly d: Dialect) {
     this.db = d.db;
-    this.blobs = d.blobs;
   }
 
   // --- tenants and keys ---------------------------------------------------------------------
 
   async createTenant(name: string): Promise<S.Tenant> {
     const values = { id: newId('tenant'), name, created_at: this.d.now() };
-    return toTenant(await this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow());
+    return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
   }
 
   async getTenant(id: string): Promise<S.Tenant | null> {
-    const row = await this.db.selectFrom('tenants').select(COLUMNS.tenant).where('id', '=', id).executeTakeFirst();
-    return row ? toTenant(row) : null;
+    return orNull(await this.db.selectFrom('tenants').select(COLUMNS.tenant).where('id', '=', id).executeTakeFirst(), same);
   }
 
   async listTenants(page: S.PageRequest): Promise<S.Page<S.Tenant>> {
-    return this.page(this.db.selectFrom('tenants'), COLUMNS.tenant, page, toTenant);
+    return this.page<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
   }
 
   async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
     const values = { id: newId('key'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
-    const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key);
-    return toKey(await this.named(insert.executeTakeFirstOrThrow(), { foreignKey: () => noTenant(tenantId), unique: keySecretTaken }));
+    const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
+    return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: keySecretTaken });
   }
 
   async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
@@ -120,15 +61,17 @@ export class SqlStore implements S.Store {
       .selectFrom('api_keys as k')
       .innerJoin('tenants as t', 't.id', 'k.tenant_id')
       .select(['k.id', 'k.tenant_id', 'k.created_at', 'k.revoked_at', 't.name', 't.created_at as tenant_created_at'])
-      .where('k.secret_hash', '=', secretHash)
-      .where('k.revoked_at', 'is', null)
+      .where((eb) => eb.and([eb('k.secret_hash', '=', secretHash), eb('k.revoked_at', 'is', null)]))
       .executeTakeFirst();
-    return row ? { key: toKey(row), tenant: toTenant({ id: row.tenant_id, name: row.name, created_at: row.tenant_created_at }) } : null;
+    return orNull(row, (r) => ({
+      key: { id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at },
+      tenant: { id: r.tenant_id, name: r.name, createdAt: r.tenant_created_at },
+    }));
   }
 
   async revokeApiKey(id: string): Promise<boolean> {
     const revoke = this.db.updateTable('api_keys').set({ revoked_at: this.d.now() }).where('id', '=', id).where('revoked_at', 'is', null);
-    return (await revoke.executeTakeFirst()).numUpdatedRows === 1n;
+    return one(await revoke.executeTakeFirst());
   }
 
   // --- interventions ------------------------------------------------------------------------
@@ -136,11 +79,11 @@ export class SqlStore implements S.Store {
   async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
     // Refuses a replaceId the store could not have made: the id may become part of file names.
     const r = interventionRecord(iv, replaceId);
-    const b = this.blobs.columns;
+    const { config, weights } = this.d.blobs.columns;
     const values = { name: r.name, description: r.description, source: r.source, config: r.config, bytes: r.bytes, sha256: r.sha256 };
     let replaced: unknown[] = [];
     const write = this.withBlobs(r.id, ['config', 'weights'], [iv.files.config, iv.files.weights], async (tx, staged) => {
-      const files = { [b.config]: staged.values[0], [b.weights]: staged.values[1] } as object;
+      const files = { [config]: staged.values[0], [weights]: staged.values[1] } as object;
       const now = this.d.now();
       if (replaceId === undefined) {
         staged.promote();
@@ -149,21 +92,17 @@ export class SqlStore implements S.Store {
       }
       const own = tx.selectFrom('interventions').where('id', '=', replaceId).where('tenant_id', 'is not distinct from', r.tenantId);
       if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noInterventionToReplace(replaceId);
-      replaced = await this.blobsOf(own, [b.config, b.weights]);
+      replaced = await this.blobsOf(own, [config, weights]);
       staged.promote();
-      const row = await tx
-        .updateTable('interventions')
-        .set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updated_at: now }))
-        .where('id', '=', replaceId)
-        .returning(COLUMNS.intervention)
-        .executeTakeFirstOrThrow();
+      const update = tx.updateTable('interventions').set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updated_at: now }));
+      const row = await update.where('id', '=', replaceId).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
       await this.d.notify(tx, 'interventionChanged', r.id);
       return row;
     });
     const row = await this.named(write, { unique: () => interventionNameTaken(iv.name), foreignKey: () => noTenant(iv.tenantId) });
     if (replaceId !== undefined) {
       // Only now, after the commit, are the old files unreferenced.
-      await this.blobs.release(replaced);
+      await this.d.blobs.release(replaced);
       this.interventionListeners.emit(r.id);
     }
     return toIntervention(row);
@@ -174,11 +113,10 @@ export class SqlStore implements S.Store {
     const row = await this.visible(tenantId)
       .select(COLUMNS.intervention)
       .where((eb) => eb.or([eb('id', '=', idOrName), eb('name', '=', idOrName)]))
-      .orderBy(sql`id = ${idOrName}`, 'desc')
-      .orderBy(sql`tenant_id IS NULL`)
+      .orderBy(sql`id = ${idOrName} DESC, tenant_id IS NULL`)
       .limit(1)
       .executeTakeFirst();
-    return row ? toIntervention(row) : null;
+    return orNull(row, toIntervention);
   }
 
   async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
@@ -186,34 +124,21 @@ export class SqlStore implements S.Store {
   }
 
   async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
-    const { config, weights } = this.blobs.columns;
+    const { config, weights } = this.d.blobs.columns;
     const found = await this.readBlobs(this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
-    return found ? { config: found[0], weights: found[1] } : null;
+    return orNull(found, ([c, w]) => ({ config: c, weights: w }));
   }
 
   async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
-    const { config, weights } = this.blobs.columns;
-    const deleted = await this.tx(async (tx) => {
-      const own = tx.selectFrom('interventions').where('id', '=', id).where('tenant_id', 'is not distinct from', tenantId);
-      const files = await this.blobsOf(own, [config, weights]);
-      const gone = await tx.deleteFrom('interventions').where('id', '=', id).where('tenant_id', 'is not distinct from', tenantId).executeTakeFirst();
-      if (gone.numDeletedRows !== 1n) return null;
-      await this.d.notify(tx, 'interventionChanged', id);
-      return files;
-    });
-    if (!deleted) return false;
-    // The row is gone (committed) first, so a crash here leaves only orphans for the sweep.
-    await this.blobs.release(deleted);
-    this.interventionListeners.emit(id);
-    return true;
+    const { config, weights } = this.d.blobs.columns;
+    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights], 'is not distinct from');
+    if (deleted) this.interventionListeners.emit(id);
+    return deleted;
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
-    const row = await this.db
-      .selectFrom('interventions')
-      .select([sql<number>`count(*)`.as('interventions'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')])
-      .where('tenant_id', '=', tenantId)
-      .executeTakeFirstOrThrow();
+    const totals = [sql<number>`count(*)`.as('interventions'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
+    const row = await this.db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
     return { interventions: Number(row.interventions), bytes: Number(row.bytes) };
   }
 
@@ -221,7 +146,7 @@ export class SqlStore implements S.Store {
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
     const rows = usageBatch(entries);
-    if (rows.length > 0) await this.tx((tx) => this.d.addUsage(tx, rows));
+    if (rows.length > 0) await this.d.addUsage(this.db, rows).catch((e) => Promise.reject(this.d.toStoreError(e)));
   }
 
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
@@ -229,9 +154,7 @@ export class SqlStore implements S.Store {
     const rows = await this.db
       .selectFrom('tenant_usage')
       .select(['day', 'requests', 'prompt_tokens', 'completion_tokens', 'training_tokens'])
-      .where('tenant_id', '=', tenantId)
-      .where('day', '>=', from)
-      .where('day', '<=', to)
+      .where((eb) => eb.and([eb('tenant_id', '=', tenantId), eb('day', '>=', from), eb('day', '<=', to)]))
       .orderBy('day')
       .execute();
     return rows.map(toUsageDay);
@@ -243,43 +166,34 @@ export class SqlStore implements S.Store {
     const id = newId('file');
     const write = this.withBlobs(id, ['data'], [bytes], (tx, staged) => {
       staged.promote();
-      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, [this.blobs.columns.file]: staged.values[0] };
+      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, [this.d.blobs.columns.file]: staged.values[0] };
       return tx.insertInto('files').values({ ...row, created_at: this.d.now() }).returning(COLUMNS.file).executeTakeFirstOrThrow();
     });
-    return toFile(await this.named(write, { foreignKey: () => noTenant(tenantId) }));
+    return this.named(write, { foreignKey: () => noTenant(tenantId) });
   }
 
   async getFile(tenantId: string, id: string): Promise<S.StoredFile | null> {
-    const row = await this.db.selectFrom('files').select(COLUMNS.file).where('id', '=', id).where('tenant_id', '=', tenantId).executeTakeFirst();
-    return row ? toFile(row) : null;
+    return orNull(await this.file(tenantId, id).select(COLUMNS.file).executeTakeFirst(), same);
   }
 
   async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
-    const found = await this.readBlobs(this.db.selectFrom('files').where('id', '=', id).where('tenant_id', '=', tenantId), [this.blobs.columns.file]);
-    return found ? found[0] : null;
+    return orNull(await this.readBlobs(this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
   }
 
   async listFiles(tenantId: string, page: S.PageRequest): Promise<S.Page<S.StoredFile>> {
-    return this.page(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, toFile);
+    return this.page(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
-    const deleted = await this.tx(async (tx) => {
-      const files = await this.blobsOf(tx.selectFrom('files').where('id', '=', id).where('tenant_id', '=', tenantId), [this.blobs.columns.file]);
-      const gone = await tx.deleteFrom('files').where('id', '=', id).where('tenant_id', '=', tenantId).executeTakeFirst();
-      return gone.numDeletedRows === 1n ? files : null;
-    });
-    if (!deleted) return false;
-    await this.blobs.release(deleted);
-    return true;
+    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file], '=');
   }
 
   // --- training jobs ------------------------------------------------------------------------
 
   async createJob(tenantId: string, spec: unknown): Promise<S.Job> {
     const id = newId('job');
+    const values = { id, tenant_id: tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', created_at: this.d.now() };
     const write = this.tx(async (tx) => {
-      const values = { id, tenant_id: tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', created_at: this.d.now() };
       const row = await tx.insertInto('jobs').values(values).returning(COLUMNS.job).executeTakeFirstOrThrow();
       await this.addEvent(tx, id, 'status', queuedEvent());
       await this.d.notify(tx, 'jobQueued', id);
@@ -293,8 +207,7 @@ export class SqlStore implements S.Store {
   async getJob(tenantId: string | null, id: string): Promise<S.Job | null> {
     // A null tenant is the worker or an administrator: any job.
     const job = this.db.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id);
-    const row = await (tenantId === null ? job : job.where('tenant_id', '=', tenantId)).executeTakeFirst();
-    return row ? toJob(row) : null;
+    return orNull(await (tenantId === null ? job : job.where('tenant_id', '=', tenantId)).executeTakeFirst(), toJob);
   }
 
   async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
@@ -317,8 +230,8 @@ export class SqlStore implements S.Store {
   }
 
   async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: S.Job; lease: S.Lease } | null> {
-    // The candidate is read and taken in one write transaction, its row locked (SQLite: the
-    // database), so two workers in any processes never take the same job.
+    // Read and taken in one write transaction, the row locked (SQLite: the database), so two
+    // workers in any processes never take the same job.
     return this.tx(async (tx) => {
       for (;;) {
         const next = tx
@@ -330,37 +243,36 @@ export class SqlStore implements S.Store {
           .limit(1);
         const row = await this.d.lock(next, 'skip').executeTakeFirst();
         if (!row) return null;
-        const end = endInsteadOfClaim({ cancelRequested: Boolean(row.cancel_requested), attempts: row.attempts }, maxAttempts);
+        const end = endInsteadOfClaim({ cancelRequested: Boolean(row.cancelRequested), attempts: row.attempts }, maxAttempts);
         if (end) {
           await this.endJob(tx, row.id, end.status, end.error);
           continue;
         }
-        const claimed = await tx
-          .updateTable('jobs')
-          .set((eb) => ({
-            status: 'running',
-            attempts: eb('attempts', '+', 1),
-            started_at: eb.fn.coalesce('started_at', sql<string>`${this.d.now()}`),
-            lease_worker: workerId,
-            lease_expires_at: this.d.leaseUntil(leaseMs),
-          }))
+        const claim = tx.updateTable('jobs').set((eb) => ({
+          status: 'running',
+          attempts: eb('attempts', '+', 1),
+          started_at: eb.fn.coalesce('started_at', sql<string>`${this.d.now()}`),
+          lease_worker: workerId,
+          lease_expires_at: this.d.leaseUntil(leaseMs),
+        }));
+        const { expiresAt, ...claimed } = await claim
           .where('id', '=', row.id)
-          .returning(COLUMNS.job)
+          .returning([...COLUMNS.job, 'lease_expires_at as expiresAt'])
           .executeTakeFirstOrThrow();
         await this.addEvent(tx, row.id, 'status', runningEvent(claimed.attempts));
-        return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: new Date(claimed.lease_expires_at!).getTime() } };
+        return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: new Date(expiresAt!).getTime() } };
       }
     });
   }
 
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db.updateTable('jobs').set({ lease_expires_at: this.d.leaseUntil(leaseMs) }).where(this.leaseHeld(jobId, workerId));
-    return (await renew.executeTakeFirst()).numUpdatedRows === 1n;
+    return one(await renew.executeTakeFirst());
   }
 
   async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
     const update = this.db.updateTable('jobs').set({ progress: jsonText(progress) }).where(this.leaseHeld(jobId, workerId));
-    return (await update.executeTakeFirst()).numUpdatedRows === 1n;
+    return one(await update.executeTakeFirst());
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
@@ -370,19 +282,12 @@ export class SqlStore implements S.Store {
   }
 
   async listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<S.JobEvent[]> {
-    const rows = await this.db
-      .selectFrom('job_events')
-      .select(COLUMNS.event)
-      .where('job_id', '=', jobId)
-      .where('seq', '>', afterSeq)
-      .orderBy('seq')
-      .limit(clampLimit(limit))
-      .execute();
-    return rows.map(toEvent);
+    const events = this.db.selectFrom('job_events').select(COLUMNS.event).where('job_id', '=', jobId).where('seq', '>', afterSeq);
+    return (await events.orderBy('seq').limit(clampLimit(limit)).execute()).map(toEvent);
   }
 
   async saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean> {
-    const column = this.blobs.columns.checkpoint;
+    const column = this.d.blobs.columns.checkpoint;
     let replaced: unknown[] = [];
     const saved = await this.withBlobs(jobId, ['ckpt'], [state], async (tx, staged) => {
       // Locked: the lease can't expire into another worker's hands before the commit.
@@ -395,26 +300,22 @@ export class SqlStore implements S.Store {
       await tx.insertInto('checkpoints').values(row).onConflict((oc) => oc.column('job_id').doUpdateSet(excluded)).execute();
       return true;
     });
-    await this.blobs.release(replaced);
+    await this.d.blobs.release(replaced);
     return saved;
   }
 
   async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
     let step = 0;
     const row = this.db.selectFrom('checkpoints').where('job_id', '=', jobId).select('step');
-    const found = await this.readBlobs(row, [this.blobs.columns.checkpoint], (r) => (step = r.step as number));
-    return found ? { step, state: found[0] } : null;
+    const found = await this.readBlobs(row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
+    return orNull(found, ([state]) => ({ step, state }));
   }
 
   async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
     const { error, interventionId } = outcomeColumns(outcome);
+    const end = { status: outcome.status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
     const write = this.tx(async (tx) => {
-      const finished = await tx
-        .updateTable('jobs')
-        .set({ status: outcome.status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null })
-        .where(this.leaseHeld(jobId, workerId))
-        .executeTakeFirst();
-      if (finished.numUpdatedRows !== 1n) return false;
+      if (!one(await tx.updateTable('jobs').set(end).where(this.leaseHeld(jobId, workerId)).executeTakeFirst())) return false;
       await this.addEvent(tx, jobId, 'status', endedEvent(outcome.status, error, interventionId));
       return true;
     });
@@ -439,7 +340,7 @@ export class SqlStore implements S.Store {
   // --- internals ----------------------------------------------------------------------------
 
   /** A write transaction, run again on deadlock or serialization failure; errors translated for callers. */
-  private async tx<T>(body: (tx: Kysely<Tables>) => Promise<T>): Promise<T> {
+  private async tx<T>(body: (tx: Tx) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.db.transaction().execute(body);
@@ -449,21 +350,27 @@ export class SqlStore implements S.Store {
     }
   }
 
-  /**
-   * Stages blobs (outside any lock), then runs `body` in a write transaction; `body` promotes
-   * them before writing rows that name them. What no committed row names is cleaned up.
-   */
-  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: (tx: Kysely<Tables>, staged: StagedBlobs) => Promise<T>): Promise<T> {
-    const staged = await this.blobs.stage(owner, kinds, bytes);
-    let result: T;
-    try {
-      result = await this.tx((tx) => body(tx, staged));
-    } catch (e) {
+  /** Stages blobs (outside any lock), then runs `body` in a write transaction; what no committed row names is cleaned up. */
+  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: (tx: Tx, staged: StagedBlobs) => Promise<T>): Promise<T> {
+    const staged = await this.d.blobs.stage(owner, kinds, bytes);
+    const result = await this.tx((tx) => body(tx, staged)).catch(async (e) => {
       await staged.settle(false);
       throw e;
-    }
+    });
     await staged.settle(true);
     return result;
+  }
+
+  /** Deletes a row (the tenant's own), then, once committed, the files it named (a crash in between leaves orphans for the sweep). */
+  private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[], owns: 'is not distinct from' | '=') {
+    const files = await this.tx(async (tx) => {
+      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId), columns);
+      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId).executeTakeFirst())) return null;
+      if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
+      return files;
+    });
+    if (files) await this.d.blobs.release(files);
+    return files !== null;
   }
 
   /** Waits for a write, turning a constraint violation into the ReftError callers see. */
@@ -471,8 +378,7 @@ export class SqlStore implements S.Store {
     try {
       return await write;
     } catch (e) {
-      const kind = this.d.violation(e);
-      const make = kind && as[kind];
+      const make = as[this.d.violation(e)!];
       throw make ? make() : e;
     }
   }
@@ -482,46 +388,51 @@ export class SqlStore implements S.Store {
     return this.db.selectFrom('interventions').where((eb) => eb.or([eb('tenant_id', '=', tenantId), eb('tenant_id', 'is', null)]));
   }
 
+  private file(tenantId: string, id: string) {
+    return this.db.selectFrom('files').where('id', '=', id).where('tenant_id', '=', tenantId);
+  }
+
   /** The guard of every worker write: the worker named holds an unexpired lease. */
   private leaseHeld(jobId: string, workerId: string) {
+    const live = this.d.leaseNow();
     return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
-      eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', this.d.leaseNow())]);
+      eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
   }
 
   /** The blob column values of the row `from` finds, where they name files to release later (else none). */
   private async blobsOf(from: AnySelect, columns: string[]): Promise<unknown[]> {
-    if (!this.blobs.external) return [];
+    if (!this.d.blobs.external) return [];
     const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
     return row ? columns.map((c) => row[c]) : [];
   }
 
-  /** Reads a row's blobs; a blob that vanished between reading the row and the file means: read the row again. */
+  /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
   private async readBlobs(from: AnySelect, columns: string[], seen?: (row: Record<string, unknown>) => void): Promise<Uint8Array[] | null> {
     for (let attempt = 0; ; attempt++) {
       const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
       if (!row) return null;
       seen?.(row);
-      const data = await this.blobs.read(columns.map((c) => row[c]));
+      const data = await this.d.blobs.read(columns.map((c) => row[c]));
       if (data) return data;
-      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.blobs.where}`);
+      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.d.blobs.where}`);
     }
   }
 
-  private async page<R extends { id: string }, T>(from: AnySelect, columns: readonly string[], req: S.PageRequest, map: (row: R) => T): Promise<S.Page<T>> {
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  private async page<T>(from: AnySelect, columns: readonly string[], req: S.PageRequest, map: (row: any) => T): Promise<S.Page<T>> {
     const limit = clampLimit(req.limit);
     const cursor = req.after === undefined ? undefined : await from.select('seq').where('id', '=', req.after).executeTakeFirst();
     const rows = await from.select(columns).where('seq', '>', seqAfter(req.after, cursor)).orderBy('seq').limit(limit + 1).execute();
-    return pageOf(rows as R[], limit, map);
+    return pageOf(rows, limit, map);
   }
 
-  private async addEvent(tx: Kysely<Tables>, jobId: string, type: string, data: unknown): Promise<void> {
+  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown): Promise<void> {
     await this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now());
   }
 
   /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
-  private async endJob(tx: Kysely<Tables>, id: string, status: 'cancelled' | 'failed', error: string | null): Promise<void> {
-    const end = { status, error, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
-    await tx.updateTable('jobs').set(end).where('id', '=', id).execute();
+  private async endJob(tx: Tx, id: string, status: 'cancelled' | 'failed', error: string | null): Promise<void> {
+    await tx.updateTable('jobs').set({ status, error, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null }).where('id', '=', id).execute();
     await this.addEvent(tx, id, 'status', endedEvent(status, error));
   }
 }

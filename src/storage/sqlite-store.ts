@@ -4,8 +4,9 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
 import { migrate, migrationsUpTo } from './migrations.ts';
-import { migrations, type SqlTypes, type Tables } from './schema.ts';
-import { SqlStore, type Dialect } from './sql-store.ts';
+import { EVENT_COLUMNS, migrations, type EventRow, type SqlTypes, type Tables } from './schema.ts';
+import type { Dialect } from './dialect.ts';
+import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
 export type { FaultPoint } from './blob-files.ts';
@@ -110,16 +111,19 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
     flag: (value) => (value ? 1 : 0),
     lock: (query) => query,
     addEvent: async (tx, jobId, type, data, at) => {
-      const { rows } = await sql<Tables['job_events']>`
+      const { rows } = await sql<EventRow>`
         INSERT INTO job_events (job_id, seq, created_at, type, data)
         SELECT id, (SELECT ifnull(max(seq), 0) + 1 FROM job_events WHERE job_id = ${jobId}), ${at}, ${type}, ${data}
         FROM jobs WHERE id = ${jobId}
-        RETURNING job_id, seq, created_at, type, data`.execute(tx);
+        RETURNING ${EVENT_COLUMNS}`.execute(tx);
       return rows[0];
     },
-    addUsage: async (tx, rows) => {
-      // An entry whose tenant does not exist inserts nothing (the WHERE also settles the
-      // INSERT ... SELECT ... ON CONFLICT parsing ambiguity SQLite documents).
+    // IMMEDIATE: the tenant check and the upsert of every row happen under the write lock, so
+    // writers in other processes wait for each other instead of losing increments. An entry
+    // whose tenant does not exist inserts nothing (the WHERE also settles the
+    // INSERT ... SELECT ... ON CONFLICT parsing ambiguity SQLite documents).
+    addUsage: (db, rows) =>
+      db.transaction().execute(async (tx) => {
       for (const r of rows) {
         await sql`
           INSERT INTO tenant_usage (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
@@ -130,7 +134,7 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
               completion_tokens = completion_tokens + excluded.completion_tokens,
               training_tokens = training_tokens + excluded.training_tokens`.execute(tx);
       }
-    },
+    }),
     notify: async () => {},
     violation: (e) => {
       const code = e instanceof Database.SqliteError ? e.code : undefined;
