@@ -10,30 +10,21 @@ import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
 /**
- * The PostgreSQL Store's dialect: everything, file bytes included (bytea), lives in one
- * database, so servers and training workers on different hosts share it. Particular to it:
- *
- * - Time comes from the database clock (now()): createdAt & co., and lease expiry, so hosts with
- *   skewed clocks still agree on whether a lease has expired. `now()` is the start of the
- *   transaction, so every row and event one write makes carries the same timestamp.
+ * The PostgreSQL dialect: everything, file bytes included (bytea), lives in one database, so
+ * servers and training workers on different hosts share it. Particular to it:
+ * - Time is the database clock (now(), the start of the transaction), for timestamps and lease
+ *   expiry alike, so hosts with skewed clocks still agree on whether a lease has expired.
  * - Listeners fire in every process: a write that deletes or replaces an intervention, or queues
- *   a job, sends NOTIFY in its transaction (delivered only on commit). Each process keeps one
- *   LISTEN connection (pg-listener.ts). The writing process fires its own listeners at once after
- *   the commit and skips the echo of its own NOTIFY, recognised by the sending backend's pid, so
- *   each listener fires exactly once per change. While the LISTEN connection is down, other
- *   processes' notifications are lost; after it reconnects, job listeners are woken once (a
- *   spurious wake is harmless, a lost one would stall an idle worker), and intervention caches
- *   stay correct because they key on (id, version), which findIntervention reads fresh.
- * - A statement, or a transaction, that hits a deadlock or serialization failure is run again a
- *   few times.
- * - When the database is unreachable (down, restarting, network), calls fail fast with
- *   ReftError 'unavailable' (HTTP 503 with Retry-After). The pool replaces dead connections by
- *   itself, and the LISTEN connection reconnects with backoff, so the store works again once the
- *   database is back, without being reopened.
- * - Row locks: claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (the
- *   FOR UPDATE variant that UPDATE itself takes: it still excludes other claimers, but not the
- *   foreign-key checks of event inserts), so concurrent claimers never wait on each other and
- *   never take the same job.
+ *   a job, sends NOTIFY in its transaction, heard on each process's LISTEN connection
+ *   (pg-listener.ts). The writing process fires its own listeners after the commit and skips the
+ *   echo of its NOTIFY (by the sending backend's pid). While the LISTEN connection is down, other
+ *   processes' notifications are lost: on reconnecting, job listeners are woken once, and
+ *   intervention caches key on (id, version), which findIntervention reads fresh.
+ * - A statement or transaction that hits a deadlock or serialization failure is run again.
+ * - An unreachable database (down, restarting, network) fails calls fast with ReftError
+ *   'unavailable' (503 + Retry-After); the pool and the LISTEN connection reconnect by themselves.
+ * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (it excludes other
+ *   claimers, not the foreign-key checks of event inserts): claimers never wait on each other.
  */
 
 export interface PostgresStoreOptions {
@@ -41,15 +32,9 @@ export interface PostgresStoreOptions {
   maxConnections?: number;
   /** Server-side limit for one statement, in ms (default 30 s). */
   statementTimeoutMs?: number;
-  /**
-   * Told about trouble no caller sees, and recovery from it: an idle pool connection dying, the
-   * LISTEN connection lost and back. Default: a process warning.
-   */
+  /** Told about trouble no caller sees, and recovery from it (default: a process warning). */
   log?: (message: string) => void;
-  /**
-   * Migrate only up to this schema version (default: all). Only tests of an upgrade set it, to
-   * make a database as an older server left it; never set in production.
-   */
+  /** Migrate only up to this schema version (default: all): only tests of an upgrade set it. */
   schemaVersion?: number;
 }
 
@@ -69,13 +54,8 @@ const ECHO_GRACE_MS = 60_000;
 /** pg_advisory_xact_lock key serialising migrations across processes ('reft' in ASCII). */
 const MIGRATION_LOCK_KEY = 0x72656674;
 
-/** NOTIFY channels (per database, so stores on different databases never hear each other). */
-export const CHANNELS = {
-  /** Payload: the intervention id. */
-  interventionChanged: 'reft_intervention_changed',
-  /** Payload: the job id. */
-  jobQueued: 'reft_job_queued',
-} as const;
+/** NOTIFY channels (per database, so stores on different databases never hear each other); payload: the row's id. */
+const CHANNELS = { interventionChanged: 'reft_intervention_changed', jobQueued: 'reft_job_queued' } as const;
 
 const COLUMNS: BlobColumns = { config: 'config_file', weights: 'weights_file', file: 'data', checkpoint: 'state' };
 
@@ -105,10 +85,6 @@ const TYPES: SqlTypes = {
 
 const MIGRATIONS = migrations(TYPES, COLUMNS);
 
-// ---------------------------------------------------------------------------------------------
-// Errors: which ones mean "the database is not reachable right now".
-// ---------------------------------------------------------------------------------------------
-
 const sqlState = (e: unknown): string | undefined => (e instanceof DatabaseError ? e.code : undefined);
 
 /** Socket-level failures to reach or keep a connection to the server. */
@@ -117,12 +93,7 @@ const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ET
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
 const retryable = (e: unknown): boolean => ['40001', '40P01'].includes(sqlState(e) ?? '');
 
-/**
- * SQLSTATEs of a server that is going away, starting, out of resources or too slow: class 08
- * (connection exception), 53 (insufficient resources, e.g. too many connections), 57P01-57P03
- * (admin/crash shutdown, cannot connect now), 57014 (statement timeout), and a deadlock or
- * serialization failure that outlived its retries.
- */
+/** SQLSTATEs of a server going away, starting, out of resources or too slow, and a deadlock that outlived its retries. */
 const transientState = (state: string): boolean => /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
 
 /** pg's own messages for connections that died or could not be made in time. */
@@ -195,8 +166,6 @@ class GuardedDialect extends PostgresDialect {
     return new GuardedDriver({ pool: this.pool });
   }
 }
-
-// ---------------------------------------------------------------------------------------------
 
 /** A bytea parameter: pg sends Buffers as binary, without copying the bytes. */
 const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);

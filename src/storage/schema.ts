@@ -76,28 +76,15 @@ export interface BlobColumns {
   checkpoint: string;
 }
 
-/** A dialect's words for the schema's column kinds (spliced into the migrations). */
-export interface SqlTypes {
-  /** The seq column, primary key. */
-  seq: string;
-  time: string;
-  /** A default of the current time for created_at & co. (or nothing). */
-  nowDefault: string;
-  json: string;
-  flag: string;
-  falseValue: string;
-  big: string;
-  blob: string;
-  lease: string;
-  day: string;
-  /** The unique key of an intervention's name among its owner's (or the shared) ones. */
-  nameKey: string;
-  /** Appended to migration 1 and to tenant_usage. */
-  afterInitial: string;
-  usageTable: string;
-  /** Job column that numbers events (or nothing). */
-  eventSeq: string;
-}
+/**
+ * A dialect's words for the schema, spliced into the migrations: column types (seq is the
+ * primary key; nowDefault a default of the current time, or nothing), nameKey the unique key of
+ * an intervention's name among its owner's (or the shared) ones, afterInitial what migration 1
+ * ends with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its
+ * events (or nothing).
+ */
+type SqlWord = 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
+export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
 
 /** The migrations (append-only: never edit a shipped one, add the next version). */
 export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {

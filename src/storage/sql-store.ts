@@ -9,7 +9,7 @@ import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import type * as S from './store.ts';
-import { checkUsageRange, toUsageDay, usageBatch } from './usage.ts';
+import { checkUsageRange, usageBatch } from './usage.ts';
 
 /** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
@@ -151,13 +151,12 @@ export class SqlStore implements S.Store {
 
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
     checkUsageRange(from, to);
-    const rows = await this.db
+    return this.db
       .selectFrom('tenant_usage')
-      .select(['day', 'requests', 'prompt_tokens', 'completion_tokens', 'training_tokens'])
+      .select(['day', 'requests', 'prompt_tokens as promptTokens', 'completion_tokens as completionTokens', 'training_tokens as trainingTokens'])
       .where((eb) => eb.and([eb('tenant_id', '=', tenantId), eb('day', '>=', from), eb('day', '<=', to)]))
       .orderBy('day')
       .execute();
-    return rows.map(toUsageDay);
   }
 
   // --- training data files ------------------------------------------------------------------

@@ -37,10 +37,7 @@ const BUSY_TIMEOUT_MS = 10_000;
 export interface SqliteStoreOptions {
   /** Called at each FaultPoint of a blob write; a test can kill the process there. */
   faultHook?: (point: FaultPoint) => void;
-  /**
-   * Migrate only up to this schema version (default: all). Only tests of an upgrade set it, to
-   * make a database as an older server left it; never set in production.
-   */
+  /** Migrate only up to this schema version (default: all): only tests of an upgrade set it. */
   schemaVersion?: number;
 }
 

@@ -1,8 +1,9 @@
 /**
- * The storage interface every process shares (servers, training workers). Two implementations:
- * the embedded one (sqlite-store.ts: a SQLite file + blob files under a data directory) and
- * PostgreSQL (postgres-store.ts). This header is the contract and the choices both make; each
- * store's own header says only what is particular to it.
+ * The storage interface every process shares (servers, training workers). One implementation
+ * (sql-store.ts, over Kysely) with two dialects (dialect.ts): the embedded one (sqlite-store.ts:
+ * a SQLite file + blob files under a data directory, blob-files.ts) and PostgreSQL
+ * (postgres-store.ts). This header is the contract and the choices both make; each dialect's own
+ * header says only what is particular to it. The tables are declared once, in schema.ts.
  *
  * Rules every implementation keeps:
  * - A write is all or nothing: a reader never sees a half-written intervention or file.
@@ -11,8 +12,8 @@
  * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names
  *   (ids.ts).
  *
- * Choices both implementations make where the contract leaves room (the code for them that is
- * not SQL lives once, in the small modules named):
+ * Choices both dialects share where the contract leaves room (sql-store.ts, and the small
+ * modules named):
  * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
  *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
  * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
