@@ -2,7 +2,7 @@ import type { Kysely } from 'kysely';
 import type { Tables } from './schema.ts';
 
 /**
- * Schema migrations, as both stores keep them: a list numbered from 1, applied in order and
+ * Schema migrations (schema.ts writes them): a list numbered from 1, applied in order and
  * recorded in a schema_migrations table. The list is append-only: never edit a migration that
  * has shipped, add the next version.
  */

@@ -45,7 +45,7 @@
  *   [from, to] (inclusive, YYYY-MM-DD) that have a row, ascending; an unknown tenant, or
  *   from > to, gives an empty list.
  * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
- *   after its commit; whether other processes hear of it is each store's own (listeners.ts).
+ *   after its commit; whether other processes hear of it is each dialect's own (listeners.ts).
  *   Caches key on (id, version), which `findIntervention` always reads fresh, so a change a
  *   process did not hear of never serves it stale files.
  */
