@@ -73,7 +73,7 @@ describe('blob files', () => {
     for (const n of left) expect(n).toMatch(leftover);
 
     expect(await store.findIntervention(t.id, 'crashy')).toBeNull();
-    expect(await store.usage(t.id)).toEqual({ interventions: 0, bytes: 0 });
+    expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0 });
     const reopened = await open();
     expect(await reopened.findIntervention(t.id, 'crashy')).toBeNull();
     expect(await blobs()).toEqual([]);

@@ -1,12 +1,12 @@
 import { createHash } from 'node:crypto';
 import { isIdOf, newId } from './ids.ts';
-import { jsonText } from './rows.ts';
+import { jsonText } from './schema.ts';
 import { noInterventionToReplace } from './store-errors.ts';
 import type { InterventionFiles, InterventionMeta, NewIntervention } from './store.ts';
 
 /**
- * The columns of an intervention row that both stores compute the same way from its input: those
- * of its InterventionMeta that a write sets, with the config as JSON text.
+ * The columns of an intervention row computed from its input: those of its InterventionMeta that
+ * a write sets, with the config as JSON text.
  */
 export interface InterventionRecord
   extends Pick<InterventionMeta, 'id' | 'tenantId' | 'name' | 'description' | 'source' | 'bytes' | 'sha256'> {
@@ -17,7 +17,7 @@ export interface InterventionRecord
 /**
  * The record `putIntervention` writes: under a new id, or under `replaceId` for a replace. An id
  * the store could not have made is refused at once as not_found (it names no row, and the SQLite
- * store must never put it into a file name).
+ * dialect must never put it into a file name).
  */
 export function interventionRecord(iv: NewIntervention, replaceId?: string): InterventionRecord {
   if (replaceId !== undefined && !isIdOf('intervention', replaceId)) throw noInterventionToReplace(replaceId);

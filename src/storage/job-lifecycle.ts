@@ -1,9 +1,8 @@
 import type { JobOutcome } from './store.ts';
 
 /**
- * The rules of a job's life that both stores apply the same way: when a claim ends a job instead
- * of running it, and the 'status' event the store appends for each status change it makes.
- * (The SQL that takes, leases and updates jobs stays in each store.)
+ * The rules of a job's life: when a claim ends a job instead of running it, and the 'status'
+ * event the store appends for each status change it makes (the SQL is in sql-store.ts).
  */
 
 export type EndedStatus = JobOutcome['status'];

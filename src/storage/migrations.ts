@@ -1,5 +1,8 @@
+import type { Kysely } from 'kysely';
+import type { Tables } from './schema.ts';
+
 /**
- * Schema migrations, as both stores keep them: a list numbered from 1, applied in order and
+ * Schema migrations (schema.ts writes them): a list numbered from 1, applied in order and
  * recorded in a schema_migrations table. The list is append-only: never edit a migration that
  * has shipped, add the next version.
  */
@@ -32,4 +35,32 @@ export function migrationsUpTo(migrations: readonly Migration[], version: number
   if (version === undefined) return migrations;
   if (!migrations.some((m) => m.version === version)) throw new Error(`no schema version ${version}`);
   return migrations.filter((m) => m.version <= version);
+}
+
+/** How a dialect runs migrations: its column types, and what only it can do. */
+export interface MigrationRunner {
+  /** Names the database in errors. */
+  database: string;
+  /** The type and default of applied_at. */
+  time: string;
+  /** First in the transaction: what keeps other processes out until it commits (SQLite: BEGIN IMMEDIATE already has). */
+  lock(tx: Kysely<Tables>): Promise<void>;
+  /** Runs a migration's SQL (several statements). */
+  exec(tx: Kysely<Tables>, sql: string): Promise<void>;
+}
+
+/**
+ * Applies the migrations the database lacks, in order, in one transaction that keeps other
+ * processes out: a second process starting at the same time waits, then finds them applied.
+ */
+export async function migrate(db: Kysely<Tables>, migrations: readonly Migration[], run: MigrationRunner): Promise<void> {
+  await db.transaction().execute(async (tx) => {
+    await run.lock(tx);
+    await run.exec(tx, `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at ${run.time})`);
+    const applied = new Set((await tx.selectFrom('schema_migrations').select('version').execute()).map((r) => r.version));
+    for (const m of pendingMigrations(migrations, applied, run.database)) {
+      await run.exec(tx, m.sql);
+      await tx.insertInto('schema_migrations').values({ version: m.version, name: m.name, applied_at: new Date().toISOString() }).execute();
+    }
+  });
 }

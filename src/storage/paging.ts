@@ -2,9 +2,9 @@ import { invalidRequest } from '../errors.ts';
 import type { Page } from './store.ts';
 
 /**
- * The page rules both stores share; the SQL that finds a cursor's row and reads a page stays in
- * each store. Rows are paged in creation order by a hidden sequence number that starts at 1, and
- * a page query asks for one row more than the limit, to learn whether a next page exists:
+ * The page rules (the query is SqlStore.page). Rows are paged in creation order by a hidden
+ * sequence number that starts at 1, and a page query asks for one row more than the limit, to
+ * learn whether a next page exists:
  *
  *   limit = clampLimit(req.limit)
  *   rows  = <rows of the scope with seq > seqAfter(req.after, <cursor row>), limit + 1 of them>

@@ -1,8 +1,8 @@
 import { ReftError, noSuch, notFound } from '../errors.ts';
 
 /**
- * The errors both stores raise for the same mistakes (see the contract in store.ts), so callers
- * see the same code, message and field whichever store runs.
+ * The errors the store raises for the same mistakes (see the contract in store.ts), so callers
+ * see the same code, message and field whichever dialect runs.
  */
 
 /** A write named a tenant that does not exist. */

@@ -1,8 +1,9 @@
 /**
- * The storage interface every process shares (servers, training workers). Two implementations:
- * the embedded one (sqlite-store.ts: a SQLite file + blob files under a data directory) and
- * PostgreSQL (postgres-store.ts). This header is the contract and the choices both make; each
- * store's own header says only what is particular to it.
+ * The storage interface every process shares (servers, training workers). One implementation
+ * (sql-store.ts, over Kysely) with two dialects (dialect.ts): the embedded one (sqlite-store.ts:
+ * a SQLite file + blob files under a data directory, blob-files.ts) and PostgreSQL
+ * (postgres-store.ts). This header is the contract and the choices both make; each dialect's own
+ * header says only what is particular to it. The tables are declared once, in schema.ts.
  *
  * Rules every implementation keeps:
  * - A write is all or nothing: a reader never sees a half-written intervention or file.
@@ -11,8 +12,8 @@
  * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names
  *   (ids.ts).
  *
- * Choices both implementations make where the contract leaves room (the code for them that is
- * not SQL lives once, in the small modules named):
+ * Choices both dialects share where the contract leaves room (sql-store.ts, and the small
+ * modules named):
  * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
  *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
  * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
@@ -44,7 +45,7 @@
  *   [from, to] (inclusive, YYYY-MM-DD) that have a row, ascending; an unknown tenant, or
  *   from > to, gives an empty list.
  * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
- *   after its commit; whether other processes hear of it is each store's own (listeners.ts).
+ *   after its commit; whether other processes hear of it is each dialect's own (listeners.ts).
  *   Caches key on (id, version), which `findIntervention` always reads fresh, so a change a
  *   process did not hear of never serves it stale files.
  */
@@ -106,7 +107,8 @@ export interface PageRequest {
   after?: string;
 }
 
-export interface Usage {
+/** What a tenant has stored: its interventions, and their files' total bytes. */
+export interface StoredUsage {
   interventions: number;
   bytes: number;
 }
@@ -195,7 +197,7 @@ export interface Store {
   readInterventionFiles(id: string): Promise<InterventionFiles | null>;
   /** Deletes the tenant's own intervention (shared ones only with tenantId null). */
   deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
-  usage(tenantId: string): Promise<Usage>;
+  storedUsage(tenantId: string): Promise<StoredUsage>;
 
   // usage accounting (per tenant and day)
   /**

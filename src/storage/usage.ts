@@ -1,15 +1,13 @@
 import { invalidRequest } from '../errors.ts';
-import type { UsageDay, UsageRecord } from './store.ts';
+import type { UsageRecord } from './store.ts';
 
 /**
- * The usage-accounting rules both stores share (the contract is in store.ts); the SQL that adds
- * and reads the counts stays in each store. Both stores write a batch as:
+ * The usage-accounting rules (the contract is in store.ts). The store writes a batch as:
  *
  *   rows = usageBatch(entries)   // validated, merged, sorted; throws before anything is written
  *   <one transaction: upsert each row whose tenant exists, adding its counts to the stored ones>
  */
 
-/** The counters of a usage row, in the order the stores' SQL binds them. */
 /** Usage is kept by UTC day: YYYY-MM-DD. */
 export const utcDay = (at = new Date()): string => at.toISOString().slice(0, 10);
 
@@ -50,7 +48,7 @@ export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
     const key = `${e.tenantId}\u0000${e.day}`;
     const row = merged.get(key);
     if (!row) {
-      merged.set(key, { tenantId: e.tenantId, day: e.day, requests: e.requests, promptTokens: e.promptTokens, completionTokens: e.completionTokens, trainingTokens: e.trainingTokens });
+      merged.set(key, { tenantId: e.tenantId, day: e.day, ...Object.fromEntries(USAGE_COUNTERS.map((k) => [k, e[k]])) } as UsageRecord);
     } else {
       for (const k of USAGE_COUNTERS) row[k] += e[k];
     }
@@ -63,23 +61,4 @@ export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
 export function checkUsageRange(from: string, to: string): void {
   if (!isUsageDay(from)) throw invalidRequest('must be a date YYYY-MM-DD', 'from');
   if (!isUsageDay(to)) throw invalidRequest('must be a date YYYY-MM-DD', 'to');
-}
-
-/** A tenant_usage row as both stores select it (the day as YYYY-MM-DD text). */
-export interface UsageRow {
-  day: string;
-  requests: number;
-  prompt_tokens: number;
-  completion_tokens: number;
-  training_tokens: number;
-}
-
-export function toUsageDay(row: UsageRow): UsageDay {
-  return {
-    day: row.day,
-    requests: Number(row.requests),
-    promptTokens: Number(row.prompt_tokens),
-    completionTokens: Number(row.completion_tokens),
-    trainingTokens: Number(row.training_tokens),
-  };
 }

@@ -345,7 +345,7 @@ export function storeContract(backend: StoreBackend): void {
         const ofB = await store.putIntervention(newIv(b.id, 'secret'));
         expect((await store.findIntervention(b.id, 'secret'))!.id).toBe(ofB.id);
         expect((await store.findIntervention(a.id, 'secret'))!.id).toBe(ofA.id);
-        expect(await store.usage(b.id)).toEqual({ interventions: 1, bytes: ofB.bytes });
+        expect(await store.storedUsage(b.id)).toEqual({ interventions: 1, bytes: ofB.bytes });
         expect((await store.findIntervention(a.id, ofA.id))!.version).toBe(1);
       });
 
@@ -374,7 +374,7 @@ export function storeContract(backend: StoreBackend): void {
         expect((await rejection(store.putIntervention(newIv(null, 'common')))).code).toBe('conflict');
         expect(await store.deleteIntervention(null, shared.id)).toBe(true);
         expect(await store.findIntervention(b.id, 'common')).toBeNull();
-        expect(await store.usage(a.id)).toEqual({ interventions: 1, bytes: own.bytes });
+        expect(await store.storedUsage(a.id)).toEqual({ interventions: 1, bytes: own.bytes });
       });
 
       it('rejects a duplicate name without replaceId, leaving nothing behind', async () => {
@@ -387,7 +387,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(e.field).toBe('name');
         expect(await fx.blobs()).toEqual(before);
         expect((await store.listInterventions(t.id, { limit: 10 })).data.map((m) => m.id)).toEqual([first.id]);
-        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: first.bytes });
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: first.bytes });
         // And for an unknown tenant (foreign key): a not_found, again leaving nothing behind.
         expect((await rejection(store.putIntervention(newIv('ten_ghost', 'x')))).field).toBe('tenantId');
         expect(await fx.blobs()).toEqual(before);
@@ -416,7 +416,7 @@ export function storeContract(backend: StoreBackend): void {
           expect(nowBlobs).toHaveLength(2);
           expect(nowBlobs.some((n) => oldBlobs!.includes(n))).toBe(false);
         }
-        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: v2.bytes });
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: v2.bytes });
 
         // Replacing into another intervention's name conflicts and keeps v2 whole.
         await store.putIntervention(newIv(t.id, 'other'));
@@ -449,7 +449,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.readInterventionFiles(gone.id)).toBeNull();
         await fx.expectBlobs(2);
         expect(await store.readInterventionFiles(keep.id)).not.toBeNull();
-        expect(await store.usage(t.id)).toEqual({ interventions: 1, bytes: keep.bytes });
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: keep.bytes });
         await sleep(100);
         expect(changed).toEqual([gone.id]); // exactly once
       });
@@ -737,7 +737,7 @@ export function storeContract(backend: StoreBackend): void {
         await store.recordUsage([usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 }), usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 + 5 })]);
         expect(await store.getUsage(t.id, '2024-03-03', '2024-03-03')).toEqual([day('2024-03-03', 0, 2 ** 32 + 5, 0, 0)]);
         // The interventions usage is a different thing, and untouched.
-        expect(await store.usage(t.id)).toEqual({ interventions: 0, bytes: 0 });
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0 });
       });
 
       it('returns the days in an inclusive range, ascending', async () => {

@@ -113,7 +113,7 @@ export async function storeArtifact(
   const existing = await deps.store.findIntervention(tenantId, name);
   const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
   if (replaceId && !opts.replace) throw new ReftError('conflict', `an intervention named "${name}" exists; pass replace=true to replace it`, 'name');
-  const usage = await deps.store.usage(tenantId);
+  const usage = await deps.store.storedUsage(tenantId);
   const bytes = files.config.byteLength + files.weights.byteLength;
   const freed = replaceId ? existing!.bytes : 0;
   if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {

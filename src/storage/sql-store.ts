@@ -1,0 +1,437 @@
+import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
+import { ReftError } from '../errors.ts';
+import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import { newId } from './ids.ts';
+import { interventionRecord } from './intervention-record.ts';
+import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
+import { Listeners } from './listeners.ts';
+import { clampLimit, pageOf, seqAfter } from './paging.ts';
+import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
+import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
+import type * as S from './store.ts';
+import { checkUsageRange, usageBatch } from './usage.ts';
+
+/** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
+
+type Tx = Kysely<Tables>;
+type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
+
+/** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
+const BLOB_READ_RETRIES = 3;
+/** Attempts of a transaction that fails with a deadlock or serialization failure. */
+const TRANSACTION_ATTEMPTS = 3;
+
+const same = <T>(row: T): T => row;
+const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
+const one = (result: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (result.numUpdatedRows ?? result.numDeletedRows) === 1n;
+
+export class SqlStore implements S.Store {
+  readonly interventionListeners = new Listeners<[id: string]>();
+  readonly jobListeners = new Listeners<[]>();
+  private readonly db: Kysely<Tables>;
+  private closing: Promise<void> | null = null;
+
+  constructor(private readonly d: Dialect) {
+    this.db = d.db;
+  }
+
+  // --- tenants and keys ---------------------------------------------------------------------
+
+  async createTenant(name: string): Promise<S.Tenant> {
+    const values = { id: newId('tenant'), name, created_at: this.d.now() };
+    return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
+  }
+
+  async getTenant(id: string): Promise<S.Tenant | null> {
+    return orNull(await this.db.selectFrom('tenants').select(COLUMNS.tenant).where('id', '=', id).executeTakeFirst(), same);
+  }
+
+  async listTenants(page: S.PageRequest): Promise<S.Page<S.Tenant>> {
+    return this.page<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
+  }
+
+  async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
+    const values = { id: newId('key'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
+    const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
+    return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: keySecretTaken });
+  }
+
+  async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
+    const row = await this.db
+      .selectFrom('api_keys as k')
+      .innerJoin('tenants as t', 't.id', 'k.tenant_id')
+      .select(['k.id', 'k.tenant_id', 'k.created_at', 'k.revoked_at', 't.name', 't.created_at as tenant_created_at'])
+      .where((eb) => eb.and([eb('k.secret_hash', '=', secretHash), eb('k.revoked_at', 'is', null)]))
+      .executeTakeFirst();
+    return orNull(row, (r) => ({
+      key: { id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at },
+      tenant: { id: r.tenant_id, name: r.name, createdAt: r.tenant_created_at },
+    }));
+  }
+
+  async revokeApiKey(id: string): Promise<boolean> {
+    const revoke = this.db.updateTable('api_keys').set({ revoked_at: this.d.now() }).where('id', '=', id).where('revoked_at', 'is', null);
+    return one(await revoke.executeTakeFirst());
+  }
+
+  // --- interventions ------------------------------------------------------------------------
+
+  async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
+    // Refuses a replaceId the store could not have made: the id may become part of file names.
+    const r = interventionRecord(iv, replaceId);
+    const { config, weights } = this.d.blobs.columns;
+    const values = { name: r.name, description: r.description, source: r.source, config: r.config, bytes: r.bytes, sha256: r.sha256 };
+    let replaced: unknown[] = [];
+    const write = this.withBlobs(r.id, ['config', 'weights'], [iv.files.config, iv.files.weights], async (tx, staged) => {
+      const files = { [config]: staged.values[0], [weights]: staged.values[1] } as object;
+      const now = this.d.now();
+      if (replaceId === undefined) {
+        staged.promote();
+        const row = { ...values, ...files, id: r.id, tenant_id: r.tenantId, version: 1, created_at: now, updated_at: now };
+        return tx.insertInto('interventions').values(row).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
+      }
+      const own = tx.selectFrom('interventions').where('id', '=', replaceId).where('tenant_id', 'is not distinct from', r.tenantId);
+      if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noInterventionToReplace(replaceId);
+      replaced = await this.blobsOf(own, [config, weights]);
+      staged.promote();
+      const update = tx.updateTable('interventions').set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updated_at: now }));
+      const row = await update.where('id', '=', replaceId).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
+      await this.d.notify(tx, 'interventionChanged', r.id);
+      return row;
+    });
+    const row = await this.named(write, { unique: () => interventionNameTaken(iv.name), foreignKey: () => noTenant(iv.tenantId) });
+    if (replaceId !== undefined) {
+      // Only now, after the commit, are the old files unreferenced.
+      await this.d.blobs.release(replaced);
+      this.interventionListeners.emit(r.id);
+    }
+    return toIntervention(row);
+  }
+
+  async findIntervention(tenantId: string | null, idOrName: string): Promise<S.InterventionMeta | null> {
+    // An id match first, then the tenant's own name, then a shared name.
+    const row = await this.visible(tenantId)
+      .select(COLUMNS.intervention)
+      .where((eb) => eb.or([eb('id', '=', idOrName), eb('name', '=', idOrName)]))
+      .orderBy(sql`id = ${idOrName} DESC, tenant_id IS NULL`)
+      .limit(1)
+      .executeTakeFirst();
+    return orNull(row, toIntervention);
+  }
+
+  async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
+    return this.page(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
+  }
+
+  async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
+    const { config, weights } = this.d.blobs.columns;
+    const found = await this.readBlobs(this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
+    return orNull(found, ([c, w]) => ({ config: c, weights: w }));
+  }
+
+  async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
+    const { config, weights } = this.d.blobs.columns;
+    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights], 'is not distinct from');
+    if (deleted) this.interventionListeners.emit(id);
+    return deleted;
+  }
+
+  async storedUsage(tenantId: string): Promise<S.StoredUsage> {
+    const totals = [sql<number>`count(*)`.as('interventions'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
+    const row = await this.db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
+    return { interventions: Number(row.interventions), bytes: Number(row.bytes) };
+  }
+
+  // --- usage accounting ---------------------------------------------------------------------
+
+  async recordUsage(entries: S.UsageRecord[]): Promise<void> {
+    const rows = usageBatch(entries);
+    if (rows.length > 0) await this.d.addUsage(this.db, rows).catch((e) => Promise.reject(this.d.toStoreError(e)));
+  }
+
+  async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
+    checkUsageRange(from, to);
+    return this.db
+      .selectFrom('tenant_usage')
+      .select(['day', 'requests', 'prompt_tokens as promptTokens', 'completion_tokens as completionTokens', 'training_tokens as trainingTokens'])
+      .where((eb) => eb.and([eb('tenant_id', '=', tenantId), eb('day', '>=', from), eb('day', '<=', to)]))
+      .orderBy('day')
+      .execute();
+  }
+
+  // --- training data files ------------------------------------------------------------------
+
+  async putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<S.StoredFile> {
+    const id = newId('file');
+    const write = this.withBlobs(id, ['data'], [bytes], (tx, staged) => {
+      staged.promote();
+      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, [this.d.blobs.columns.file]: staged.values[0] };
+      return tx.insertInto('files').values({ ...row, created_at: this.d.now() }).returning(COLUMNS.file).executeTakeFirstOrThrow();
+    });
+    return this.named(write, { foreignKey: () => noTenant(tenantId) });
+  }
+
+  async getFile(tenantId: string, id: string): Promise<S.StoredFile | null> {
+    return orNull(await this.file(tenantId, id).select(COLUMNS.file).executeTakeFirst(), same);
+  }
+
+  async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
+    return orNull(await this.readBlobs(this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
+  }
+
+  async listFiles(tenantId: string, page: S.PageRequest): Promise<S.Page<S.StoredFile>> {
+    return this.page(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
+  }
+
+  async deleteFile(tenantId: string, id: string): Promise<boolean> {
+    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file], '=');
+  }
+
+  // --- training jobs ------------------------------------------------------------------------
+
+  async createJob(tenantId: string, spec: unknown): Promise<S.Job> {
+    const id = newId('job');
+    const values = { id, tenant_id: tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', created_at: this.d.now() };
+    const write = this.tx(async (tx) => {
+      const row = await tx.insertInto('jobs').values(values).returning(COLUMNS.job).executeTakeFirstOrThrow();
+      await this.addEvent(tx, id, 'status', queuedEvent());
+      await this.d.notify(tx, 'jobQueued', id);
+      return row;
+    });
+    const row = await this.named(write, { foreignKey: () => noTenant(tenantId) });
+    this.jobListeners.emit();
+    return toJob(row);
+  }
+
+  async getJob(tenantId: string | null, id: string): Promise<S.Job | null> {
+    // A null tenant is the worker or an administrator: any job.
+    const job = this.db.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id);
+    return orNull(await (tenantId === null ? job : job.where('tenant_id', '=', tenantId)).executeTakeFirst(), toJob);
+  }
+
+  async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
+    return this.page(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob);
+  }
+
+  async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
+    return this.tx(async (tx) => {
+      // Locked: a claimer skips the row until we commit, so a queued job can't start meanwhile.
+      const job = tx.selectFrom('jobs').select('status').where('id', '=', id).where('tenant_id', '=', tenantId);
+      const row = await this.d.lock(job, 'row').executeTakeFirst();
+      if (!row) return null;
+      // A running job's worker sees cancelRequested when it next reads the job, and finishes it as cancelled.
+      if (row.status === 'queued' || row.status === 'running') {
+        await tx.updateTable('jobs').set({ cancel_requested: this.d.flag(true) }).where('id', '=', id).execute();
+      }
+      if (row.status === 'queued') await this.endJob(tx, id, 'cancelled', null);
+      return toJob(await tx.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id).executeTakeFirstOrThrow());
+    });
+  }
+
+  async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: S.Job; lease: S.Lease } | null> {
+    // Read and taken in one write transaction, the row locked (SQLite: the database), so two
+    // workers in any processes never take the same job.
+    return this.tx(async (tx) => {
+      for (;;) {
+        const next = tx
+          .selectFrom('jobs')
+          .select(COLUMNS.job)
+          .where('status', 'in', ['queued', 'running'])
+          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseNow())]))
+          .orderBy('seq')
+          .limit(1);
+        const row = await this.d.lock(next, 'skip').executeTakeFirst();
+        if (!row) return null;
+        const end = endInsteadOfClaim({ cancelRequested: Boolean(row.cancelRequested), attempts: row.attempts }, maxAttempts);
+        if (end) {
+          await this.endJob(tx, row.id, end.status, end.error);
+          continue;
+        }
+        const claim = tx.updateTable('jobs').set((eb) => ({
+          status: 'running',
+          attempts: eb('attempts', '+', 1),
+          started_at: eb.fn.coalesce('started_at', sql<string>`${this.d.now()}`),
+          lease_worker: workerId,
+          lease_expires_at: this.d.leaseUntil(leaseMs),
+        }));
+        const { expiresAt, ...claimed } = await claim
+          .where('id', '=', row.id)
+          .returning([...COLUMNS.job, 'lease_expires_at as expiresAt'])
+          .executeTakeFirstOrThrow();
+        await this.addEvent(tx, row.id, 'status', runningEvent(claimed.attempts));
+        return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: new Date(expiresAt!).getTime() } };
+      }
+    });
+  }
+
+  async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
+    const renew = this.db.updateTable('jobs').set({ lease_expires_at: this.d.leaseUntil(leaseMs) }).where(this.leaseHeld(jobId, workerId));
+    return one(await renew.executeTakeFirst());
+  }
+
+  async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
+    const update = this.db.updateTable('jobs').set({ progress: jsonText(progress) }).where(this.leaseHeld(jobId, workerId));
+    return one(await update.executeTakeFirst());
+  }
+
+  async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
+    const row = await this.tx((tx) => this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now()));
+    if (!row) throw noJob(jobId);
+    return toEvent(row);
+  }
+
+  async listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<S.JobEvent[]> {
+    const events = this.db.selectFrom('job_events').select(COLUMNS.event).where('job_id', '=', jobId).where('seq', '>', afterSeq);
+    return (await events.orderBy('seq').limit(clampLimit(limit)).execute()).map(toEvent);
+  }
+
+  async saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean> {
+    const column = this.d.blobs.columns.checkpoint;
+    let replaced: unknown[] = [];
+    const saved = await this.withBlobs(jobId, ['ckpt'], [state], async (tx, staged) => {
+      // Locked: the lease can't expire into another worker's hands before the commit.
+      const held = tx.selectFrom('jobs').select('id').where(this.leaseHeld(jobId, workerId));
+      if (!(await this.d.lock(held, 'row').executeTakeFirst())) return false;
+      replaced = await this.blobsOf(tx.selectFrom('checkpoints').where('job_id', '=', jobId), [column]);
+      staged.promote();
+      const row = { job_id: jobId, step, bytes: state.byteLength, created_at: this.d.now(), [column]: staged.values[0] };
+      const excluded = Object.fromEntries(['step', 'bytes', 'created_at', column].map((c) => [c, sql.ref(`excluded.${c}`)]));
+      await tx.insertInto('checkpoints').values(row).onConflict((oc) => oc.column('job_id').doUpdateSet(excluded)).execute();
+      return true;
+    });
+    await this.d.blobs.release(replaced);
+    return saved;
+  }
+
+  async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
+    let step = 0;
+    const row = this.db.selectFrom('checkpoints').where('job_id', '=', jobId).select('step');
+    const found = await this.readBlobs(row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
+    return orNull(found, ([state]) => ({ step, state }));
+  }
+
+  async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
+    const { error, interventionId } = outcomeColumns(outcome);
+    const end = { status: outcome.status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
+    const write = this.tx(async (tx) => {
+      if (!one(await tx.updateTable('jobs').set(end).where(this.leaseHeld(jobId, workerId)).executeTakeFirst())) return false;
+      await this.addEvent(tx, jobId, 'status', endedEvent(outcome.status, error, interventionId));
+      return true;
+    });
+    return this.named(write, { foreignKey: () => noIntervention(interventionId) });
+  }
+
+  // --- listeners and lifecycle --------------------------------------------------------------
+
+  onInterventionChanged(listener: (id: string) => void): () => void {
+    return this.interventionListeners.add(listener);
+  }
+
+  onJobQueued(listener: () => void): () => void {
+    return this.jobListeners.add(listener);
+  }
+
+  async close(): Promise<void> {
+    this.closing ??= this.d.close();
+    return this.closing;
+  }
+
+  // --- internals ----------------------------------------------------------------------------
+
+  /** A write transaction, run again on deadlock or serialization failure; errors translated for callers. */
+  private async tx<T>(body: (tx: Tx) => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.db.transaction().execute(body);
+      } catch (e) {
+        if (attempt >= TRANSACTION_ATTEMPTS || !this.d.retryable(e)) throw this.d.toStoreError(e);
+      }
+    }
+  }
+
+  /** Stages blobs (outside any lock), then runs `body` in a write transaction; what no committed row names is cleaned up. */
+  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: (tx: Tx, staged: StagedBlobs) => Promise<T>): Promise<T> {
+    const staged = await this.d.blobs.stage(owner, kinds, bytes);
+    const result = await this.tx((tx) => body(tx, staged)).catch(async (e) => {
+      await staged.settle(false);
+      throw e;
+    });
+    await staged.settle(true);
+    return result;
+  }
+
+  /** Deletes a row (the tenant's own), then, once committed, the files it named (a crash in between leaves orphans for the sweep). */
+  private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[], owns: 'is not distinct from' | '=') {
+    const files = await this.tx(async (tx) => {
+      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId), columns);
+      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId).executeTakeFirst())) return null;
+      if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
+      return files;
+    });
+    if (files) await this.d.blobs.release(files);
+    return files !== null;
+  }
+
+  /** Waits for a write, turning a constraint violation into the ReftError callers see. */
+  private async named<T>(write: Promise<T>, as: Violations): Promise<T> {
+    try {
+      return await write;
+    } catch (e) {
+      const make = as[this.d.violation(e)!];
+      throw make ? make() : e;
+    }
+  }
+
+  /** Interventions the tenant can see: its own and the shared ones (a null tenant: shared only). */
+  private visible(tenantId: string | null) {
+    return this.db.selectFrom('interventions').where((eb) => eb.or([eb('tenant_id', '=', tenantId), eb('tenant_id', 'is', null)]));
+  }
+
+  private file(tenantId: string, id: string) {
+    return this.db.selectFrom('files').where('id', '=', id).where('tenant_id', '=', tenantId);
+  }
+
+  /** The guard of every worker write: the worker named holds an unexpired lease. */
+  private leaseHeld(jobId: string, workerId: string) {
+    const live = this.d.leaseNow();
+    return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
+      eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
+  }
+
+  /** The blob column values of the row `from` finds, where they name files to release later (else none). */
+  private async blobsOf(from: AnySelect, columns: string[]): Promise<unknown[]> {
+    if (!this.d.blobs.external) return [];
+    const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
+    return row ? columns.map((c) => row[c]) : [];
+  }
+
+  /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
+  private async readBlobs(from: AnySelect, columns: string[], seen?: (row: Record<string, unknown>) => void): Promise<Uint8Array[] | null> {
+    for (let attempt = 0; ; attempt++) {
+      const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
+      if (!row) return null;
+      seen?.(row);
+      const data = await this.d.blobs.read(columns.map((c) => row[c]));
+      if (data) return data;
+      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.d.blobs.where}`);
+    }
+  }
+
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  private async page<T>(from: AnySelect, columns: readonly string[], req: S.PageRequest, map: (row: any) => T): Promise<S.Page<T>> {
+    const limit = clampLimit(req.limit);
+    const cursor = req.after === undefined ? undefined : await from.select('seq').where('id', '=', req.after).executeTakeFirst();
+    const rows = await from.select(columns).where('seq', '>', seqAfter(req.after, cursor)).orderBy('seq').limit(limit + 1).execute();
+    return pageOf(rows, limit, map);
+  }
+
+  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown): Promise<void> {
+    await this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now());
+  }
+
+  /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
+  private async endJob(tx: Tx, id: string, status: 'cancelled' | 'failed', error: string | null): Promise<void> {
+    await tx.updateTable('jobs').set({ status, error, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null }).where('id', '=', id).execute();
+    await this.addEvent(tx, id, 'status', endedEvent(status, error));
+  }
+}
