@@ -9,6 +9,7 @@ import type { Store } from '../../storage/store.ts';
 import { problemOf, toReftError } from '../problem.ts';
 import type { GenerationInput, GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { SseStream } from '../sse.ts';
+import { logprobPieces, type Piece } from '../logprob-pieces.ts';
 import { disconnectSignal } from './generate.ts';
 import { problemSchema } from './schemas.ts';
 
@@ -90,24 +91,27 @@ const usageOf = (r: GenerationResult) => ({ prompt_tokens: r.promptTokens, compl
 const finishOf = (r: GenerationResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);
 const created = () => Math.floor(Date.now() / 1000);
 
-function completionLogprobs(lps: TokenLogprob[] | undefined, tokenizer: TextTokenizer) {
+function completionLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
-  const text = (t: number) => tokenizer.decode([t]);
+  const pieces = logprobPieces(tokenizer, prompt, lps);
+  const offsets: number[] = [];
+  let at = 0;
+  for (const p of pieces) {
+    offsets.push(at);
+    at += p.text.length;
+  }
   return {
-    tokens: lps.map((l) => text(l.token)),
-    token_logprobs: lps.map((l) => l.logprob),
-    top_logprobs: lps.map((l) => Object.fromEntries((l.top ?? []).map((t) => [text(t.token), t.logprob]))),
-    text_offset: [] as number[],
+    tokens: pieces.map((p) => p.text),
+    token_logprobs: pieces.map((p) => p.logprob),
+    top_logprobs: pieces.map((p) => Object.fromEntries((p.top ?? []).map((t) => [t.text, t.logprob]))),
+    text_offset: offsets,
   };
 }
 
-function chatLogprobs(lps: TokenLogprob[] | undefined, tokenizer: TextTokenizer) {
+function chatLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
-  const entry = (t: number, logprob: number) => {
-    const token = tokenizer.decode([t]);
-    return { token, logprob, bytes: [...Buffer.from(token, 'utf8')] };
-  };
-  return { content: lps.map((l) => ({ ...entry(l.token, l.logprob), top_logprobs: (l.top ?? []).map((t) => entry(t.token, t.logprob)) })) };
+  const entry = (p: Piece) => ({ token: p.text, logprob: p.logprob, bytes: p.bytes });
+  return { content: logprobPieces(tokenizer, prompt, lps).map((p) => ({ ...entry(p), top_logprobs: (p.top ?? []).map(entry) })) };
 }
 
 async function streamOpenAI(
@@ -149,7 +153,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
     return {
       ...base,
-      choices: [{ index: 0, text: result.text, logprobs: completionLogprobs(result.logprobs, tokenizer), finish_reason: finishOf(result) }],
+      choices: [{ index: 0, text: result.text, logprobs: completionLogprobs(result.logprobs, prepared.request.tokens, tokenizer), finish_reason: finishOf(result) }],
       usage: usageOf(result),
     };
   });
@@ -178,7 +182,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
     return {
       ...base,
-      choices: [{ index: 0, message: { role: 'assistant' as const, content: result.text }, logprobs: chatLogprobs(result.logprobs, tokenizer), finish_reason: finishOf(result) }],
+      choices: [{ index: 0, message: { role: 'assistant' as const, content: result.text }, logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer), finish_reason: finishOf(result) }],
       usage: usageOf(result),
     };
   });
