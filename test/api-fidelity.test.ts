@@ -21,6 +21,7 @@ describe('API fidelity (single-tenant server)', () => {
   /** The base model's name, as /v1/models gives it. */
   let base: string;
   const PROMPT = 'Once upon a time there';
+  const SERVED = 'karpathy/stories260k';
 
   beforeAll(async () => {
     // a model copy with a chat template, and a shared-interventions folder with one artifact
@@ -33,7 +34,7 @@ describe('API fidelity (single-tenant server)', () => {
     mkdirSync(join(sharedDir, 'house-style'));
     writeFileSync(join(sharedDir, 'house-style', 'reft_config.json'), files.config);
     writeFileSync(join(sharedDir, 'house-style', 'reft_weights.safetensors'), files.weights);
-    server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir] });
+    server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--served-model-name', SERVED] });
     api = { url: server.url };
     client = new OpenAI({ baseURL: `${api.url}/v1`, apiKey: 'unused', maxRetries: 0 });
     tokenizer = (await loadModel(STORIES)).tokenizer;
@@ -85,6 +86,139 @@ describe('API fidelity (single-tenant server)', () => {
       expect(entries.map((e) => e.token).join('')).toBe(content);
       expect(Buffer.from(entries.flatMap((e) => e.bytes!)).toString('utf8')).toBe(content);
       expect(entries.some((e) => e.bytes![0] === 32)).toBe(true);
+    });
+  });
+
+  /** What a call through the official client threw. */
+  async function failure(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
+    const err = await p.then(() => null, (e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.APIError);
+    return err as InstanceType<typeof OpenAI.APIError>;
+  }
+
+  describe('OpenAI routes answer errors in OpenAI\'s shape', () => {
+    it('the official client sees message, type, param and code', async () => {
+      const missing = await failure(client.completions.create({ model: 'nope', prompt: 'x' }));
+      expect(missing).toMatchObject({ status: 404, code: 'not_found', param: 'model', type: 'not_found_error' });
+      expect(missing.message).toMatch(/nope/);
+      const invalid = await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], temperature: 5 }));
+      expect(invalid).toMatchObject({ status: 400, code: 'invalid_request', param: 'temperature', type: 'invalid_request_error' });
+      const unknownModel = await failure(client.models.retrieve('nope'));
+      expect(unknownModel).toMatchObject({ status: 404, param: 'model' });
+    });
+
+    it('as application/json with {error: {message, type, param, code}}; other routes keep problem+json', async () => {
+      const res = await json(api, 'POST', '/v1/completions', { model: base, prompt: 'x', max_tokens: 0 });
+      expect(res.status).toBe(400);
+      expect(res.headers.get('content-type')).toMatch(/^application\/json/);
+      expect(res.body).toEqual({ error: { message: expect.stringMatching(/max_tokens/), type: 'invalid_request_error', param: 'max_tokens', code: 'invalid_request' } });
+      const generate = await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 });
+      expect(generate.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      expect(generate.body).toMatchObject({ status: 400, field: 'max_new_tokens' });
+    });
+  });
+
+  describe('OpenAI parameters', () => {
+    const ask = (body: Record<string, unknown>) => client.completions.create({ model: base, prompt: PROMPT, max_tokens: 6, temperature: 0, ...body } as never) as unknown as Promise<OpenAI.Completion>;
+
+    it('n gives several choices; sampled ones differ, greedy ones agree; usage counts each prompt once', async () => {
+      const sampled = await ask({ n: 4, temperature: 1, seed: 7, max_tokens: 12 });
+      expect(sampled.choices.map((c) => c.index)).toEqual([0, 1, 2, 3]);
+      expect(new Set(sampled.choices.map((c) => c.text)).size).toBeGreaterThan(1);
+      const again = await ask({ n: 4, temperature: 1, seed: 7, max_tokens: 12 });
+      expect(again.choices.map((c) => c.text)).toEqual(sampled.choices.map((c) => c.text));
+      const greedy = await ask({ n: 2 });
+      expect(greedy.choices[0].text).toBe(greedy.choices[1].text);
+      const promptTokens = tokenizer.encode(PROMPT).length;
+      expect(greedy.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: 12, total_tokens: promptTokens + 12 });
+      const chat = await client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'Tell me a story.' }], n: 3, max_tokens: 5, temperature: 1, seed: 3 });
+      expect(chat.choices.map((c) => c.index)).toEqual([0, 1, 2]);
+    });
+
+    it('a list of prompts gives a completion each (n per prompt, in order), the same as asked alone', async () => {
+      const prompts = [PROMPT, 'The little dog'];
+      const both = await ask({ prompt: prompts, n: 2 });
+      expect(both.choices).toHaveLength(4);
+      for (const [i, p] of prompts.entries()) {
+        const alone = await ask({ prompt: p });
+        expect(both.choices[2 * i].text).toBe(alone.choices[0].text);
+        expect(both.choices[2 * i + 1].text).toBe(alone.choices[0].text);
+      }
+      expect(both.usage!.prompt_tokens).toBe(prompts.reduce((n, p) => n + tokenizer.encode(p).length, 0));
+      let streamed = ['', '', '', ''];
+      for await (const chunk of (await client.completions.create({ model: base, prompt: prompts, n: 2, max_tokens: 6, temperature: 0, stream: true })) as AsyncIterable<OpenAI.Completion>) {
+        for (const c of chunk.choices) streamed[c.index] += c.text;
+      }
+      expect(streamed).toEqual(both.choices.map((c) => c.text));
+    });
+
+    it('stop as a string or a list', async () => {
+      const plain = await ask({ max_tokens: 30 });
+      const word = plain.choices[0].text.trim().split(' ')[2];
+      const cut = plain.choices[0].text.slice(0, plain.choices[0].text.indexOf(word));
+      for (const stop of [word, ['zzz', word]]) {
+        const res = await ask({ max_tokens: 30, stop });
+        expect(res.choices[0]).toMatchObject({ text: cut, finish_reason: 'stop' });
+      }
+    });
+
+    it('logit_bias forces or bans tokens', async () => {
+      const prompt = tokenizer.encode(PROMPT);
+      const plain = await json(api, 'POST', '/v1/generate', { prompt: PROMPT, max_new_tokens: 3 });
+      const banned = plain.body.token_ids[0];
+      const without = await ask({ max_tokens: 3, logit_bias: { [banned]: -100 } });
+      expect(without.choices[0].text).not.toBe(plain.body.text);
+      const forced = 300;
+      const only = await ask({ max_tokens: 3, logit_bias: { [forced]: 100 } });
+      expect(only.choices[0].text).toBe(after(prompt, [forced, forced, forced]));
+      const outside = await failure(ask({ logit_bias: { 99999: 1 } }));
+      expect(outside).toMatchObject({ status: 400, param: 'logit_bias.99999' });
+    });
+
+    it('frequency and presence penalties steer greedy decoding away from repeats', async () => {
+      const distinct = (c: OpenAI.Completion) => new Set(c.choices[0].logprobs!.tokens).size;
+      const plain = await ask({ max_tokens: 40, logprobs: 1 });
+      for (const penalty of [{ frequency_penalty: 2 }, { presence_penalty: 2 }]) {
+        const res = await ask({ max_tokens: 40, logprobs: 1, ...penalty });
+        expect(res.choices[0].text).not.toBe(plain.choices[0].text);
+        expect(distinct(res)).toBeGreaterThan(distinct(plain));
+      }
+    });
+
+    it('echo puts the prompt first', async () => {
+      const plain = await ask({});
+      const echoed = await ask({ echo: true });
+      expect(echoed.choices[0].text).toBe(PROMPT + plain.choices[0].text);
+    });
+
+    it('what stays unsupported is refused by name; max_tokens past the context is refused', async () => {
+      expect(await failure(ask({ suffix: 'The end.' }))).toMatchObject({ status: 400, param: 'suffix', message: expect.stringContaining('`suffix` is not supported') });
+      expect(await failure(ask({ best_of: 3 }))).toMatchObject({ status: 400, param: 'best_of' });
+      const tools = [{ type: 'function', function: { name: 'f', parameters: {} } }];
+      expect(await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], tools } as never))).toMatchObject({ status: 400, param: 'tools', message: expect.stringContaining('`tools` is not supported') });
+      expect(await failure(ask({ max_tokens: 600 }))).toMatchObject({ status: 400, code: 'context_length_exceeded', param: 'max_tokens', message: expect.stringMatching(/context is 512/) });
+      expect(await failure(ask({ n: 17 }))).toMatchObject({ status: 400, param: 'n' });
+    });
+  });
+
+  describe('models', () => {
+    it('lists the base model under its served name and interventions by name, the id beside', async () => {
+      const models = await client.models.list();
+      const [first, ...rest] = models.data as Array<OpenAI.Model & Record<string, unknown>>;
+      expect(first).toMatchObject({ id: SERVED, object: 'model', parent: null, max_model_len: 512 });
+      const shared = rest.find((m) => m.id === 'house-style')!;
+      expect(shared).toMatchObject({ owned_by: 'shared', parent: SERVED, root: expect.stringMatching(/^iv_/) });
+      const byName = await client.completions.create({ model: 'house-style', prompt: PROMPT, max_tokens: 4, temperature: 0 });
+      const byId = await client.completions.create({ model: shared.root as string, prompt: PROMPT, max_tokens: 4, temperature: 0 });
+      expect(byId.choices[0].text).toBe(byName.choices[0].text);
+    });
+
+    it('GET /v1/models/{id} gives one model: the base (its name has a slash), an intervention by name or id', async () => {
+      expect(await client.models.retrieve(SERVED)).toMatchObject({ id: SERVED, object: 'model' });
+      const shared = await client.models.retrieve('house-style');
+      expect(shared).toMatchObject({ id: 'house-style', parent: SERVED });
+      expect(await client.models.retrieve((shared as unknown as { root: string }).root)).toEqual(shared);
+      expect((await json(api, 'GET', `/v1/models/${SERVED}`)).body.id).toBe(SERVED);
     });
   });
 });
