@@ -69,7 +69,10 @@ export class GenerationService {
   async runAll(tenant: Tenant, rows: PreparedGeneration[], opts: { signal?: AbortSignal; onToken?: (row: number, e: TokenEvent) => void } = {}): Promise<GenerationResult[]> {
     const release = this.limiter.acquire(tenant.id);
     const cancel = new AbortController();
-    const signal = opts.signal ? AbortSignal.any([opts.signal, cancel.signal]) : cancel.signal;
+    const signal = cancel.signal;
+    const onAbort = () => cancel.abort();
+    if (opts.signal?.aborted) cancel.abort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
       const results = await Promise.all(rows.map((row, i) => this.runRow(row, signal, opts.onToken && ((e) => opts.onToken!(i, e))).catch((err: unknown) => {
         cancel.abort();
@@ -80,6 +83,7 @@ export class GenerationService {
       this.usage.add(tenant.id, { requests: 1, promptTokens, completionTokens });
       return results;
     } finally {
+      opts.signal?.removeEventListener('abort', onAbort);
       release();
     }
   }
