@@ -221,4 +221,39 @@ describe('API fidelity (single-tenant server)', () => {
       expect((await json(api, 'GET', `/v1/models/${SERVED}`)).body.id).toBe(SERVED);
     });
   });
+
+  describe('/tokenize and /detokenize (vLLM\'s shapes)', () => {
+    it('a prompt, with and without special tokens, with token strings', async () => {
+      const res = await json(api, 'POST', '/tokenize', { prompt: PROMPT, return_token_strs: true });
+      expect(res.status).toBe(200);
+      const ids = tokenizer.encode(PROMPT);
+      expect(res.body).toEqual({ count: ids.length, max_model_len: 512, tokens: ids, token_strs: expect.any(Array) });
+      expect(res.body.token_strs[0]).toBe('<s>');
+      expect(res.body.token_strs.slice(1).join('').replaceAll('▁', ' ').trim()).toBe(PROMPT);
+      const bare = await json(api, 'POST', '/tokenize', { prompt: PROMPT, add_special_tokens: false });
+      expect(bare.body.tokens).toEqual(ids.slice(1));
+      expect(bare.body.token_strs).toBeNull();
+    });
+
+    it('messages go through the chat template, as chat completions see them', async () => {
+      const messages = [{ role: 'user', content: 'Tell me a story.' }];
+      const res = await json(api, 'POST', '/tokenize', { model: base, messages });
+      expect(res.status).toBe(200);
+      expect(res.body.tokens).toEqual(tokenizer.encode('user: Tell me a story.\nassistant:', { addSpecialTokens: false }));
+      const chat = await client.chat.completions.create({ model: base, messages: messages as never, max_tokens: 1 });
+      expect(chat.usage!.prompt_tokens).toBe(res.body.count);
+    });
+
+    it('/detokenize gives the text back; bad ids and models are refused in the OpenAI shape', async () => {
+      const ids = (await json(api, 'POST', '/tokenize', { prompt: PROMPT })).body.tokens;
+      expect((await json(api, 'POST', '/detokenize', { tokens: ids })).body).toEqual({ prompt: PROMPT });
+      const bad = await json(api, 'POST', '/detokenize', { tokens: [1, 99999] });
+      expect(bad.status).toBe(400);
+      expect(bad.body.error).toMatchObject({ param: 'tokens.1', message: expect.stringMatching(/outside the vocabulary/) });
+      const unknown = await json(api, 'POST', '/tokenize', { model: 'nope', prompt: 'x' });
+      expect(unknown.status).toBe(404);
+      expect(unknown.body.error.param).toBe('model');
+      expect((await json(api, 'POST', '/tokenize', { model: 'house-style', prompt: 'x' })).status).toBe(200);
+    });
+  });
 });

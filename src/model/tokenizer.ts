@@ -24,12 +24,14 @@ export interface TextTokenizer {
   /** Every id that ends generation: config.json, generation_config.json and the tokenizer's eos_token. */
   readonly eosTokenIds: number[];
   readonly hasChatTemplate: boolean;
-  /** Encodes plain text, adding BOS/EOS exactly as the checkpoint's tokenizer configs say. */
-  encode(text: string): number[];
+  /** Encodes plain text, adding BOS/EOS exactly as the checkpoint's tokenizer configs say (unless `addSpecialTokens` is false). */
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
   /** Renders the chat template and encodes the result without adding special tokens again. */
   encodeChat(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): number[];
   /** Decodes ids, skipping special tokens. */
   decode(ids: number[]): string;
+  /** The vocabulary's string for an id ("▁was", "<s>"), or null for an id it lacks. */
+  tokenString(id: number): string | null;
   /**
    * Incremental detokenizer: the concatenation of all pushes plus flush is the text the pushed ids
    * add after `context` (the prompt), so a first token keeps the leading space a decode of the
@@ -214,8 +216,13 @@ class HfTextTokenizer implements TextTokenizer {
     }
   }
 
-  encode(text: string): number[] {
+  encode(text: string, opts: { addSpecialTokens?: boolean } = {}): number[] {
+    if (opts.addSpecialTokens === false) return this.encodeBare(text);
     return [...this.prefix, ...this.encodeBare(text), ...this.suffix];
+  }
+
+  tokenString(id: number): string | null {
+    return this.tok.id_to_token(id) ?? null;
   }
 
   encodeChat(messages: ChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): number[] {

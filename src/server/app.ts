@@ -15,6 +15,7 @@ import { interventionRoutes } from './routes/interventions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
+import { tokenizeRoutes } from './routes/tokenize.ts';
 import { trainingRoutes } from './routes/training.ts';
 import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
@@ -94,6 +95,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
+  tokenizeRoutes(app, service, opts.store);
   const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
