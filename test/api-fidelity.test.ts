@@ -256,4 +256,79 @@ describe('API fidelity (single-tenant server)', () => {
       expect((await json(api, 'POST', '/tokenize', { model: 'house-style', prompt: 'x' })).status).toBe(200);
     });
   });
+
+  describe('interventions and training jobs', () => {
+    it('deleting a shared intervention is a 403 that says it is shared', async () => {
+      const res = await json(api, 'DELETE', '/v1/interventions/house-style');
+      expect(res.status).toBe(403);
+      expect(res.body).toMatchObject({ code: 'forbidden', field: 'id', detail: expect.stringMatching(/is shared/) });
+      expect((await json(api, 'GET', '/v1/interventions/house-style')).status).toBe(200);
+      expect((await json(api, 'DELETE', '/v1/interventions/no-such-thing')).status).toBe(404);
+    });
+
+    async function finished(id: string): Promise<any> {
+      for (let i = 0; i < 600; i++) {
+        const job = (await json(api, 'GET', `/v1/training/jobs/${id}`)).body;
+        if (['succeeded', 'failed', 'cancelled'].includes(job.status)) return job;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      throw new Error(`job ${id} did not finish`);
+    }
+
+    it('events say intervention_id throughout; cancelling a finished job is a 409; jobs list newest first', async () => {
+      const recipe = { data: [{ prompt: 'Once upon a time', completion: ' a frog sang.' }], intervention: { kind: 'loreft', rank: 1, layers: [1], positions: 'l1' }, hyperparameters: { epochs: 2, batch_size: 1 } };
+      const first = (await json(api, 'POST', '/v1/training/jobs', { ...recipe, name: 'tiny' })).body;
+      const done = await finished(first.id);
+      expect(done.status).toBe('succeeded');
+      const events = (await json(api, 'GET', `/v1/training/jobs/${first.id}/events?limit=1000`)).body.data;
+      const final = events.filter((e: any) => e.type === 'status').at(-1);
+      expect(final.data).toEqual({ status: 'succeeded', intervention_id: done.intervention_id });
+      expect(JSON.stringify(events)).not.toContain('interventionId');
+      const cancel = await json(api, 'POST', `/v1/training/jobs/${first.id}/cancel`);
+      expect(cancel.status).toBe(409);
+      expect(cancel.body).toMatchObject({ code: 'conflict', detail: expect.stringMatching(/already succeeded/) });
+
+      const second = (await json(api, 'POST', '/v1/training/jobs', { ...recipe, hyperparameters: { epochs: 5000, batch_size: 1 } })).body;
+      const newest = await json(api, 'GET', '/v1/training/jobs?limit=1');
+      expect(newest.body.data.map((j: any) => j.id)).toEqual([second.id]);
+      expect(newest.body.has_more).toBe(true);
+      const next = await json(api, 'GET', `/v1/training/jobs?limit=1&after=${second.id}`);
+      expect(next.body.data.map((j: any) => j.id)).toEqual([first.id]);
+      expect(next.body.has_more).toBe(false);
+      expect((await json(api, 'POST', `/v1/training/jobs/${second.id}/cancel`)).status).toBe(200);
+      expect((await finished(second.id)).status).toBe('cancelled');
+    });
+  });
+});
+
+describe('API fidelity (server with API keys)', () => {
+  const ADMIN = 'admin-secret-for-fidelity';
+  let server: ServerProcess;
+  let admin: Api;
+  let tenant: Api;
+
+  beforeAll(async () => {
+    server = await startServerProcess({ env: { REFT_ADMIN_KEY: ADMIN }, args: ['--no-worker'] });
+    admin = { url: server.url, key: ADMIN };
+    const created = await json(admin, 'POST', '/v1/admin/tenants', { name: 'alpha' });
+    tenant = { url: server.url, key: (await json(admin, 'POST', `/v1/admin/tenants/${created.body.id}/keys`, {})).body.key };
+  });
+  afterAll(async () => {
+    expect(await server.stop()).toBe(0);
+  });
+
+  it('an unknown route is a 404 for everyone', async () => {
+    for (const key of [ADMIN, tenant.key, undefined, 'rft_wrong']) {
+      const res = await json({ url: server.url, key }, 'GET', '/v1/nothing-here');
+      expect(res.status, String(key)).toBe(404);
+    }
+  });
+
+  it('a tenant route with the admin key says it needs a tenant key', async () => {
+    const res = await json(admin, 'GET', '/v1/interventions');
+    expect(res.status).toBe(403);
+    expect(res.body).toMatchObject({ code: 'forbidden', field: 'authorization', detail: expect.stringMatching(/tenant API key/) });
+    expect((await json(tenant, 'GET', '/v1/interventions')).status).toBe(200);
+    expect((await json({ url: server.url, key: 'rft_wrong' }, 'GET', '/v1/interventions')).status).toBe(401);
+  });
 });
