@@ -317,6 +317,17 @@ describe('API fidelity (server with API keys)', () => {
     expect(await server.stop()).toBe(0);
   });
 
+  it('/docs and /openapi.json open without a key', async () => {
+    const ui = await fetch(`${server.url}/docs`);
+    expect(ui.status).toBe(200);
+    expect(await ui.text()).toMatch(/swagger/i);
+    const doc = await json({ url: server.url }, 'GET', '/openapi.json');
+    expect(doc.status).toBe(200);
+    expect(doc.body.openapi).toBe('3.1.0');
+    expect(doc.body.paths).toHaveProperty(['/v1/generate']);
+    expect((await json({ url: server.url }, 'GET', '/docs/json')).status).toBe(200);
+  });
+
   it('an unknown route is a 404 for everyone', async () => {
     for (const key of [ADMIN, tenant.key, undefined, 'rft_wrong']) {
       const res = await json({ url: server.url, key }, 'GET', '/v1/nothing-here');

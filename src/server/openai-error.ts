@@ -14,7 +14,7 @@ declare module 'fastify' {
 
 export const openaiErrorSchema = z.object({
   error: z.object({ message: z.string(), type: z.string(), param: z.string().nullable(), code: z.string().nullable() }),
-}).describe('OpenAI error');
+}).describe("The request was refused or failed (OpenAI's error shape); param names the field");
 
 const TYPES: Record<number, string> = {
   400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error', 404: 'not_found_error',
