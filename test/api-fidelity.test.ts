@@ -299,6 +299,33 @@ describe('API fidelity (single-tenant server)', () => {
       expect((await finished(second.id)).status).toBe('cancelled');
     });
   });
+
+  describe('metrics', () => {
+    const scrape = async () => (await fetch(`${api.url}/metrics`)).text();
+    const value = (text: string, name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1]);
+
+    it('names without a doubled prefix', async () => {
+      const text = await scrape();
+      expect(text).toMatch(/^reft_process_cpu_seconds_total /m);
+      expect(text).toMatch(/^reft_nodejs_heap_size_used_bytes /m);
+      expect(text).not.toContain('reft_process_process_');
+    });
+
+    it('engine gauges are current at scrape time', async () => {
+      const idle = await scrape();
+      expect(value(idle, 'reft_running_sequences')).toBe(0);
+      expect(value(idle, 'reft_tokens_in_flight')).toBe(0);
+      const controller = new AbortController();
+      const res = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: PROMPT, max_new_tokens: 400, ignore_eos: true, stream: true }), signal: controller.signal });
+      const reader = res.body!.getReader();
+      await reader.read();
+      const busy = await scrape(); // the first scrape after the change already shows it
+      expect(value(busy, 'reft_running_sequences')).toBe(1);
+      expect(value(busy, 'reft_tokens_in_flight')).toBe(tokenizer.encode(PROMPT).length + 400);
+      expect(value(busy, 'reft_queue_depth')).toBe(0);
+      controller.abort();
+    });
+  });
 });
 
 describe('API fidelity (server with API keys)', () => {
