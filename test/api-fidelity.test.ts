@@ -9,7 +9,7 @@ import { fixtureArtifact } from './support/artifacts.ts';
 import { STORIES, inferenceCases } from './support/fixtures.ts';
 import { copyOfStories } from './support/model-copies.ts';
 import { json, sse, type Api } from './support/http.ts';
-import { startServerProcess, type ServerProcess } from './support/server.ts';
+import { runCli, startServerProcess, type ServerProcess } from './support/server.ts';
 
 /** What a new user meets following the README with curl and the official openai client (issue 12). */
 describe('API fidelity (single-tenant server)', () => {
@@ -368,5 +368,27 @@ describe('API fidelity (server with API keys)', () => {
     expect(res.body).toMatchObject({ code: 'forbidden', field: 'authorization', detail: expect.stringMatching(/tenant API key/) });
     expect((await json(tenant, 'GET', '/v1/interventions')).status).toBe(200);
     expect((await json({ url: server.url, key: 'rft_wrong' }, 'GET', '/v1/interventions')).status).toBe(401);
+  });
+});
+
+describe('CLI', () => {
+  it('--version prints the package version', async () => {
+    const r = await runCli(['--version']);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toBe(`${JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.json'), 'utf8')).version}\n`);
+  });
+
+  it('generate ends its output with a newline (and prints nothing else)', async () => {
+    const r = await runCli(['generate', '--model', STORIES, '--prompt', 'Once upon a time', '--max-new-tokens', '8']);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^, there[^\n]*\n$/);
+  });
+
+  it('train --help shows the recipe defaults; import-pyreft says why it reads the model and defaults share_weights as training does', async () => {
+    const train = (await runCli(['train', '--help'])).stdout.replace(/\s+/g, ' ');
+    for (const shown of ['--rank <r> rank (default: 4)', '(default: "f3+l3")', '--epochs <n> epochs (default: 30)', '(default: 0.01)', '(default: "linear")', 'share_weights=False) (default: false)']) expect(train).toContain(shown);
+    const imp = (await runCli(['import-pyreft', '--help'])).stdout.replace(/\s+/g, ' ');
+    expect(imp).toContain("only its config.json is read, for what pyreft's files don't record");
+    expect(imp).toContain('(default: false, as training)');
   });
 });

@@ -133,7 +133,7 @@ describe('pyreft import through the CLI', () => {
     it(`${folder}`, () => {
       const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
       const c = manifest[folder].import;
-      const args = [BIN, 'import-pyreft', join(PYREFT, folder), '--positions', c.positions, '--out', out, '--model', STORIES, ...(c.share_weights ? [] : ['--no-share-weights'])];
+      const args = [BIN, 'import-pyreft', join(PYREFT, folder), '--positions', c.positions, '--out', out, '--model', STORIES, ...(c.share_weights ? ['--share-weights'] : [])];
       const r = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 60_000 });
       expect(r.status, r.stderr).toBe(0);
       expectSameArtifact(folder, new Uint8Array(readFileSync(join(out, 'reft_config.json'))), new Uint8Array(readFileSync(join(out, 'reft_weights.safetensors'))));

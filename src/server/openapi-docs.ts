@@ -27,7 +27,7 @@ const MULTIPART: Record<string, { required: string[]; properties: Json; encoding
       config: file("pyreft's config.json"),
       files: { type: 'array', items: file('one intkey_*.bin per intervention'), description: 'the intkey_*.bin files, one part each' },
       positions: text('where the interventions apply (pyreft does not store it): fN, lN or fN+lN', { example: 'f1+l1' }),
-      share_weights: { type: 'boolean', default: true, description: 'first and last positions share one intervention' },
+      share_weights: { type: 'boolean', default: false, description: 'trained with share_weights=True: first and last positions share one intervention (default false, as training)' },
       name: text('name to use it by', { example: 'imported' }),
       description: text('free text'),
     },
