@@ -142,7 +142,7 @@ describe('pyreft import through the CLI', () => {
 
   it('refuses an evil folder with a one-line error', () => {
     const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
-    const r = spawnSync(process.execPath, [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--share-weights', '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^reft-server: forbidden pickle global "os system"/);
     expect(r.stdout + r.stderr).not.toContain(EVIL_MARKER);
