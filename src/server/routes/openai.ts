@@ -229,14 +229,13 @@ async function streamOpenAI(
   sse.end();
 }
 
-type PromptOf<T> = T extends Array<infer U> ? U : never;
 type CompletionPrompt = z.infer<typeof completionBody>['prompt'];
 
 /** One prompt or several: a list of strings or a list of token-id lists is several. */
 function promptList(prompt: CompletionPrompt): Array<string | number[]> {
   if (typeof prompt === 'string') return [prompt];
-  if (prompt.length > 0 && typeof prompt[0] === 'number') return [prompt as number[]];
-  return prompt as Array<PromptOf<CompletionPrompt> & (string | number[])>;
+  if (typeof prompt[0] === 'number') return [prompt as number[]];
+  return prompt as Array<string | number[]>;
 }
 
 export function openaiRoutes(app: FastifyInstance, service: GenerationService, store: Store): void {
