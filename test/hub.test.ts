@@ -232,7 +232,7 @@ describe('the Hub path end to end', () => {
     const server = await startServerProcess({ args: ['--model', 'tiny/stories260k', '--no-worker'], env: { HF_ENDPOINT: hub.url, HF_HOME: home } });
     try {
       const res = await fetch(`${server.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 32 }) });
-      expect(((await res.json()) as { text: string }).text).toBe(first.stdout);
+      expect(((await res.json()) as { text: string }).text + '\n').toBe(first.stdout); // generate ends its output with a newline
     } finally {
       await server.stop();
       await hub.start();

@@ -28,6 +28,14 @@ describe.each(BACKENDS)('on %s', (backend) => {
     if (field) expect(res.body.field).toBe(field);
   }
 
+  /** The OpenAI routes answer in OpenAI's error shape (issue 12). */
+  function expectOpenAIError(res: { status: number; body: any; headers: Headers }, status: number, pattern: RegExp, param: string) {
+    expect(res.status, JSON.stringify(res.body)).toBe(status);
+    expect(res.headers.get('content-type')).toContain('application/json');
+    expect(res.body.error.message).toMatch(pattern);
+    expect(res.body.error.param).toBe(param);
+  }
+
   function blobCount(): number {
     try {
       return readdirSync(join(server.dataDir, 'blobs'), { recursive: true }).length;
@@ -69,7 +77,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_p: 0 }), 400, /top_p/, 'top_p');
       expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_k: -2 }), 400, /top_k/, 'top_k');
       expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 }), 400, /max_new_tokens/, 'max_new_tokens');
-      expectProblem(await json(api, 'POST', '/v1/completions', { model: 'x', prompt: 'x', n: 2 }), 400, /n/, 'n');
+      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'x', prompt: 'x', n: 17 }), 400, /n/, 'n');
     });
     it('neither or several prompt inputs', async () => {
       expectProblem(await json(api, 'POST', '/v1/generate', { max_new_tokens: 3 }), 400, /one of prompt, messages or input_ids/);
@@ -86,7 +94,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
     });
     it('an unknown adapter', async () => {
       expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'adapter');
-      expectProblem(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'model');
+      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'model');
     });
     it('a path-traversal id', async () => {
       expectProblem(await json(api, 'GET', '/v1/interventions/..%2F..%2Fetc%2Fpasswd'), 400, /id/);

@@ -83,7 +83,7 @@ describe('operations', () => {
     const res = await json(api, 'POST', '/v1/generate', { adapter: 'house-style', input_ids: cases[1].prompt, max_new_tokens: 24, ignore_eos: true });
     expect(res.body.token_ids).toEqual(cases[1].greedy);
     expect(server.logs.some((l) => l.msg === 'skipping shared intervention' && l.name === 'broken')).toBe(true);
-    expect((await json(api, 'DELETE', `/v1/interventions/${list.body.data[0].id}`)).status).toBe(404); // shared: not the tenant's to delete
+    expect((await json(api, 'DELETE', `/v1/interventions/${list.body.data[0].id}`)).status).toBe(403); // shared: not the tenant's to delete (issue 12: a 403 that says so)
   });
 
   it('downloads are byte-identical to the upload', async () => {

@@ -133,7 +133,7 @@ describe('pyreft import through the CLI', () => {
     it(`${folder}`, () => {
       const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
       const c = manifest[folder].import;
-      const args = [BIN, 'import-pyreft', join(PYREFT, folder), '--positions', c.positions, '--out', out, '--model', STORIES, ...(c.share_weights ? [] : ['--no-share-weights'])];
+      const args = [BIN, 'import-pyreft', join(PYREFT, folder), '--positions', c.positions, '--out', out, '--model', STORIES, ...(c.share_weights ? ['--share-weights'] : [])];
       const r = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 60_000 });
       expect(r.status, r.stderr).toBe(0);
       expectSameArtifact(folder, new Uint8Array(readFileSync(join(out, 'reft_config.json'))), new Uint8Array(readFileSync(join(out, 'reft_weights.safetensors'))));
@@ -142,7 +142,7 @@ describe('pyreft import through the CLI', () => {
 
   it('refuses an evil folder with a one-line error', () => {
     const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
-    const r = spawnSync(process.execPath, [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--share-weights', '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^reft-server: forbidden pickle global "os system"/);
     expect(r.stdout + r.stderr).not.toContain(EVIL_MARKER);

@@ -24,7 +24,7 @@ interface GenerateFlags {
 
 export function generateCommand(): Command {
   return new Command('generate')
-    .description('generate a continuation and print it (and nothing else) on stdout')
+    .description('generate a continuation and print it (and nothing else) on stdout, ending with a newline')
     .addOption(modelOption())
     .option('--intervention <dir>', 'a reft/v1 artifact folder (reft_config.json + reft_weights.safetensors)')
     .option('--prompt <text>', 'plain text prompt')
@@ -69,7 +69,8 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
   const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS });
   try {
     const result = await engine.generate(request, { onToken: (e) => process.stdout.write(e.text) });
-    if (process.stdout.isTTY) process.stdout.write('\n');
+    // a line of output, like any command's: shells and pipes expect the newline
+    process.stdout.write('\n');
     if (result.finishReason === 'cancelled') process.exitCode = 1;
   } finally {
     await engine.close();

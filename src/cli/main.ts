@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { Command } from 'commander';
 import { ReftError } from '../errors.ts';
 import { generateCommand } from './generate.ts';
@@ -11,8 +13,11 @@ import { workerCommand } from './worker.ts';
 // stderr: stdout carries only what a command outputs (a continuation, JSON logs).
 console.debug = console.error;
 
+const { version } = JSON.parse(readFileSync(join(import.meta.dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
+
 const program = new Command('reft-server')
   .description('Serve and train ReFT interventions on a frozen language model')
+  .version(version, '-V, --version', 'print the version')
   .showHelpAfterError();
 
 program.addCommand(serveCommand());

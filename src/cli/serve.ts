@@ -13,6 +13,7 @@ const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
 
 interface ServeFlags extends WorkerFlags {
   model: string;
+  servedModelName?: string;
   host: string;
   port: number;
   dataDir: string;
@@ -38,6 +39,7 @@ export function serveCommand(): Command {
   const cmd = new Command('serve')
     .description('run the HTTP server (REFT_ADMIN_KEY turns on multi-tenant API keys) and a training worker next to it')
     .addOption(modelOption())
+    .addOption(opt('--served-model-name <name>', 'the name the API serves the base model under (default: --model)', 'REFT_SERVED_MODEL_NAME'))
     .addOption(opt('--host <host>', 'address to listen on', 'REFT_HOST', undefined, '127.0.0.1'))
     .addOption(opt('--port <port>', 'port to listen on (0: any free port)', 'REFT_PORT', int('--port'), 8080));
   for (const o of [...storeOptions(), ...workerOptions()]) cmd.addOption(o);
@@ -64,6 +66,7 @@ async function runServe(f: ServeFlags): Promise<void> {
   const server = await startServer({
     resolveModel: () => modelDir(f.model),
     modelName: f.model,
+    servedModelName: f.servedModelName,
     host: f.host,
     port: f.port,
     openStore: () => openStore({ database: f.database, dataDir: f.dataDir }),

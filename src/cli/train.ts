@@ -8,6 +8,7 @@ import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
+import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { intArg, numberArg } from './options.ts';
 
@@ -34,27 +35,31 @@ interface Flags {
   progress: boolean;
 }
 
+/** The recipe's defaults (the training API's), shown in --help; unset flags leave them to the recipe. */
+const DEFAULTS = recipeSchema.parse({});
+const d = (key: keyof typeof DEFAULTS) => ` (default: ${JSON.stringify(DEFAULTS[key])})`;
+
 export function trainCommand(): Command {
   return new Command('train')
     .description('train an intervention on a JSONL file ({"prompt","completion"} or {"messages"} rows) and write the reft/v1 artifact')
     .argument('<data>', 'JSONL training data')
     .requiredOption('--out <dir>', 'where to write reft_config.json and reft_weights.safetensors')
     .addOption(modelOption())
-    .addOption(new Option('--kind <kind>', 'intervention kind').choices([...INTERVENTION_KINDS]))
-    .option('--rank <r>', 'rank', intArg('--rank', 1))
-    .option('--layers <list>', 'comma-separated layers, or "all"')
-    .option('--positions <spec>', 'fN, lN or fN+lN')
-    .option('--share-weights', 'one intervention per layer for fN+lN (default: split in two, as pyreft with share_weights=False)')
-    .option('--epochs <n>', 'epochs', intArg('--epochs', 1))
-    .option('--max-steps <n>', 'stop after this many optimizer steps', intArg('--max-steps', 1))
-    .option('--batch-size <n>', 'batch size', intArg('--batch-size', 1))
-    .option('--gradient-accumulation-steps <n>', 'batches per optimizer step', intArg('--gradient-accumulation-steps', 1))
-    .option('--learning-rate <lr>', 'peak learning rate', numberArg('--learning-rate'))
-    .addOption(new Option('--lr-scheduler <s>', 'learning-rate schedule').choices([...LR_SCHEDULERS]))
-    .option('--warmup-ratio <r>', 'share of steps warming up', numberArg('--warmup-ratio'))
-    .option('--weight-decay <w>', 'AdamW weight decay', numberArg('--weight-decay'))
-    .option('--dropout <p>', 'intervention dropout', numberArg('--dropout'))
-    .option('--seed <s>', 'seed (same seed, same result)', intArg('--seed'))
+    .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
+    .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
+    .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
+    .option('--positions <spec>', `fN, lN or fN+lN${d('positions')}`)
+    .option('--share-weights', `one intervention per layer for fN+lN; without it, an fN and an lN one (as pyreft with share_weights=False)${d('share_weights')}`)
+    .option('--epochs <n>', `epochs${d('epochs')}`, intArg('--epochs', 1))
+    .option('--max-steps <n>', 'stop after this many optimizer steps (default: the epochs decide)', intArg('--max-steps', 1))
+    .option('--batch-size <n>', `batch size${d('batch_size')}`, intArg('--batch-size', 1))
+    .option('--gradient-accumulation-steps <n>', `batches per optimizer step${d('gradient_accumulation_steps')}`, intArg('--gradient-accumulation-steps', 1))
+    .option('--learning-rate <lr>', `peak learning rate${d('learning_rate')}`, numberArg('--learning-rate'))
+    .addOption(new Option('--lr-scheduler <s>', `learning-rate schedule${d('lr_scheduler')}`).choices([...LR_SCHEDULERS]))
+    .option('--warmup-ratio <r>', `share of steps warming up${d('warmup_ratio')}`, numberArg('--warmup-ratio'))
+    .option('--weight-decay <w>', `AdamW weight decay${d('weight_decay')}`, numberArg('--weight-decay'))
+    .option('--dropout <p>', `intervention dropout${d('dropout')}`, numberArg('--dropout'))
+    .option('--seed <s>', `seed (same seed, same result)${d('seed')}`, intArg('--seed'))
     .option('--name <name>', 'name recorded in reft_config.json')
     .option('--no-progress', 'no progress bar')
     .action(runTrain);

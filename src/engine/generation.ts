@@ -50,7 +50,8 @@ export interface StreamDecoder {
 }
 
 export interface Detokenizer {
-  createStreamDecoder(): StreamDecoder;
+  /** `context`: the prompt, which the first generated token's text follows. */
+  createStreamDecoder(context?: readonly number[]): StreamDecoder;
 }
 
 /** The one check every entry point makes: a prompt must leave room for one new token. */
@@ -78,7 +79,7 @@ export class Generation {
     detokenizer: Detokenizer,
   ) {
     this.sampler = new Sampler(request.sampling, request.tokens);
-    this.decoder = detokenizer.createStreamDecoder();
+    this.decoder = detokenizer.createStreamDecoder(request.tokens);
   }
 
   get done(): boolean {

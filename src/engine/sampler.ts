@@ -1,8 +1,9 @@
 import { Rng } from '../rng.ts';
 
 /**
- * Next-token selection: repetition penalty, temperature, top-k, top-p, then a draw from a
- * seeded generator (same seed, same tokens). Temperature 0 is greedy.
+ * Next-token selection: repetition penalty, OpenAI's frequency/presence penalties and logit
+ * bias, temperature, top-k, top-p, then a draw from a seeded generator (same seed, same tokens).
+ * Temperature 0 is greedy. The adjustments cost nothing when off.
  */
 export interface SamplingParams {
   temperature: number;
@@ -10,6 +11,12 @@ export interface SamplingParams {
   topP: number; // 1 = off
   repetitionPenalty: number; // 1 = off
   seed?: number;
+  /** Subtracted once per earlier occurrence in the generated tokens (OpenAI's frequency_penalty). */
+  frequencyPenalty?: number;
+  /** Subtracted once from every token already generated (OpenAI's presence_penalty). */
+  presencePenalty?: number;
+  /** [token, bias] pairs added to the logits (OpenAI's logit_bias). */
+  logitBias?: Array<[number, number]>;
 }
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
@@ -32,10 +39,13 @@ export function logSumExp(logits: Float32Array): number {
 export class Sampler {
   private readonly rng: Rng;
   private readonly seen = new Set<number>();
+  /** Generated tokens' counts, kept only when a frequency or presence penalty is set. */
+  private readonly counts: Map<number, number> | null;
 
   constructor(readonly params: SamplingParams, promptTokens: readonly number[]) {
     this.rng = new Rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
     if (params.repetitionPenalty !== 1) for (const t of promptTokens) this.seen.add(t);
+    this.counts = params.frequencyPenalty || params.presencePenalty ? new Map() : null;
   }
 
   /** Picks the next token; `logits` is not modified. */
@@ -46,8 +56,16 @@ export class Sampler {
       scores = Float32Array.from(logits);
       for (const t of this.seen) scores[t] = scores[t] > 0 ? scores[t] / p.repetitionPenalty : scores[t] * p.repetitionPenalty;
     }
+    if ((this.counts && this.counts.size) || p.logitBias?.length) {
+      if (scores === logits) scores = Float32Array.from(logits);
+      const frequency = p.frequencyPenalty ?? 0;
+      const presence = p.presencePenalty ?? 0;
+      for (const [t, n] of this.counts ?? []) scores[t] -= n * frequency + presence;
+      for (const [t, bias] of p.logitBias ?? []) scores[t] += bias;
+    }
     const token = p.temperature === 0 ? argmax(scores) : this.draw(scores);
     if (p.repetitionPenalty !== 1) this.seen.add(token);
+    this.counts?.set(token, (this.counts.get(token) ?? 0) + 1);
     return token;
   }
 

@@ -24,15 +24,29 @@ export interface TextTokenizer {
   /** Every id that ends generation: config.json, generation_config.json and the tokenizer's eos_token. */
   readonly eosTokenIds: number[];
   readonly hasChatTemplate: boolean;
-  /** Encodes plain text, adding BOS/EOS exactly as the checkpoint's tokenizer configs say. */
-  encode(text: string): number[];
+  /** Encodes plain text, adding BOS/EOS exactly as the checkpoint's tokenizer configs say (unless `addSpecialTokens` is false). */
+  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
   /** Renders the chat template and encodes the result without adding special tokens again. */
   encodeChat(messages: ChatMessage[], opts?: { addGenerationPrompt?: boolean }): number[];
   /** Decodes ids, skipping special tokens. */
   decode(ids: number[]): string;
-  /** Incremental detokenizer: the concatenation of all pushes plus flush equals decode(all ids). */
-  createStreamDecoder(): StreamDecoder;
+  /** The vocabulary's string for an id ("▁was", "<s>"), or null for an id it lacks. */
+  tokenString(id: number): string | null;
+  /**
+   * Incremental detokenizer: the concatenation of all pushes plus flush is the text the pushed ids
+   * add after `context` (the prompt), so a first token keeps the leading space a decode of the
+   * generated ids alone would strip.
+   */
+  createStreamDecoder(context?: readonly number[]): StreamDecoder;
+  /**
+   * One token's text and bytes as it reads after `previous` (leading space kept), for logprobs;
+   * a byte-fallback token's bytes are its one raw byte.
+   */
+  piece(id: number, previous?: number): { text: string; bytes: number[] };
 }
+
+/** Prompt tokens the stream decoder keeps as context: enough for any decoder rule to see a real token. */
+const STREAM_CONTEXT_TOKENS = 5;
 
 type Json = Record<string, unknown>;
 
@@ -202,8 +216,13 @@ class HfTextTokenizer implements TextTokenizer {
     }
   }
 
-  encode(text: string): number[] {
+  encode(text: string, opts: { addSpecialTokens?: boolean } = {}): number[] {
+    if (opts.addSpecialTokens === false) return this.encodeBare(text);
     return [...this.prefix, ...this.encodeBare(text), ...this.suffix];
+  }
+
+  tokenString(id: number): string | null {
+    return this.tok.id_to_token(id) ?? null;
   }
 
   encodeChat(messages: ChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): number[] {
@@ -232,12 +251,25 @@ class HfTextTokenizer implements TextTokenizer {
     return ids.length === 0 ? '' : this.tok.decode(ids, { skip_special_tokens: true });
   }
 
-  createStreamDecoder(): StreamDecoder {
+  createStreamDecoder(context: readonly number[] = []): StreamDecoder {
+    const seed = context.filter((id) => !this.isSpecial(id)).slice(-STREAM_CONTEXT_TOKENS);
     return new WindowStreamDecoder(
       (ids) => this.decode(ids),
       (id) => this.isSpecial(id),
       (text) => this.isUnstable(text),
+      seed,
     );
+  }
+
+  piece(id: number, previous?: number): { text: string; bytes: number[] } {
+    let text = this.decode([id]);
+    if (previous !== undefined && !this.isSpecial(previous) && !this.isSpecial(id)) {
+      const before = this.decode([previous]);
+      const both = this.decode([previous, id]);
+      if (both.startsWith(before)) text = both.slice(before.length);
+    }
+    const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(this.tok.id_to_token(id) ?? '');
+    return { text, bytes: byte ? [parseInt(byte[1], 16)] : [...Buffer.from(text, 'utf8')] };
   }
 
   private encodeBare(text: string): number[] {
@@ -264,20 +296,25 @@ class HfTextTokenizer implements TextTokenizer {
  * Decodes a sliding window rather than single tokens: SentencePiece-style decoders drop the leading
  * space of the first token and byte-fallback tokens only form characters together, so a token's
  * text is decode(window) minus decode(window without it). Special tokens are dropped up front so
- * the window always starts at a real token, as decode's skip_special_tokens would see it.
+ * the window always starts at a real token, as decode's skip_special_tokens would see it. The
+ * prompt's last tokens seed the window, so the first generated token reads as it does after them.
  */
 class WindowStreamDecoder implements StreamDecoder {
-  private readonly ids: number[] = [];
+  private readonly ids: number[];
   /** Start of the window, one emission step behind `readOffset`, for context. */
   private prefixOffset = 0;
-  /** Everything before this index has been emitted. */
-  private readOffset = 0;
+  /** Everything before this index has been emitted (or is context). */
+  private readOffset: number;
 
   constructor(
     private readonly decodeIds: (ids: number[]) => string,
     private readonly isSpecial: (id: number) => boolean,
     private readonly isUnstable: (text: string) => boolean,
-  ) {}
+    context: number[],
+  ) {
+    this.ids = context;
+    this.readOffset = context.length;
+  }
 
   push(id: number): string {
     if (this.isSpecial(id)) return '';

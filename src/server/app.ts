@@ -7,6 +7,7 @@ import type { EngineStats } from '../engine/protocol.ts';
 import type { Store, Tenant } from '../storage/store.ts';
 import { registerAuth } from './auth.ts';
 import { ServerMetrics } from './metrics.ts';
+import { completeOpenapi } from './openapi-docs.ts';
 import { registerProblemHandlers } from './problem.ts';
 import { adminRoutes } from './routes/admin.ts';
 import { generateRoutes } from './routes/generate.ts';
@@ -15,6 +16,7 @@ import { interventionRoutes } from './routes/interventions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
+import { tokenizeRoutes } from './routes/tokenize.ts';
 import { trainingRoutes } from './routes/training.ts';
 import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
@@ -66,6 +68,14 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const metrics = new ServerMetrics(async (): Promise<EngineStats | null> => opts.runtime()?.engine.stats() ?? null);
 
+  // routes that need no key: no lock in the document
+  const openRoutes = new Set<string>();
+  app.addHook('onRoute', (route) => {
+    if (route.url.startsWith('/docs') || route.url === '/openapi.json') route.config = { ...(route.config ?? {}), auth: 'none' };
+    if (route.config?.auth === 'none') {
+      for (const m of [route.method].flat()) openRoutes.add(`${m} ${route.url.replace(/:(\w+)/g, '{$1}')}`);
+    }
+  });
   await app.register(swagger, {
     openapi: {
       openapi: '3.1.0',
@@ -74,11 +84,11 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
       security: [{ bearer: [] }],
     },
     transform: jsonSchemaTransform,
+    transformObject: (d) => completeOpenapi('openapiObject' in d ? d.openapiObject : d.swaggerObject, openRoutes),
   });
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { docExpansion: 'list' } });
-  app.addHook('onRoute', (route) => {
-    if (route.url.startsWith('/docs')) route.config = { ...(route.config ?? {}), auth: 'none' };
-  });
+  // the document itself needs no key: a browser opening /docs can't send a Bearer header
+  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 64, fields: 16, fieldSize: 1024 * 1024, parts: 80 } });
 
   registerProblemHandlers(app);
@@ -94,6 +104,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
+  tokenizeRoutes(app, service, opts.store);
   const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });

@@ -54,7 +54,8 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
   app.decorateRequest('tenant', null as unknown as Tenant);
   app.addHook('onRequest', async (request) => {
     const level: AuthLevel = request.routeOptions.config?.auth ?? 'tenant';
-    if (level === 'none') return;
+    // an unknown route is a 404 for everyone, whatever key came with it
+    if (level === 'none' || request.is404) return;
     if (!opts.adminKey) {
       if (level === 'admin') throw new ReftError('not_found', 'tenant administration is off: the server runs single-tenant (set REFT_ADMIN_KEY)');
       request.tenant = opts.defaultTenant!;
@@ -67,7 +68,10 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
       return;
     }
     const found = await opts.store.findApiKey(hashSecret(secret));
-    if (!found) throw new ReftError('unauthorized', 'invalid or revoked API key', 'authorization');
+    if (!found) {
+      if (sameSecret(secret, opts.adminKey)) throw new ReftError('forbidden', 'this route needs a tenant API key; the admin key only administers tenants (/v1/admin)', 'authorization');
+      throw new ReftError('unauthorized', 'invalid or revoked API key', 'authorization');
+    }
     request.tenant = found.tenant;
   });
 }

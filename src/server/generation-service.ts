@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
 import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
-import { promptInput, toGenerationRequest, tokenize, type GenerateOptions } from './protocol.ts';
+import { promptInput, toGenerationRequest, tokenize, type GenerateOptions, type OpenAISampling } from './protocol.ts';
 import type { ModelRuntime } from './runtime.ts';
 import type { ConcurrencyLimiter } from './tenant-limits.ts';
 import type { UsageMeter } from './usage.ts';
@@ -18,7 +18,7 @@ export interface PreparedGeneration {
   request: GenerationRequest;
 }
 
-export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'> {
+export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'>, OpenAISampling {
   prompt?: string;
   messages?: Array<{ role: string; content: string }>;
   input_ids?: number[];
@@ -57,29 +57,54 @@ export class GenerationService {
 
   /** Runs a prepared generation under the tenant's concurrency limit, recording metrics. */
   async run(tenant: Tenant, prepared: PreparedGeneration, opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {}): Promise<GenerationResult> {
+    const [result] = await this.runAll(tenant, [prepared], { signal: opts.signal, onToken: opts.onToken && ((_, e) => opts.onToken!(e)) });
+    return result;
+  }
+
+  /**
+   * Runs several generations of one request as separate rows the engine batches together (an
+   * OpenAI `n` or a list of prompts), under one slot of the tenant's limit; one failing cancels
+   * the rest. `onToken` gets each row's index.
+   */
+  async runAll(tenant: Tenant, rows: PreparedGeneration[], opts: { signal?: AbortSignal; onToken?: (row: number, e: TokenEvent) => void } = {}): Promise<GenerationResult[]> {
     const release = this.limiter.acquire(tenant.id);
-    const started = performance.now();
-    let first = 0;
+    const cancel = new AbortController();
+    const signal = cancel.signal;
+    const onAbort = () => cancel.abort();
+    if (opts.signal?.aborted) cancel.abort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const result = await this.runtime().engine.generate(prepared.request, {
-        signal: opts.signal,
-        onToken: (e) => {
-          if (!first) {
-            first = performance.now();
-            this.metrics.timeToFirstToken.observe((first - started) / 1000);
-          }
-          opts.onToken?.(e);
-        },
-      });
-      this.metrics.promptTokens.inc(result.promptTokens);
-      this.metrics.generatedTokens.inc(result.tokens.length);
-      this.usage.add(tenant.id, { requests: 1, promptTokens: result.promptTokens, completionTokens: result.tokens.length });
-      const decodeSeconds = (performance.now() - first) / 1000;
-      if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
-      return result;
+      const results = await Promise.all(rows.map((row, i) => this.runRow(row, signal, opts.onToken && ((e) => opts.onToken!(i, e))).catch((err: unknown) => {
+        cancel.abort();
+        throw err;
+      })));
+      const promptTokens = results.reduce((n, r) => n + r.promptTokens, 0);
+      const completionTokens = results.reduce((n, r) => n + r.tokens.length, 0);
+      this.usage.add(tenant.id, { requests: 1, promptTokens, completionTokens });
+      return results;
     } finally {
+      opts.signal?.removeEventListener('abort', onAbort);
       release();
     }
   }
-}
 
+  private async runRow(prepared: PreparedGeneration, signal: AbortSignal, onToken?: (e: TokenEvent) => void): Promise<GenerationResult> {
+    const started = performance.now();
+    let first = 0;
+    const result = await this.runtime().engine.generate(prepared.request, {
+      signal,
+      onToken: (e) => {
+        if (!first) {
+          first = performance.now();
+          this.metrics.timeToFirstToken.observe((first - started) / 1000);
+        }
+        onToken?.(e);
+      },
+    });
+    this.metrics.promptTokens.inc(result.promptTokens);
+    this.metrics.generatedTokens.inc(result.tokens.length);
+    const decodeSeconds = (performance.now() - first) / 1000;
+    if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
+    return result;
+  }
+}

@@ -23,21 +23,25 @@ export class ServerMetrics {
   readonly interventionCache = new Counter({ name: 'reft_adapter_cache_total', help: 'Intervention cache lookups', labelNames: ['result'], registers: [this.registry] });
 
   constructor(engineStats: () => Promise<EngineStats | null>) {
-    collectDefaultMetrics({ register: this.registry, prefix: 'reft_process_' });
-    const stats = { current: null as EngineStats | null };
-    const refresh = async () => {
-      stats.current = await engineStats();
-    };
-    new Gauge({
-      name: 'reft_batch_size', help: 'Sequences in the last decode step', registers: [this.registry],
-      async collect() {
-        await refresh();
-        this.set(stats.current?.lastBatchSize ?? 0);
-      },
-    });
-    new Gauge({ name: 'reft_queue_depth', help: 'Requests waiting for a batch slot', registers: [this.registry], collect() { this.set(stats.current?.queued ?? 0); } });
-    new Gauge({ name: 'reft_running_sequences', help: 'Sequences in the running batch', registers: [this.registry], collect() { this.set(stats.current?.running ?? 0); } });
-    new Gauge({ name: 'reft_kv_cache_bytes', help: 'Bytes held by the KV cache', registers: [this.registry], collect() { this.set(stats.current?.kvBytes ?? 0); } });
+    // prom-client names its defaults process_* and nodejs_*: the prefix makes them reft_process_*
+    collectDefaultMetrics({ register: this.registry, prefix: 'reft_' });
+    // One engine read per scrape, shared by every engine gauge: the registry collects them all at
+    // once, so each awaits the same read rather than showing the previous scrape's numbers.
+    let pending: Promise<EngineStats | null> | null = null;
+    const current = () => (pending ??= engineStats().finally(() => setImmediate(() => (pending = null))));
+    const engineGauge = (name: string, help: string, value: (s: EngineStats) => number) =>
+      new Gauge({
+        name, help, registers: [this.registry],
+        async collect() {
+          const stats = await current();
+          this.set(stats ? value(stats) : 0);
+        },
+      });
+    engineGauge('reft_batch_size', 'Sequences in the last decode step', (s) => s.lastBatchSize);
+    engineGauge('reft_queue_depth', 'Generation requests waiting for a batch slot', (s) => s.queued);
+    engineGauge('reft_running_sequences', 'Sequences in the running batch', (s) => s.running);
+    engineGauge('reft_tokens_in_flight', 'Prompt + max_new_tokens over the running sequences (bounded by --max-tokens-in-flight)', (s) => s.tokensInFlight);
+    engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
   }
 
   register(app: FastifyInstance): void {

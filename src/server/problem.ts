@@ -1,11 +1,13 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
 import { ReftError, type ErrorCode } from '../errors.ts';
+import { openaiErrorOf } from './openai-error.ts';
 
 /**
  * RFC 9457 problem details for every error the server sends: typed ReftErrors keep their code
  * and field; fastify's own errors (validation, body limits, bad JSON) are mapped; anything else
- * is a 500 whose details stay in the log, never in the response.
+ * is a 500 whose details stay in the log, never in the response. The OpenAI routes get the same
+ * errors in OpenAI's shape.
  */
 export interface Problem {
   type: string;
@@ -37,6 +39,7 @@ export function problemOf(err: ReftError, instance?: string): Problem {
 
 export function sendProblem(reply: FastifyReply, err: ReftError, instance?: string): FastifyReply {
   if (err.retryAfterSeconds !== undefined) reply.header('retry-after', String(Math.ceil(err.retryAfterSeconds)));
+  if (reply.request.routeOptions.config?.errorShape === 'openai') return reply.status(err.status).type('application/json').send(openaiErrorOf(err));
   return reply.status(err.status).type('application/problem+json').send(problemOf(err, instance));
 }
 

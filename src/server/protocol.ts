@@ -58,9 +58,17 @@ export function tokenize(input: PromptInput, tokenizer: TextTokenizer): number[]
   return input.input_ids;
 }
 
+/** OpenAI's sampling adjustments, which only the OpenAI routes take. */
+export interface OpenAISampling {
+  frequency_penalty?: number;
+  presence_penalty?: number;
+  /** [token, bias] pairs. */
+  logit_bias?: Array<[number, number]>;
+}
+
 export function toGenerationRequest(
   tokens: number[],
-  o: Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'>,
+  o: Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'> & OpenAISampling,
   interventions: readonly LowRankIntervention[],
   contextLength: number,
 ): GenerationRequest {
@@ -69,7 +77,12 @@ export function toGenerationRequest(
   return {
     tokens,
     interventions,
-    sampling: { temperature: o.temperature, topK: o.top_k, topP: o.top_p, repetitionPenalty: o.repetition_penalty, seed: o.seed },
+    sampling: {
+      temperature: o.temperature, topK: o.top_k, topP: o.top_p, repetitionPenalty: o.repetition_penalty, seed: o.seed,
+      ...(o.frequency_penalty ? { frequencyPenalty: o.frequency_penalty } : {}),
+      ...(o.presence_penalty ? { presencePenalty: o.presence_penalty } : {}),
+      ...(o.logit_bias?.length ? { logitBias: o.logit_bias } : {}),
+    },
     maxNewTokens: o.max_new_tokens,
     stop: o.stop === undefined ? [] : typeof o.stop === 'string' ? [o.stop] : o.stop,
     ignoreEos: o.ignore_eos,

@@ -10,7 +10,10 @@ import type { TextTokenizer } from '../model/tokenizer.ts';
  * refuses generation with 503.
  */
 export interface ModelRuntime {
+  /** The name the API serves the base model under. */
   name: string;
+  /** Where it came from (the model spec: a folder or a Hub repo id). */
+  source: string;
   config: ModelConfig;
   tokenizer: TextTokenizer;
   engine: EngineClient;

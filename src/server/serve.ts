@@ -22,7 +22,10 @@ import type { TenantLimits } from './tenant-limits.ts';
 export interface ServeSettings {
   /** Resolves the model spec to a local folder (downloading from the Hub when needed). */
   resolveModel: () => Promise<string>;
+  /** The model spec given (a folder or a Hub repo id). */
   modelName: string;
+  /** The name the API serves the base model under (default: the spec). */
+  servedModelName?: string;
   host: string;
   port: number;
   openStore: () => Promise<Store>;
@@ -93,7 +96,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     const interventions = new InterventionCache(store, model.config, s.interventionCacheBytes, (hit) => metrics.interventionCache.inc({ result: hit ? 'hit' : 'miss' }));
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
-    runtime = { name: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };
+    runtime = { name: s.servedModelName ?? s.modelName, source: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };
     notReady = null;
     app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() }, 'model ready');
   })();

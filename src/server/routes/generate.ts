@@ -7,6 +7,7 @@ import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
 import type { GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { SseStream } from '../sse.ts';
+import { logprobPieces } from '../logprob-pieces.ts';
 import { problemSchema } from './schemas.ts';
 
 const generateBody = z.strictObject({
@@ -35,7 +36,6 @@ const generateResponse = z.object({
 });
 
 export function generateResponseBody(p: PreparedGeneration, r: GenerationResult, tokenizer: TextTokenizer): z.infer<typeof generateResponse> {
-  const text = (id: number) => tokenizer.decode([id]);
   return {
     id: p.id,
     adapter: p.interventionId,
@@ -46,11 +46,11 @@ export function generateResponseBody(p: PreparedGeneration, r: GenerationResult,
     usage: { prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length },
     ...(r.logprobs
       ? {
-          logprobs: r.logprobs.map((lp) => ({
+          logprobs: logprobPieces(tokenizer, p.request.tokens, r.logprobs).map((lp) => ({
             token_id: lp.token,
-            text: text(lp.token),
+            text: lp.text,
             logprob: lp.logprob,
-            ...(lp.top ? { top_logprobs: lp.top.map((t) => ({ token_id: t.token, text: text(t.token), logprob: t.logprob })) } : {}),
+            ...(lp.top ? { top_logprobs: lp.top.map((t) => ({ token_id: t.token, text: t.text, logprob: t.logprob })) } : {}),
           })),
         }
       : {}),

@@ -195,6 +195,9 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
   }, async (request, reply) => {
     const meta = await store.findIntervention(request.tenant.id, request.params.id);
     // Shared interventions are visible to every tenant but belong to none of them.
+    if (meta && meta.tenantId === null) {
+      throw new ReftError('forbidden', `intervention "${request.params.id}" is shared (registered from the server's interventions folder); it can't be deleted through the API`, 'id');
+    }
     if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
       throw noSuch('intervention', request.params.id);
     }

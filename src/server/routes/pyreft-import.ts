@@ -33,7 +33,7 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
     }
     const model = deps.model();
     const converted = await importPyreft(
-      { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', true) },
+      { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
       { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
     );
     const { meta, created } = await storeArtifact(deps, request.tenant.id, { config: converted.configBytes, weights: converted.weightBytes }, {
