@@ -1,13 +1,11 @@
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel } from '../src/model/load.ts';
 import type { TextTokenizer } from '../src/model/tokenizer.ts';
-import { fixtureArtifact } from './support/artifacts.ts';
-import { STORIES, inferenceCases } from './support/fixtures.ts';
-import { copyOfStories } from './support/model-copies.ts';
+import { STORIES } from './support/fixtures.ts';
+import { sharedInterventionsFolder, storiesWithChatTemplate } from './support/model-copies.ts';
 import { json, sse, type Api } from './support/http.ts';
 import { runCli, startServerProcess, type ServerProcess } from './support/server.ts';
 
@@ -24,16 +22,8 @@ describe('API fidelity (single-tenant server)', () => {
   const SERVED = 'karpathy/stories260k';
 
   beforeAll(async () => {
-    // a model copy with a chat template, and a shared-interventions folder with one artifact
-    const model = copyOfStories();
-    const tc = JSON.parse(readFileSync(join(model, 'tokenizer_config.json'), 'utf8'));
-    tc.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
-    writeFileSync(join(model, 'tokenizer_config.json'), JSON.stringify(tc));
-    sharedDir = mkdtempSync(join(tmpdir(), 'reft-shared-'));
-    const files = fixtureArtifact(inferenceCases()[1]);
-    mkdirSync(join(sharedDir, 'house-style'));
-    writeFileSync(join(sharedDir, 'house-style', 'reft_config.json'), files.config);
-    writeFileSync(join(sharedDir, 'house-style', 'reft_weights.safetensors'), files.weights);
+    const model = storiesWithChatTemplate();
+    sharedDir = sharedInterventionsFolder();
     server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--served-model-name', SERVED] });
     api = { url: server.url };
     client = new OpenAI({ baseURL: `${api.url}/v1`, apiKey: 'unused', maxRetries: 0 });

@@ -1,12 +1,11 @@
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { artifact, fixtureArtifact, randomLoreft } from './support/artifacts.ts';
 import { inferenceCases } from './support/fixtures.ts';
 import { json, upload, type Api } from './support/http.ts';
-import { copyOfStories } from './support/model-copies.ts';
+import { sharedInterventionsFolder, storiesWithChatTemplate } from './support/model-copies.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 const cases = inferenceCases();
@@ -15,16 +14,9 @@ let api: Api;
 let sharedDir: string;
 
 beforeAll(async () => {
-  // a model copy with a chat template, and a shared-interventions folder with one artifact
-  const model = copyOfStories();
-  const tc = JSON.parse(readFileSync(join(model, 'tokenizer_config.json'), 'utf8'));
-  tc.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
-  writeFileSync(join(model, 'tokenizer_config.json'), JSON.stringify(tc));
-  sharedDir = mkdtempSync(join(tmpdir(), 'reft-shared-'));
-  const files = fixtureArtifact(cases[1]);
-  mkdirSync(join(sharedDir, 'house-style'));
-  writeFileSync(join(sharedDir, 'house-style', 'reft_config.json'), files.config);
-  writeFileSync(join(sharedDir, 'house-style', 'reft_weights.safetensors'), files.weights);
+  // a model copy with a chat template, and a shared-interventions folder with one artifact and one broken folder
+  const model = storiesWithChatTemplate();
+  sharedDir = sharedInterventionsFolder();
   mkdirSync(join(sharedDir, 'broken'));
   writeFileSync(join(sharedDir, 'broken', 'reft_config.json'), '{');
   server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--max-batch-size', '1', '--max-queue', '1'] });

@@ -1,12 +1,32 @@
-import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { STORIES } from './fixtures.ts';
+import { fixtureArtifact } from './artifacts.ts';
+import { STORIES, inferenceCases } from './fixtures.ts';
 
 /** A writable copy of stories260k in a temp folder, to break on purpose. */
 export function copyOfStories(): string {
   const dir = mkdtempSync(join(tmpdir(), 'reft-model-'));
   for (const f of readdirSync(STORIES)) copyFileSync(join(STORIES, f), join(dir, f));
+  return dir;
+}
+
+/** A copy of stories260k with a chat template (stories260k has none). */
+export function storiesWithChatTemplate(): string {
+  const model = copyOfStories();
+  const tc = JSON.parse(readFileSync(join(model, 'tokenizer_config.json'), 'utf8'));
+  tc.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+  writeFileSync(join(model, 'tokenizer_config.json'), JSON.stringify(tc));
+  return model;
+}
+
+/** A shared-interventions folder holding `house-style` (the second fixture case's artifact). */
+export function sharedInterventionsFolder(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'reft-shared-'));
+  const files = fixtureArtifact(inferenceCases()[1]);
+  mkdirSync(join(dir, 'house-style'));
+  writeFileSync(join(dir, 'house-style', 'reft_config.json'), files.config);
+  writeFileSync(join(dir, 'house-style', 'reft_weights.safetensors'), files.weights);
   return dir;
 }
 
