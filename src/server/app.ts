@@ -21,6 +21,8 @@ import { UsageMeter } from './usage.ts';
 import { GenerationService } from './generation-service.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
+import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
+import { ReftError } from '../errors.ts';
 
 /**
  * The HTTP application: plugins and routes over the store and the model runtime. The runtime
@@ -79,9 +81,14 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   app.addHook('onRoute', (route) => {
     if (route.url.startsWith('/docs')) route.config = { ...(route.config ?? {}), auth: 'none' };
   });
-  await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 64, fields: 16, fieldSize: 1024 * 1024, parts: 80 } });
+  await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 1, fields: 8, fieldSize: 1024 * 1024, parts: 9 } });
 
   registerProblemHandlers(app);
+  app.addHook('preValidation', async (request) => {
+    if (request.body !== null && typeof request.body === 'object' && jsonDepth(request.body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
+      throw new ReftError('invalid_request', `the JSON body nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, 'body');
+    }
+  });
   registerAuth(app, { store: opts.store, adminKey: opts.adminKey, defaultTenant: opts.defaultTenant });
   metrics.register(app);
 
@@ -94,10 +101,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   });
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
-  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
+  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits, uploadLimit: opts.uploadLimit };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
-  fileRoutes(app, opts.store);
+  fileRoutes(app, opts.store, opts.uploadLimit);
   trainingRoutes(app, opts.store, runtime);
   usageRoutes(app, opts.store);
   adminRoutes(app, opts.store);

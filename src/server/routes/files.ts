@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { invalidRequest, noSuch } from '../../errors.ts';
 import { parseJsonl } from '../../jobs/data.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
-import { checkKnownParts, readMultipart } from './interventions.ts';
+import { TEXT_FIELDS, readMultipart } from './interventions.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 
 /** Training data files (JSONL), validated row by row when uploaded. */
@@ -14,7 +14,7 @@ const fileBody = (f: StoredFile, rows?: number): z.infer<typeof fileSchema> => (
   id: f.id, object: 'file', filename: f.filename, purpose: f.purpose, bytes: f.bytes, ...(rows === undefined ? {} : { rows }), created_at: f.createdAt,
 });
 
-export function fileRoutes(app: FastifyInstance, store: Store): void {
+export function fileRoutes(app: FastifyInstance, store: Store, uploadLimit: number): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
 
@@ -26,8 +26,7 @@ export function fileRoutes(app: FastifyInstance, store: Store): void {
       response: { 201: fileSchema, '4xx': problemSchema, '5xx': problemSchema },
     },
   }, async (request, reply) => {
-    const parts = await readMultipart(request);
-    checkKnownParts(parts, ['file', 'purpose']);
+    const parts = await readMultipart(request, reply, { parts: { file: { count: 1, maxBytes: uploadLimit }, ...TEXT_FIELDS(['purpose']) }, maxTotalBytes: uploadLimit + 1024 });
     const files = parts.files.get('file') ?? [];
     if (files.length !== 1) throw invalidRequest(files.length ? 'give one file part' : 'missing part "file"', 'file');
     const purpose = parts.fields.get('purpose') ?? 'fine-tune';
