@@ -1,4 +1,6 @@
 import { randomUUID } from 'node:crypto';
+import { ReftError } from '../errors.ts';
+import { DEFAULT_CHARS_PER_CONTEXT_TOKEN, promptChars } from '../offload/budgets.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
 import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
@@ -16,6 +18,14 @@ export interface PreparedGeneration {
   /** The intervention id used, or null for the base model. */
   interventionId: string | null;
   request: GenerationRequest;
+  /** Gives back the tenant's concurrency slot taken by `prepare` (run does it when it ends). */
+  release: () => void;
+}
+
+/** Bounds on a prompt's text, checked before it is tokenized. */
+export interface PromptBudget {
+  /** Characters per prompt (all messages together); null: DEFAULT_CHARS_PER_CONTEXT_TOKEN × the model's context. */
+  maxPromptChars: number | null;
 }
 
 export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'> {
@@ -30,6 +40,7 @@ export class GenerationService {
     private readonly limiter: ConcurrencyLimiter,
     private readonly metrics: ServerMetrics,
     private readonly usage: UsageMeter,
+    private readonly budget: PromptBudget = { maxPromptChars: null },
   ) {}
 
   get model(): ModelRuntime {
@@ -37,8 +48,10 @@ export class GenerationService {
   }
 
   /**
-   * Resolves the intervention (none when null or the base model's name) and tokenizes the input.
-   * `field` is the request field that named it, for a not-found error.
+   * Takes a concurrency slot for the tenant (429 here, before any response is started: a stream
+   * over the limit gets a real 429 with Retry-After), resolves the intervention (none when null
+   * or the base model's name) and tokenizes the input in the offload pool, after checking its
+   * length. `field` is the request field that named the intervention, for a not-found error.
    */
   async prepare(
     tenant: Tenant,
@@ -47,17 +60,28 @@ export class GenerationService {
     idPrefix = 'gen',
   ): Promise<PreparedGeneration> {
     const rt = this.runtime();
-    const { name, field } = intervention;
-    const useBase = name === undefined || name === null || name === rt.name;
-    const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
-    const tokens = tokenize(promptInput(input), rt.tokenizer);
-    const request = toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions);
-    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request };
+    const prompt = promptInput(input);
+    const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
+    const chars = promptChars(input);
+    if (chars > maxChars) {
+      throw new ReftError('payload_too_large', `the prompt has ${chars} characters, over the prompt limit of ${maxChars}`, 'prompt' in prompt ? 'prompt' : 'messages');
+    }
+    const release = this.limiter.acquire(tenant.id);
+    try {
+      const { name, field } = intervention;
+      const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
+      const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
+      const tokens = 'input_ids' in prompt ? tokenize(prompt, rt.tokenizer) : await rt.offload.tokenize(rt.modelDir, prompt);
+      const request = toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions);
+      return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request, release };
+    } catch (e) {
+      release();
+      throw e;
+    }
   }
 
   /** Runs a prepared generation under the tenant's concurrency limit, recording metrics. */
   async run(tenant: Tenant, prepared: PreparedGeneration, opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {}): Promise<GenerationResult> {
-    const release = this.limiter.acquire(tenant.id);
     const started = performance.now();
     let first = 0;
     try {
@@ -78,7 +102,7 @@ export class GenerationService {
       if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
       return result;
     } finally {
-      release();
+      prepared.release();
     }
   }
 }

@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { ReftError, invalidRequest } from '../../errors.ts';
-import { importPyreft } from '../../interventions/pyreft/index.ts';
+import type { OffloadPool } from '../../offload/pool.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
@@ -15,7 +15,7 @@ import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 /** intkey_*.bin parts in one import (one per intervention; pyreft models rarely have more than a few). */
 const MAX_PYREFT_FILES = 64;
 
-export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig }): void {
+export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig; offload: () => OffloadPool }): void {
   app.post('/v1/interventions/import/pyreft', {
     schema: {
       summary: 'Import a pyreft intervention (multipart: config = config.json, one files part per intkey_*.bin, positions, share_weights, name)',
@@ -41,7 +41,7 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
       if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
       files.set(f.filename, f.bytes);
     }
-    const converted = await importPyreft(
+    const converted = await deps.offload().importPyreft(
       { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', true) },
       { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
     );

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ReftError, noSuch } from '../../errors.ts';
-import { jobRows, tokenizeTrainingRows } from '../../jobs/data.ts';
+import { fileBytes } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
@@ -47,7 +47,7 @@ function jobBody(j: Job): z.infer<typeof jobSchema> {
 
 const eventBody = (e: JobEvent) => ({ seq: e.seq, type: e.type, created_at: e.createdAt, data: e.data });
 
-export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () => ModelRuntime): void {
+export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () => ModelRuntime, budgets: { maxTrainingChars: number; maxTrainingRows: number }): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
   const find = async (tenantId: string, id: string) => {
@@ -61,14 +61,15 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
   }, async (request, reply) => {
     const rt = runtime();
     const spec = jobSpec(request.body, rt.config);
-    // Check every row now, so a bad line is a 400 here rather than a failed job later.
-    const rows = await jobRows(store, request.tenant.id, spec.data);
-    tokenizeTrainingRows(rows, rt.tokenizer, rt.config.maxPositions, 'training_file');
+    // Check every row now (off the event loop, within the text budgets), so a bad line is a 400
+    // here rather than a failed job later.
+    const data = 'rows' in spec.data ? { rows: spec.data.rows } : { jsonl: await fileBytes(store, request.tenant.id, spec.data.file), field: 'training_file' };
+    const rows = await rt.offload.checkTrainingData(rt.modelDir, data, { maxChars: budgets.maxTrainingChars, maxRows: budgets.maxTrainingRows });
     if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
       throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
     }
     const job = await store.createJob(request.tenant.id, spec);
-    request.log.info({ job: job.id, tenant: request.tenant.id, rows: rows.rows.length }, 'training job queued');
+    request.log.info({ job: job.id, tenant: request.tenant.id, rows }, 'training job queued');
     return reply.status(202).send(jobBody(job));
   });
 
