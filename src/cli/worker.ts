@@ -36,16 +36,26 @@ const STOP_GRACE_MS = 3000;
 
 /**
  * A worker started by a server (it has an IPC channel to it) stops when that server dies, however
- * it died: the channel closes, and the parent pid changes (re-parented to init) as a fallback.
+ * it died: the channel closes, and (as a fallback) the parent process no longer exists.
  */
 function exitWithParent(stop: (why: string) => void): void {
   if (!process.send) return; // started by hand or by a process manager: it outlives nothing
   process.channel?.unref(); // the channel alone must not keep a finished worker alive
+  // the server may have died while this process was still starting (before anyone listened)
+  if (!process.connected) return stop('server gone before the worker started');
+  process.removeAllListeners('disconnect'); // bin/reft-server.js's exit-while-loading
   process.once('disconnect', () => stop('server gone (IPC channel closed)'));
+  // process.ppid is read once at start in Node: ask whether the parent still exists instead
   const parent = process.ppid;
-  setInterval(() => {
-    if (process.ppid !== parent) stop('server gone (re-parented)');
-  }, 1000).unref();
+  const check = setInterval(() => {
+    try {
+      process.kill(parent, 0);
+    } catch {
+      clearInterval(check);
+      stop('server gone (parent process exited)');
+    }
+  }, 1000);
+  check.unref();
 }
 
 async function runWorker(f: Flags): Promise<void> {
