@@ -65,7 +65,8 @@ export async function whileProbing<T>(api: Api, pid: number, work: () => Promise
  * /healthz answered within 100 ms while the work ran, beyond what the machine's own noise cost
  * it just before (on a quiet machine that noise is a few ms).
  */
-export function expectHealthzResponsive(p: { slowestHealthzMs: number; idleSlowestHealthzMs: number }): void {
+export function expectHealthzResponsive(p: { slowestHealthzMs: number; idleSlowestHealthzMs: number; rssGrowthMb?: number; probes?: number }): void {
+  if (process.env.REFT_TEST_PROBE_LOG) console.log(`probe: slowest /healthz ${p.slowestHealthzMs} ms (idle ${p.idleSlowestHealthzMs} ms, ${p.probes} probes), RSS growth ${p.rssGrowthMb?.toFixed(1)} MB`);
   expect(p.slowestHealthzMs, `idle slowest ${p.idleSlowestHealthzMs} ms`).toBeLessThan(100 + p.idleSlowestHealthzMs);
 }
 

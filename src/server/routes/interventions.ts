@@ -78,7 +78,8 @@ async function readParts(request: FastifyRequest, spec: MultipartSpec): Promise<
   const seen = new Map<string, number>();
   let total = 0;
   const maxCount = names.reduce((n, k) => n + spec.parts[k].count, 0);
-  const limits = { files: maxCount, fields: names.length, parts: maxCount + names.length, fieldSize: MAX_FIELD_BYTES, fileSize: Math.max(...names.map((k) => spec.parts[k].maxBytes)) + 1 }; // +1: our own check names the part
+  // one over each count: the surplus part reaches the check below (which stops the parser) rather than busboy skipping through the rest
+  const limits = { files: maxCount + 1, fields: names.length + 1, parts: maxCount + names.length + 1, fieldSize: MAX_FIELD_BYTES, fileSize: Math.max(...names.map((k) => spec.parts[k].maxBytes)) + 1 }; // +1: our own check names the part
   for await (const part of request.parts({ limits })) {
     const allowed = spec.parts[part.fieldname];
     if (!allowed) throw invalidRequest(`unknown part "${part.fieldname}" (expected ${names.join(', ')})`, part.fieldname);
