@@ -73,3 +73,30 @@ describe('a worker tokenizing a large job', () => {
     expect(done.status, JSON.stringify(done)).toBe('succeeded');
   });
 });
+
+describe('finding 11: live training event streams', () => {
+  it('are capped per tenant: the ninth is a 429 before any event is sent', async () => {
+    const created = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'Once upon a time', completion: ' there was a cat.' }], hyperparameters: { max_steps: 100_000, batch_size: 1 } });
+    const id = created.body.id;
+    const controller = new AbortController();
+    const open: Response[] = [];
+    for (let i = 0; i < 8; i++) {
+      const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`, { signal: controller.signal });
+      expect(res.status).toBe(200);
+      open.push(res);
+    }
+    const ninth = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
+    expect(ninth.status).toBe(429);
+    expect(ninth.headers.get('retry-after')).toBeTruthy();
+    expect(((await ninth.json()) as { detail: string }).detail).toMatch(/too many live training event streams for this tenant \(limit 8\)/);
+    controller.abort();
+    await json(api, 'POST', `/v1/training/jobs/${id}/cancel`);
+    // closed streams give their slots back
+    await until('a slot to be free again', async () => {
+      const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=false`);
+      const live = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
+      await live.body?.cancel();
+      return res.status === 200 && live.status === 200;
+    }, 10_000);
+  });
+});

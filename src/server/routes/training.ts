@@ -8,6 +8,7 @@ import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { ConcurrencyLimiter } from '../tenant-limits.ts';
 
 /**
  * Training jobs, shaped like OpenAI's fine-tuning jobs. The server validates and queues; a
@@ -47,9 +48,13 @@ function jobBody(j: Job): z.infer<typeof jobSchema> {
 
 const eventBody = (e: JobEvent) => ({ seq: e.seq, type: e.type, created_at: e.createdAt, data: e.data });
 
+/** Live event streams one tenant may hold open (each polls the store while it lasts). */
+export const MAX_EVENT_STREAMS_PER_TENANT = 8;
+
 export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () => ModelRuntime, budgets: { maxTrainingChars: number; maxTrainingRows: number }): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
+  const streams = new ConcurrencyLimiter(MAX_EVENT_STREAMS_PER_TENANT, 'live training event streams');
   const find = async (tenantId: string, id: string) => {
     const job = await store.getJob(tenantId, id);
     if (!job) throw noSuch('training job', id);
@@ -108,6 +113,8 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
       const events = await store.listJobEvents(job.id, after, limit + 1);
       return { object: 'list' as const, data: events.slice(0, limit).map(eventBody), has_more: events.length > limit };
     }
+    const release = streams.acquire(request.tenant.id); // a 429 before the stream starts
+    reply.raw.once('close', release);
     const sse = new SseStream(request, reply);
     let seq = after;
     // Events are polled: a worker may run on another host, and SQLite has no cross-process push.
