@@ -28,7 +28,8 @@ export function problemOf(err: ReftError, instance?: string): Problem {
     type: `https://reft-server.dev/problems/${err.code.replaceAll('_', '-')}`,
     title: TITLES[err.status] ?? 'Error',
     status: err.status,
-    detail: err.message,
+    // an internal error's own words may be an engine's or a driver's: never sent (see publicError)
+    detail: err.code === 'internal' && !err.message.startsWith('internal server error') ? 'internal server error' : err.message,
     code: err.code,
     ...(err.field ? { field: err.field } : {}),
     ...(instance ? { instance } : {}),
