@@ -4,6 +4,7 @@ import { ReftError } from '../errors.ts';
 import type { PyreftBaseModel, PyreftImportInput, PyreftImportResult } from '../interventions/pyreft/index.ts';
 import type { PromptInput } from '../server/protocol.ts';
 import type { Task, TaskResult } from './tasks.ts';
+import type { BaseModelShape, ReftConfig } from '../interventions/artifact.ts';
 
 /**
  * A small pool of worker threads for the server's CPU-heavy parsing (tokenization, training data,
@@ -39,6 +40,11 @@ export class OffloadPool {
 
   importPyreft(input: PyreftImportInput, base: PyreftBaseModel): Promise<PyreftImportResult> {
     return this.run({ kind: 'pyreft', input, base });
+  }
+
+  /** Validates an uploaded artifact completely for the base model (values included); returns its config. */
+  checkArtifact(config: Uint8Array, weights: Uint8Array, base: BaseModelShape): Promise<ReftConfig> {
+    return this.run({ kind: 'artifact', config, weights, base });
   }
 
   close(): Promise<void> {

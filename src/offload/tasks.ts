@@ -5,6 +5,7 @@ import { loadModelConfig } from '../model/load.ts';
 import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.ts';
 import { tokenize, type PromptInput } from '../server/protocol.ts';
 import { trainingChars } from './budgets.ts';
+import { parseArtifact, type BaseModelShape } from '../interventions/artifact.ts';
 
 /**
  * The work the server moves off its event loop (see pool.ts): tokenizing prompts, checking
@@ -15,7 +16,8 @@ export type Task =
   | { kind: 'tokenize'; modelDir: string; input: PromptInput }
   | { kind: 'training-data'; modelDir: string; data: { jsonl: Uint8Array; field: string } | { rows: unknown[] }; maxChars: number; maxRows: number }
   | { kind: 'jsonl-rows'; bytes: Uint8Array; field: string; maxRows: number }
-  | { kind: 'pyreft'; input: PyreftImportInput; base: PyreftBaseModel };
+  | { kind: 'pyreft'; input: PyreftImportInput; base: PyreftBaseModel }
+  | { kind: 'artifact'; config: Uint8Array; weights: Uint8Array; base: BaseModelShape };
 
 export type TaskResult = { ok: true; value: unknown } | { ok: false; error: SerializedError };
 
@@ -53,6 +55,8 @@ async function run(task: Task): Promise<unknown> {
       tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
       return parsed.rows.length;
     }
+    case 'artifact':
+      return parseArtifact(task.config, task.weights, task.base).config;
     case 'pyreft':
       return (await importPyreft(task.input, task.base)) satisfies PyreftImportResult;
   }

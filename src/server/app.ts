@@ -116,9 +116,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   }, opts.metricsKey ?? null);
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
-  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits, uploadLimit: opts.uploadLimit };
+  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits, uploadLimit: opts.uploadLimit, offload: () => runtime().offload };
   interventionRoutes(app, interventionDeps);
-  pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config, offload: () => runtime().offload });
+  pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   fileRoutes(app, opts.store, { uploadLimit: opts.uploadLimit, maxRows: budgets.maxTrainingRows, runtime });
   trainingRoutes(app, opts.store, runtime, budgets);
   usageRoutes(app, opts.store);

@@ -4,11 +4,12 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
-import { parseArtifact, type BaseModelShape } from '../../interventions/artifact.ts';
+import type { BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
 import type { TenantLimits } from '../tenant-limits.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import type { OffloadPool } from '../../offload/pool.ts';
 
 /**
  * Upload, list, read, download and delete interventions. An upload is validated completely
@@ -150,6 +151,7 @@ export const TEXT_FIELDS = (names: string[]) => Object.fromEntries(names.map((n)
 
 export interface InterventionRouteDeps {
   store: Store;
+  offload: () => OffloadPool;
   /** Largest uploaded file (bytes). */
   uploadLimit: number;
   base: () => BaseModelShape;
@@ -163,7 +165,9 @@ export async function storeArtifact(
   files: { config: Uint8Array; weights: Uint8Array },
   opts: { name?: string; description?: string; replace: boolean; source: 'upload' | 'import' },
 ): Promise<{ meta: InterventionMeta; created: boolean }> {
-  const artifact = parseArtifact(files.config, files.weights, deps.base());
+  // checking every value (orthonormal rows, finite) costs rank²·d: off the event loop
+  const base = deps.base();
+  const artifact = { config: await deps.offload().checkArtifact(files.config, files.weights, { hiddenSize: base.hiddenSize, numLayers: base.numLayers }) };
   const name = parseName(opts.name, artifact.config.name);
   const existing = await deps.store.findIntervention(tenantId, name);
   const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;

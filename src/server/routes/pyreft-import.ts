@@ -1,6 +1,5 @@
 import type { FastifyInstance } from 'fastify';
 import { ReftError, invalidRequest } from '../../errors.ts';
-import type { OffloadPool } from '../../offload/pool.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
@@ -15,7 +14,7 @@ import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 /** intkey_*.bin parts in one import (one per intervention; pyreft models rarely have more than a few). */
 const MAX_PYREFT_FILES = 64;
 
-export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig; offload: () => OffloadPool }): void {
+export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig }): void {
   app.post('/v1/interventions/import/pyreft', {
     schema: {
       summary: 'Import a pyreft intervention (multipart: config = config.json, one files part per intkey_*.bin, positions, share_weights, name)',
