@@ -4,4 +4,10 @@
 import { register } from 'tsx/esm/api';
 
 register();
+// A worker started by a server (over an IPC channel) exits with it even while it is still
+// loading; once running, the worker replaces this with a graceful stop (src/cli/worker.ts).
+if (process.send) {
+  process.channel.unref();
+  process.once('disconnect', () => process.exit(0));
+}
 await import('../src/cli/main.ts');

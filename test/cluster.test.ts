@@ -13,7 +13,7 @@ import { NEW_SENTENCE, TRAIN_OPENINGS } from './support/training-data.ts';
  * worker, a server killed mid-upload, the database stopped for 10 s) lose nothing and need no
  * restart.
  */
-const ADMIN = 'cluster-admin-key';
+const ADMIN = 'cluster-admin-key-0123456789abcdef0123';
 const WORKER_ARGS = ['--lease-ms', '1500', '--checkpoint-ms', '200', '--poll-ms', '200'];
 const cases = inferenceCases();
 

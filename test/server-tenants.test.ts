@@ -10,7 +10,7 @@ import { BIN, startServerProcess, type ServerProcess } from './support/server.ts
 import { BACKENDS } from './support/databases.ts';
 
 describe.each(BACKENDS)('on %s', (backend) => {
-  const ADMIN = 'admin-secret-for-tests';
+  const ADMIN = 'admin-secret-for-tests-0123456789abcdef';
   let server: ServerProcess;
   let admin: Api;
   let a: Api;

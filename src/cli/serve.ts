@@ -1,10 +1,12 @@
-import { join } from 'node:path';
+import { existsSync } from 'node:fs';
+import { basename, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
 import { cacheDir } from '../settings.ts';
+import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
@@ -13,7 +15,6 @@ const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
 
 interface ServeFlags extends WorkerFlags {
   model: string;
-  servedModelName?: string;
   host: string;
   port: number;
   dataDir: string;
@@ -29,6 +30,10 @@ interface ServeFlags extends WorkerFlags {
   adapterCacheBytes: number;
   maxBodyBytes: number;
   maxUploadBytes: number;
+  maxPromptChars?: number;
+  maxTrainingChars: number;
+  maxTrainingRows: number;
+  servedModelName?: string;
   shutdownTimeout: number;
   usageFlushMs: number;
   threads?: number;
@@ -39,7 +44,6 @@ export function serveCommand(): Command {
   const cmd = new Command('serve')
     .description('run the HTTP server (REFT_ADMIN_KEY turns on multi-tenant API keys) and a training worker next to it')
     .addOption(modelOption())
-    .addOption(opt('--served-model-name <name>', 'the name the API serves the base model under (default: --model)', 'REFT_SERVED_MODEL_NAME'))
     .addOption(opt('--host <host>', 'address to listen on', 'REFT_HOST', undefined, '127.0.0.1'))
     .addOption(opt('--port <port>', 'port to listen on (0: any free port)', 'REFT_PORT', int('--port'), 8080));
   for (const o of [...storeOptions(), ...workerOptions()]) cmd.addOption(o);
@@ -55,6 +59,10 @@ export function serveCommand(): Command {
     .addOption(opt('--adapter-cache-bytes <n>', 'memory for parsed interventions (LRU)', 'REFT_ADAPTER_CACHE_BYTES', int('--adapter-cache-bytes', 1), 512 * 1024 ** 2))
     .addOption(opt('--max-body-bytes <n>', 'largest JSON request body', 'REFT_MAX_BODY_BYTES', int('--max-body-bytes', 1024), 8 * 1024 ** 2))
     .addOption(opt('--max-upload-bytes <n>', 'largest uploaded file', 'REFT_MAX_UPLOAD_BYTES', int('--max-upload-bytes', 1024), 64 * 1024 ** 2))
+    .addOption(opt('--max-prompt-chars <n>', 'characters per prompt, checked before tokenizing (default: 16 × the model\'s context length)', 'REFT_MAX_PROMPT_CHARS', int('--max-prompt-chars', 1)))
+    .addOption(opt('--max-training-chars <n>', 'characters of training text per file or job, checked before tokenizing', 'REFT_MAX_TRAINING_CHARS', int('--max-training-chars', 1), DEFAULT_MAX_TRAINING_CHARS))
+    .addOption(opt('--max-training-rows <n>', 'rows per training file or job', 'REFT_MAX_TRAINING_ROWS', int('--max-training-rows', 1), DEFAULT_MAX_TRAINING_ROWS))
+    .addOption(opt('--served-model-name <name>', 'the base model\'s name in the API (default: the Hub id, or the model folder\'s name)', 'REFT_SERVED_MODEL_NAME'))
     .addOption(opt('--shutdown-timeout <ms>', 'on SIGTERM, how long in-flight generations may take to finish', 'REFT_SHUTDOWN_TIMEOUT_MS', int('--shutdown-timeout', 0), 30_000))
     .addOption(opt('--usage-flush-ms <ms>', 'how often per-tenant usage is written to the store', 'REFT_USAGE_FLUSH_MS', int('--usage-flush-ms', 10), 5000))
     .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
@@ -62,11 +70,18 @@ export function serveCommand(): Command {
     .action(runServe);
 }
 
+/** The name clients see for the base model: never a local path (it would leak the server's layout). */
+export function servedModelName(model: string, given?: string): string {
+  if (given) return given;
+  const local = isAbsolute(model) || model.startsWith('.') || existsSync(model);
+  return local ? basename(resolve(model)) : model;
+}
+
 async function runServe(f: ServeFlags): Promise<void> {
   const server = await startServer({
     resolveModel: () => modelDir(f.model),
-    modelName: f.model,
-    servedModelName: f.servedModelName,
+    modelName: servedModelName(f.model, f.servedModelName),
+    modelAliases: [f.model],
     host: f.host,
     port: f.port,
     openStore: () => openStore({ database: f.database, dataDir: f.dataDir }),
@@ -80,6 +95,7 @@ async function runServe(f: ServeFlags): Promise<void> {
       return supervisor;
     } : null,
     adminKey: process.env.REFT_ADMIN_KEY || null,
+    metricsKey: process.env.REFT_METRICS_KEY || null,
     cacheDir: cacheDir(),
     sharedInterventionsDir: f.interventionsDir,
     tenantLimits: { maxConcurrentRequests: f.tenantMaxConcurrent, maxInterventions: f.tenantMaxInterventions, maxInterventionBytes: f.tenantMaxBytes },
@@ -87,6 +103,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     interventionCacheBytes: f.adapterCacheBytes,
     bodyLimit: f.maxBodyBytes,
     uploadLimit: f.maxUploadBytes,
+    inputBudgets: { maxPromptChars: f.maxPromptChars ?? null, maxTrainingChars: f.maxTrainingChars, maxTrainingRows: f.maxTrainingRows },
     shutdownTimeoutMs: f.shutdownTimeout,
     usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,

@@ -31,16 +31,59 @@ export function workerCommand(): Command {
     .action(runWorker);
 }
 
+/** How long a stopping worker may take to hand its job back before it exits anyway. */
+const STOP_GRACE_MS = 3000;
+
+/**
+ * A worker started by a server (it has an IPC channel to it) stops when that server dies, however
+ * it died: the channel closes, and (as a fallback) the parent process no longer exists.
+ */
+function exitWithParent(stop: (why: string) => void): void {
+  if (!process.send) return; // started by hand or by a process manager: it outlives nothing
+  process.channel?.unref(); // the channel alone must not keep a finished worker alive
+  // the server may have died while this process was still starting (before anyone listened)
+  if (!process.connected) return stop('server gone before the worker started');
+  process.removeAllListeners('disconnect'); // bin/reft-server.js's exit-while-loading
+  process.once('disconnect', () => stop('server gone (IPC channel closed)'));
+  // process.ppid is read once at start in Node: ask whether the parent still exists instead
+  const parent = process.ppid;
+  const check = setInterval(() => {
+    try {
+      process.kill(parent, 0);
+    } catch {
+      clearInterval(check);
+      stop('server gone (parent process exited)');
+    }
+  }, 1000);
+  check.unref();
+}
+
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
   if (f.device === 'cuda' && !(await cudaAvailable())) {
     throw new ReftError('unavailable', 'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu', 'device');
   }
+  // Signals and the server's death are watched from the start: loading the model takes a while.
+  let runner: JobRunner | null = null;
+  const stop = (why: string) => {
+    log.info({ why }, 'worker stopping');
+    if (!runner) process.exit(0); // nothing claimed yet: nothing to hand back
+    runner.stop();
+    // Stop after the current step and hand the job back; whatever is still running after the
+    // grace period is abandoned (its lease expires and another worker resumes from the checkpoint).
+    setTimeout(() => {
+      log.warn({ why, graceMs: STOP_GRACE_MS }, 'worker did not stop in time; exiting');
+      process.exit(1);
+    }, STOP_GRACE_MS).unref();
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+  exitWithParent(stop);
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));
   log.info({ model: f.model, store: describeStore(where), device: f.device, ...describeHugePages() }, 'model loaded');
-  const runner = new JobRunner({
+  runner = new JobRunner({
     store,
     model,
     log,
@@ -53,9 +96,6 @@ async function runWorker(f: Flags): Promise<void> {
     threads: f.threads,
     cacheDir: cacheDir(),
   });
-  const stop = () => runner.stop();
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
   await runner.run();
   await store.close();
   log.info('worker stopped');

@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { ReftError, invalidIntervention, firstIssue } from '../errors.ts';
 import { parseSafetensors, plainFloats, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
+import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
 
 /**
  * The reft/v1 artifact (REFT.md "The intervention artifact"): reft_config.json plus
@@ -75,12 +76,18 @@ export interface Artifact {
 
 const ORTHONORMAL_TOLERANCE = 1e-3;
 
+/** At most 1024 interventions of 4 tensors: the header never needs more (checked before it is parsed). */
+const ARTIFACT_HEADER_LIMITS = { maxHeaderBytes: 1024 * 1024, maxTensors: 4 * 1024 };
+
 export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
   let json: unknown;
   try {
     json = JSON.parse(typeof bytes === 'string' ? bytes : new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch {
     throw invalidIntervention('reft_config.json is not valid JSON', 'reft_config.json');
+  }
+  if (jsonDepth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
+    throw invalidIntervention(`reft_config.json nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, 'reft_config.json');
   }
   const parsed = reftConfigSchema.safeParse(json);
   if (!parsed.success) {
@@ -131,7 +138,7 @@ export function parseArtifact(
 
 function parseWeights(bytes: Uint8Array): SafetensorsFile {
   try {
-    return parseSafetensors(bytes, 'reft_weights.safetensors');
+    return parseSafetensors(bytes, 'reft_weights.safetensors', ARTIFACT_HEADER_LIMITS);
   } catch (e) {
     if (e instanceof ReftError) throw invalidIntervention(e.message, e.field);
     throw e;

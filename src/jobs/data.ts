@@ -30,7 +30,7 @@ function describeRowError(error: z.ZodError): string {
   return `${issue.path.join('.') || 'row'}: ${issue.message}`;
 }
 
-export function parseJsonl(bytes: Uint8Array, field = 'training_file'): ParsedRows {
+export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows = MAX_TRAINING_ROWS): ParsedRows {
   let text: string;
   try {
     text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
@@ -52,7 +52,7 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file'): ParsedRo
     if (!row.success) throw invalidRequest(`${field}: line ${i + 1}: ${describeRowError(row.error)}`, `${field}:line ${i + 1}`);
     rows.push(row.data);
     lines.push(i + 1);
-    if (rows.length > MAX_TRAINING_ROWS) throw invalidRequest(`${field}: more than ${MAX_TRAINING_ROWS} rows`, field);
+    if (rows.length > maxRows) throw new ReftError('payload_too_large', `${field}: more than ${maxRows} rows (the training rows limit)`, field);
   });
   if (rows.length === 0) throw invalidRequest(`${field}: the file has no rows`, field);
   return { rows, origin: { kind: 'file', lines } };
@@ -80,10 +80,42 @@ export function tokenizeTrainingRows(parsed: ParsedRows, tokenizer: TextTokenize
   }
 }
 
-/** A job's rows: inline, or the tenant's uploaded file (a 404 naming training_file if it's gone). */
+/**
+ * tokenizeTrainingRows, a row at a time, handing the event loop back every few milliseconds:
+ * a worker tokenizing a large job keeps renewing its lease and answers SIGTERM meanwhile.
+ */
+export async function tokenizeTrainingRowsYielding(parsed: ParsedRows, tokenizer: TextTokenizer, maxLength: number, signal?: AbortSignal, field = 'training_file'): Promise<TrainingExample[]> {
+  const out: TrainingExample[] = [];
+  let since = performance.now();
+  for (let i = 0; i < parsed.rows.length; i++) {
+    const one: ParsedRows = { rows: [parsed.rows[i]], origin: parsed.origin.kind === 'file' ? { kind: 'file', lines: [parsed.origin.lines[i]] } : parsed.origin };
+    try {
+      out.push(...tokenizeTrainingRows(one, tokenizer, maxLength, field));
+    } catch (e) {
+      // a single-row batch names its row data.0: give it its real index
+      if (e instanceof ReftError && parsed.origin.kind === 'inline' && e.field?.startsWith('data.0')) {
+        throw new ReftError(e.code, e.message.replace(/^data\.0/, `data.${i}`), e.field.replace(/^data\.0/, `data.${i}`));
+      }
+      throw e;
+    }
+    if (performance.now() - since > 20) {
+      await new Promise((resolve) => setImmediate(resolve));
+      signal?.throwIfAborted();
+      since = performance.now();
+    }
+  }
+  return out;
+}
+
+/** A tenant's uploaded training file (a 404 naming training_file if it's gone). */
+export async function fileBytes(store: Store, tenantId: string, file: string): Promise<Uint8Array> {
+  const bytes = await store.readFile(tenantId, file);
+  if (!bytes) throw noSuch('file', file, 'training_file');
+  return bytes;
+}
+
+/** A job's rows: inline, or the tenant's uploaded file. */
 export async function jobRows(store: Store, tenantId: string, data: { file: string } | { rows: unknown[] }): Promise<ParsedRows> {
   if ('rows' in data) return parseInlineRows(data.rows);
-  const bytes = await store.readFile(tenantId, data.file);
-  if (!bytes) throw noSuch('file', data.file, 'training_file');
-  return parseJsonl(bytes, 'training_file');
+  return parseJsonl(await fileBytes(store, tenantId, data.file), 'training_file');
 }

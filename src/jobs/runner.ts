@@ -7,7 +7,7 @@ import type { Device } from '../engine/session.ts';
 import type { Job, Lease, Store } from '../storage/store.ts';
 import { utcDay } from '../storage/usage.ts';
 import { Trainer, decodeCheckpoint, encodeCheckpoint, type TrainingProgress } from '../training/index.ts';
-import { jobRows, tokenizeTrainingRows } from './data.ts';
+import { jobRows, tokenizeTrainingRowsYielding } from './data.ts';
 import type { JobSpec } from './spec.ts';
 
 /**
@@ -122,7 +122,8 @@ export class JobRunner {
       }
     } catch (err) {
       if (stopReason() === 'lease') return;
-      const reason = ReftError.from(err, 'internal error: ').message;
+      // a typed error says what was wrong with the job; anything else stays in this log
+      const reason = err instanceof ReftError && err.code !== 'internal' ? err.message : `internal error (worker ${this.workerId}, job ${job.id}: see the worker log)`;
       if (err instanceof ReftError && err.code === 'unavailable') {
         jobLog.warn({ reason }, 'store unavailable; the job will be retried when its lease expires');
         return;
@@ -150,7 +151,13 @@ export class JobRunner {
       throw new ReftError('conflict', `an intervention named "${name}" already exists`, 'name');
     }
     const rows = await jobRows(store, job.tenantId, spec.data);
-    const examples = tokenizeTrainingRows(rows, model.tokenizer, model.config.maxPositions);
+    let examples;
+    try {
+      examples = await tokenizeTrainingRowsYielding(rows, model.tokenizer, model.config.maxPositions, controller.signal);
+    } catch (e) {
+      if (controller.signal.aborted) return { kind: 'stopped', step: 0 }; // cancel, shutdown or lost lease while tokenizing
+      throw e;
+    }
     const saved = await store.loadCheckpoint(job.id);
     let trainedTokens = 0;
     let lastEvent = 0;

@@ -23,7 +23,8 @@ export class WorkerSupervisor {
   start(): void {
     if (this.stopping) return;
     const started = Date.now();
-    const child = spawn(process.execPath, this.argv, { stdio: ['ignore', 'inherit', 'inherit'] });
+    // the IPC channel carries nothing: it closes when the server dies, which tells the worker to stop
+    const child = spawn(process.execPath, this.argv, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     this.child = child;
     this.log.info({ pid: child.pid }, 'training worker started');
     child.once('exit', (code, signal) => {

@@ -31,6 +31,14 @@ export interface SafetensorsHeader {
 /** Upper bound on header size: the reference implementation refuses more than 100 MB. */
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
 
+/** Bounds a caller may tighten for headers that come from clients (checked before the JSON is parsed). */
+export interface HeaderLimits {
+  maxHeaderBytes: number;
+  maxTensors: number;
+}
+
+const CHECKPOINT_HEADER_LIMITS: HeaderLimits = { maxHeaderBytes: MAX_HEADER_BYTES, maxTensors: 1_000_000 };
+
 function fail(source: string, message: string, field?: string): never {
   throw new ReftError('invalid_checkpoint', `${source}: ${message}`, field ?? source);
 }
@@ -39,11 +47,11 @@ function fail(source: string, message: string, field?: string): never {
  * Parses and validates a header given the file's total size. `head` must hold at least the first
  * 8 + headerLength bytes (callers read it in two steps for files on disk).
  */
-export function parseHeader(head: Uint8Array, fileSize: number, source: string): SafetensorsHeader {
+export function parseHeader(head: Uint8Array, fileSize: number, source: string, limits: HeaderLimits = CHECKPOINT_HEADER_LIMITS): SafetensorsHeader {
   if (fileSize < 8 || head.byteLength < 8) fail(source, `truncated safetensors file (${fileSize} bytes, no header length)`);
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   const headerLen = view.getBigUint64(0, true);
-  if (headerLen > BigInt(MAX_HEADER_BYTES)) fail(source, `header length ${headerLen} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
+  if (headerLen > BigInt(limits.maxHeaderBytes)) fail(source, `header length ${headerLen} exceeds the ${limits.maxHeaderBytes}-byte safetensors header limit`);
   const n = Number(headerLen);
   if (8 + n > fileSize) fail(source, `header length ${n} runs past the end of the file (${fileSize} bytes)`);
   if (head.byteLength < 8 + n) throw new Error('parseHeader: caller passed too few bytes');
@@ -54,6 +62,8 @@ export function parseHeader(head: Uint8Array, fileSize: number, source: string):
     fail(source, 'header is not valid UTF-8 JSON');
   }
   if (typeof json !== 'object' || json === null || Array.isArray(json)) fail(source, 'header is not a JSON object');
+  const entries = Object.keys(json).length;
+  if (entries > limits.maxTensors + 1) fail(source, `header has ${entries} entries, over the safetensors limit of ${limits.maxTensors} tensors`);
   const dataStart = 8 + n;
   const dataSize = fileSize - dataStart;
   const tensors = new Map<string, TensorInfo>();
@@ -137,8 +147,8 @@ export interface SafetensorsFile {
   bytes: Uint8Array;
 }
 
-export function parseSafetensors(bytes: Uint8Array, source: string): SafetensorsFile {
-  return { header: parseHeader(bytes, bytes.byteLength, source), bytes };
+export function parseSafetensors(bytes: Uint8Array, source: string, limits?: HeaderLimits): SafetensorsFile {
+  return { header: parseHeader(bytes, bytes.byteLength, source, limits), bytes };
 }
 
 

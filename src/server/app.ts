@@ -23,6 +23,9 @@ import { UsageMeter } from './usage.ts';
 import { GenerationService } from './generation-service.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
 import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
+import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
+import { ReftError } from '../errors.ts';
+import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 
 /**
  * The HTTP application: plugins and routes over the store and the model runtime. The runtime
@@ -31,6 +34,8 @@ import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
 export interface AppOptions {
   store: Store;
   adminKey: string | null;
+  /** Bearer key /metrics asks for; null or absent: open. */
+  metricsKey?: string | null;
   /** The tenant every request acts as when there are no API keys (single-tenant mode); null with keys. */
   defaultTenant: Tenant | null;
   tenantLimits: TenantLimits;
@@ -38,6 +43,8 @@ export interface AppOptions {
   bodyLimit: number;
   /** Largest uploaded file (bytes). */
   uploadLimit: number;
+  /** Text bounds checked before anything is tokenized. */
+  inputBudgets?: InputBudgets;
   /** A pino logger, or null for none. */
   logger: FastifyBaseLogger | null;
   runtime: () => ModelRuntime | null;
@@ -45,6 +52,15 @@ export interface AppOptions {
   notReadyReason: () => string | null;
   /** How often metered usage is written to the store. */
   usageFlushMs?: number;
+}
+
+export interface InputBudgets {
+  /** Characters per prompt; null: 16 × the model's context length. */
+  maxPromptChars: number | null;
+  /** Characters of training text per job or file. */
+  maxTrainingChars: number;
+  /** Rows per training file or job. */
+  maxTrainingRows: number;
 }
 
 export const API_VERSION = '0.1.0';
@@ -89,27 +105,33 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { docExpansion: 'list' } });
   // the document itself needs no key: a browser opening /docs can't send a Bearer header
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
-  await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 64, fields: 16, fieldSize: 1024 * 1024, parts: 80 } });
+  await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 1, fields: 8, fieldSize: 1024 * 1024, parts: 9 } });
 
   registerProblemHandlers(app);
+  app.addHook('preValidation', async (request) => {
+    if (request.body !== null && typeof request.body === 'object' && jsonDepth(request.body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
+      throw new ReftError('invalid_request', `the JSON body nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, 'body');
+    }
+  });
   registerAuth(app, { store: opts.store, adminKey: opts.adminKey, defaultTenant: opts.defaultTenant });
   metrics.register(app);
 
   const usage = new UsageMeter(opts.store, app.log, opts.usageFlushMs);
   app.addHook('onClose', () => usage.close());
-  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics, usage);
+  const budgets = opts.inputBudgets ?? { maxPromptChars: null, maxTrainingChars: DEFAULT_MAX_TRAINING_CHARS, maxTrainingRows: DEFAULT_MAX_TRAINING_ROWS };
+  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics, usage, budgets);
   healthRoutes(app, metrics, () => {
     const reason = opts.notReadyReason();
     return { ready: reason === null, reason: reason ?? 'ok' };
-  });
+  }, opts.metricsKey ?? null);
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
   tokenizeRoutes(app, service, opts.store);
-  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits };
+  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits, uploadLimit: opts.uploadLimit, offload: () => runtime().offload };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
-  fileRoutes(app, opts.store);
-  trainingRoutes(app, opts.store, runtime);
+  fileRoutes(app, opts.store, { uploadLimit: opts.uploadLimit, maxRows: budgets.maxTrainingRows, runtime });
+  trainingRoutes(app, opts.store, runtime, budgets);
   usageRoutes(app, opts.store);
   adminRoutes(app, opts.store);
   return { app, metrics };

@@ -2,6 +2,7 @@ import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { ReftError } from '../errors.ts';
 import type { Store, Tenant } from '../storage/store.ts';
+import { LRUCache } from 'lru-cache';
 
 /**
  * Bearer API keys. Every key belongs to a tenant and is stored only as its SHA-256 (keys are
@@ -37,10 +38,41 @@ function bearer(request: FastifyRequest): string | null {
   return m ? m[1] : null;
 }
 
-function sameSecret(a: string, b: string): boolean {
+export function sameSecret(a: string, b: string): boolean {
   const ha = Buffer.from(hashSecret(a), 'hex');
   const hb = Buffer.from(hashSecret(b), 'hex');
   return timingSafeEqual(ha, hb);
+}
+
+/** Failed keys one address may send in a window before it is refused without a lookup. */
+export const MAX_FAILED_KEYS = 10;
+const FAILED_KEY_WINDOW_MS = 60_000;
+
+/**
+ * Counts failed keys per client address, so guessing keys (or hammering the key lookup) is slowed
+ * to MAX_FAILED_KEYS a minute. Bounded: the least recent addresses are forgotten first.
+ */
+class FailedKeys {
+  private readonly failures = new LRUCache<string, { count: number; until: number }>({ max: 100_000 });
+
+  /** Seconds until this address may try again, or 0. */
+  blockedFor(address: string): number {
+    const f = this.failures.get(address);
+    if (!f || f.count < MAX_FAILED_KEYS) return 0;
+    const left = f.until - Date.now();
+    if (left <= 0) {
+      this.failures.delete(address);
+      return 0;
+    }
+    return Math.ceil(left / 1000);
+  }
+
+  record(address: string): void {
+    const now = Date.now();
+    const f = this.failures.get(address);
+    if (!f || f.until <= now) this.failures.set(address, { count: 1, until: now + FAILED_KEY_WINDOW_MS });
+    else f.count++;
+  }
 }
 
 export interface AuthOptions {
@@ -52,6 +84,7 @@ export interface AuthOptions {
 
 export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
   app.decorateRequest('tenant', null as unknown as Tenant);
+  const failed = new FailedKeys();
   app.addHook('onRequest', async (request) => {
     const level: AuthLevel = request.routeOptions.config?.auth ?? 'tenant';
     // an unknown route is a 404 for everyone, whatever key came with it
@@ -63,13 +96,19 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
     }
     const secret = bearer(request);
     if (!secret) throw new ReftError('unauthorized', 'missing API key: send "Authorization: Bearer <key>"', 'authorization');
+    const wait = failed.blockedFor(request.ip);
+    if (wait > 0) throw new ReftError('rate_limited', `too many failed API keys from this address (limit ${MAX_FAILED_KEYS} a minute)`, 'authorization', wait);
     if (level === 'admin') {
-      if (!sameSecret(secret, opts.adminKey)) throw new ReftError('forbidden', 'this route needs the admin key', 'authorization');
+      if (!sameSecret(secret, opts.adminKey)) {
+        failed.record(request.ip);
+        throw new ReftError('forbidden', 'this route needs the admin key', 'authorization');
+      }
       return;
     }
     const found = await opts.store.findApiKey(hashSecret(secret));
     if (!found) {
       if (sameSecret(secret, opts.adminKey)) throw new ReftError('forbidden', 'this route needs a tenant API key; the admin key only administers tenants (/v1/admin)', 'authorization');
+      failed.record(request.ip);
       throw new ReftError('unauthorized', 'invalid or revoked API key', 'authorization');
     }
     request.tenant = found.tenant;

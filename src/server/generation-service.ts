@@ -1,4 +1,6 @@
 import { randomUUID } from 'node:crypto';
+import { ReftError } from '../errors.ts';
+import { DEFAULT_CHARS_PER_CONTEXT_TOKEN, promptChars } from '../offload/budgets.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
 import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
@@ -18,6 +20,12 @@ export interface PreparedGeneration {
   request: GenerationRequest;
 }
 
+/** Bounds on a prompt's text, checked before it is tokenized. */
+export interface PromptBudget {
+  /** Characters per prompt (all messages together); null: DEFAULT_CHARS_PER_CONTEXT_TOKEN × the model's context. */
+  maxPromptChars: number | null;
+}
+
 export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messages' | 'input_ids'>, OpenAISampling {
   prompt?: string;
   messages?: Array<{ role: string; content: string }>;
@@ -30,6 +38,7 @@ export class GenerationService {
     private readonly limiter: ConcurrencyLimiter,
     private readonly metrics: ServerMetrics,
     private readonly usage: UsageMeter,
+    private readonly budget: PromptBudget = { maxPromptChars: null },
   ) {}
 
   get model(): ModelRuntime {
@@ -37,8 +46,23 @@ export class GenerationService {
   }
 
   /**
-   * Resolves the intervention (none when null or the base model's name) and tokenizes the input.
-   * `field` is the request field that named it, for a not-found error.
+   * Runs a request's `work` (prepare, then run or stream) holding one slot of the tenant's
+   * concurrency limit, taken before any response is started: a stream over the limit gets a real
+   * 429 with Retry-After, and the slot is given back however `work` ends.
+   */
+  async admitted<T>(tenant: Tenant, work: () => Promise<T>): Promise<T> {
+    const release = this.limiter.acquire(tenant.id);
+    try {
+      return await work();
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Resolves the intervention (none when null or the base model's name) and tokenizes the input
+   * in the offload pool, after checking its length. `field` is the request field that named the
+   * intervention, for a not-found error.
    */
   async prepare(
     tenant: Tenant,
@@ -47,15 +71,21 @@ export class GenerationService {
     idPrefix = 'gen',
   ): Promise<PreparedGeneration> {
     const rt = this.runtime();
+    const prompt = promptInput(input);
+    const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
+    const chars = promptChars(input);
+    if (chars > maxChars) {
+      throw new ReftError('payload_too_large', `the prompt has ${chars} characters, over the prompt limit of ${maxChars}`, 'prompt' in prompt ? 'prompt' : 'messages');
+    }
     const { name, field } = intervention;
-    const useBase = name === undefined || name === null || name === rt.name;
+    const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
     const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
-    const tokens = tokenize(promptInput(input), rt.tokenizer);
+    const tokens = 'input_ids' in prompt ? tokenize(prompt, rt.tokenizer) : await rt.offload.tokenize(rt.modelDir, prompt);
     const request = toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions);
     return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request };
   }
 
-  /** Runs a prepared generation under the tenant's concurrency limit, recording metrics. */
+  /** Runs a prepared generation, recording metrics (inside `admitted`). */
   async run(tenant: Tenant, prepared: PreparedGeneration, opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {}): Promise<GenerationResult> {
     const [result] = await this.runAll(tenant, [prepared], { signal: opts.signal, onToken: opts.onToken && ((_, e) => opts.onToken!(e)) });
     return result;
@@ -63,11 +93,10 @@ export class GenerationService {
 
   /**
    * Runs several generations of one request as separate rows the engine batches together (an
-   * OpenAI `n` or a list of prompts), under one slot of the tenant's limit; one failing cancels
-   * the rest. `onToken` gets each row's index.
+   * OpenAI `n` or a list of prompts); one failing cancels the rest. `onToken` gets each row's
+   * index.
    */
   async runAll(tenant: Tenant, rows: PreparedGeneration[], opts: { signal?: AbortSignal; onToken?: (row: number, e: TokenEvent) => void } = {}): Promise<GenerationResult[]> {
-    const release = this.limiter.acquire(tenant.id);
     const cancel = new AbortController();
     const signal = cancel.signal;
     const onAbort = () => cancel.abort();
@@ -84,7 +113,6 @@ export class GenerationService {
       return results;
     } finally {
       opts.signal?.removeEventListener('abort', onAbort);
-      release();
     }
   }
 

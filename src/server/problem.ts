@@ -30,7 +30,8 @@ export function problemOf(err: ReftError, instance?: string): Problem {
     type: `https://reft-server.dev/problems/${err.code.replaceAll('_', '-')}`,
     title: TITLES[err.status] ?? 'Error',
     status: err.status,
-    detail: err.message,
+    // an internal error's own words may be an engine's or a driver's: never sent (see publicError)
+    detail: err.code === 'internal' && !err.message.startsWith('internal server error') ? 'internal server error' : err.message,
     code: err.code,
     ...(err.field ? { field: err.field } : {}),
     ...(instance ? { instance } : {}),
@@ -81,12 +82,27 @@ export function toReftError(err: unknown): ReftError {
   return new ReftError('internal', 'internal server error');
 }
 
+/** Addresses, ports, paths, errno names and stack frames: what a server's own failures leak. */
+const INTERNALS = /\b\d{1,3}(\.\d{1,3}){3}\b|\[[0-9a-f:]+\]|:\d{2,5}\b|(^|[\s"'(])\/[\w.@-]+\/|\bE[A-Z]{3,}\b|\bat .+\(/;
+
+/**
+ * What a client may see of a server-side failure: an internal error says nothing but the
+ * request id; another 5xx keeps its words unless they carry internals (a database address,
+ * a path, an engine message). The full error goes to the log under the same request id.
+ */
+export function publicError(problem: ReftError, requestId: string): ReftError {
+  if (problem.status < 500) return problem;
+  if (problem.code !== 'internal' && !INTERNALS.test(problem.message)) return problem;
+  const what = problem.code === 'internal' ? 'internal server error' : problem.code === 'unavailable' ? 'a service this server depends on is unavailable' : 'the server cannot take this request now';
+  return new ReftError(problem.code, `${what} (request ${requestId}; the server log has the details)`, undefined, problem.retryAfterSeconds);
+}
+
 export function registerProblemHandlers(app: FastifyInstance): void {
   app.setErrorHandler((err, request: FastifyRequest, reply) => {
     const problem = toReftError(err);
-    if (problem.status >= 500 && problem.code === 'internal') request.log.error({ err }, 'request failed');
+    if (problem.status >= 500) request.log.error({ err, code: problem.code }, 'request failed');
     else request.log.info({ code: problem.code, field: problem.field }, problem.message);
-    return sendProblem(reply, problem, request.url);
+    return sendProblem(reply, publicError(problem, request.id), request.url);
   });
   app.setNotFoundHandler((request, reply) =>
     sendProblem(reply, new ReftError('not_found', `no route ${request.method} ${request.url.split('?')[0]}`), request.url),

@@ -3,6 +3,7 @@ import { ReftError } from '../errors.ts';
 import type { InterventionCache } from '../interventions/cache.ts';
 import type { ModelConfig } from '../model/config.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
+import type { OffloadPool } from '../offload/pool.ts';
 
 /**
  * What the routes need once the model is loaded: the base model's name, config and tokenizer,
@@ -10,10 +11,14 @@ import type { TextTokenizer } from '../model/tokenizer.ts';
  * refuses generation with 503.
  */
 export interface ModelRuntime {
-  /** The name the API serves the base model under. */
+  /** The base model's name in the API (--served-model-name): never a local path. */
   name: string;
-  /** Where it came from (the model spec: a folder or a Hub repo id). */
-  source: string;
+  /** Other names that select the base model when a client gives them (the --model spec); never listed. */
+  aliases: string[];
+  /** The model's local folder (the offload pool's threads load the tokenizer from it). */
+  modelDir: string;
+  /** Worker threads for tokenization and parsing, off the event loop. */
+  offload: OffloadPool;
   config: ModelConfig;
   tokenizer: TextTokenizer;
   engine: EngineClient;

@@ -17,21 +17,25 @@ import { DEFAULT_TENANT_NAME } from './auth.ts';
 import type { ModelRuntime } from './runtime.ts';
 import { describeHugePages } from '../engine/huge-pages.ts';
 import type { TenantLimits } from './tenant-limits.ts';
+import { OffloadPool } from '../offload/pool.ts';
+import type { InputBudgets } from './app.ts';
 
 /** Everything `reft-server serve` is configured with (flags and REFT_* variables). */
 export interface ServeSettings {
   /** Resolves the model spec to a local folder (downloading from the Hub when needed). */
   resolveModel: () => Promise<string>;
-  /** The model spec given (a folder or a Hub repo id). */
+  /** The base model's name in the API. */
   modelName: string;
-  /** The name the API serves the base model under (default: the spec). */
-  servedModelName?: string;
+  /** Other names accepted for the base model (the --model spec as given). */
+  modelAliases?: string[];
   host: string;
   port: number;
   openStore: () => Promise<Store>;
   /** Starts the training worker next to the server (null: none). */
   startWorker: ((log: Logger) => WorkerSupervisor) | null;
   adminKey: string | null;
+  /** Bearer key /metrics asks for (REFT_METRICS_KEY); null: open. */
+  metricsKey?: string | null;
   cacheDir: string;
   sharedInterventionsDir: string | null;
   tenantLimits: TenantLimits;
@@ -39,6 +43,8 @@ export interface ServeSettings {
   interventionCacheBytes: number;
   bodyLimit: number;
   uploadLimit: number;
+  /** Text bounds checked before tokenizing (see offload/budgets.ts). */
+  inputBudgets: InputBudgets;
   shutdownTimeoutMs: number;
   usageFlushMs: number;
   logLevel: string;
@@ -56,7 +62,13 @@ export interface RunningServer {
   shutdown(reason: string): Promise<void>;
 }
 
+/** An admin key shorter than this is refused at start: it guards every tenant. */
+export const MIN_ADMIN_KEY_CHARS = 32;
+
 export async function startServer(s: ServeSettings): Promise<RunningServer> {
+  if (s.adminKey && s.adminKey.length < MIN_ADMIN_KEY_CHARS) {
+    throw new ReftError('invalid_request', `REFT_ADMIN_KEY has ${s.adminKey.length} characters; use at least ${MIN_ADMIN_KEY_CHARS} (e.g. openssl rand -hex 32)`, 'REFT_ADMIN_KEY');
+  }
   if (!s.adminKey && !LOOPBACK.has(s.host)) {
     throw new ReftError('invalid_request', `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`, 'host');
   }
@@ -67,13 +79,16 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   let runtime: ModelRuntime | null = null;
   let notReady: string | null = 'loading the model';
 
+  const offload = new OffloadPool();
   const { app, metrics } = await buildApp({
     store,
     adminKey: s.adminKey,
+    metricsKey: s.metricsKey ?? null,
     defaultTenant,
     tenantLimits: s.tenantLimits,
     bodyLimit: s.bodyLimit,
     uploadLimit: s.uploadLimit,
+    inputBudgets: s.inputBudgets,
     logger,
     runtime: () => runtime,
     notReadyReason: () => notReady,
@@ -96,7 +111,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     const interventions = new InterventionCache(store, model.config, s.interventionCacheBytes, (hit) => metrics.interventionCache.inc({ result: hit ? 'hit' : 'miss' }));
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
-    runtime = { name: s.servedModelName ?? s.modelName, source: s.modelName, config: model.config, tokenizer: model.tokenizer, engine, interventions };
+    runtime = { name: s.modelName, aliases: s.modelAliases ?? [], modelDir: dir, offload, config: model.config, tokenizer: model.tokenizer, engine, interventions };
     notReady = null;
     app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() }, 'model ready');
   })();
@@ -123,6 +138,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       clearInterval(sweep);
       clearTimeout(timer);
       await runtime?.engine.close();
+      await offload.close();
       await store.close();
       app.log.info('stopped');
     })());

@@ -16,13 +16,16 @@ export const DEFAULT_TENANT_LIMITS: TenantLimits = {
 /** Counts a tenant's generations in flight on this server process. */
 export class ConcurrencyLimiter {
   private readonly active = new Map<string, number>();
-  constructor(private readonly max: number) {}
+  constructor(
+    private readonly max: number,
+    private readonly what = 'concurrent requests',
+  ) {}
 
   /** Takes a slot or throws 429; call the returned function exactly once to give it back. */
   acquire(tenantId: string): () => void {
     const n = this.active.get(tenantId) ?? 0;
     if (n >= this.max) {
-      throw new ReftError('rate_limited', `too many concurrent requests for this tenant (limit ${this.max})`, undefined, 1);
+      throw new ReftError('rate_limited', `too many ${this.what} for this tenant (limit ${this.max})`, undefined, 1);
     }
     this.active.set(tenantId, n + 1);
     let released = false;

@@ -6,7 +6,7 @@ import { startServerProcess, startWorkerProcess } from './server.ts';
 
 /** Two servers and one worker on a fresh PostgreSQL database, soaked with `runSoak`. */
 export async function soakCluster(options: SoakOptions): Promise<SoakReport> {
-  const admin = 'soak-admin';
+  const admin = 'soak-admin-key-0123456789abcdef012345';
   const database = await createDatabase();
   const servers = await Promise.all([0, 1].map(() => startServerProcess({ database, env: { REFT_ADMIN_KEY: admin }, args: ['--no-worker', '--tenant-max-concurrent', '64'] })));
   const worker = await startWorkerProcess(database, ['--lease-ms', '5000', '--poll-ms', '200']);

@@ -77,11 +77,23 @@ function assignPositions(count: number, spec: string, shareWeights: boolean): st
   return [...new Array<string>(half).fill(`f${p.first}`), ...new Array<string>(half).fill(`l${p.last}`)];
 }
 
+/** reft/v1's largest rank (artifact.ts). */
+const MAX_RANK = 1024;
+
+/**
+ * Elements one intervention's state dict may declare: a few [rank, d] matrices and rank-vectors,
+ * rank at most min(d, MAX_RANK). Anything larger cannot be an intervention for this model.
+ */
+export function stateDictElementLimit(d: number): number {
+  const rank = Math.min(d, MAX_RANK);
+  return 4 * rank * d + 4 * rank;
+}
+
 async function convertOne(entry: SavedIntervention, bytes: Uint8Array, d: number): Promise<ConvertedIntervention> {
   if (entry.dimension !== d) {
     throw invalidIntervention(`config.json.intervention_dimensions.${entry.index} is ${entry.dimension} but the model's hidden size is ${d}`, `config.json.intervention_dimensions.${entry.index}`);
   }
-  const out = convertStateDict(entry.pyreftClass, await readStateDict(bytes, entry.file), d, entry.file);
+  const out = convertStateDict(entry.pyreftClass, await readStateDict(bytes, entry.file, stateDictElementLimit(d)), d, entry.file);
   if (entry.lowRankDimension !== null && entry.lowRankDimension !== out.rank) {
     throw invalidIntervention(`config.json.representations.${entry.index}.low_rank_dimension is ${entry.lowRankDimension} but ${entry.file} holds rank ${out.rank}`, `config.json.representations.${entry.index}.low_rank_dimension`);
   }

@@ -41,9 +41,24 @@ const ALLOWED_GLOBALS = new Set([
   ...Object.keys(STORAGE_DTYPES).map((s) => `torch ${s}`),
 ]);
 
-/** Bounds on what a few-kilobyte state dict needs; a hostile pickle cannot make us allocate more. */
-const MAX_STACK = 100_000;
-const MAX_MEMO = 1_000_000;
+/**
+ * Bounds on what a few-kilobyte state dict needs; a hostile pickle cannot make us allocate more.
+ * Every opcode builds at most one value, so the opcode count bounds the values built; marks are
+ * counted over all open frames (the stack bound alone counts only the current one).
+ */
+export const PICKLE_LIMITS = {
+  /** Bytes of one data.pkl (a state dict of a few tensors is a few KB). */
+  maxBytes: 1024 * 1024,
+  maxOpcodes: 20_000,
+  /** Items on the stack, all open MARK frames together. */
+  maxStack: 10_000,
+  /** Open MARKs at once (each nests one container level). */
+  maxMarks: 1_000,
+  maxMemo: 10_000,
+} as const;
+
+/** Elements a pickle's views may declare when the caller does not size them from a model. */
+export const DEFAULT_MAX_ELEMENTS = 1 << 22;
 
 /** Opcode byte → name, for every pickle opcode (so refusals can say which one). */
 const OPCODE_NAMES: Record<number, string> = Object.fromEntries(
@@ -66,10 +81,15 @@ export interface PickleSource {
   /** Names the file in every error. */
   file: string;
   record(name: string): Uint8Array | undefined;
+  /** Elements all tensor views together may have (default: DEFAULT_MAX_ELEMENTS). */
+  maxElements?: number;
 }
 
 /** Reads a state-dict pickle to its value. Throws a ReftError on anything outside the allowlist. */
 export function readPickle(bytes: Uint8Array, source: PickleSource): PickleValue {
+  if (bytes.byteLength > PICKLE_LIMITS.maxBytes) {
+    throw invalidIntervention(`${source.file}: data.pkl is ${bytes.byteLength} bytes, over the pickle limit of ${PICKLE_LIMITS.maxBytes} bytes`, source.file);
+  }
   return new PickleReader(bytes, source).run();
 }
 
@@ -83,6 +103,10 @@ class PickleReader {
   private readonly memo = new Map<number, PickleValue>();
   private readonly storages = new Map<string, TorchStorage>();
   private readonly view: DataView;
+  private opcodes = 0;
+  /** Items held in the current frame and every frame under an open MARK. */
+  private held = 0;
+  private elements = 0;
 
   constructor(
     private readonly bytes: Uint8Array,
@@ -96,8 +120,9 @@ class PickleReader {
       const at = this.pos;
       const op = this.u8();
       if (op === 0x2e /* STOP */) return this.finish();
+      if (++this.opcodes > PICKLE_LIMITS.maxOpcodes) throw this.fail(`pickle runs more than ${PICKLE_LIMITS.maxOpcodes} opcodes (the pickle opcode limit)`);
       if (!this.step(op)) throw this.fail(`forbidden pickle opcode ${OPCODE_NAMES[op] ?? 'unknown'} (0x${op.toString(16).padStart(2, '0')}) at byte ${at}`);
-      if (this.stack.length > MAX_STACK) throw this.fail(`pickle stack exceeds ${MAX_STACK} items`);
+      if (this.held + this.stack.length > PICKLE_LIMITS.maxStack) throw this.fail(`pickle stack exceeds ${PICKLE_LIMITS.maxStack} items across its MARK frames (the pickle stack limit)`);
     }
   }
 
@@ -118,7 +143,7 @@ class PickleReader {
       case 0x94: return this.put(this.memo.size); // MEMOIZE
       case 0x68: return this.get(this.u8()); // BINGET
       case 0x6a: return this.get(this.u32()); // LONG_BINGET
-      case 0x28: this.marks.push(this.stack); this.stack = []; return true; // MARK
+      case 0x28: return this.mark(); // MARK
       case 0x29: return this.push(new PyTuple([])); // EMPTY_TUPLE
       case 0x74: return this.push(new PyTuple(this.popMark())); // TUPLE
       case 0x85: return this.push(new PyTuple(this.popN(1))); // TUPLE1
@@ -196,7 +221,14 @@ class PickleReader {
     if (typeof requiresGrad !== 'boolean') throw this.fail('_rebuild_tensor_v2: requires_grad is not a bool');
     if (!isEmptyDict(hooks)) throw this.fail('_rebuild_tensor_v2: backward hooks are not allowed');
     if (metadata !== undefined && metadata !== null && !isEmptyDict(metadata)) throw this.fail('_rebuild_tensor_v2: tensor metadata is not allowed');
-    return rebuildTensor(storage, this.count(offset, 'storage offset'), this.counts(size, 'size'), this.counts(stride, 'stride'), this.source.file);
+    const shape = this.counts(size, 'size');
+    // counted before anything is allocated: the views' declared sizes, not their storages', are what a copy costs
+    this.elements += shape.reduce((a, b) => a * b, 1);
+    const max = this.source.maxElements ?? DEFAULT_MAX_ELEMENTS;
+    if (this.elements > max) {
+      throw this.fail(`tensors declare more than ${max} elements in all (the tensor element limit for this model's hidden size)`);
+    }
+    return rebuildTensor(storage, this.count(offset, 'storage offset'), shape, this.counts(stride, 'stride'), this.source.file);
   }
 
   /** BINPERSID: `('storage', <storage class>, key, location, numel)` → the `data/<key>` record. */
@@ -264,17 +296,26 @@ class PickleReader {
     return this.stack.splice(this.stack.length - n, n);
   }
 
+  private mark(): boolean {
+    if (this.marks.length >= PICKLE_LIMITS.maxMarks) throw this.fail(`pickle opens more than ${PICKLE_LIMITS.maxMarks} MARKs at once (the pickle mark limit)`);
+    this.marks.push(this.stack);
+    this.held += this.stack.length;
+    this.stack = [];
+    return true;
+  }
+
   private popMark(): PickleValue[] {
     const below = this.marks.pop();
     if (below === undefined) throw this.fail('pickle has no MARK to pop to');
     const items = this.stack;
     this.stack = below;
+    this.held -= below.length;
     return items;
   }
 
   private put(index: number): boolean {
     if (this.stack.length === 0) throw this.fail('pickle memoizes an empty stack');
-    if (this.memo.size >= MAX_MEMO && !this.memo.has(index)) throw this.fail(`pickle memo exceeds ${MAX_MEMO} entries`);
+    if (this.memo.size >= PICKLE_LIMITS.maxMemo && !this.memo.has(index)) throw this.fail(`pickle memo exceeds ${PICKLE_LIMITS.maxMemo} entries (the pickle memo limit)`);
     this.memo.set(index, this.stack[this.stack.length - 1]);
     return true;
   }

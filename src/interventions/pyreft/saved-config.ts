@@ -1,4 +1,5 @@
 import { invalidIntervention } from '../../errors.ts';
+import { MAX_JSON_DEPTH, jsonDepth } from '../../limits/json-depth.ts';
 
 /**
  * The `config.json` pyvene's `IntervenableModel.save` writes next to the `intkey_*.bin` files
@@ -127,6 +128,7 @@ function parseJson(bytes: Uint8Array): Record<string, unknown> {
   } catch {
     throw invalidIntervention(`${CONFIG} is not valid JSON`, CONFIG);
   }
+  if (jsonDepth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidIntervention(`${CONFIG} nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, CONFIG);
   if (typeof json !== 'object' || json === null || Array.isArray(json)) throw invalidIntervention(`${CONFIG} is not a JSON object`, CONFIG);
   return json as Record<string, unknown>;
 }

@@ -7,9 +7,9 @@ import { readTorchZip } from './zip.ts';
  * One `intkey_*.bin`: the `torch.save` of an intervention's `state_dict()`, i.e. an OrderedDict of
  * parameter name → tensor. Read without running pickle (see pickle.ts).
  */
-export async function readStateDict(bytes: Uint8Array, file: string): Promise<Map<string, TorchTensor>> {
+export async function readStateDict(bytes: Uint8Array, file: string, maxElements?: number): Promise<Map<string, TorchTensor>> {
   const zip = await readTorchZip(bytes, file);
-  const root = readPickle(zip.records.get('data.pkl') as Uint8Array, { file, record: (name) => zip.records.get(name) });
+  const root = readPickle(zip.records.get('data.pkl') as Uint8Array, { file, record: (name) => zip.records.get(name), maxElements });
   if (!(root instanceof PyDict)) throw invalidIntervention(`${file}: data.pkl does not hold a state dict`, file);
   const tensors = new Map<string, TorchTensor>();
   for (const [key, value] of root.entries) {

@@ -17,9 +17,6 @@ export const STORAGE_DTYPES: Readonly<Record<string, TorchDType>> = {
   LongStorage: 'I64',
 };
 
-/** Refuse views with more elements than any intervention tensor could need (stride 0 can fake size). */
-const MAX_TENSOR_ELEMENTS = 1 << 26;
-
 export interface TorchStorage {
   dtype: TorchDType;
   key: string;
@@ -51,11 +48,12 @@ export function makeStorage(dtype: TorchDType, key: string, numel: number, recor
 export function rebuildTensor(storage: TorchStorage, offset: number, shape: number[], stride: number[], file: string): TorchTensor {
   if (shape.length !== stride.length) throw invalid(file, `tensor over storage "${storage.key}" has ${shape.length} sizes but ${stride.length} strides`);
   const count = shape.reduce((a, b) => a * b, 1);
-  if (count > MAX_TENSOR_ELEMENTS) throw invalid(file, `tensor over storage "${storage.key}" has ${count} elements (at most ${MAX_TENSOR_ELEMENTS})`);
   const last = count === 0 ? offset : offset + shape.reduce((sum, n, k) => sum + (n - 1) * stride[k], 0);
   if (count > 0 && last >= storage.numel) {
     throw invalid(file, `storage "${storage.key}" (${storage.numel} elements) is shorter than the tensor it backs (offset ${offset}, size [${shape}], stride [${stride}] reach element ${last})`);
   }
+  // stride 0 lets a tiny storage fake a huge view; a state dict never holds one
+  if (count > storage.numel) throw invalid(file, `tensor over storage "${storage.key}" has ${count} elements, more than its storage holds (${storage.numel}): a view may not be larger than its storage`);
   const read = elementReader(storage, file);
   const values = new Float64Array(count);
   const index = new Array<number>(shape.length).fill(0);

@@ -2,9 +2,9 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { invalidRequest, noSuch } from '../../errors.ts';
-import { parseJsonl } from '../../jobs/data.ts';
+import type { ModelRuntime } from '../runtime.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
-import { checkKnownParts, readMultipart } from './interventions.ts';
+import { TEXT_FIELDS, readMultipart } from './interventions.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 
 /** Training data files (JSONL), validated row by row when uploaded. */
@@ -14,7 +14,8 @@ const fileBody = (f: StoredFile, rows?: number): z.infer<typeof fileSchema> => (
   id: f.id, object: 'file', filename: f.filename, purpose: f.purpose, bytes: f.bytes, ...(rows === undefined ? {} : { rows }), created_at: f.createdAt,
 });
 
-export function fileRoutes(app: FastifyInstance, store: Store): void {
+export function fileRoutes(app: FastifyInstance, store: Store, o: { uploadLimit: number; maxRows: number; runtime: () => ModelRuntime }): void {
+  const { uploadLimit } = o;
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
 
@@ -26,17 +27,16 @@ export function fileRoutes(app: FastifyInstance, store: Store): void {
       response: { 201: fileSchema, '4xx': problemSchema, '5xx': problemSchema },
     },
   }, async (request, reply) => {
-    const parts = await readMultipart(request);
-    checkKnownParts(parts, ['file', 'purpose']);
+    const parts = await readMultipart(request, reply, { parts: { file: { count: 1, maxBytes: uploadLimit }, ...TEXT_FIELDS(['purpose']) }, maxTotalBytes: uploadLimit + 1024 });
     const files = parts.files.get('file') ?? [];
     if (files.length !== 1) throw invalidRequest(files.length ? 'give one file part' : 'missing part "file"', 'file');
     const purpose = parts.fields.get('purpose') ?? 'fine-tune';
     if (purpose !== 'fine-tune') throw invalidRequest('purpose must be "fine-tune"', 'purpose');
-    const { rows } = parseJsonl(files[0].bytes, 'file');
+    const rows = await o.runtime().offload.countJsonlRows(files[0].bytes, 'file', o.maxRows);
     const filename = files[0].filename.replace(/[^\w.-]/g, '_').slice(0, 200) || 'data.jsonl';
     const stored = await store.putFile(request.tenant.id, filename, purpose, files[0].bytes);
-    request.log.info({ file: stored.id, tenant: request.tenant.id, rows: rows.length }, 'training file stored');
-    return reply.status(201).send(fileBody(stored, rows.length));
+    request.log.info({ file: stored.id, tenant: request.tenant.id, rows }, 'training file stored');
+    return reply.status(201).send(fileBody(stored, rows));
   });
 
   r.get('/v1/files', {

@@ -74,24 +74,26 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
       body: generateBody,
       response: { 200: generateResponse, '4xx': problemSchema, '5xx': problemSchema },
     },
-  }, async (request, reply) => {
-    const { adapter, stream, ...input } = request.body;
-    const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
-    const tokenizer = service.model.tokenizer;
-    if (!stream) {
-      const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
-      return generateResponseBody(prepared, result, tokenizer);
-    }
-    const sse = new SseStream(request, reply);
-    try {
-      const result = await service.run(request.tenant, prepared, {
-        signal: sse.signal,
-        onToken: (e) => sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
-      });
-      sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
-    } catch (err) {
-      sse.send({ type: 'error', error: problemOf(toReftError(err)) });
-    }
-    sse.end();
-  });
+  }, async (request, reply) =>
+    service.admitted(request.tenant, async () => {
+      const { adapter, stream, ...input } = request.body;
+      const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
+      const tokenizer = service.model.tokenizer;
+      if (!stream) {
+        const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
+        return generateResponseBody(prepared, result, tokenizer);
+      }
+      const sse = new SseStream(request, reply);
+      try {
+        const result = await service.run(request.tenant, prepared, {
+          signal: sse.signal,
+          onToken: (e) => sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
+        });
+        sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
+      } catch (err) {
+        sse.send({ type: 'error', error: problemOf(toReftError(err)) });
+      }
+      sse.end();
+    }),
+  );
 }

@@ -244,98 +244,102 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
   r.post('/v1/completions', {
     config,
     schema: { summary: 'OpenAI-compatible text completion', tags: ['openai'], body: completionBody, response: { 200: completionResponse, ...errors } },
-  }, async (request, reply) => {
-    const b = request.body;
-    refuseUnsupported(b, ['suffix']);
-    const n = b.n ?? 1;
-    if (b.best_of != null && b.best_of !== n) throw invalidRequest('`best_of` is not supported (other than equal to n)', 'best_of');
-    if (b.echo && b.logprobs != null) throw invalidRequest('`echo` with `logprobs` is not supported (prompt logprobs are not computed)', 'echo');
-    const prompts = promptList(b.prompt);
-    if (prompts.length * n > MAX_CHOICES) throw invalidRequest(`${prompts.length} prompts × n = ${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES}`, 'n');
-    const tokenizer = service.model.tokenizer;
-    const context = service.model.config.maxPositions;
-    const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
-    const prepared: PreparedGeneration[] = [];
-    for (const p of prompts) {
-      const one = await service.prepare(request.tenant, { name: b.model, field: 'model' }, { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) }, 'cmpl');
-      checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
-      prepared.push(one);
-    }
-    const rows = choicesOf(prepared, n);
-    const echo = (i: number) => {
-      const p = prompts[Math.floor(i / n)];
-      return b.echo ? (typeof p === 'string' ? p : tokenizer.decode(p)) : '';
-    };
-    const base = { id: prepared[0].id, object: 'text_completion' as const, created: created(), model: b.model };
-    if (b.stream) {
-      const started = new Set<number>();
-      return streamOpenAI(service, request, reply, rows,
-        (index, text, finish) => {
-          // the echoed prompt leads each choice's first chunk
-          if (!started.has(index)) {
-            started.add(index);
-            text = echo(index) + text;
-          }
-          return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish }] };
-        },
-        b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null);
-    }
-    const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
-    return {
-      ...base,
-      choices: results.map((result, index) => ({
-        index,
-        text: echo(index) + result.text,
-        logprobs: completionLogprobs(result.logprobs, rows[index].request.tokens, tokenizer),
-        finish_reason: finishOf(result),
-      })),
-      usage: usageOf(results, n),
-    };
-  });
+  }, async (request, reply) =>
+    service.admitted(request.tenant, async () => {
+      const b = request.body;
+      refuseUnsupported(b, ['suffix']);
+      const n = b.n ?? 1;
+      if (b.best_of != null && b.best_of !== n) throw invalidRequest('`best_of` is not supported (other than equal to n)', 'best_of');
+      if (b.echo && b.logprobs != null) throw invalidRequest('`echo` with `logprobs` is not supported (prompt logprobs are not computed)', 'echo');
+      const prompts = promptList(b.prompt);
+      if (prompts.length * n > MAX_CHOICES) throw invalidRequest(`${prompts.length} prompts × n = ${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES}`, 'n');
+      const tokenizer = service.model.tokenizer;
+      const context = service.model.config.maxPositions;
+      const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
+      const prepared: PreparedGeneration[] = [];
+      for (const p of prompts) {
+        const one = await service.prepare(request.tenant, { name: b.model, field: 'model' }, { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) }, 'cmpl');
+        checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
+        prepared.push(one);
+      }
+      const rows = choicesOf(prepared, n);
+      const echo = (i: number) => {
+        const p = prompts[Math.floor(i / n)];
+        return b.echo ? (typeof p === 'string' ? p : tokenizer.decode(p)) : '';
+      };
+      const base = { id: prepared[0].id, object: 'text_completion' as const, created: created(), model: b.model };
+      if (b.stream) {
+        const started = new Set<number>();
+        return streamOpenAI(service, request, reply, rows,
+          (index, text, finish) => {
+            // the echoed prompt leads each choice's first chunk
+            if (!started.has(index)) {
+              started.add(index);
+              text = echo(index) + text;
+            }
+            return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish }] };
+          },
+          b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null);
+      }
+      const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+      return {
+        ...base,
+        choices: results.map((result, index) => ({
+          index,
+          text: echo(index) + result.text,
+          logprobs: completionLogprobs(result.logprobs, rows[index].request.tokens, tokenizer),
+          finish_reason: finishOf(result),
+        })),
+        usage: usageOf(results, n),
+      };
+    }),
+  );
 
   r.post('/v1/chat/completions', {
     config,
     schema: { summary: 'OpenAI-compatible chat completion', tags: ['openai'], body: chatBody, response: { 200: chatResponse, ...errors } },
-  }, async (request, reply) => {
-    const b = request.body;
-    refuseUnsupported(b, ['tools', 'tool_choice', 'functions', 'function_call', 'parallel_tool_calls', 'response_format', 'audio', 'modalities', 'prediction', 'reasoning_effort', 'web_search_options', 'store', 'metadata', 'service_tier']);
-    if (b.top_logprobs && !b.logprobs) throw invalidRequest('top_logprobs needs logprobs: true', 'top_logprobs');
-    const n = b.n ?? 1;
-    const tokenizer = service.model.tokenizer;
-    const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
-    const maxTokens = b.max_completion_tokens != null ? { value: b.max_completion_tokens, field: 'max_completion_tokens' } : { value: b.max_tokens, field: 'max_tokens' };
-    const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
-    if (b.logprobs) input.logprobs = true;
-    const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
-    checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
-    const rows = choicesOf([prepared], n);
-    const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
-    if (b.stream) {
-      const started = new Set<number>();
-      return streamOpenAI(service, request, reply, rows,
-        (index, text, finish) => {
-          const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
-          started.add(index);
-          return { ...base, object: 'chat.completion.chunk', choices: [{ index, delta, logprobs: null, finish_reason: finish }] };
-        },
-        b.stream_options?.include_usage ? (res) => ({ ...base, object: 'chat.completion.chunk', choices: [], usage: usageOf(res, n) }) : null);
-    }
-    const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
-    return {
-      ...base,
-      choices: results.map((result, index) => ({
-        index,
-        message: { role: 'assistant' as const, content: result.text },
-        logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer),
-        finish_reason: finishOf(result),
-      })),
-      usage: usageOf(results, n),
-    };
-  });
+  }, async (request, reply) =>
+    service.admitted(request.tenant, async () => {
+      const b = request.body;
+      refuseUnsupported(b, ['tools', 'tool_choice', 'functions', 'function_call', 'parallel_tool_calls', 'response_format', 'audio', 'modalities', 'prediction', 'reasoning_effort', 'web_search_options', 'store', 'metadata', 'service_tier']);
+      if (b.top_logprobs && !b.logprobs) throw invalidRequest('top_logprobs needs logprobs: true', 'top_logprobs');
+      const n = b.n ?? 1;
+      const tokenizer = service.model.tokenizer;
+      const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
+      const maxTokens = b.max_completion_tokens != null ? { value: b.max_completion_tokens, field: 'max_completion_tokens' } : { value: b.max_tokens, field: 'max_tokens' };
+      const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
+      if (b.logprobs) input.logprobs = true;
+      const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
+      checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
+      const rows = choicesOf([prepared], n);
+      const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
+      if (b.stream) {
+        const started = new Set<number>();
+        return streamOpenAI(service, request, reply, rows,
+          (index, text, finish) => {
+            const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
+            started.add(index);
+            return { ...base, object: 'chat.completion.chunk', choices: [{ index, delta, logprobs: null, finish_reason: finish }] };
+          },
+          b.stream_options?.include_usage ? (res) => ({ ...base, object: 'chat.completion.chunk', choices: [], usage: usageOf(res, n) }) : null);
+      }
+      const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+      return {
+        ...base,
+        choices: results.map((result, index) => ({
+          index,
+          message: { role: 'assistant' as const, content: result.text },
+          logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer),
+          finish_reason: finishOf(result),
+        })),
+        usage: usageOf(results, n),
+      };
+    }),
+  );
 
   const baseModel = (): z.infer<typeof modelSchema> => {
     const rt = service.model;
-    return { id: rt.name, object: 'model', created: 0, owned_by: 'reft-server', root: rt.source, parent: null, max_model_len: rt.config.maxPositions };
+    return { id: rt.name, object: 'model', created: 0, owned_by: 'reft-server', root: rt.name, parent: null, max_model_len: rt.config.maxPositions };
   };
   const interventionModel = (iv: InterventionMeta): z.infer<typeof modelSchema> => ({
     id: iv.name, object: 'model', created: Math.floor(Date.parse(iv.createdAt) / 1000), owned_by: iv.tenantId ? 'tenant' : 'shared', root: iv.id, parent: service.model.name,

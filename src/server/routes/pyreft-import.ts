@@ -1,15 +1,19 @@
 import type { FastifyInstance } from 'fastify';
 import { ReftError, invalidRequest } from '../../errors.ts';
-import { importPyreft } from '../../interventions/pyreft/index.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
-import { checkKnownParts, interventionBody, interventionSchema, parseBool, readMultipart, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import { MAX_CONFIG_BYTES, TEXT_FIELDS, interventionBody, interventionSchema, parseBool, readMultipart, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import { stateDictElementLimit } from '../../interventions/pyreft/convert.ts';
+import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 
 /**
  * Imports an intervention saved by pyreft (config.json + intkey_*.bin zip-pickles, read as
  * data: nothing in them is executed) and stores the reft/v1 artifact it converts to.
  */
+/** intkey_*.bin parts in one import (one per intervention; pyreft models rarely have more than a few). */
+const MAX_PYREFT_FILES = 64;
+
 export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig }): void {
   app.post('/v1/interventions/import/pyreft', {
     schema: {
@@ -19,8 +23,13 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
       response: { 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
     },
   }, async (request, reply) => {
-    const parts = await readMultipart(request);
-    checkKnownParts(parts, ['config', 'files', 'positions', 'share_weights', 'name', 'description']);
+    const model = deps.model();
+    // each intkey_*.bin holds one intervention's state dict: its tensors, a pickle, a zip around them
+    const perFile = Math.min(deps.uploadLimit, 8 * stateDictElementLimit(model.hiddenSize) + PICKLE_LIMITS.maxBytes + 64 * 1024);
+    const parts = await readMultipart(request, reply, {
+      parts: { config: { count: 1, maxBytes: MAX_CONFIG_BYTES }, files: { count: MAX_PYREFT_FILES, maxBytes: perFile }, ...TEXT_FIELDS(['positions', 'share_weights', 'name', 'description']) },
+      maxTotalBytes: deps.uploadLimit,
+    });
     const config = parts.files.get('config')?.[0]?.bytes ?? (parts.fields.has('config') ? new TextEncoder().encode(parts.fields.get('config')) : undefined);
     if (!config) throw invalidRequest('missing part "config" (pyreft\'s config.json)', 'config');
     const positions = parts.fields.get('positions');
@@ -31,8 +40,7 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
       if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
       files.set(f.filename, f.bytes);
     }
-    const model = deps.model();
-    const converted = await importPyreft(
+    const converted = await deps.offload().importPyreft(
       { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
       { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
     );

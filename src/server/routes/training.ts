@@ -2,12 +2,13 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
-import { jobRows, tokenizeTrainingRows } from '../../jobs/data.ts';
+import { fileBytes } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { ConcurrencyLimiter } from '../tenant-limits.ts';
 
 /**
  * Training jobs, shaped like OpenAI's fine-tuning jobs. The server validates and queues; a
@@ -77,9 +78,13 @@ async function newestJobs(store: Store, tenantId: string, limit: number, after: 
   return { data, nextCursor: start + limit < all.length ? data[data.length - 1].id : null };
 }
 
-export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () => ModelRuntime): void {
+/** Live event streams one tenant may hold open (each polls the store while it lasts). */
+export const MAX_EVENT_STREAMS_PER_TENANT = 8;
+
+export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () => ModelRuntime, budgets: { maxTrainingChars: number; maxTrainingRows: number }): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
+  const streams = new ConcurrencyLimiter(MAX_EVENT_STREAMS_PER_TENANT, 'live training event streams');
   const find = async (tenantId: string, id: string) => {
     const job = await store.getJob(tenantId, id);
     if (!job) throw noSuch('training job', id);
@@ -91,14 +96,15 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
   }, async (request, reply) => {
     const rt = runtime();
     const spec = jobSpec(request.body, rt.config);
-    // Check every row now, so a bad line is a 400 here rather than a failed job later.
-    const rows = await jobRows(store, request.tenant.id, spec.data);
-    tokenizeTrainingRows(rows, rt.tokenizer, rt.config.maxPositions, 'training_file');
+    // Check every row now (off the event loop, within the text budgets), so a bad line is a 400
+    // here rather than a failed job later.
+    const data = 'rows' in spec.data ? { rows: spec.data.rows } : { jsonl: await fileBytes(store, request.tenant.id, spec.data.file), field: 'training_file' };
+    const rows = await rt.offload.checkTrainingData(rt.modelDir, data, { maxChars: budgets.maxTrainingChars, maxRows: budgets.maxTrainingRows });
     if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
       throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
     }
     const job = await store.createJob(request.tenant.id, spec);
-    request.log.info({ job: job.id, tenant: request.tenant.id, rows: rows.rows.length }, 'training job queued');
+    request.log.info({ job: job.id, tenant: request.tenant.id, rows }, 'training job queued');
     return reply.status(202).send(jobBody(job));
   });
 
@@ -139,6 +145,8 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
       const events = await store.listJobEvents(job.id, after, limit + 1);
       return { object: 'list' as const, data: events.slice(0, limit).map(eventBody), has_more: events.length > limit };
     }
+    const release = streams.acquire(request.tenant.id); // a 429 before the stream starts
+    reply.raw.once('close', release);
     const sse = new SseStream(request, reply);
     let seq = after;
     // Events are polled: a worker may run on another host, and SQLite has no cross-process push.

@@ -1,0 +1,7 @@
+// Piscina worker entry: the tasks are TypeScript, so register tsx's loader in this thread first
+// (a loader registered by the host does not carry over to worker threads).
+import { register } from 'tsx/esm/api';
+
+register();
+const tasks = await import('./tasks.ts');
+export default tasks.runTask;

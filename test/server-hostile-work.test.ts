@@ -1,0 +1,122 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { json, type Api } from './support/http.ts';
+import { expectHealthzResponsive, expectProblem, stillGenerates, whileProbing } from './support/probe.ts';
+import { startServerProcess, type ServerProcess } from './support/server.ts';
+
+/**
+ * Issue 11, findings 4, 9, 10 (model name) and 11 (streaming over the concurrency limit), scaled
+ * down: text is bounded before it is tokenized and tokenized off the event loop, a worker does
+ * not outlive its server, and a stream over the tenant's limit is a real 429.
+ */
+const CONTEXT = 512; // stories260k
+const MAX_PROMPT_CHARS = 16 * CONTEXT;
+
+let server: ServerProcess;
+let api: Api;
+
+beforeAll(async () => {
+  server = await startServerProcess({ args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1'] });
+  api = { url: server.url };
+});
+afterAll(async () => {
+  expect(await server.stop()).toBe(0);
+});
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('finding 4: prompts and training data are bounded before tokenizing, and tokenized off the event loop', () => {
+  it('a 4 MB prompt is a 413 naming the prompt limit, at once', async () => {
+    const probe = await whileProbing(api, server.proc.pid!, () => json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(4_000_000), max_new_tokens: 1 }));
+    expectProblem(probe.result, 413, new RegExp(`the prompt has 4000000 characters, over the prompt limit of ${MAX_PROMPT_CHARS}`), 'prompt');
+    expectHealthzResponsive(probe);
+    expect(probe.rssGrowthMb).toBeLessThan(150);
+    await stillGenerates(api);
+  });
+
+  it('chat messages count together against the prompt limit', async () => {
+    const messages = [0, 1, 2].map(() => ({ role: 'user', content: 'y'.repeat(MAX_PROMPT_CHARS / 2) }));
+    const res = await json(api, 'POST', '/v1/chat/completions', { model: 'stories260k', messages, max_tokens: 1 });
+    expect(res.status).toBe(413);
+    expect(JSON.stringify(res.body)).toMatch(/over the prompt limit/);
+  });
+
+  it('a prompt just inside the limit is tokenized while /healthz keeps answering, then refused for the context', async () => {
+    const prompt = 'Once upon a time there was a little girl. '.repeat(Math.floor(MAX_PROMPT_CHARS / 43));
+    const probe = await whileProbing(api, server.proc.pid!, () => json(api, 'POST', '/v1/generate', { prompt, max_new_tokens: 1 }));
+    expect(probe.result.status, JSON.stringify(probe.result.body)).toBe(400);
+    expect(probe.result.body.code).toBe('context_length_exceeded');
+    expectHealthzResponsive(probe);
+    await stillGenerates(api);
+  });
+
+  it('a training file with more rows than the limit is a 413 at upload', async () => {
+    const form = new FormData();
+    form.append('file', new Blob(['{"prompt":"a","completion":" b"}\n'.repeat(51)]), 'd.jsonl');
+    const res = await fetch(`${api.url}/v1/files`, { method: 'POST', body: form });
+    expectProblem({ status: res.status, body: await res.json(), headers: res.headers }, 413, /more than 50 rows \(the training rows limit\)/, 'file');
+  });
+
+  it('training text over the character budget is a 413 at job creation, before tokenizing', async () => {
+    const form = new FormData();
+    form.append('file', new Blob([`${JSON.stringify({ prompt: 'Once upon a time', completion: ' there was a cat. '.repeat(700) })}\n`.repeat(2)]), 'd.jsonl');
+    const file = await fetch(`${api.url}/v1/files`, { method: 'POST', body: form });
+    expect(file.status).toBe(201);
+    const { id } = (await file.json()) as { id: string };
+    const probe = await whileProbing(api, server.proc.pid!, () => json(api, 'POST', '/v1/training/jobs', { training_file: id }));
+    expectProblem(probe.result, 413, /training_file: the rows hold \d+ characters, over the training data limit of 20000/, 'training_file');
+    expectHealthzResponsive(probe);
+  });
+});
+
+describe('finding 11: a stream over the tenant concurrency limit', () => {
+  it('is a real HTTP 429 with Retry-After, decided before any event is sent', async () => {
+    const first = fetch(`${api.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 400, ignore_eos: true, stream: true }),
+    });
+    const running = await first;
+    expect(running.status).toBe(200);
+    const reader = running.body!.getReader();
+    await reader.read(); // the first stream is under way and holds the tenant's one slot
+    const second = await fetch(`${api.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 4, stream: true }),
+    });
+    expect(second.status).toBe(429);
+    expect(second.headers.get('retry-after')).toBe('1');
+    expect(second.headers.get('content-type')).toContain('application/problem+json');
+    expect(((await second.json()) as { detail: string }).detail).toMatch(/too many concurrent requests for this tenant \(limit 1\)/);
+    await reader.cancel();
+  });
+});
+
+describe('finding 10: the base model is named, not located', () => {
+  it('/v1/models lists the folder name, never the local path', async () => {
+    const models = await json(api, 'GET', '/v1/models');
+    expect(models.body.data[0].id).toBe('stories260k');
+    expect(JSON.stringify(models.body)).not.toContain('/');
+  });
+});
+
+describe('finding 9: a worker does not outlive its server', () => {
+  it('exits within 5 s of its server being killed with SIGKILL', async () => {
+    const victim = await startServerProcess();
+    const started = victim.logs.find((l) => l.msg === 'training worker started');
+    const workerPid = Number(started?.pid);
+    expect(workerPid).toBeGreaterThan(0);
+    expect(alive(workerPid)).toBe(true);
+    await victim.stop('SIGKILL');
+    const killedAt = Date.now();
+    while (alive(workerPid) && Date.now() - killedAt < 5000) await new Promise((r) => setTimeout(r, 50));
+    expect(alive(workerPid), `worker ${workerPid} still running ${Date.now() - killedAt} ms after its server was killed`).toBe(false);
+  });
+});

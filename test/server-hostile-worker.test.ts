@@ -1,0 +1,102 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { json, type Api } from './support/http.ts';
+import { startServerProcess, type ServerProcess } from './support/server.ts';
+
+/**
+ * Issue 11, findings 5 and 9, scaled down: a worker tokenizing a large job keeps its lease
+ * (heartbeats are not blocked) and stops within a few seconds of SIGTERM, handing the job back.
+ */
+let server: ServerProcess;
+let api: Api;
+
+beforeAll(async () => {
+  // a short lease: a worker whose heartbeats stalled while tokenizing would lose the job
+  server = await startServerProcess({ args: ['--lease-ms', '1500', '--poll-ms', '100', '--max-training-chars', '2000000'] });
+  api = { url: server.url };
+});
+afterAll(async () => {
+  expect(await server.stop()).toBe(0);
+});
+
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+async function until<T>(what: string, probe: () => Promise<T | null | undefined | false>, timeoutMs = 120_000): Promise<T> {
+  const t = Date.now();
+  for (;;) {
+    const v = await probe();
+    if (v) return v;
+    if (Date.now() - t > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** ~ 200 k characters: several seconds of tokenizing (the JS tokenizer costs tens of µs a character). */
+const bigRows = Array.from({ length: 200 }, (_, i) => ({ prompt: `Story ${i}: once upon a time`, completion: ' there was a little cat who liked to play in the sun.'.repeat(18) }));
+
+describe('a worker tokenizing a large job', () => {
+  it('keeps its lease while tokenizing (heartbeats run), then trains as attempt 1', async () => {
+    const created = await json(api, 'POST', '/v1/training/jobs', { data: bigRows, hyperparameters: { max_steps: 2, batch_size: 1 } });
+    expect(created.status, JSON.stringify(created.body)).toBe(202);
+    const id = created.body.id;
+    const done = await until('the job to end', async () => {
+      const j = (await json(api, 'GET', `/v1/training/jobs/${id}`)).body;
+      return ['succeeded', 'failed', 'cancelled'].includes(j.status) && j;
+    });
+    expect(done.status, JSON.stringify(done)).toBe('succeeded');
+    expect(done.attempts).toBe(1); // never reclaimed: the lease (1.5 s) survived seconds of tokenizing
+  });
+
+  it('stops within 4 s of SIGTERM while tokenizing, and the job is handed back', async () => {
+    const created = await json(api, 'POST', '/v1/training/jobs', { data: bigRows, hyperparameters: { max_steps: 2, batch_size: 1 } });
+    const id = created.body.id;
+    await until('the job to be claimed', async () => (await json(api, 'GET', `/v1/training/jobs/${id}`)).body.status === 'running');
+    const events = (await json(api, 'GET', `/v1/training/jobs/${id}/events`)).body.data;
+    expect(events.filter((e: any) => e.type === 'log')).toEqual([]); // still tokenizing: no "training N steps" yet
+    const pid = Number(server.logs.filter((l) => l.msg === 'training worker started').at(-1)!.pid);
+    process.kill(pid, 'SIGTERM');
+    const t = Date.now();
+    while (alive(pid) && Date.now() - t < 4000) await new Promise((r) => setTimeout(r, 20));
+    expect(alive(pid), `worker still running ${Date.now() - t} ms after SIGTERM`).toBe(false);
+    expect(server.logs.some((l) => l.msg === 'worker stopping' && l.why === 'SIGTERM')).toBe(true);
+    // the restarted worker takes it up again and finishes it
+    const done = await until('the job to end', async () => {
+      const j = (await json(api, 'GET', `/v1/training/jobs/${id}`)).body;
+      return ['succeeded', 'failed', 'cancelled'].includes(j.status) && j;
+    });
+    expect(done.status, JSON.stringify(done)).toBe('succeeded');
+  });
+});
+
+describe('finding 11: live training event streams', () => {
+  it('are capped per tenant: the ninth is a 429 before any event is sent', async () => {
+    const created = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'Once upon a time', completion: ' there was a cat.' }], hyperparameters: { max_steps: 100_000, batch_size: 1 } });
+    const id = created.body.id;
+    const controller = new AbortController();
+    const open: Response[] = [];
+    for (let i = 0; i < 8; i++) {
+      const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`, { signal: controller.signal });
+      expect(res.status).toBe(200);
+      open.push(res);
+    }
+    const ninth = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
+    expect(ninth.status).toBe(429);
+    expect(ninth.headers.get('retry-after')).toBeTruthy();
+    expect(((await ninth.json()) as { detail: string }).detail).toMatch(/too many live training event streams for this tenant \(limit 8\)/);
+    controller.abort();
+    await json(api, 'POST', `/v1/training/jobs/${id}/cancel`);
+    // closed streams give their slots back
+    await until('a slot to be free again', async () => {
+      const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=false`);
+      const live = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
+      await live.body?.cancel();
+      return res.status === 200 && live.status === 200;
+    }, 10_000);
+  });
+});
