@@ -27,7 +27,7 @@ export function fileRoutes(app: FastifyInstance, store: Store, o: { uploadLimit:
       response: { 201: fileSchema, '4xx': problemSchema, '5xx': problemSchema },
     },
   }, async (request, reply) => {
-    const parts = await readMultipart(request, reply, { parts: { file: { count: 1, maxBytes: uploadLimit }, ...TEXT_FIELDS(['purpose']) }, maxTotalBytes: uploadLimit + 1024 });
+    const parts = await readMultipart(request, { parts: { file: { count: 1, maxBytes: uploadLimit }, ...TEXT_FIELDS(['purpose']) }, maxTotalBytes: uploadLimit + 1024 });
     const files = parts.files.get('file') ?? [];
     if (files.length !== 1) throw invalidRequest(files.length ? 'give one file part' : 'missing part "file"', 'file');
     const purpose = parts.fields.get('purpose') ?? 'fine-tune';

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import '@fastify/multipart';
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
@@ -58,7 +58,7 @@ export interface MultipartSpec {
 /** Largest plain (non-file) field: names, flags, a pyreft config.json given inline. */
 const MAX_FIELD_BYTES = 1024 * 1024;
 
-export async function readMultipart(request: FastifyRequest, _reply: FastifyReply, spec: MultipartSpec): Promise<UploadParts> {
+export async function readMultipart(request: FastifyRequest, spec: MultipartSpec): Promise<UploadParts> {
   if (!request.isMultipart()) throw new ReftError('unsupported_media_type', 'expected a multipart/form-data body', 'content-type');
   try {
     return await readParts(request, spec);
@@ -201,7 +201,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
       response: { 200: interventionSchema, 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
     },
   }, async (request, reply) => {
-    const parts = await readMultipart(request, reply, {
+    const parts = await readMultipart(request, {
       parts: { config: { count: 1, maxBytes: MAX_CONFIG_BYTES }, weights: { count: 1, maxBytes: deps.uploadLimit }, ...TEXT_FIELDS(['name', 'description', 'replace']) },
       maxTotalBytes: deps.uploadLimit + MAX_CONFIG_BYTES,
     });

@@ -26,7 +26,7 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
     const model = deps.model();
     // each intkey_*.bin holds one intervention's state dict: its tensors, a pickle, a zip around them
     const perFile = Math.min(deps.uploadLimit, 8 * stateDictElementLimit(model.hiddenSize) + PICKLE_LIMITS.maxBytes + 64 * 1024);
-    const parts = await readMultipart(request, reply, {
+    const parts = await readMultipart(request, {
       parts: { config: { count: 1, maxBytes: MAX_CONFIG_BYTES }, files: { count: MAX_PYREFT_FILES, maxBytes: perFile }, ...TEXT_FIELDS(['positions', 'share_weights', 'name', 'description']) },
       maxTotalBytes: deps.uploadLimit,
     });
