@@ -319,7 +319,7 @@ describe('API fidelity (single-tenant server)', () => {
 });
 
 describe('API fidelity (server with API keys)', () => {
-  const ADMIN = 'admin-secret-for-fidelity';
+  const ADMIN = 'admin-secret-for-fidelity-0123456789abcdef';
   let server: ServerProcess;
   let admin: Api;
   let tenant: Api;
