@@ -84,7 +84,9 @@ export class BlobFiles implements Blobs {
       unlink(this.path(n)).catch((e) => {
         if (!isMissing(e)) throw e;
       });
-    await Promise.all((names as string[]).map(remove)).catch((e) => process.emitWarning(`could not remove unused blobs: ${(e as Error).message}`));
+    await Promise.all((names as string[]).map(remove)).catch((e) =>
+      process.emitWarning(`could not remove unused blobs: ${(e as Error).message}`),
+    );
   }
 
   /**

@@ -1,10 +1,27 @@
-import { Kysely, PostgresDialect, PostgresDriver, sql, type CompiledQuery, type DatabaseConnection, type Driver, type TransactionSettings } from 'kysely';
+import {
+  Kysely,
+  PostgresDialect,
+  PostgresDriver,
+  sql,
+  type CompiledQuery,
+  type DatabaseConnection,
+  type Driver,
+  type TransactionSettings,
+} from 'kysely';
 import { DatabaseError, Pool, TypeOverrides } from 'pg';
 import type { PoolConfig } from 'pg';
 import { ReftError } from '../errors.ts';
-import { migrate, migrationsUpTo } from './migrations.ts';
 import { Listener } from './pg-listener.ts';
-import { EVENT_COLUMNS, migrations, type EventRow, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
+import {
+  EVENT_COLUMNS,
+  migrate,
+  migrations,
+  migrationsUpTo,
+  type EventRow,
+  type BlobColumns,
+  type SqlTypes,
+  type Tables,
+} from './schema.ts';
 import type { Dialect } from './dialect.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
@@ -88,16 +105,28 @@ const MIGRATIONS = migrations(TYPES, COLUMNS);
 const sqlState = (e: unknown): string | undefined => (e instanceof DatabaseError ? e.code : undefined);
 
 /** Socket-level failures to reach or keep a connection to the server. */
-const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
+const NETWORK_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'ETIMEDOUT',
+  'EPIPE',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+]);
 
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
 const retryable = (e: unknown): boolean => ['40001', '40P01'].includes(sqlState(e) ?? '');
 
 /** SQLSTATEs of a server going away, starting, out of resources or too slow, and a deadlock that outlived its retries. */
-const transientState = (state: string): boolean => /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
+const transientState = (state: string): boolean =>
+  /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
 
 /** pg's own messages for connections that died or could not be made in time. */
-const CONNECTION_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|not queryable|Query read timeout/i;
+const CONNECTION_MESSAGE =
+  /Connection terminated|connection timeout|timeout exceeded when trying to connect|not queryable|Query read timeout/i;
 
 function isUnavailable(e: unknown): boolean {
   if (!(e instanceof Error)) return false;
@@ -237,7 +266,7 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
             training_tokens = u.training_tokens + excluded.training_tokens`.execute(db);
     },
     notify: async (tx, channel, payload) => void (await sql`SELECT pg_notify(${CHANNELS[channel]}, ${payload})`.execute(tx)),
-    violation: (e) => ({ '23505': 'unique', '23503': 'foreignKey' } as const)[sqlState(e) as '23505'],
+    violation: (e) => (({ '23505': 'unique', '23503': 'foreignKey' }) as const)[sqlState(e) as '23505'],
     retryable,
     toStoreError,
     blobs: {

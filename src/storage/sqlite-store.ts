@@ -1,10 +1,18 @@
 import Database from 'better-sqlite3';
-import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type DatabaseConnection, type Driver, type SqliteDialectConfig } from 'kysely';
+import {
+  CompiledQuery,
+  Kysely,
+  SqliteDialect,
+  SqliteDriver,
+  sql,
+  type DatabaseConnection,
+  type Driver,
+  type SqliteDialectConfig,
+} from 'kysely';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
-import { migrate, migrationsUpTo } from './migrations.ts';
-import { EVENT_COLUMNS, migrations, type EventRow, type SqlTypes, type Tables } from './schema.ts';
+import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo, type EventRow, type SqlTypes, type Tables } from './schema.ts';
 import type { Dialect } from './dialect.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
@@ -121,8 +129,8 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
     // INSERT ... SELECT ... ON CONFLICT parsing ambiguity SQLite documents).
     addUsage: (db, rows) =>
       db.transaction().execute(async (tx) => {
-      for (const r of rows) {
-        await sql`
+        for (const r of rows) {
+          await sql`
           INSERT INTO tenant_usage (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
           SELECT ${r.tenantId}, ${r.day}, ${r.requests}, ${r.promptTokens}, ${r.completionTokens}, ${r.trainingTokens}
           WHERE EXISTS (SELECT 1 FROM tenants WHERE id = ${r.tenantId})
@@ -130,8 +138,8 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
           SET requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
               completion_tokens = completion_tokens + excluded.completion_tokens,
               training_tokens = training_tokens + excluded.training_tokens`.execute(tx);
-      }
-    }),
+        }
+      }),
     notify: async () => {},
     violation: (e) => {
       const code = e instanceof Database.SqliteError ? e.code : undefined;
