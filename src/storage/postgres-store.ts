@@ -33,14 +33,12 @@ import type { Store } from './store.ts';
  *   expiry alike, so hosts with skewed clocks still agree on whether a lease has expired.
  * - Listeners fire in every process: a write that deletes or replaces an intervention, or queues
  *   a job, sends NOTIFY in its transaction, heard on each process's LISTEN connection
- *   (pg-listener.ts). The writing process fires its own listeners after the commit and skips the
- *   echo of its NOTIFY (by the sending backend's pid). While the LISTEN connection is down, other
- *   processes' notifications are lost: on reconnecting, job listeners are woken once, and
- *   intervention caches key on (id, version), which findIntervention reads fresh.
+ *   (pg-listener.ts). The writer skips the echo of its own NOTIFY (by backend pid). Notifications
+ *   sent while the LISTEN connection is down are lost: on reconnecting, job listeners are woken.
  * - A statement or transaction that hits a deadlock or serialization failure is run again.
- * - An unreachable database (down, restarting, network) fails calls fast with ReftError
- *   'unavailable' (503 + Retry-After); the pool and the LISTEN connection reconnect by themselves.
- * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (it excludes other
+ * - An unreachable database fails calls fast with ReftError 'unavailable' (503 + Retry-After);
+ *   the pool and the LISTEN connection reconnect by themselves.
+ * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (which excludes other
  *   claimers, not the foreign-key checks of event inserts): claimers never wait on each other.
  */
 
@@ -57,9 +55,6 @@ export interface PostgresStoreOptions {
 
 /** Connect attempts give up after this: an unreachable database must fail a request fast. */
 const CONNECT_TIMEOUT_MS = 2_000;
-const DEFAULT_STATEMENT_TIMEOUT_MS = 30_000;
-/** Idle pool connections are closed after this. */
-const IDLE_TIMEOUT_MS = 30_000;
 /** A session stuck inside a transaction (a hung process) is ended by the server after this. */
 const IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000;
 /** What an 'unavailable' error tells clients to wait before retrying. */
@@ -196,10 +191,8 @@ class GuardedDialect extends PostgresDialect {
   }
 }
 
-/** A bytea parameter: pg sends Buffers as binary, without copying the bytes. */
+// pg sends Buffers as bytea, binary, without copying; results are handed back as plain Uint8Array views.
 const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
-
-/** A bytea result as a plain Uint8Array view, like the SQLite store returns. */
 const bytesOf = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
 /** The server process serving this client (pg knows it from the startup handshake, but doesn't type it). */
@@ -209,15 +202,14 @@ const backendPid = (client: unknown): number | null => (client as { processID?: 
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
   const log = options.log ?? ((message: string) => process.emitWarning(`postgres store: ${message}`));
   const config = clientConfig(url, options);
-  const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: IDLE_TIMEOUT_MS });
-  // An idle client whose connection dies (e.g. the server restarts) is reported here, and the
-  // pool drops it. Without a handler, the 'error' event would end the process.
+  const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: 30_000 });
+  // A dying idle client is reported here, and dropped; unhandled, 'error' would end the process.
   pool.on('error', (err) => log(`an idle database connection failed: ${err.message}`));
-  // The same for a checked-out client, whose failing query reports the error; the pool drops it on release.
+  // A checked-out client's failing query reports the error; the pool drops it on release.
   const ignore = () => {};
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
-  /** Backend pids of this store's pool connections: NOTIFYs they send are our own echoes. */
+  // Backend pids of our pool connections: NOTIFYs they send are our own echoes.
   const ownBackends = new Set<number>();
   pool.on('connect', (client) => {
     const pid = backendPid(client);
@@ -246,11 +238,9 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     },
     addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
-      // One statement (its own transaction) for the batch. The batch's tenants that exist are
-      // locked FOR KEY SHARE (what a foreign key check takes) until the commit: a concurrent
-      // delete of one waits, or has happened and the tenant is not there, so the upsert never
-      // meets a foreign-key violation. Rows go in the (sorted) order given: concurrent batches
-      // take their row locks in the same order.
+      // One statement for the batch. Its tenants are locked FOR KEY SHARE (as a foreign key check
+      // does): a concurrent delete waits, or has happened and the row is skipped, never an FK
+      // violation. Rows go in the (sorted) order given, so concurrent batches lock alike.
       await sql`
         WITH live AS (SELECT id FROM tenants WHERE id = ANY(${column('tenantId')}::text[]) FOR KEY SHARE)
         INSERT INTO tenant_usage AS u (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
@@ -329,7 +319,7 @@ function clientConfig(url: string, options: PostgresStoreOptions): PoolConfig {
     types,
     application_name: 'reft-server',
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
-    statement_timeout: options.statementTimeoutMs ?? DEFAULT_STATEMENT_TIMEOUT_MS,
+    statement_timeout: options.statementTimeoutMs ?? 30_000,
     idle_in_transaction_session_timeout: IDLE_IN_TRANSACTION_TIMEOUT_MS,
     keepAlive: true,
   };

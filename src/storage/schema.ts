@@ -1,5 +1,5 @@
 import { sql, type Generated, type Kysely } from 'kysely';
-import type { InterventionMeta, JobStatus } from './store.ts';
+import type { InterventionMeta, JobEvent, JobStatus } from './store.ts';
 
 /**
  * The schema, declared once for both dialects: the tables as the store's queries see them
@@ -177,13 +177,7 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
 /** A job_events row as a dialect's addEvent returns it (RETURNING EVENT_COLUMNS). */
 export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "createdAt", type, data');
 
-export interface EventRow {
-  seq: number;
-  jobId: string;
-  createdAt: string;
-  type: string;
-  data: Json;
-}
+export type EventRow = Omit<JobEvent, 'data'> & { data: Json };
 
 /** How a dialect runs migrations. */
 export interface MigrationRunner {

@@ -108,10 +108,8 @@ export class SqlStore implements S.Store {
     if (replaceId !== undefined && !INTERVENTION_ID.test(replaceId)) throw noneToReplace(replaceId);
     const id = replaceId ?? newId('iv_');
     const { config, weights } = iv.files;
-    const values = {
-      ...{ name: iv.name, description: iv.description ?? null, source: iv.source, config: jsonText(iv.config) },
-      ...{ bytes: config.byteLength + weights.byteLength, sha256: createHash('sha256').update(config).update(weights).digest('hex') },
-    };
+    const [bytes, sha256] = [config.byteLength + weights.byteLength, createHash('sha256').update(config).update(weights).digest('hex')];
+    const values = { name: iv.name, description: iv.description ?? null, source: iv.source, config: jsonText(iv.config), bytes, sha256 };
     const columns = this.d.blobs.columns;
     let replaced: unknown[] = [];
     const write = this.withBlobs(id, ['config', 'weights'], [config, weights], async (tx, staged) => {
@@ -271,7 +269,7 @@ export class SqlStore implements S.Store {
           .where('id', '=', id)
           .execute();
       }
-      if (row.status === 'queued') await this.endJob(tx, id, 'cancelled', null);
+      if (row.status === 'queued') await this.endJob(tx, id, { status: 'cancelled' });
       return toJob(await tx.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id).executeTakeFirstOrThrow());
     });
   }
@@ -292,11 +290,12 @@ export class SqlStore implements S.Store {
         if (!row) return null;
         // A cancel requested before its worker died wins over a retry.
         if (row.cancelRequested) {
-          await this.endJob(tx, row.id, 'cancelled', null);
+          await this.endJob(tx, row.id, { status: 'cancelled' });
           continue;
         }
         if (row.attempts >= maxAttempts) {
-          await this.endJob(tx, row.id, 'failed', `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`);
+          const error = `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`;
+          await this.endJob(tx, row.id, { status: 'failed', error });
           continue;
         }
         const claim = tx.updateTable('jobs').set((eb) => ({
@@ -375,7 +374,7 @@ export class SqlStore implements S.Store {
   async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
     const error = outcome.status === 'failed' ? outcome.error : null;
     const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
-    const write = this.tx((tx) => this.endJob(tx, jobId, outcome.status, error, interventionId, workerId));
+    const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
     return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
   }
 
@@ -494,20 +493,21 @@ export class SqlStore implements S.Store {
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   private async page<T>(
     from: AnySelect,
-    columns: readonly string[],
+    cols: readonly string[],
     req: S.PageRequest,
     map: (row: any) => T,
     desc = false,
   ): Promise<S.Page<T>> {
     const limit = clampLimit(req.limit);
-    let rows = from.select(columns);
+    let rows = from.select(cols);
     if (req.after !== undefined) {
       const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
       if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
       rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
     }
+    const order = desc ? 'desc' : 'asc';
     const found = await rows
-      .orderBy('seq', desc ? 'desc' : 'asc')
+      .orderBy('seq', order)
       .limit(limit + 1)
       .execute();
     const data = found.slice(0, limit);
@@ -525,14 +525,13 @@ export class SqlStore implements S.Store {
   private async endJob(
     tx: Tx,
     id: string,
-    status: S.JobOutcome['status'],
-    error: string | null,
-    interventionId: string | null = null,
+    end: { status: S.JobStatus; error?: string | null; interventionId?: string | null },
     workerId?: string,
   ) {
-    const end = { status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
+    const { status, error = null, interventionId = null } = end;
+    const set = { status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
     const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);
-    if (!one(await tx.updateTable('jobs').set(end).where(held).executeTakeFirst())) return false;
+    if (!one(await tx.updateTable('jobs').set(set).where(held).executeTakeFirst())) return false;
     await this.addEvent(tx, id, 'status', { status, ...(error !== null && { error }), ...(interventionId !== null && { interventionId }) });
     return true;
   }
