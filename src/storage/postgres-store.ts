@@ -1,27 +1,11 @@
-import {
-  Kysely,
-  PostgresDialect,
-  PostgresDriver,
-  sql,
-  type CompiledQuery,
-  type DatabaseConnection,
-  type Driver,
-  type TransactionSettings,
-} from 'kysely';
+import { Kysely, PostgresDialect, PostgresDriver, sql } from 'kysely';
+import type { CompiledQuery, DatabaseConnection, Driver, TransactionSettings } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides } from 'pg';
 import type { PoolConfig } from 'pg';
 import { ReftError } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
-import {
-  EVENT_COLUMNS,
-  migrate,
-  migrations,
-  migrationsUpTo,
-  type EventRow,
-  type BlobColumns,
-  type SqlTypes,
-  type Tables,
-} from './schema.ts';
+import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo } from './schema.ts';
+import type { BlobColumns, EventRow, SqlTypes, Tables } from './schema.ts';
 import type { Dialect } from './dialect.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
@@ -100,17 +84,9 @@ const MIGRATIONS = migrations(TYPES, COLUMNS);
 const sqlState = (e: unknown): string | undefined => (e instanceof DatabaseError ? e.code : undefined);
 
 /** Socket-level failures to reach or keep a connection to the server. */
-const NETWORK_CODES = new Set([
-  'ECONNREFUSED',
-  'ECONNRESET',
-  'ECONNABORTED',
-  'ETIMEDOUT',
-  'EPIPE',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-]);
+const NETWORK_CODES = new Set(
+  'ECONNREFUSED ECONNRESET ECONNABORTED ETIMEDOUT EPIPE EHOSTUNREACH ENETUNREACH ENOTFOUND EAI_AGAIN'.split(' '),
+);
 
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
 const retryable = (e: unknown): boolean => ['40001', '40P01'].includes(sqlState(e) ?? '');
@@ -196,7 +172,7 @@ const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.b
 const bytesOf = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
 /** The server process serving this client (pg knows it from the startup handshake, but doesn't type it). */
-const backendPid = (client: unknown): number | null => (client as { processID?: number | null }).processID ?? null;
+const backendPid = (client: unknown): number | undefined => (client as { processID?: number }).processID;
 
 /** Connects, migrates the schema and starts listening; fails (cleaning up) if any step does. */
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
@@ -210,15 +186,9 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
   // Backend pids of our pool connections: NOTIFYs they send are our own echoes.
-  const ownBackends = new Set<number>();
-  pool.on('connect', (client) => {
-    const pid = backendPid(client);
-    if (pid !== null) ownBackends.add(pid);
-  });
-  pool.on('remove', (client) => {
-    const pid = backendPid(client);
-    if (pid !== null) setTimeout(() => ownBackends.delete(pid), ECHO_GRACE_MS).unref();
-  });
+  const ownBackends = new Set<number | undefined>();
+  pool.on('connect', (client) => ownBackends.add(backendPid(client)));
+  pool.on('remove', (client) => void setTimeout(() => ownBackends.delete(backendPid(client)), ECHO_GRACE_MS).unref());
   const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool) });
   let listener: Listener | undefined;
   const dialect: Dialect = {

@@ -163,6 +163,13 @@ export const COLUMNS = {
     ...['cancel_requested as cancelRequested', 'created_at as createdAt', 'started_at as startedAt', 'finished_at as finishedAt'],
   ],
   event: ['seq', 'job_id as jobId', 'created_at as createdAt', 'type', 'data'],
+  usageDay: [
+    'day',
+    'requests',
+    'prompt_tokens as promptTokens',
+    'completion_tokens as completionTokens',
+    'training_tokens as trainingTokens',
+  ],
 } as const;
 
 export const toIntervention = <R extends { config: Json }>(r: R) => ({ ...r, config: JSON.parse(r.config) as unknown });

@@ -5,6 +5,7 @@ import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import type * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
+import { Listeners } from './listeners.ts';
 
 /** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
@@ -25,31 +26,9 @@ const noneToReplace = (id: string) => notFound(`no intervention "${id}" to repla
 
 const same = <T>(row: T): T => row;
 const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
-const one = (result: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean =>
-  (result.numUpdatedRows ?? result.numDeletedRows) === 1n;
+const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
 /** Limits are capped by the caller; this only keeps them a positive integer. */
 const clampLimit = (limit: number): number => (Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1);
-
-/** In-process listeners; the store emits after its write has committed. */
-export class Listeners<A extends unknown[]> {
-  private readonly listeners = new Set<(...args: A) => void>();
-
-  add(listener: (...args: A) => void): () => void {
-    this.listeners.add(listener);
-    return () => this.listeners.delete(listener);
-  }
-
-  emit(...args: A): void {
-    for (const listener of [...this.listeners]) {
-      try {
-        listener(...args);
-      } catch (e) {
-        // A listener's bug must not fail the store call that already committed.
-        process.emitWarning(`store listener threw: ${(e as Error)?.message ?? e}`);
-      }
-    }
-  }
-}
 
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
@@ -186,13 +165,7 @@ export class SqlStore implements S.Store {
     checkUsageRange(from, to);
     return this.db
       .selectFrom('tenant_usage')
-      .select([
-        'day',
-        'requests',
-        'prompt_tokens as promptTokens',
-        'completion_tokens as completionTokens',
-        'training_tokens as trainingTokens',
-      ])
+      .select(COLUMNS.usageDay)
       .where((eb) => eb.and([eb('tenant_id', '=', tenantId), eb('day', '>=', from), eb('day', '<=', to)]))
       .orderBy('day')
       .execute();
@@ -204,10 +177,10 @@ export class SqlStore implements S.Store {
     const id = newId('file_');
     const write = this.withBlobs(id, ['data'], [bytes], (tx, staged) => {
       staged.promote();
-      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, [this.d.blobs.columns.file]: staged.values[0] };
+      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, created_at: this.d.now() };
       return tx
         .insertInto('files')
-        .values({ ...row, created_at: this.d.now() })
+        .values({ ...row, [this.d.blobs.columns.file]: staged.values[0] })
         .returning(COLUMNS.file)
         .executeTakeFirstOrThrow();
     });
@@ -442,12 +415,7 @@ export class SqlStore implements S.Store {
 
   /** Waits for a write, turning a constraint violation into the ReftError callers see. */
   private async named<T>(write: Promise<T>, as: Violations): Promise<T> {
-    try {
-      return await write;
-    } catch (e) {
-      const make = as[this.d.violation(e)!];
-      throw make ? make() : e;
-    }
+    return write.catch((e) => Promise.reject(as[this.d.violation(e)!]?.() ?? e));
   }
 
   /** Interventions the tenant can see: its own and the shared ones (a null tenant: shared only). */
