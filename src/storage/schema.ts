@@ -186,15 +186,14 @@ export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "cre
 
 export type EventRow = Omit<JobEvent, 'data'> & { data: Json };
 
-/** How a dialect runs migrations. */
+/**
+ * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
+ * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
+ */
 export interface MigrationRunner {
-  /** Names the database in errors. */
-  database: string;
-  /** The type and default of applied_at. */
-  time: string;
-  /** First in the transaction: what keeps other processes out until it commits (SQLite: BEGIN IMMEDIATE already does). */
+  database: string; // names it in errors
+  time: string; // applied_at's type and default
   lock(tx: Kysely<Tables>): Promise<void>;
-  /** Runs a migration's SQL (several statements). */
   exec(tx: Kysely<Tables>, sql: string): Promise<void>;
 }
 

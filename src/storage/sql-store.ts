@@ -10,6 +10,7 @@ import { Listeners } from './listeners.ts';
 /** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
 type Tx = Kysely<Tables>;
+type BlobWrite<T> = (tx: Tx, staged: StagedBlobs) => Promise<T>;
 type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
 /** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
@@ -143,7 +144,7 @@ export class SqlStore implements S.Store {
 
   async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
     const { config, weights } = this.d.blobs.columns;
-    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights], 'is not distinct from');
+    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights]);
     if (deleted) this.interventionListeners.emit(id);
     return deleted;
   }
@@ -200,7 +201,7 @@ export class SqlStore implements S.Store {
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
-    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file], '=');
+    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file]);
   }
 
   // --- training jobs ------------------------------------------------------------------------
@@ -380,12 +381,7 @@ export class SqlStore implements S.Store {
   }
 
   /** Stages blobs (outside any lock), then runs `body` in a write transaction; what no committed row names is cleaned up. */
-  private async withBlobs<T>(
-    owner: string,
-    kinds: BlobKind[],
-    bytes: Uint8Array[],
-    body: (tx: Tx, staged: StagedBlobs) => Promise<T>,
-  ): Promise<T> {
+  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: BlobWrite<T>): Promise<T> {
     const staged = await this.d.blobs.stage(owner, kinds, bytes);
     const result = await this.tx((tx) => body(tx, staged)).catch(async (e) => {
       await staged.settle(false);
@@ -396,16 +392,11 @@ export class SqlStore implements S.Store {
   }
 
   /** Deletes a row (the tenant's own), then, once committed, the files it named (a crash in between leaves orphans for the sweep). */
-  private async deleteWithBlobs(
-    table: 'interventions' | 'files',
-    tenantId: string | null,
-    id: string,
-    columns: string[],
-    owns: 'is not distinct from' | '=',
-  ) {
+  private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[]) {
     const files = await this.tx(async (tx) => {
-      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId), columns);
-      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId).executeTakeFirst())) return null;
+      const own = 'is not distinct from';
+      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
+      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', own, tenantId).executeTakeFirst())) return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
     });
@@ -463,7 +454,7 @@ export class SqlStore implements S.Store {
     from: AnySelect,
     cols: readonly string[],
     req: S.PageRequest,
-    map: (row: any) => T,
+    map: (r: any) => T,
     desc = false,
   ): Promise<S.Page<T>> {
     const limit = clampLimit(req.limit);

@@ -62,7 +62,6 @@ export interface InterventionMeta {
   config: unknown;
   /** Bumped on every replacement: caches key on (id, version). */
   version: number;
-  /** Total bytes of the two files. */
   bytes: number;
   sha256: string;
   createdAt: string;
