@@ -4,20 +4,14 @@ import type { UsageRecord } from './store.ts';
 /** Usage is kept by UTC day: YYYY-MM-DD. */
 export const utcDay = (at = new Date()): string => at.toISOString().slice(0, 10);
 
-export const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
-
-const DAY = /^(\d{4})-(\d{2})-(\d{2})$/;
+const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
 
 /** A real calendar date written YYYY-MM-DD (year 1 or later: PostgreSQL has no year 0). */
-export function isUsageDay(day: unknown): day is string {
-  if (typeof day !== 'string') return false;
-  const m = DAY.exec(day);
-  if (!m) return false;
-  const [y, mo, d] = [Number(m[1]), Number(m[2]), Number(m[3])];
-  if (y < 1) return false;
-  const date = new Date(0);
-  date.setUTCFullYear(y, mo - 1, d);
-  return date.getUTCFullYear() === y && date.getUTCMonth() === mo - 1 && date.getUTCDate() === d;
+function isUsageDay(day: unknown): day is string {
+  if (typeof day !== 'string' || !/^\d{4}-\d{2}-\d{2}$/.test(day) || day.startsWith('0000')) return false;
+  // An impossible date (2023-02-30) is NaN, or rolls over to another day.
+  const date = new Date(`${day}T00:00:00Z`);
+  return !Number.isNaN(date.getTime()) && date.toISOString().startsWith(day);
 }
 
 /**
