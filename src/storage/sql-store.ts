@@ -88,7 +88,8 @@ export class SqlStore implements S.Store {
     if (replaceId !== undefined && !INTERVENTION_ID.test(replaceId)) throw noneToReplace(replaceId);
     const id = replaceId ?? newId('iv_');
     const { config, weights } = iv.files;
-    const [bytes, sha256] = [config.byteLength + weights.byteLength, createHash('sha256').update(config).update(weights).digest('hex')];
+    const bytes = config.byteLength + weights.byteLength;
+    const sha256 = createHash('sha256').update(config).update(weights).digest('hex');
     const values = { name: iv.name, description: iv.description ?? null, source: iv.source, config: jsonText(iv.config), bytes, sha256 };
     const columns = this.d.blobs.columns;
     let replaced: unknown[] = [];
