@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readdirSync, renameSync, statSync, unlinkSync } from 'node:fs';
-import { open, readFile, unlink } from 'node:fs/promises';
+import { closeSync, fsyncSync, openSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
+import { open, readFile, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { BlobColumns } from './schema.ts';
@@ -22,8 +22,6 @@ const STALE_TEMP_MS = 60 * 60 * 1000;
 const TEMP_PREFIX = 'tmp~';
 /** Final blob names: <row id>.<random>.<kind>; anything else in blobs/ is left alone. */
 const FINAL_NAME = /^(iv|file|job)_[0-9a-f]{24}\.[0-9a-f]{8}\.(config|weights|data|ckpt)$/;
-
-const isMissing = (e: unknown): boolean => (e as NodeJS.ErrnoException)?.code === 'ENOENT';
 
 function processAlive(pid: number): boolean {
   try {
@@ -80,11 +78,9 @@ export class BlobFiles implements Blobs {
    * committed (or already failed with its own error), and a file left behind is swept at open.
    */
   async release(names: unknown[]): Promise<void> {
-    const remove = (n: string) =>
-      unlink(this.path(n)).catch((e) => {
-        if (!isMissing(e)) throw e;
-      });
-    await Promise.all((names as string[]).map(remove)).catch((e) => process.emitWarning(`could not remove unused blobs: ${(e as Error).message}`));
+    await Promise.all((names as string[]).map((n) => rm(this.path(n), { force: true }))).catch((e) =>
+      process.emitWarning(`could not remove unused blobs: ${(e as Error).message}`),
+    );
   }
 
   /**
@@ -96,12 +92,7 @@ export class BlobFiles implements Blobs {
     const now = Date.now();
     for (const name of readdirSync(this.where)) {
       const orphan = name.startsWith(TEMP_PREFIX) ? this.abandonedTemp(name, now) : FINAL_NAME.test(name) && !referenced.has(name);
-      if (!orphan) continue;
-      try {
-        unlinkSync(this.path(name));
-      } catch (e) {
-        if (!isMissing(e)) throw e;
-      }
+      if (orphan) rmSync(this.path(name), { force: true });
     }
   }
 
@@ -138,24 +129,14 @@ export class BlobFiles implements Blobs {
   }
 
   private async readOne(name: string): Promise<Uint8Array | null> {
-    try {
-      const buf = await readFile(this.path(name));
-      return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
-    } catch (e) {
-      if (isMissing(e)) return null;
-      throw e;
-    }
+    const missing = (e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : Promise.reject(e));
+    return readFile(this.path(name)).then((buf) => new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength), missing);
   }
 
   private abandonedTemp(name: string, now: number): boolean {
-    let mtimeMs: number;
-    try {
-      mtimeMs = statSync(this.path(name)).mtimeMs;
-    } catch (e) {
-      if (isMissing(e)) return false;
-      throw e;
-    }
-    if (now - mtimeMs > STALE_TEMP_MS) return true;
+    const stat = statSync(this.path(name), { throwIfNoEntry: false });
+    if (!stat) return false;
+    if (now - stat.mtimeMs > STALE_TEMP_MS) return true;
     const [, host, pid] = name.split('~');
     // A pid means something only on this host (and in this pid namespace, hence also the age rule).
     return host === hostname() && !processAlive(Number(pid));

@@ -2,10 +2,7 @@ import type { Expression, Kysely, SelectQueryBuilder } from 'kysely';
 import type { BlobColumns, EventRow, Json, Tables } from './schema.ts';
 import type { UsageRecord } from './store.ts';
 
-/**
- * What differs between the SQLite and the PostgreSQL store (sqlite-store.ts, postgres-store.ts);
- * sql-store.ts is everything else, once.
- */
+/** What differs between SQLite and PostgreSQL (sqlite-store.ts, postgres-store.ts); sql-store.ts is the rest, once. */
 export interface Dialect {
   readonly db: Kysely<Tables>;
   /** Now, for timestamps: ISO text, or an expression of the database clock. */
@@ -18,14 +15,14 @@ export interface Dialect {
   lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip'): Q;
   /** Appends an event with the job's next seq; undefined when there is no such job. */
   addEvent(tx: Kysely<Tables>, jobId: string, type: string, data: Json, at: Value<string>): Promise<EventRow | undefined>;
-  /** Adds a usageBatch's rows, those of tenants that exist, to the stored counts, in one transaction of its own. */
+  /** Adds a usageBatch's rows (of tenants that exist) to the stored counts, in one transaction of its own. */
   addUsage(db: Kysely<Tables>, rows: UsageRecord[]): Promise<void>;
   /** Tells other processes, on commit (where the database can). */
   notify(tx: Kysely<Tables>, channel: 'interventionChanged' | 'jobQueued', payload: string): Promise<void>;
   violation(e: unknown): 'unique' | 'foreignKey' | undefined;
-  /** A transaction that failed so (deadlock, serialization failure) is run again. */
+  /** Whether a failed transaction is run again (deadlock, serialization failure). */
   retryable(e: unknown): boolean;
-  /** The error a caller sees for an error of the database. */
+  /** The error a caller sees for one of the database. */
   toStoreError(e: unknown): unknown;
   readonly blobs: Blobs;
   close(): Promise<void>;

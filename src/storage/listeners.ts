@@ -1,17 +1,12 @@
-/**
- * A store's in-process listeners for one kind of change (onInterventionChanged, onJobQueued).
- * The store emits after its write has committed.
- */
+/** A store's in-process listeners for one kind of change; it emits after its write has committed. */
 export class Listeners<A extends unknown[]> {
   private readonly listeners = new Set<(...args: A) => void>();
 
-  /** Adds a listener; the function returned removes it. */
   add(listener: (...args: A) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
   }
 
-  /** Calls every listener; one that throws is reported as a process warning, never to the caller. */
   emit(...args: A): void {
     for (const listener of [...this.listeners]) {
       try {

@@ -1,12 +1,12 @@
 import { Client } from 'pg';
-import type { ClientConfig, Notification } from 'pg';
+import type { ClientConfig, Notification, QueryConfig } from 'pg';
 
-/** Listener reconnect backoff: doubling from the first delay up to the cap (with jitter). */
+/** Reconnect backoff: doubling from the first delay up to the cap (with jitter). */
 const RECONNECT_FIRST_MS = 100;
 const RECONNECT_MAX_MS = 2_000;
-/** The listener checks its connection this often: a dead TCP peer may never send a reset. */
-const LISTENER_PING_MS = 15_000;
-const LISTENER_PING_TIMEOUT_MS = 5_000;
+/** The connection is pinged this often: a dead TCP peer may never send a reset. */
+const PING_MS = 15_000;
+const PING_TIMEOUT_MS = 5_000;
 
 export interface ListenerEvents {
   notification(msg: Notification): void;
@@ -17,9 +17,9 @@ export interface ListenerEvents {
 }
 
 /**
- * One dedicated client that LISTENs on the store's channels (a pooled connection can't: LISTEN
- * is per session). It reconnects by itself, with capped exponential backoff, whenever the
- * connection ends or a periodic ping fails, and LISTENs again.
+ * One dedicated client that LISTENs on the store's channels (LISTEN is per session, so not a
+ * pooled one). Whenever the connection ends or a ping fails it reconnects, with capped
+ * exponential backoff, and LISTENs again. (pg-listen does this too, but is unmaintained.)
  */
 export class Listener {
   private client: Client | null = null;
@@ -39,8 +39,7 @@ export class Listener {
   async start(): Promise<void> {
     await this.connect();
     this.started = true;
-    this.pingTimer = setInterval(() => void this.ping(), LISTENER_PING_MS);
-    this.pingTimer.unref();
+    this.pingTimer = setInterval(() => this.ping(), PING_MS).unref();
   }
 
   async close(): Promise<void> {
@@ -58,12 +57,10 @@ export class Listener {
     client.on('error', (e) => this.lose(client, e));
     client.on('end', () => this.lose(client, new Error('the listener connection ended')));
     // A client we already gave up on (a ping timed out but it lives on) must not deliver twice.
-    client.on('notification', (msg) => {
-      if (client === this.client) this.events.notification(msg);
-    });
+    client.on('notification', (msg) => client === this.client && this.events.notification(msg));
     try {
       await client.connect();
-      // Channel names are constants of this module, not input: safe to splice in.
+      // Channel names are constants of the store, not input: safe to splice in.
       for (const channel of this.channels) await client.query(`LISTEN ${channel}`);
     } catch (e) {
       this.lose(client, e as Error);
@@ -77,20 +74,12 @@ export class Listener {
     if (client !== this.client) return;
     this.client = null;
     client.end().catch(() => {});
-    if (!this.started || this.closed) return;
+    if (!this.started || this.closed || this.reconnectTimer) return;
     if (this.failures === 0) this.events.lost(err);
-    this.scheduleReconnect();
-  }
-
-  private scheduleReconnect(): void {
-    if (this.reconnectTimer || this.closed) return;
-    const cap = Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** this.failures);
-    this.failures++;
+    const cap = Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** this.failures++);
     // Jitter: processes that lost the same server don't all come back in the same millisecond.
-    const delay = cap / 2 + Math.random() * (cap / 2);
-    this.reconnectTimer = setTimeout(() => void this.reconnect(), delay);
-    // Reconnecting is background upkeep: it alone must not keep a process alive.
-    this.reconnectTimer.unref();
+    // Unref'd: reconnecting alone must not keep a process alive.
+    this.reconnectTimer = setTimeout(() => void this.reconnect(), cap / 2 + Math.random() * (cap / 2)).unref();
   }
 
   private async reconnect(): Promise<void> {
@@ -106,20 +95,8 @@ export class Listener {
   }
 
   /** A dead peer that never sent a reset leaves the socket open but silent: a ping finds out. */
-  private async ping(): Promise<void> {
+  private ping(): void {
     const client = this.client;
-    if (!client) return;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error('the listener connection stopped answering')), LISTENER_PING_TIMEOUT_MS);
-    });
-    try {
-      await Promise.race([client.query('SELECT 1'), timeout]);
-    } catch (e) {
-      this.lose(client, e as Error);
-    } finally {
-      clearTimeout(timer);
-    }
+    if (client) client.query({ text: 'SELECT 1', query_timeout: PING_TIMEOUT_MS } as QueryConfig).catch((e: Error) => this.lose(client, e));
   }
 }
-

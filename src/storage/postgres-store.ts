@@ -1,10 +1,11 @@
-import { Kysely, PostgresDialect, PostgresDriver, sql, type CompiledQuery, type DatabaseConnection, type Driver, type TransactionSettings } from 'kysely';
+import { Kysely, PostgresDialect, PostgresDriver, sql } from 'kysely';
+import type { CompiledQuery, DatabaseConnection, Driver, TransactionSettings } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides } from 'pg';
 import type { PoolConfig } from 'pg';
 import { ReftError } from '../errors.ts';
-import { migrate, migrationsUpTo } from './migrations.ts';
 import { Listener } from './pg-listener.ts';
-import { EVENT_COLUMNS, migrations, type EventRow, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
+import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo } from './schema.ts';
+import type { BlobColumns, EventRow, SqlTypes, Tables } from './schema.ts';
 import type { Dialect } from './dialect.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
@@ -16,14 +17,12 @@ import type { Store } from './store.ts';
  *   expiry alike, so hosts with skewed clocks still agree on whether a lease has expired.
  * - Listeners fire in every process: a write that deletes or replaces an intervention, or queues
  *   a job, sends NOTIFY in its transaction, heard on each process's LISTEN connection
- *   (pg-listener.ts). The writing process fires its own listeners after the commit and skips the
- *   echo of its NOTIFY (by the sending backend's pid). While the LISTEN connection is down, other
- *   processes' notifications are lost: on reconnecting, job listeners are woken once, and
- *   intervention caches key on (id, version), which findIntervention reads fresh.
+ *   (pg-listener.ts). The writer skips the echo of its own NOTIFY (by backend pid). Notifications
+ *   sent while the LISTEN connection is down are lost: on reconnecting, job listeners are woken.
  * - A statement or transaction that hits a deadlock or serialization failure is run again.
- * - An unreachable database (down, restarting, network) fails calls fast with ReftError
- *   'unavailable' (503 + Retry-After); the pool and the LISTEN connection reconnect by themselves.
- * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (it excludes other
+ * - An unreachable database fails calls fast with ReftError 'unavailable' (503 + Retry-After);
+ *   the pool and the LISTEN connection reconnect by themselves.
+ * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (which excludes other
  *   claimers, not the foreign-key checks of event inserts): claimers never wait on each other.
  */
 
@@ -40,9 +39,6 @@ export interface PostgresStoreOptions {
 
 /** Connect attempts give up after this: an unreachable database must fail a request fast. */
 const CONNECT_TIMEOUT_MS = 2_000;
-const DEFAULT_STATEMENT_TIMEOUT_MS = 30_000;
-/** Idle pool connections are closed after this. */
-const IDLE_TIMEOUT_MS = 30_000;
 /** A session stuck inside a transaction (a hung process) is ended by the server after this. */
 const IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000;
 /** What an 'unavailable' error tells clients to wait before retrying. */
@@ -88,16 +84,20 @@ const MIGRATIONS = migrations(TYPES, COLUMNS);
 const sqlState = (e: unknown): string | undefined => (e instanceof DatabaseError ? e.code : undefined);
 
 /** Socket-level failures to reach or keep a connection to the server. */
-const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
+const NETWORK_CODES = new Set(
+  'ECONNREFUSED ECONNRESET ECONNABORTED ETIMEDOUT EPIPE EHOSTUNREACH ENETUNREACH ENOTFOUND EAI_AGAIN'.split(' '),
+);
 
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
 const retryable = (e: unknown): boolean => ['40001', '40P01'].includes(sqlState(e) ?? '');
 
 /** SQLSTATEs of a server going away, starting, out of resources or too slow, and a deadlock that outlived its retries. */
-const transientState = (state: string): boolean => /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
+const transientState = (state: string): boolean =>
+  /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
 
 /** pg's own messages for connections that died or could not be made in time. */
-const CONNECTION_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|not queryable|Query read timeout/i;
+const CONNECTION_MESSAGE =
+  /Connection terminated|connection timeout|timeout exceeded when trying to connect|not queryable|Query read timeout/i;
 
 function isUnavailable(e: unknown): boolean {
   if (!(e instanceof Error)) return false;
@@ -167,37 +167,28 @@ class GuardedDialect extends PostgresDialect {
   }
 }
 
-/** A bytea parameter: pg sends Buffers as binary, without copying the bytes. */
+// pg sends Buffers as bytea, binary, without copying; results are handed back as plain Uint8Array views.
 const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
-
-/** A bytea result as a plain Uint8Array view, like the SQLite store returns. */
 const bytesOf = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
 /** The server process serving this client (pg knows it from the startup handshake, but doesn't type it). */
-const backendPid = (client: unknown): number | null => (client as { processID?: number | null }).processID ?? null;
+const backendPid = (client: unknown): number | undefined => (client as { processID?: number }).processID;
 
 /** Connects, migrates the schema and starts listening; fails (cleaning up) if any step does. */
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
   const log = options.log ?? ((message: string) => process.emitWarning(`postgres store: ${message}`));
   const config = clientConfig(url, options);
-  const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: IDLE_TIMEOUT_MS });
-  // An idle client whose connection dies (e.g. the server restarts) is reported here, and the
-  // pool drops it. Without a handler, the 'error' event would end the process.
+  const pool = new Pool({ ...config, max: options.maxConnections ?? 10, idleTimeoutMillis: 30_000 });
+  // A dying idle client is reported here, and dropped; unhandled, 'error' would end the process.
   pool.on('error', (err) => log(`an idle database connection failed: ${err.message}`));
-  // The same for a checked-out client, whose failing query reports the error; the pool drops it on release.
+  // A checked-out client's failing query reports the error; the pool drops it on release.
   const ignore = () => {};
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
-  /** Backend pids of this store's pool connections: NOTIFYs they send are our own echoes. */
-  const ownBackends = new Set<number>();
-  pool.on('connect', (client) => {
-    const pid = backendPid(client);
-    if (pid !== null) ownBackends.add(pid);
-  });
-  pool.on('remove', (client) => {
-    const pid = backendPid(client);
-    if (pid !== null) setTimeout(() => ownBackends.delete(pid), ECHO_GRACE_MS).unref();
-  });
+  // Backend pids of our pool connections: NOTIFYs they send are our own echoes.
+  const ownBackends = new Set<number | undefined>();
+  pool.on('connect', (client) => ownBackends.add(backendPid(client)));
+  pool.on('remove', (client) => void setTimeout(() => ownBackends.delete(backendPid(client)), ECHO_GRACE_MS).unref());
   const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool) });
   let listener: Listener | undefined;
   const dialect: Dialect = {
@@ -217,11 +208,9 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     },
     addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
-      // One statement (its own transaction) for the batch. The batch's tenants that exist are
-      // locked FOR KEY SHARE (what a foreign key check takes) until the commit: a concurrent
-      // delete of one waits, or has happened and the tenant is not there, so the upsert never
-      // meets a foreign-key violation. Rows go in the (sorted) order given: concurrent batches
-      // take their row locks in the same order.
+      // One statement for the batch. Its tenants are locked FOR KEY SHARE (as a foreign key check
+      // does): a concurrent delete waits, or has happened and the row is skipped, never an FK
+      // violation. Rows go in the (sorted) order given, so concurrent batches lock alike.
       await sql`
         WITH live AS (SELECT id FROM tenants WHERE id = ANY(${column('tenantId')}::text[]) FOR KEY SHARE)
         INSERT INTO tenant_usage AS u (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
@@ -237,7 +226,7 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
             training_tokens = u.training_tokens + excluded.training_tokens`.execute(db);
     },
     notify: async (tx, channel, payload) => void (await sql`SELECT pg_notify(${CHANNELS[channel]}, ${payload})`.execute(tx)),
-    violation: (e) => ({ '23505': 'unique', '23503': 'foreignKey' } as const)[sqlState(e) as '23505'],
+    violation: (e) => (({ '23505': 'unique', '23503': 'foreignKey' }) as const)[sqlState(e) as '23505'],
     retryable,
     toStoreError,
     blobs: {
@@ -300,7 +289,7 @@ function clientConfig(url: string, options: PostgresStoreOptions): PoolConfig {
     types,
     application_name: 'reft-server',
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
-    statement_timeout: options.statementTimeoutMs ?? DEFAULT_STATEMENT_TIMEOUT_MS,
+    statement_timeout: options.statementTimeoutMs ?? 30_000,
     idle_in_transaction_session_timeout: IDLE_IN_TRANSACTION_TIMEOUT_MS,
     keepAlive: true,
   };

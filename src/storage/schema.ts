@@ -1,17 +1,14 @@
-import { sql, type Generated } from 'kysely';
-import type { Migration } from './migrations.ts';
-import type { InterventionMeta, JobStatus } from './store.ts';
+import { sql, type Generated, type Kysely } from 'kysely';
+import type { InterventionMeta, JobEvent, JobStatus } from './store.ts';
 
 /**
- * The one declaration of the schema, for both dialects: the tables as the store's queries see
- * them (Tables: the row types come from here) and the migrations that make them (migrations(),
- * written once with each dialect's column types spliced in).
+ * The schema, declared once for both dialects: the tables as the store's queries see them
+ * (Tables) and the migrations that make them, with each dialect's column types spliced in.
  *
  * Both drivers are set up to hand back the same values: timestamps as ISO 8601 text, JSON as
- * text, int8 as a JS number. Three kinds of column still differ and stay out of Tables: the
- * columns holding file bytes (bytea, or the name of a blob file: BlobColumns names them), a
- * boolean (PostgreSQL boolean, SQLite 0/1: read with Boolean()) and a lease's expiry (epoch ms
- * or a timestamp: read with new Date()).
+ * text, int8 as a JS number. Three kinds of column still differ and stay out of Tables: file
+ * bytes (bytea, or a blob file's name: BlobColumns), booleans (read with Boolean()) and lease
+ * expiry (epoch ms or a timestamp: read with new Date()).
  */
 
 /** JSON text (jsonText writes it); undefined is stored as null. Given objects, pg would turn arrays into PG arrays. */
@@ -86,7 +83,13 @@ export interface BlobColumns {
 type SqlWord = 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
 export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
 
-/** The migrations (append-only: never edit a shipped one, add the next version). */
+export interface Migration {
+  version: number;
+  name: string;
+  sql: string;
+}
+
+/** The migrations, numbered from 1 (append-only: never edit a shipped one, add the next version). */
 export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
   const created = `created_at ${t.time} NOT NULL${t.nowDefault}`;
   const owned = (table: string) => `CREATE INDEX ${table}_tenant ON ${table} (tenant_id, seq);`;
@@ -160,6 +163,13 @@ export const COLUMNS = {
     ...['cancel_requested as cancelRequested', 'created_at as createdAt', 'started_at as startedAt', 'finished_at as finishedAt'],
   ],
   event: ['seq', 'job_id as jobId', 'created_at as createdAt', 'type', 'data'],
+  usageDay: [
+    'day',
+    'requests',
+    'prompt_tokens as promptTokens',
+    'completion_tokens as completionTokens',
+    'training_tokens as trainingTokens',
+  ],
 } as const;
 
 export const toIntervention = <R extends { config: Json }>(r: R) => ({ ...r, config: JSON.parse(r.config) as unknown });
@@ -174,10 +184,47 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
 /** A job_events row as a dialect's addEvent returns it (RETURNING EVENT_COLUMNS). */
 export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "createdAt", type, data');
 
-export interface EventRow {
-  seq: number;
-  jobId: string;
-  createdAt: string;
-  type: string;
-  data: Json;
+export type EventRow = Omit<JobEvent, 'data'> & { data: Json };
+
+/**
+ * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
+ * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
+ */
+export interface MigrationRunner {
+  database: string; // names it in errors
+  time: string; // applied_at's type and default
+  lock(tx: Kysely<Tables>): Promise<void>;
+  exec(tx: Kysely<Tables>, sql: string): Promise<void>;
+}
+
+/** The migrations up to `version` (all when undefined): only tests of an upgrade pass one, to get an older server's schema. */
+export function migrationsUpTo(migrations: readonly Migration[], version: number | undefined): readonly Migration[] {
+  if (version === undefined) return migrations;
+  if (!migrations.some((m) => m.version === version)) throw new Error(`no schema version ${version}`);
+  return migrations.filter((m) => m.version <= version);
+}
+
+/**
+ * Applies the migrations the database lacks, in order, recorded in schema_migrations, in one
+ * transaction that keeps other processes out: a second process starting meanwhile waits, then
+ * finds them applied. A database a newer server migrated is refused, not run on a schema this
+ * server does not know.
+ */
+export async function migrate(db: Kysely<Tables>, migrations: readonly Migration[], run: MigrationRunner): Promise<void> {
+  await db.transaction().execute(async (tx) => {
+    await run.lock(tx);
+    await run.exec(
+      tx,
+      `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at ${run.time})`,
+    );
+    const applied = new Set((await tx.selectFrom('schema_migrations').select('version').execute()).map((r) => r.version));
+    const newest = migrations[migrations.length - 1].version;
+    const unknown = Math.max(...applied);
+    if (unknown > newest)
+      throw new Error(`${run.database} has schema version ${unknown}, newer than this server's ${newest}: upgrade the server`);
+    for (const m of migrations.filter((m) => !applied.has(m.version))) {
+      await run.exec(tx, m.sql);
+      await tx.insertInto('schema_migrations').values({ version: m.version, name: m.name, applied_at: new Date().toISOString() }).execute();
+    }
+  });
 }

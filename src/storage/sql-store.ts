@@ -1,19 +1,16 @@
+import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
-import { ReftError } from '../errors.ts';
+import { ReftError, invalidRequest, noSuch, notFound } from '../errors.ts';
 import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
-import { newId } from './ids.ts';
-import { interventionRecord } from './intervention-record.ts';
-import { endInsteadOfClaim, endedEvent, outcomeColumns, queuedEvent, runningEvent } from './job-lifecycle.ts';
-import { Listeners } from './listeners.ts';
-import { clampLimit, pageOf, seqAfter } from './paging.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
-import { interventionNameTaken, keySecretTaken, noIntervention, noInterventionToReplace, noJob, noTenant } from './store-errors.ts';
 import type * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
+import { Listeners } from './listeners.ts';
 
 /** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
 type Tx = Kysely<Tables>;
+type BlobWrite<T> = (tx: Tx, staged: StagedBlobs) => Promise<T>;
 type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
 /** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
@@ -21,9 +18,18 @@ const BLOB_READ_RETRIES = 3;
 /** Attempts of a transaction that fails with a deadlock or serialization failure. */
 const TRANSACTION_ATTEMPTS = 3;
 
+/** A prefix naming the kind of row, then 96 random bits: opaque, safe in URLs and file names (blob-files.ts). */
+const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
+const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
+
+const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId), 'tenantId');
+const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
+
 const same = <T>(row: T): T => row;
 const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
-const one = (result: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (result.numUpdatedRows ?? result.numDeletedRows) === 1n;
+const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
+/** Limits are capped by the caller; this only keeps them a positive integer. */
+const clampLimit = (limit: number): number => (Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1);
 
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
@@ -38,7 +44,7 @@ export class SqlStore implements S.Store {
   // --- tenants and keys ---------------------------------------------------------------------
 
   async createTenant(name: string): Promise<S.Tenant> {
-    const values = { id: newId('tenant'), name, created_at: this.d.now() };
+    const values = { id: newId('ten_'), name, created_at: this.d.now() };
     return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
   }
 
@@ -51,9 +57,10 @@ export class SqlStore implements S.Store {
   }
 
   async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
-    const values = { id: newId('key'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
+    const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
     const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
-    return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: keySecretTaken });
+    const taken = () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
+    return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: taken });
   }
 
   async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
@@ -77,33 +84,40 @@ export class SqlStore implements S.Store {
   // --- interventions ------------------------------------------------------------------------
 
   async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
-    // Refuses a replaceId the store could not have made: the id may become part of file names.
-    const r = interventionRecord(iv, replaceId);
-    const { config, weights } = this.d.blobs.columns;
-    const values = { name: r.name, description: r.description, source: r.source, config: r.config, bytes: r.bytes, sha256: r.sha256 };
+    // An id the store could not have made names no row, and must never reach a blob file name.
+    if (replaceId !== undefined && !INTERVENTION_ID.test(replaceId)) throw noneToReplace(replaceId);
+    const id = replaceId ?? newId('iv_');
+    const { config, weights } = iv.files;
+    const bytes = config.byteLength + weights.byteLength;
+    const sha256 = createHash('sha256').update(config).update(weights).digest('hex');
+    const values = { name: iv.name, description: iv.description ?? null, source: iv.source, config: jsonText(iv.config), bytes, sha256 };
+    const columns = this.d.blobs.columns;
     let replaced: unknown[] = [];
-    const write = this.withBlobs(r.id, ['config', 'weights'], [iv.files.config, iv.files.weights], async (tx, staged) => {
-      const files = { [config]: staged.values[0], [weights]: staged.values[1] } as object;
+    const write = this.withBlobs(id, ['config', 'weights'], [config, weights], async (tx, staged) => {
+      const files = { [columns.config]: staged.values[0], [columns.weights]: staged.values[1] } as object;
       const now = this.d.now();
       if (replaceId === undefined) {
         staged.promote();
-        const row = { ...values, ...files, id: r.id, tenant_id: r.tenantId, version: 1, created_at: now, updated_at: now };
+        const row = { ...values, ...files, id, tenant_id: iv.tenantId, version: 1, created_at: now, updated_at: now };
         return tx.insertInto('interventions').values(row).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
       }
-      const own = tx.selectFrom('interventions').where('id', '=', replaceId).where('tenant_id', 'is not distinct from', r.tenantId);
-      if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noInterventionToReplace(replaceId);
-      replaced = await this.blobsOf(own, [config, weights]);
+      const own = tx.selectFrom('interventions').where('id', '=', id).where('tenant_id', 'is not distinct from', iv.tenantId);
+      if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noneToReplace(id);
+      replaced = await this.blobsOf(own, [columns.config, columns.weights]);
       staged.promote();
-      const update = tx.updateTable('interventions').set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updated_at: now }));
-      const row = await update.where('id', '=', replaceId).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
-      await this.d.notify(tx, 'interventionChanged', r.id);
+      const update = tx
+        .updateTable('interventions')
+        .set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updated_at: now }));
+      const row = await update.where('id', '=', id).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
+      await this.d.notify(tx, 'interventionChanged', id);
       return row;
     });
-    const row = await this.named(write, { unique: () => interventionNameTaken(iv.name), foreignKey: () => noTenant(iv.tenantId) });
+    const taken = () => new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name');
+    const row = await this.named(write, { unique: taken, foreignKey: () => noTenant(iv.tenantId) });
     if (replaceId !== undefined) {
       // Only now, after the commit, are the old files unreferenced.
       await this.d.blobs.release(replaced);
-      this.interventionListeners.emit(r.id);
+      this.interventionListeners.emit(id);
     }
     return toIntervention(row);
   }
@@ -131,7 +145,7 @@ export class SqlStore implements S.Store {
 
   async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
     const { config, weights } = this.d.blobs.columns;
-    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights], 'is not distinct from');
+    const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights]);
     if (deleted) this.interventionListeners.emit(id);
     return deleted;
   }
@@ -153,7 +167,7 @@ export class SqlStore implements S.Store {
     checkUsageRange(from, to);
     return this.db
       .selectFrom('tenant_usage')
-      .select(['day', 'requests', 'prompt_tokens as promptTokens', 'completion_tokens as completionTokens', 'training_tokens as trainingTokens'])
+      .select(COLUMNS.usageDay)
       .where((eb) => eb.and([eb('tenant_id', '=', tenantId), eb('day', '>=', from), eb('day', '<=', to)]))
       .orderBy('day')
       .execute();
@@ -162,11 +176,15 @@ export class SqlStore implements S.Store {
   // --- training data files ------------------------------------------------------------------
 
   async putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<S.StoredFile> {
-    const id = newId('file');
+    const id = newId('file_');
     const write = this.withBlobs(id, ['data'], [bytes], (tx, staged) => {
       staged.promote();
-      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, [this.d.blobs.columns.file]: staged.values[0] };
-      return tx.insertInto('files').values({ ...row, created_at: this.d.now() }).returning(COLUMNS.file).executeTakeFirstOrThrow();
+      const row = { id, tenant_id: tenantId, filename, purpose, bytes: bytes.byteLength, created_at: this.d.now() };
+      return tx
+        .insertInto('files')
+        .values({ ...row, [this.d.blobs.columns.file]: staged.values[0] })
+        .returning(COLUMNS.file)
+        .executeTakeFirstOrThrow();
     });
     return this.named(write, { foreignKey: () => noTenant(tenantId) });
   }
@@ -184,17 +202,17 @@ export class SqlStore implements S.Store {
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
-    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file], '=');
+    return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file]);
   }
 
   // --- training jobs ------------------------------------------------------------------------
 
   async createJob(tenantId: string, spec: unknown): Promise<S.Job> {
-    const id = newId('job');
+    const id = newId('job_');
     const values = { id, tenant_id: tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', created_at: this.d.now() };
     const write = this.tx(async (tx) => {
       const row = await tx.insertInto('jobs').values(values).returning(COLUMNS.job).executeTakeFirstOrThrow();
-      await this.addEvent(tx, id, 'status', queuedEvent());
+      await this.addEvent(tx, id, 'status', { status: 'queued' });
       await this.d.notify(tx, 'jobQueued', id);
       return row;
     });
@@ -204,13 +222,12 @@ export class SqlStore implements S.Store {
   }
 
   async getJob(tenantId: string | null, id: string): Promise<S.Job | null> {
-    // A null tenant is the worker or an administrator: any job.
     const job = this.db.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id);
     return orNull(await (tenantId === null ? job : job.where('tenant_id', '=', tenantId)).executeTakeFirst(), toJob);
   }
 
   async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
-    return this.page(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob);
+    return this.page(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
   }
 
   async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
@@ -221,9 +238,13 @@ export class SqlStore implements S.Store {
       if (!row) return null;
       // A running job's worker sees cancelRequested when it next reads the job, and finishes it as cancelled.
       if (row.status === 'queued' || row.status === 'running') {
-        await tx.updateTable('jobs').set({ cancel_requested: this.d.flag(true) }).where('id', '=', id).execute();
+        await tx
+          .updateTable('jobs')
+          .set({ cancel_requested: this.d.flag(true) })
+          .where('id', '=', id)
+          .execute();
       }
-      if (row.status === 'queued') await this.endJob(tx, id, 'cancelled', null);
+      if (row.status === 'queued') await this.endJob(tx, id, { status: 'cancelled' });
       return toJob(await tx.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id).executeTakeFirstOrThrow());
     });
   }
@@ -242,9 +263,14 @@ export class SqlStore implements S.Store {
           .limit(1);
         const row = await this.d.lock(next, 'skip').executeTakeFirst();
         if (!row) return null;
-        const end = endInsteadOfClaim({ cancelRequested: Boolean(row.cancelRequested), attempts: row.attempts }, maxAttempts);
-        if (end) {
-          await this.endJob(tx, row.id, end.status, end.error);
+        // A cancel requested before its worker died wins over a retry.
+        if (row.cancelRequested) {
+          await this.endJob(tx, row.id, { status: 'cancelled' });
+          continue;
+        }
+        if (row.attempts >= maxAttempts) {
+          const error = `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`;
+          await this.endJob(tx, row.id, { status: 'failed', error });
           continue;
         }
         const claim = tx.updateTable('jobs').set((eb) => ({
@@ -258,25 +284,31 @@ export class SqlStore implements S.Store {
           .where('id', '=', row.id)
           .returning([...COLUMNS.job, 'lease_expires_at as expiresAt'])
           .executeTakeFirstOrThrow();
-        await this.addEvent(tx, row.id, 'status', runningEvent(claimed.attempts));
+        await this.addEvent(tx, row.id, 'status', { status: 'running', attempt: claimed.attempts });
         return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: new Date(expiresAt!).getTime() } };
       }
     });
   }
 
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
-    const renew = this.db.updateTable('jobs').set({ lease_expires_at: this.d.leaseUntil(leaseMs) }).where(this.leaseHeld(jobId, workerId));
+    const renew = this.db
+      .updateTable('jobs')
+      .set({ lease_expires_at: this.d.leaseUntil(leaseMs) })
+      .where(this.leaseHeld(jobId, workerId));
     return one(await renew.executeTakeFirst());
   }
 
   async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
-    const update = this.db.updateTable('jobs').set({ progress: jsonText(progress) }).where(this.leaseHeld(jobId, workerId));
+    const update = this.db
+      .updateTable('jobs')
+      .set({ progress: jsonText(progress) })
+      .where(this.leaseHeld(jobId, workerId));
     return one(await update.executeTakeFirst());
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
     const row = await this.tx((tx) => this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now()));
-    if (!row) throw noJob(jobId);
+    if (!row) throw noSuch('job', jobId, 'jobId');
     return toEvent(row);
   }
 
@@ -296,7 +328,11 @@ export class SqlStore implements S.Store {
       staged.promote();
       const row = { job_id: jobId, step, bytes: state.byteLength, created_at: this.d.now(), [column]: staged.values[0] };
       const excluded = Object.fromEntries(['step', 'bytes', 'created_at', column].map((c) => [c, sql.ref(`excluded.${c}`)]));
-      await tx.insertInto('checkpoints').values(row).onConflict((oc) => oc.column('job_id').doUpdateSet(excluded)).execute();
+      await tx
+        .insertInto('checkpoints')
+        .values(row)
+        .onConflict((oc) => oc.column('job_id').doUpdateSet(excluded))
+        .execute();
       return true;
     });
     await this.d.blobs.release(replaced);
@@ -311,14 +347,10 @@ export class SqlStore implements S.Store {
   }
 
   async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
-    const { error, interventionId } = outcomeColumns(outcome);
-    const end = { status: outcome.status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
-    const write = this.tx(async (tx) => {
-      if (!one(await tx.updateTable('jobs').set(end).where(this.leaseHeld(jobId, workerId)).executeTakeFirst())) return false;
-      await this.addEvent(tx, jobId, 'status', endedEvent(outcome.status, error, interventionId));
-      return true;
-    });
-    return this.named(write, { foreignKey: () => noIntervention(interventionId) });
+    const error = outcome.status === 'failed' ? outcome.error : null;
+    const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
+    const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
+    return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
   }
 
   // --- listeners and lifecycle --------------------------------------------------------------
@@ -350,7 +382,7 @@ export class SqlStore implements S.Store {
   }
 
   /** Stages blobs (outside any lock), then runs `body` in a write transaction; what no committed row names is cleaned up. */
-  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: (tx: Tx, staged: StagedBlobs) => Promise<T>): Promise<T> {
+  private async withBlobs<T>(owner: string, kinds: BlobKind[], bytes: Uint8Array[], body: BlobWrite<T>): Promise<T> {
     const staged = await this.d.blobs.stage(owner, kinds, bytes);
     const result = await this.tx((tx) => body(tx, staged)).catch(async (e) => {
       await staged.settle(false);
@@ -361,10 +393,11 @@ export class SqlStore implements S.Store {
   }
 
   /** Deletes a row (the tenant's own), then, once committed, the files it named (a crash in between leaves orphans for the sweep). */
-  private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[], owns: 'is not distinct from' | '=') {
+  private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[]) {
     const files = await this.tx(async (tx) => {
-      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId), columns);
-      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', owns, tenantId).executeTakeFirst())) return null;
+      const own = 'is not distinct from';
+      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
+      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', own, tenantId).executeTakeFirst())) return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
     });
@@ -374,12 +407,7 @@ export class SqlStore implements S.Store {
 
   /** Waits for a write, turning a constraint violation into the ReftError callers see. */
   private async named<T>(write: Promise<T>, as: Violations): Promise<T> {
-    try {
-      return await write;
-    } catch (e) {
-      const make = as[this.d.violation(e)!];
-      throw make ? make() : e;
-    }
+    return write.catch((e) => Promise.reject(as[this.d.violation(e)!]?.() ?? e));
   }
 
   /** Interventions the tenant can see: its own and the shared ones (a null tenant: shared only). */
@@ -417,21 +445,54 @@ export class SqlStore implements S.Store {
     }
   }
 
+  /**
+   * A page of `from` in insertion order (a hidden seq), or newest first; asks for one row more
+   * than the limit to learn whether a next page exists. The cursor is looked up within `from`'s
+   * scope, so one naming no visible row (deleted, another tenant's) is refused.
+   */
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  private async page<T>(from: AnySelect, columns: readonly string[], req: S.PageRequest, map: (row: any) => T): Promise<S.Page<T>> {
+  private async page<T>(
+    from: AnySelect,
+    cols: readonly string[],
+    req: S.PageRequest,
+    map: (r: any) => T,
+    desc = false,
+  ): Promise<S.Page<T>> {
     const limit = clampLimit(req.limit);
-    const cursor = req.after === undefined ? undefined : await from.select('seq').where('id', '=', req.after).executeTakeFirst();
-    const rows = await from.select(columns).where('seq', '>', seqAfter(req.after, cursor)).orderBy('seq').limit(limit + 1).execute();
-    return pageOf(rows, limit, map);
+    let rows = from.select(cols);
+    if (req.after !== undefined) {
+      const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
+      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
+      rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
+    }
+    const order = desc ? 'desc' : 'asc';
+    const found = await rows
+      .orderBy('seq', order)
+      .limit(limit + 1)
+      .execute();
+    const data = found.slice(0, limit);
+    return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
   }
 
   private async addEvent(tx: Tx, jobId: string, type: string, data: unknown): Promise<void> {
     await this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now());
   }
 
-  /** Ends a job regardless of its lease (queued cancel, claim-time give-up), with its status event. */
-  private async endJob(tx: Tx, id: string, status: 'cancelled' | 'failed', error: string | null): Promise<void> {
-    await tx.updateTable('jobs').set({ status, error, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null }).where('id', '=', id).execute();
-    await this.addEvent(tx, id, 'status', endedEvent(status, error));
+  /**
+   * Ends a job with its 'status' event: one `workerId` holds (finishJob), or whatever its lease
+   * (a queued cancel, a claim's give-up). False when the worker no longer holds it.
+   */
+  private async endJob(
+    tx: Tx,
+    id: string,
+    end: { status: S.JobStatus; error?: string | null; interventionId?: string | null },
+    workerId?: string,
+  ) {
+    const { status, error = null, interventionId = null } = end;
+    const set = { status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
+    const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);
+    if (!one(await tx.updateTable('jobs').set(set).where(held).executeTakeFirst())) return false;
+    await this.addEvent(tx, id, 'status', { status, ...(error !== null && { error }), ...(interventionId !== null && { interventionId }) });
+    return true;
   }
 }

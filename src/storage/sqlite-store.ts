@@ -1,10 +1,9 @@
 import Database from 'better-sqlite3';
-import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type DatabaseConnection, type Driver, type SqliteDialectConfig } from 'kysely';
+import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, type SqliteDialectConfig } from 'kysely';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
-import { migrate, migrationsUpTo } from './migrations.ts';
-import { EVENT_COLUMNS, migrations, type EventRow, type SqlTypes, type Tables } from './schema.ts';
+import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo, type EventRow, type SqlTypes, type Tables } from './schema.ts';
 import type { Dialect } from './dialect.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
@@ -12,23 +11,16 @@ import type { Store } from './store.ts';
 export type { FaultPoint } from './blob-files.ts';
 
 /**
- * The embedded Store's dialect: one SQLite database plus a directory of blob files, both under
- * a data directory:
- *
- *   <dataDir>/reft.db   tables (WAL mode, so a training worker process can share the file)
- *   <dataDir>/blobs/    intervention files, training data files, job checkpoints (blob-files.ts)
- *
- * Particular to it:
+ * The embedded dialect: one SQLite database (<dataDir>/reft.db, WAL mode, so a training worker
+ * process can share it) plus blob files under <dataDir>/blobs/ (blob-files.ts). Particular to it:
  * - Time is the writing process's clock: timestamps are its ISO text, lease expiry its epoch ms.
- * - `onInterventionChanged` and `onJobQueued` fire only in the process that made the change:
- *   SQLite has no cross-process notifications. Workers poll `claimJob`.
- * - Every write transaction is BEGIN IMMEDIATE: it takes the database's write lock at once, so
- *   what it reads stays true until it commits (this is the claim's lock), and it waits out the
- *   busy timeout for another process's lock instead of failing at once with SQLITE_BUSY.
- *
- * better-sqlite3 is synchronous: every statement runs on the calling thread. Writes are short
- * (blob bytes are written and fsynced before the write transaction starts), but a busy database
- * can make a call wait up to BUSY_TIMEOUT_MS for the other process's lock.
+ * - Listeners fire only in the writing process (SQLite has no cross-process notifications):
+ *   workers poll `claimJob`.
+ * - Every write transaction is BEGIN IMMEDIATE: it takes the write lock at once, so what it
+ *   reads stays true until it commits (this is the claim's lock), and it waits out the busy
+ *   timeout for another process's lock instead of failing at once with SQLITE_BUSY.
+ * - better-sqlite3 is synchronous: a busy database can make a call wait up to BUSY_TIMEOUT_MS
+ *   (blob bytes are written and fsynced before the write transaction starts).
  */
 
 /** How long a statement waits for another connection's write lock before failing. */
@@ -62,20 +54,16 @@ const TYPES: SqlTypes = {
 
 const MIGRATIONS = migrations(TYPES, BLOB_FILE_COLUMNS);
 
-/** Kysely's SQLite driver, with BEGIN IMMEDIATE for its transactions. */
-class ImmediateDriver extends SqliteDriver {
-  override async beginTransaction(connection: DatabaseConnection): Promise<void> {
-    await connection.executeQuery(CompiledQuery.raw('begin immediate'));
-  }
-}
-
+/** Kysely's SQLite dialect, with BEGIN IMMEDIATE for its transactions. */
 class ImmediateDialect extends SqliteDialect {
   constructor(private readonly config: SqliteDialectConfig) {
     super(config);
   }
 
   override createDriver(): Driver {
-    return new ImmediateDriver(this.config);
+    const driver = new SqliteDriver(this.config);
+    driver.beginTransaction = async (connection) => void (await connection.executeQuery(CompiledQuery.raw('begin immediate')));
+    return driver;
   }
 }
 
@@ -115,14 +103,12 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
         RETURNING ${EVENT_COLUMNS}`.execute(tx);
       return rows[0];
     },
-    // IMMEDIATE: the tenant check and the upsert of every row happen under the write lock, so
-    // writers in other processes wait for each other instead of losing increments. An entry
-    // whose tenant does not exist inserts nothing (the WHERE also settles the
-    // INSERT ... SELECT ... ON CONFLICT parsing ambiguity SQLite documents).
+    // Under the write lock (IMMEDIATE), so writers in other processes never lose increments. The
+    // WHERE skips unknown tenants (and settles SQLite's INSERT ... SELECT ... ON CONFLICT ambiguity).
     addUsage: (db, rows) =>
       db.transaction().execute(async (tx) => {
-      for (const r of rows) {
-        await sql`
+        for (const r of rows) {
+          await sql`
           INSERT INTO tenant_usage (tenant_id, day, requests, prompt_tokens, completion_tokens, training_tokens)
           SELECT ${r.tenantId}, ${r.day}, ${r.requests}, ${r.promptTokens}, ${r.completionTokens}, ${r.trainingTokens}
           WHERE EXISTS (SELECT 1 FROM tenants WHERE id = ${r.tenantId})
@@ -130,8 +116,8 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
           SET requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
               completion_tokens = completion_tokens + excluded.completion_tokens,
               training_tokens = training_tokens + excluded.training_tokens`.execute(tx);
-      }
-    }),
+        }
+      }),
     notify: async () => {},
     violation: (e) => {
       const code = e instanceof Database.SqliteError ? e.code : undefined;

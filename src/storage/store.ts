@@ -1,53 +1,40 @@
 /**
- * The storage interface every process shares (servers, training workers). One implementation
- * (sql-store.ts, over Kysely) with two dialects (dialect.ts): the embedded one (sqlite-store.ts:
- * a SQLite file + blob files under a data directory, blob-files.ts) and PostgreSQL
- * (postgres-store.ts). This header is the contract and the choices both make; each dialect's own
- * header says only what is particular to it. The tables are declared once, in schema.ts.
+ * The storage interface every process shares (servers, training workers), and its contract.
+ * One implementation, sql-store.ts over Kysely, with two dialects (dialect.ts): sqlite-store.ts
+ * (a SQLite file + blob files under a data directory) and postgres-store.ts.
  *
- * Rules every implementation keeps:
  * - A write is all or nothing: a reader never sees a half-written intervention or file.
- * - Tenant scoping is part of every read: a row of another tenant is indistinguishable from a
- *   missing one (the method returns null / false).
- * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names
- *   (ids.ts).
- *
- * Choices both dialects share where the contract leaves room (sql-store.ts, and the small
- * modules named):
- * - `tenantId === null` means "shared only" for interventions (find, list, delete, replace) and
- *   "any tenant" for `getJob` (the worker reads jobs without a tenant).
- * - `readInterventionFiles(id)` and `loadCheckpoint(jobId)` are not tenant-scoped: callers find
- *   the row through a scoped method first.
- * - `sha256` of an intervention is the digest of its config file's bytes followed by its weights
- *   file's bytes (`cat reft_config.json reft_weights.safetensors | sha256sum`); `bytes` is the
- *   two files' total (intervention-record.ts).
- * - Pages, and the job queue, are in creation order: the order rows were inserted (a hidden
- *   sequence number, exact even within one createdAt millisecond). An `after` cursor that names
- *   no visible row (deleted, or another tenant's) is an invalid_request on field "after"
- *   (paging.ts).
+ * - Every read is tenant-scoped: another tenant's row is indistinguishable from a missing one
+ *   (null / false). `tenantId === null` means "shared only" for interventions and "any tenant"
+ *   for `getJob` (workers). `readInterventionFiles` and `loadCheckpoint` are not scoped: callers
+ *   find the row through a scoped method first.
+ * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names.
+ * - An intervention's `sha256` is the digest of its config file's bytes then its weights file's
+ *   (`cat reft_config.json reft_weights.safetensors | sha256sum`); `bytes` is their total.
+ * - Pages, and the job queue, are in insertion order (exact even within one createdAt
+ *   millisecond); `listJobs` with `order: 'desc'` pages newest first. An `after` cursor that
+ *   names no visible row (deleted, or another tenant's) is an invalid_request on "after".
  * - A write naming a tenant, job or intervention that does not exist is a not_found on that
  *   field; replacing an id the store could not have made, or one the tenant does not own, is a
- *   not_found on "id"; a taken intervention name is a conflict on "name" (store-errors.ts).
- * - The store appends a 'status' event to a job's event stream for every status change it makes
- *   (queued, running, failed, cancelled, succeeded), so followers see the whole life of a job;
- *   workers append only their own 'metrics'/'log' events (job-lifecycle.ts).
+ *   not_found on "id"; a taken intervention name is a conflict on "name".
+ * - Every status change the store makes (queued, running, failed, cancelled, succeeded) appends
+ *   a 'status' event to the job's stream, so followers see its whole life; workers append only
+ *   'metrics'/'log' events.
  * - `claimJob` keeps a re-claimed job's first `startedAt`; a running job with cancelRequested
  *   whose lease expired is cancelled by the next claim, not retried; one that has used up its
- *   attempts fails (job-lifecycle.ts).
+ *   attempts fails.
  * - `revokeApiKey` returns true only when it revoked a live key.
- * - Usage accounting (usage.ts): `recordUsage` adds each entry's counts to its tenant's row for
- *   that day, creating the row if needed, all entries in one transaction; concurrent calls from
- *   any number of processes never lose an increment. An entry for a tenant that does not exist
- *   (deleted between metering and flushing, say) is skipped silently rather than failing the
- *   batch; an entry whose counts are all zero makes no row. An invalid entry (a day that is not
- *   a real YYYY-MM-DD date, a count that is not a non-negative integer) is an invalid_request
- *   naming it, and nothing of the batch is written. `getUsage` returns the tenant's days in
- *   [from, to] (inclusive, YYYY-MM-DD) that have a row, ascending; an unknown tenant, or
- *   from > to, gives an empty list.
+ * - `recordUsage` adds each entry's counts to its tenant's row for that day, all entries in one
+ *   transaction; concurrent calls from any number of processes never lose an increment. An
+ *   entry for a tenant that does not exist (deleted between metering and flushing) is skipped
+ *   silently; an all-zero entry makes no row. An invalid entry (not a real YYYY-MM-DD day, a
+ *   count not a non-negative integer) is an invalid_request naming it, and nothing is written.
+ *   `getUsage` returns the days in [from, to] (inclusive) that have a row, ascending; an
+ *   unknown tenant, or from > to, gives an empty list.
  * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
- *   after its commit; whether other processes hear of it is each dialect's own (listeners.ts).
- *   Caches key on (id, version), which `findIntervention` always reads fresh, so a change a
- *   process did not hear of never serves it stale files.
+ *   after its commit; other processes hear of it where the dialect can (PostgreSQL). Caches key
+ *   on (id, version), which `findIntervention` always reads fresh, so a change a process did
+ *   not hear of never serves it stale files.
  */
 export interface Tenant {
   id: string;
@@ -75,7 +62,6 @@ export interface InterventionMeta {
   config: unknown;
   /** Bumped on every replacement: caches key on (id, version). */
   version: number;
-  /** Total bytes of the two files. */
   bytes: number;
   sha256: string;
   createdAt: string;
@@ -105,6 +91,8 @@ export interface Page<T> {
 export interface PageRequest {
   limit: number;
   after?: string;
+  /** 'asc' (default): oldest first; 'desc': newest first, `after` then means "older than" (listJobs only). */
+  order?: 'asc' | 'desc';
 }
 
 /** What a tenant has stored: its interventions, and their files' total bytes. */
@@ -165,10 +153,7 @@ export interface JobEvent {
 }
 
 /** How a worker ends a job it holds. */
-export type JobOutcome =
-  | { status: 'succeeded'; interventionId: string }
-  | { status: 'failed'; error: string }
-  | { status: 'cancelled' };
+export type JobOutcome = { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' };
 
 export interface Lease {
   jobId: string;
@@ -200,13 +185,7 @@ export interface Store {
   storedUsage(tenantId: string): Promise<StoredUsage>;
 
   // usage accounting (per tenant and day)
-  /**
-   * Adds each entry's counts to its tenant's row for its day, in one transaction. Entries naming
-   * a tenant that does not exist are skipped silently (a tenant deleted between metering and
-   * flushing must not fail the flush); invalid entries fail the whole batch (invalid_request).
-   */
   recordUsage(entries: UsageRecord[]): Promise<void>;
-  /** The tenant's days in [from, to] (inclusive, YYYY-MM-DD) that have usage, ascending. */
   getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]>;
 
   // training data files

@@ -1,38 +1,24 @@
 import { invalidRequest } from '../errors.ts';
 import type { UsageRecord } from './store.ts';
 
-/**
- * The usage-accounting rules (the contract is in store.ts). The store writes a batch as:
- *
- *   rows = usageBatch(entries)   // validated, merged, sorted; throws before anything is written
- *   <one transaction: upsert each row whose tenant exists, adding its counts to the stored ones>
- */
-
 /** Usage is kept by UTC day: YYYY-MM-DD. */
 export const utcDay = (at = new Date()): string => at.toISOString().slice(0, 10);
 
-export const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
-
-const DAY = /^(\d{4})-(\d{2})-(\d{2})$/;
+const USAGE_COUNTERS = ['requests', 'promptTokens', 'completionTokens', 'trainingTokens'] as const;
 
 /** A real calendar date written YYYY-MM-DD (year 1 or later: PostgreSQL has no year 0). */
-export function isUsageDay(day: unknown): day is string {
-  if (typeof day !== 'string') return false;
-  const m = DAY.exec(day);
-  if (!m) return false;
-  const [y, mo, d] = [Number(m[1]), Number(m[2]), Number(m[3])];
-  if (y < 1) return false;
-  const date = new Date(0);
-  date.setUTCFullYear(y, mo - 1, d);
-  return date.getUTCFullYear() === y && date.getUTCMonth() === mo - 1 && date.getUTCDate() === d;
+function isUsageDay(day: unknown): day is string {
+  if (typeof day !== 'string' || !/^\d{4}-\d{2}-\d{2}$/.test(day) || day.startsWith('0000')) return false;
+  // An impossible date (2023-02-30) is NaN, or rolls over to another day.
+  const date = new Date(`${day}T00:00:00Z`);
+  return !Number.isNaN(date.getTime()) && date.toISOString().startsWith(day);
 }
 
 /**
- * The rows a `recordUsage` call writes: every entry checked (an invalid one is an
- * invalid_request on `entries[i].<field>`, so a batch is refused whole), entries for the same
- * tenant and day merged into one (a statement may not update one row twice), all-zero ones
- * dropped, and sorted by tenant and day, so that concurrent batches lock rows in the same order
- * and cannot deadlock each other.
+ * The rows a `recordUsage` call writes (the contract is in store.ts): every entry checked (an
+ * invalid one is an invalid_request on `entries[i].<field>`, before anything is written), those
+ * of one tenant and day merged (a statement may not update one row twice), all-zero ones dropped,
+ * sorted by tenant and day so that concurrent batches lock rows in the same order.
  */
 export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
   if (!Array.isArray(entries)) throw invalidRequest('usage entries must be an array', 'entries');
@@ -46,12 +32,16 @@ export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
     }
     if (USAGE_COUNTERS.every((k) => e[k] === 0)) return;
     const key = `${e.tenantId}\u0000${e.day}`;
-    const row = merged.get(key);
-    if (!row) {
-      merged.set(key, { tenantId: e.tenantId, day: e.day, ...Object.fromEntries(USAGE_COUNTERS.map((k) => [k, e[k]])) } as UsageRecord);
-    } else {
-      for (const k of USAGE_COUNTERS) row[k] += e[k];
-    }
+    const row = merged.get(key) ?? {
+      tenantId: e.tenantId,
+      day: e.day,
+      requests: 0,
+      promptTokens: 0,
+      completionTokens: 0,
+      trainingTokens: 0,
+    };
+    for (const k of USAGE_COUNTERS) row[k] += e[k];
+    merged.set(key, row);
   });
   const order = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
   return [...merged.values()].sort((a, b) => order(a.tenantId, b.tenantId) || order(a.day, b.day));

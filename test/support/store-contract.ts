@@ -550,6 +550,24 @@ export function storeContract(backend: StoreBackend): void {
         expect(woken).toBe(5); // once per job, however the backend also hears about it
       });
 
+      it('lists jobs newest first with order desc, the cursor then meaning "older than"', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const ids: string[] = [];
+        for (let i = 0; i < 5; i++) ids.push((await store.createJob(a.id, { i })).id);
+        await store.createJob(b.id, {});
+        const newest = [...ids].reverse();
+        const first = await store.listJobs(a.id, { limit: 2, order: 'desc' });
+        expect(first.data.map((j) => j.id)).toEqual(newest.slice(0, 2));
+        expect(first.nextCursor).toBe(newest[1]);
+        expect((await collect((after) => store.listJobs(a.id, { limit: 2, after, order: 'desc' }))).map((j) => j.id)).toEqual(newest);
+        expect((await store.listJobs(a.id, { limit: 10, after: ids[0], order: 'desc' })).data).toEqual([]);
+        expect((await store.listJobs(a.id, { limit: 10, order: 'asc' })).data.map((j) => j.id)).toEqual(ids);
+        const err = await rejection(store.listJobs(b.id, { limit: 2, after: ids[2], order: 'desc' }));
+        expect([err.code, err.field]).toEqual(['invalid_request', 'after']);
+      });
+
       it('claims oldest first; only the lease holder may renew, report, checkpoint and finish', async () => {
         const store = await open();
         const t = await store.createTenant('a');
