@@ -492,7 +492,7 @@ export class SqlStore implements S.Store {
     const set = { status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
     const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);
     if (!one(await tx.updateTable('jobs').set(set).where(held).executeTakeFirst())) return false;
-    await this.addEvent(tx, id, 'status', { status, ...(error !== null && { error }), ...(interventionId !== null && { interventionId }) });
+    await this.addEvent(tx, id, 'status', { status, ...(error !== null && { error }), ...(interventionId !== null && { intervention_id: interventionId }) });
     return true;
   }
 }

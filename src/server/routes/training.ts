@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
+import { ReftError, noSuch } from '../../errors.ts';
 import { fileBytes } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
@@ -46,37 +46,7 @@ function jobBody(j: Job): z.infer<typeof jobSchema> {
   };
 }
 
-/** Event data on the wire says intervention_id, as the job does (the store's final status event says interventionId). */
-function eventData(data: unknown): unknown {
-  if (!data || typeof data !== 'object' || !('interventionId' in data)) return data;
-  const { interventionId, ...rest } = data as Record<string, unknown>;
-  return { ...rest, intervention_id: interventionId };
-}
-
-const eventBody = (e: JobEvent) => ({ seq: e.seq, type: e.type, created_at: e.createdAt, data: eventData(e.data) });
-
-/**
- * A page of the tenant's jobs, newest first (as OpenAI lists fine-tuning jobs). The store pages
- * oldest first, so this reads the tenant's whole list; a store method paging backwards would
- * make it one query.
- */
-async function newestJobs(store: Store, tenantId: string, limit: number, after: string | undefined): Promise<{ data: Job[]; nextCursor: string | null }> {
-  const all: Job[] = [];
-  let cursor: string | undefined;
-  do {
-    const page = await store.listJobs(tenantId, { limit: 100, after: cursor });
-    all.push(...page.data);
-    cursor = page.nextCursor ?? undefined;
-  } while (cursor);
-  all.reverse();
-  let start = 0;
-  if (after !== undefined) {
-    start = all.findIndex((j) => j.id === after) + 1;
-    if (start === 0) throw invalidRequest(`no training job "${after}" to page after`, 'after');
-  }
-  const data = all.slice(start, start + limit);
-  return { data, nextCursor: start + limit < all.length ? data[data.length - 1].id : null };
-}
+const eventBody = (e: JobEvent) => ({ seq: e.seq, type: e.type, created_at: e.createdAt, data: e.data });
 
 /** Live event streams one tenant may hold open (each polls the store while it lasts). */
 export const MAX_EVENT_STREAMS_PER_TENANT = 8;
@@ -111,7 +81,7 @@ export function trainingRoutes(app: FastifyInstance, store: Store, runtime: () =
   r.get('/v1/training/jobs', {
     schema: { summary: "List the caller's training jobs, newest first", tags: ['training'], querystring: pageQuery, response: { 200: pageSchema(jobSchema), '4xx': problemSchema } },
   }, async (request) => {
-    const page = await newestJobs(store, request.tenant.id, request.query.limit, request.query.after);
+    const page = await store.listJobs(request.tenant.id, { ...request.query, order: 'desc' });
     return { object: 'list' as const, data: page.data.map(jobBody), has_more: page.nextCursor !== null, next_cursor: page.nextCursor };
   });
 
