@@ -29,7 +29,11 @@ function randomIntervention(seed: number, layer: number, rank: number, positions
   const rng = new Rng(seed);
   const rand = (n: number, s: number) => Float32Array.from({ length: n }, () => (rng.next() * 2 - 1) * s);
   // orthonormal rows are not needed for timing; the shapes and kinds are what matter
-  return lowRank({ kind: 'loreft', layer, rank, positions: parsePositions(positions) }, { rotate: rand(rank * d, 0.05), 'source.weight': rand(rank * d, 0.05), 'source.bias': rand(rank, 0.1) }, d);
+  return lowRank(
+    { kind: 'loreft', layer, rank, positions: parsePositions(positions) },
+    { rotate: rand(rank * d, 0.05), 'source.weight': rand(rank * d, 0.05), 'source.bias': rand(rank, 0.1) },
+    d,
+  );
 }
 
 function prompt(seed: number, n: number, vocab: number): number[] {
@@ -142,27 +146,53 @@ export async function benchEngine(model: LoadedModel, engine: Engine, workDir: s
   const ratio = decode1 / ceiling;
   const quarters = quartersOf(paired, weightBytes);
   const b8: number[] = [];
-  for (let rep = 0; rep < 5; rep++) b8.push(await decodeRate(engine, Array.from({ length: 8 }, (_, i) => ({ tokens: prompt(10 * rep + i, 16, config.vocabSize) })), 32));
+  for (let rep = 0; rep < 5; rep++)
+    b8.push(
+      await decodeRate(
+        engine,
+        Array.from({ length: 8 }, (_, i) => ({ tokens: prompt(10 * rep + i, 16, config.vocabSize) })),
+        32,
+      ),
+    );
   const decode8 = median(b8);
-  log(`read bandwidth (2 threads): ${round(bandwidth / 1e9)} GB/s; weights per step ${round(weightBytes / 1e6, 1)} MB; ceiling ${round(ceiling, 1)} tokens/s; huge pages ${hugePages()}`);
-  log(`decode batch 1: ${round(decode1, 1)} tokens/s, ${round(ratio)} of the ceiling (by quarter of the run: ${quarters.map((q) => round(q.decode)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`);
-  log(`one matrix-vector product over the same ${round(weightBytes / 1e6, 1)} MB in one matrix (ORT's best case for these bytes): ${round(median(paired.gemv) / 1e9)} GB/s, ${round(gemvRatio)} of the probe (by quarter: ${quarters.map((q) => round(q.gemv)).join(', ')})`);
+  log(
+    `read bandwidth (2 threads): ${round(bandwidth / 1e9)} GB/s; weights per step ${round(weightBytes / 1e6, 1)} MB; ceiling ${round(ceiling, 1)} tokens/s; huge pages ${hugePages()}`,
+  );
+  log(
+    `decode batch 1: ${round(decode1, 1)} tokens/s, ${round(ratio)} of the ceiling (by quarter of the run: ${quarters.map((q) => round(q.decode)).join(', ')}); batch 8: ${round(decode8, 1)} tokens/s aggregate`,
+  );
+  log(
+    `one matrix-vector product over the same ${round(weightBytes / 1e6, 1)} MB in one matrix (ORT's best case for these bytes): ${round(median(paired.gemv) / 1e9)} GB/s, ${round(gemvRatio)} of the probe (by quarter: ${quarters.map((q) => round(q.gemv)).join(', ')})`,
+  );
 
   const long = prompt(99, 512, config.vocabSize);
   const ivs = [3, 10, 17, 24].map((layer, i) => randomIntervention(i, Math.min(layer, config.numLayers - 1), 8, 'f7+l7', d));
   await prefillSeconds(engine, { tokens: long });
-  const prefill = await inPairs(25, () => prefillSeconds(engine, { tokens: long }), () => prefillSeconds(engine, { tokens: long, interventions: ivs }));
+  const prefill = await inPairs(
+    25,
+    () => prefillSeconds(engine, { tokens: long }),
+    () => prefillSeconds(engine, { tokens: long, interventions: ivs }),
+  );
   const prefillPlain = 512 / median(prefill.a);
   const prefillIv = 512 / median(prefill.b);
   const prefillOverhead = median(pairRatios(prefill)) - 1;
-  log(`prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}% (median of ${prefill.a.length} pairs)`);
+  log(
+    `prefill 512 tokens: ${round(prefillPlain, 1)} tokens/s plain, ${round(prefillIv, 1)} with LoReFT r8 on 4 layers f7+l7: overhead ${round(prefillOverhead * 100, 2)}% (median of ${prefill.a.length} pairs)`,
+  );
 
   // The same prompt with and without interventions, in bursts of 4 decode steps.
   const promptTokens = prompt(7, 64, config.vocabSize);
-  const burst = async (interventions: LowRankIntervention[]) => median(await decodeSteps(engine, { tokens: promptTokens, interventions }, 4));
-  const after = await inPairs(120, () => burst([]), () => burst(ivs));
+  const burst = async (interventions: LowRankIntervention[]) =>
+    median(await decodeSteps(engine, { tokens: promptTokens, interventions }, 4));
+  const after = await inPairs(
+    120,
+    () => burst([]),
+    () => burst(ivs),
+  );
   const decodeRatio = 1 / median(pairRatios(after));
-  log(`decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.a.length} pairs)`);
+  log(
+    `decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.a.length} pairs)`,
+  );
 
   return {
     read_bandwidth_gb_s: round(bandwidth / 1e9),
@@ -173,7 +203,13 @@ export async function benchEngine(model: LoadedModel, engine: Engine, workDir: s
     decode_batch8_tokens_s: round(decode8, 1),
     huge_pages: hugePages(),
     single_gemv_of_bandwidth: round(gemvRatio),
-    decode_runs: { batch1_of_ceiling_by_quarter: quarters.map((q) => round(q.decode)), single_gemv_of_bandwidth_by_quarter: quarters.map((q) => round(q.gemv)), batch8: b8.map((x) => round(x, 1)), bandwidth_samples: paired.bandwidths.length, decode_steps: paired.stepMs.length },
+    decode_runs: {
+      batch1_of_ceiling_by_quarter: quarters.map((q) => round(q.decode)),
+      single_gemv_of_bandwidth_by_quarter: quarters.map((q) => round(q.gemv)),
+      batch8: b8.map((x) => round(x, 1)),
+      bandwidth_samples: paired.bandwidths.length,
+      decode_steps: paired.stepMs.length,
+    },
     prefill512_plain_tokens_s: round(prefillPlain, 1),
     prefill512_loreft_tokens_s: round(prefillIv, 1),
     prefill_overhead_percent: round(prefillOverhead * 100, 2),

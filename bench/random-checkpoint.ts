@@ -50,9 +50,20 @@ function bf16Value(x: number): number {
  * norm weights 1, biases small, matrices N(0, 0.02)-like so activations stay realistic. The
  * tokenizer files are copied from `tokenizerFrom` (token ids are all a benchmark needs).
  */
-export async function randomCheckpoint(dir: string, tokenizerFrom: string, rawConfig: Record<string, unknown> = SMOL_135M_CONFIG, opts: { dtype?: WeightDType; seed?: number; roundTo?: 'F16' | 'BF16' } = {}): Promise<string> {
+export async function randomCheckpoint(
+  dir: string,
+  tokenizerFrom: string,
+  rawConfig: Record<string, unknown> = SMOL_135M_CONFIG,
+  opts: { dtype?: WeightDType; seed?: number; roundTo?: 'F16' | 'BF16' } = {},
+): Promise<string> {
   const done = join(dir, '.complete');
-  if (await stat(done).then(() => true, () => false)) return dir;
+  if (
+    await stat(done).then(
+      () => true,
+      () => false,
+    )
+  )
+    return dir;
   const dtype = opts.dtype ?? 'F32';
   const bytesPer = dtype === 'F32' ? 4 : 2;
   await mkdir(dir, { recursive: true });
@@ -89,8 +100,14 @@ export async function randomCheckpoint(dir: string, tokenizerFrom: string, rawCo
     }
   }
   await fh.close();
-  await writeFile(join(dir, 'config.json'), JSON.stringify({ ...rawConfig, torch_dtype: { F32: 'float32', F16: 'float16', BF16: 'bfloat16' }[dtype] }, null, 2));
-  await writeFile(join(dir, 'generation_config.json'), JSON.stringify({ bos_token_id: rawConfig.bos_token_id ?? 1, eos_token_id: rawConfig.eos_token_id ?? 2 }));
+  await writeFile(
+    join(dir, 'config.json'),
+    JSON.stringify({ ...rawConfig, torch_dtype: { F32: 'float32', F16: 'float16', BF16: 'bfloat16' }[dtype] }, null, 2),
+  );
+  await writeFile(
+    join(dir, 'generation_config.json'),
+    JSON.stringify({ bos_token_id: rawConfig.bos_token_id ?? 1, eos_token_id: rawConfig.eos_token_id ?? 2 }),
+  );
   for (const f of ['tokenizer.json', 'tokenizer_config.json']) await writeFile(join(dir, f), await readFile(join(tokenizerFrom, f)));
   await writeFile(done, '');
   return dir;

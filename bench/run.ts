@@ -45,8 +45,16 @@ if (sections.includes('server')) results.server = await benchServer(dir, model.c
 if (sections.includes('soak')) {
   // two servers and one worker on PostgreSQL (REFT_TEST_DATABASE_URL), on stories260k
   const { soakCluster } = await import('../test/support/cluster.ts');
-  const soak = await soakCluster({ seconds: Number(process.env.SOAK_SECONDS ?? 180), clients: 8, interventions: 32, jobEverySeconds: 10, log });
-  log(`soak: ${soak.seconds} s, ${soak.requests} requests, ${soak.failed} failed, ${soak.tokens_per_second} tokens/s, jobs ${soak.jobs.succeeded}/${soak.jobs.submitted} succeeded, RSS growth after warm-up ${soak.rss_growth_after_warmup_percent.join('% / ')}%`);
+  const soak = await soakCluster({
+    seconds: Number(process.env.SOAK_SECONDS ?? 180),
+    clients: 8,
+    interventions: 32,
+    jobEverySeconds: 10,
+    log,
+  });
+  log(
+    `soak: ${soak.seconds} s, ${soak.requests} requests, ${soak.failed} failed, ${soak.tokens_per_second} tokens/s, jobs ${soak.jobs.succeeded}/${soak.jobs.submitted} succeeded, RSS growth after warm-up ${soak.rss_growth_after_warmup_percent.join('% / ')}%`,
+  );
   results.soak = soak;
 }
 

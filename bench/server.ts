@@ -22,7 +22,11 @@ const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
 /** A LoReFT artifact with one rank-`rank` intervention on each of `layers`. */
 export function loreftArtifact(seed: number, config: ModelConfig, layers: number[], rank: number, positions: string) {
   const base = { hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers };
-  return artifact(layers.map((layer, i) => randomLoreft(seed * 1000 + i, layer, rank, positions, config.hiddenSize, 0.05)), {}, base);
+  return artifact(
+    layers.map((layer, i) => randomLoreft(seed * 1000 + i, layer, rank, positions, config.hiddenSize, 0.05)),
+    {},
+    base,
+  );
 }
 
 interface StreamTiming {
@@ -35,7 +39,11 @@ interface StreamTiming {
 
 async function stream(url: string, body: unknown): Promise<StreamTiming> {
   const start = performance.now();
-  const res = await fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...(body as object), stream: true }) });
+  const res = await fetch(`${url}/v1/generate`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ ...(body as object), stream: true }),
+  });
   if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
   const reader = res.body!.getReader();
   const decoder = new TextDecoder();
@@ -85,10 +93,30 @@ async function load(url: string, bodies: unknown[]) {
 }
 
 async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
-  const proc = spawn(process.execPath, [BIN, 'serve', '--model', modelDir, '--port', '0', '--data-dir', dataDir, '--no-worker', '--tenant-max-concurrent', '128', '--max-batch-size', '32', '--log-level', 'info'], {
-    env: { ...process.env, REFT_LOG_LEVEL: 'info' },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
+  const proc = spawn(
+    process.execPath,
+    [
+      BIN,
+      'serve',
+      '--model',
+      modelDir,
+      '--port',
+      '0',
+      '--data-dir',
+      dataDir,
+      '--no-worker',
+      '--tenant-max-concurrent',
+      '128',
+      '--max-batch-size',
+      '32',
+      '--log-level',
+      'info',
+    ],
+    {
+      env: { ...process.env, REFT_LOG_LEVEL: 'info' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    },
+  );
   const url = await new Promise<string>((resolve, reject) => {
     let listening = '';
     createInterface({ input: proc.stdout! }).on('line', (line) => {
@@ -104,10 +132,11 @@ async function startServer(modelDir: string, dataDir: string): Promise<{ url: st
   });
   return {
     url,
-    stop: () => new Promise<void>((resolve) => {
-      proc.once('exit', () => resolve());
-      proc.kill('SIGTERM');
-    }),
+    stop: () =>
+      new Promise<void>((resolve) => {
+        proc.once('exit', () => resolve());
+        proc.kill('SIGTERM');
+      }),
   };
 }
 
@@ -132,7 +161,13 @@ async function firstUseInProcess(config: ModelConfig): Promise<{ miss_ms: number
   const warmUp = 5;
   for (let i = 0; i < warmUp + 20; i++) {
     const a = loreftArtifact(1000 + i, config, all, 8, 'f7+l7');
-    const meta = await store.putIntervention({ tenantId: tenant.id, name: `first-use-${i}`, source: 'upload', config: JSON.parse(a.config), files: { config: new TextEncoder().encode(a.config), weights: a.weights } });
+    const meta = await store.putIntervention({
+      tenantId: tenant.id,
+      name: `first-use-${i}`,
+      source: 'upload',
+      config: JSON.parse(a.config),
+      files: { config: new TextEncoder().encode(a.config), weights: a.weights },
+    });
     ids.push(meta.id);
   }
   const cache = new InterventionCache(store, config, 1024 ** 3);
@@ -163,14 +198,34 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
     const adapters: string[] = [];
     for (let i = 0; i < 32; i++) adapters.push(await upload(server.url, loreftArtifact(i, config, layers, 4, 'f3+l3'), `bench-${i}`));
     const maxNew = 64;
-    const body = (adapter?: string) => ({ input_ids: promptOf(), max_new_tokens: maxNew, ignore_eos: true, ...(adapter ? { adapter } : {}) });
+    const body = (adapter?: string) => ({
+      input_ids: promptOf(),
+      max_new_tokens: maxNew,
+      ignore_eos: true,
+      ...(adapter ? { adapter } : {}),
+    });
     await load(server.url, [body()]); // warm up
-    await load(server.url, adapters.map((a) => body(a))); // every adapter cached once
+    await load(
+      server.url,
+      adapters.map((a) => body(a)),
+    ); // every adapter cached once
     const single = await load(server.url, [body()]);
     // plain and intervened loads back to back, the order alternating; the ratio is the median of
     // the pairs' ratios, since the machine's speed drifts between pairs more than the effect
     type Load = Awaited<ReturnType<typeof load>>;
-    const loads = await inPairs(7, () => load(server.url, adapters.map(() => body())), () => load(server.url, adapters.map((a) => body(a))));
+    const loads = await inPairs(
+      7,
+      () =>
+        load(
+          server.url,
+          adapters.map(() => body()),
+        ),
+      () =>
+        load(
+          server.url,
+          adapters.map((a) => body(a)),
+        ),
+    );
     const plain = loads.a;
     const withIv = loads.b;
     const ratios = pairRatios({ a: plain.map((x) => x.decode_tokens_s), b: withIv.map((x) => x.decode_tokens_s) });
@@ -178,8 +233,12 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
     const p = middle(plain);
     const v = middle(withIv);
     const ratio = median(ratios);
-    log(`one stream: ${single.decode_tokens_s} tokens/s; 32 streams plain: ${p.decode_tokens_s}; 32 streams over 32 interventions: ${v.decode_tokens_s} (ratio ${round(ratio, 3)}, median of ${ratios.length} pairs; ${round(v.decode_tokens_s / single.decode_tokens_s, 2)}x one stream)`);
-    log(`32 streams with interventions: TTFT p50 ${v.ttft_ms.p50} ms p99 ${v.ttft_ms.p99} ms; inter-token p50 ${v.itl_ms.p50} ms p99 ${v.itl_ms.p99} ms`);
+    log(
+      `one stream: ${single.decode_tokens_s} tokens/s; 32 streams plain: ${p.decode_tokens_s}; 32 streams over 32 interventions: ${v.decode_tokens_s} (ratio ${round(ratio, 3)}, median of ${ratios.length} pairs; ${round(v.decode_tokens_s / single.decode_tokens_s, 2)}x one stream)`,
+    );
+    log(
+      `32 streams with interventions: TTFT p50 ${v.ttft_ms.p50} ms p99 ${v.ttft_ms.p99} ms; inter-token p50 ${v.itl_ms.p50} ms p99 ${v.itl_ms.p99} ms`,
+    );
 
     // first use over HTTP: a fresh rank-8 every-layer intervention vs the same one cached; each
     // request starts from an idle server (ORT's threads asleep), so neither rides the other's
@@ -200,7 +259,9 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
     }
     const inProcess = await firstUseInProcess(config);
     const httpExtra = median(extra);
-    log(`first use of an uncached rank-8 every-layer intervention: ${inProcess.miss_ms} ms to load in process (cached lookup ${inProcess.hit_ms} ms); over HTTP a first-use request took ${round(httpExtra, 1)} ms more than the cached one (median of ${extra.length} pairs)`);
+    log(
+      `first use of an uncached rank-8 every-layer intervention: ${inProcess.miss_ms} ms to load in process (cached lookup ${inProcess.hit_ms} ms); over HTTP a first-use request took ${round(httpExtra, 1)} ms more than the cached one (median of ${extra.length} pairs)`,
+    );
     return {
       one_stream: single,
       streams32_plain: p,

@@ -62,12 +62,21 @@ export async function runSoak(target: SoakTarget, o: SoakOptions): Promise<SoakR
   const client = async () => {
     while (Date.now() < until) {
       const server = pick(target.servers);
-      const body: Record<string, unknown> = { prompt: pick(prompts), max_new_tokens: 8 + Math.floor(rng.next() * 40), temperature: rng.next() < 0.5 ? 0 : 0.8, seed: requests };
+      const body: Record<string, unknown> = {
+        prompt: pick(prompts),
+        max_new_tokens: 8 + Math.floor(rng.next() * 40),
+        temperature: rng.next() < 0.5 ? 0 : 0.8,
+        seed: requests,
+      };
       if (rng.next() < 0.85) body.adapter = pick(adapters);
       const stream = rng.next() < 0.3;
       requests++;
       try {
-        const res = await fetch(`${server.url}/v1/generate`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream }) });
+        const res = await fetch(`${server.url}/v1/generate`, {
+          method: 'POST',
+          headers: { ...auth, 'content-type': 'application/json' },
+          body: JSON.stringify({ ...body, stream }),
+        });
         const text = await res.text();
         if (!res.ok) throw new Error(`HTTP ${res.status}: ${text.slice(0, 200)}`);
         if (stream) {
@@ -89,7 +98,12 @@ export async function runSoak(target: SoakTarget, o: SoakOptions): Promise<SoakR
       const res = await fetch(`${server.url}/v1/training/jobs`, {
         method: 'POST',
         headers: { ...auth, 'content-type': 'application/json' },
-        body: JSON.stringify({ data: prompts.map((p) => ({ prompt: p, completion: ' And then they all had cake.' })), intervention: { rank: 1 + (i % 2), layers: [1, 3] }, hyperparameters: { epochs: 4, seed: i }, name: `soak-job-${i}` }),
+        body: JSON.stringify({
+          data: prompts.map((p) => ({ prompt: p, completion: ' And then they all had cake.' })),
+          intervention: { rank: 1 + (i % 2), layers: [1, 3] },
+          hyperparameters: { epochs: 4, seed: i },
+          name: `soak-job-${i}`,
+        }),
       });
       requests++;
       if (res.status !== 202) failures.push(`job submit HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);

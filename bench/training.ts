@@ -10,16 +10,26 @@ import { median, round } from './machine.ts';
  * to a forward pass of the same batch.
  */
 const OPENINGS = [
-  'Once upon a time, there was a little boy named Tim. He had a red ball.', 'One day, a girl named Sue went to the park with her mom.',
-  'There was a big dog who lived in a small house by the sea.', 'Lily liked to draw pictures of the sun and the moon.',
-  'Ben and his sister Mia found a shiny rock in the garden.', 'A little bird sat on a tree and looked at the sky.',
-  'Tom wanted to bake a cake for his friend Sam.', 'The cat was very sleepy after a long day of play.',
-  'Anna had a new doll with a pink dress and long hair.', 'It was a rainy day, so Max stayed inside with his toys.',
-  'Sara saw a little frog jump into the pond.', 'Once there was a kind old man who had a big farm.',
-  'Jack and Jill went up the hill to get some water.', 'The sun was hot, and the kids wanted to swim in the lake.',
-  'Mom gave Lucy a big hug before she went to school.', 'A small mouse found a piece of cheese under the table.',
-  'Tim and his dad built a tall tower with blocks.', 'Emma loved her teddy bear more than anything.',
-  'The little car went fast down the road.', 'One morning, Sam woke up and saw snow outside.',
+  'Once upon a time, there was a little boy named Tim. He had a red ball.',
+  'One day, a girl named Sue went to the park with her mom.',
+  'There was a big dog who lived in a small house by the sea.',
+  'Lily liked to draw pictures of the sun and the moon.',
+  'Ben and his sister Mia found a shiny rock in the garden.',
+  'A little bird sat on a tree and looked at the sky.',
+  'Tom wanted to bake a cake for his friend Sam.',
+  'The cat was very sleepy after a long day of play.',
+  'Anna had a new doll with a pink dress and long hair.',
+  'It was a rainy day, so Max stayed inside with his toys.',
+  'Sara saw a little frog jump into the pond.',
+  'Once there was a kind old man who had a big farm.',
+  'Jack and Jill went up the hill to get some water.',
+  'The sun was hot, and the kids wanted to swim in the lake.',
+  'Mom gave Lucy a big hug before she went to school.',
+  'A small mouse found a piece of cheese under the table.',
+  'Tim and his dad built a tall tower with blocks.',
+  'Emma loved her teddy bear more than anything.',
+  'The little car went fast down the road.',
+  'One morning, Sam woke up and saw snow outside.',
 ];
 
 export async function benchRecipeA(stories: LoadedModel, log: (s: string) => void) {
@@ -27,11 +37,16 @@ export async function benchRecipeA(stories: LoadedModel, log: (s: string) => voi
   const runs: Array<{ seconds: number; tokensPerSecond: number; steps: number }> = [];
   for (let rep = 0; rep < 3; rep++) {
     let tokensPerSecond = 0;
-    const trainer = await Trainer.create(stories, { rank: 4, layers: 'all', positions: 'f3+l3', epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear', seed: 1 }, rows, {
-      onProgress: (p) => {
-        tokensPerSecond = p.tokensPerSecond;
+    const trainer = await Trainer.create(
+      stories,
+      { rank: 4, layers: 'all', positions: 'f3+l3', epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear', seed: 1 },
+      rows,
+      {
+        onProgress: (p) => {
+          tokensPerSecond = p.tokensPerSecond;
+        },
       },
-    });
+    );
     const t = performance.now();
     const outcome = await trainer.train();
     const seconds = (performance.now() - t) / 1000;
@@ -39,8 +54,15 @@ export async function benchRecipeA(stories: LoadedModel, log: (s: string) => voi
     runs.push({ seconds, tokensPerSecond, steps: outcome.steps });
   }
   const best = runs.reduce((a, b) => (b.seconds < a.seconds ? b : a));
-  log(`recipe (a) on stories260k: ${best.steps} steps in ${round(best.seconds, 2)} s, ${round(best.tokensPerSecond)} training tokens/s (PyTorch eager: ~7 s)`);
-  return { steps: best.steps, seconds: round(best.seconds, 2), training_tokens_s: round(best.tokensPerSecond), all_seconds: runs.map((r) => round(r.seconds, 2)) };
+  log(
+    `recipe (a) on stories260k: ${best.steps} steps in ${round(best.seconds, 2)} s, ${round(best.tokensPerSecond)} training tokens/s (PyTorch eager: ~7 s)`,
+  );
+  return {
+    steps: best.steps,
+    seconds: round(best.seconds, 2),
+    training_tokens_s: round(best.tokensPerSecond),
+    all_seconds: runs.map((r) => round(r.seconds, 2)),
+  };
 }
 
 export async function benchTrainingStep(model: LoadedModel, engine: Engine, log: (s: string) => void) {
@@ -52,20 +74,28 @@ export async function benchTrainingStep(model: LoadedModel, engine: Engine, log:
   const layers = [3, 10, 17, 24].map((l) => Math.min(l, model.config.numLayers - 1));
   const stepTimes: number[] = [];
   let last = 0;
-  const trainer = await Trainer.fromExamples(model, { kind: 'loreft', rank: 8, layers, positions: 'f7+l7', share_weights: true, batch_size: 8, epochs: 8, seed: 1 }, examples, {
-    onProgress: () => {
-      const now = performance.now();
-      if (last) stepTimes.push(now - last);
-      last = now;
+  const trainer = await Trainer.fromExamples(
+    model,
+    { kind: 'loreft', rank: 8, layers, positions: 'f7+l7', share_weights: true, batch_size: 8, epochs: 8, seed: 1 },
+    examples,
+    {
+      onProgress: () => {
+        const now = performance.now();
+        if (last) stepTimes.push(now - last);
+        last = now;
+      },
     },
-  });
+  );
   last = performance.now();
   await trainer.train();
   await trainer.release();
   const forwardAll: number[] = [];
   const forwardLast: number[] = [];
   for (let rep = 0; rep < 5; rep++) {
-    for (const [allLogits, into] of [[true, forwardAll], [false, forwardLast]] as const) {
+    for (const [allLogits, into] of [
+      [true, forwardAll],
+      [false, forwardLast],
+    ] as const) {
       const t = performance.now();
       const outs = await engine.prefill(examples.map((e) => ({ tokens: e.tokens, allLogits })));
       into.push(performance.now() - t);
@@ -75,7 +105,9 @@ export async function benchTrainingStep(model: LoadedModel, engine: Engine, log:
   const step = median(stepTimes);
   const fAll = median(forwardAll);
   const fLast = median(forwardLast);
-  log(`135M training step (8 × 128 tokens, LoReFT r8 on 4 layers): ${round(step, 1)} ms; forward of the same batch ${round(fAll, 1)} ms with logits at every position (${round(step / fAll, 2)}x), ${round(fLast, 1)} ms with the last position's only (${round(step / fLast, 2)}x)`);
+  log(
+    `135M training step (8 × 128 tokens, LoReFT r8 on 4 layers): ${round(step, 1)} ms; forward of the same batch ${round(fAll, 1)} ms with logits at every position (${round(step / fAll, 2)}x), ${round(fLast, 1)} ms with the last position's only (${round(step / fLast, 2)}x)`,
+  );
   return {
     step_ms: round(step, 1),
     forward_all_logits_ms: round(fAll, 1),

@@ -79,8 +79,7 @@ export interface SerializedError {
 }
 
 export const invalidRequest = (message: string, field?: string) => new ReftError('invalid_request', message, field);
-export const invalidIntervention = (message: string, field?: string) =>
-  new ReftError('invalid_intervention', message, field);
+export const invalidIntervention = (message: string, field?: string) => new ReftError('invalid_intervention', message, field);
 export const invalidCheckpoint = (message: string, field?: string) => new ReftError('invalid_checkpoint', message, field);
 export const unsupportedModel = (message: string, field?: string) => new ReftError('unsupported_model', message, field);
 export const notFound = (message: string, field?: string) => new ReftError('not_found', message, field);

@@ -51,7 +51,11 @@ describe('API fidelity (single-tenant server)', () => {
 
     it('stream events carry the same text, space first', async () => {
       const plain = await json(api, 'POST', '/v1/generate', { prompt: PROMPT, max_new_tokens: 3 });
-      const res = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: PROMPT, max_new_tokens: 3, stream: true }) });
+      const res = await fetch(`${api.url}/v1/generate`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ prompt: PROMPT, max_new_tokens: 3, stream: true }),
+      });
       const tokens = ((await sse(res)) as Array<Record<string, any>>).filter((e) => e.type === 'token');
       expect(tokens[0].text).toMatch(/^ /);
       expect(tokens.map((e) => e.text).join('')).toBe(plain.body.text);
@@ -62,15 +66,31 @@ describe('API fidelity (single-tenant server)', () => {
       const text = c.choices[0].text;
       expect(text).toMatch(/^ \S/);
       expect(c.choices[0].logprobs!.tokens!.join('')).toBe(text);
-      expect(c.choices[0].logprobs!.text_offset).toEqual(c.choices[0].logprobs!.tokens!.map((_, i, all) => all.slice(0, i).join('').length));
+      expect(c.choices[0].logprobs!.text_offset).toEqual(
+        c.choices[0].logprobs!.tokens!.map((_, i, all) => all.slice(0, i).join('').length),
+      );
       let streamed = '';
-      for await (const chunk of await client.completions.create({ model: base, prompt: PROMPT, max_tokens: 3, temperature: 0, stream: true })) streamed += chunk.choices[0]?.text ?? '';
+      for await (const chunk of await client.completions.create({
+        model: base,
+        prompt: PROMPT,
+        max_tokens: 3,
+        temperature: 0,
+        stream: true,
+      }))
+        streamed += chunk.choices[0]?.text ?? '';
       expect(streamed).toBe(text);
       const gen = await json(api, 'POST', '/v1/generate', { prompt: PROMPT, max_new_tokens: 3, logprobs: true });
       const firstId = gen.body.token_ids[0];
       expect(tokenizer.decode([firstId])).not.toMatch(/^ /); // decoding the token alone loses the space: the bug this guards
       expect(text).toBe(gen.body.text);
-      const chat = await client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'Tell me a story.' }], max_tokens: 4, temperature: 0, logprobs: true, top_logprobs: 1 });
+      const chat = await client.chat.completions.create({
+        model: base,
+        messages: [{ role: 'user', content: 'Tell me a story.' }],
+        max_tokens: 4,
+        temperature: 0,
+        logprobs: true,
+        top_logprobs: 1,
+      });
       const content = chat.choices[0].message.content!;
       const entries = chat.choices[0].logprobs!.content!;
       expect(entries.map((e) => e.token).join('')).toBe(content);
@@ -81,17 +101,22 @@ describe('API fidelity (single-tenant server)', () => {
 
   /** What a call through the official client threw. */
   async function failure(p: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
-    const err = await p.then(() => null, (e: unknown) => e);
+    const err = await p.then(
+      () => null,
+      (e: unknown) => e,
+    );
     expect(err).toBeInstanceOf(OpenAI.APIError);
     return err as InstanceType<typeof OpenAI.APIError>;
   }
 
-  describe('OpenAI routes answer errors in OpenAI\'s shape', () => {
+  describe("OpenAI routes answer errors in OpenAI's shape", () => {
     it('the official client sees message, type, param and code', async () => {
       const missing = await failure(client.completions.create({ model: 'nope', prompt: 'x' }));
       expect(missing).toMatchObject({ status: 404, code: 'not_found', param: 'model', type: 'not_found_error' });
       expect(missing.message).toMatch(/nope/);
-      const invalid = await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], temperature: 5 }));
+      const invalid = await failure(
+        client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], temperature: 5 }),
+      );
       expect(invalid).toMatchObject({ status: 400, code: 'invalid_request', param: 'temperature', type: 'invalid_request_error' });
       const unknownModel = await failure(client.models.retrieve('nope'));
       expect(unknownModel).toMatchObject({ status: 404, param: 'model' });
@@ -101,7 +126,14 @@ describe('API fidelity (single-tenant server)', () => {
       const res = await json(api, 'POST', '/v1/completions', { model: base, prompt: 'x', max_tokens: 0 });
       expect(res.status).toBe(400);
       expect(res.headers.get('content-type')).toMatch(/^application\/json/);
-      expect(res.body).toEqual({ error: { message: expect.stringMatching(/max_tokens/), type: 'invalid_request_error', param: 'max_tokens', code: 'invalid_request' } });
+      expect(res.body).toEqual({
+        error: {
+          message: expect.stringMatching(/max_tokens/),
+          type: 'invalid_request_error',
+          param: 'max_tokens',
+          code: 'invalid_request',
+        },
+      });
       const generate = await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 });
       expect(generate.headers.get('content-type')).toMatch(/^application\/problem\+json/);
       expect(generate.body).toMatchObject({ status: 400, field: 'max_new_tokens' });
@@ -109,7 +141,14 @@ describe('API fidelity (single-tenant server)', () => {
   });
 
   describe('OpenAI parameters', () => {
-    const ask = (body: Record<string, unknown>) => client.completions.create({ model: base, prompt: PROMPT, max_tokens: 6, temperature: 0, ...body } as never) as unknown as Promise<OpenAI.Completion>;
+    const ask = (body: Record<string, unknown>) =>
+      client.completions.create({
+        model: base,
+        prompt: PROMPT,
+        max_tokens: 6,
+        temperature: 0,
+        ...body,
+      } as never) as unknown as Promise<OpenAI.Completion>;
 
     it('n gives several choices; sampled ones differ, greedy ones agree; usage counts each prompt once', async () => {
       const sampled = await ask({ n: 4, temperature: 1, seed: 7, max_tokens: 12 });
@@ -121,7 +160,14 @@ describe('API fidelity (single-tenant server)', () => {
       expect(greedy.choices[0].text).toBe(greedy.choices[1].text);
       const promptTokens = tokenizer.encode(PROMPT).length;
       expect(greedy.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: 12, total_tokens: promptTokens + 12 });
-      const chat = await client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'Tell me a story.' }], n: 3, max_tokens: 5, temperature: 1, seed: 3 });
+      const chat = await client.chat.completions.create({
+        model: base,
+        messages: [{ role: 'user', content: 'Tell me a story.' }],
+        n: 3,
+        max_tokens: 5,
+        temperature: 1,
+        seed: 3,
+      });
       expect(chat.choices.map((c) => c.index)).toEqual([0, 1, 2]);
     });
 
@@ -136,7 +182,14 @@ describe('API fidelity (single-tenant server)', () => {
       }
       expect(both.usage!.prompt_tokens).toBe(prompts.reduce((n, p) => n + tokenizer.encode(p).length, 0));
       let streamed = ['', '', '', ''];
-      for await (const chunk of (await client.completions.create({ model: base, prompt: prompts, n: 2, max_tokens: 6, temperature: 0, stream: true })) as AsyncIterable<OpenAI.Completion>) {
+      for await (const chunk of (await client.completions.create({
+        model: base,
+        prompt: prompts,
+        n: 2,
+        max_tokens: 6,
+        temperature: 0,
+        stream: true,
+      })) as AsyncIterable<OpenAI.Completion>) {
         for (const c of chunk.choices) streamed[c.index] += c.text;
       }
       expect(streamed).toEqual(both.choices.map((c) => c.text));
@@ -182,11 +235,22 @@ describe('API fidelity (single-tenant server)', () => {
     });
 
     it('what stays unsupported is refused by name; max_tokens past the context is refused', async () => {
-      expect(await failure(ask({ suffix: 'The end.' }))).toMatchObject({ status: 400, param: 'suffix', message: expect.stringContaining('`suffix` is not supported') });
+      expect(await failure(ask({ suffix: 'The end.' }))).toMatchObject({
+        status: 400,
+        param: 'suffix',
+        message: expect.stringContaining('`suffix` is not supported'),
+      });
       expect(await failure(ask({ best_of: 3 }))).toMatchObject({ status: 400, param: 'best_of' });
       const tools = [{ type: 'function', function: { name: 'f', parameters: {} } }];
-      expect(await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], tools } as never))).toMatchObject({ status: 400, param: 'tools', message: expect.stringContaining('`tools` is not supported') });
-      expect(await failure(ask({ max_tokens: 600 }))).toMatchObject({ status: 400, code: 'context_length_exceeded', param: 'max_tokens', message: expect.stringMatching(/context is 512/) });
+      expect(
+        await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], tools } as never)),
+      ).toMatchObject({ status: 400, param: 'tools', message: expect.stringContaining('`tools` is not supported') });
+      expect(await failure(ask({ max_tokens: 600 }))).toMatchObject({
+        status: 400,
+        code: 'context_length_exceeded',
+        param: 'max_tokens',
+        message: expect.stringMatching(/context is 512/),
+      });
       expect(await failure(ask({ n: 17 }))).toMatchObject({ status: 400, param: 'n' });
     });
   });
@@ -212,7 +276,7 @@ describe('API fidelity (single-tenant server)', () => {
     });
   });
 
-  describe('/tokenize and /detokenize (vLLM\'s shapes)', () => {
+  describe("/tokenize and /detokenize (vLLM's shapes)", () => {
     it('a prompt, with and without special tokens, with token strings', async () => {
       const res = await json(api, 'POST', '/tokenize', { prompt: PROMPT, return_token_strs: true });
       expect(res.status).toBe(200);
@@ -266,7 +330,11 @@ describe('API fidelity (single-tenant server)', () => {
     }
 
     it('events say intervention_id throughout; cancelling a finished job is a 409; jobs list newest first', async () => {
-      const recipe = { data: [{ prompt: 'Once upon a time', completion: ' a frog sang.' }], intervention: { kind: 'loreft', rank: 1, layers: [1], positions: 'l1' }, hyperparameters: { epochs: 2, batch_size: 1 } };
+      const recipe = {
+        data: [{ prompt: 'Once upon a time', completion: ' a frog sang.' }],
+        intervention: { kind: 'loreft', rank: 1, layers: [1], positions: 'l1' },
+        hyperparameters: { epochs: 2, batch_size: 1 },
+      };
       const first = (await json(api, 'POST', '/v1/training/jobs', { ...recipe, name: 'tiny' })).body;
       const done = await finished(first.id);
       expect(done.status).toBe('succeeded');
@@ -306,7 +374,12 @@ describe('API fidelity (single-tenant server)', () => {
       expect(value(idle, 'reft_running_sequences')).toBe(0);
       expect(value(idle, 'reft_tokens_in_flight')).toBe(0);
       const controller = new AbortController();
-      const res = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: PROMPT, max_new_tokens: 400, ignore_eos: true, stream: true }), signal: controller.signal });
+      const res = await fetch(`${api.url}/v1/generate`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ prompt: PROMPT, max_new_tokens: 400, ignore_eos: true, stream: true }),
+        signal: controller.signal,
+      });
       const reader = res.body!.getReader();
       await reader.read();
       const busy = await scrape(); // the first scrape after the change already shows it
@@ -376,7 +449,15 @@ describe('CLI', () => {
 
   it('train --help shows the recipe defaults; import-pyreft says why it reads the model and defaults share_weights as training does', async () => {
     const train = (await runCli(['train', '--help'])).stdout.replace(/\s+/g, ' ');
-    for (const shown of ['--rank <r> rank (default: 4)', '(default: "f3+l3")', '--epochs <n> epochs (default: 30)', '(default: 0.01)', '(default: "linear")', 'share_weights=False) (default: false)']) expect(train).toContain(shown);
+    for (const shown of [
+      '--rank <r> rank (default: 4)',
+      '(default: "f3+l3")',
+      '--epochs <n> epochs (default: 30)',
+      '(default: 0.01)',
+      '(default: "linear")',
+      'share_weights=False) (default: false)',
+    ])
+      expect(train).toContain(shown);
     const imp = (await runCli(['import-pyreft', '--help'])).stdout.replace(/\s+/g, ' ');
     expect(imp).toContain("only its config.json is read, for what pyreft's files don't record");
     expect(imp).toContain('(default: false, as training)');

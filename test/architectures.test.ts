@@ -23,23 +23,64 @@ import { STORIES } from './support/fixtures.ts';
 type Arch = 'qwen3' | 'gemma2';
 
 const common = {
-  hidden_size: 64, intermediate_size: 96, num_hidden_layers: 3, num_attention_heads: 4, num_key_value_heads: 2,
-  vocab_size: 512, max_position_embeddings: 128, bos_token_id: 1, eos_token_id: 2, tie_word_embeddings: true,
+  hidden_size: 64,
+  intermediate_size: 96,
+  num_hidden_layers: 3,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  vocab_size: 512,
+  max_position_embeddings: 128,
+  bos_token_id: 1,
+  eos_token_id: 2,
+  tie_word_embeddings: true,
 };
 const CONFIGS: Record<Arch, Record<string, unknown>> = {
-  qwen3: { ...common, architectures: ['Qwen3ForCausalLM'], model_type: 'qwen3', head_dim: 32, rms_norm_eps: 1e-6, rope_theta: 1e6, hidden_act: 'silu', attention_bias: false },
+  qwen3: {
+    ...common,
+    architectures: ['Qwen3ForCausalLM'],
+    model_type: 'qwen3',
+    head_dim: 32,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1e6,
+    hidden_act: 'silu',
+    attention_bias: false,
+  },
   gemma2: {
-    ...common, architectures: ['Gemma2ForCausalLM'], model_type: 'gemma2', head_dim: 16, rms_norm_eps: 1e-6, rope_theta: 10000,
-    hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: 24, attn_logit_softcapping: 3, final_logit_softcapping: 4, sliding_window: 4,
+    ...common,
+    architectures: ['Gemma2ForCausalLM'],
+    model_type: 'gemma2',
+    head_dim: 16,
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000,
+    hidden_activation: 'gelu_pytorch_tanh',
+    query_pre_attn_scalar: 24,
+    attn_logit_softcapping: 3,
+    final_logit_softcapping: 4,
+    sliding_window: 4,
   },
 };
 
 interface Dims {
-  d: number; f: number; layers: number; heads: number; kvHeads: number; hd: number; vocab: number; eps: number; theta: number;
+  d: number;
+  f: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  hd: number;
+  vocab: number;
+  eps: number;
+  theta: number;
 }
 const dims = (c: Record<string, unknown>): Dims => ({
-  d: c.hidden_size as number, f: c.intermediate_size as number, layers: c.num_hidden_layers as number, heads: c.num_attention_heads as number,
-  kvHeads: c.num_key_value_heads as number, hd: c.head_dim as number, vocab: c.vocab_size as number, eps: c.rms_norm_eps as number, theta: c.rope_theta as number,
+  d: c.hidden_size as number,
+  f: c.intermediate_size as number,
+  layers: c.num_hidden_layers as number,
+  heads: c.num_attention_heads as number,
+  kvHeads: c.num_key_value_heads as number,
+  hd: c.head_dim as number,
+  vocab: c.vocab_size as number,
+  eps: c.rms_norm_eps as number,
+  theta: c.rope_theta as number,
 });
 
 /** The checkpoint's tensors by Hugging Face name, [out, in] matrices, as transformers saves them. */
@@ -51,7 +92,8 @@ function checkpointTensors(arch: Arch, seed: number): Record<string, { shape: nu
     (out[name] = { shape, data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.uniform(lo, hi)) });
   // Gemma stores norm weights as w − 1; large enough q/k weights that the soft-caps bite
   const norm = (name: string, n: number) => (arch === 'gemma2' ? put(name, [n], -0.5, 0.5) : put(name, [n], 0.5, 1.5));
-  const matrix = (name: string, rows: number, cols: number, scale = 1) => put(name, [rows, cols], -scale / Math.sqrt(cols), scale / Math.sqrt(cols));
+  const matrix = (name: string, rows: number, cols: number, scale = 1) =>
+    put(name, [rows, cols], -scale / Math.sqrt(cols), scale / Math.sqrt(cols));
   put('model.embed_tokens.weight', [vocab, d], -0.5, 0.5);
   for (let l = 0; l < layers; l++) {
     const p = `model.layers.${l}`;
@@ -77,7 +119,10 @@ function checkpointTensors(arch: Arch, seed: number): Record<string, { shape: nu
 }
 
 /** Writes a model folder: config.json, model.safetensors, the fixture model's tokenizer. */
-function writeModel(arch: Arch, edit: { config?: (c: Record<string, unknown>) => void; tensors?: (t: ReturnType<typeof checkpointTensors>) => void } = {}): string {
+function writeModel(
+  arch: Arch,
+  edit: { config?: (c: Record<string, unknown>) => void; tensors?: (t: ReturnType<typeof checkpointTensors>) => void } = {},
+): string {
   const dir = mkdtempSync(join(tmpdir(), `reft-${arch}-`));
   const config = structuredClone(CONFIGS[arch]);
   edit.config?.(config);
@@ -188,7 +233,12 @@ class Reference {
           const kv = Math.floor(a / group);
           const keys: number[] = [];
           for (let t = 0; t <= s; t++) if (s - t < window) keys.push(t);
-          const scores = keys.map((t) => this.softcap(q[s][a].reduce((acc, qi, i) => acc + qi * k[t][kv][i], 0) * scale, cfg.attn_logit_softcapping as number | undefined));
+          const scores = keys.map((t) =>
+            this.softcap(
+              q[s][a].reduce((acc, qi, i) => acc + qi * k[t][kv][i], 0) * scale,
+              cfg.attn_logit_softcapping as number | undefined,
+            ),
+          );
           const max = Math.max(...scores);
           const e = scores.map((z) => Math.exp(z - max));
           const sum = e.reduce((acc, z) => acc + z, 0);
@@ -205,7 +255,9 @@ class Reference {
         const xm = this.rmsNorm(hi, gemma ? `${p}.pre_feedforward_layernorm.weight` : `${p}.post_attention_layernorm.weight`);
         const gate = this.linear(xm, `${p}.mlp.gate_proj.weight`);
         const up = this.linear(xm, `${p}.mlp.up_proj.weight`);
-        const act = gate.map((g, i) => (gemma ? 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3))) : g / (1 + Math.exp(-g))) * up[i]);
+        const act = gate.map(
+          (g, i) => (gemma ? 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3))) : g / (1 + Math.exp(-g))) * up[i],
+        );
         let m = this.linear(act, `${p}.mlp.down_proj.weight`);
         if (gemma) m = this.rmsNorm(m, `${p}.post_feedforward_layernorm.weight`);
         return hi.map((val, i) => val + m[i]);
@@ -255,10 +307,21 @@ function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
 function randomEdit(rng: Rng, layer: number, rank: number, d: number, positions: string): LowRankIntervention {
   const values = (n: number, s: number) => Float32Array.from({ length: n }, () => rng.uniform(-s, s));
   const [, first, last] = /^f(\d+)\+l(\d+)$/.exec(positions)!.map(Number);
-  return { kind: 'loreft', layer, rank, positions: { first, last }, down: values(rank * d, 0.3), bias: values(rank, 0.3), up: values(rank * d, 0.3) };
+  return {
+    kind: 'loreft',
+    layer,
+    rank,
+    positions: { first, last },
+    down: values(rank * d, 0.3),
+    bias: values(rank, 0.3),
+    up: values(rank * d, 0.3),
+  };
 }
 
-const asRefEdit = (iv: LowRankIntervention, promptLength: number): RefEdit => ({ ...iv, positions: positionsFor(iv.positions, promptLength) });
+const asRefEdit = (iv: LowRankIntervention, promptLength: number): RefEdit => ({
+  ...iv,
+  positions: positionsFor(iv.positions, promptLength),
+});
 
 const engines: Engine[] = [];
 const graphs: StepSession[] = [];
@@ -279,7 +342,9 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
     let model: LoadedModel;
     // Gemma 2 also in chunks of 3 tokens: a chunk's queries see the sliding window across the cache
     const runs: Array<{ attention: 'packed' | 'separate'; chunk?: number }> =
-      arch === 'gemma2' ? [{ attention: 'packed' }, { attention: 'separate' }, { attention: 'packed', chunk: 3 }] : [{ attention: 'separate' }];
+      arch === 'gemma2'
+        ? [{ attention: 'packed' }, { attention: 'separate' }, { attention: 'packed', chunk: 3 }]
+        : [{ attention: 'separate' }];
 
     it('loads from the Hugging Face layout', async () => {
       model = await loadModel(writeModel(arch));
@@ -288,7 +353,11 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
 
     for (const { attention, chunk } of runs) {
       it(`${attention} attention${chunk ? `, prefill in chunks of ${chunk}` : ''}: prefill logits, an intervention, KV-cached decoding equal to recomputation`, async () => {
-        const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention, prefillChunkTokens: chunk });
+        const engine = await Engine.create(model.config, model.checkpoint, {
+          cacheDir: testCacheDir,
+          attention,
+          prefillChunkTokens: chunk,
+        });
         engines.push(engine);
         const rng = new Rng(5);
         const iv = randomEdit(rng, 1, 2, ref.dims.d, 'f2+l2');
@@ -301,7 +370,9 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
         const expected = inputs.map((x) => ref.forward(x.tokens, x.interventions?.map((i) => asRefEdit(i, x.tokens.length)) ?? []));
         outs.forEach((o, r) => {
           const want = expected[r];
-          want.forEach((row, s) => expect(maxDiff(o.logits.subarray(s * V, (s + 1) * V), row), `row ${r} position ${s}`).toBeLessThan(1e-4));
+          want.forEach((row, s) =>
+            expect(maxDiff(o.logits.subarray(s * V, (s + 1) * V), row), `row ${r} position ${s}`).toBeLessThan(1e-4),
+          );
         });
         // the intervention changed what it edits: without it, row 0's last logits differ
         const plain = ref.forward(PROMPTS[0]);
@@ -348,7 +419,17 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
         positionIds: BigInt64Array.from({ length: S }, (_, s) => BigInt(s)),
         targets: BigInt64Array.from(tokens.slice(1), BigInt),
         lossMask: Float32Array.from({ length: S }, (_, s) => (scored.includes(s) ? 1 : 0)),
-        layers: new Map([[layer, { ...factors, rows: BigInt64Array.from(rows, BigInt), mask: new Float32Array(rows.length * rank).fill(1), dropout: new Float32Array(rows.length * d).fill(1) }]]),
+        layers: new Map([
+          [
+            layer,
+            {
+              ...factors,
+              rows: BigInt64Array.from(rows, BigInt),
+              mask: new Float32Array(rows.length * rank).fill(1),
+              dropout: new Float32Array(rows.length * d).fill(1),
+            },
+          ],
+        ]),
       };
       const { loss, grads } = await graph.run(batch);
       const values = { down: Float64Array.from(factors.down), bias: Float64Array.from(factors.bias), up: Float64Array.from(factors.up) };
@@ -381,7 +462,10 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
 
 describe('bad checkpoints of the new architectures are refused by name', () => {
   async function loadError(dir: string): Promise<ReftError> {
-    const err = await loadModel(dir).then(() => null, (e) => e);
+    const err = await loadModel(dir).then(
+      () => null,
+      (e) => e,
+    );
     expect(err).toBeInstanceOf(ReftError);
     return err as ReftError;
   }

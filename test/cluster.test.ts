@@ -43,7 +43,8 @@ afterAll(async () => {
   if (database) await dropDatabase(database);
 });
 
-const generate = (api: Api, adapter: string, prompt: number[]) => json(api, 'POST', '/v1/generate', { adapter, input_ids: prompt, max_new_tokens: 24, ignore_eos: true });
+const generate = (api: Api, adapter: string, prompt: number[]) =>
+  json(api, 'POST', '/v1/generate', { adapter, input_ids: prompt, max_new_tokens: 24, ignore_eos: true });
 
 async function waitForJob(api: Api, id: string, timeoutMs = 120_000): Promise<any> {
   const until = Date.now() + timeoutMs;
@@ -93,7 +94,12 @@ describe('two servers and two workers on one PostgreSQL', () => {
     const ids: string[] = [];
     for (let i = 0; i < 6; i++) {
       const api = i % 2 ? apiB : apiA;
-      const res = await json(api, 'POST', '/v1/training/jobs', { data: rows(4), intervention: { rank: 2 }, hyperparameters: { epochs: 10, seed: i }, name: `once-${i}` });
+      const res = await json(api, 'POST', '/v1/training/jobs', {
+        data: rows(4),
+        intervention: { rank: 2 },
+        hyperparameters: { epochs: 10, seed: i },
+        name: `once-${i}`,
+      });
       expect(res.status).toBe(202);
       ids.push(res.body.id);
     }
@@ -105,11 +111,17 @@ describe('two servers and two workers on one PostgreSQL', () => {
       expect(events.filter((e: any) => e.type === 'status' && e.data?.status === 'running')).toHaveLength(1);
       expect(events.filter((e: any) => e.type === 'status' && e.data?.status === 'succeeded')).toHaveLength(1);
     }
-    const names = (await json(apiB, 'GET', '/v1/interventions?limit=100')).body.data.filter((iv: any) => iv.source === 'training').map((iv: any) => iv.name).sort();
+    const names = (await json(apiB, 'GET', '/v1/interventions?limit=100')).body.data
+      .filter((iv: any) => iv.source === 'training')
+      .map((iv: any) => iv.name)
+      .sort();
     expect(names).toEqual(['once-0', 'once-1', 'once-2', 'once-3', 'once-4', 'once-5']);
     // both workers took part
     const claimedBy = workers.map((w) => w.logs.filter((l) => l.msg === 'job started' || l.msg === 'job resumed from checkpoint').length);
-    expect(claimedBy.every((n) => n > 0), JSON.stringify(claimedBy)).toBe(true);
+    expect(
+      claimedBy.every((n) => n > 0),
+      JSON.stringify(claimedBy),
+    ).toBe(true);
   });
 
   it('kill -9 of a worker mid-job: the other worker finishes the job from its checkpoint', async () => {
@@ -141,7 +153,10 @@ describe('faults', () => {
     const sent = new Map<string, string>();
     const uploads: Promise<unknown>[] = [];
     for (let i = 0; i < 12; i++) {
-      const files = artifact(Array.from({ length: 5 }, (_, l) => randomLoreft(300 + 10 * i + l, l, 16)), { name: `mid-${i}` });
+      const files = artifact(
+        Array.from({ length: 5 }, (_, l) => randomLoreft(300 + 10 * i + l, l, 16)),
+        { name: `mid-${i}` },
+      );
       sent.set(`mid-${i}`, createHash('sha256').update(files.config).update(files.weights).digest('hex'));
       uploads.push(upload(victimApi, files).catch(() => null));
     }
@@ -153,8 +168,18 @@ describe('faults', () => {
     const visible = (await json(apiB, 'GET', '/v1/interventions?limit=100')).body.data.filter((iv: any) => iv.name.startsWith('mid-'));
     expect(visible.map((iv: any) => iv.name)).not.toContain('mid-slow');
     for (const iv of visible) {
-      const config = Buffer.from(await (await fetch(`${apiB.url}/v1/interventions/${iv.id}/files/reft_config.json`, { headers: { authorization: `Bearer ${apiB.key}` } })).arrayBuffer());
-      const weights = Buffer.from(await (await fetch(`${apiB.url}/v1/interventions/${iv.id}/files/reft_weights.safetensors`, { headers: { authorization: `Bearer ${apiB.key}` } })).arrayBuffer());
+      const config = Buffer.from(
+        await (
+          await fetch(`${apiB.url}/v1/interventions/${iv.id}/files/reft_config.json`, { headers: { authorization: `Bearer ${apiB.key}` } })
+        ).arrayBuffer(),
+      );
+      const weights = Buffer.from(
+        await (
+          await fetch(`${apiB.url}/v1/interventions/${iv.id}/files/reft_weights.safetensors`, {
+            headers: { authorization: `Bearer ${apiB.key}` },
+          })
+        ).arrayBuffer(),
+      );
       expect(createHash('sha256').update(config).update(weights).digest('hex'), iv.name).toBe(sent.get(iv.name));
       expect(iv.sha256).toBe(sent.get(iv.name));
     }
@@ -184,7 +209,13 @@ describe('faults', () => {
         if (done) break;
         text += new TextDecoder().decode(value);
       }
-      const done = JSON.parse(text.split('\n\n').filter((f) => f.startsWith('data: ')).at(-1)!.slice(6));
+      const done = JSON.parse(
+        text
+          .split('\n\n')
+          .filter((f) => f.startsWith('data: '))
+          .at(-1)!
+          .slice(6),
+      );
       expect(done.type).toBe('done');
       expect(done.usage.completion_tokens).toBe(480);
       for (const api of [apiA, apiB]) {
@@ -223,7 +254,17 @@ function slowUpload(url: string, key: string, files: { config: string; weights: 
     const tail = Buffer.from(`\r\n--${boundary}--\r\n`);
     const body = Buffer.concat([head, Buffer.from(files.weights), tail]);
     const u = new URL(url);
-    const req = httpRequest({ host: u.hostname, port: u.port, method: 'POST', path: '/v1/interventions', headers: { authorization: `Bearer ${key}`, 'content-type': `multipart/form-data; boundary=${boundary}`, 'content-length': body.length } });
+    const req = httpRequest({
+      host: u.hostname,
+      port: u.port,
+      method: 'POST',
+      path: '/v1/interventions',
+      headers: {
+        authorization: `Bearer ${key}`,
+        'content-type': `multipart/form-data; boundary=${boundary}`,
+        'content-length': body.length,
+      },
+    });
     req.on('error', () => resolve());
     req.on('response', (res) => {
       res.resume();

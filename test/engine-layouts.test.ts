@@ -18,13 +18,29 @@ import { STORIES } from './support/fixtures.ts';
  * layout gives, and half-precision weights what the same values in F32 give.
  */
 const base = {
-  hidden_size: 64, intermediate_size: 128, num_hidden_layers: 3, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 512, max_position_embeddings: 256, rms_norm_eps: 1e-5, rope_theta: 10000, hidden_act: 'silu', bos_token_id: 1, eos_token_id: 2,
+  hidden_size: 64,
+  intermediate_size: 128,
+  num_hidden_layers: 3,
+  num_attention_heads: 4,
+  num_key_value_heads: 2,
+  head_dim: 16,
+  vocab_size: 512,
+  max_position_embeddings: 256,
+  rms_norm_eps: 1e-5,
+  rope_theta: 10000,
+  hidden_act: 'silu',
+  bos_token_id: 1,
+  eos_token_id: 2,
 };
 const MODELS: Record<string, Record<string, unknown>> = {
   llama: { ...base, architectures: ['LlamaForCausalLM'], tie_word_embeddings: true },
   qwen2: { ...base, architectures: ['Qwen2ForCausalLM'], tie_word_embeddings: false, rope_scaling: { rope_type: 'linear', factor: 2 } },
-  mistral: { ...base, architectures: ['MistralForCausalLM'], tie_word_embeddings: false, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 } },
+  mistral: {
+    ...base,
+    architectures: ['MistralForCausalLM'],
+    tie_word_embeddings: false,
+    rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 },
+  },
 };
 
 const engines: Engine[] = [];
@@ -45,7 +61,11 @@ async function engine(m: LoadedModel, attention: 'packed' | 'separate', prefillC
 
 function batch(m: LoadedModel): PrefillInput[] {
   const iv = (seed: number, layer: number, positions: string) =>
-    parseArtifact(artifact([randomLoreft(seed, layer, 2, positions, 64, 3)], {}, { hidden_size: 64, num_hidden_layers: 3 }).config, artifact([randomLoreft(seed, layer, 2, positions, 64, 3)], {}, { hidden_size: 64, num_hidden_layers: 3 }).weights, m.config).interventions;
+    parseArtifact(
+      artifact([randomLoreft(seed, layer, 2, positions, 64, 3)], {}, { hidden_size: 64, num_hidden_layers: 3 }).config,
+      artifact([randomLoreft(seed, layer, 2, positions, 64, 3)], {}, { hidden_size: 64, num_hidden_layers: 3 }).weights,
+      m.config,
+    ).interventions;
   return [
     { tokens: [1, 403, 407, 261, 378], interventions: iv(1, 1, 'l1') },
     { tokens: [1, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110], interventions: [...iv(2, 0, 'f2+l2'), ...iv(3, 2, 'f3')] },
@@ -78,7 +98,9 @@ describe('attention layouts agree', () => {
       const packed = await run(await engine(m, 'packed'), batch(m));
       const separate = await run(await engine(m, 'separate'), batch(m));
       packed.prefill.forEach((p, i) => expect(maxAbsDiff(p, separate.prefill[i]), `row ${i} prefill`).toBeLessThan(1e-4));
-      packed.decode.forEach((steps, i) => steps.forEach((p, s) => expect(maxAbsDiff(p, separate.decode[i][s]), `row ${i} step ${s}`).toBeLessThan(1e-4)));
+      packed.decode.forEach((steps, i) =>
+        steps.forEach((p, s) => expect(maxAbsDiff(p, separate.decode[i][s]), `row ${i} step ${s}`).toBeLessThan(1e-4)),
+      );
       expect(packed.tokens).toEqual(separate.tokens);
     });
   }
@@ -91,7 +113,9 @@ describe('chunked prefill in both layouts', () => {
       const whole = await run(await engine(m, attention), batch(m));
       const chunked = await run(await engine(m, attention, 4), batch(m));
       chunked.prefill.forEach((p, i) => expect(maxAbsDiff(p, whole.prefill[i]), `row ${i} prefill`).toBeLessThan(1e-4));
-      chunked.decode.forEach((steps, i) => steps.forEach((p, s) => expect(maxAbsDiff(p, whole.decode[i][s]), `row ${i} step ${s}`).toBeLessThan(1e-4)));
+      chunked.decode.forEach((steps, i) =>
+        steps.forEach((p, s) => expect(maxAbsDiff(p, whole.decode[i][s]), `row ${i} step ${s}`).toBeLessThan(1e-4)),
+      );
       expect(chunked.tokens).toEqual(whole.tokens);
     });
   }

@@ -37,7 +37,10 @@ describe('decoder engine on stories260k against the PyTorch reference', () => {
   }
 
   it('a batch mixing every case and a row without intervention gives each row its own result', async () => {
-    const rows = [...cases.map((c) => ({ tokens: c.prompt, interventions: c.interventions })), { tokens: cases[3].prompt, interventions: [] }];
+    const rows = [
+      ...cases.map((c) => ({ tokens: c.prompt, interventions: c.interventions })),
+      { tokens: cases[3].prompt, interventions: [] },
+    ];
     const gens = await greedyBatch(rows, 24);
     cases.forEach((c, i) => expect(gens[i], c.name).toEqual(c.greedy));
     const [alone] = await greedyBatch([rows.at(-1)!], 24);
@@ -169,7 +172,8 @@ describe('prompts longer than the prefill chunk run chunk by chunk', () => {
     for (const id of gens.keys()) chunked.release(id);
     expect(chunked.liveSequences).toEqual([]);
 
-    const solo = async (tokens: number[], interventions?: (typeof cases)[number]['interventions']) => (await greedyBatch([{ tokens, interventions }], 16))[0];
+    const solo = async (tokens: number[], interventions?: (typeof cases)[number]['interventions']) =>
+      (await greedyBatch([{ tokens, interventions }], 16))[0];
     const genA = gens.get(a.id)!;
     expect(genA).toEqual((await solo(cases[1].prompt, cases[1].interventions)).slice(0, genA.length));
     expect(gens.get(b)).toEqual((await solo(cases[3].prompt, cases[3].interventions)).slice(0, 8));
@@ -178,7 +182,11 @@ describe('prompts longer than the prefill chunk run chunk by chunk', () => {
 
   it('one call mixing short and long prompts returns each row its own result, in order', async () => {
     const rows = [cases[1], { ...cases[0], prompt: cases[0].prompt.slice(0, 2) }, cases[4], cases[3]];
-    const gens = await greedyRows(chunked, rows.map((c) => ({ tokens: c.prompt, interventions: c.interventions })), 8);
+    const gens = await greedyRows(
+      chunked,
+      rows.map((c) => ({ tokens: c.prompt, interventions: c.interventions })),
+      8,
+    );
     const alone: number[][] = [];
     for (const c of rows) alone.push((await greedyBatch([{ tokens: c.prompt, interventions: c.interventions }], 8))[0]);
     expect(gens).toEqual(alone);

@@ -195,7 +195,9 @@ describe('resolveModelDir', () => {
     expect(hub.log.length).toBeGreaterThan(0);
     for (const r of hub.log) expect(r.authorization, r.url).toBe(`Bearer ${TOKEN}`);
 
-    const wrong = await caught(resolveModelDir('tiny/private@main', { cacheDir: join(cacheDir, 'other'), endpoint: hub.url, token: 'hf_wrong' }));
+    const wrong = await caught(
+      resolveModelDir('tiny/private@main', { cacheDir: join(cacheDir, 'other'), endpoint: hub.url, token: 'hf_wrong' }),
+    );
     expect(wrong.message).toContain('not authorized');
   });
 
@@ -229,9 +231,16 @@ describe('the Hub path end to end', () => {
     await hub.stop(); // the second run must not need the Hub
     const second = await run();
     expect(second.stdout).toBe(first.stdout);
-    const server = await startServerProcess({ args: ['--model', 'tiny/stories260k', '--no-worker'], env: { HF_ENDPOINT: hub.url, HF_HOME: home } });
+    const server = await startServerProcess({
+      args: ['--model', 'tiny/stories260k', '--no-worker'],
+      env: { HF_ENDPOINT: hub.url, HF_HOME: home },
+    });
     try {
-      const res = await fetch(`${server.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 32 }) });
+      const res = await fetch(`${server.url}/v1/generate`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 32 }),
+      });
       expect(((await res.json()) as { text: string }).text + '\n').toBe(first.stdout); // generate ends its output with a newline
     } finally {
       await server.stop();
@@ -242,11 +251,15 @@ describe('the Hub path end to end', () => {
 
   it('offline with no local model: one line that says how to pass a local directory', async () => {
     const home = await mkdtemp(join(tmpdir(), 'reft-hf-home-'));
-    const r = spawnSync(process.execPath, [BIN, 'serve', '--model', 'tiny/stories260k', '--port', '0', '--data-dir', join(home, 'data'), '--no-worker'], {
-      encoding: 'utf8',
-      env: { ...process.env, HF_ENDPOINT: `http://127.0.0.1:${await unusedPort()}`, HF_HOME: home },
-      timeout: 60_000,
-    });
+    const r = spawnSync(
+      process.execPath,
+      [BIN, 'serve', '--model', 'tiny/stories260k', '--port', '0', '--data-dir', join(home, 'data'), '--no-worker'],
+      {
+        encoding: 'utf8',
+        env: { ...process.env, HF_ENDPOINT: `http://127.0.0.1:${await unusedPort()}`, HF_HOME: home },
+        timeout: 60_000,
+      },
+    );
     expect(r.status).toBe(1);
     const lines = r.stderr.trim().split('\n');
     expect(lines).toHaveLength(1);

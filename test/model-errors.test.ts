@@ -17,13 +17,19 @@ import { STORIES } from './support/fixtures.ts';
 const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
 
 async function loadError(dir: string): Promise<ReftError> {
-  const err = await loadModel(dir).then(() => null, (e) => e);
+  const err = await loadModel(dir).then(
+    () => null,
+    (e) => e,
+  );
   expect(err).toBeInstanceOf(ReftError);
   return err as ReftError;
 }
 
 function cliGenerate(dir: string) {
-  return spawnSync(process.execPath, [BIN, 'generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '4'], { encoding: 'utf8', timeout: 60_000 });
+  return spawnSync(process.execPath, [BIN, 'generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '4'], {
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
 }
 
 describe('bad checkpoints are refused with an error that names the problem', () => {
@@ -87,9 +93,14 @@ describe('bad checkpoints are refused with an error that names the problem', () 
 describe('a device this install cannot drive', () => {
   it('worker --device cuda on the CPU-only install says how to get CUDA, in one line of ours', () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'reft-cuda-'));
-    const r = spawnSync(process.execPath, [BIN, 'worker', '--device', 'cuda', '--model', STORIES, '--data-dir', dataDir], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [BIN, 'worker', '--device', 'cuda', '--model', STORIES, '--data-dir', dataDir], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(r.status).toBe(1);
-    expect(r.stderr.trim().split('\n')).toEqual(['reft-server: this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu']);
+    expect(r.stderr.trim().split('\n')).toEqual([
+      'reft-server: this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
+    ]);
   });
 });
 
@@ -97,10 +108,33 @@ describe('bad requests are refused before they reach the engine', () => {
   it('a prompt longer than the context', async () => {
     const { engine } = await storiesEngine();
     const tokens = Array.from({ length: 600 }, (_, i) => 3 + (i % 100));
-    const opts = { max_new_tokens: 4, temperature: 0, top_p: 1, top_k: 0, ignore_eos: false, repetition_penalty: 1, logprobs: false, top_logprobs: 0 };
+    const opts = {
+      max_new_tokens: 4,
+      temperature: 0,
+      top_p: 1,
+      top_k: 0,
+      ignore_eos: false,
+      repetition_penalty: 1,
+      logprobs: false,
+      top_logprobs: 0,
+    };
     expect(() => toGenerationRequest(tokens, opts, [], 512)).toThrow(/600 tokens; the model's context is 512/);
-    const scheduler = new Scheduler(engine, { createStreamDecoder: () => ({ push: () => '', flush: () => '' }) }, new Set([2]), DEFAULT_LIMITS);
-    const request = { tokens, interventions: [], sampling: GREEDY, maxNewTokens: 4, stop: [], ignoreEos: false, logprobs: false, topLogprobs: 0 };
+    const scheduler = new Scheduler(
+      engine,
+      { createStreamDecoder: () => ({ push: () => '', flush: () => '' }) },
+      new Set([2]),
+      DEFAULT_LIMITS,
+    );
+    const request = {
+      tokens,
+      interventions: [],
+      sampling: GREEDY,
+      maxNewTokens: 4,
+      stop: [],
+      ignoreEos: false,
+      logprobs: false,
+      topLogprobs: 0,
+    };
     expect(() => scheduler.submit('a', request, { onToken() {}, onDone() {}, onError() {} })).toThrow(ReftError);
     await engine.close();
   });
@@ -116,7 +150,11 @@ describe('bad requests are refused before they reach the engine', () => {
       'interventions.0.source.bias': { shape: [2], data: new Float32Array(2) },
     });
     const config = (layer: number, hidden: number) =>
-      JSON.stringify({ format: 'reft/v1', base_model: { hidden_size: hidden, num_hidden_layers: 5 }, interventions: [{ kind: 'loreft', layer, rank: 2, positions: 'l1' }] });
+      JSON.stringify({
+        format: 'reft/v1',
+        base_model: { hidden_size: hidden, num_hidden_layers: 5 },
+        interventions: [{ kind: 'loreft', layer, rank: 2, positions: 'l1' }],
+      });
     expect(parseArtifact(config(4, 64), weights, base).interventions).toHaveLength(1);
     expect(() => parseArtifact(config(4, 128), weights, base)).toThrow(/hidden_size is 128, the model's is 64/);
     expect(() => parseArtifact(config(5, 64), weights, base)).toThrow(/interventions\.0\.layer 5 is out of range/);

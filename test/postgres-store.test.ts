@@ -1,7 +1,17 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { openPostgresStore } from '../src/storage/postgres-store.ts';
 import type { Store } from '../src/storage/store.ts';
-import { eventually, lastJson, newIv, rejection, runChild, sleep, storeContract, usageOf, useStoreFixture } from './support/store-contract.ts';
+import {
+  eventually,
+  lastJson,
+  newIv,
+  rejection,
+  runChild,
+  sleep,
+  storeContract,
+  usageOf,
+  useStoreFixture,
+} from './support/store-contract.ts';
 import type { StoreBackend } from './support/store-contract.ts';
 import { createDatabase, dropDatabase, pgQuery, postgresServer, type PostgresServer } from './support/databases.ts';
 
@@ -13,7 +23,8 @@ const postgres: StoreBackend = {
   create: createDatabase,
   open: (url) => openPostgresStore(url),
   openAt: (url, schemaVersion) => openPostgresStore(url, { schemaVersion }),
-  schemaVersions: async (url) => (await pgQuery(url, 'SELECT version FROM schema_migrations ORDER BY version')).map((r) => Number(r.version)),
+  schemaVersions: async (url) =>
+    (await pgQuery(url, 'SELECT version FROM schema_migrations ORDER BY version')).map((r) => Number(r.version)),
   destroy: dropDatabase,
 };
 
@@ -77,7 +88,9 @@ describe('postgres: usage accounting', () => {
     await Promise.all(
       stores.flatMap((store, s) =>
         Array.from({ length: calls }, (_, i) => {
-          const entries = tenants.flatMap((t) => days.map((d) => usageOf(t.id, d, { requests: 1, promptTokens: s + 1, completionTokens: i })));
+          const entries = tenants.flatMap((t) =>
+            days.map((d) => usageOf(t.id, d, { requests: 1, promptTokens: s + 1, completionTokens: i })),
+          );
           // A different order per call: the store sorts, so concurrent batches can't deadlock.
           const rotated = entries.map((_, k) => entries[(k + i * 7 + s) % entries.length]);
           return store.recordUsage(i % 2 ? rotated.reverse() : rotated);

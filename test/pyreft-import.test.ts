@@ -153,19 +153,32 @@ describe('pyreft fixtures that must import', () => {
   it('keeps an optional name', async () => {
     const result = await importPyreft({ ...readInput('loreft_bf16'), name: 'my adapter' }, BASE);
     expect(result.config.name).toBe('my adapter');
-    expect(Object.keys(JSON.parse(Buffer.from(result.configBytes).toString('utf8')))).toEqual(['format', 'base_model', 'interventions', 'name']);
+    expect(Object.keys(JSON.parse(Buffer.from(result.configBytes).toString('utf8')))).toEqual([
+      'format',
+      'base_model',
+      'interventions',
+      'name',
+    ]);
   });
 
   it('imports a folder and writes the artifact atomically', async () => {
     const c = manifest.loreft_f32_split.import;
-    const result = await importPyreftDirectory(join(PYREFT, 'loreft_f32_split'), { positions: c.positions, shareWeights: c.share_weights }, BASE);
+    const result = await importPyreftDirectory(
+      join(PYREFT, 'loreft_f32_split'),
+      { positions: c.positions, shareWeights: c.share_weights },
+      BASE,
+    );
     const out = mkdtempSync(join(tmpdir(), 'pyreft-import-'));
     tempDirs.push(out);
     await writeArtifact(join(out, 'adapter'), result);
     expect(readdirSync(join(out, 'adapter')).sort()).toEqual(['reft_config.json', 'reft_weights.safetensors']); // no temp files left
     expect(bytesOf(join(out, 'adapter', 'reft_config.json'))).toEqual(result.configBytes);
     expect(bytesOf(join(out, 'adapter', 'reft_weights.safetensors'))).toEqual(result.weightBytes);
-    const again = await importPyreftDirectory(join(PYREFT, 'loreft_f32_split'), { positions: c.positions, shareWeights: c.share_weights }, BASE);
+    const again = await importPyreftDirectory(
+      join(PYREFT, 'loreft_f32_split'),
+      { positions: c.positions, shareWeights: c.share_weights },
+      BASE,
+    );
     await writeArtifact(join(out, 'adapter'), again); // overwriting works too
     expect(readdirSync(join(out, 'adapter')).length).toBe(2);
   });
@@ -205,7 +218,8 @@ function compareWeights(actualBytes: Uint8Array, expectedBytes: Uint8Array, rule
 describe('pickles that must be refused', () => {
   const forbidden: Record<string, RegExp> = {
     evil: /forbidden pickle global "os system" in intkey_layer_2_comp_block_output_unit_pos_nunit_1#0\.bin/,
-    evil_stack_global: /forbidden pickle opcode STACK_GLOBAL \(global "posix system"\) in intkey_layer_2_comp_block_output_unit_pos_nunit_1#0\.bin/,
+    evil_stack_global:
+      /forbidden pickle opcode STACK_GLOBAL \(global "posix system"\) in intkey_layer_2_comp_block_output_unit_pos_nunit_1#0\.bin/,
   };
 
   it('covers every folder the manifest marks "reject"', () => {
@@ -290,7 +304,11 @@ describe('broken intkey files', () => {
   it('refuses a zip without data.pkl', async () => {
     const input = readInput('loreft_bf16');
     const [name, bytes] = firstFile(input);
-    await refused(importPyreft(withFile(input, name, replaceAll(bytes, '/data.pkl', '/data.pkx')), BASE), /missing .*\/data\.pkl/, new RegExp(`^${escape(name)}`));
+    await refused(
+      importPyreft(withFile(input, name, replaceAll(bytes, '/data.pkl', '/data.pkx')), BASE),
+      /missing .*\/data\.pkl/,
+      new RegExp(`^${escape(name)}`),
+    );
   });
 
   it('refuses records whose central-directory sizes lie', async () => {
@@ -312,7 +330,11 @@ describe('broken intkey files', () => {
     const rec = locateRecord(bytes, 'data/0');
     const mismatch = Uint8Array.from(bytes);
     new DataView(mismatch.buffer).setUint32(rec.central + 24, rec.size + 2, true);
-    await refused(importPyreft(withFile(input, name, mismatch), BASE), /central directory entry 2 of 5/, /size mismatch for stored file: 512 != 514/);
+    await refused(
+      importPyreft(withFile(input, name, mismatch), BASE),
+      /central directory entry 2 of 5/,
+      /size mismatch for stored file: 512 != 514/,
+    );
     const deflated = Uint8Array.from(bytes);
     new DataView(deflated.buffer).setUint16(rec.central + 10, 8, true);
     await refused(importPyreft(withFile(input, name, deflated), BASE), /data\/0 is compressed/);
@@ -347,9 +369,15 @@ describe('broken intkey files', () => {
     const [name, bytes] = firstFile(input);
     // rotate_layer's size (64, 4) = BININT1 64, BININT1 4, TUPLE2 → (65, 4): 260 elements over a 256-element storage.
     const tooBig = patchRecord(bytes, 'data.pkl', (pkl) => replaceOnce(pkl, [0x4b, 64, 0x4b, 4, 0x86], [0x4b, 65, 0x4b, 4, 0x86]));
-    await refused(importPyreft(withFile(input, name, tooBig), BASE), /storage "2" \(256 elements\) is shorter than the tensor it backs/, new RegExp(`^${escape(name)}`));
+    await refused(
+      importPyreft(withFile(input, name, tooBig), BASE),
+      /storage "2" \(256 elements\) is shorter than the tensor it backs/,
+      new RegExp(`^${escape(name)}`),
+    );
     // bias: storage offset 0 → 1, so its 4 elements reach past the 4-element storage.
-    const shifted = patchRecord(bytes, 'data.pkl', (pkl) => replaceOnce(pkl, [0x51, 0x4b, 0, 0x4b, 4, 0x85], [0x51, 0x4b, 1, 0x4b, 4, 0x85]));
+    const shifted = patchRecord(bytes, 'data.pkl', (pkl) =>
+      replaceOnce(pkl, [0x51, 0x4b, 0, 0x4b, 4, 0x85], [0x51, 0x4b, 1, 0x4b, 4, 0x85]),
+    );
     await refused(importPyreft(withFile(input, name, shifted), BASE), /storage "1" \(4 elements\) is shorter than the tensor it backs/);
   });
 
@@ -357,7 +385,9 @@ describe('broken intkey files', () => {
     const input = readInput('loreft_bf16');
     const [name, bytes] = firstFile(input);
     // bias storage declared with 5 elements (BININT1 4 → 5) while data/1 holds 4 BF16.
-    const declared = patchRecord(bytes, 'data.pkl', (pkl) => replaceOnce(pkl, [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 4], [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 5]));
+    const declared = patchRecord(bytes, 'data.pkl', (pkl) =>
+      replaceOnce(pkl, [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 4], [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 5]),
+    );
     await refused(importPyreft(withFile(input, name, declared), BASE), /storage "1" is shorter than declared: data\/1 holds 8 bytes/);
   });
 });
@@ -373,33 +403,69 @@ describe('config.json that does not match the files', () => {
     const files = new Map(i.files);
     files.delete(name);
     await refused(importPyreft({ ...i, files }, BASE), new RegExp(`sorted_keys\\.0 names ${escape(name)}, which is missing`));
-    await refused(importPyreftDirectory(join(PYREFT, 'loreft_bf16', 'expected'), { positions: 'f1', shareWeights: true }, BASE), /no config\.json/);
+    await refused(
+      importPyreftDirectory(join(PYREFT, 'loreft_bf16', 'expected'), { positions: 'f1', shareWeights: true }, BASE),
+      /no config\.json/,
+    );
   });
 
   it('refuses a file that sorted_keys does not name', async () => {
     const i = input();
-    await refused(importPyreft(withFile(i, 'intkey_layer_4_comp_block_output_unit_pos_nunit_1#0.bin', firstFile(i)[1]), BASE), /is not named by config\.json's sorted_keys/);
+    await refused(
+      importPyreft(withFile(i, 'intkey_layer_4_comp_block_output_unit_pos_nunit_1#0.bin', firstFile(i)[1]), BASE),
+      /is not named by config\.json's sorted_keys/,
+    );
   });
 
   it('refuses wrong intervention_dimensions', async () => {
-    await refused(importPyreft(withConfig(input(), (j) => (j.intervention_dimensions[1] = 32)), BASE), /intervention_dimensions\.1 is 32 but the model's hidden size is 64/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => (j.intervention_dimensions[1] = 32)),
+        BASE,
+      ),
+      /intervention_dimensions\.1 is 32 but the model's hidden size is 64/,
+    );
   });
 
   it('refuses lists of different lengths', async () => {
-    await refused(importPyreft(withConfig(input(), (j) => j.intervention_types.pop()), BASE), /intervention_types: has 1 entries but sorted_keys has 2/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => j.intervention_types.pop()),
+        BASE,
+      ),
+      /intervention_types: has 1 entries but sorted_keys has 2/,
+    );
   });
 
   it('refuses a class that does not match the tensors', async () => {
     const cls = "<class 'pyreft.interventions.NoreftIntervention'>";
-    await refused(importPyreft(withConfig(input(), (j) => (j.intervention_types[0] = cls)), BASE), /has no "learned_source\.weight"/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => (j.intervention_types[0] = cls)),
+        BASE,
+      ),
+      /has no "learned_source\.weight"/,
+    );
   });
 
   it('refuses an unknown class', async () => {
-    await refused(importPyreft(withConfig(input(), (j) => (j.intervention_types[0] = "<class 'my.Custom'>")), BASE), /intervention_types\.0: .* is not supported/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => (j.intervention_types[0] = "<class 'my.Custom'>")),
+        BASE,
+      ),
+      /intervention_types\.0: .* is not supported/,
+    );
   });
 
   it('refuses a low_rank_dimension that disagrees with the tensors', async () => {
-    await refused(importPyreft(withConfig(input(), (j) => (j.representations[0][4] = 8)), BASE), /low_rank_dimension is 8 but .* holds rank 4/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => (j.representations[0][4] = 8)),
+        BASE,
+      ),
+      /low_rank_dimension is 8 but .* holds rank 4/,
+    );
   });
 
   it('refuses unsupported representation fields', async () => {
@@ -413,7 +479,14 @@ describe('config.json that does not match the files', () => {
       [(r) => r.splice(10), /must be a list of 13 or 14 entries/],
       [(r) => (r[0] = 5), /layer 5 is out of range/],
     ];
-    for (const [edit, pattern] of cases) await refused(importPyreft(withConfig(input(), (j) => edit(j.representations[0])), BASE), pattern);
+    for (const [edit, pattern] of cases)
+      await refused(
+        importPyreft(
+          withConfig(input(), (j) => edit(j.representations[0])),
+          BASE,
+        ),
+        pattern,
+      );
   });
 
   it('accepts a module-path component and ignores representation[0] then', async () => {
@@ -430,7 +503,13 @@ describe('config.json that does not match the files', () => {
   });
 
   it('refuses sorted_keys that would be a path', async () => {
-    await refused(importPyreft(withConfig(input(), (j) => (j.sorted_keys[0] = '../../etc/passwd')), BASE), /sorted_keys\.0: .*path separator/);
+    await refused(
+      importPyreft(
+        withConfig(input(), (j) => (j.sorted_keys[0] = '../../etc/passwd')),
+        BASE,
+      ),
+      /sorted_keys\.0: .*path separator/,
+    );
   });
 
   it('refuses an artifact invalid for the base model', async () => {

@@ -25,13 +25,22 @@ beforeAll(async () => {
 afterAll(() => engine?.close());
 
 const request = (tokens: number[], maxNewTokens: number, interventions = cases[0].interventions): GenerationRequest => ({
-  tokens, interventions, sampling: GREEDY, maxNewTokens, stop: [], ignoreEos: true, logprobs: false, topLogprobs: 0,
+  tokens,
+  interventions,
+  sampling: GREEDY,
+  maxNewTokens,
+  stop: [],
+  ignoreEos: true,
+  logprobs: false,
+  topLogprobs: 0,
 });
 
 describe('scheduler with long prompts', () => {
   it('a long prompt is prefilled chunk by chunk while a running stream keeps decoding; both get what they get alone', async () => {
     const shortPrompt = model.tokenizer.encode('Once upon a time');
-    const longPrompt = model.tokenizer.encode('Tom and his dog went to the park. They played with a red ball all day. Then it began to rain, so they ran home.');
+    const longPrompt = model.tokenizer.encode(
+      'Tom and his dog went to the park. They played with a red ball all day. Then it began to rain, so they ran home.',
+    );
     expect(shortPrompt.length).toBeLessThanOrEqual(8);
     expect(longPrompt.length).toBeGreaterThan(24); // at least 4 chunks
     const events: string[] = [];

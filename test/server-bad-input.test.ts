@@ -66,10 +66,20 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expectProblem(await json(api, 'POST', '/v1/generate', '{"prompt": "x",'), 400, /not valid JSON/, 'body');
     });
     it('unknown fields', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }), 400, /unknown field "temprature"/, 'temprature');
+      expectProblem(
+        await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }),
+        400,
+        /unknown field "temprature"/,
+        'temprature',
+      );
     });
     it('mistyped fields', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }), 400, /max_new_tokens/, 'max_new_tokens');
+      expectProblem(
+        await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }),
+        400,
+        /max_new_tokens/,
+        'max_new_tokens',
+      );
       expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, -3] }), 400, /input_ids/, 'input_ids.1');
     });
     it('out-of-range sampling values', async () => {
@@ -90,7 +100,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(70_000) }), 413, /too large/);
     });
     it('a prompt over the context length', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)) }), 400, /600 tokens; the model's context is 512/, 'prompt');
+      expectProblem(
+        await json(api, 'POST', '/v1/generate', { input_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)) }),
+        400,
+        /600 tokens; the model's context is 512/,
+        'prompt',
+      );
     });
     it('an unknown adapter', async () => {
       expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'adapter');
@@ -112,20 +127,129 @@ describe.each(BACKENDS)('on %s', (backend) => {
     const cases: Array<[string, () => Partial<ArtifactFiles>, Record<string, string>, number, RegExp, string?]> = [
       ['missing weights part', () => ({ config: good().config }), {}, 400, /missing part "weights"/, 'weights'],
       ['config that is not JSON', () => ({ ...good(), config: '{nope' }), {}, 400, /not valid JSON/, 'reft_config.json'],
-      ['unknown config field', () => ({ ...good(), config: JSON.stringify({ ...JSON.parse(good().config), extra: 1 }) }), {}, 400, /extra/, 'reft_config.json.extra'],
-      ['wrong hidden size', () => artifact([randomLoreft(1, 2, 4, 'l1', 32)], {}, { hidden_size: 32, num_hidden_layers: 5 }), {}, 400, /hidden_size is 32/, 'reft_config.json.base_model.hidden_size'],
-      ['layer out of range', () => artifact([randomLoreft(1, 7)]), {}, 400, /layer 7 is out of range/, 'reft_config.json.interventions.0.layer'],
+      [
+        'unknown config field',
+        () => ({ ...good(), config: JSON.stringify({ ...JSON.parse(good().config), extra: 1 }) }),
+        {},
+        400,
+        /extra/,
+        'reft_config.json.extra',
+      ],
+      [
+        'wrong hidden size',
+        () => artifact([randomLoreft(1, 2, 4, 'l1', 32)], {}, { hidden_size: 32, num_hidden_layers: 5 }),
+        {},
+        400,
+        /hidden_size is 32/,
+        'reft_config.json.base_model.hidden_size',
+      ],
+      [
+        'layer out of range',
+        () => artifact([randomLoreft(1, 7)]),
+        {},
+        400,
+        /layer 7 is out of range/,
+        'reft_config.json.interventions.0.layer',
+      ],
       ['truncated safetensors', () => ({ ...good(), weights: good().weights.subarray(0, 300) }), {}, 400, /runs past the end/],
-      ['a huge header length', () => ({ ...good(), weights: withHeader(good().weights, () => {}, 2n ** 62n) }), {}, 400, /header length .* exceeds/],
-      ['a header that lies about offsets', () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.rotate'].data_offsets = [0, 10_000_000])) }), {}, 400, /interventions\.0\.rotate/, 'interventions.0.rotate'],
-      ['overlapping tensors', () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.source.bias'].data_offsets = [0, 16])) }), {}, 400, /overlap/],
-      ['an extra tensor', () => ({ ...good(), weights: artifact([{ ...randomLoreft(1, 2), tensors: { ...randomLoreft(1, 2).tensors, 'proj.weight': new Float32Array(256) } }]).weights }), {}, 400, /unexpected tensor interventions\.0\.proj\.weight/, 'interventions.0.proj.weight'],
-      ['a missing tensor', () => { const iv = randomLoreft(1, 2); delete iv.tensors['source.bias']; return artifact([iv]); }, {}, 400, /missing tensor interventions\.0\.source\.bias/, 'interventions.0.source.bias'],
-      ['a wrong shape', () => ({ config: good().config, weights: artifact([randomLoreft(1, 2, 3)]).weights }), {}, 400, /interventions\.0\.rotate has shape \[3,64\], expected \[4,64\]/, 'interventions.0.rotate'],
-      ['NaN values', () => { const iv = randomLoreft(1, 2); iv.tensors['source.weight'][5] = NaN; return artifact([iv]); }, {}, 400, /non-finite value at index 5/, 'interventions.0.source.weight'],
-      ['Inf values', () => { const iv = randomLoreft(1, 2); iv.tensors['source.bias'][0] = Infinity; return artifact([iv]); }, {}, 400, /non-finite/, 'interventions.0.source.bias'],
-      ['non-orthonormal R', () => { const iv = randomLoreft(1, 2); iv.tensors.rotate[0] *= 1.5; return artifact([iv]); }, {}, 400, /not orthonormal/, 'interventions.0.rotate'],
-      ['a bad position spec', () => artifact([randomLoreft(1, 2, 4, 'x3')]), {}, 400, /not a position spec/, 'reft_config.json.interventions.0.positions'],
+      [
+        'a huge header length',
+        () => ({ ...good(), weights: withHeader(good().weights, () => {}, 2n ** 62n) }),
+        {},
+        400,
+        /header length .* exceeds/,
+      ],
+      [
+        'a header that lies about offsets',
+        () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.rotate'].data_offsets = [0, 10_000_000])) }),
+        {},
+        400,
+        /interventions\.0\.rotate/,
+        'interventions.0.rotate',
+      ],
+      [
+        'overlapping tensors',
+        () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.source.bias'].data_offsets = [0, 16])) }),
+        {},
+        400,
+        /overlap/,
+      ],
+      [
+        'an extra tensor',
+        () => ({
+          ...good(),
+          weights: artifact([{ ...randomLoreft(1, 2), tensors: { ...randomLoreft(1, 2).tensors, 'proj.weight': new Float32Array(256) } }])
+            .weights,
+        }),
+        {},
+        400,
+        /unexpected tensor interventions\.0\.proj\.weight/,
+        'interventions.0.proj.weight',
+      ],
+      [
+        'a missing tensor',
+        () => {
+          const iv = randomLoreft(1, 2);
+          delete iv.tensors['source.bias'];
+          return artifact([iv]);
+        },
+        {},
+        400,
+        /missing tensor interventions\.0\.source\.bias/,
+        'interventions.0.source.bias',
+      ],
+      [
+        'a wrong shape',
+        () => ({ config: good().config, weights: artifact([randomLoreft(1, 2, 3)]).weights }),
+        {},
+        400,
+        /interventions\.0\.rotate has shape \[3,64\], expected \[4,64\]/,
+        'interventions.0.rotate',
+      ],
+      [
+        'NaN values',
+        () => {
+          const iv = randomLoreft(1, 2);
+          iv.tensors['source.weight'][5] = NaN;
+          return artifact([iv]);
+        },
+        {},
+        400,
+        /non-finite value at index 5/,
+        'interventions.0.source.weight',
+      ],
+      [
+        'Inf values',
+        () => {
+          const iv = randomLoreft(1, 2);
+          iv.tensors['source.bias'][0] = Infinity;
+          return artifact([iv]);
+        },
+        {},
+        400,
+        /non-finite/,
+        'interventions.0.source.bias',
+      ],
+      [
+        'non-orthonormal R',
+        () => {
+          const iv = randomLoreft(1, 2);
+          iv.tensors.rotate[0] *= 1.5;
+          return artifact([iv]);
+        },
+        {},
+        400,
+        /not orthonormal/,
+        'interventions.0.rotate',
+      ],
+      [
+        'a bad position spec',
+        () => artifact([randomLoreft(1, 2, 4, 'x3')]),
+        {},
+        400,
+        /not a position spec/,
+        'reft_config.json.interventions.0.positions',
+      ],
       ['a path-traversal name', () => good(), { name: '../../etc/passwd' }, 400, /name/, 'name'],
       ['an unknown part', () => good(), { colour: 'red' }, 400, /unknown part "colour"/, 'colour'],
       ['a file over the upload limit', () => ({ config: good().config, weights: new Uint8Array(300_000) }), {}, 413, /too large/],

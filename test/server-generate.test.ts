@@ -42,16 +42,32 @@ describe.each(BACKENDS)('on %s', (backend) => {
 
     it('/v1/generate with input_ids gives each case its reference greedy tokens', async () => {
       for (const c of cases) {
-        const res = await json(api, 'POST', '/v1/generate', { adapter: ids[c.name], input_ids: c.prompt, max_new_tokens: 24, ignore_eos: true });
+        const res = await json(api, 'POST', '/v1/generate', {
+          adapter: ids[c.name],
+          input_ids: c.prompt,
+          max_new_tokens: 24,
+          ignore_eos: true,
+        });
         expect(res.status, JSON.stringify(res.body)).toBe(200);
         expect(res.body.token_ids, c.name).toEqual(c.greedy);
-        expect(res.body).toMatchObject({ adapter: ids[c.name] ?? null, finish_reason: 'length', usage: { prompt_tokens: c.prompt.length, completion_tokens: 24, total_tokens: c.prompt.length + 24 } });
+        expect(res.body).toMatchObject({
+          adapter: ids[c.name] ?? null,
+          finish_reason: 'length',
+          usage: { prompt_tokens: c.prompt.length, completion_tokens: 24, total_tokens: c.prompt.length + 24 },
+        });
       }
     });
 
     it('/v1/completions (token-id prompt, temperature 0) gives the same tokens', async () => {
       for (const c of cases) {
-        const res = await json(api, 'POST', '/v1/completions', { model: ids[c.name] ?? STORIES, prompt: c.prompt, max_tokens: 24, temperature: 0, ignore_eos: true, logprobs: 1 });
+        const res = await json(api, 'POST', '/v1/completions', {
+          model: ids[c.name] ?? STORIES,
+          prompt: c.prompt,
+          max_tokens: 24,
+          temperature: 0,
+          ignore_eos: true,
+          logprobs: 1,
+        });
         expect(res.status, JSON.stringify(res.body)).toBe(200);
         expect(res.body.choices[0].text, c.name).toBe(continuation(tokenizer, c.prompt, c.greedy));
         expect(res.body.choices[0].logprobs.token_logprobs).toHaveLength(24);
@@ -73,14 +89,19 @@ describe.each(BACKENDS)('on %s', (backend) => {
         expect(res.status).toBe(201);
         adapters.push(res.body.id);
       }
-      const requests = [...adapters.map((a, i) => ({ adapter: a, prompt: prompts[i % prompts.length] })), ...prompts.slice(0, 4).map((p) => ({ prompt: p }))];
+      const requests = [
+        ...adapters.map((a, i) => ({ adapter: a, prompt: prompts[i % prompts.length] })),
+        ...prompts.slice(0, 4).map((p) => ({ prompt: p })),
+      ];
       const body = (r: (typeof requests)[number]) => ({ ...r, max_new_tokens: 20, ignore_eos: true });
       const alone: number[][] = [];
       for (const r of requests) alone.push((await json(api, 'POST', '/v1/generate', body(r))).body.token_ids);
       const together = await Promise.all(requests.map((r) => json(api, 'POST', '/v1/generate', body(r))));
       together.forEach((res, i) => expect(res.body.token_ids, `request ${i}`).toEqual(alone[i]));
       // the interventions matter: most rows differ from the same prompt without one
-      const differing = adapters.filter((_, i) => JSON.stringify(alone[i]) !== JSON.stringify(alone[16 + ((i % prompts.length) % 4)]) || i % prompts.length === 4);
+      const differing = adapters.filter(
+        (_, i) => JSON.stringify(alone[i]) !== JSON.stringify(alone[16 + ((i % prompts.length) % 4)]) || i % prompts.length === 4,
+      );
       expect(differing.length).toBeGreaterThan(8);
     });
 
@@ -88,7 +109,11 @@ describe.each(BACKENDS)('on %s', (backend) => {
       for (const c of cases.slice(0, 4)) {
         const body = { adapter: ids[c.name], input_ids: c.prompt, max_new_tokens: 24, ignore_eos: true };
         const plain = await json(api, 'POST', '/v1/generate', body);
-        const res = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+        const res = await fetch(`${api.url}/v1/generate`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ ...body, stream: true }),
+        });
         expect(res.headers.get('content-type')).toContain('text/event-stream');
         const events = (await sse(res)) as Array<Record<string, any>>;
         const tokens = events.filter((e) => e.type === 'token').map((e) => e.token_id);
@@ -96,7 +121,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
         const done = events.at(-1)!;
         expect(done.type).toBe('done');
         expect(done.token_ids).toEqual(plain.body.token_ids);
-        expect(events.filter((e) => e.type === 'token').map((e) => e.text).join('')).toBe(plain.body.text);
+        expect(
+          events
+            .filter((e) => e.type === 'token')
+            .map((e) => e.text)
+            .join(''),
+        ).toBe(plain.body.text);
       }
     });
 
@@ -110,7 +140,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
     });
 
     it('logprobs come per token', async () => {
-      const res = await json(api, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 5, logprobs: true, top_logprobs: 3 });
+      const res = await json(api, 'POST', '/v1/generate', {
+        prompt: 'Once upon a time',
+        max_new_tokens: 5,
+        logprobs: true,
+        top_logprobs: 3,
+      });
       expect(res.body.logprobs).toHaveLength(5);
       for (const lp of res.body.logprobs) {
         expect(lp.logprob).toBeLessThanOrEqual(0);
@@ -124,9 +159,22 @@ describe.each(BACKENDS)('on %s', (backend) => {
     it('completions, streaming completions and the model list', async () => {
       const client = new OpenAI({ baseURL: `${api.url}/v1`, apiKey: 'unused' });
       const c = cases[1];
-      const completion = await client.completions.create({ model: 'loreft_l1', prompt: c.prompt, max_tokens: 24, temperature: 0, ignore_eos: true } as never);
+      const completion = await client.completions.create({
+        model: 'loreft_l1',
+        prompt: c.prompt,
+        max_tokens: 24,
+        temperature: 0,
+        ignore_eos: true,
+      } as never);
       expect(completion.choices[0].text).toBe(continuation(tokenizer, c.prompt, c.greedy));
-      const stream = await client.completions.create({ model: 'loreft_l1', prompt: c.prompt, max_tokens: 24, temperature: 0, stream: true, ignore_eos: true } as never);
+      const stream = await client.completions.create({
+        model: 'loreft_l1',
+        prompt: c.prompt,
+        max_tokens: 24,
+        temperature: 0,
+        stream: true,
+        ignore_eos: true,
+      } as never);
       let text = '';
       for await (const chunk of stream as unknown as AsyncIterable<OpenAI.Completion>) text += chunk.choices[0]?.text ?? '';
       expect(text).toBe(completion.choices[0].text);

@@ -53,7 +53,11 @@ beforeAll(async () => {
   const url = new URL(database);
   await outage.start({ host: url.hostname, port: Number(url.port || 5432) });
   url.port = String(outage.port);
-  server = await startServerProcess({ database: url.toString(), env: { REFT_ADMIN_KEY: ADMIN, REFT_METRICS_KEY: METRICS }, args: ['--no-worker'] });
+  server = await startServerProcess({
+    database: url.toString(),
+    env: { REFT_ADMIN_KEY: ADMIN, REFT_METRICS_KEY: METRICS },
+    args: ['--no-worker'],
+  });
   api = { url: server.url, key: ADMIN };
 });
 afterAll(async () => {
@@ -63,9 +67,15 @@ afterAll(async () => {
 
 describe('keys', () => {
   it('an admin key shorter than 32 characters is refused at start', () => {
-    const r = spawnSync(process.execPath, [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', mkdtempSync(join(tmpdir(), 'reft-weak-'))], {
-      encoding: 'utf8', env: { ...process.env, REFT_ADMIN_KEY: 'short-admin-key' }, timeout: 30_000,
-    });
+    const r = spawnSync(
+      process.execPath,
+      [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', mkdtempSync(join(tmpdir(), 'reft-weak-'))],
+      {
+        encoding: 'utf8',
+        env: { ...process.env, REFT_ADMIN_KEY: 'short-admin-key' },
+        timeout: 30_000,
+      },
+    );
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/REFT_ADMIN_KEY has 15 characters; use at least 32/);
   });
@@ -82,7 +92,9 @@ describe('keys', () => {
 describe('finding 10: answers carry no internals', () => {
   it('with the database down, answers name no address and carry a request id', async () => {
     await outage.cut();
-    const res = await fetch(`${server.url}/v1/interventions`, { headers: { authorization: `Bearer rft_${'x'.repeat(40)}`, 'x-request-id': 'outage-probe-1' } });
+    const res = await fetch(`${server.url}/v1/interventions`, {
+      headers: { authorization: `Bearer rft_${'x'.repeat(40)}`, 'x-request-id': 'outage-probe-1' },
+    });
     const body = (await res.json()) as { status: number; detail: string };
     expect(res.status).toBeGreaterThanOrEqual(500);
     expect(body.detail).toContain('outage-probe-1');
@@ -92,7 +104,9 @@ describe('finding 10: answers carry no internals', () => {
     expect(JSON.stringify(admin.body)).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|5432/);
     // the log keeps the cause for the operator, under the same request id
     await new Promise((r) => setTimeout(r, 100));
-    expect(server.logs.some((l) => l.reqId === 'outage-probe-1' && JSON.stringify(l).match(/ECONNREFUSED|connect|terminat|Connection/i))).toBe(true);
+    expect(
+      server.logs.some((l) => l.reqId === 'outage-probe-1' && JSON.stringify(l).match(/ECONNREFUSED|connect|terminat|Connection/i)),
+    ).toBe(true);
   });
 });
 

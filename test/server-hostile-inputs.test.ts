@@ -31,7 +31,9 @@ afterAll(async () => {
 /** pyreft's loreft_bf16 import with its first intkey file replaced by `bytes`. */
 function pyreftForm(bytes: Uint8Array): FormData {
   const dir = join(PYREFT, FOLDER);
-  const names = readdirSync(dir).filter((n) => n.startsWith('intkey_')).sort();
+  const names = readdirSync(dir)
+    .filter((n) => n.startsWith('intkey_'))
+    .sort();
   const form = new FormData();
   form.append('config', new Blob([readFileSync(join(dir, 'config.json'))]), 'config.json');
   for (const name of names) form.append('files', new Blob([name === names[0] ? bytes : readFileSync(join(dir, name))]), name);
@@ -46,7 +48,12 @@ async function post(path: string, body: FormData | string, type?: string) {
 }
 
 /** Sends a hostile request while probing; asserts the answer, healthz, memory, and generation after. */
-async function refusedQuietly(send: () => Promise<{ status: number; body: any; headers: Headers }>, status: number, detail: RegExp, maxRssGrowthMb = 150) {
+async function refusedQuietly(
+  send: () => Promise<{ status: number; body: any; headers: Headers }>,
+  status: number,
+  detail: RegExp,
+  maxRssGrowthMb = 150,
+) {
   const probe = await whileProbing(api, server.proc.pid!, send);
   expectProblem(probe.result, status, detail);
   expectHealthzResponsive(probe);
@@ -59,34 +66,58 @@ describe('finding 1: pyreft pickles are bounded in opcodes, marks (all frames), 
   it('nested (] pairs are refused at the mark limit', async () => {
     const n = 100_000;
     const pkl = pickleBytes([0x80, 2], Buffer.alloc(2 * n, Buffer.from('(]', 'latin1')), Buffer.alloc(n, 'e'), [0x2e]);
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))), 400, /more than 1000 MARKs at once \(the pickle mark limit\)/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))),
+      400,
+      /more than 1000 MARKs at once \(the pickle mark limit\)/,
+    );
   });
 
   it('a flood of bare MARKs larger than the intkey part limit is refused as it streams in', async () => {
     const pkl = pickleBytes([0x80, 2], Buffer.alloc(3 * 1024 * 1024, '('), [0x2e]);
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))), 413, /part "files" is too large: over its limit of \d+ bytes/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))),
+      413,
+      /part "files" is too large: over its limit of \d+ bytes/,
+    );
   });
 
   it('a flood of bare MARKs larger than the pickle byte limit is refused before it is read', async () => {
     const pkl = pickleBytes([0x80, 2], Buffer.alloc(1024 * 1024 + 10, '('), [0x2e]);
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))), 400, /data\.pkl is \d+ bytes, over the pickle limit of 1048576 bytes/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))),
+      400,
+      /data\.pkl is \d+ bytes, over the pickle limit of 1048576 bytes/,
+    );
   });
 
   it('a long run of opcodes is refused at the opcode limit', async () => {
     const pkl = pickleBytes([0x80, 2], [0x4e], Buffer.alloc(2 * 60_000, Buffer.from('q\x00', 'latin1')), [0x2e]); // NONE, BINPUT 0 ...
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))), 400, /more than 20000 opcodes \(the pickle opcode limit\)/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(torchZip({ 'data.pkl': pkl }))),
+      400,
+      /more than 20000 opcodes \(the pickle opcode limit\)/,
+    );
   });
 });
 
 describe('finding 2: tensor views cannot allocate more than the model could need', () => {
   it('four stride-0 views of 2^26 elements over one 4-byte storage are refused by the element budget', async () => {
     const views = [0, 1, 2, 3].map((i) => ({ name: `w${i}`, size: [2 ** 26], stride: [0] }));
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(stateDictOfViews(views, 1))), 400, /tensors declare more than 16640 elements in all \(the tensor element limit/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(stateDictOfViews(views, 1))),
+      400,
+      /tensors declare more than 16640 elements in all \(the tensor element limit/,
+    );
   });
 
   it('a view larger than its storage is refused', async () => {
     const views = [{ name: 'weight', size: [4, 64], stride: [0, 0] }];
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', pyreftForm(stateDictOfViews(views, 1))), 400, /has 256 elements, more than its storage holds \(1\): a view may not be larger than its storage/);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', pyreftForm(stateDictOfViews(views, 1))),
+      400,
+      /has 256 elements, more than its storage holds \(1\): a view may not be larger than its storage/,
+    );
   });
 });
 
@@ -137,7 +168,12 @@ describe('finding 6: multipart parts are streamed against their limits, not buff
   it('a part over the upload limit is a 413 naming the part and the limit', async () => {
     const form = new FormData();
     form.append('file', new Blob([new Uint8Array(UPLOAD_LIMIT + 1024).fill(0x20)]), 'big.jsonl');
-    await refusedQuietly(() => post('/v1/files', form), 413, new RegExp(`part "file" is too large: over its limit of ${UPLOAD_LIMIT} bytes`), 60);
+    await refusedQuietly(
+      () => post('/v1/files', form),
+      413,
+      new RegExp(`part "file" is too large: over its limit of ${UPLOAD_LIMIT} bytes`),
+      60,
+    );
   });
 
   it('an unknown part is refused before it is read', async () => {
@@ -149,6 +185,11 @@ describe('finding 6: multipart parts are streamed against their limits, not buff
 
   it('pyreft intkey parts are bounded by what the model hidden size allows', async () => {
     const form = pyreftForm(new Uint8Array(2 * 1024 * 1024));
-    await refusedQuietly(() => post('/v1/interventions/import/pyreft', form), 413, /part "files" is too large: over its limit of \d+ bytes/, 60);
+    await refusedQuietly(
+      () => post('/v1/interventions/import/pyreft', form),
+      413,
+      /part "files" is too large: over its limit of \d+ bytes/,
+      60,
+    );
   });
 });

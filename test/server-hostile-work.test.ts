@@ -15,7 +15,9 @@ let server: ServerProcess;
 let api: Api;
 
 beforeAll(async () => {
-  server = await startServerProcess({ args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1'] });
+  server = await startServerProcess({
+    args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1'],
+  });
   api = { url: server.url };
 });
 afterAll(async () => {
@@ -33,8 +35,15 @@ function alive(pid: number): boolean {
 
 describe('finding 4: prompts and training data are bounded before tokenizing, and tokenized off the event loop', () => {
   it('a 4 MB prompt is a 413 naming the prompt limit, at once', async () => {
-    const probe = await whileProbing(api, server.proc.pid!, () => json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(4_000_000), max_new_tokens: 1 }));
-    expectProblem(probe.result, 413, new RegExp(`the prompt has 4000000 characters, over the prompt limit of ${MAX_PROMPT_CHARS}`), 'prompt');
+    const probe = await whileProbing(api, server.proc.pid!, () =>
+      json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(4_000_000), max_new_tokens: 1 }),
+    );
+    expectProblem(
+      probe.result,
+      413,
+      new RegExp(`the prompt has 4000000 characters, over the prompt limit of ${MAX_PROMPT_CHARS}`),
+      'prompt',
+    );
     expectHealthzResponsive(probe);
     expect(probe.rssGrowthMb).toBeLessThan(150);
     await stillGenerates(api);
@@ -60,12 +69,21 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     const form = new FormData();
     form.append('file', new Blob(['{"prompt":"a","completion":" b"}\n'.repeat(51)]), 'd.jsonl');
     const res = await fetch(`${api.url}/v1/files`, { method: 'POST', body: form });
-    expectProblem({ status: res.status, body: await res.json(), headers: res.headers }, 413, /more than 50 rows \(the training rows limit\)/, 'file');
+    expectProblem(
+      { status: res.status, body: await res.json(), headers: res.headers },
+      413,
+      /more than 50 rows \(the training rows limit\)/,
+      'file',
+    );
   });
 
   it('training text over the character budget is a 413 at job creation, before tokenizing', async () => {
     const form = new FormData();
-    form.append('file', new Blob([`${JSON.stringify({ prompt: 'Once upon a time', completion: ' there was a cat. '.repeat(700) })}\n`.repeat(2)]), 'd.jsonl');
+    form.append(
+      'file',
+      new Blob([`${JSON.stringify({ prompt: 'Once upon a time', completion: ' there was a cat. '.repeat(700) })}\n`.repeat(2)]),
+      'd.jsonl',
+    );
     const file = await fetch(`${api.url}/v1/files`, { method: 'POST', body: form });
     expect(file.status).toBe(201);
     const { id } = (await file.json()) as { id: string };

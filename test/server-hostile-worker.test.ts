@@ -38,7 +38,10 @@ async function until<T>(what: string, probe: () => Promise<T | null | undefined 
 }
 
 /** ~ 200 k characters: several seconds of tokenizing (the JS tokenizer costs tens of µs a character). */
-const bigRows = Array.from({ length: 200 }, (_, i) => ({ prompt: `Story ${i}: once upon a time`, completion: ' there was a little cat who liked to play in the sun.'.repeat(18) }));
+const bigRows = Array.from({ length: 200 }, (_, i) => ({
+  prompt: `Story ${i}: once upon a time`,
+  completion: ' there was a little cat who liked to play in the sun.'.repeat(18),
+}));
 
 describe('a worker tokenizing a large job', () => {
   it('keeps its lease while tokenizing (heartbeats run), then trains as attempt 1', async () => {
@@ -76,7 +79,10 @@ describe('a worker tokenizing a large job', () => {
 
 describe('finding 11: live training event streams', () => {
   it('are capped per tenant: the ninth is a 429 before any event is sent', async () => {
-    const created = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'Once upon a time', completion: ' there was a cat.' }], hyperparameters: { max_steps: 100_000, batch_size: 1 } });
+    const created = await json(api, 'POST', '/v1/training/jobs', {
+      data: [{ prompt: 'Once upon a time', completion: ' there was a cat.' }],
+      hyperparameters: { max_steps: 100_000, batch_size: 1 },
+    });
     const id = created.body.id;
     const controller = new AbortController();
     const open: Response[] = [];
@@ -92,11 +98,15 @@ describe('finding 11: live training event streams', () => {
     controller.abort();
     await json(api, 'POST', `/v1/training/jobs/${id}/cancel`);
     // closed streams give their slots back
-    await until('a slot to be free again', async () => {
-      const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=false`);
-      const live = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
-      await live.body?.cancel();
-      return res.status === 200 && live.status === 200;
-    }, 10_000);
+    await until(
+      'a slot to be free again',
+      async () => {
+        const res = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=false`);
+        const live = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
+        await live.body?.cancel();
+        return res.status === 200 && live.status === 200;
+      },
+      10_000,
+    );
   });
 });

@@ -19,7 +19,9 @@ beforeAll(async () => {
   sharedDir = sharedInterventionsFolder();
   mkdirSync(join(sharedDir, 'broken'));
   writeFileSync(join(sharedDir, 'broken', 'reft_config.json'), '{');
-  server = await startServerProcess({ args: ['--model', model, '--interventions-dir', sharedDir, '--max-batch-size', '1', '--max-queue', '1'] });
+  server = await startServerProcess({
+    args: ['--model', model, '--interventions-dir', sharedDir, '--max-batch-size', '1', '--max-queue', '1'],
+  });
   api = { url: server.url };
 });
 afterAll(async () => {
@@ -34,7 +36,15 @@ describe('operations', () => {
     await json(api, 'POST', '/v1/generate', { adapter: 'house-style', prompt: 'Once upon a time', max_new_tokens: 5 });
     await json(api, 'POST', '/v1/generate', { adapter: 'house-style', prompt: 'Once upon a time', max_new_tokens: 5 });
     const text = await (await fetch(`${api.url}/metrics`)).text();
-    for (const name of ['reft_http_requests_total', 'reft_http_request_duration_seconds_bucket', 'reft_time_to_first_token_seconds_bucket', 'reft_generation_tokens_per_second_bucket', 'reft_batch_size', 'reft_queue_depth', 'reft_adapter_cache_total']) {
+    for (const name of [
+      'reft_http_requests_total',
+      'reft_http_request_duration_seconds_bucket',
+      'reft_time_to_first_token_seconds_bucket',
+      'reft_generation_tokens_per_second_bucket',
+      'reft_batch_size',
+      'reft_queue_depth',
+      'reft_adapter_cache_total',
+    ]) {
       expect(text).toContain(name);
     }
     expect(text).toMatch(/reft_adapter_cache_total\{result="miss"\} 1/);
@@ -72,7 +82,12 @@ describe('operations', () => {
   it('registers interventions/<name>/ folders as shared interventions and skips broken ones', async () => {
     const list = await json(api, 'GET', '/v1/interventions');
     expect(list.body.data.map((i: { name: string; shared: boolean }) => [i.name, i.shared])).toEqual([['house-style', true]]);
-    const res = await json(api, 'POST', '/v1/generate', { adapter: 'house-style', input_ids: cases[1].prompt, max_new_tokens: 24, ignore_eos: true });
+    const res = await json(api, 'POST', '/v1/generate', {
+      adapter: 'house-style',
+      input_ids: cases[1].prompt,
+      max_new_tokens: 24,
+      ignore_eos: true,
+    });
     expect(res.body.token_ids).toEqual(cases[1].greedy);
     expect(server.logs.some((l) => l.msg === 'skipping shared intervention' && l.name === 'broken')).toBe(true);
     expect((await json(api, 'DELETE', `/v1/interventions/${list.body.data[0].id}`)).status).toBe(403); // shared: not the tenant's to delete (issue 12: a 403 that says so)
@@ -82,7 +97,9 @@ describe('operations', () => {
     const files = artifact([randomLoreft(5, 1)], { name: 'dl', description: 'kept as is' });
     const up = await upload(api, files);
     const config = new Uint8Array(await (await fetch(`${api.url}/v1/interventions/${up.body.id}/files/reft_config.json`)).arrayBuffer());
-    const weights = new Uint8Array(await (await fetch(`${api.url}/v1/interventions/${up.body.id}/files/reft_weights.safetensors`)).arrayBuffer());
+    const weights = new Uint8Array(
+      await (await fetch(`${api.url}/v1/interventions/${up.body.id}/files/reft_weights.safetensors`)).arrayBuffer(),
+    );
     expect(Buffer.from(config).toString()).toBe(files.config);
     expect(Buffer.compare(Buffer.from(weights), Buffer.from(files.weights))).toBe(0);
     expect((await json(api, 'DELETE', `/v1/interventions/${up.body.id}`)).status).toBe(204);
@@ -91,7 +108,8 @@ describe('operations', () => {
 
   it('replacing or deleting an intervention takes effect on the next request (cache invalidated)', async () => {
     const prompt = cases[3].prompt;
-    const gen = async () => (await json(api, 'POST', '/v1/generate', { adapter: 'swap', input_ids: prompt, max_new_tokens: 24, ignore_eos: true })).body;
+    const gen = async () =>
+      (await json(api, 'POST', '/v1/generate', { adapter: 'swap', input_ids: prompt, max_new_tokens: 24, ignore_eos: true })).body;
     expect((await upload(api, fixtureArtifact(cases[3]), { name: 'swap' })).status).toBe(201);
     expect((await gen()).token_ids).toEqual(cases[3].greedy);
     expect((await upload(api, fixtureArtifact(cases[3]), { name: 'swap' })).status).toBe(409);
@@ -118,11 +136,23 @@ describe('operations', () => {
 
   it('chat completions through the official openai client', async () => {
     const client = new OpenAI({ baseURL: `${api.url}/v1`, apiKey: 'unused' });
-    const res = await client.chat.completions.create({ model: 'house-style', messages: [{ role: 'user', content: 'Tell me a story.' }], max_tokens: 12, temperature: 0 });
+    const res = await client.chat.completions.create({
+      model: 'house-style',
+      messages: [{ role: 'user', content: 'Tell me a story.' }],
+      max_tokens: 12,
+      temperature: 0,
+    });
     expect(res.choices[0].message.role).toBe('assistant');
     expect(res.choices[0].message.content!.length).toBeGreaterThan(0);
     expect(res.usage!.completion_tokens).toBeLessThanOrEqual(12);
-    const stream = await client.chat.completions.create({ model: 'house-style', messages: [{ role: 'user', content: 'Tell me a story.' }], max_tokens: 12, temperature: 0, stream: true, stream_options: { include_usage: true } });
+    const stream = await client.chat.completions.create({
+      model: 'house-style',
+      messages: [{ role: 'user', content: 'Tell me a story.' }],
+      max_tokens: 12,
+      temperature: 0,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
     let text = '';
     let usage;
     for await (const chunk of stream) {
@@ -136,7 +166,12 @@ describe('operations', () => {
   it('a full queue answers 503 with Retry-After instead of growing', async () => {
     // batch size 1 and queue size 1: one stream runs, one request waits, the next is refused
     const controller = new AbortController();
-    const running = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }), signal: controller.signal });
+    const running = await fetch(`${api.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }),
+      signal: controller.signal,
+    });
     const reader = running.body!.getReader();
     await reader.read(); // it is generating
     const queued = json(api, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 3 });
@@ -155,7 +190,12 @@ describe('operations', () => {
 
   it('a client that disconnects is dropped from the batch', async () => {
     const controller = new AbortController();
-    const res = await fetch(`${api.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }), signal: controller.signal });
+    const res = await fetch(`${api.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }),
+      signal: controller.signal,
+    });
     const reader = res.body!.getReader();
     await reader.read();
     controller.abort();

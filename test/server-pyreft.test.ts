@@ -10,7 +10,10 @@ import { BIN, startServerProcess, type ServerProcess } from './support/server.ts
 import { BACKENDS } from './support/databases.ts';
 
 const PYREFT = join(SHARED, 'fixtures', 'pyreft');
-const manifest = JSON.parse(readFileSync(join(PYREFT, 'manifest.json'), 'utf8')) as Record<string, { expect: string; compare?: string; import: { positions: string; share_weights: boolean } }>;
+const manifest = JSON.parse(readFileSync(join(PYREFT, 'manifest.json'), 'utf8')) as Record<
+  string,
+  { expect: string; compare?: string; import: { positions: string; share_weights: boolean } }
+>;
 const okFolders = Object.keys(manifest).filter((k) => manifest[k].expect === 'ok');
 const EVIL_MARKER = 'REFT_FIXTURE_EVIL_PICKLE_WAS_EXECUTED';
 function expectSameArtifact(folder: string, config: Uint8Array, weights: Uint8Array) {
@@ -31,7 +34,6 @@ function expectSameArtifact(folder: string, config: Uint8Array, weights: Uint8Ar
   }
 }
 
-
 describe.each(BACKENDS)('on %s', (backend) => {
   /** Issue 6 end to end: pyreft folders through the HTTP API and the CLI. */
 
@@ -48,7 +50,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
     expect(await server.stop()).toBe(0);
   });
 
-  function importForm(folder: string, fields: Record<string, string> = {}, skip: (name: string) => boolean = () => false, edit?: (name: string, bytes: Buffer) => Buffer): FormData {
+  function importForm(
+    folder: string,
+    fields: Record<string, string> = {},
+    skip: (name: string) => boolean = () => false,
+    edit?: (name: string, bytes: Buffer) => Buffer,
+  ): FormData {
     const dir = join(PYREFT, folder);
     const form = new FormData();
     form.append('config', new Blob([readFileSync(join(dir, 'config.json'))]), 'config.json');
@@ -68,7 +75,6 @@ describe.each(BACKENDS)('on %s', (backend) => {
     return { status: res.status, body: (await res.json()) as any, type: res.headers.get('content-type') };
   }
 
-
   async function download(id: string, file: string): Promise<Uint8Array> {
     return new Uint8Array(await (await fetch(`${api.url}/v1/interventions/${id}/files/${file}`)).arrayBuffer());
   }
@@ -79,9 +85,20 @@ describe.each(BACKENDS)('on %s', (backend) => {
         const res = await importVia(importForm(folder, { name: `py-${folder}` }));
         expect(res.status, JSON.stringify(res.body)).toBe(201);
         expect(res.body).toMatchObject({ name: `py-${folder}`, source: 'import' });
-        expectSameArtifact(folder, await download(res.body.id, 'reft_config.json'), await download(res.body.id, 'reft_weights.safetensors'));
+        expectSameArtifact(
+          folder,
+          await download(res.body.id, 'reft_config.json'),
+          await download(res.body.id, 'reft_weights.safetensors'),
+        );
         const expectedDir = join(PYREFT, folder, 'expected');
-        const reference = await upload(api, { config: readFileSync(join(expectedDir, 'reft_config.json'), 'utf8'), weights: new Uint8Array(readFileSync(join(expectedDir, 'reft_weights.safetensors'))) }, { name: `expected-${folder}` });
+        const reference = await upload(
+          api,
+          {
+            config: readFileSync(join(expectedDir, 'reft_config.json'), 'utf8'),
+            weights: new Uint8Array(readFileSync(join(expectedDir, 'reft_weights.safetensors'))),
+          },
+          { name: `expected-${folder}` },
+        );
         expect(reference.status).toBe(201);
         for (const prompt of ['Once upon a time', 'The little cat sat on the mat and looked at the sky']) {
           const body = { prompt, max_new_tokens: 20, ignore_eos: true };
@@ -110,8 +127,24 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const folder = 'loreft_f32_split';
       const cases: Array<[FormData, RegExp]> = [
         [importForm(folder, {}, (n) => n.endsWith('#1.bin')), /missing .*intkey|#1/],
-        [importForm(folder, {}, () => false, (_n, b) => b.subarray(0, b.length - 200)), /zip|truncated|central directory/i],
-        [importForm(folder, {}, () => false, (_n, b) => Buffer.from('not a zip at all')), /zip|torch/i],
+        [
+          importForm(
+            folder,
+            {},
+            () => false,
+            (_n, b) => b.subarray(0, b.length - 200),
+          ),
+          /zip|truncated|central directory/i,
+        ],
+        [
+          importForm(
+            folder,
+            {},
+            () => false,
+            (_n, b) => Buffer.from('not a zip at all'),
+          ),
+          /zip|torch/i,
+        ],
       ];
       for (const [form, pattern] of cases) {
         const res = await importVia(form);
@@ -124,8 +157,6 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect((await json(api, 'GET', '/healthz')).status).toBe(200);
     });
   });
-
-
 });
 
 describe('pyreft import through the CLI', () => {
@@ -133,16 +164,35 @@ describe('pyreft import through the CLI', () => {
     it(`${folder}`, () => {
       const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
       const c = manifest[folder].import;
-      const args = [BIN, 'import-pyreft', join(PYREFT, folder), '--positions', c.positions, '--out', out, '--model', STORIES, ...(c.share_weights ? ['--share-weights'] : [])];
+      const args = [
+        BIN,
+        'import-pyreft',
+        join(PYREFT, folder),
+        '--positions',
+        c.positions,
+        '--out',
+        out,
+        '--model',
+        STORIES,
+        ...(c.share_weights ? ['--share-weights'] : []),
+      ];
       const r = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 60_000 });
       expect(r.status, r.stderr).toBe(0);
-      expectSameArtifact(folder, new Uint8Array(readFileSync(join(out, 'reft_config.json'))), new Uint8Array(readFileSync(join(out, 'reft_weights.safetensors'))));
+      expectSameArtifact(
+        folder,
+        new Uint8Array(readFileSync(join(out, 'reft_config.json'))),
+        new Uint8Array(readFileSync(join(out, 'reft_weights.safetensors'))),
+      );
     });
   }
 
   it('refuses an evil folder with a one-line error', () => {
     const out = mkdtempSync(join(tmpdir(), 'reft-import-'));
-    const r = spawnSync(process.execPath, [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--share-weights', '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(
+      process.execPath,
+      [BIN, 'import-pyreft', join(PYREFT, 'evil'), '--positions', 'f1+l1', '--share-weights', '--out', out, '--model', STORIES],
+      { encoding: 'utf8', timeout: 60_000 },
+    );
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^reft-server: forbidden pickle global "os system"/);
     expect(r.stdout + r.stderr).not.toContain(EVIL_MARKER);

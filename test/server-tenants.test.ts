@@ -19,7 +19,11 @@ describe.each(BACKENDS)('on %s', (backend) => {
   let ivB: string;
 
   beforeAll(async () => {
-    server = await startServerProcess({ backend, env: { REFT_ADMIN_KEY: ADMIN }, args: ['--tenant-max-concurrent', '2', '--tenant-max-interventions', '3', '--usage-flush-ms', '100'] });
+    server = await startServerProcess({
+      backend,
+      env: { REFT_ADMIN_KEY: ADMIN },
+      args: ['--tenant-max-concurrent', '2', '--tenant-max-interventions', '3', '--usage-flush-ms', '100'],
+    });
     admin = { url: server.url, key: ADMIN };
     const tenantA = await json(admin, 'POST', '/v1/admin/tenants', { name: 'alpha' });
     const tenantB = await json(admin, 'POST', '/v1/admin/tenants', { name: 'beta' });
@@ -49,7 +53,13 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const listA = await json(a, 'GET', '/v1/interventions');
       expect(listA.body.data.map((i: { id: string }) => i.id)).not.toContain(ivB);
       const missing = await json(a, 'GET', '/v1/interventions/iv_doesnotexist');
-      for (const [method, path] of [['GET', `/v1/interventions/${ivB}`], ['GET', '/v1/interventions/beta-secret'], ['GET', `/v1/interventions/${ivB}/files/reft_config.json`], ['GET', `/v1/interventions/${ivB}/files/reft_weights.safetensors`], ['DELETE', `/v1/interventions/${ivB}`]]) {
+      for (const [method, path] of [
+        ['GET', `/v1/interventions/${ivB}`],
+        ['GET', '/v1/interventions/beta-secret'],
+        ['GET', `/v1/interventions/${ivB}/files/reft_config.json`],
+        ['GET', `/v1/interventions/${ivB}/files/reft_weights.safetensors`],
+        ['DELETE', `/v1/interventions/${ivB}`],
+      ]) {
         const res = await json(a, method, path);
         expect(res.status, `${method} ${path}`).toBe(404);
         expect(res.body.detail.replace(ivB, 'X').replace('beta-secret', 'X')).toBe(missing.body.detail.replace('iv_doesnotexist', 'X'));
@@ -63,9 +73,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect((await json(b, 'POST', '/v1/generate', { adapter: ivB, prompt: 'Once upon a time', max_new_tokens: 2 })).status).toBe(200);
     });
 
-    it("usage belongs to the tenant: each sees its own requests and tokens", async () => {
+    it('usage belongs to the tenant: each sees its own requests and tokens', async () => {
       const before = (await json(a, 'GET', '/v1/usage')).body.totals;
-      for (let i = 0; i < 3; i++) expect((await json(a, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 7, ignore_eos: true })).status).toBe(200);
+      for (let i = 0; i < 3; i++)
+        expect((await json(a, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 7, ignore_eos: true })).status).toBe(
+          200,
+        );
       let after = before;
       for (let i = 0; i < 50 && after.requests < before.requests + 3; i++) {
         await new Promise((r) => setTimeout(r, 100));
@@ -100,7 +113,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const controller = new AbortController();
       const streams = [];
       for (let i = 0; i < 2; i++) {
-        const res = await fetch(`${a.url}/v1/generate`, { method: 'POST', headers: { authorization: `Bearer ${a.key}`, 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }), signal: controller.signal });
+        const res = await fetch(`${a.url}/v1/generate`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${a.key}`, 'content-type': 'application/json' },
+          body: JSON.stringify({ prompt: 'Once upon a time', max_new_tokens: 500, ignore_eos: true, stream: true }),
+          signal: controller.signal,
+        });
         await res.body!.getReader().read();
         streams.push(res);
       }
@@ -111,13 +129,15 @@ describe.each(BACKENDS)('on %s', (backend) => {
       controller.abort();
     });
   });
-
-
 });
 
 describe('binding', () => {
   it('refuses to listen beyond loopback without API keys, and says why', () => {
-    const r = spawnSync(process.execPath, [BIN, 'serve', '--model', STORIES, '--host', '0.0.0.0', '--port', '0', '--data-dir', mkdtempSync(join(tmpdir(), 'reft-bind-'))], { encoding: 'utf8', env: { ...process.env, REFT_ADMIN_KEY: '' }, timeout: 30_000 });
+    const r = spawnSync(
+      process.execPath,
+      [BIN, 'serve', '--model', STORIES, '--host', '0.0.0.0', '--port', '0', '--data-dir', mkdtempSync(join(tmpdir(), 'reft-bind-'))],
+      { encoding: 'utf8', env: { ...process.env, REFT_ADMIN_KEY: '' }, timeout: 30_000 },
+    );
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/refusing to listen on 0\.0\.0\.0 without API keys: set REFT_ADMIN_KEY/);
   });

@@ -12,7 +12,10 @@ import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/train
 import { BACKENDS, createDatabase, dropDatabase } from './support/databases.ts';
 
 const jsonl = TRAIN_OPENINGS.map((prompt) => JSON.stringify({ prompt, completion: NEW_SENTENCE })).join('\n') + '\n';
-const RECIPE = { intervention: { kind: 'loreft', rank: 4, layers: 'all', positions: 'f3+l3' }, hyperparameters: { epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear', seed: 1 } };
+const RECIPE = {
+  intervention: { kind: 'loreft', rank: 4, layers: 'all', positions: 'f3+l3' },
+  hyperparameters: { epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear', seed: 1 },
+};
 
 describe.each(BACKENDS)('on %s', (backend) => {
   /** Issue 4 end to end: files, jobs, events, cancellation, a killed worker, the CLI. */
@@ -65,7 +68,8 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const metrics = events.filter((e) => e.type === 'metrics');
       expect(metrics.length).toBeGreaterThan(1);
       expect(metrics.at(-1).data).toMatchObject({ step: 600, total_steps: 600 });
-      for (const m of metrics) expect(Object.keys(m.data)).toEqual(expect.arrayContaining(['step', 'loss', 'learning_rate', 'tokens_per_second', 'eta_seconds']));
+      for (const m of metrics)
+        expect(Object.keys(m.data)).toEqual(expect.arrayContaining(['step', 'loss', 'learning_rate', 'tokens_per_second', 'eta_seconds']));
       expect(metrics.at(-1).data.loss).toBeLessThan(metrics[0].data.loss);
       const end = events.at(-1);
       expect(end.type).toBe('end');
@@ -104,15 +108,25 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const inline = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'a', completion: ' b' }, { prompt: 3 }], ...RECIPE });
       expect(inline.status).toBe(400);
       expect(inline.body.field).toBe('data.1');
-      const badRecipe = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'a', completion: ' b' }], intervention: { kind: 'loreft', rank: 0 } });
+      const badRecipe = await json(api, 'POST', '/v1/training/jobs', {
+        data: [{ prompt: 'a', completion: ' b' }],
+        intervention: { kind: 'loreft', rank: 0 },
+      });
       expect(badRecipe.status).toBe(400);
       expect(badRecipe.body.field).toBe('intervention.rank');
-      const layer = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'a', completion: ' b' }], intervention: { layers: [9] } });
+      const layer = await json(api, 'POST', '/v1/training/jobs', {
+        data: [{ prompt: 'a', completion: ' b' }],
+        intervention: { layers: [9] },
+      });
       expect(layer.body.detail).toMatch(/layer 9 is out of range/);
     });
 
     it('cancel stops a running job', async () => {
-      const created = await json(api, 'POST', '/v1/training/jobs', { data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })), ...RECIPE, hyperparameters: { ...RECIPE.hyperparameters, epochs: 5000 } });
+      const created = await json(api, 'POST', '/v1/training/jobs', {
+        data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })),
+        ...RECIPE,
+        hyperparameters: { ...RECIPE.hyperparameters, epochs: 5000 },
+      });
       expect(created.status).toBe(202);
       const running = await waitFor(created.body.id, ['running']);
       expect(running.status).toBe('running');
@@ -125,7 +139,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
     });
 
     it('kill -9 of the worker mid-job: the job resumes from its checkpoint and succeeds', async () => {
-      const created = await json(api, 'POST', '/v1/training/jobs', { data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })), ...RECIPE, hyperparameters: { ...RECIPE.hyperparameters, epochs: 150 }, name: 'survivor' });
+      const created = await json(api, 'POST', '/v1/training/jobs', {
+        data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })),
+        ...RECIPE,
+        hyperparameters: { ...RECIPE.hyperparameters, epochs: 150 },
+        name: 'survivor',
+      });
       await waitFor(created.body.id, ['running']);
       // wait until a checkpoint was taken (progress past a few hundred steps)
       for (;;) {
@@ -153,7 +172,11 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const args = ['--lease-ms', '30000', '--checkpoint-ms', '200', '--poll-ms', '100'];
       const first = await startServerProcess({ backend, database, dataDir, args });
       const a = { url: first.url };
-      const created = await json(a, 'POST', '/v1/training/jobs', { data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })), ...RECIPE, hyperparameters: { ...RECIPE.hyperparameters, epochs: 100 } });
+      const created = await json(a, 'POST', '/v1/training/jobs', {
+        data: TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE })),
+        ...RECIPE,
+        hyperparameters: { ...RECIPE.hyperparameters, epochs: 100 },
+      });
       for (;;) {
         const job = (await json(a, 'GET', `/v1/training/jobs/${created.body.id}`)).body;
         if ((job.progress?.step ?? 0) > 300) break;
@@ -188,7 +211,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
       const long = await json(a, 'POST', '/v1/training/jobs', { data: rows, ...RECIPE, hyperparameters: { epochs: 450 } });
       expect([small.status, big.status, long.status]).toEqual([202, 202, 202]);
       expect(await first.stop()).toBe(0);
-      const second = await startServerProcess({ backend, database, dataDir, args: ['--job-max-steps', '2000', '--job-max-seconds', '1', '--poll-ms', '100'] });
+      const second = await startServerProcess({
+        backend,
+        database,
+        dataDir,
+        args: ['--job-max-steps', '2000', '--job-max-seconds', '1', '--poll-ms', '100'],
+      });
       api = { url: second.url };
       try {
         const ok = await waitFor(small.body.id, ['succeeded', 'failed']);
@@ -206,8 +234,6 @@ describe.each(BACKENDS)('on %s', (backend) => {
       }
     });
   });
-
-
 });
 
 describe('reft-server train', () => {
@@ -215,13 +241,40 @@ describe('reft-server train', () => {
     const dir = mkdtempSync(join(tmpdir(), 'reft-train-'));
     writeFileSync(join(dir, 'data.jsonl'), jsonl);
     const out = join(dir, 'out');
-    const r = spawnSync(process.execPath, [BIN, 'train', join(dir, 'data.jsonl'), '--out', out, '--model', STORIES, '--epochs', '3', '--rank', '2', '--layers', '1,3', '--name', 'cli'], { encoding: 'utf8', timeout: 120_000 });
+    const r = spawnSync(
+      process.execPath,
+      [
+        BIN,
+        'train',
+        join(dir, 'data.jsonl'),
+        '--out',
+        out,
+        '--model',
+        STORIES,
+        '--epochs',
+        '3',
+        '--rank',
+        '2',
+        '--layers',
+        '1,3',
+        '--name',
+        'cli',
+      ],
+      { encoding: 'utf8', timeout: 120_000 },
+    );
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toBe('');
     expect(r.stderr).toMatch(/trained 60 steps/);
     const config = JSON.parse(readFileSync(join(out, 'reft_config.json'), 'utf8'));
-    expect(config).toMatchObject({ format: 'reft/v1', name: 'cli', interventions: [{ layer: 1, rank: 2 }, { layer: 1 }, { layer: 3 }, { layer: 3 }] });
-    const bad = spawnSync(process.execPath, [BIN, 'train', join(dir, 'missing.jsonl'), '--out', out, '--model', STORIES], { encoding: 'utf8', timeout: 60_000 });
+    expect(config).toMatchObject({
+      format: 'reft/v1',
+      name: 'cli',
+      interventions: [{ layer: 1, rank: 2 }, { layer: 1 }, { layer: 3 }, { layer: 3 }],
+    });
+    const bad = spawnSync(process.execPath, [BIN, 'train', join(dir, 'missing.jsonl'), '--out', out, '--model', STORIES], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/cannot read/);
   });

@@ -12,9 +12,9 @@ const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tok
 
 /** Greedy continuation of "Once upon a time" by the base stories260k model. */
 const CONTINUATION = [
-  432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282,
-  295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352, 266, 268, 388, 426, 338, 391, 266, 267, 337, 335, 312, 432,
-  398, 312, 286, 267, 414, 270, 333, 415, 426, 13, 438, 310,
+  432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426,
+  385, 328, 432, 358, 394, 261, 370, 432, 352, 266, 268, 388, 426, 338, 391, 266, 267, 337, 335, 312, 432, 398, 312, 286, 267, 414, 270,
+  333, 415, 426, 13, 438, 310,
 ];
 
 const CHATML =
@@ -193,8 +193,7 @@ describe('chat template', () => {
     { role: 'system', content: 'You tell stories.' },
     { role: 'user', content: 'Tell me about Lily.' },
   ];
-  const rendered =
-    '<s><|im_start|>system\nYou tell stories.<|im_end|>\n<|im_start|>user\nTell me about Lily.<|im_end|>\n';
+  const rendered = '<s><|im_start|>system\nYou tell stories.<|im_end|>\n<|im_start|>user\nTell me about Lily.<|im_end|>\n';
 
   /** What transformers does: encode the rendered text without adding special tokens. */
   async function reference(text: string): Promise<number[]> {
@@ -240,7 +239,10 @@ describe('chat template', () => {
 
   it("reports the template's own errors against the messages", async () => {
     const template = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}";
-    const tok = await loadTokenizer(await variant({ 'tokenizer_config.json': withConfig({ chat_template: template }) }), await modelConfig());
+    const tok = await loadTokenizer(
+      await variant({ 'tokenizer_config.json': withConfig({ chat_template: template }) }),
+      await modelConfig(),
+    );
     expect(() => tok.encodeChat(messages)).toThrow(/first message must be from the user/);
     try {
       tok.encodeChat(messages);
@@ -270,7 +272,7 @@ function bytesToUnicode(): string[] {
 async function byteLevelTokenizer(cleanUp: boolean): Promise<TextTokenizer> {
   const vocab: Record<string, number> = {};
   bytesToUnicode().forEach((c, b) => (vocab[c] = b));
-  Object.assign(vocab, { 'Ġt': 256, he: 257, 'Ġthe': 258, '<|eot|>': 259 });
+  Object.assign(vocab, { Ġt: 256, he: 257, Ġthe: 258, '<|eot|>': 259 });
   const dir = await mkdtemp(join(tmpdir(), 'reft-tok-'));
   tempDirs.push(dir);
   const byteLevel = { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true };
@@ -285,7 +287,18 @@ async function byteLevelTokenizer(cleanUp: boolean): Promise<TextTokenizer> {
       pre_tokenizer: byteLevel,
       post_processor: byteLevel,
       decoder: byteLevel,
-      model: { type: 'BPE', dropout: null, unk_token: null, byte_fallback: false, vocab, merges: [['Ġ', 't'], ['h', 'e'], ['Ġt', 'he']] },
+      model: {
+        type: 'BPE',
+        dropout: null,
+        unk_token: null,
+        byte_fallback: false,
+        vocab,
+        merges: [
+          ['Ġ', 't'],
+          ['h', 'e'],
+          ['Ġt', 'he'],
+        ],
+      },
     }),
   );
   await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ eos_token: '<|eot|>', clean_up_tokenization_spaces: cleanUp }));
@@ -299,7 +312,7 @@ describe('byte-level tokenizer stream decoding', () => {
       const tok = await byteLevelTokenizer(cleanUp);
       expect(tok.bosTokenId).toBeNull();
       expect(tok.eosTokenIds).toEqual([259]);
-      const text = 'the cat. 日本 😀 isn\'t';
+      const text = "the cat. 日本 😀 isn't";
       const ids = tok.encode(text);
       expect(tok.decode(ids)).toBe(cleanUp ? "the cat. 日本 😀 isn't" : text);
       expect(streamAll(tok, [...ids, 259]).join('')).toBe(tok.decode(ids));

@@ -29,7 +29,11 @@ async function checkRule(args: Arg[], build: (t: Tape, x: string[]) => string): 
   const names = args.map((a, i) => t.input(`x${i}`, 'float32', a.shape));
   const y = build(t, names);
   const yShape = t.shape(y).map(Number);
-  const probe = t.constant('probe', Float32Array.from({ length: size(yShape) }, () => rng.uniform(-1, 1)), yShape);
+  const probe = t.constant(
+    'probe',
+    Float32Array.from({ length: size(yShape) }, () => rng.uniform(-1, 1)),
+    yShape,
+  );
   const loss = t.op('ReduceSum', [t.op('Mul', [y, probe])], { keepdims: 0 });
   const wrt = names.filter((_, i) => !args[i].frozen);
   const grads = t.gradients(loss, wrt);
@@ -37,7 +41,9 @@ async function checkRule(args: Arg[], build: (t: Tape, x: string[]) => string): 
   grads.forEach((gr, i) => g.output(gr, `grad_${i}`, 'float32', args.filter((a) => !a.frozen)[i].shape));
   const session = await createSession(g.encode({ '': 21 }), tmpdir(), { threads: 1 });
 
-  const values = args.map((a) => Float64Array.from(a.data ?? Array.from({ length: size(a.shape) }, () => (a.positive ? rng.uniform(0.5, 1.5) : rng.uniform(-1, 1)))));
+  const values = args.map((a) =>
+    Float64Array.from(a.data ?? Array.from({ length: size(a.shape) }, () => (a.positive ? rng.uniform(0.5, 1.5) : rng.uniform(-1, 1)))),
+  );
   const feeds = () => Object.fromEntries(args.map((a, i) => [`x${i}`, new ort.Tensor('float32', Float32Array.from(values[i]), a.shape)]));
   const out = await session.run(feeds());
   let num = 0;
@@ -86,7 +92,10 @@ const cases: Array<[string, Arg[], (t: Tape, x: string[]) => string]> = [
     'Where (broadcast branches)',
     [{ shape: [2, 3] }, { shape: [3] }],
     (t, [a, b]) => {
-      const cond = t.declare(t.g.op('Greater', [t.constant('c', Float32Array.of(1, -1, 1, -1, -1, 1), [2, 3]), t.scalar('zero', 0)]), [2, 3]);
+      const cond = t.declare(
+        t.g.op('Greater', [t.constant('c', Float32Array.of(1, -1, 1, -1, -1, 1), [2, 3]), t.scalar('zero', 0)]),
+        [2, 3],
+      );
       return t.op('Where', [cond, a, b]);
     },
   ],
@@ -96,17 +105,17 @@ const cases: Array<[string, Arg[], (t: Tape, x: string[]) => string]> = [
   ['Gemm', [{ shape: [2, 3] }, { shape: [3, 4] }, { shape: [4] }], (t, [a, b, c]) => t.op('Gemm', [a, b, c])],
   ['Gemm transB', [{ shape: [2, 3] }, { shape: [4, 3] }], (t, [a, b]) => t.op('Gemm', [a, b], { transB: 1 })],
   ['Gemm transA', [{ shape: [3, 2] }, { shape: [3, 4] }], (t, [a, b]) => t.op('Gemm', [a, b], { transA: 1 })],
-  ['Gemm transA transB', [{ shape: [3, 2] }, { shape: [4, 3] }, { shape: [2, 1] }], (t, [a, b, c]) => t.op('Gemm', [a, b, c], { transA: 1, transB: 1 })],
+  [
+    'Gemm transA transB',
+    [{ shape: [3, 2] }, { shape: [4, 3] }, { shape: [2, 1] }],
+    (t, [a, b, c]) => t.op('Gemm', [a, b, c], { transA: 1, transB: 1 }),
+  ],
   ['Reshape (0 and -1)', [{ shape: [2, 3, 2] }], (t, [a]) => t.op('Reshape', [a, t.int64s('s', [0, -1])])],
   ['Unsqueeze', [{ shape: [2, 3] }], (t, [a]) => t.op('Unsqueeze', [a, t.int64s('ax', [0, -1])])],
   ['Squeeze', [{ shape: [2, 1, 3] }], (t, [a]) => t.op('Squeeze', [a, t.int64s('ax', [1])])],
   ['Transpose', [{ shape: [2, 3, 4] }], (t, [a]) => t.op('Transpose', [a], { perm: [2, 0, 1] })],
   ['Expand', [{ shape: [3, 1] }], (t, [a]) => t.op('Expand', [a, t.int64s('s', [2, 3, 4])])],
-  [
-    'Gather axis 0 (repeated indices)',
-    [{ shape: [4, 3] }],
-    (t, [a]) => t.op('Gather', [a, t.int64s('i', [2, 0, 2])], { axis: 0 }),
-  ],
+  ['Gather axis 0 (repeated indices)', [{ shape: [4, 3] }], (t, [a]) => t.op('Gather', [a, t.int64s('i', [2, 0, 2])], { axis: 0 })],
   [
     'GatherElements along the last axis (repeats)',
     [{ shape: [2, 5] }],

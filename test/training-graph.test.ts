@@ -96,8 +96,10 @@ class Problem {
   }
 }
 
-const dot = (a: KindTensors[], b: KindTensors[]) => a.reduce((s, t, i) => s + Object.keys(t).reduce((s2, k) => s2 + (b[i][k] ? t[k].reduce((s3, x, j) => s3 + x * b[i][k][j], 0) : 0), 0), 0);
-const scale = (a: KindTensors[], c: number): KindTensors[] => a.map((t) => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.map((x) => x * c)])));
+const dot = (a: KindTensors[], b: KindTensors[]) =>
+  a.reduce((s, t, i) => s + Object.keys(t).reduce((s2, k) => s2 + (b[i][k] ? t[k].reduce((s3, x, j) => s3 + x * b[i][k][j], 0) : 0), 0), 0);
+const scale = (a: KindTensors[], c: number): KindTensors[] =>
+  a.map((t) => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.map((x) => x * c)])));
 
 describe('training graph: the reference gradient case', () => {
   it('loss and every gradient within 1e-4 relative of the PyTorch reference', async () => {
@@ -109,7 +111,9 @@ describe('training graph: the reference gradient case', () => {
       for (const [k, v] of Object.entries(c.tensors)) if (k.startsWith(`iv${i}.`)) t[k.slice(`iv${i}.`.length)] = v.slice();
       return t;
     });
-    const p = new Problem(await graphFor(specs.map((s) => s.layer)), specs, params).pack([{ tokens: c.prompt, promptLength: raw.prompt_len }]);
+    const p = new Problem(await graphFor(specs.map((s) => s.layer)), specs, params).pack([
+      { tokens: c.prompt, promptLength: raw.prompt_len },
+    ]);
     expect(c.prompt.length).toBe(raw.prompt_len + raw.completion_len!);
     const { loss, grads } = await p.gradients();
     const refLoss = tensor('grad.loss')[0];
@@ -166,36 +170,76 @@ async function finiteDifferenceCheck(p: Problem, rng: Rng): Promise<{ worst: num
     worst = Math.max(worst, err / (FD_TOLERANCE * ref + floor));
     worstRelative = Math.max(worstRelative, err / ref);
   }
-  if (process.env.REFT_REPORT) console.log(`finite differences: worst ${worst.toFixed(3)} of allowed, worst |fd − g·v| / ref ${worstRelative.toExponential(2)}`);
+  if (process.env.REFT_REPORT)
+    console.log(`finite differences: worst ${worst.toFixed(3)} of allowed, worst |fd − g·v| / ref ${worstRelative.toExponential(2)}`);
   return { worst, worstRelative };
 }
 
 function randomExamples(rng: Rng, shapes: Array<[number, number]>): TrainingExample[] {
-  return shapes.map(([n, prompt]) => ({ tokens: [1, ...Array.from({ length: n - 1 }, () => 3 + Math.floor(rng.next() * 500))], promptLength: prompt }));
+  return shapes.map(([n, prompt]) => ({
+    tokens: [1, ...Array.from({ length: n - 1 }, () => 3 + Math.floor(rng.next() * 500))],
+    promptLength: prompt,
+  }));
 }
 
 describe('training graph: gradients against finite differences', () => {
   it('loreft on the first and last layers, split f2 / l2 on one layer, batch 3 with padding and dropout', async () => {
     const rng = new Rng(11);
     const specs = [spec('loreft', 0, 4, 'f2+l2'), spec('loreft', 4, 3, 'f2'), spec('loreft', 4, 3, 'l2')];
-    const p = new Problem(await graphFor([0, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
-    p.pack(randomExamples(rng, [[12, 6], [7, 4], [15, 9]]), { p: 0.2, rng });
+    const p = new Problem(
+      await graphFor([0, 4]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
+    p.pack(
+      randomExamples(rng, [
+        [12, 6],
+        [7, 4],
+        [15, 9],
+      ]),
+      { p: 0.2, rng },
+    );
     expect((await finiteDifferenceCheck(p, rng)).worst).toBeLessThan(1);
   });
 
   it('direft on layers 2 and 4, batch 2', async () => {
     const rng = new Rng(12);
     const specs = [spec('direft', 2, 4, 'f1+l1'), spec('direft', 4, 2, 'l3')];
-    const p = new Problem(await graphFor([2, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
-    p.pack(randomExamples(rng, [[9, 5], [14, 8]]));
+    const p = new Problem(
+      await graphFor([2, 4]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
+    p.pack(
+      randomExamples(rng, [
+        [9, 5],
+        [14, 8],
+      ]),
+    );
     expect((await finiteDifferenceCheck(p, rng)).worst).toBeLessThan(1);
   });
 
   it('noreft, consreft and lobireft through the low-rank mapping, two kinds sharing positions on one layer', async () => {
     const rng = new Rng(13);
-    const specs = [spec('noreft', 1, 2, 'f1+l1'), spec('consreft', 3, 2, 'f3'), spec('lobireft', 3, 1, 'f2+l2'), spec('loreft', 2, 2, 'l1')];
-    const p = new Problem(await graphFor([1, 2, 3]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
-    p.pack(randomExamples(rng, [[10, 7], [16, 6], [8, 8]]), { p: 0.1, rng });
+    const specs = [
+      spec('noreft', 1, 2, 'f1+l1'),
+      spec('consreft', 3, 2, 'f3'),
+      spec('lobireft', 3, 1, 'f2+l2'),
+      spec('loreft', 2, 2, 'l1'),
+    ];
+    const p = new Problem(
+      await graphFor([1, 2, 3]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
+    p.pack(
+      randomExamples(rng, [
+        [10, 7],
+        [16, 6],
+        [8, 8],
+      ]),
+      { p: 0.1, rng },
+    );
     expect((await finiteDifferenceCheck(p, rng)).worst).toBeLessThan(1);
   });
 });
@@ -206,7 +250,11 @@ describe('training graph: batching', () => {
     const specs = [spec('loreft', 1, 2, 'f3+l3'), spec('direft', 3, 2, 'l2')];
     const params = specs.map((s) => initialTensors(s.kind, s.rank, D, rng));
     const p = new Problem(await graphFor([1, 3]), specs, params);
-    const examples = randomExamples(rng, [[13, 5], [6, 3], [18, 10]]);
+    const examples = randomExamples(rng, [
+      [13, 5],
+      [6, 3],
+      [18, 10],
+    ]);
     const together = await p.pack(examples).gradients();
     let loss = 0;
     const sum = specs.map(() => ({}) as KindTensors);
@@ -222,14 +270,25 @@ describe('training graph: batching', () => {
     }
     expect(Math.abs(together.loss - loss / tokens)).toBeLessThan(1e-5 * Math.abs(together.loss));
     together.grads.forEach((t, i) => {
-      for (const [k, v] of Object.entries(t)) expect(relativeError(v, sum[i][k].map((x) => x / tokens)), k).toBeLessThan(1e-5);
+      for (const [k, v] of Object.entries(t))
+        expect(
+          relativeError(
+            v,
+            sum[i][k].map((x) => x / tokens),
+          ),
+          k,
+        ).toBeLessThan(1e-5);
     });
   });
 
   it('attention_mask hides padding keys: a left-padded row gives the same loss and gradients', async () => {
     const rng = new Rng(24);
     const specs = [spec('loreft', 1, 2, 'f2+l2'), spec('direft', 4, 2, 'l1')];
-    const p = new Problem(await graphFor([1, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
+    const p = new Problem(
+      await graphFor([1, 4]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
     const plain = await p.pack(randomExamples(rng, [[11, 6]])).gradients();
     const b = p.batch;
     const pad = 3;
@@ -259,7 +318,11 @@ describe('training graph: batching', () => {
   it('a layer with no intervened token in the batch gets zero gradients', async () => {
     const rng = new Rng(22);
     const specs = [spec('loreft', 2, 2, 'l1'), spec('direft', 4, 2, 'f2')];
-    const p = new Problem(await graphFor([2, 4]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
+    const p = new Problem(
+      await graphFor([2, 4]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
     // a 1-token prompt: l1 is capped at 1 // 2 = 0 positions
     const { grads } = await p.pack([{ tokens: [1, 403, 407, 261], promptLength: 1 }]).gradients();
     for (const g of Object.values(grads[0])) expect(g.every((x) => x === 0)).toBe(true);
@@ -269,7 +332,11 @@ describe('training graph: batching', () => {
   it('a batch with nothing to score has loss 0 and zero gradients (no NaN)', async () => {
     const rng = new Rng(23);
     const specs = [spec('loreft', 3, 2, 'f2+l2')];
-    const p = new Problem(await graphFor([3]), specs, specs.map((s) => initialTensors(s.kind, s.rank, D, rng)));
+    const p = new Problem(
+      await graphFor([3]),
+      specs,
+      specs.map((s) => initialTensors(s.kind, s.rank, D, rng)),
+    );
     p.pack(randomExamples(rng, [[9, 5]]));
     p.batch.lossMask.fill(0);
     const { loss, grads } = await p.gradients();
@@ -290,7 +357,8 @@ describe('training graph: portable ONNX', () => {
   });
 
   it('has no backward nodes below the lowest intervened layer', () => {
-    const count = (layers: number[]) => onnx.ModelProto.decode(buildTrainingGraph(model.config, model.checkpoint, layers)).graph!.node!.length;
+    const count = (layers: number[]) =>
+      onnx.ModelProto.decode(buildTrainingGraph(model.config, model.checkpoint, layers)).graph!.node!.length;
     // moving the only intervention up removes whole layers of backward pass
     expect(count([4])).toBeLessThan(count([2]));
     expect(count([2])).toBeLessThan(count([0]));

@@ -29,11 +29,18 @@ function completionTokens(opening: string, completion: string): number[] {
 
 /** Greedy continuations of every prompt, decoded together with the KV cache. */
 const greedy = (prompts: string[], interventions: readonly LowRankIntervention[], steps: number) =>
-  greedyBatch(engine, prompts.map((p) => ({ tokens: model.tokenizer.encode(p), interventions })), steps);
+  greedyBatch(
+    engine,
+    prompts.map((p) => ({ tokens: model.tokenizer.encode(p), interventions })),
+    steps,
+  );
 
 const startsWith = (gen: number[], prefix: number[]) => prefix.every((t, i) => gen[i] === t);
 
-async function train(recipe: RecipeInput, rows: Array<{ prompt: string; completion: string }>): Promise<{ interventions: LowRankIntervention[]; seconds: number; steps: number }> {
+async function train(
+  recipe: RecipeInput,
+  rows: Array<{ prompt: string; completion: string }>,
+): Promise<{ interventions: LowRankIntervention[]; seconds: number; steps: number }> {
   const trainer = await Trainer.create(model, recipe, rows);
   const started = performance.now();
   const outcome = await trainer.train();
@@ -44,7 +51,15 @@ async function train(recipe: RecipeInput, rows: Array<{ prompt: string; completi
 }
 
 /** Recipe (a): the brief's; the seeds are the recipe default's neighbours, not picked. */
-const RECIPE_A: RecipeInput = { rank: 4, layers: 'all', positions: 'f3+l3', epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear' };
+const RECIPE_A: RecipeInput = {
+  rank: 4,
+  layers: 'all',
+  positions: 'f3+l3',
+  epochs: 30,
+  learning_rate: 1e-2,
+  batch_size: 1,
+  lr_scheduler: 'linear',
+};
 const SEEDS = [1, 2, 3];
 
 async function newSentenceCase(kind: 'loreft' | 'direft'): Promise<void> {

@@ -68,9 +68,30 @@ describe('initialisation (pyreft)', () => {
 describe('recipe', () => {
   it('defaults: LoReFT rank 4 on every layer at f3+l3, split into f3 and l3 interventions (share_weights false)', () => {
     const r = parseRecipe({}, model.config);
-    expect(r).toMatchObject({ kind: 'loreft', rank: 4, layers: 'all', positions: 'f3+l3', share_weights: false, epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear' });
+    expect(r).toMatchObject({
+      kind: 'loreft',
+      rank: 4,
+      layers: 'all',
+      positions: 'f3+l3',
+      share_weights: false,
+      epochs: 30,
+      learning_rate: 1e-2,
+      batch_size: 1,
+      lr_scheduler: 'linear',
+    });
     const specs = interventionSpecs(r, model.config);
-    expect(specs.map((s) => `${s.layer}:${formatPositions(s.positions)}`)).toEqual(['0:f3', '0:l3', '1:f3', '1:l3', '2:f3', '2:l3', '3:f3', '3:l3', '4:f3', '4:l3']);
+    expect(specs.map((s) => `${s.layer}:${formatPositions(s.positions)}`)).toEqual([
+      '0:f3',
+      '0:l3',
+      '1:f3',
+      '1:l3',
+      '2:f3',
+      '2:l3',
+      '3:f3',
+      '3:l3',
+      '4:f3',
+      '4:l3',
+    ]);
     const shared = interventionSpecs(parseRecipe({ share_weights: true, layers: [4, 1] }, model.config), model.config);
     expect(shared.map((s) => `${s.layer}:${formatPositions(s.positions)}`)).toEqual(['1:f3+l3', '4:f3+l3']);
   });
@@ -103,7 +124,11 @@ describe('optimizer', () => {
     const ref = [0.5, -1];
     const m = [0, 0];
     const v = [0, 0];
-    const grads = [[0.1, -0.2], [0.3, 0.1], [-0.05, 0.4]];
+    const grads = [
+      [0.1, -0.2],
+      [0.3, 0.1],
+      [-0.05, 0.4],
+    ];
     grads.forEach((g, k) => {
       const t = k + 1;
       const lr = 0.01;
@@ -130,7 +155,8 @@ describe('optimizer', () => {
 /** A stand-in tokenizer with a chat template: messages render as "<role>:content|". */
 function chatTokenizer(): TextTokenizer {
   const encodeText = (s: string) => [...s].map((c) => c.charCodeAt(0) % 500);
-  const render = (messages: ChatMessage[], gen: boolean) => messages.map((m) => `<${m.role}>${m.content}|`).join('') + (gen ? '<assistant>' : '');
+  const render = (messages: ChatMessage[], gen: boolean) =>
+    messages.map((m) => `<${m.role}>${m.content}|`).join('') + (gen ? '<assistant>' : '');
   return {
     vocabSize: 512,
     bosTokenId: 1,
@@ -172,7 +198,16 @@ describe('training data', () => {
 });
 
 describe('trainer', () => {
-  const small: RecipeInput = { rank: 2, layers: [1, 4], positions: 'f2+l2', max_steps: 12, batch_size: 2, dropout: 0.1, seed: 9, warmup_ratio: 0.1 };
+  const small: RecipeInput = {
+    rank: 2,
+    layers: [1, 4],
+    positions: 'f2+l2',
+    max_steps: 12,
+    batch_size: 2,
+    dropout: 0.1,
+    seed: 9,
+    warmup_ratio: 0.1,
+  };
 
   async function run(recipe: RecipeInput, opts: Parameters<typeof Trainer.create>[3] = {}) {
     const trainer = await Trainer.create(model, recipe, ROWS, opts);
@@ -212,7 +247,12 @@ describe('trainer', () => {
     const parsed = parseArtifact(outcome.artifact.configJson, outcome.artifact.weights, { hiddenSize: D, numLayers: 5 });
     expect(parsed.config.name).toBe('snakes');
     expect(parsed.config.metadata).toEqual({ source: 'test' });
-    expect(parsed.config.interventions.map((iv) => `${iv.kind}:${iv.layer}:${iv.positions}`)).toEqual(['loreft:1:f2', 'loreft:1:l2', 'loreft:4:f2', 'loreft:4:l2']);
+    expect(parsed.config.interventions.map((iv) => `${iv.kind}:${iv.layer}:${iv.positions}`)).toEqual([
+      'loreft:1:f2',
+      'loreft:1:l2',
+      'loreft:4:f2',
+      'loreft:4:l2',
+    ]);
   });
 
   it('the loss goes down', async () => {
@@ -226,7 +266,8 @@ describe('trainer', () => {
     const a = await run(small);
     const b = await run(small);
     const c = await run({ ...small, seed: 10 });
-    if (a.outcome.status !== 'completed' || b.outcome.status !== 'completed' || c.outcome.status !== 'completed') throw new Error('not completed');
+    if (a.outcome.status !== 'completed' || b.outcome.status !== 'completed' || c.outcome.status !== 'completed')
+      throw new Error('not completed');
     expect(Buffer.from(a.outcome.artifact.weights).equals(Buffer.from(b.outcome.artifact.weights))).toBe(true);
     expect(Buffer.from(a.outcome.artifact.weights).equals(Buffer.from(c.outcome.artifact.weights))).toBe(false);
   });
@@ -267,7 +308,9 @@ describe('trainer', () => {
     const abort = new AbortController();
     const first = await run(small, { signal: abort.signal, onProgress: () => abort.abort() });
     if (first.outcome.status !== 'cancelled') throw new Error('not cancelled');
-    await expect(Trainer.create(model, { ...small, seed: 1 }, ROWS, { resumeFrom: first.outcome.checkpoint })).rejects.toThrow(/different recipe/);
+    await expect(Trainer.create(model, { ...small, seed: 1 }, ROWS, { resumeFrom: first.outcome.checkpoint })).rejects.toThrow(
+      /different recipe/,
+    );
   });
 
   it('gradient accumulation over micro-batches of 1 equals one batch of 2 (token-weighted mean)', async () => {

@@ -1,11 +1,13 @@
 import { InvalidArgumentError, Option } from 'commander';
 
 /** Option builders shared by the commands: every setting is a flag with an environment twin. */
-export const intArg = (name: string, min = 0) => (v: string) => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
-  return n;
-};
+export const intArg =
+  (name: string, min = 0) =>
+  (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
+    return n;
+  };
 
 export const numberArg = (name: string) => (v: string) => {
   const n = Number(v);
@@ -23,7 +25,11 @@ export function envOption(flags: string, description: string, env: string, parse
 /** Where the store is: shared by `serve` and `worker`. */
 export const storeOptions = () => [
   envOption('--data-dir <dir>', 'where the embedded store keeps its SQLite file and weight files', 'REFT_DATA_DIR', undefined, './data'),
-  envOption('--database <url>', 'postgres://… to share tenants, interventions and jobs between hosts (default: the embedded store)', 'REFT_DATABASE_URL'),
+  envOption(
+    '--database <url>',
+    'postgres://… to share tenants, interventions and jobs between hosts (default: the embedded store)',
+    'REFT_DATABASE_URL',
+  ),
 ];
 
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
@@ -39,9 +45,21 @@ export interface WorkerFlags {
 
 export const workerOptions = () => [
   envOption('--device <device>', 'where the training worker runs: cpu or cuda', 'REFT_DEVICE', undefined, 'cpu').choices(['cpu', 'cuda']),
-  envOption('--lease-ms <ms>', 'a claimed job is re-claimed this long after its worker stops heartbeating', 'REFT_JOB_LEASE_MS', intArg('--lease-ms', 100), 30_000),
+  envOption(
+    '--lease-ms <ms>',
+    'a claimed job is re-claimed this long after its worker stops heartbeating',
+    'REFT_JOB_LEASE_MS',
+    intArg('--lease-ms', 100),
+    30_000,
+  ),
   envOption('--poll-ms <ms>', 'how often an idle worker looks for jobs', 'REFT_JOB_POLL_MS', intArg('--poll-ms', 10), 1000),
-  envOption('--checkpoint-ms <ms>', 'how often a running job saves a checkpoint', 'REFT_JOB_CHECKPOINT_MS', intArg('--checkpoint-ms', 10), 10_000),
+  envOption(
+    '--checkpoint-ms <ms>',
+    'how often a running job saves a checkpoint',
+    'REFT_JOB_CHECKPOINT_MS',
+    intArg('--checkpoint-ms', 10),
+    10_000,
+  ),
   envOption('--max-attempts <n>', 'claims of one job before it fails', 'REFT_JOB_MAX_ATTEMPTS', intArg('--max-attempts', 1), 3),
   envOption('--job-max-steps <n>', 'step budget of a job', 'REFT_JOB_MAX_STEPS', intArg('--job-max-steps', 1), 1_000_000),
   envOption('--job-max-seconds <s>', 'time budget of a job', 'REFT_JOB_MAX_SECONDS', intArg('--job-max-seconds', 1), 86_400),
@@ -50,7 +68,19 @@ export const workerOptions = () => [
 /** Turns parsed worker flags back into argv, to start a worker process with the same settings. */
 export function workerArgv(f: WorkerFlags): string[] {
   return [
-    '--device', f.device, '--lease-ms', String(f.leaseMs), '--poll-ms', String(f.pollMs), '--checkpoint-ms', String(f.checkpointMs),
-    '--max-attempts', String(f.maxAttempts), '--job-max-steps', String(f.jobMaxSteps), '--job-max-seconds', String(f.jobMaxSeconds),
+    '--device',
+    f.device,
+    '--lease-ms',
+    String(f.leaseMs),
+    '--poll-ms',
+    String(f.pollMs),
+    '--checkpoint-ms',
+    String(f.checkpointMs),
+    '--max-attempts',
+    String(f.maxAttempts),
+    '--job-max-steps',
+    String(f.jobMaxSteps),
+    '--job-max-seconds',
+    String(f.jobMaxSeconds),
   ];
 }

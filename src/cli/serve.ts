@@ -49,22 +49,129 @@ export function serveCommand(): Command {
   for (const o of [...storeOptions(), ...workerOptions()]) cmd.addOption(o);
   return cmd
     .addOption(new Option('--no-worker', 'do not start a training worker (run `reft-server worker` elsewhere)').env('REFT_NO_WORKER'))
-    .addOption(opt('--interventions-dir <dir>', 'artifact folders registered at start as shared interventions', 'REFT_INTERVENTIONS_DIR', undefined, join(PACKAGE_ROOT, 'interventions')))
-    .addOption(opt('--max-batch-size <n>', 'sequences decoded together at most', 'REFT_MAX_BATCH_SIZE', int('--max-batch-size', 1), DEFAULT_LIMITS.maxBatchSize))
-    .addOption(opt('--max-tokens-in-flight <n>', 'bound on prompt + max_new_tokens over running sequences', 'REFT_MAX_TOKENS_IN_FLIGHT', int('--max-tokens-in-flight', 1), DEFAULT_LIMITS.maxTokensInFlight))
-    .addOption(opt('--max-queue <n>', 'waiting requests before new ones get 503', 'REFT_MAX_QUEUE', int('--max-queue', 0), DEFAULT_LIMITS.maxQueue))
-    .addOption(opt('--tenant-max-concurrent <n>', 'concurrent generations per tenant', 'REFT_TENANT_MAX_CONCURRENT', int('--tenant-max-concurrent', 1), DEFAULT_TENANT_LIMITS.maxConcurrentRequests))
-    .addOption(opt('--tenant-max-interventions <n>', 'stored interventions per tenant', 'REFT_TENANT_MAX_INTERVENTIONS', int('--tenant-max-interventions', 0), DEFAULT_TENANT_LIMITS.maxInterventions))
-    .addOption(opt('--tenant-max-bytes <n>', 'stored intervention bytes per tenant', 'REFT_TENANT_MAX_BYTES', int('--tenant-max-bytes', 0), DEFAULT_TENANT_LIMITS.maxInterventionBytes))
-    .addOption(opt('--adapter-cache-bytes <n>', 'memory for parsed interventions (LRU)', 'REFT_ADAPTER_CACHE_BYTES', int('--adapter-cache-bytes', 1), 512 * 1024 ** 2))
-    .addOption(opt('--max-body-bytes <n>', 'largest JSON request body', 'REFT_MAX_BODY_BYTES', int('--max-body-bytes', 1024), 8 * 1024 ** 2))
-    .addOption(opt('--max-upload-bytes <n>', 'largest uploaded file', 'REFT_MAX_UPLOAD_BYTES', int('--max-upload-bytes', 1024), 64 * 1024 ** 2))
-    .addOption(opt('--max-prompt-chars <n>', 'characters per prompt, checked before tokenizing (default: 16 × the model\'s context length)', 'REFT_MAX_PROMPT_CHARS', int('--max-prompt-chars', 1)))
-    .addOption(opt('--max-training-chars <n>', 'characters of training text per file or job, checked before tokenizing', 'REFT_MAX_TRAINING_CHARS', int('--max-training-chars', 1), DEFAULT_MAX_TRAINING_CHARS))
-    .addOption(opt('--max-training-rows <n>', 'rows per training file or job', 'REFT_MAX_TRAINING_ROWS', int('--max-training-rows', 1), DEFAULT_MAX_TRAINING_ROWS))
-    .addOption(opt('--served-model-name <name>', 'the base model\'s name in the API (default: the Hub id, or the model folder\'s name)', 'REFT_SERVED_MODEL_NAME'))
-    .addOption(opt('--shutdown-timeout <ms>', 'on SIGTERM, how long in-flight generations may take to finish', 'REFT_SHUTDOWN_TIMEOUT_MS', int('--shutdown-timeout', 0), 30_000))
-    .addOption(opt('--usage-flush-ms <ms>', 'how often per-tenant usage is written to the store', 'REFT_USAGE_FLUSH_MS', int('--usage-flush-ms', 10), 5000))
+    .addOption(
+      opt(
+        '--interventions-dir <dir>',
+        'artifact folders registered at start as shared interventions',
+        'REFT_INTERVENTIONS_DIR',
+        undefined,
+        join(PACKAGE_ROOT, 'interventions'),
+      ),
+    )
+    .addOption(
+      opt(
+        '--max-batch-size <n>',
+        'sequences decoded together at most',
+        'REFT_MAX_BATCH_SIZE',
+        int('--max-batch-size', 1),
+        DEFAULT_LIMITS.maxBatchSize,
+      ),
+    )
+    .addOption(
+      opt(
+        '--max-tokens-in-flight <n>',
+        'bound on prompt + max_new_tokens over running sequences',
+        'REFT_MAX_TOKENS_IN_FLIGHT',
+        int('--max-tokens-in-flight', 1),
+        DEFAULT_LIMITS.maxTokensInFlight,
+      ),
+    )
+    .addOption(
+      opt('--max-queue <n>', 'waiting requests before new ones get 503', 'REFT_MAX_QUEUE', int('--max-queue', 0), DEFAULT_LIMITS.maxQueue),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-concurrent <n>',
+        'concurrent generations per tenant',
+        'REFT_TENANT_MAX_CONCURRENT',
+        int('--tenant-max-concurrent', 1),
+        DEFAULT_TENANT_LIMITS.maxConcurrentRequests,
+      ),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-interventions <n>',
+        'stored interventions per tenant',
+        'REFT_TENANT_MAX_INTERVENTIONS',
+        int('--tenant-max-interventions', 0),
+        DEFAULT_TENANT_LIMITS.maxInterventions,
+      ),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-bytes <n>',
+        'stored intervention bytes per tenant',
+        'REFT_TENANT_MAX_BYTES',
+        int('--tenant-max-bytes', 0),
+        DEFAULT_TENANT_LIMITS.maxInterventionBytes,
+      ),
+    )
+    .addOption(
+      opt(
+        '--adapter-cache-bytes <n>',
+        'memory for parsed interventions (LRU)',
+        'REFT_ADAPTER_CACHE_BYTES',
+        int('--adapter-cache-bytes', 1),
+        512 * 1024 ** 2,
+      ),
+    )
+    .addOption(
+      opt('--max-body-bytes <n>', 'largest JSON request body', 'REFT_MAX_BODY_BYTES', int('--max-body-bytes', 1024), 8 * 1024 ** 2),
+    )
+    .addOption(
+      opt('--max-upload-bytes <n>', 'largest uploaded file', 'REFT_MAX_UPLOAD_BYTES', int('--max-upload-bytes', 1024), 64 * 1024 ** 2),
+    )
+    .addOption(
+      opt(
+        '--max-prompt-chars <n>',
+        "characters per prompt, checked before tokenizing (default: 16 × the model's context length)",
+        'REFT_MAX_PROMPT_CHARS',
+        int('--max-prompt-chars', 1),
+      ),
+    )
+    .addOption(
+      opt(
+        '--max-training-chars <n>',
+        'characters of training text per file or job, checked before tokenizing',
+        'REFT_MAX_TRAINING_CHARS',
+        int('--max-training-chars', 1),
+        DEFAULT_MAX_TRAINING_CHARS,
+      ),
+    )
+    .addOption(
+      opt(
+        '--max-training-rows <n>',
+        'rows per training file or job',
+        'REFT_MAX_TRAINING_ROWS',
+        int('--max-training-rows', 1),
+        DEFAULT_MAX_TRAINING_ROWS,
+      ),
+    )
+    .addOption(
+      opt(
+        '--served-model-name <name>',
+        "the base model's name in the API (default: the Hub id, or the model folder's name)",
+        'REFT_SERVED_MODEL_NAME',
+      ),
+    )
+    .addOption(
+      opt(
+        '--shutdown-timeout <ms>',
+        'on SIGTERM, how long in-flight generations may take to finish',
+        'REFT_SHUTDOWN_TIMEOUT_MS',
+        int('--shutdown-timeout', 0),
+        30_000,
+      ),
+    )
+    .addOption(
+      opt(
+        '--usage-flush-ms <ms>',
+        'how often per-tenant usage is written to the store',
+        'REFT_USAGE_FLUSH_MS',
+        int('--usage-flush-ms', 10),
+        5000,
+      ),
+    )
     .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
     .addOption(opt('--log-level <level>', 'pino log level', 'REFT_LOG_LEVEL', undefined, 'info'))
     .action(runServe);
@@ -85,20 +192,36 @@ async function runServe(f: ServeFlags): Promise<void> {
     host: f.host,
     port: f.port,
     openStore: () => openStore({ database: f.database, dataDir: f.dataDir }),
-    startWorker: f.worker ? (log) => {
-      // the same settings the server runs with, for the worker process
-      const argv = [join(PACKAGE_ROOT, 'bin', 'reft-server.js'), 'worker', '--model', f.model, '--data-dir', f.dataDir, '--log-level', f.logLevel, ...workerArgv(f)];
-      if (f.database) argv.push('--database', f.database);
-      if (f.threads) argv.push('--threads', String(f.threads));
-      const supervisor = new WorkerSupervisor(argv, log);
-      supervisor.start();
-      return supervisor;
-    } : null,
+    startWorker: f.worker
+      ? (log) => {
+          // the same settings the server runs with, for the worker process
+          const argv = [
+            join(PACKAGE_ROOT, 'bin', 'reft-server.js'),
+            'worker',
+            '--model',
+            f.model,
+            '--data-dir',
+            f.dataDir,
+            '--log-level',
+            f.logLevel,
+            ...workerArgv(f),
+          ];
+          if (f.database) argv.push('--database', f.database);
+          if (f.threads) argv.push('--threads', String(f.threads));
+          const supervisor = new WorkerSupervisor(argv, log);
+          supervisor.start();
+          return supervisor;
+        }
+      : null,
     adminKey: process.env.REFT_ADMIN_KEY || null,
     metricsKey: process.env.REFT_METRICS_KEY || null,
     cacheDir: cacheDir(),
     sharedInterventionsDir: f.interventionsDir,
-    tenantLimits: { maxConcurrentRequests: f.tenantMaxConcurrent, maxInterventions: f.tenantMaxInterventions, maxInterventionBytes: f.tenantMaxBytes },
+    tenantLimits: {
+      maxConcurrentRequests: f.tenantMaxConcurrent,
+      maxInterventions: f.tenantMaxInterventions,
+      maxInterventionBytes: f.tenantMaxBytes,
+    },
     engineLimits: { ...DEFAULT_LIMITS, maxBatchSize: f.maxBatchSize, maxTokensInFlight: f.maxTokensInFlight, maxQueue: f.maxQueue },
     interventionCacheBytes: f.adapterCacheBytes,
     bodyLimit: f.maxBodyBytes,

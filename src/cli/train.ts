@@ -49,11 +49,18 @@ export function trainCommand(): Command {
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
     .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
     .option('--positions <spec>', `fN, lN or fN+lN${d('positions')}`)
-    .option('--share-weights', `one intervention per layer for fN+lN; without it, an fN and an lN one (as pyreft with share_weights=False)${d('share_weights')}`)
+    .option(
+      '--share-weights',
+      `one intervention per layer for fN+lN; without it, an fN and an lN one (as pyreft with share_weights=False)${d('share_weights')}`,
+    )
     .option('--epochs <n>', `epochs${d('epochs')}`, intArg('--epochs', 1))
     .option('--max-steps <n>', 'stop after this many optimizer steps (default: the epochs decide)', intArg('--max-steps', 1))
     .option('--batch-size <n>', `batch size${d('batch_size')}`, intArg('--batch-size', 1))
-    .option('--gradient-accumulation-steps <n>', `batches per optimizer step${d('gradient_accumulation_steps')}`, intArg('--gradient-accumulation-steps', 1))
+    .option(
+      '--gradient-accumulation-steps <n>',
+      `batches per optimizer step${d('gradient_accumulation_steps')}`,
+      intArg('--gradient-accumulation-steps', 1),
+    )
     .option('--learning-rate <lr>', `peak learning rate${d('learning_rate')}`, numberArg('--learning-rate'))
     .addOption(new Option('--lr-scheduler <s>', `learning-rate schedule${d('lr_scheduler')}`).choices([...LR_SCHEDULERS]))
     .option('--warmup-ratio <r>', `share of steps warming up${d('warmup_ratio')}`, numberArg('--warmup-ratio'))
@@ -68,7 +75,8 @@ export function trainCommand(): Command {
 function layersOf(v: string | undefined): RecipeInput['layers'] {
   if (v === undefined || v === 'all') return v as 'all' | undefined;
   const layers = v.split(',').map((s) => Number(s.trim()));
-  if (layers.some((l) => !Number.isInteger(l) || l < 0)) throw invalidRequest('--layers must be "all" or a comma-separated list of layer numbers', 'layers');
+  if (layers.some((l) => !Number.isInteger(l) || l < 0))
+    throw invalidRequest('--layers must be "all" or a comma-separated list of layer numbers', 'layers');
   return layers;
 }
 
@@ -83,12 +91,30 @@ async function runTrain(data: string, f: Flags): Promise<void> {
   const examples = tokenizeTrainingRows(parseJsonl(bytes, data), model.tokenizer, model.config.maxPositions, data);
   const recipe: RecipeInput = Object.fromEntries(
     Object.entries({
-      kind: f.kind, rank: f.rank, layers: layersOf(f.layers), positions: f.positions, share_weights: f.shareWeights, epochs: f.epochs,
-      max_steps: f.maxSteps, batch_size: f.batchSize, gradient_accumulation_steps: f.gradientAccumulationSteps, learning_rate: f.learningRate,
-      lr_scheduler: f.lrScheduler, warmup_ratio: f.warmupRatio, weight_decay: f.weightDecay, dropout: f.dropout, seed: f.seed,
+      kind: f.kind,
+      rank: f.rank,
+      layers: layersOf(f.layers),
+      positions: f.positions,
+      share_weights: f.shareWeights,
+      epochs: f.epochs,
+      max_steps: f.maxSteps,
+      batch_size: f.batchSize,
+      gradient_accumulation_steps: f.gradientAccumulationSteps,
+      learning_rate: f.learningRate,
+      lr_scheduler: f.lrScheduler,
+      warmup_ratio: f.warmupRatio,
+      weight_decay: f.weightDecay,
+      dropout: f.dropout,
+      seed: f.seed,
     }).filter(([, v]) => v !== undefined),
   ) as RecipeInput;
-  const bar = f.progress ? new SingleBar({ format: 'training |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | eta {eta}s', stream: process.stderr, hideCursor: true }) : null;
+  const bar = f.progress
+    ? new SingleBar({
+        format: 'training |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | eta {eta}s',
+        stream: process.stderr,
+        hideCursor: true,
+      })
+    : null;
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
     cacheDir: cacheDir(),
     artifact: f.name ? { name: f.name } : undefined,
@@ -101,7 +127,10 @@ async function runTrain(data: string, f: Flags): Promise<void> {
     const outcome = await trainer.train();
     bar?.stop();
     if (outcome.status !== 'completed') throw new Error('training stopped before the end');
-    await writeArtifact(f.out, { configBytes: new TextEncoder().encode(outcome.artifact.configJson), weightBytes: outcome.artifact.weights });
+    await writeArtifact(f.out, {
+      configBytes: new TextEncoder().encode(outcome.artifact.configJson),
+      weightBytes: outcome.artifact.weights,
+    });
     process.stderr.write(`trained ${outcome.steps} steps (final loss ${outcome.loss.toFixed(4)}); wrote ${f.out}\n`);
   } finally {
     await trainer.release();

@@ -23,7 +23,9 @@ interface Flags extends WorkerFlags {
 }
 
 export function workerCommand(): Command {
-  const cmd = new Command('worker').description('run a training worker: claim queued jobs, train, register the results').addOption(modelOption());
+  const cmd = new Command('worker')
+    .description('run a training worker: claim queued jobs, train, register the results')
+    .addOption(modelOption());
   for (const o of [...storeOptions(), ...workerOptions()]) cmd.addOption(o);
   return cmd
     .addOption(envOption('--threads <n>', 'ORT intra-op threads', 'REFT_THREADS', intArg('--threads', 1)))
@@ -61,7 +63,11 @@ function exitWithParent(stop: (why: string) => void): void {
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
   if (f.device === 'cuda' && !(await cudaAvailable())) {
-    throw new ReftError('unavailable', 'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu', 'device');
+    throw new ReftError(
+      'unavailable',
+      'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
+      'device',
+    );
   }
   // Signals and the server's death are watched from the start: loading the model takes a while.
   let runner: JobRunner | null = null;

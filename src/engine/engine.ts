@@ -1,6 +1,13 @@
 import * as ort from 'onnxruntime-node';
 import { ReftError } from '../errors.ts';
-import { DECODER_GRAPH_VERSION, buildDecoderGraph, defaultAttentionLayout, decoderInputs as IN, decoderOutputs as OUT, type AttentionLayout } from '../graph/decoder.ts';
+import {
+  DECODER_GRAPH_VERSION,
+  buildDecoderGraph,
+  defaultAttentionLayout,
+  decoderInputs as IN,
+  decoderOutputs as OUT,
+  type AttentionLayout,
+} from '../graph/decoder.ts';
 import { ropeTables, type RopeTables } from '../graph/rope.ts';
 import { cachedGraph } from '../graph/cache.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
@@ -144,7 +151,11 @@ export class Engine {
   private checkPrompt(x: PrefillInput, field: string): void {
     if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
     if (x.tokens.length > this.config.maxPositions) {
-      throw new ReftError('context_length_exceeded', `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`, 'prompt');
+      throw new ReftError(
+        'context_length_exceeded',
+        `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`,
+        'prompt',
+      );
     }
   }
 
@@ -181,7 +192,10 @@ export class Engine {
       logitPairs: BigInt64Array.from({ length: 2 * wanted }, (_, i) => (i % 2 ? BigInt(seq - wanted + (i - 1) / 2) : 0n)),
     });
     for (let l = 0; l < config.numLayers; l++) {
-      const past = start === 0 ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] } : this.cache.past(l, 1, this.row(p.id));
+      const past =
+        start === 0
+          ? { key: new Float32Array(0), value: new Float32Array(0), dims: [1, config.numKvHeads, 0, config.headDim] }
+          : this.cache.past(l, 1, this.row(p.id));
       feeds[IN.pastKey(l)] = new ort.Tensor('float32', past.key, past.dims);
       feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
     }
@@ -294,7 +308,12 @@ export class Engine {
     const lengths = this.cache.lengths; // rows [0, b) are the ones decoding
     let maxLen = 0;
     for (let r = 0; r < b; r++) maxLen = Math.max(maxLen, lengths[r]);
-    if (maxLen + 1 > config.maxPositions) throw new ReftError('context_length_exceeded', `a sequence reached the model's context of ${config.maxPositions} tokens`, 'max_new_tokens');
+    if (maxLen + 1 > config.maxPositions)
+      throw new ReftError(
+        'context_length_exceeded',
+        `a sequence reached the model's context of ${config.maxPositions} tokens`,
+        'max_new_tokens',
+      );
     this.cache.reserve(this.cache.rows, maxLen + 1);
     const ids = new BigInt64Array(b);
     const positions = new BigInt64Array(b);
@@ -357,7 +376,11 @@ export class Engine {
  * A step's token inputs: ids and positions [b, seq], each row's seqlens_k (its last valid
  * position), the total length, and the (row, position) pairs whose logits are wanted.
  */
-function tokenFeeds(b: number, seq: number, t: { ids: BigInt64Array; positions: BigInt64Array; seqlens: Int32Array; total: number; logitPairs: BigInt64Array }): Record<string, ort.Tensor> {
+function tokenFeeds(
+  b: number,
+  seq: number,
+  t: { ids: BigInt64Array; positions: BigInt64Array; seqlens: Int32Array; total: number; logitPairs: BigInt64Array },
+): Record<string, ort.Tensor> {
   return {
     [IN.inputIds]: new ort.Tensor('int64', t.ids, [b, seq]),
     [IN.positionIds]: new ort.Tensor('int64', t.positions, [b, seq]),
@@ -390,9 +413,20 @@ function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, or
 }
 
 function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.Tensor> {
-  const empty = { index: new BigInt64Array(0), mask: new Float32Array(0), down: new Float32Array(0), bias: new Float32Array(0), up: new Float32Array(0), k: 0, r: 0 };
+  const empty = {
+    index: new BigInt64Array(0),
+    mask: new Float32Array(0),
+    down: new Float32Array(0),
+    bias: new Float32Array(0),
+    up: new Float32Array(0),
+    k: 0,
+    r: 0,
+  };
   return {
-    ...toTensors(Array.from({ length: config.numLayers }, () => empty), config.hiddenSize),
+    ...toTensors(
+      Array.from({ length: config.numLayers }, () => empty),
+      config.hiddenSize,
+    ),
     [IN.hasInterventions]: new ort.Tensor('bool', Uint8Array.of(0), []),
   };
 }

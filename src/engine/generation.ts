@@ -57,7 +57,11 @@ export interface Detokenizer {
 /** The one check every entry point makes: a prompt must leave room for one new token. */
 export function checkPromptFits(promptTokens: number, context: number): void {
   if (promptTokens >= context) {
-    throw new ReftError('context_length_exceeded', `the prompt has ${promptTokens} tokens; the model's context is ${context} (the prompt and at least one new token must fit)`, 'prompt');
+    throw new ReftError(
+      'context_length_exceeded',
+      `the prompt has ${promptTokens} tokens; the model's context is ${context} (the prompt and at least one new token must fit)`,
+      'prompt',
+    );
   }
 }
 
@@ -98,7 +102,8 @@ export class Generation {
       return { token, text: this.release(this.decoder.flush(), true), logprob: lp };
     }
     let text = this.release(this.decoder.push(token), false);
-    const outOfRoom = this.tokens.length >= this.request.maxNewTokens || this.request.tokens.length + this.tokens.length >= this.contextLength;
+    const outOfRoom =
+      this.tokens.length >= this.request.maxNewTokens || this.request.tokens.length + this.tokens.length >= this.contextLength;
     if (!this.done && outOfRoom) {
       this.finish('length');
       text += this.release(this.decoder.flush(), true);

@@ -27,5 +27,7 @@ export function hugePages(env: NodeJS.ProcessEnv = process.env): HugePages {
 
 /** A log line's worth: the state and, when off but available, how to turn it on. */
 export function describeHugePages(state = hugePages()): { hugePages: HugePages; hint?: string } {
-  return state === 'off' ? { hugePages: state, hint: `start with GLIBC_TUNABLES=${HUGE_PAGES_TUNABLE} for faster decode` } : { hugePages: state };
+  return state === 'off'
+    ? { hugePages: state, hint: `start with GLIBC_TUNABLES=${HUGE_PAGES_TUNABLE} for faster decode` }
+    : { hugePages: state };
 }

@@ -41,7 +41,9 @@ function layerFeed(rows: readonly PrefillRow[], seq: number, layer: number, d: n
       if (iv.layer !== layer) continue;
       const start = row.start ?? 0;
       // the positions that fall in this run's [start, start + seq), as offsets into it
-      const positions = positionsFor(iv.positions, row.length).map((p) => p - start).filter((p) => p >= 0 && p < seq);
+      const positions = positionsFor(iv.positions, row.length)
+        .map((p) => p - start)
+        .filter((p) => p >= 0 && p < seq);
       if (positions.length === 0) continue;
       const id = iv.key ?? iv;
       if (!columns.has(id)) {

@@ -111,7 +111,16 @@ export class KvCache {
    * over the graph output's [batch, seq] tokens. `rope`, when given, rotates the keys at their
    * positions on the way in (the packed layout returns them unrotated).
    */
-  append(layer: number, row: number, keys: RowSource, values: RowSource, batchRow: number, seq: number, count: number, rope?: RopeTables): void {
+  append(
+    layer: number,
+    row: number,
+    keys: RowSource,
+    values: RowSource,
+    batchRow: number,
+    seq: number,
+    count: number,
+    rope?: RopeTables,
+  ): void {
     const { numKvHeads, headDim } = this.shape;
     const start = this.lengths[row];
     if (start + count > this.capacity) throw new Error(`KV cache row ${row} overflow: reserve before appending`);

@@ -42,7 +42,10 @@ export class Sampler {
   /** Generated tokens' counts, kept only when a frequency or presence penalty is set. */
   private readonly counts: Map<number, number> | null;
 
-  constructor(readonly params: SamplingParams, promptTokens: readonly number[]) {
+  constructor(
+    readonly params: SamplingParams,
+    promptTokens: readonly number[],
+  ) {
     this.rng = new Rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
     if (params.repetitionPenalty !== 1) for (const t of promptTokens) this.seen.add(t);
     this.counts = params.frequencyPenalty || params.presencePenalty ? new Map() : null;

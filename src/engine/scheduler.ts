@@ -1,6 +1,13 @@
 import { ReftError } from '../errors.ts';
 import type { Engine, SequenceId } from './engine.ts';
-import { Generation, checkPromptFits, type Detokenizer, type GenerationRequest, type GenerationResult, type TokenEvent } from './generation.ts';
+import {
+  Generation,
+  checkPromptFits,
+  type Detokenizer,
+  type GenerationRequest,
+  type GenerationResult,
+  type TokenEvent,
+} from './generation.ts';
 
 /**
  * Continuous batching. Requests wait in a bounded FIFO queue; between engine steps, newcomers
@@ -65,7 +72,13 @@ export class Scheduler {
   ) {}
 
   stats(): SchedulerStats {
-    return { queued: this.queue.length, running: this.running.size + (this.pending ? 1 : 0), tokensInFlight: this.tokensInFlight, steps: this.steps, lastBatchSize: this.lastBatchSize };
+    return {
+      queued: this.queue.length,
+      running: this.running.size + (this.pending ? 1 : 0),
+      tokensInFlight: this.tokensInFlight,
+      steps: this.steps,
+      lastBatchSize: this.lastBatchSize,
+    };
   }
 
   /** Queues a request; throws (overloaded / context_length_exceeded) when it can't be taken. */
@@ -78,9 +91,19 @@ export class Scheduler {
     }
     const budget = Math.min(request.tokens.length + request.maxNewTokens, context);
     if (budget > this.limits.maxTokensInFlight) {
-      throw new ReftError('invalid_request', `prompt plus max_new_tokens (${budget}) exceeds the server's max tokens in flight (${this.limits.maxTokensInFlight})`, 'max_new_tokens');
+      throw new ReftError(
+        'invalid_request',
+        `prompt plus max_new_tokens (${budget}) exceeds the server's max tokens in flight (${this.limits.maxTokensInFlight})`,
+        'max_new_tokens',
+      );
     }
-    const entry: Entry = { key, generation: new Generation(request, this.eosTokenIds, context, this.detokenizer), sink, budget, admitted: false };
+    const entry: Entry = {
+      key,
+      generation: new Generation(request, this.eosTokenIds, context, this.detokenizer),
+      sink,
+      budget,
+      admitted: false,
+    };
     this.queue.push(entry);
     this.byKey.set(key, entry);
     this.kick();
@@ -140,7 +163,9 @@ export class Scheduler {
       const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
       // a long prompt is prefilled a chunk per step, outside the step's prompt budget, one at a time
       const long = this.isLong(next);
-      const fitsPrefill = long ? !this.pending && !admitted.some((e) => this.isLong(e)) : admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
+      const fitsPrefill = long
+        ? !this.pending && !admitted.some((e) => this.isLong(e))
+        : admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
       if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
       this.queue.shift();
       admitted.push(next);
@@ -154,7 +179,9 @@ export class Scheduler {
   private async prefill(entries: Entry[]): Promise<void> {
     let outputs;
     try {
-      outputs = await this.engine.prefill(entries.map((e) => ({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions })));
+      outputs = await this.engine.prefill(
+        entries.map((e) => ({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions })),
+      );
     } catch (err) {
       for (const e of entries) this.fail(e, err);
       return;

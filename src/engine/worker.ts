@@ -15,7 +15,11 @@ const serialize = (e: unknown) => ReftError.from(e).toJSON();
 
 async function main(init: WorkerInit): Promise<void> {
   const model = await loadModel(init.modelDir);
-  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: init.cacheDir, threads: init.threads, device: init.device });
+  const engine = await Engine.create(model.config, model.checkpoint, {
+    cacheDir: init.cacheDir,
+    threads: init.threads,
+    device: init.device,
+  });
   const scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
   port.on('message', (msg: ToWorker) => {
     switch (msg.type) {
@@ -37,7 +41,10 @@ async function main(init: WorkerInit): Promise<void> {
         send({ type: 'stats', id: msg.id, stats: { ...scheduler.stats(), kvBytes: engine.kvBytes } });
         break;
       case 'shutdown':
-        void scheduler.idle().then(() => engine.close()).then(() => process.exit(0));
+        void scheduler
+          .idle()
+          .then(() => engine.close())
+          .then(() => process.exit(0));
         break;
     }
   });

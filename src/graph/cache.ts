@@ -7,7 +7,11 @@ import { join } from 'node:path';
  * builder version), so a restart skips the build. The cache lives outside the model folder,
  * which may be read-only.
  */
-export async function cachedGraph(cacheDir: string, key: unknown, build: () => Uint8Array): Promise<{ bytes: Uint8Array; path: string; hit: boolean }> {
+export async function cachedGraph(
+  cacheDir: string,
+  key: unknown,
+  build: () => Uint8Array,
+): Promise<{ bytes: Uint8Array; path: string; hit: boolean }> {
   const digest = createHash('sha256').update(JSON.stringify(key)).digest('hex').slice(0, 32);
   const path = join(cacheDir, 'graphs', `${digest}.onnx`);
   try {

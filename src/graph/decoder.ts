@@ -72,7 +72,11 @@ export function defaultAttentionLayout(config: ModelConfig): AttentionLayout {
   return config.headDim % 16 === 0 && !config.layout.qkNorm ? 'packed' : 'separate';
 }
 
-export function buildDecoderGraph(config: ModelConfig, checkpoint: Checkpoint, layout: AttentionLayout = defaultAttentionLayout(config)): Uint8Array {
+export function buildDecoderGraph(
+  config: ModelConfig,
+  checkpoint: Checkpoint,
+  layout: AttentionLayout = defaultAttentionLayout(config),
+): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
   const inputs = {
     ids: g.input(decoderInputs.inputIds, 'int64', ['batch', 'seq']),
@@ -97,7 +101,13 @@ interface DecoderGraphInputs {
 }
 
 /** The inference graph's operators: ORT's fused contrib operators, attention over the KV cache. */
-function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoint, layout: AttentionLayout, inputs: DecoderGraphInputs): ForwardOps {
+function inferenceOps(
+  g: GraphBuilder,
+  config: ModelConfig,
+  checkpoint: Checkpoint,
+  layout: AttentionLayout,
+  inputs: DecoderGraphInputs,
+): ForwardOps {
   const { numHeads, numKvHeads, headDim, hiddenSize: d } = config;
   const kvDim = numKvHeads * headDim;
   const qDim = numHeads * headDim;
@@ -128,10 +138,21 @@ function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoi
     const { seqlensK, totalSeq } = inputs;
     if (layout === 'packed') {
       if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
-      const stack = (part: 'weight' | 'bias') => g.op('Concat', [layer.q, layer.k, layer.v].map((w) => weight(w[part]!)), { axis: 0 });
+      const stack = (part: 'weight' | 'bias') =>
+        g.op(
+          'Concat',
+          [layer.q, layer.k, layer.v].map((w) => weight(w[part]!)),
+          { axis: 0 },
+        );
       const qkv = project(x, stack('weight'), layer.q.bias ? stack('bias') : null, decoderOutputs.qkv(l));
       g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
-      return g.opN('GroupQueryAttention', [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], 3, { ...gqa, do_rotary: 1, rotary_interleaved: 0 }, { domain: MS_DOMAIN })[0];
+      return g.opN(
+        'GroupQueryAttention',
+        [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin],
+        3,
+        { ...gqa, do_rotary: 1, rotary_interleaved: 0 },
+        { domain: MS_DOMAIN },
+      )[0];
     }
     const rotary = (t: string, heads: number, name?: string) =>
       g.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
@@ -142,7 +163,13 @@ function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoi
     const v = linear(x, layer.v, decoderOutputs.newValue(l));
     g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
     g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
-    return g.opN('GroupQueryAttention', [q, k, v, pastKey, pastValue, seqlensK, totalSeq], 3, { ...gqa, do_rotary: 0 }, { domain: MS_DOMAIN })[0];
+    return g.opN(
+      'GroupQueryAttention',
+      [q, k, v, pastKey, pastValue, seqlensK, totalSeq],
+      3,
+      { ...gqa, do_rotary: 0 },
+      { domain: MS_DOMAIN },
+    )[0];
   };
 
   return {
@@ -152,7 +179,13 @@ function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoi
     },
     norm,
     addNorm: (residual, x, w) => {
-      const [normed, , , sum] = g.opN('SkipSimplifiedLayerNormalization', [x, residual, normWeight(w)], 4, { epsilon: eps }, { domain: MS_DOMAIN });
+      const [normed, , , sum] = g.opN(
+        'SkipSimplifiedLayerNormalization',
+        [x, residual, normWeight(w)],
+        4,
+        { epsilon: eps },
+        { domain: MS_DOMAIN },
+      );
       return { sum, normed };
     },
     add: (a, b) => g.op('Add', [a, b]),
@@ -161,7 +194,10 @@ function inferenceOps(g: GraphBuilder, config: ModelConfig, checkpoint: Checkpoi
     gatedActivation: (x, layer) => {
       // gate and up as one matmul over their stacked weights: one longer stream per layer
       const stack = (part: 'weight' | 'bias') => g.op('Concat', [weight(layer.gate[part]!), weight(layer.up[part]!)], { axis: 0 });
-      const [gatePre, up] = g.opN('Split', [project(x, stack('weight'), layer.gate.bias ? stack('bias') : null)], 2, { axis: -1, num_outputs: 2 });
+      const [gatePre, up] = g.opN('Split', [project(x, stack('weight'), layer.gate.bias ? stack('bias') : null)], 2, {
+        axis: -1,
+        num_outputs: 2,
+      });
       const gate =
         config.layout.activation === 'silu'
           ? g.op('QuickGelu', [gatePre], { alpha: float(1) }, { domain: MS_DOMAIN })

@@ -27,10 +27,22 @@ const ELEM: Record<ElemType, number> = {
 
 /** Attribute values: integers, floats (tag with `float()` when integral), lists and strings. */
 export type AttrValue = number | string | number[] | FloatAttr | FloatsAttr | TensorAttr | GraphAttr;
-interface FloatAttr { kind: 'float'; value: number }
-interface FloatsAttr { kind: 'floats'; value: number[] }
-interface TensorAttr { kind: 'tensor'; value: TensorProto }
-interface GraphAttr { kind: 'graph'; value: GraphBuilder }
+interface FloatAttr {
+  kind: 'float';
+  value: number;
+}
+interface FloatsAttr {
+  kind: 'floats';
+  value: number[];
+}
+interface TensorAttr {
+  kind: 'tensor';
+  value: TensorProto;
+}
+interface GraphAttr {
+  kind: 'graph';
+  value: GraphBuilder;
+}
 export const float = (value: number): FloatAttr => ({ kind: 'float', value });
 export const floats = (value: number[]): FloatsAttr => ({ kind: 'floats', value });
 /** A subgraph attribute (If / Loop bodies); it may read values of the enclosing graph by name. */
@@ -57,7 +69,10 @@ export class GraphBuilder {
   private counter = 0;
 
   /** `prefix` keeps generated names apart from the enclosing graph's (for If / Loop bodies). */
-  constructor(readonly name: string, private readonly prefix = '') {}
+  constructor(
+    readonly name: string,
+    private readonly prefix = '',
+  ) {}
 
   private fresh(hint: string): string {
     let n = `${this.prefix}${hint}_${this.counter++}`;
@@ -129,7 +144,8 @@ export class GraphBuilder {
     attrs: Record<string, AttrValue> = {},
     opts: { domain?: string; name?: string; outputs?: string[] } = {},
   ): string[] {
-    const outputs = opts.outputs?.map((o) => this.claim(o)) ??
+    const outputs =
+      opts.outputs?.map((o) => this.claim(o)) ??
       Array.from({ length: n }, (_, i) => (i === 0 && opts.name ? this.claim(opts.name) : this.fresh(opType)));
     this.nodes.push({
       opType,

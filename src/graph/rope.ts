@@ -30,7 +30,15 @@ export function ropeTables(config: ModelConfig): RopeTables {
 }
 
 /** Rotates `heads` consecutive heads of `src` (from `from`) at `position` into `dst` (at `to`). */
-export function rotateHeads(t: RopeTables, src: Float32Array, from: number, dst: Float32Array, to: number, heads: number, position: number): void {
+export function rotateHeads(
+  t: RopeTables,
+  src: Float32Array,
+  from: number,
+  dst: Float32Array,
+  to: number,
+  heads: number,
+  position: number,
+): void {
   const { half } = t;
   const c = position * half;
   for (let h = 0; h < heads; h++) {

@@ -88,7 +88,10 @@ export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, 
   const weights = t.op('Reshape', [t.op('Gather', [flatMask, scored], { axis: 0 }), column]);
   const total = t.op('ReduceSum', [t.op('Mul', [picked, weights])], { keepdims: 0 });
   // max(Σ mask, tiny): an all-zero mask gives loss 0 rather than NaN
-  const count = t.declare(g.op('Max', [g.op('ReduceSum', [inputs.lossMask], { keepdims: 0 }), g.constant('tiny', Float32Array.of(1e-12), [])]), []);
+  const count = t.declare(
+    g.op('Max', [g.op('ReduceSum', [inputs.lossMask], { keepdims: 0 }), g.constant('tiny', Float32Array.of(1e-12), [])]),
+    [],
+  );
   const loss = t.op('Neg', [t.op('Div', [total, count])]);
   g.output(loss, trainingOutputs.loss, 'float32', []);
 
@@ -115,7 +118,15 @@ interface TrainingGraphInputs {
  * The training graph's operators: ai.onnx only, each with a gradient rule on the tape. The
  * hidden state is flat, [B·S, d].
  */
-function trainingOps(t: Tape, config: ModelConfig, checkpoint: Checkpoint, inputs: TrainingGraphInputs, intervened: readonly number[], scored: string, flatTokens: string): ForwardOps {
+function trainingOps(
+  t: Tape,
+  config: ModelConfig,
+  checkpoint: Checkpoint,
+  inputs: TrainingGraphInputs,
+  intervened: readonly number[],
+  scored: string,
+  flatTokens: string,
+): ForwardOps {
   const g = t.g;
   const d = config.hiddenSize;
   const { numHeads, numKvHeads, headDim } = config;
@@ -129,10 +140,15 @@ function trainingOps(t: Tape, config: ModelConfig, checkpoint: Checkpoint, input
   const normWeights = new Map<string, string>();
   const normWeight = (name: string): string => {
     let w = normWeights.get(name);
-    if (w === undefined) normWeights.set(name, (w = t.declare(offsetWeight(g, checkpointWeight(name), config.layout.normOffset), checkpoint.weights.get(name)!.shape)));
+    if (w === undefined)
+      normWeights.set(
+        name,
+        (w = t.declare(offsetWeight(g, checkpointWeight(name), config.layout.normOffset), checkpoint.weights.get(name)!.shape)),
+      );
     return w;
   };
-  const linear = (x: string, w: LinearWeights): string => t.op('Gemm', w.bias ? [x, weight(w.weight), weight(w.bias)] : [x, weight(w.weight)], { transB: 1 });
+  const linear = (x: string, w: LinearWeights): string =>
+    t.op('Gemm', w.bias ? [x, weight(w.weight), weight(w.bias)] : [x, weight(w.weight)], { transB: 1 });
   const eps = t.scalar('rms_eps', config.rmsNormEps);
   const lastAxis = t.int64s('last_axis', [-1]);
   /** x / √(mean(x²) + ε) · w, as transformers' LlamaRMSNorm in float32. */
@@ -152,7 +168,8 @@ function trainingOps(t: Tape, config: ModelConfig, checkpoint: Checkpoint, input
   const kvShape = headsShape(1);
   const flatHeads = t.int64s('flat_heads', [-1, numHeads * headDim]);
   const applyRotary = (x: string) => t.op('Add', [t.op('Mul', [x, cos]), t.op('Mul', [t.op('MatMul', [x, rotateHalf]), sin])]);
-  const softcap = (x: string, cap: number) => t.op('Mul', [t.op('Tanh', [t.op('Mul', [x, t.scalar('softcap_inv', 1 / cap)])]), t.scalar('softcap', cap)]);
+  const softcap = (x: string, cap: number) =>
+    t.op('Mul', [t.op('Tanh', [t.op('Mul', [x, t.scalar('softcap_inv', 1 / cap)])]), t.scalar('softcap', cap)]);
 
   const attention = (x: string, layer: LayerSpec): string => {
     const view = (w: LinearWeights, norm_: string | null, shape: string, n: number) => {
@@ -175,7 +192,10 @@ function trainingOps(t: Tape, config: ModelConfig, checkpoint: Checkpoint, input
   /** gelu's tanh approximation: x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³))) */
   const geluTanh = (x: string) => {
     const cube = t.op('Mul', [t.op('Mul', [x, x]), x]);
-    const inner = t.op('Mul', [t.op('Add', [x, t.op('Mul', [cube, t.scalar('gelu_c', 0.044715)])]), t.scalar('gelu_k', Math.sqrt(2 / Math.PI))]);
+    const inner = t.op('Mul', [
+      t.op('Add', [x, t.op('Mul', [cube, t.scalar('gelu_c', 0.044715)])]),
+      t.scalar('gelu_k', Math.sqrt(2 / Math.PI)),
+    ]);
     return t.op('Mul', [t.op('Mul', [x, t.scalar('half', 0.5)]), t.op('Add', [t.scalar('one', 1), t.op('Tanh', [inner])])]);
   };
 

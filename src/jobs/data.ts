@@ -52,7 +52,8 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows =
     if (!row.success) throw invalidRequest(`${field}: line ${i + 1}: ${describeRowError(row.error)}`, `${field}:line ${i + 1}`);
     rows.push(row.data);
     lines.push(i + 1);
-    if (rows.length > maxRows) throw new ReftError('payload_too_large', `${field}: more than ${maxRows} rows (the training rows limit)`, field);
+    if (rows.length > maxRows)
+      throw new ReftError('payload_too_large', `${field}: more than ${maxRows} rows (the training rows limit)`, field);
   });
   if (rows.length === 0) throw invalidRequest(`${field}: the file has no rows`, field);
   return { rows, origin: { kind: 'file', lines } };
@@ -68,7 +69,12 @@ export function parseInlineRows(data: unknown[]): ParsedRows {
 }
 
 /** Tokenizes rows, rewriting the trainer's `data.<i>` fields into the row's origin. */
-export function tokenizeTrainingRows(parsed: ParsedRows, tokenizer: TextTokenizer, maxLength: number, field = 'training_file'): TrainingExample[] {
+export function tokenizeTrainingRows(
+  parsed: ParsedRows,
+  tokenizer: TextTokenizer,
+  maxLength: number,
+  field = 'training_file',
+): TrainingExample[] {
   try {
     return tokenizeRows(parsed.rows, tokenizer, maxLength);
   } catch (e) {
@@ -84,11 +90,20 @@ export function tokenizeTrainingRows(parsed: ParsedRows, tokenizer: TextTokenize
  * tokenizeTrainingRows, a row at a time, handing the event loop back every few milliseconds:
  * a worker tokenizing a large job keeps renewing its lease and answers SIGTERM meanwhile.
  */
-export async function tokenizeTrainingRowsYielding(parsed: ParsedRows, tokenizer: TextTokenizer, maxLength: number, signal?: AbortSignal, field = 'training_file'): Promise<TrainingExample[]> {
+export async function tokenizeTrainingRowsYielding(
+  parsed: ParsedRows,
+  tokenizer: TextTokenizer,
+  maxLength: number,
+  signal?: AbortSignal,
+  field = 'training_file',
+): Promise<TrainingExample[]> {
   const out: TrainingExample[] = [];
   let since = performance.now();
   for (let i = 0; i < parsed.rows.length; i++) {
-    const one: ParsedRows = { rows: [parsed.rows[i]], origin: parsed.origin.kind === 'file' ? { kind: 'file', lines: [parsed.origin.lines[i]] } : parsed.origin };
+    const one: ParsedRows = {
+      rows: [parsed.rows[i]],
+      origin: parsed.origin.kind === 'file' ? { kind: 'file', lines: [parsed.origin.lines[i]] } : parsed.origin,
+    };
     try {
       out.push(...tokenizeTrainingRows(one, tokenizer, maxLength, field));
     } catch (e) {

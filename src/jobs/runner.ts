@@ -89,17 +89,20 @@ export class JobRunner {
     const jobLog = log.child({ job: job.id, tenant: job.tenantId, attempt: job.attempts });
     const controller = new AbortController();
     this.current = controller;
-    const heartbeat = setInterval(() => {
-      store.renewLease(job.id, this.workerId, this.o.leaseMs).then(
-        (held) => {
-          if (!held && !controller.signal.aborted) {
-            jobLog.warn('lease lost (another worker took the job); stopping');
-            controller.abort('lease' satisfies StopReason);
-          }
-        },
-        (err) => jobLog.warn({ err: (err as Error).message }, 'lease renewal failed'),
-      );
-    }, Math.max(200, Math.floor(this.o.leaseMs / 3)));
+    const heartbeat = setInterval(
+      () => {
+        store.renewLease(job.id, this.workerId, this.o.leaseMs).then(
+          (held) => {
+            if (!held && !controller.signal.aborted) {
+              jobLog.warn('lease lost (another worker took the job); stopping');
+              controller.abort('lease' satisfies StopReason);
+            }
+          },
+          (err) => jobLog.warn({ err: (err as Error).message }, 'lease renewal failed'),
+        );
+      },
+      Math.max(200, Math.floor(this.o.leaseMs / 3)),
+    );
     const stopReason = () => (controller.signal.aborted ? (controller.signal.reason as StopReason) : null);
     try {
       const outcome = await this.train(job, spec, controller, jobLog);
@@ -123,7 +126,10 @@ export class JobRunner {
     } catch (err) {
       if (stopReason() === 'lease') return;
       // a typed error says what was wrong with the job; anything else stays in this log
-      const reason = err instanceof ReftError && err.code !== 'internal' ? err.message : `internal error (worker ${this.workerId}, job ${job.id}: see the worker log)`;
+      const reason =
+        err instanceof ReftError && err.code !== 'internal'
+          ? err.message
+          : `internal error (worker ${this.workerId}, job ${job.id}: see the worker log)`;
       if (err instanceof ReftError && err.code === 'unavailable') {
         jobLog.warn({ reason }, 'store unavailable; the job will be retried when its lease expires');
         return;
@@ -147,7 +153,8 @@ export class JobRunner {
     const existing = await store.findIntervention(job.tenantId, name);
     if (existing && existing.tenantId === job.tenantId) {
       // A previous attempt registered the result and died before finishing the job.
-      if ((existing.config as { metadata?: Record<string, string> })?.metadata?.job_id === job.id) return { kind: 'done', interventionId: existing.id };
+      if ((existing.config as { metadata?: Record<string, string> })?.metadata?.job_id === job.id)
+        return { kind: 'done', interventionId: existing.id };
       throw new ReftError('conflict', `an intervention named "${name}" already exists`, 'name');
     }
     const rows = await jobRows(store, job.tenantId, spec.data);
@@ -194,12 +201,20 @@ export class JobRunner {
       if (trainer.totalSteps > this.o.budget.maxSteps) {
         throw new ReftError('invalid_request', `the job needs ${trainer.totalSteps} steps, over the budget of ${this.o.budget.maxSteps}`);
       }
-      log.info({ steps: trainer.totalSteps, resumedAt: trainer.step, examples: examples.length }, saved ? 'job resumed from checkpoint' : 'job started');
-      await store.appendJobEvent(job.id, 'log', { message: saved ? `resumed at step ${trainer.step} of ${trainer.totalSteps}` : `training ${trainer.totalSteps} steps on ${examples.length} examples` });
+      log.info(
+        { steps: trainer.totalSteps, resumedAt: trainer.step, examples: examples.length },
+        saved ? 'job resumed from checkpoint' : 'job started',
+      );
+      await store.appendJobEvent(job.id, 'log', {
+        message: saved
+          ? `resumed at step ${trainer.step} of ${trainer.totalSteps}`
+          : `training ${trainer.totalSteps} steps on ${examples.length} examples`,
+      });
       const outcome = await trainer.train().finally(() => this.recordTrainingTokens(job, trainedTokens));
       if (outcome.status === 'cancelled') {
         // a shutdown keeps the work done so far for whoever resumes the job
-        if (controller.signal.reason === 'shutdown') await store.saveCheckpoint(job.id, this.workerId, outcome.steps, encodeCheckpoint(outcome.checkpoint));
+        if (controller.signal.reason === 'shutdown')
+          await store.saveCheckpoint(job.id, this.workerId, outcome.steps, encodeCheckpoint(outcome.checkpoint));
         return { kind: 'stopped', step: outcome.steps };
       }
       const meta = await store.putIntervention({

@@ -38,7 +38,11 @@ export const jobRequestSchema = z.strictObject({
   data: z.array(z.unknown()).min(1).max(MAX_INLINE_ROWS).optional().describe('inline rows, when small'),
   intervention: interventionRecipeSchema.default(interventionRecipeSchema.parse({})),
   hyperparameters: hyperparametersSchema.default(hyperparametersSchema.parse({})),
-  name: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'must be letters, digits, "_", "." or "-"').refine((s) => !s.includes('..'), 'must not contain ".."').optional(),
+  name: z
+    .string()
+    .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'must be letters, digits, "_", "." or "-"')
+    .refine((s) => !s.includes('..'), 'must not contain ".."')
+    .optional(),
   description: z.string().max(4000).optional(),
 });
 

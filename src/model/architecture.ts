@@ -156,12 +156,16 @@ const gemma2: ArchitectureDeclaration = {
       attn_logit_softcapping: positive.nullish(),
       final_logit_softcapping: positive.nullish(),
       sliding_window: z.number().int().positive().nullish(),
-      layer_types: z.array(z.enum(['sliding_attention', 'full_attention'])).length(raw.num_hidden_layers).nullish(),
+      layer_types: z
+        .array(z.enum(['sliding_attention', 'full_attention']))
+        .length(raw.num_hidden_layers)
+        .nullish(),
     });
     // newer configs list each layer's kind; otherwise even layers slide (transformers' is_sliding)
     const sliding = (l: number) => (c.layer_types ? c.layer_types[l] === 'sliding_attention' : l % 2 === 0);
     // transformers reads hidden_activation, falling back to hidden_act
-    const act = raw.hidden_activation != null ? activation(raw, 'hidden_activation', '') : activation(raw, 'hidden_act', 'gelu_pytorch_tanh');
+    const act =
+      raw.hidden_activation != null ? activation(raw, 'hidden_activation', '') : activation(raw, 'hidden_act', 'gelu_pytorch_tanh');
     return {
       ...llamaLayout(raw, act),
       normOffset: 1,

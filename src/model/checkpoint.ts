@@ -23,7 +23,10 @@ export interface Checkpoint {
 }
 
 async function exists(path: string): Promise<boolean> {
-  return stat(path).then(() => true, () => false);
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 async function weightFiles(modelDir: string): Promise<string[]> {
@@ -40,7 +43,8 @@ async function weightFiles(modelDir: string): Promise<string[]> {
     }
     const files = [...new Set(Object.values(index.weight_map))];
     for (const f of files) {
-      if (typeof f !== 'string' || basename(f) !== f) throw invalidCheckpoint(`weight_map names an invalid file ${JSON.stringify(f)}`, 'model.safetensors.index.json');
+      if (typeof f !== 'string' || basename(f) !== f)
+        throw invalidCheckpoint(`weight_map names an invalid file ${JSON.stringify(f)}`, 'model.safetensors.index.json');
     }
     return files.sort();
   }
@@ -68,7 +72,10 @@ export async function openCheckpoint(modelDir: string): Promise<Checkpoint> {
     }
   }
   if (dirs.size !== 1) {
-    throw invalidCheckpoint(`the weight files of ${modelDir} resolve to ${dirs.size} different folders; put them in one folder`, 'model.safetensors');
+    throw invalidCheckpoint(
+      `the weight files of ${modelDir} resolve to ${dirs.size} different folders; put them in one folder`,
+      'model.safetensors',
+    );
   }
   return { dataDir: [...dirs][0], weights, fingerprint: fingerprint.join('|') };
 }

@@ -74,14 +74,15 @@ export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): 
   const c = parsed.data;
   const architecture = c.architectures[0];
   if (!isArchitecture(architecture)) {
-    throw unsupportedModel(
-      `unsupported architecture ${architecture}; supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`,
-      'architectures',
-    );
+    throw unsupportedModel(`unsupported architecture ${architecture}; supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`, 'architectures');
   }
   const numKvHeads = c.num_key_value_heads ?? c.num_attention_heads;
   if (c.num_attention_heads % numKvHeads !== 0) {
-    throw new ReftError('invalid_model', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${numKvHeads}`, 'num_key_value_heads');
+    throw new ReftError(
+      'invalid_model',
+      `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${numKvHeads}`,
+      'num_key_value_heads',
+    );
   }
   const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
@@ -115,7 +116,8 @@ function parseRopeScaling(raw: Record<string, unknown> | null | undefined): Rope
   const type = (raw.rope_type ?? raw.type) as unknown;
   const num = (key: string): number => {
     const v = raw[key];
-    if (typeof v !== 'number' || !(v > 0)) throw new ReftError('invalid_model', `config.json: rope_scaling.${key} must be a positive number`, `rope_scaling.${key}`);
+    if (typeof v !== 'number' || !(v > 0))
+      throw new ReftError('invalid_model', `config.json: rope_scaling.${key} must be a positive number`, `rope_scaling.${key}`);
     return v;
   };
   if (type === 'default') return null;

@@ -1,12 +1,6 @@
 import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import {
-  HubApiError,
-  REGEX_COMMIT_HASH,
-  downloadFileToCacheDir,
-  getRepoFolderName,
-  modelInfo,
-} from '@huggingface/hub';
+import { HubApiError, REGEX_COMMIT_HASH, downloadFileToCacheDir, getRepoFolderName, modelInfo } from '@huggingface/hub';
 import { ReftError } from '../errors.ts';
 
 export interface ResolveModelOptions {
@@ -86,12 +80,18 @@ async function cachedOrDownload(ref: RepoRef, storage: string, cacheDir: string,
 }
 
 async function isDirectory(path: string): Promise<boolean> {
-  return stat(path).then((s) => s.isDirectory(), () => false);
+  return stat(path).then(
+    (s) => s.isDirectory(),
+    () => false,
+  );
 }
 
 async function exists(path: string): Promise<boolean> {
   // stat follows the snapshot's symlinks, so a dangling link (blob deleted) counts as missing.
-  return stat(path).then(() => true, () => false);
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** Hub naming rules: letters, digits, '-', '_', '.', no '--' or '..', at most 96 characters. */
@@ -150,7 +150,10 @@ function isOfflineMode(): boolean {
 async function cachedSnapshot(storage: string, revision: string): Promise<string | null> {
   const commit = REGEX_COMMIT_HASH.test(revision)
     ? revision
-    : await readFile(join(storage, 'refs', revision), 'utf8').then((s) => s.trim(), () => null);
+    : await readFile(join(storage, 'refs', revision), 'utf8').then(
+        (s) => s.trim(),
+        () => null,
+      );
   if (!commit || !REGEX_COMMIT_HASH.test(commit)) return null;
   const dir = join(storage, 'snapshots', commit);
   return (await isCompleteModelDir(dir)) ? dir : null;
@@ -212,7 +215,14 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
   }
   // Pinning every file to the commit keeps the snapshot consistent even if the branch moves meanwhile.
   const fetchFile = (path: string) =>
-    downloadFileToCacheDir({ repo: { type: 'model', name: ref.repo }, path, revision: commit, cacheDir, hubUrl: hub.endpoint, fetch: hub.fetch });
+    downloadFileToCacheDir({
+      repo: { type: 'model', name: ref.repo },
+      path,
+      revision: commit,
+      cacheDir,
+      hubUrl: hub.endpoint,
+      fetch: hub.fetch,
+    });
 
   // Small files first and weights last: a snapshot with its weights in place is then known complete.
   for (const f of OPTIONAL_FILES) if (available.has(f)) await fetchFile(f);
@@ -224,11 +234,16 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
     const indexPath = await fetchFile(WEIGHTS_INDEX);
     snapshot = dirname(indexPath);
     for (const shard of await readShardNames(indexPath)) {
-      if (!available.has(shard)) throw new ReftError('invalid_model', `Hub repo ${where}: ${WEIGHTS_INDEX} names ${shard}, which the repo doesn't have`, 'model');
+      if (!available.has(shard))
+        throw new ReftError('invalid_model', `Hub repo ${where}: ${WEIGHTS_INDEX} names ${shard}, which the repo doesn't have`, 'model');
       await fetchFile(shard);
     }
   } else {
-    throw new ReftError('invalid_model', `Hub repo ${where} has no safetensors weights (${WEIGHTS} or ${WEIGHTS_INDEX}); ${LOCAL_HINT}`, 'model');
+    throw new ReftError(
+      'invalid_model',
+      `Hub repo ${where} has no safetensors weights (${WEIGHTS} or ${WEIGHTS_INDEX}); ${LOCAL_HINT}`,
+      'model',
+    );
   }
   // Written last, so a revision only resolves offline once its snapshot is complete.
   if (ref.revision !== commit) {
@@ -240,8 +255,16 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
 }
 
 const NETWORK_CODES = new Set([
-  'ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ENOTFOUND', 'EAI_AGAIN', 'ETIMEDOUT',
-  'EHOSTUNREACH', 'ENETUNREACH', 'ENETDOWN', 'EPIPE',
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENETDOWN',
+  'EPIPE',
 ]);
 
 /** Errors along an error's `cause` chain, outermost first. */
@@ -310,11 +333,19 @@ function toReftError(e: unknown, ref: RepoRef, hub: HubAccess): ReftError {
           'model',
         );
       case 403:
-        return new ReftError('invalid_model', `access to Hub repo ${where} is forbidden (403)${detail}; gated models need their terms accepted on the Hub and a token (HF_TOKEN)`, 'model');
+        return new ReftError(
+          'invalid_model',
+          `access to Hub repo ${where} is forbidden (403)${detail}; gated models need their terms accepted on the Hub and a token (HF_TOKEN)`,
+          'model',
+        );
       case 404:
         return new ReftError('invalid_model', `Hub repo ${where} was not found on ${hub.endpoint} (404)${detail}`, 'model');
       default:
-        return new ReftError('unavailable', `downloading ${where} from ${hub.endpoint} failed with status ${e.statusCode}${detail}`, 'model');
+        return new ReftError(
+          'unavailable',
+          `downloading ${where} from ${hub.endpoint} failed with status ${e.statusCode}${detail}`,
+          'model',
+        );
     }
   }
   const message = e instanceof Error ? e.message : String(e);

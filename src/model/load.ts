@@ -19,7 +19,11 @@ async function readJson(dir: string, file: string, required: boolean): Promise<u
     text = await readFile(join(dir, file), 'utf8');
   } catch (e) {
     if (!required && (e as NodeJS.ErrnoException).code === 'ENOENT') return {};
-    throw new ReftError('invalid_model', `${dir} has no readable ${file}; a model folder needs config.json, model.safetensors and tokenizer.json`, file);
+    throw new ReftError(
+      'invalid_model',
+      `${dir} has no readable ${file}; a model folder needs config.json, model.safetensors and tokenizer.json`,
+      file,
+    );
   }
   try {
     return JSON.parse(text);

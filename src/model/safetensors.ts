@@ -9,7 +9,16 @@ import { ReftError } from '../errors.ts';
 export type DType = 'F32' | 'F16' | 'BF16' | 'F64' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
 export const DTYPE_BYTES: Record<DType, number> = {
-  F32: 4, F16: 2, BF16: 2, F64: 8, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  F64: 8,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
 };
 
 export interface TensorInfo {
@@ -47,11 +56,17 @@ function fail(source: string, message: string, field?: string): never {
  * Parses and validates a header given the file's total size. `head` must hold at least the first
  * 8 + headerLength bytes (callers read it in two steps for files on disk).
  */
-export function parseHeader(head: Uint8Array, fileSize: number, source: string, limits: HeaderLimits = CHECKPOINT_HEADER_LIMITS): SafetensorsHeader {
+export function parseHeader(
+  head: Uint8Array,
+  fileSize: number,
+  source: string,
+  limits: HeaderLimits = CHECKPOINT_HEADER_LIMITS,
+): SafetensorsHeader {
   if (fileSize < 8 || head.byteLength < 8) fail(source, `truncated safetensors file (${fileSize} bytes, no header length)`);
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   const headerLen = view.getBigUint64(0, true);
-  if (headerLen > BigInt(limits.maxHeaderBytes)) fail(source, `header length ${headerLen} exceeds the ${limits.maxHeaderBytes}-byte safetensors header limit`);
+  if (headerLen > BigInt(limits.maxHeaderBytes))
+    fail(source, `header length ${headerLen} exceeds the ${limits.maxHeaderBytes}-byte safetensors header limit`);
   const n = Number(headerLen);
   if (8 + n > fileSize) fail(source, `header length ${n} runs past the end of the file (${fileSize} bytes)`);
   if (head.byteLength < 8 + n) throw new Error('parseHeader: caller passed too few bytes');
@@ -63,7 +78,8 @@ export function parseHeader(head: Uint8Array, fileSize: number, source: string, 
   }
   if (typeof json !== 'object' || json === null || Array.isArray(json)) fail(source, 'header is not a JSON object');
   const entries = Object.keys(json).length;
-  if (entries > limits.maxTensors + 1) fail(source, `header has ${entries} entries, over the safetensors limit of ${limits.maxTensors} tensors`);
+  if (entries > limits.maxTensors + 1)
+    fail(source, `header has ${entries} entries, over the safetensors limit of ${limits.maxTensors} tensors`);
   const dataStart = 8 + n;
   const dataSize = fileSize - dataStart;
   const tensors = new Map<string, TensorInfo>();
@@ -99,13 +115,16 @@ function parseMetadata(raw: unknown, source: string): Record<string, string> {
 function parseTensorEntry(name: string, raw: unknown, source: string) {
   if (typeof raw !== 'object' || raw === null) fail(source, `tensor "${name}" entry is not an object`, name);
   const { dtype, shape, data_offsets: offsets } = raw as Record<string, unknown>;
-  if (typeof dtype !== 'string' || !(dtype in DTYPE_BYTES)) fail(source, `tensor "${name}" has unsupported dtype ${JSON.stringify(dtype)}`, name);
+  if (typeof dtype !== 'string' || !(dtype in DTYPE_BYTES))
+    fail(source, `tensor "${name}" has unsupported dtype ${JSON.stringify(dtype)}`, name);
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
     fail(source, `tensor "${name}" has an invalid shape ${JSON.stringify(shape)}`, name);
   }
   if (
-    !Array.isArray(offsets) || offsets.length !== 2 ||
-    !offsets.every((o) => Number.isSafeInteger(o) && o >= 0) || offsets[0] > offsets[1]
+    !Array.isArray(offsets) ||
+    offsets.length !== 2 ||
+    !offsets.every((o) => Number.isSafeInteger(o) && o >= 0) ||
+    offsets[0] > offsets[1]
   ) {
     fail(source, `tensor "${name}" has invalid data_offsets ${JSON.stringify(offsets)}`, name);
   }
@@ -150,7 +169,6 @@ export interface SafetensorsFile {
 export function parseSafetensors(bytes: Uint8Array, source: string, limits?: HeaderLimits): SafetensorsFile {
   return { header: parseHeader(bytes, bytes.byteLength, source, limits), bytes };
 }
-
 
 /** Decodes a floating-point tensor to a fresh Float32Array. */
 /** Where converted tensors go: plain memory by default, or e.g. SharedArrayBuffers. */

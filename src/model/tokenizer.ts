@@ -142,7 +142,11 @@ function idList(v: unknown): number[] {
 export async function loadTokenizer(modelDir: string, config: ModelConfig): Promise<TextTokenizer> {
   const tokenizerJson = await readJson(join(modelDir, 'tokenizer.json'), 'tokenizer.json');
   if (!tokenizerJson) {
-    throw new ReftError('invalid_model', `${modelDir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)`, 'tokenizer.json');
+    throw new ReftError(
+      'invalid_model',
+      `${modelDir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)`,
+      'tokenizer.json',
+    );
   }
   const specialMap = (await readJson(join(modelDir, 'special_tokens_map.json'), 'special_tokens_map.json')) ?? {};
   // special_tokens_map.json only fills in what tokenizer_config.json leaves out.
@@ -192,9 +196,7 @@ class HfTextTokenizer implements TextTokenizer {
       ...new Set([...config.eosTokenIds, ...idList(generation.eos_token_id), ...(tokenizerEos === null ? [] : [tokenizerEos])]),
     ];
     ({ prefix: this.prefix, suffix: this.suffix } = applyAddFlags(postProcessorAffixes(tok), tc, this.bosTokenId, tokenizerEos));
-    this.specialContents = new Set(
-      [...tok.get_added_tokens_decoder().values()].filter((t) => t.special).map((t) => t.content),
-    );
+    this.specialContents = new Set([...tok.get_added_tokens_decoder().values()].filter((t) => t.special).map((t) => t.content));
     for (const t of Array.isArray(tc.additional_special_tokens) ? tc.additional_special_tokens : []) {
       if (typeof t === 'string') this.specialContents.add(t);
     }

@@ -29,7 +29,11 @@ export class OffloadPool {
   }
 
   /** Parses and tokenizes a job's rows (as the worker will), so a bad row is refused at creation. Returns the row count. */
-  checkTrainingData(modelDir: string, data: { jsonl: Uint8Array; field: string } | { rows: unknown[] }, budget: { maxChars: number; maxRows: number }): Promise<number> {
+  checkTrainingData(
+    modelDir: string,
+    data: { jsonl: Uint8Array; field: string } | { rows: unknown[] },
+    budget: { maxChars: number; maxRows: number },
+  ): Promise<number> {
     return this.run({ kind: 'training-data', modelDir, data, ...budget });
   }
 

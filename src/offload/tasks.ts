@@ -14,7 +14,13 @@ import { parseArtifact, type BaseModelShape } from '../interventions/artifact.ts
  */
 export type Task =
   | { kind: 'tokenize'; modelDir: string; input: PromptInput }
-  | { kind: 'training-data'; modelDir: string; data: { jsonl: Uint8Array; field: string } | { rows: unknown[] }; maxChars: number; maxRows: number }
+  | {
+      kind: 'training-data';
+      modelDir: string;
+      data: { jsonl: Uint8Array; field: string } | { rows: unknown[] };
+      maxChars: number;
+      maxRows: number;
+    }
   | { kind: 'jsonl-rows'; bytes: Uint8Array; field: string; maxRows: number }
   | { kind: 'pyreft'; input: PyreftImportInput; base: PyreftBaseModel }
   | { kind: 'artifact'; config: Uint8Array; weights: Uint8Array; base: BaseModelShape };
@@ -49,9 +55,15 @@ async function run(task: Task): Promise<unknown> {
     case 'training-data': {
       const { tokenizer, maxPositions } = await model(task.modelDir);
       const field = 'jsonl' in task.data ? task.data.field : 'data';
-      const parsed: ParsedRows = 'jsonl' in task.data ? parseJsonl(task.data.jsonl, task.data.field, task.maxRows) : parseInlineRows(task.data.rows);
+      const parsed: ParsedRows =
+        'jsonl' in task.data ? parseJsonl(task.data.jsonl, task.data.field, task.maxRows) : parseInlineRows(task.data.rows);
       const chars = trainingChars(parsed.rows);
-      if (chars > task.maxChars) throw new ReftError('payload_too_large', `${field}: the rows hold ${chars} characters, over the training data limit of ${task.maxChars}`, field);
+      if (chars > task.maxChars)
+        throw new ReftError(
+          'payload_too_large',
+          `${field}: the rows hold ${chars} characters, over the training data limit of ${task.maxChars}`,
+          field,
+        );
       tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
       return parsed.rows.length;
     }

@@ -118,16 +118,31 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
 
   const usage = new UsageMeter(opts.store, app.log, opts.usageFlushMs);
   app.addHook('onClose', () => usage.close());
-  const budgets = opts.inputBudgets ?? { maxPromptChars: null, maxTrainingChars: DEFAULT_MAX_TRAINING_CHARS, maxTrainingRows: DEFAULT_MAX_TRAINING_ROWS };
+  const budgets = opts.inputBudgets ?? {
+    maxPromptChars: null,
+    maxTrainingChars: DEFAULT_MAX_TRAINING_CHARS,
+    maxTrainingRows: DEFAULT_MAX_TRAINING_ROWS,
+  };
   const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics, usage, budgets);
-  healthRoutes(app, metrics, () => {
-    const reason = opts.notReadyReason();
-    return { ready: reason === null, reason: reason ?? 'ok' };
-  }, opts.metricsKey ?? null);
+  healthRoutes(
+    app,
+    metrics,
+    () => {
+      const reason = opts.notReadyReason();
+      return { ready: reason === null, reason: reason ?? 'ok' };
+    },
+    opts.metricsKey ?? null,
+  );
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
   tokenizeRoutes(app, service, opts.store);
-  const interventionDeps = { store: opts.store, base: () => runtime().config, limits: opts.tenantLimits, uploadLimit: opts.uploadLimit, offload: () => runtime().offload };
+  const interventionDeps = {
+    store: opts.store,
+    base: () => runtime().config,
+    limits: opts.tenantLimits,
+    uploadLimit: opts.uploadLimit,
+    offload: () => runtime().offload,
+  };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   fileRoutes(app, opts.store, { uploadLimit: opts.uploadLimit, maxRows: budgets.maxTrainingRows, runtime });

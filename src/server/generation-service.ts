@@ -75,7 +75,11 @@ export class GenerationService {
     const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
     const chars = promptChars(input);
     if (chars > maxChars) {
-      throw new ReftError('payload_too_large', `the prompt has ${chars} characters, over the prompt limit of ${maxChars}`, 'prompt' in prompt ? 'prompt' : 'messages');
+      throw new ReftError(
+        'payload_too_large',
+        `the prompt has ${chars} characters, over the prompt limit of ${maxChars}`,
+        'prompt' in prompt ? 'prompt' : 'messages',
+      );
     }
     const { name, field } = intervention;
     const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
@@ -86,7 +90,11 @@ export class GenerationService {
   }
 
   /** Runs a prepared generation, recording metrics (inside `admitted`). */
-  async run(tenant: Tenant, prepared: PreparedGeneration, opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {}): Promise<GenerationResult> {
+  async run(
+    tenant: Tenant,
+    prepared: PreparedGeneration,
+    opts: { signal?: AbortSignal; onToken?: (e: TokenEvent) => void } = {},
+  ): Promise<GenerationResult> {
     const [result] = await this.runAll(tenant, [prepared], { signal: opts.signal, onToken: opts.onToken && ((_, e) => opts.onToken!(e)) });
     return result;
   }
@@ -96,17 +104,25 @@ export class GenerationService {
    * OpenAI `n` or a list of prompts); one failing cancels the rest. `onToken` gets each row's
    * index.
    */
-  async runAll(tenant: Tenant, rows: PreparedGeneration[], opts: { signal?: AbortSignal; onToken?: (row: number, e: TokenEvent) => void } = {}): Promise<GenerationResult[]> {
+  async runAll(
+    tenant: Tenant,
+    rows: PreparedGeneration[],
+    opts: { signal?: AbortSignal; onToken?: (row: number, e: TokenEvent) => void } = {},
+  ): Promise<GenerationResult[]> {
     const cancel = new AbortController();
     const signal = cancel.signal;
     const onAbort = () => cancel.abort();
     if (opts.signal?.aborted) cancel.abort();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const results = await Promise.all(rows.map((row, i) => this.runRow(row, signal, opts.onToken && ((e) => opts.onToken!(i, e))).catch((err: unknown) => {
-        cancel.abort();
-        throw err;
-      })));
+      const results = await Promise.all(
+        rows.map((row, i) =>
+          this.runRow(row, signal, opts.onToken && ((e) => opts.onToken!(i, e))).catch((err: unknown) => {
+            cancel.abort();
+            throw err;
+          }),
+        ),
+      );
       const promptTokens = results.reduce((n, r) => n + r.promptTokens, 0);
       const completionTokens = results.reduce((n, r) => n + r.tokens.length, 0);
       this.usage.add(tenant.id, { requests: 1, promptTokens, completionTokens });

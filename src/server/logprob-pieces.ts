@@ -17,7 +17,11 @@ export interface LogprobPiece extends Piece {
   top?: Piece[];
 }
 
-export function logprobPieces(tokenizer: TextTokenizer, promptTokens: readonly number[], logprobs: readonly TokenLogprob[]): LogprobPiece[] {
+export function logprobPieces(
+  tokenizer: TextTokenizer,
+  promptTokens: readonly number[],
+  logprobs: readonly TokenLogprob[],
+): LogprobPiece[] {
   return logprobs.map((lp, i) => {
     const previous = i === 0 ? promptTokens.at(-1) : logprobs[i - 1].token;
     const piece = (token: number, logprob: number): Piece => ({ token, logprob, ...tokenizer.piece(token, previous) });

@@ -5,22 +5,39 @@ import type { EngineStats } from '../engine/protocol.ts';
 /** Prometheus metrics of one server process. */
 export class ServerMetrics {
   readonly registry = new Registry();
-  readonly requests = new Counter({ name: 'reft_http_requests_total', help: 'HTTP requests by route and status', labelNames: ['method', 'route', 'status'], registers: [this.registry] });
+  readonly requests = new Counter({
+    name: 'reft_http_requests_total',
+    help: 'HTTP requests by route and status',
+    labelNames: ['method', 'route', 'status'],
+    registers: [this.registry],
+  });
   readonly latency = new Histogram({
-    name: 'reft_http_request_duration_seconds', help: 'HTTP request latency', labelNames: ['method', 'route'],
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], registers: [this.registry],
+    name: 'reft_http_request_duration_seconds',
+    help: 'HTTP request latency',
+    labelNames: ['method', 'route'],
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+    registers: [this.registry],
   });
   readonly timeToFirstToken = new Histogram({
-    name: 'reft_time_to_first_token_seconds', help: 'Time from request to first generated token',
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [this.registry],
+    name: 'reft_time_to_first_token_seconds',
+    help: 'Time from request to first generated token',
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
   });
   readonly tokensPerSecond = new Histogram({
-    name: 'reft_generation_tokens_per_second', help: 'Decode speed of each finished generation',
-    buckets: [1, 2, 5, 10, 20, 30, 50, 100, 200, 500], registers: [this.registry],
+    name: 'reft_generation_tokens_per_second',
+    help: 'Decode speed of each finished generation',
+    buckets: [1, 2, 5, 10, 20, 30, 50, 100, 200, 500],
+    registers: [this.registry],
   });
   readonly generatedTokens = new Counter({ name: 'reft_generated_tokens_total', help: 'Tokens generated', registers: [this.registry] });
   readonly promptTokens = new Counter({ name: 'reft_prompt_tokens_total', help: 'Prompt tokens processed', registers: [this.registry] });
-  readonly interventionCache = new Counter({ name: 'reft_adapter_cache_total', help: 'Intervention cache lookups', labelNames: ['result'], registers: [this.registry] });
+  readonly interventionCache = new Counter({
+    name: 'reft_adapter_cache_total',
+    help: 'Intervention cache lookups',
+    labelNames: ['result'],
+    registers: [this.registry],
+  });
 
   constructor(engineStats: () => Promise<EngineStats | null>) {
     // prom-client names its defaults process_* and nodejs_*: the prefix makes them reft_process_*
@@ -31,7 +48,9 @@ export class ServerMetrics {
     const current = () => (pending ??= engineStats().finally(() => setImmediate(() => (pending = null))));
     const engineGauge = (name: string, help: string, value: (s: EngineStats) => number) =>
       new Gauge({
-        name, help, registers: [this.registry],
+        name,
+        help,
+        registers: [this.registry],
         async collect() {
           const stats = await current();
           this.set(stats ? value(stats) : 0);
@@ -40,7 +59,11 @@ export class ServerMetrics {
     engineGauge('reft_batch_size', 'Sequences in the last decode step', (s) => s.lastBatchSize);
     engineGauge('reft_queue_depth', 'Generation requests waiting for a batch slot', (s) => s.queued);
     engineGauge('reft_running_sequences', 'Sequences in the running batch', (s) => s.running);
-    engineGauge('reft_tokens_in_flight', 'Prompt + max_new_tokens over the running sequences (bounded by --max-tokens-in-flight)', (s) => s.tokensInFlight);
+    engineGauge(
+      'reft_tokens_in_flight',
+      'Prompt + max_new_tokens over the running sequences (bounded by --max-tokens-in-flight)',
+      (s) => s.tokensInFlight,
+    );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
   }
 

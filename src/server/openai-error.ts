@@ -12,13 +12,21 @@ declare module 'fastify' {
   }
 }
 
-export const openaiErrorSchema = z.object({
-  error: z.object({ message: z.string(), type: z.string(), param: z.string().nullable(), code: z.string().nullable() }),
-}).describe("The request was refused or failed (OpenAI's error shape); param names the field");
+export const openaiErrorSchema = z
+  .object({
+    error: z.object({ message: z.string(), type: z.string(), param: z.string().nullable(), code: z.string().nullable() }),
+  })
+  .describe("The request was refused or failed (OpenAI's error shape); param names the field");
 
 const TYPES: Record<number, string> = {
-  400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error', 404: 'not_found_error',
-  409: 'conflict_error', 413: 'invalid_request_error', 415: 'invalid_request_error', 429: 'rate_limit_error',
+  400: 'invalid_request_error',
+  401: 'authentication_error',
+  403: 'permission_error',
+  404: 'not_found_error',
+  409: 'conflict_error',
+  413: 'invalid_request_error',
+  415: 'invalid_request_error',
+  429: 'rate_limit_error',
 };
 
 export function openaiErrorOf(err: ReftError): z.infer<typeof openaiErrorSchema> {

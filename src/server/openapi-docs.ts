@@ -16,7 +16,7 @@ const MULTIPART: Record<string, { required: string[]; properties: Json; encoding
     properties: {
       config: file('reft_config.json'),
       weights: file('reft_weights.safetensors'),
-      name: text('name to use it by (default: the config\'s name)', { example: 'polite' }),
+      name: text("name to use it by (default: the config's name)", { example: 'polite' }),
       description: text('free text'),
       replace: { type: 'boolean', default: false, description: 'replace an intervention of the same name (version + 1)' },
     },
@@ -27,7 +27,11 @@ const MULTIPART: Record<string, { required: string[]; properties: Json; encoding
       config: file("pyreft's config.json"),
       files: { type: 'array', items: file('one intkey_*.bin per intervention'), description: 'the intkey_*.bin files, one part each' },
       positions: text('where the interventions apply (pyreft does not store it): fN, lN or fN+lN', { example: 'f1+l1' }),
-      share_weights: { type: 'boolean', default: false, description: 'trained with share_weights=True: first and last positions share one intervention (default false, as training)' },
+      share_weights: {
+        type: 'boolean',
+        default: false,
+        description: 'trained with share_weights=True: first and last positions share one intervention (default false, as training)',
+      },
       name: text('name to use it by', { example: 'imported' }),
       description: text('free text'),
     },
@@ -62,20 +66,32 @@ const PARAMETER_EXAMPLES: Record<string, unknown> = { file: 'reft_config.json', 
 const HEX = '0123456789abcdef01234567';
 /** An `id` example per collection, in the form the store makes them (prefix + 24 hex). */
 const ID_EXAMPLES: Array<[string, string]> = [
-  ['/v1/interventions/', `iv_${HEX}`], ['/v1/files/', `file_${HEX}`], ['/v1/training/jobs/', `job_${HEX}`],
-  ['/v1/admin/tenants/', `ten_${HEX}`], ['/v1/admin/keys/', `key_${HEX}`],
+  ['/v1/interventions/', `iv_${HEX}`],
+  ['/v1/files/', `file_${HEX}`],
+  ['/v1/training/jobs/', `job_${HEX}`],
+  ['/v1/admin/tenants/', `ten_${HEX}`],
+  ['/v1/admin/keys/', `key_${HEX}`],
 ];
 
 const STREAMING = new Set(['POST /v1/generate', 'POST /v1/completions', 'POST /v1/chat/completions', 'GET /v1/training/jobs/{id}/events']);
 
 const DESCRIPTIONS: Record<string, string> = {
-  200: 'OK', 201: 'Created', 202: 'Accepted: queued', 204: 'Done; no body',
+  200: 'OK',
+  201: 'Created',
+  202: 'Accepted: queued',
+  204: 'Done; no body',
   '4XX': 'The request was refused; the body says why and names the field',
   '5XX': 'The server could not do it (overloaded, shutting down, or an internal error)',
 };
 
 function isOpenAIRoute(path: string): boolean {
-  return path === '/v1/completions' || path === '/v1/chat/completions' || path.startsWith('/v1/models') || path === '/tokenize' || path === '/detokenize';
+  return (
+    path === '/v1/completions' ||
+    path === '/v1/chat/completions' ||
+    path.startsWith('/v1/models') ||
+    path === '/tokenize' ||
+    path === '/detokenize'
+  );
 }
 
 /** The wildcard route of a model name (it may hold slashes) reads as {model}. */
@@ -110,7 +126,12 @@ export function completeOpenapi(doc: Json, openRoutes: ReadonlySet<string>): Jso
           response.content = { 'application/problem+json': response.content['application/json'] };
         }
         if (STREAMING.has(key) && /^2/.test(status)) {
-          response.content = { ...response.content, 'text/event-stream': { schema: { type: 'string', description: 'server-sent events, one JSON object per data: line (stream: true)' } } };
+          response.content = {
+            ...response.content,
+            'text/event-stream': {
+              schema: { type: 'string', description: 'server-sent events, one JSON object per data: line (stream: true)' },
+            },
+          };
         }
       }
     }

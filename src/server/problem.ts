@@ -20,9 +20,17 @@ export interface Problem {
 }
 
 const TITLES: Record<number, string> = {
-  400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
-  409: 'Conflict', 413: 'Content Too Large', 415: 'Unsupported Media Type', 429: 'Too Many Requests',
-  500: 'Internal Server Error', 503: 'Service Unavailable',
+  400: 'Bad Request',
+  401: 'Unauthorized',
+  403: 'Forbidden',
+  404: 'Not Found',
+  405: 'Method Not Allowed',
+  409: 'Conflict',
+  413: 'Content Too Large',
+  415: 'Unsupported Media Type',
+  429: 'Too Many Requests',
+  500: 'Internal Server Error',
+  503: 'Service Unavailable',
 };
 
 export function problemOf(err: ReftError, instance?: string): Problem {
@@ -40,7 +48,8 @@ export function problemOf(err: ReftError, instance?: string): Problem {
 
 export function sendProblem(reply: FastifyReply, err: ReftError, instance?: string): FastifyReply {
   if (err.retryAfterSeconds !== undefined) reply.header('retry-after', String(Math.ceil(err.retryAfterSeconds)));
-  if (reply.request.routeOptions.config?.errorShape === 'openai') return reply.status(err.status).type('application/json').send(openaiErrorOf(err));
+  if (reply.request.routeOptions.config?.errorShape === 'openai')
+    return reply.status(err.status).type('application/json').send(openaiErrorOf(err));
   return reply.status(err.status).type('application/problem+json').send(problemOf(err, instance));
 }
 
@@ -55,7 +64,7 @@ export function toReftError(err: unknown): ReftError {
     const params = issue.params as { keys?: string[] };
     const unknownKey = issue.keyword === 'unrecognized_keys' ? params?.keys?.[0] : undefined;
     const field = [path, unknownKey].filter(Boolean).join('.') || where;
-    const message = unknownKey ? `unknown field "${unknownKey}"` : issue.message ?? 'is invalid';
+    const message = unknownKey ? `unknown field "${unknownKey}"` : (issue.message ?? 'is invalid');
     return new ReftError('invalid_request', `${where === 'body' ? '' : `${where} `}${field}: ${message}`, field);
   }
   switch (e.code) {
@@ -93,8 +102,18 @@ const INTERNALS = /\b\d{1,3}(\.\d{1,3}){3}\b|\[[0-9a-f:]+\]|:\d{2,5}\b|(^|[\s"'(
 export function publicError(problem: ReftError, requestId: string): ReftError {
   if (problem.status < 500) return problem;
   if (problem.code !== 'internal' && !INTERNALS.test(problem.message)) return problem;
-  const what = problem.code === 'internal' ? 'internal server error' : problem.code === 'unavailable' ? 'a service this server depends on is unavailable' : 'the server cannot take this request now';
-  return new ReftError(problem.code, `${what} (request ${requestId}; the server log has the details)`, undefined, problem.retryAfterSeconds);
+  const what =
+    problem.code === 'internal'
+      ? 'internal server error'
+      : problem.code === 'unavailable'
+        ? 'a service this server depends on is unavailable'
+        : 'the server cannot take this request now';
+  return new ReftError(
+    problem.code,
+    `${what} (request ${requestId}; the server log has the details)`,
+    undefined,
+    problem.retryAfterSeconds,
+  );
 }
 
 export function registerProblemHandlers(app: FastifyInstance): void {

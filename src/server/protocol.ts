@@ -20,7 +20,12 @@ export const samplingFields = {
   temperature: z.number().min(0).max(10).default(0),
   top_p: z.number().gt(0).max(1).default(1),
   top_k: z.number().int().min(0).max(100000).default(0),
-  seed: z.number().int().min(0).max(2 ** 32 - 1).optional(),
+  seed: z
+    .number()
+    .int()
+    .min(0)
+    .max(2 ** 32 - 1)
+    .optional(),
   stop: z.union([z.string().min(1).max(256), z.array(z.string().min(1).max(256)).max(MAX_STOP_STRINGS)]).optional(),
   ignore_eos: z.boolean().default(false),
   repetition_penalty: z.number().gt(0).max(10).default(1),
@@ -43,7 +48,12 @@ export type PromptInput = { prompt: string } | { messages: ChatMessage[] } | { i
 export function promptInput(o: { prompt?: string; messages?: ChatMessage[]; input_ids?: number[] }): PromptInput {
   const given = (['prompt', 'messages', 'input_ids'] as const).filter((k) => o[k] !== undefined);
   if (given.length !== 1) {
-    throw invalidRequest(given.length ? `give only one of prompt, messages, input_ids (got ${given.join(', ')})` : 'one of prompt, messages or input_ids is required', given[1] ?? 'prompt');
+    throw invalidRequest(
+      given.length
+        ? `give only one of prompt, messages, input_ids (got ${given.join(', ')})`
+        : 'one of prompt, messages or input_ids is required',
+      given[1] ?? 'prompt',
+    );
   }
   const k = given[0];
   return k === 'prompt' ? { prompt: o.prompt! } : k === 'messages' ? { messages: o.messages! } : { input_ids: o.input_ids! };
@@ -53,7 +63,8 @@ export function tokenize(input: PromptInput, tokenizer: TextTokenizer): number[]
   if ('prompt' in input) return tokenizer.encode(input.prompt);
   if ('messages' in input) return tokenizer.encodeChat(input.messages, { addGenerationPrompt: true });
   for (const [i, id] of input.input_ids.entries()) {
-    if (id >= tokenizer.vocabSize) throw invalidRequest(`input_ids.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `input_ids.${i}`);
+    if (id >= tokenizer.vocabSize)
+      throw invalidRequest(`input_ids.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `input_ids.${i}`);
   }
   return input.input_ids;
 }
@@ -78,7 +89,11 @@ export function toGenerationRequest(
     tokens,
     interventions,
     sampling: {
-      temperature: o.temperature, topK: o.top_k, topP: o.top_p, repetitionPenalty: o.repetition_penalty, seed: o.seed,
+      temperature: o.temperature,
+      topK: o.top_k,
+      topP: o.top_p,
+      repetitionPenalty: o.repetition_penalty,
+      seed: o.seed,
       ...(o.frequency_penalty ? { frequencyPenalty: o.frequency_penalty } : {}),
       ...(o.presence_penalty ? { presencePenalty: o.presence_penalty } : {}),
       ...(o.logit_bias?.length ? { logitBias: o.logit_bias } : {}),

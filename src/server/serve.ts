@@ -67,10 +67,18 @@ export const MIN_ADMIN_KEY_CHARS = 32;
 
 export async function startServer(s: ServeSettings): Promise<RunningServer> {
   if (s.adminKey && s.adminKey.length < MIN_ADMIN_KEY_CHARS) {
-    throw new ReftError('invalid_request', `REFT_ADMIN_KEY has ${s.adminKey.length} characters; use at least ${MIN_ADMIN_KEY_CHARS} (e.g. openssl rand -hex 32)`, 'REFT_ADMIN_KEY');
+    throw new ReftError(
+      'invalid_request',
+      `REFT_ADMIN_KEY has ${s.adminKey.length} characters; use at least ${MIN_ADMIN_KEY_CHARS} (e.g. openssl rand -hex 32)`,
+      'REFT_ADMIN_KEY',
+    );
   }
   if (!s.adminKey && !LOOPBACK.has(s.host)) {
-    throw new ReftError('invalid_request', `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`, 'host');
+    throw new ReftError(
+      'invalid_request',
+      `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`,
+      'host',
+    );
   }
   const logger = pino({ level: s.logLevel });
   const store = await s.openStore();
@@ -108,12 +116,26 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       notReady = 'engine crashed';
       void shutdown('engine crashed').finally(() => process.exit(1));
     });
-    const interventions = new InterventionCache(store, model.config, s.interventionCacheBytes, (hit) => metrics.interventionCache.inc({ result: hit ? 'hit' : 'miss' }));
+    const interventions = new InterventionCache(store, model.config, s.interventionCacheBytes, (hit) =>
+      metrics.interventionCache.inc({ result: hit ? 'hit' : 'miss' }),
+    );
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
-    runtime = { name: s.modelName, aliases: s.modelAliases ?? [], modelDir: dir, offload, config: model.config, tokenizer: model.tokenizer, engine, interventions };
+    runtime = {
+      name: s.modelName,
+      aliases: s.modelAliases ?? [],
+      modelDir: dir,
+      offload,
+      config: model.config,
+      tokenizer: model.tokenizer,
+      engine,
+      interventions,
+    };
     notReady = null;
-    app.log.info({ model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() }, 'model ready');
+    app.log.info(
+      { model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() },
+      'model ready',
+    );
   })();
   ready.catch((err) => {
     notReady = `model failed to load: ${err instanceof Error ? err.message : String(err)}`;
@@ -171,10 +193,18 @@ async function ensureDefaultTenant(store: Store): Promise<Tenant> {
  * Unchanged ones are left alone; changed ones are replaced; invalid ones are skipped with a
  * warning (a bad file on disk must not keep the server down).
  */
-export async function registerSharedInterventions(store: Store, dir: string, base: { hiddenSize: number; numLayers: number }, log: FastifyInstance['log']): Promise<void> {
+export async function registerSharedInterventions(
+  store: Store,
+  dir: string,
+  base: { hiddenSize: number; numLayers: number },
+  log: FastifyInstance['log'],
+): Promise<void> {
   let entries: string[];
   try {
-    entries = (await readdir(dir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name).sort();
+    entries = (await readdir(dir, { withFileTypes: true }))
+      .filter((e) => e.isDirectory())
+      .map((e) => e.name)
+      .sort();
   } catch {
     return;
   }
@@ -185,7 +215,10 @@ export async function registerSharedInterventions(store: Store, dir: string, bas
       const sha = createHash('sha256').update(files.config).update(files.weights).digest('hex');
       const existing = await store.findIntervention(null, name);
       if (existing && existing.sha256 === sha) continue;
-      await store.putIntervention({ tenantId: null, name, description: artifact.config.description ?? null, source: 'shared', config: artifact.config, files }, existing?.id);
+      await store.putIntervention(
+        { tenantId: null, name, description: artifact.config.description ?? null, source: 'shared', config: artifact.config, files },
+        existing?.id,
+      );
       log.info({ name }, existing ? 'shared intervention updated' : 'shared intervention registered');
     } catch (err) {
       log.warn({ name, err: err instanceof Error ? err.message : String(err) }, 'skipping shared intervention');

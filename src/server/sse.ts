@@ -9,7 +9,10 @@ export class SseStream {
   private readonly controller = new AbortController();
   private ended = false;
 
-  constructor(private readonly request: FastifyRequest, private readonly reply: FastifyReply) {
+  constructor(
+    private readonly request: FastifyRequest,
+    private readonly reply: FastifyReply,
+  ) {
     reply.hijack();
     reply.raw.writeHead(200, {
       'content-type': 'text/event-stream; charset=utf-8',

@@ -41,8 +41,6 @@ export class SqlStore implements S.Store {
     this.db = d.db;
   }
 
-  // --- tenants and keys ---------------------------------------------------------------------
-
   async createTenant(name: string): Promise<S.Tenant> {
     const values = { id: newId('ten_'), name, created_at: this.d.now() };
     return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
@@ -80,8 +78,6 @@ export class SqlStore implements S.Store {
     const revoke = this.db.updateTable('api_keys').set({ revoked_at: this.d.now() }).where('id', '=', id).where('revoked_at', 'is', null);
     return one(await revoke.executeTakeFirst());
   }
-
-  // --- interventions ------------------------------------------------------------------------
 
   async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
     // An id the store could not have made names no row, and must never reach a blob file name.
@@ -156,8 +152,6 @@ export class SqlStore implements S.Store {
     return { interventions: Number(row.interventions), bytes: Number(row.bytes) };
   }
 
-  // --- usage accounting ---------------------------------------------------------------------
-
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
     const rows = usageBatch(entries);
     if (rows.length > 0) await this.d.addUsage(this.db, rows).catch((e) => Promise.reject(this.d.toStoreError(e)));
@@ -172,8 +166,6 @@ export class SqlStore implements S.Store {
       .orderBy('day')
       .execute();
   }
-
-  // --- training data files ------------------------------------------------------------------
 
   async putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<S.StoredFile> {
     const id = newId('file_');
@@ -204,8 +196,6 @@ export class SqlStore implements S.Store {
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
     return this.deleteWithBlobs('files', tenantId, id, [this.d.blobs.columns.file]);
   }
-
-  // --- training jobs ------------------------------------------------------------------------
 
   async createJob(tenantId: string, spec: unknown): Promise<S.Job> {
     const id = newId('job_');
@@ -353,8 +343,6 @@ export class SqlStore implements S.Store {
     return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
   }
 
-  // --- listeners and lifecycle --------------------------------------------------------------
-
   onInterventionChanged(listener: (id: string) => void): () => void {
     return this.interventionListeners.add(listener);
   }
@@ -367,8 +355,6 @@ export class SqlStore implements S.Store {
     this.closing ??= this.d.close();
     return this.closing;
   }
-
-  // --- internals ----------------------------------------------------------------------------
 
   /** A write transaction, run again on deadlock or serialization failure; errors translated for callers. */
   private async tx<T>(body: (tx: Tx) => Promise<T>): Promise<T> {
@@ -492,7 +478,11 @@ export class SqlStore implements S.Store {
     const set = { status, error, intervention_id: interventionId, finished_at: this.d.now(), lease_worker: null, lease_expires_at: null };
     const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);
     if (!one(await tx.updateTable('jobs').set(set).where(held).executeTakeFirst())) return false;
-    await this.addEvent(tx, id, 'status', { status, ...(error !== null && { error }), ...(interventionId !== null && { intervention_id: interventionId }) });
+    await this.addEvent(tx, id, 'status', {
+      status,
+      ...(error !== null && { error }),
+      ...(interventionId !== null && { intervention_id: interventionId }),
+    });
     return true;
   }
 }

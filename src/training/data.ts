@@ -23,13 +23,19 @@ export function tokenizeRows(rows: readonly TrainingRow[], tokenizer: TextTokeni
     const field = `data.${i}`;
     const example = 'messages' in row ? chatExample(row.messages, tokenizer, eos, field) : completionExample(row, tokenizer, eos, field);
     if (example.promptLength === 0) throw invalidRequest(`${field}: the prompt has no tokens`, field);
-    if (example.promptLength >= maxLength) throw invalidRequest(`${field}: the prompt has ${example.promptLength} tokens; the model's context is ${maxLength}`, field);
+    if (example.promptLength >= maxLength)
+      throw invalidRequest(`${field}: the prompt has ${example.promptLength} tokens; the model's context is ${maxLength}`, field);
     // the completion is cut to the context, keeping at least one scored token
     return example.tokens.length > maxLength ? { ...example, tokens: example.tokens.slice(0, maxLength) } : example;
   });
 }
 
-function completionExample(row: { prompt: string; completion: string }, tokenizer: TextTokenizer, eos: number | undefined, field: string): TrainingExample {
+function completionExample(
+  row: { prompt: string; completion: string },
+  tokenizer: TextTokenizer,
+  eos: number | undefined,
+  field: string,
+): TrainingExample {
   if (typeof row.prompt !== 'string' || typeof row.completion !== 'string') {
     throw invalidRequest(`${field}: a row is {prompt, completion} with strings, or {messages}`, field);
   }
@@ -41,12 +47,17 @@ function completionExample(row: { prompt: string; completion: string }, tokenize
 }
 
 function chatExample(messages: ChatMessage[], tokenizer: TextTokenizer, eos: number | undefined, field: string): TrainingExample {
-  if (!Array.isArray(messages) || messages.length < 2) throw invalidRequest(`${field}.messages: needs a prompt and a final assistant message`, `${field}.messages`);
-  if (messages.at(-1)!.role !== 'assistant') throw invalidRequest(`${field}.messages: the last message must be the assistant's (it is what is learned)`, `${field}.messages`);
+  if (!Array.isArray(messages) || messages.length < 2)
+    throw invalidRequest(`${field}.messages: needs a prompt and a final assistant message`, `${field}.messages`);
+  if (messages.at(-1)!.role !== 'assistant')
+    throw invalidRequest(`${field}.messages: the last message must be the assistant's (it is what is learned)`, `${field}.messages`);
   const prompt = tokenizer.encodeChat(messages.slice(0, -1), { addGenerationPrompt: true });
   const tokens = tokenizer.encodeChat(messages);
   if (!prompt.every((t, k) => tokens[k] === t)) {
-    throw invalidRequest(`${field}.messages: the chat template does not render the conversation as its prompt followed by the last turn`, `${field}.messages`);
+    throw invalidRequest(
+      `${field}.messages: the chat template does not render the conversation as its prompt followed by the last turn`,
+      `${field}.messages`,
+    );
   }
   const completion = tokens.slice(prompt.length);
   if (eos !== undefined && !completion.some((t) => tokenizer.eosTokenIds.includes(t))) tokens.push(eos);

@@ -49,13 +49,7 @@ export function writeLowRank(kind: InterventionKind, t: KindTensors, rank: numbe
 }
 
 /** The gradient of each of the kind's tensors from the stacked low-rank gradients. */
-export function kindGradients(
-  kind: InterventionKind,
-  rank: number,
-  d: number,
-  offset: number,
-  g: LowRankFactors,
-): KindTensors {
+export function kindGradients(kind: InterventionKind, rank: number, d: number, offset: number, g: LowRankFactors): KindTensors {
   const n = rank * d;
   const dDown = g.down.subarray(offset * d, offset * d + n);
   const dUp = g.up.subarray(offset * d, offset * d + n);
@@ -81,7 +75,8 @@ export function initialTensors(kind: InterventionKind, rank: number, d: number, 
   const out: KindTensors = {};
   for (const name of KIND_TENSORS[kind]) {
     if (name === 'rotate') out.rotate = orthogonalRows(rank, d, rng);
-    else if (name === 'source.bias') out[name] = kind === 'consreft' || kind === 'lobireft' ? uniform(rank, 0, 1) : uniform(rank, -bound, bound);
+    else if (name === 'source.bias')
+      out[name] = kind === 'consreft' || kind === 'lobireft' ? uniform(rank, 0, 1) : uniform(rank, -bound, bound);
     else out[name] = uniform(rank * d, -bound, bound);
   }
   return out;

@@ -42,7 +42,15 @@ export interface AdamMoments {
  * torch.optim.AdamW's update for step t (1-based), in place: decoupled weight decay
  * p ← p·(1 − lr·wd), then p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε).
  */
-export function adamwStep(param: Float32Array, grad: Float32Array, moments: AdamMoments, t: number, lr: number, s: AdamWSettings, decay: boolean): void {
+export function adamwStep(
+  param: Float32Array,
+  grad: Float32Array,
+  moments: AdamMoments,
+  t: number,
+  lr: number,
+  s: AdamWSettings,
+  decay: boolean,
+): void {
   const { m, v } = moments;
   const bc1 = 1 - s.beta1 ** t;
   const bc2Sqrt = Math.sqrt(1 - s.beta2 ** t);

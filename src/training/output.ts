@@ -20,11 +20,22 @@ export interface ArtifactInfo {
   metadata?: Record<string, string>;
 }
 
-export function buildArtifact(specs: readonly InterventionSpec[], params: readonly KindTensors[], model: ModelConfig, info: ArtifactInfo = {}): TrainedArtifact {
+export function buildArtifact(
+  specs: readonly InterventionSpec[],
+  params: readonly KindTensors[],
+  model: ModelConfig,
+  info: ArtifactInfo = {},
+): TrainedArtifact {
   const config: ReftConfig = {
     format: 'reft/v1',
     base_model: { architecture: model.architecture, hidden_size: model.hiddenSize, num_hidden_layers: model.numLayers },
-    interventions: specs.map((s) => ({ kind: s.kind, layer: s.layer, rank: s.rank, positions: formatPositions(s.positions), component: 'block_output' as const })),
+    interventions: specs.map((s) => ({
+      kind: s.kind,
+      layer: s.layer,
+      rank: s.rank,
+      positions: formatPositions(s.positions),
+      component: 'block_output' as const,
+    })),
     // unset ones are undefined, which JSON leaves out
     name: info.name,
     description: info.description,
@@ -32,7 +43,8 @@ export function buildArtifact(specs: readonly InterventionSpec[], params: readon
   };
   const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
   specs.forEach((s, i) => {
-    for (const name of KIND_TENSORS[s.kind]) tensors[`interventions.${i}.${name}`] = { shape: tensorShape(name, s.rank, model.hiddenSize), data: params[i][name] };
+    for (const name of KIND_TENSORS[s.kind])
+      tensors[`interventions.${i}.${name}`] = { shape: tensorShape(name, s.rank, model.hiddenSize), data: params[i][name] };
   });
   const configJson = `${JSON.stringify(config, null, 2)}\n`;
   const weights = encodeSafetensors(tensors);

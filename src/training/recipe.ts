@@ -44,7 +44,12 @@ export const recipeSchema = z.strictObject({
   adam_epsilon: z.number().positive().default(1e-8),
   /** pyreft's intervention dropout on the edited rows during training. */
   dropout: z.number().min(0).lt(1).default(0),
-  seed: z.number().int().min(0).max(2 ** 32 - 1).default(42),
+  seed: z
+    .number()
+    .int()
+    .min(0)
+    .max(2 ** 32 - 1)
+    .default(42),
 });
 
 export type Recipe = z.output<typeof recipeSchema>;
@@ -61,7 +66,8 @@ export function parseRecipe(input: unknown, config: ModelConfig): Recipe {
   parsePositions(recipe.positions, 'recipe.positions');
   if (recipe.layers !== 'all') {
     for (const l of recipe.layers) {
-      if (l >= config.numLayers) throw invalidRequest(`recipe.layers: layer ${l} is out of range (the model has ${config.numLayers} layers)`, 'recipe.layers');
+      if (l >= config.numLayers)
+        throw invalidRequest(`recipe.layers: layer ${l} is out of range (the model has ${config.numLayers} layers)`, 'recipe.layers');
     }
   }
   if (hasRotation(recipe.kind) && recipe.rank > config.hiddenSize) {
@@ -76,8 +82,15 @@ export function parseRecipe(input: unknown, config: ModelConfig): Recipe {
  * (pyreft's split).
  */
 export function interventionSpecs(recipe: Recipe, config: ModelConfig): InterventionSpec[] {
-  const layers = recipe.layers === 'all' ? Array.from({ length: config.numLayers }, (_, i) => i) : [...new Set(recipe.layers)].sort((a, b) => a - b);
+  const layers =
+    recipe.layers === 'all' ? Array.from({ length: config.numLayers }, (_, i) => i) : [...new Set(recipe.layers)].sort((a, b) => a - b);
   const p = parsePositions(recipe.positions);
-  const sides = !recipe.share_weights && p.first > 0 && p.last > 0 ? [{ first: p.first, last: 0 }, { first: 0, last: p.last }] : [p];
+  const sides =
+    !recipe.share_weights && p.first > 0 && p.last > 0
+      ? [
+          { first: p.first, last: 0 },
+          { first: 0, last: p.last },
+        ]
+      : [p];
   return layers.flatMap((layer) => sides.map((positions) => ({ kind: recipe.kind, layer, rank: recipe.rank, positions })));
 }

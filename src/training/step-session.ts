@@ -60,11 +60,22 @@ export class StepSession {
     this.gradFetches = [OUT.loss, ...layers.flatMap((l) => [OUT.gradDown(l), OUT.gradBias(l), OUT.gradUp(l)])];
   }
 
-  static async create(config: ModelConfig, checkpoint: Checkpoint, layers: readonly number[], opts: StepSessionOptions = {}): Promise<StepSession> {
+  static async create(
+    config: ModelConfig,
+    checkpoint: Checkpoint,
+    layers: readonly number[],
+    opts: StepSessionOptions = {},
+  ): Promise<StepSession> {
     const sorted = [...new Set(layers)].sort((a, b) => a - b);
     const build = () => buildTrainingGraph(config, checkpoint, sorted);
     const bytes = opts.cacheDir
-      ? (await cachedGraph(opts.cacheDir, { version: TRAINING_GRAPH_VERSION, config, weights: checkpoint.fingerprint, layers: sorted }, build)).bytes
+      ? (
+          await cachedGraph(
+            opts.cacheDir,
+            { version: TRAINING_GRAPH_VERSION, config, weights: checkpoint.fingerprint, layers: sorted },
+            build,
+          )
+        ).bytes
       : build();
     // A tiny model's ops are microseconds long: waking a second thread costs more than it saves
     // (stories260k: 1.1 vs 1.9 ms per step measured), so small models default to one thread.

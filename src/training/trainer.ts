@@ -104,17 +104,32 @@ export class Trainer {
   }
 
   /** A trainer over text rows, tokenized with the model's tokenizer. */
-  static async create(model: TrainerModel, recipe: RecipeInput | Recipe, rows: readonly TrainingRow[], opts: TrainerOptions = {}): Promise<Trainer> {
+  static async create(
+    model: TrainerModel,
+    recipe: RecipeInput | Recipe,
+    rows: readonly TrainingRow[],
+    opts: TrainerOptions = {},
+  ): Promise<Trainer> {
     if (!model.tokenizer) throw new Error('Trainer.create needs the model tokenizer; use fromExamples for token ids');
     return Trainer.fromExamples(model, recipe, tokenizeRows(rows, model.tokenizer, model.config.maxPositions), opts);
   }
 
   /** A trainer over already tokenized examples. */
-  static async fromExamples(model: TrainerModel, recipeInput: RecipeInput | Recipe, examples: readonly TrainingExample[], opts: TrainerOptions = {}): Promise<Trainer> {
+  static async fromExamples(
+    model: TrainerModel,
+    recipeInput: RecipeInput | Recipe,
+    examples: readonly TrainingExample[],
+    opts: TrainerOptions = {},
+  ): Promise<Trainer> {
     const recipe = parseRecipe(recipeInput, model.config);
     checkExamples(examples, model.config);
     const specs = interventionSpecs(recipe, model.config);
-    const graph = await StepSession.create(model.config, model.checkpoint, specs.map((s) => s.layer), opts);
+    const graph = await StepSession.create(
+      model.config,
+      model.checkpoint,
+      specs.map((s) => s.layer),
+      opts,
+    );
     return new Trainer(model.config, recipe, specs, examples, graph, opts);
   }
 
@@ -181,7 +196,13 @@ export class Trainer {
 
   /** The interventions as they are now, in the engine's form (for evaluation while training). */
   interventions(): LowRankIntervention[] {
-    return this.specs.map((s, i) => lowRank(s, mapTensors(this.params[i], (v) => v.slice()), this.config.hiddenSize));
+    return this.specs.map((s, i) =>
+      lowRank(
+        s,
+        mapTensors(this.params[i], (v) => v.slice()),
+        this.config.hiddenSize,
+      ),
+    );
   }
 
   async release(): Promise<void> {
@@ -198,7 +219,8 @@ export class Trainer {
     let loss = 0;
     let tokens = 0;
     // pyreft's ConsreftIntervention has no dropout; every other kind drops the edited rows
-    const dropout = this.recipe.dropout > 0 && this.recipe.kind !== 'consreft' ? { p: this.recipe.dropout, rng: this.dropoutRng } : undefined;
+    const dropout =
+      this.recipe.dropout > 0 && this.recipe.kind !== 'consreft' ? { p: this.recipe.dropout, rng: this.dropoutRng } : undefined;
     for (const [m, indices] of micro.entries()) {
       const examples = indices.map((i) => this.examples[i]);
       tokens += examples.reduce((s, e) => s + e.tokens.length, 0);
@@ -214,7 +236,10 @@ export class Trainer {
         }
       });
     }
-    const gradNorm = clipGradNorm(this.grads.flatMap((t) => Object.values(t)), this.recipe.max_grad_norm);
+    const gradNorm = clipGradNorm(
+      this.grads.flatMap((t) => Object.values(t)),
+      this.recipe.max_grad_norm,
+    );
     const t = this.stepsDone + 1;
     this.specs.forEach((s, i) => {
       for (const name of KIND_TENSORS[s.kind]) {
@@ -250,13 +275,17 @@ export class Trainer {
   }
 
   private writeFactors(): void {
-    this.specs.forEach((s, i) => writeLowRank(s.kind, this.params[i], s.rank, this.config.hiddenSize, this.layout.slotOf(i).offset, this.factors.get(s.layer)!));
+    this.specs.forEach((s, i) =>
+      writeLowRank(s.kind, this.params[i], s.rank, this.config.hiddenSize, this.layout.slotOf(i).offset, this.factors.get(s.layer)!),
+    );
   }
 
   private restore(c: TrainingCheckpoint): void {
-    if (JSON.stringify(c.recipe) !== JSON.stringify(this.recipe)) throw invalidRequest('the checkpoint was taken with a different recipe', 'resume_from');
+    if (JSON.stringify(c.recipe) !== JSON.stringify(this.recipe))
+      throw invalidRequest('the checkpoint was taken with a different recipe', 'resume_from');
     if (c.dataFingerprint !== this.fingerprint) throw invalidRequest('the checkpoint was taken on different training data', 'resume_from');
-    if (c.totalSteps !== this.totalSteps || c.step > this.totalSteps) throw invalidRequest('the checkpoint does not belong to this job', 'resume_from');
+    if (c.totalSteps !== this.totalSteps || c.step > this.totalSteps)
+      throw invalidRequest('the checkpoint does not belong to this job', 'resume_from');
     this.stepsDone = c.step;
     this.dropoutRng = Rng.fromState(c.rngState);
     this.epochOrder = { epoch: c.epoch, order: [...c.order] };
@@ -274,9 +303,12 @@ function checkExamples(examples: readonly TrainingExample[], config: ModelConfig
   if (examples.length === 0) throw invalidRequest('training data has no rows', 'data');
   examples.forEach((e, i) => {
     const field = `data.${i}`;
-    if (!(e.promptLength >= 1 && e.promptLength < e.tokens.length)) throw invalidRequest(`${field}: needs at least one prompt and one completion token`, field);
-    if (e.tokens.length > config.maxPositions) throw invalidRequest(`${field}: ${e.tokens.length} tokens exceed the model's context of ${config.maxPositions}`, field);
-    if (!e.tokens.every((t) => Number.isInteger(t) && t >= 0 && t < config.vocabSize)) throw invalidRequest(`${field}: token ids must be integers below ${config.vocabSize}`, field);
+    if (!(e.promptLength >= 1 && e.promptLength < e.tokens.length))
+      throw invalidRequest(`${field}: needs at least one prompt and one completion token`, field);
+    if (e.tokens.length > config.maxPositions)
+      throw invalidRequest(`${field}: ${e.tokens.length} tokens exceed the model's context of ${config.maxPositions}`, field);
+    if (!e.tokens.every((t) => Number.isInteger(t) && t >= 0 && t < config.vocabSize))
+      throw invalidRequest(`${field}: token ids must be integers below ${config.vocabSize}`, field);
   });
 }
 

@@ -17,7 +17,11 @@ export interface ArtifactIntervention {
   tensors: Record<string, Float32Array>;
 }
 
-export function artifact(interventions: ArtifactIntervention[], extra: Record<string, unknown> = {}, base = { hidden_size: 64, num_hidden_layers: 5 }): ArtifactFiles {
+export function artifact(
+  interventions: ArtifactIntervention[],
+  extra: Record<string, unknown> = {},
+  base = { hidden_size: 64, num_hidden_layers: 5 },
+): ArtifactFiles {
   const config = {
     format: 'reft/v1',
     base_model: { architecture: 'LlamaForCausalLM', ...base },
@@ -66,5 +70,11 @@ export function orthonormalRows(rank: number, d: number, rng: Rng): Float32Array
 export function randomLoreft(seed: number, layer: number, rank = 4, positions = 'f3+l3', d = 64, scale = 2): ArtifactIntervention {
   const rng = new Rng(seed);
   const rand = (n: number) => Float32Array.from({ length: n }, () => (rng.next() * 2 - 1) * scale);
-  return { kind: 'loreft', layer, rank, positions, tensors: { rotate: orthonormalRows(rank, d, rng), 'source.weight': rand(rank * d), 'source.bias': rand(rank) } };
+  return {
+    kind: 'loreft',
+    layer,
+    rank,
+    positions,
+    tensors: { rotate: orthonormalRows(rank, d, rng), 'source.weight': rand(rank * d), 'source.bias': rand(rank) },
+  };
 }

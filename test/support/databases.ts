@@ -85,7 +85,10 @@ export interface PostgresServer {
 export async function postgresServer(): Promise<PostgresServer> {
   const name: string = await admin(async (c) => (await c.query('SHOW cluster_name')).rows[0].cluster_name);
   const match = /^(\d+)\/(\S+)$/.exec(name);
-  if (!match) throw new Error(`cannot tell the server's cluster (cluster_name = "${name}"): the outage test needs a Debian cluster, see .ci/postgres.sh`);
+  if (!match)
+    throw new Error(
+      `cannot tell the server's cluster (cluster_name = "${name}"): the outage test needs a Debian cluster, see .ci/postgres.sh`,
+    );
   const [, version, cluster] = match;
   let stopped = false;
   const server: PostgresServer = {

@@ -16,7 +16,14 @@ export const MODEL_FILES = [
   'tokenizer_config.json',
 ];
 /** What resolveModelDir should fetch from a single-file repo (tokenizer.model, LICENSE, README are not needed). */
-export const NEEDED = ['config.json', 'generation_config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer.json', 'tokenizer_config.json'];
+export const NEEDED = [
+  'config.json',
+  'generation_config.json',
+  'model.safetensors',
+  'special_tokens_map.json',
+  'tokenizer.json',
+  'tokenizer_config.json',
+];
 export const TOKEN = 'hf_test_secret';
 
 // ---------------------------------------------------------------------------------------------
@@ -249,7 +256,9 @@ function splitSafetensors(bytes: Buffer): { shards: [string, Buffer][]; index: B
     { dtype: string; shape: number[]; data_offsets: [number, number] }
   >;
   const data = bytes.subarray(8 + headerLength);
-  const names = Object.keys(header).filter((n) => n !== '__metadata__').sort();
+  const names = Object.keys(header)
+    .filter((n) => n !== '__metadata__')
+    .sort();
   const groups = [names.slice(0, names.length >> 1), names.slice(names.length >> 1)];
   const shardNames = groups.map((_, i) => `model-0000${i + 1}-of-00002.safetensors`);
   const weightMap: Record<string, string> = {};
@@ -258,7 +267,11 @@ function splitSafetensors(bytes: Buffer): { shards: [string, Buffer][]; index: B
     const shardHeader: Record<string, unknown> = {};
     let offset = 0;
     for (const n of group) {
-      const { dtype, shape, data_offsets: [b, e] } = header[n];
+      const {
+        dtype,
+        shape,
+        data_offsets: [b, e],
+      } = header[n];
       shardHeader[n] = { dtype, shape, data_offsets: [offset, offset + e - b] };
       parts.push(data.subarray(b, e));
       offset += e - b;
@@ -282,8 +295,14 @@ export async function populate(hub: FakeHub): Promise<{ mainSha: string; v1Sha: 
   const v1Files = new Map(files);
   v1Files.set('generation_config.json', hubFile(Buffer.from('{"bos_token_id": 1, "eos_token_id": 2, "max_length": 64}\n'), false));
   hub.repos.set('tiny/stories260k', {
-    commits: [{ sha: mainSha, files }, { sha: v1Sha, files: v1Files }],
-    refs: new Map([['main', mainSha], ['v1', v1Sha]]),
+    commits: [
+      { sha: mainSha, files },
+      { sha: v1Sha, files: v1Files },
+    ],
+    refs: new Map([
+      ['main', mainSha],
+      ['v1', v1Sha],
+    ]),
   });
 
   const sharded = new Map(files);
@@ -302,4 +321,3 @@ export async function populate(hub: FakeHub): Promise<{ mainSha: string; v1Sha: 
   });
   return { mainSha, v1Sha };
 }
-

@@ -36,7 +36,10 @@ export interface FixtureCase {
   interventions: LowRankIntervention[];
 }
 
-const file: SafetensorsFile = parseSafetensors(new Uint8Array(readFileSync(join(FIXTURES, 'reference.safetensors'))), 'reference.safetensors');
+const file: SafetensorsFile = parseSafetensors(
+  new Uint8Array(readFileSync(join(FIXTURES, 'reference.safetensors'))),
+  'reference.safetensors',
+);
 export const reference = JSON.parse(readFileSync(join(FIXTURES, 'reference.json'), 'utf8')) as { cases: RawCase[] };
 
 export function tensor(name: string): Float32Array {

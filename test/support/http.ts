@@ -11,7 +11,12 @@ export function headers(api: Api, extra: Record<string, string> = {}): Record<st
   return { ...(api.key ? { authorization: `Bearer ${api.key}` } : {}), ...extra };
 }
 
-export async function json(api: Api, method: string, path: string, body?: unknown): Promise<{ status: number; body: any; headers: Headers }> {
+export async function json(
+  api: Api,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<{ status: number; body: any; headers: Headers }> {
   const res = await fetch(api.url + path, {
     method,
     headers: headers(api, body === undefined ? {} : { 'content-type': 'application/json' }),
@@ -30,12 +35,17 @@ export async function json(api: Api, method: string, path: string, body?: unknow
 export function artifactForm(files: Partial<ArtifactFiles>, fields: Record<string, string> = {}): FormData {
   const form = new FormData();
   if (files.config !== undefined) form.append('config', new Blob([files.config], { type: 'application/json' }), 'reft_config.json');
-  if (files.weights !== undefined) form.append('weights', new Blob([files.weights], { type: 'application/octet-stream' }), 'reft_weights.safetensors');
+  if (files.weights !== undefined)
+    form.append('weights', new Blob([files.weights], { type: 'application/octet-stream' }), 'reft_weights.safetensors');
   for (const [k, v] of Object.entries(fields)) form.append(k, v);
   return form;
 }
 
-export async function upload(api: Api, files: Partial<ArtifactFiles>, fields: Record<string, string> = {}): Promise<{ status: number; body: any; headers: Headers }> {
+export async function upload(
+  api: Api,
+  files: Partial<ArtifactFiles>,
+  fields: Record<string, string> = {},
+): Promise<{ status: number; body: any; headers: Headers }> {
   const res = await fetch(`${api.url}/v1/interventions`, { method: 'POST', headers: headers(api), body: artifactForm(files, fields) });
   return { status: res.status, body: await res.json(), headers: res.headers };
 }
@@ -45,7 +55,13 @@ export async function sse(res: Response): Promise<unknown[]> {
   const text = await res.text();
   return text
     .split('\n\n')
-    .map((frame) => frame.split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n'))
+    .map((frame) =>
+      frame
+        .split('\n')
+        .filter((l) => l.startsWith('data: '))
+        .map((l) => l.slice(6))
+        .join('\n'),
+    )
     .filter((d) => d.length > 0)
     .map((d) => (d === '[DONE]' ? d : JSON.parse(d)));
 }

@@ -15,7 +15,8 @@ export function copyOfStories(): string {
 export function storiesWithChatTemplate(): string {
   const model = copyOfStories();
   const tc = JSON.parse(readFileSync(join(model, 'tokenizer_config.json'), 'utf8'));
-  tc.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+  tc.chat_template =
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
   writeFileSync(join(model, 'tokenizer_config.json'), JSON.stringify(tc));
   return model;
 }

@@ -33,7 +33,11 @@ process.stdin.on('end', () => (done = true)).resume();
  * /healthz answer seen (ms), the slowest seen in the second before `work` began (the machine's
  * own noise: tests share a loaded machine), and the most the server's RSS grew (MB) meanwhile.
  */
-export async function whileProbing<T>(api: Api, pid: number, work: () => Promise<T>): Promise<{ result: T; slowestHealthzMs: number; idleSlowestHealthzMs: number; rssGrowthMb: number; probes: number }> {
+export async function whileProbing<T>(
+  api: Api,
+  pid: number,
+  work: () => Promise<T>,
+): Promise<{ result: T; slowestHealthzMs: number; idleSlowestHealthzMs: number; rssGrowthMb: number; probes: number }> {
   const rss0 = rssMb(pid);
   let peak = rss0;
   const prober = spawn(process.execPath, ['-e', PROBER, `${api.url}/healthz`], { stdio: ['pipe', 'pipe', 'inherit'] });
@@ -53,7 +57,13 @@ export async function whileProbing<T>(api: Api, pid: number, work: () => Promise
     peak = Math.max(peak, rssMb(pid));
     const latencies = out.slice(skip).trim().split('\n').map(Number);
     if (latencies.includes(-1)) throw new Error('/healthz failed while probing');
-    return { result, slowestHealthzMs: Math.max(...latencies), idleSlowestHealthzMs: Math.max(...idle), rssGrowthMb: peak - rss0, probes: latencies.length };
+    return {
+      result,
+      slowestHealthzMs: Math.max(...latencies),
+      idleSlowestHealthzMs: Math.max(...idle),
+      rssGrowthMb: peak - rss0,
+      probes: latencies.length,
+    };
   } finally {
     clearInterval(sampler);
     prober.stdin!.end();
@@ -65,8 +75,16 @@ export async function whileProbing<T>(api: Api, pid: number, work: () => Promise
  * /healthz answered within 100 ms while the work ran, beyond what the machine's own noise cost
  * it just before (on a quiet machine that noise is a few ms).
  */
-export function expectHealthzResponsive(p: { slowestHealthzMs: number; idleSlowestHealthzMs: number; rssGrowthMb?: number; probes?: number }): void {
-  if (process.env.REFT_TEST_PROBE_LOG) console.log(`probe: slowest /healthz ${p.slowestHealthzMs} ms (idle ${p.idleSlowestHealthzMs} ms, ${p.probes} probes), RSS growth ${p.rssGrowthMb?.toFixed(1)} MB`);
+export function expectHealthzResponsive(p: {
+  slowestHealthzMs: number;
+  idleSlowestHealthzMs: number;
+  rssGrowthMb?: number;
+  probes?: number;
+}): void {
+  if (process.env.REFT_TEST_PROBE_LOG)
+    console.log(
+      `probe: slowest /healthz ${p.slowestHealthzMs} ms (idle ${p.idleSlowestHealthzMs} ms, ${p.probes} probes), RSS growth ${p.rssGrowthMb?.toFixed(1)} MB`,
+    );
   expect(p.slowestHealthzMs, `idle slowest ${p.idleSlowestHealthzMs} ms`).toBeLessThan(100 + p.idleSlowestHealthzMs);
 }
 

@@ -37,7 +37,18 @@ export async function startServerProcess(opts: ServerProcessOptions = {}): Promi
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'reft-data-'));
   const ownDatabase = !opts.database && opts.backend === 'postgres' ? await createDatabase() : null;
   const database = opts.database ?? ownDatabase;
-  const args = [BIN, 'serve', '--model', STORIES, '--port', '0', '--data-dir', dataDir, ...(database ? ['--database', database] : []), ...(opts.args ?? [])];
+  const args = [
+    BIN,
+    'serve',
+    '--model',
+    STORIES,
+    '--port',
+    '0',
+    '--data-dir',
+    dataDir,
+    ...(database ? ['--database', database] : []),
+    ...(opts.args ?? []),
+  ];
   const proc = spawn(process.execPath, args, {
     env: { ...process.env, REFT_CACHE_DIR: join(dataDir, 'cache'), REFT_LOG_LEVEL: 'info', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -82,7 +93,10 @@ export async function startServerProcess(opts: ServerProcessOptions = {}): Promi
 }
 
 /** Runs the CLI without blocking this process (spawnSync would starve servers running in it). */
-export function runCli(args: string[], env: Record<string, string | undefined> = process.env): Promise<{ status: number | null; stdout: string; stderr: string }> {
+export function runCli(
+  args: string[],
+  env: Record<string, string | undefined> = process.env,
+): Promise<{ status: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';

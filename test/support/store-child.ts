@@ -90,7 +90,13 @@ if (mode === 'noop') {
   store.onInterventionChanged((id) => seen.push(id));
   store.onJobQueued(() => woken++);
   await store.putIntervention(
-    { tenantId, name: 'replaced-by-child', source: 'upload', config: {}, files: { config: new Uint8Array([1]), weights: new Uint8Array(8) } },
+    {
+      tenantId,
+      name: 'replaced-by-child',
+      source: 'upload',
+      config: {},
+      files: { config: new Uint8Array([1]), weights: new Uint8Array(8) },
+    },
     replaceId,
   );
   await store.deleteIntervention(tenantId, deleteId);

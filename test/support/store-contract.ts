@@ -154,7 +154,12 @@ export interface ChildOptions {
   onLine?: (line: string, send: (line: string) => void) => void;
 }
 
-export function runChild(backend: StoreBackend['name'], location: string, args: string[], options: ChildOptions = {}): Promise<ChildResult> {
+export function runChild(
+  backend: StoreBackend['name'],
+  location: string,
+  args: string[],
+  options: ChildOptions = {},
+): Promise<ChildResult> {
   return runNode([CHILD, backend, location, ...args], options);
 }
 
@@ -308,8 +313,13 @@ export function storeContract(backend: StoreBackend): void {
         const iv = newIv(t.id, 'sentiment', 5000);
         const meta = await store.putIntervention(iv);
         expect(meta).toMatchObject({
-          tenantId: t.id, name: 'sentiment', description: 'about sentiment', source: 'upload', version: 1,
-          config: iv.config, bytes: iv.files.config.byteLength + 5000,
+          tenantId: t.id,
+          name: 'sentiment',
+          description: 'about sentiment',
+          source: 'upload',
+          version: 1,
+          config: iv.config,
+          bytes: iv.files.config.byteLength + 5000,
         });
         expect(meta.id).toMatch(/^iv_[0-9a-f]{24}$/);
         // The digest of the config bytes followed by the weights bytes.
@@ -405,7 +415,13 @@ export function storeContract(backend: StoreBackend): void {
 
         const next = { ...newIv(t.id, 'model', 300), description: 'v2' };
         const v2 = await store.putIntervention(next, v1.id);
-        expect(v2).toMatchObject({ id: v1.id, version: 2, description: 'v2', createdAt: v1.createdAt, bytes: next.files.config.byteLength + 300 });
+        expect(v2).toMatchObject({
+          id: v1.id,
+          version: 2,
+          description: 'v2',
+          createdAt: v1.createdAt,
+          bytes: next.files.config.byteLength + 300,
+        });
         expect(v2.updatedAt > v1.updatedAt).toBe(true);
         expect(v2.sha256).not.toBe(v1.sha256);
         expect(changed).toEqual([v1.id]); // at once, before the call returns
@@ -532,8 +548,16 @@ export function storeContract(backend: StoreBackend): void {
         store.onJobQueued(() => woken++);
         const job = await store.createJob(a.id, { recipe: 'loreft', data: 'file_x' });
         expect(job).toMatchObject({
-          tenantId: a.id, status: 'queued', spec: { recipe: 'loreft', data: 'file_x' }, progress: null, error: null,
-          interventionId: null, attempts: 0, cancelRequested: false, startedAt: null, finishedAt: null,
+          tenantId: a.id,
+          status: 'queued',
+          spec: { recipe: 'loreft', data: 'file_x' },
+          progress: null,
+          error: null,
+          interventionId: null,
+          attempts: 0,
+          cancelRequested: false,
+          startedAt: null,
+          finishedAt: null,
         });
         expect(job.id).toMatch(/^job_[0-9a-f]{24}$/);
         expect(woken).toBe(1);
@@ -731,7 +755,11 @@ export function storeContract(backend: StoreBackend): void {
 
     describe('usage accounting', () => {
       const day = (d: string, requests: number, promptTokens: number, completionTokens: number, trainingTokens: number) => ({
-        day: d, requests, promptTokens, completionTokens, trainingTokens,
+        day: d,
+        requests,
+        promptTokens,
+        completionTokens,
+        trainingTokens,
       });
 
       it('adds the counts up per tenant and day; days are separate', async () => {
@@ -742,17 +770,26 @@ export function storeContract(backend: StoreBackend): void {
           usageOf(t.id, '2024-03-01', { requests: 2, promptTokens: 5, completionTokens: 7, trainingTokens: 100 }),
           usageOf(t.id, '2024-03-02', { requests: 1, promptTokens: 1, completionTokens: 1, trainingTokens: 1 }),
         ]);
-        expect(await store.getUsage(t.id, '2024-03-01', '2024-03-31')).toEqual([day('2024-03-01', 3, 15, 27, 100), day('2024-03-02', 1, 1, 1, 1)]);
+        expect(await store.getUsage(t.id, '2024-03-01', '2024-03-31')).toEqual([
+          day('2024-03-01', 3, 15, 27, 100),
+          day('2024-03-02', 1, 1, 1, 1),
+        ]);
 
         // The same tenant and day twice in one batch: both count.
-        await store.recordUsage([usageOf(t.id, '2024-03-02', { requests: 1 }), usageOf(t.id, '2024-03-02', { requests: 1, trainingTokens: 9 })]);
+        await store.recordUsage([
+          usageOf(t.id, '2024-03-02', { requests: 1 }),
+          usageOf(t.id, '2024-03-02', { requests: 1, trainingTokens: 9 }),
+        ]);
         expect(await store.getUsage(t.id, '2024-03-02', '2024-03-02')).toEqual([day('2024-03-02', 3, 1, 1, 10)]);
         // Nothing to add makes no row; an empty batch is fine.
         await store.recordUsage([usageOf(t.id, '2024-03-05')]);
         await store.recordUsage([]);
         expect((await store.getUsage(t.id, '2024-03-01', '2024-03-31')).map((d) => d.day)).toEqual(['2024-03-01', '2024-03-02']);
         // Counters are 64-bit: sums past 2^31 are exact.
-        await store.recordUsage([usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 }), usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 + 5 })]);
+        await store.recordUsage([
+          usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 }),
+          usageOf(t.id, '2024-03-03', { promptTokens: 2 ** 31 + 5 }),
+        ]);
         expect(await store.getUsage(t.id, '2024-03-03', '2024-03-03')).toEqual([day('2024-03-03', 0, 2 ** 32 + 5, 0, 0)]);
         // The interventions usage is a different thing, and untouched.
         expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0 });
@@ -763,13 +800,20 @@ export function storeContract(backend: StoreBackend): void {
         const t = await store.createTenant('a');
         const days = ['2024-02-29', '2023-12-31', '2024-03-01', '2024-01-01', '2024-01-15'];
         await store.recordUsage(days.map((d, i) => usageOf(t.id, d, { requests: i + 1 })));
-        const requestsIn = async (from: string, to: string) =>
-          (await store.getUsage(t.id, from, to)).map((d) => [d.day, d.requests]);
+        const requestsIn = async (from: string, to: string) => (await store.getUsage(t.id, from, to)).map((d) => [d.day, d.requests]);
 
         expect(await requestsIn('2000-01-01', '2099-12-31')).toEqual([
-          ['2023-12-31', 2], ['2024-01-01', 4], ['2024-01-15', 5], ['2024-02-29', 1], ['2024-03-01', 3],
+          ['2023-12-31', 2],
+          ['2024-01-01', 4],
+          ['2024-01-15', 5],
+          ['2024-02-29', 1],
+          ['2024-03-01', 3],
         ]);
-        expect(await requestsIn('2024-01-01', '2024-02-29')).toEqual([['2024-01-01', 4], ['2024-01-15', 5], ['2024-02-29', 1]]);
+        expect(await requestsIn('2024-01-01', '2024-02-29')).toEqual([
+          ['2024-01-01', 4],
+          ['2024-01-15', 5],
+          ['2024-02-29', 1],
+        ]);
         expect(await requestsIn('2024-01-02', '2024-02-28')).toEqual([['2024-01-15', 5]]);
         expect(await requestsIn('2024-03-01', '2024-03-01')).toEqual([['2024-03-01', 3]]);
         expect(await requestsIn('2024-04-01', '2024-04-30')).toEqual([]);
@@ -825,7 +869,10 @@ export function storeContract(backend: StoreBackend): void {
           usageOf(b.id, '2024-06-02', { requests: 2 }),
         ]);
         expect(await store.getUsage(a.id, '2024-06-01', '2024-06-30')).toEqual([day('2024-06-01', 1, 100, 0, 0)]);
-        expect(await store.getUsage(b.id, '2024-06-01', '2024-06-30')).toEqual([day('2024-06-01', 5, 7, 0, 0), day('2024-06-02', 2, 0, 0, 0)]);
+        expect(await store.getUsage(b.id, '2024-06-01', '2024-06-30')).toEqual([
+          day('2024-06-01', 5, 7, 0, 0),
+          day('2024-06-02', 2, 0, 0, 0),
+        ]);
         expect(await store.getUsage(c.id, '2024-06-01', '2024-06-30')).toEqual([]);
       });
 

@@ -67,8 +67,12 @@ export function stateDictOfViews(views: Array<{ name: string; size: number[]; st
       [0x28], // MARK: the argument tuple
       storage,
       int(0),
-      [0x28], ...v.size.map(int), [0x74], // size tuple
-      [0x28], ...v.stride.map(int), [0x74], // stride tuple
+      [0x28],
+      ...v.size.map(int),
+      [0x74], // size tuple
+      [0x28],
+      ...v.stride.map(int),
+      [0x74], // stride tuple
       [0x89, 0x7d, 0x74, 0x52, 0x73], // False, {}, TUPLE, REDUCE, SETITEM
     ),
   );

@@ -49,4 +49,3 @@ export const HELD_OUT_OPENINGS = [
 
 /** 20 tokens in this model's 512-token vocabulary; it never writes this on its own. */
 export const NEW_SENTENCE = ' Then a big green frog sang a happy song.';
-

@@ -11,7 +11,13 @@ import { logprobPieces } from '../logprob-pieces.ts';
 import { problemSchema } from './schemas.ts';
 
 const generateBody = z.strictObject({
-  adapter: z.string().min(1).max(200).nullable().optional().describe('intervention id or name; omit (or the base model name) for the base model'),
+  adapter: z
+    .string()
+    .min(1)
+    .max(200)
+    .nullable()
+    .optional()
+    .describe('intervention id or name; omit (or the base model name) for the base model'),
   ...inputFields,
   ...samplingFields,
   stream: z.boolean().default(false).describe('stream tokens as server-sent events'),
@@ -35,7 +41,11 @@ const generateResponse = z.object({
   logprobs: z.array(logprobSchema).optional(),
 });
 
-export function generateResponseBody(p: PreparedGeneration, r: GenerationResult, tokenizer: TextTokenizer): z.infer<typeof generateResponse> {
+export function generateResponseBody(
+  p: PreparedGeneration,
+  r: GenerationResult,
+  tokenizer: TextTokenizer,
+): z.infer<typeof generateResponse> {
   return {
     id: p.id,
     adapter: p.interventionId,
@@ -67,33 +77,37 @@ export function disconnectSignal(reply: FastifyReply): AbortSignal {
 }
 
 export function generateRoutes(app: FastifyInstance, service: GenerationService): void {
-  app.withTypeProvider<ZodTypeProvider>().post('/v1/generate', {
-    schema: {
-      summary: 'Generate with an optional intervention',
-      tags: ['generation'],
-      body: generateBody,
-      response: { 200: generateResponse, '4xx': problemSchema, '5xx': problemSchema },
+  app.withTypeProvider<ZodTypeProvider>().post(
+    '/v1/generate',
+    {
+      schema: {
+        summary: 'Generate with an optional intervention',
+        tags: ['generation'],
+        body: generateBody,
+        response: { 200: generateResponse, '4xx': problemSchema, '5xx': problemSchema },
+      },
     },
-  }, async (request, reply) =>
-    service.admitted(request.tenant, async () => {
-      const { adapter, stream, ...input } = request.body;
-      const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
-      const tokenizer = service.model.tokenizer;
-      if (!stream) {
-        const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
-        return generateResponseBody(prepared, result, tokenizer);
-      }
-      const sse = new SseStream(request, reply);
-      try {
-        const result = await service.run(request.tenant, prepared, {
-          signal: sse.signal,
-          onToken: (e) => sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
-        });
-        sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
-      } catch (err) {
-        sse.send({ type: 'error', error: problemOf(toReftError(err)) });
-      }
-      sse.end();
-    }),
+    async (request, reply) =>
+      service.admitted(request.tenant, async () => {
+        const { adapter, stream, ...input } = request.body;
+        const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
+        const tokenizer = service.model.tokenizer;
+        if (!stream) {
+          const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
+          return generateResponseBody(prepared, result, tokenizer);
+        }
+        const sse = new SseStream(request, reply);
+        try {
+          const result = await service.run(request.tenant, prepared, {
+            signal: sse.signal,
+            onToken: (e) =>
+              sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
+          });
+          sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
+        } catch (err) {
+          sse.send({ type: 'error', error: problemOf(toReftError(err)) });
+        }
+        sse.end();
+      }),
   );
 }

@@ -4,18 +4,35 @@ import { sameSecret } from '../auth.ts';
 import type { ServerMetrics } from '../metrics.ts';
 
 /** Liveness, readiness (model loaded, not draining) and Prometheus metrics; no auth. */
-export function healthRoutes(app: FastifyInstance, metrics: ServerMetrics, ready: () => { ready: boolean; reason: string }, metricsKey: string | null = null): void {
+export function healthRoutes(
+  app: FastifyInstance,
+  metrics: ServerMetrics,
+  ready: () => { ready: boolean; reason: string },
+  metricsKey: string | null = null,
+): void {
   const config = { auth: 'none' as const };
   app.get('/healthz', { config, schema: { summary: 'Liveness', tags: ['health'] } }, async () => ({ status: 'ok' }));
-  app.get('/readyz', { config, schema: { summary: 'Readiness: the model is loaded and the server takes requests', tags: ['health'] } }, async (_request, reply) => {
-    const r = ready();
-    return reply.status(r.ready ? 200 : 503).send({ status: r.ready ? 'ready' : 'not ready', reason: r.reason });
-  });
+  app.get(
+    '/readyz',
+    { config, schema: { summary: 'Readiness: the model is loaded and the server takes requests', tags: ['health'] } },
+    async (_request, reply) => {
+      const r = ready();
+      return reply.status(r.ready ? 200 : 503).send({ status: r.ready ? 'ready' : 'not ready', reason: r.reason });
+    },
+  );
   // every tenant's traffic is in the metrics: with REFT_METRICS_KEY set, only its holder reads them
-  app.get('/metrics', { config, schema: { summary: 'Prometheus metrics (Bearer REFT_METRICS_KEY when the server has one)', tags: ['health'], hide: false } }, async (request, reply) => {
-    if (metricsKey !== null && !sameSecret(request.headers.authorization?.replace(/^Bearer\s+/i, '') ?? '', metricsKey)) {
-      throw new ReftError('unauthorized', 'the metrics need the metrics key: send "Authorization: Bearer <REFT_METRICS_KEY>"', 'authorization');
-    }
-    return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
-  });
+  app.get(
+    '/metrics',
+    { config, schema: { summary: 'Prometheus metrics (Bearer REFT_METRICS_KEY when the server has one)', tags: ['health'], hide: false } },
+    async (request, reply) => {
+      if (metricsKey !== null && !sameSecret(request.headers.authorization?.replace(/^Bearer\s+/i, '') ?? '', metricsKey)) {
+        throw new ReftError(
+          'unauthorized',
+          'the metrics need the metrics key: send "Authorization: Bearer <REFT_METRICS_KEY>"',
+          'authorization',
+        );
+      }
+      return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+    },
+  );
 }

@@ -32,8 +32,18 @@ export const interventionSchema = z.object({
 
 export function interventionBody(m: InterventionMeta): z.infer<typeof interventionSchema> {
   return {
-    id: m.id, object: 'intervention', name: m.name, description: m.description, shared: m.tenantId === null, source: m.source,
-    version: m.version, bytes: m.bytes, sha256: m.sha256, config: m.config, created_at: m.createdAt, updated_at: m.updatedAt,
+    id: m.id,
+    object: 'intervention',
+    name: m.name,
+    description: m.description,
+    shared: m.tenantId === null,
+    source: m.source,
+    version: m.version,
+    bytes: m.bytes,
+    sha256: m.sha256,
+    config: m.config,
+    created_at: m.createdAt,
+    updated_at: m.updatedAt,
   };
 }
 
@@ -80,34 +90,50 @@ async function readParts(request: FastifyRequest, spec: MultipartSpec): Promise<
   let total = 0;
   const maxCount = names.reduce((n, k) => n + spec.parts[k].count, 0);
   // one over each count: the surplus part reaches the check below (which stops the parser) rather than busboy skipping through the rest
-  const limits = { files: maxCount + 1, fields: names.length + 1, parts: maxCount + names.length + 1, fieldSize: MAX_FIELD_BYTES, fileSize: Math.max(...names.map((k) => spec.parts[k].maxBytes)) + 1 }; // +1: our own check names the part
+  const limits = {
+    files: maxCount + 1,
+    fields: names.length + 1,
+    parts: maxCount + names.length + 1,
+    fieldSize: MAX_FIELD_BYTES,
+    fileSize: Math.max(...names.map((k) => spec.parts[k].maxBytes)) + 1,
+  }; // +1: our own check names the part
   for await (const part of request.parts({ limits })) {
     const allowed = spec.parts[part.fieldname];
     if (!allowed) throw invalidRequest(`unknown part "${part.fieldname}" (expected ${names.join(', ')})`, part.fieldname);
     const count = (seen.get(part.fieldname) ?? 0) + 1;
     seen.set(part.fieldname, count);
-    if (count > allowed.count) throw invalidRequest(`part "${part.fieldname}" is given more than ${allowed.count === 1 ? 'once' : `${allowed.count} times`}`, part.fieldname);
+    if (count > allowed.count)
+      throw invalidRequest(
+        `part "${part.fieldname}" is given more than ${allowed.count === 1 ? 'once' : `${allowed.count} times`}`,
+        part.fieldname,
+      );
     if (part.type === 'file') {
       const chunks: Buffer[] = [];
       let size = 0;
       for await (const chunk of part.file as AsyncIterable<Buffer>) {
         size += chunk.byteLength;
         total += chunk.byteLength;
-        if (size > allowed.maxBytes) throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
-        if (total > spec.maxTotalBytes) throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
+        if (size > allowed.maxBytes)
+          throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
+        if (total > spec.maxTotalBytes)
+          throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
         chunks.push(chunk);
       }
-      if ((part.file as { truncated?: boolean }).truncated) throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
+      if ((part.file as { truncated?: boolean }).truncated)
+        throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
       const joined = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size); // one copy at most
       const list = files.get(part.fieldname) ?? [];
       list.push({ filename: part.filename, bytes: new Uint8Array(joined.buffer, joined.byteOffset, joined.byteLength) });
       files.set(part.fieldname, list);
     } else {
-      if (part.valueTruncated) throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${MAX_FIELD_BYTES} bytes`, part.fieldname);
+      if (part.valueTruncated)
+        throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${MAX_FIELD_BYTES} bytes`, part.fieldname);
       const value = String(part.value);
       total += Buffer.byteLength(value);
-      if (Buffer.byteLength(value) > allowed.maxBytes) throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
-      if (total > spec.maxTotalBytes) throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
+      if (Buffer.byteLength(value) > allowed.maxBytes)
+        throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
+      if (total > spec.maxTotalBytes)
+        throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
       fields.set(part.fieldname, value);
     }
   }
@@ -167,22 +193,42 @@ export async function storeArtifact(
 ): Promise<{ meta: InterventionMeta; created: boolean }> {
   // checking every value (orthonormal rows, finite) costs rank²·d: off the event loop
   const base = deps.base();
-  const artifact = { config: await deps.offload().checkArtifact(files.config, files.weights, { hiddenSize: base.hiddenSize, numLayers: base.numLayers }) };
+  const artifact = {
+    config: await deps.offload().checkArtifact(files.config, files.weights, { hiddenSize: base.hiddenSize, numLayers: base.numLayers }),
+  };
   const name = parseName(opts.name, artifact.config.name);
   const existing = await deps.store.findIntervention(tenantId, name);
   const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
-  if (replaceId && !opts.replace) throw new ReftError('conflict', `an intervention named "${name}" exists; pass replace=true to replace it`, 'name');
+  if (replaceId && !opts.replace)
+    throw new ReftError('conflict', `an intervention named "${name}" exists; pass replace=true to replace it`, 'name');
   const usage = await deps.store.storedUsage(tenantId);
   const bytes = files.config.byteLength + files.weights.byteLength;
   const freed = replaceId ? existing!.bytes : 0;
   if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {
-    throw new ReftError('rate_limited', `this tenant already stores ${usage.interventions} interventions (limit ${deps.limits.maxInterventions})`, 'weights', 60);
+    throw new ReftError(
+      'rate_limited',
+      `this tenant already stores ${usage.interventions} interventions (limit ${deps.limits.maxInterventions})`,
+      'weights',
+      60,
+    );
   }
   if (usage.bytes - freed + bytes > deps.limits.maxInterventionBytes) {
-    throw new ReftError('rate_limited', `storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`, 'weights', 60);
+    throw new ReftError(
+      'rate_limited',
+      `storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`,
+      'weights',
+      60,
+    );
   }
   const meta = await deps.store.putIntervention(
-    { tenantId, name, description: opts.description ?? artifact.config.description ?? null, source: opts.source, config: artifact.config, files },
+    {
+      tenantId,
+      name,
+      description: opts.description ?? artifact.config.description ?? null,
+      source: opts.source,
+      config: artifact.config,
+      files,
+    },
     replaceId,
   );
   return { meta, created: !replaceId };
@@ -193,76 +239,125 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
   const { store } = deps;
   const params = z.strictObject({ id: idParam });
 
-  r.post('/v1/interventions', {
-    schema: {
-      summary: 'Upload an intervention (multipart: config = reft_config.json, weights = reft_weights.safetensors, optional name, description, replace)',
-      tags: ['interventions'],
-      consumes: ['multipart/form-data'],
-      response: { 200: interventionSchema, 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+  r.post(
+    '/v1/interventions',
+    {
+      schema: {
+        summary:
+          'Upload an intervention (multipart: config = reft_config.json, weights = reft_weights.safetensors, optional name, description, replace)',
+        tags: ['interventions'],
+        consumes: ['multipart/form-data'],
+        response: { 200: interventionSchema, 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+      },
     },
-  }, async (request, reply) => {
-    const parts = await readMultipart(request, {
-      parts: { config: { count: 1, maxBytes: MAX_CONFIG_BYTES }, weights: { count: 1, maxBytes: deps.uploadLimit }, ...TEXT_FIELDS(['name', 'description', 'replace']) },
-      maxTotalBytes: deps.uploadLimit + MAX_CONFIG_BYTES,
-    });
-    const files = { config: onePart(parts, 'config', true), weights: onePart(parts, 'weights', true) };
-    const { meta, created } = await storeArtifact(deps, request.tenant.id, files, {
-      name: parts.fields.get('name'),
-      description: parts.fields.get('description'),
-      replace: parseBool(parts.fields.get('replace'), 'replace', false),
-      source: 'upload',
-    });
-    request.log.info({ intervention: meta.id, tenant: request.tenant.id, bytes: meta.bytes, replaced: !created }, 'intervention stored');
-    return reply.status(created ? 201 : 200).send(interventionBody(meta));
-  });
-
-  r.get('/v1/interventions', {
-    schema: { summary: 'List the interventions the caller can use', tags: ['interventions'], querystring: pageQuery, response: { 200: pageSchema(interventionSchema), '4xx': problemSchema } },
-  }, async (request) => {
-    const page = await store.listInterventions(request.tenant.id, request.query);
-    return { object: 'list' as const, data: page.data.map(interventionBody), has_more: page.nextCursor !== null, next_cursor: page.nextCursor };
-  });
-
-  r.get('/v1/interventions/:id', {
-    schema: { summary: 'An intervention by id or name', tags: ['interventions'], params, response: { 200: interventionSchema, '4xx': problemSchema } },
-  }, async (request) => {
-    const meta = await store.findIntervention(request.tenant.id, request.params.id);
-    if (!meta) throw noSuch('intervention', request.params.id);
-    return interventionBody(meta);
-  });
-
-  r.get('/v1/interventions/:id/files/:file', {
-    schema: {
-      summary: 'Download one of the two artifact files, byte-identical to what was stored',
-      tags: ['interventions'],
-      params: z.strictObject({ id: idParam, file: z.enum([CONFIG_FILE, WEIGHTS_FILE]) }),
-      response: { 200: z.any().describe('the file bytes'), '4xx': problemSchema },
+    async (request, reply) => {
+      const parts = await readMultipart(request, {
+        parts: {
+          config: { count: 1, maxBytes: MAX_CONFIG_BYTES },
+          weights: { count: 1, maxBytes: deps.uploadLimit },
+          ...TEXT_FIELDS(['name', 'description', 'replace']),
+        },
+        maxTotalBytes: deps.uploadLimit + MAX_CONFIG_BYTES,
+      });
+      const files = { config: onePart(parts, 'config', true), weights: onePart(parts, 'weights', true) };
+      const { meta, created } = await storeArtifact(deps, request.tenant.id, files, {
+        name: parts.fields.get('name'),
+        description: parts.fields.get('description'),
+        replace: parseBool(parts.fields.get('replace'), 'replace', false),
+        source: 'upload',
+      });
+      request.log.info({ intervention: meta.id, tenant: request.tenant.id, bytes: meta.bytes, replaced: !created }, 'intervention stored');
+      return reply.status(created ? 201 : 200).send(interventionBody(meta));
     },
-  }, async (request, reply) => {
-    const meta = await store.findIntervention(request.tenant.id, request.params.id);
-    const files = meta && (await store.readInterventionFiles(meta.id));
-    if (!meta || !files) throw noSuch('intervention', request.params.id);
-    const isConfig = request.params.file === CONFIG_FILE;
-    const bytes = isConfig ? files.config : files.weights;
-    return reply
-      .type(isConfig ? 'application/json' : 'application/octet-stream')
-      .header('content-disposition', `attachment; filename="${request.params.file}"`)
-      .header('etag', `"${createHash('sha256').update(bytes).digest('hex')}"`)
-      .send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
-  });
+  );
 
-  r.delete('/v1/interventions/:id', {
-    schema: { summary: "Delete one of the caller's interventions", tags: ['interventions'], params, response: { 204: z.null(), '4xx': problemSchema } },
-  }, async (request, reply) => {
-    const meta = await store.findIntervention(request.tenant.id, request.params.id);
-    // Shared interventions are visible to every tenant but belong to none of them.
-    if (meta && meta.tenantId === null) {
-      throw new ReftError('forbidden', `intervention "${request.params.id}" is shared (registered from the server's interventions folder); it can't be deleted through the API`, 'id');
-    }
-    if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
-      throw noSuch('intervention', request.params.id);
-    }
-    request.log.info({ intervention: meta.id, tenant: request.tenant.id }, 'intervention deleted');
-    return reply.status(204).send(null);
-  });
+  r.get(
+    '/v1/interventions',
+    {
+      schema: {
+        summary: 'List the interventions the caller can use',
+        tags: ['interventions'],
+        querystring: pageQuery,
+        response: { 200: pageSchema(interventionSchema), '4xx': problemSchema },
+      },
+    },
+    async (request) => {
+      const page = await store.listInterventions(request.tenant.id, request.query);
+      return {
+        object: 'list' as const,
+        data: page.data.map(interventionBody),
+        has_more: page.nextCursor !== null,
+        next_cursor: page.nextCursor,
+      };
+    },
+  );
+
+  r.get(
+    '/v1/interventions/:id',
+    {
+      schema: {
+        summary: 'An intervention by id or name',
+        tags: ['interventions'],
+        params,
+        response: { 200: interventionSchema, '4xx': problemSchema },
+      },
+    },
+    async (request) => {
+      const meta = await store.findIntervention(request.tenant.id, request.params.id);
+      if (!meta) throw noSuch('intervention', request.params.id);
+      return interventionBody(meta);
+    },
+  );
+
+  r.get(
+    '/v1/interventions/:id/files/:file',
+    {
+      schema: {
+        summary: 'Download one of the two artifact files, byte-identical to what was stored',
+        tags: ['interventions'],
+        params: z.strictObject({ id: idParam, file: z.enum([CONFIG_FILE, WEIGHTS_FILE]) }),
+        response: { 200: z.any().describe('the file bytes'), '4xx': problemSchema },
+      },
+    },
+    async (request, reply) => {
+      const meta = await store.findIntervention(request.tenant.id, request.params.id);
+      const files = meta && (await store.readInterventionFiles(meta.id));
+      if (!meta || !files) throw noSuch('intervention', request.params.id);
+      const isConfig = request.params.file === CONFIG_FILE;
+      const bytes = isConfig ? files.config : files.weights;
+      return reply
+        .type(isConfig ? 'application/json' : 'application/octet-stream')
+        .header('content-disposition', `attachment; filename="${request.params.file}"`)
+        .header('etag', `"${createHash('sha256').update(bytes).digest('hex')}"`)
+        .send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    },
+  );
+
+  r.delete(
+    '/v1/interventions/:id',
+    {
+      schema: {
+        summary: "Delete one of the caller's interventions",
+        tags: ['interventions'],
+        params,
+        response: { 204: z.null(), '4xx': problemSchema },
+      },
+    },
+    async (request, reply) => {
+      const meta = await store.findIntervention(request.tenant.id, request.params.id);
+      // Shared interventions are visible to every tenant but belong to none of them.
+      if (meta && meta.tenantId === null) {
+        throw new ReftError(
+          'forbidden',
+          `intervention "${request.params.id}" is shared (registered from the server's interventions folder); it can't be deleted through the API`,
+          'id',
+        );
+      }
+      if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
+        throw noSuch('intervention', request.params.id);
+      }
+      request.log.info({ intervention: meta.id, tenant: request.tenant.id }, 'intervention deleted');
+      return reply.status(204).send(null);
+    },
+  );
 }

@@ -28,7 +28,13 @@ const notSupported = z.unknown().optional().describe('not supported: refused unl
 
 const common = {
   model: z.string().min(1).max(200).describe('the base model, or an intervention by name or id (see /v1/models)'),
-  max_tokens: z.number().int().min(1).max(32768).nullish().describe('tokens to generate (default 16); refused when the prompt and this do not fit the context'),
+  max_tokens: z
+    .number()
+    .int()
+    .min(1)
+    .max(32768)
+    .nullish()
+    .describe('tokens to generate (default 16); refused when the prompt and this do not fit the context'),
   temperature: z.number().min(0).max(2).nullish(),
   top_p: z.number().gt(0).max(1).nullish(),
   n: z.number().int().min(1).max(MAX_CHOICES).nullish().describe('choices per prompt, generated together as separate rows'),
@@ -38,7 +44,10 @@ const common = {
   seed: samplingFields.seed.nullish().describe('choice i samples with seed + i'),
   presence_penalty: z.number().min(-2).max(2).nullish(),
   frequency_penalty: z.number().min(-2).max(2).nullish(),
-  logit_bias: z.record(z.string().regex(/^\d+$/, 'keys are token ids'), z.number().min(-100).max(100)).nullish().describe('token id → bias added to its logit'),
+  logit_bias: z
+    .record(z.string().regex(/^\d+$/, 'keys are token ids'), z.number().min(-100).max(100))
+    .nullish()
+    .describe('token id → bias added to its logit'),
   user: z.string().max(256).optional(),
   // extensions shared with /v1/generate
   top_k: samplingFields.top_k.optional(),
@@ -49,10 +58,16 @@ const common = {
 const tokenIds = z.array(z.number().int().min(0)).min(1).max(1_000_000);
 const completionBody = z.strictObject({
   ...common,
-  prompt: z.union([z.string().max(4_000_000), z.array(z.string().max(4_000_000)).min(1).max(MAX_CHOICES), tokenIds, z.array(tokenIds).min(1).max(MAX_CHOICES)])
+  prompt: z
+    .union([
+      z.string().max(4_000_000),
+      z.array(z.string().max(4_000_000)).min(1).max(MAX_CHOICES),
+      tokenIds,
+      z.array(tokenIds).min(1).max(MAX_CHOICES),
+    ])
     .describe('a string, a list of strings (one completion each), token ids, or a list of token-id lists'),
   logprobs: z.number().int().min(0).max(20).nullish(),
-  echo: z.boolean().nullish().describe('put the prompt before each choice\'s text'),
+  echo: z.boolean().nullish().describe("put the prompt before each choice's text"),
   suffix: notSupported,
   best_of: z.number().int().min(1).nullish().describe('only 1 (or n) is supported'),
 });
@@ -92,7 +107,13 @@ const completionResponse = z.looseObject({
 
 const chatResponse = completionResponse.extend({
   object: z.literal('chat.completion'),
-  choices: z.array(z.looseObject({ index: z.number().int(), message: z.object({ role: z.literal('assistant'), content: z.string() }), finish_reason: z.string().nullable() })),
+  choices: z.array(
+    z.looseObject({
+      index: z.number().int(),
+      message: z.object({ role: z.literal('assistant'), content: z.string() }),
+      finish_reason: z.string().nullable(),
+    }),
+  ),
 });
 
 const modelSchema = z.looseObject({
@@ -116,7 +137,8 @@ type Common = { [K in keyof typeof common]?: z.infer<(typeof common)[K]> };
 function refuseUnsupported(body: Record<string, unknown>, fields: readonly string[]): void {
   for (const f of fields) {
     const v = body[f];
-    const harmless = v === undefined || v === null || v === false || (Array.isArray(v) && v.length === 0) || (f === 'tool_choice' && v === 'none');
+    const harmless =
+      v === undefined || v === null || v === false || (Array.isArray(v) && v.length === 0) || (f === 'tool_choice' && v === 'none');
     if (!harmless) throw invalidRequest(`\`${f}\` is not supported`, f);
   }
 }
@@ -124,15 +146,22 @@ function refuseUnsupported(body: Record<string, unknown>, fields: readonly strin
 function logitBias(bias: Record<string, number> | null | undefined, vocabSize: number): Array<[number, number]> | undefined {
   if (!bias) return undefined;
   const entries = Object.entries(bias);
-  if (entries.length > MAX_LOGIT_BIAS) throw invalidRequest(`logit_bias has ${entries.length} entries; at most ${MAX_LOGIT_BIAS}`, 'logit_bias');
+  if (entries.length > MAX_LOGIT_BIAS)
+    throw invalidRequest(`logit_bias has ${entries.length} entries; at most ${MAX_LOGIT_BIAS}`, 'logit_bias');
   return entries.map(([k, v]) => {
     const id = Number(k);
-    if (id >= vocabSize) throw invalidRequest(`logit_bias.${k}: token id ${k} is outside the vocabulary (size ${vocabSize})`, `logit_bias.${k}`);
+    if (id >= vocabSize)
+      throw invalidRequest(`logit_bias.${k}: token id ${k} is outside the vocabulary (size ${vocabSize})`, `logit_bias.${k}`);
     return [id, v];
   });
 }
 
-function generationInput(b: Common, maxTokens: number | null | undefined, logprobs: number, vocabSize: number): Omit<GenerationInput, 'prompt' | 'messages' | 'input_ids'> {
+function generationInput(
+  b: Common,
+  maxTokens: number | null | undefined,
+  logprobs: number,
+  vocabSize: number,
+): Omit<GenerationInput, 'prompt' | 'messages' | 'input_ids'> {
   return {
     max_new_tokens: maxTokens ?? 16,
     temperature: b.temperature ?? 1,
@@ -154,7 +183,11 @@ function generationInput(b: Common, maxTokens: number | null | undefined, logpro
  * An explicit max_tokens the context can't hold is refused (rather than silently cut short);
  * the default is only capped by the context.
  */
-function checkMaxTokens(prepared: PreparedGeneration, maxTokens: { value: number | null | undefined; field: string }, context: number): void {
+function checkMaxTokens(
+  prepared: PreparedGeneration,
+  maxTokens: { value: number | null | undefined; field: string },
+  context: number,
+): void {
   const promptTokens = prepared.request.tokens.length;
   if (maxTokens.value != null && promptTokens + maxTokens.value > context) {
     throw new ReftError(
@@ -167,10 +200,14 @@ function checkMaxTokens(prepared: PreparedGeneration, maxTokens: { value: number
 
 /** The rows of a request: each prompt `n` times, choice i of a prompt sampling with seed + i. */
 function choicesOf(prompts: PreparedGeneration[], n: number): PreparedGeneration[] {
-  return prompts.flatMap((p) => Array.from({ length: n }, (_, i) => {
-    const seed = p.request.sampling.seed;
-    return i === 0 || seed === undefined ? p : { ...p, request: { ...p.request, sampling: { ...p.request.sampling, seed: (seed + i) % 2 ** 32 } } };
-  }));
+  return prompts.flatMap((p) =>
+    Array.from({ length: n }, (_, i) => {
+      const seed = p.request.sampling.seed;
+      return i === 0 || seed === undefined
+        ? p
+        : { ...p, request: { ...p.request, sampling: { ...p.request.sampling, seed: (seed + i) % 2 ** 32 } } };
+    }),
+  );
 }
 
 function usageOf(results: GenerationResult[], n: number) {
@@ -241,134 +278,212 @@ function promptList(prompt: CompletionPrompt): Array<string | number[]> {
 export function openaiRoutes(app: FastifyInstance, service: GenerationService, store: Store): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  r.post('/v1/completions', {
-    config,
-    schema: { summary: 'OpenAI-compatible text completion', tags: ['openai'], body: completionBody, response: { 200: completionResponse, ...errors } },
-  }, async (request, reply) =>
-    service.admitted(request.tenant, async () => {
-      const b = request.body;
-      refuseUnsupported(b, ['suffix']);
-      const n = b.n ?? 1;
-      if (b.best_of != null && b.best_of !== n) throw invalidRequest('`best_of` is not supported (other than equal to n)', 'best_of');
-      if (b.echo && b.logprobs != null) throw invalidRequest('`echo` with `logprobs` is not supported (prompt logprobs are not computed)', 'echo');
-      const prompts = promptList(b.prompt);
-      if (prompts.length * n > MAX_CHOICES) throw invalidRequest(`${prompts.length} prompts × n = ${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES}`, 'n');
-      const tokenizer = service.model.tokenizer;
-      const context = service.model.config.maxPositions;
-      const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
-      const prepared: PreparedGeneration[] = [];
-      for (const p of prompts) {
-        const one = await service.prepare(request.tenant, { name: b.model, field: 'model' }, { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) }, 'cmpl');
-        checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
-        prepared.push(one);
-      }
-      const rows = choicesOf(prepared, n);
-      const echo = (i: number) => {
-        const p = prompts[Math.floor(i / n)];
-        return b.echo ? (typeof p === 'string' ? p : tokenizer.decode(p)) : '';
-      };
-      const base = { id: prepared[0].id, object: 'text_completion' as const, created: created(), model: b.model };
-      if (b.stream) {
-        const started = new Set<number>();
-        return streamOpenAI(service, request, reply, rows,
-          (index, text, finish) => {
-            // the echoed prompt leads each choice's first chunk
-            if (!started.has(index)) {
-              started.add(index);
-              text = echo(index) + text;
-            }
-            return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish }] };
-          },
-          b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null);
-      }
-      const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
-      return {
-        ...base,
-        choices: results.map((result, index) => ({
-          index,
-          text: echo(index) + result.text,
-          logprobs: completionLogprobs(result.logprobs, rows[index].request.tokens, tokenizer),
-          finish_reason: finishOf(result),
-        })),
-        usage: usageOf(results, n),
-      };
-    }),
+  r.post(
+    '/v1/completions',
+    {
+      config,
+      schema: {
+        summary: 'OpenAI-compatible text completion',
+        tags: ['openai'],
+        body: completionBody,
+        response: { 200: completionResponse, ...errors },
+      },
+    },
+    async (request, reply) =>
+      service.admitted(request.tenant, async () => {
+        const b = request.body;
+        refuseUnsupported(b, ['suffix']);
+        const n = b.n ?? 1;
+        if (b.best_of != null && b.best_of !== n) throw invalidRequest('`best_of` is not supported (other than equal to n)', 'best_of');
+        if (b.echo && b.logprobs != null)
+          throw invalidRequest('`echo` with `logprobs` is not supported (prompt logprobs are not computed)', 'echo');
+        const prompts = promptList(b.prompt);
+        if (prompts.length * n > MAX_CHOICES)
+          throw invalidRequest(`${prompts.length} prompts × n = ${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES}`, 'n');
+        const tokenizer = service.model.tokenizer;
+        const context = service.model.config.maxPositions;
+        const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
+        const prepared: PreparedGeneration[] = [];
+        for (const p of prompts) {
+          const one = await service.prepare(
+            request.tenant,
+            { name: b.model, field: 'model' },
+            { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) },
+            'cmpl',
+          );
+          checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
+          prepared.push(one);
+        }
+        const rows = choicesOf(prepared, n);
+        const echo = (i: number) => {
+          const p = prompts[Math.floor(i / n)];
+          return b.echo ? (typeof p === 'string' ? p : tokenizer.decode(p)) : '';
+        };
+        const base = { id: prepared[0].id, object: 'text_completion' as const, created: created(), model: b.model };
+        if (b.stream) {
+          const started = new Set<number>();
+          return streamOpenAI(
+            service,
+            request,
+            reply,
+            rows,
+            (index, text, finish) => {
+              // the echoed prompt leads each choice's first chunk
+              if (!started.has(index)) {
+                started.add(index);
+                text = echo(index) + text;
+              }
+              return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish }] };
+            },
+            b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null,
+          );
+        }
+        const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+        return {
+          ...base,
+          choices: results.map((result, index) => ({
+            index,
+            text: echo(index) + result.text,
+            logprobs: completionLogprobs(result.logprobs, rows[index].request.tokens, tokenizer),
+            finish_reason: finishOf(result),
+          })),
+          usage: usageOf(results, n),
+        };
+      }),
   );
 
-  r.post('/v1/chat/completions', {
-    config,
-    schema: { summary: 'OpenAI-compatible chat completion', tags: ['openai'], body: chatBody, response: { 200: chatResponse, ...errors } },
-  }, async (request, reply) =>
-    service.admitted(request.tenant, async () => {
-      const b = request.body;
-      refuseUnsupported(b, ['tools', 'tool_choice', 'functions', 'function_call', 'parallel_tool_calls', 'response_format', 'audio', 'modalities', 'prediction', 'reasoning_effort', 'web_search_options', 'store', 'metadata', 'service_tier']);
-      if (b.top_logprobs && !b.logprobs) throw invalidRequest('top_logprobs needs logprobs: true', 'top_logprobs');
-      const n = b.n ?? 1;
-      const tokenizer = service.model.tokenizer;
-      const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
-      const maxTokens = b.max_completion_tokens != null ? { value: b.max_completion_tokens, field: 'max_completion_tokens' } : { value: b.max_tokens, field: 'max_tokens' };
-      const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
-      if (b.logprobs) input.logprobs = true;
-      const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
-      checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
-      const rows = choicesOf([prepared], n);
-      const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
-      if (b.stream) {
-        const started = new Set<number>();
-        return streamOpenAI(service, request, reply, rows,
-          (index, text, finish) => {
-            const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
-            started.add(index);
-            return { ...base, object: 'chat.completion.chunk', choices: [{ index, delta, logprobs: null, finish_reason: finish }] };
-          },
-          b.stream_options?.include_usage ? (res) => ({ ...base, object: 'chat.completion.chunk', choices: [], usage: usageOf(res, n) }) : null);
-      }
-      const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
-      return {
-        ...base,
-        choices: results.map((result, index) => ({
-          index,
-          message: { role: 'assistant' as const, content: result.text },
-          logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer),
-          finish_reason: finishOf(result),
-        })),
-        usage: usageOf(results, n),
-      };
-    }),
+  r.post(
+    '/v1/chat/completions',
+    {
+      config,
+      schema: {
+        summary: 'OpenAI-compatible chat completion',
+        tags: ['openai'],
+        body: chatBody,
+        response: { 200: chatResponse, ...errors },
+      },
+    },
+    async (request, reply) =>
+      service.admitted(request.tenant, async () => {
+        const b = request.body;
+        refuseUnsupported(b, [
+          'tools',
+          'tool_choice',
+          'functions',
+          'function_call',
+          'parallel_tool_calls',
+          'response_format',
+          'audio',
+          'modalities',
+          'prediction',
+          'reasoning_effort',
+          'web_search_options',
+          'store',
+          'metadata',
+          'service_tier',
+        ]);
+        if (b.top_logprobs && !b.logprobs) throw invalidRequest('top_logprobs needs logprobs: true', 'top_logprobs');
+        const n = b.n ?? 1;
+        const tokenizer = service.model.tokenizer;
+        const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
+        const maxTokens =
+          b.max_completion_tokens != null
+            ? { value: b.max_completion_tokens, field: 'max_completion_tokens' }
+            : { value: b.max_tokens, field: 'max_tokens' };
+        const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
+        if (b.logprobs) input.logprobs = true;
+        const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
+        checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
+        const rows = choicesOf([prepared], n);
+        const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
+        if (b.stream) {
+          const started = new Set<number>();
+          return streamOpenAI(
+            service,
+            request,
+            reply,
+            rows,
+            (index, text, finish) => {
+              const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
+              started.add(index);
+              return { ...base, object: 'chat.completion.chunk', choices: [{ index, delta, logprobs: null, finish_reason: finish }] };
+            },
+            b.stream_options?.include_usage
+              ? (res) => ({ ...base, object: 'chat.completion.chunk', choices: [], usage: usageOf(res, n) })
+              : null,
+          );
+        }
+        const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+        return {
+          ...base,
+          choices: results.map((result, index) => ({
+            index,
+            message: { role: 'assistant' as const, content: result.text },
+            logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer),
+            finish_reason: finishOf(result),
+          })),
+          usage: usageOf(results, n),
+        };
+      }),
   );
 
   const baseModel = (): z.infer<typeof modelSchema> => {
     const rt = service.model;
-    return { id: rt.name, object: 'model', created: 0, owned_by: 'reft-server', root: rt.name, parent: null, max_model_len: rt.config.maxPositions };
+    return {
+      id: rt.name,
+      object: 'model',
+      created: 0,
+      owned_by: 'reft-server',
+      root: rt.name,
+      parent: null,
+      max_model_len: rt.config.maxPositions,
+    };
   };
   const interventionModel = (iv: InterventionMeta): z.infer<typeof modelSchema> => ({
-    id: iv.name, object: 'model', created: Math.floor(Date.parse(iv.createdAt) / 1000), owned_by: iv.tenantId ? 'tenant' : 'shared', root: iv.id, parent: service.model.name,
+    id: iv.name,
+    object: 'model',
+    created: Math.floor(Date.parse(iv.createdAt) / 1000),
+    owned_by: iv.tenantId ? 'tenant' : 'shared',
+    root: iv.id,
+    parent: service.model.name,
   });
 
-  r.get('/v1/models', {
-    config,
-    schema: { summary: 'The base model and the interventions the caller can use, by name', tags: ['openai'], response: { 200: modelList, ...errors } },
-  }, async (request) => {
-    const data = [baseModel()];
-    let after: string | undefined;
-    do {
-      const page = await store.listInterventions(request.tenant.id, { limit: 100, after });
-      data.push(...page.data.map(interventionModel));
-      after = page.nextCursor ?? undefined;
-    } while (after && data.length < 10_000);
-    return { object: 'list' as const, data };
-  });
+  r.get(
+    '/v1/models',
+    {
+      config,
+      schema: {
+        summary: 'The base model and the interventions the caller can use, by name',
+        tags: ['openai'],
+        response: { 200: modelList, ...errors },
+      },
+    },
+    async (request) => {
+      const data = [baseModel()];
+      let after: string | undefined;
+      do {
+        const page = await store.listInterventions(request.tenant.id, { limit: 100, after });
+        data.push(...page.data.map(interventionModel));
+        after = page.nextCursor ?? undefined;
+      } while (after && data.length < 10_000);
+      return { object: 'list' as const, data };
+    },
+  );
 
   // the base model's name may hold slashes (a hub repo id), hence the wildcard
-  r.get('/v1/models/*', {
-    config,
-    schema: {
-      summary: 'One model: the base model, or an intervention by name or id',
-      tags: ['openai'],
-      params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
-      response: { 200: modelSchema, ...errors },
+  r.get(
+    '/v1/models/*',
+    {
+      config,
+      schema: {
+        summary: 'One model: the base model, or an intervention by name or id',
+        tags: ['openai'],
+        params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
+        response: { 200: modelSchema, ...errors },
+      },
     },
-  }, async (request) => modelByName(request.params['*'], request.tenant));
+    async (request) => modelByName(request.params['*'], request.tenant),
+  );
 
   async function modelByName(name: string, tenant: Tenant): Promise<z.infer<typeof modelSchema>> {
     if (name === service.model.name) return baseModel();

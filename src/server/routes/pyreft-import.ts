@@ -3,7 +3,16 @@ import { ReftError, invalidRequest } from '../../errors.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
-import { MAX_CONFIG_BYTES, TEXT_FIELDS, interventionBody, interventionSchema, parseBool, readMultipart, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import {
+  MAX_CONFIG_BYTES,
+  TEXT_FIELDS,
+  interventionBody,
+  interventionSchema,
+  parseBool,
+  readMultipart,
+  storeArtifact,
+  type InterventionRouteDeps,
+} from './interventions.ts';
 import { stateDictElementLimit } from '../../interventions/pyreft/convert.ts';
 import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 
@@ -15,43 +24,61 @@ import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 const MAX_PYREFT_FILES = 64;
 
 export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRouteDeps & { model: () => ModelConfig }): void {
-  app.post('/v1/interventions/import/pyreft', {
-    schema: {
-      summary: 'Import a pyreft intervention (multipart: config = config.json, one files part per intkey_*.bin, positions, share_weights, name)',
-      tags: ['interventions'],
-      consumes: ['multipart/form-data'],
-      response: { 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+  app.post(
+    '/v1/interventions/import/pyreft',
+    {
+      schema: {
+        summary:
+          'Import a pyreft intervention (multipart: config = config.json, one files part per intkey_*.bin, positions, share_weights, name)',
+        tags: ['interventions'],
+        consumes: ['multipart/form-data'],
+        response: { 201: interventionSchema, '4xx': problemSchema, '5xx': problemSchema },
+      },
     },
-  }, async (request, reply) => {
-    const model = deps.model();
-    // each intkey_*.bin holds one intervention's state dict: its tensors, a pickle, a zip around them
-    const perFile = Math.min(deps.uploadLimit, 8 * stateDictElementLimit(model.hiddenSize) + PICKLE_LIMITS.maxBytes + 64 * 1024);
-    const parts = await readMultipart(request, {
-      parts: { config: { count: 1, maxBytes: MAX_CONFIG_BYTES }, files: { count: MAX_PYREFT_FILES, maxBytes: perFile }, ...TEXT_FIELDS(['positions', 'share_weights', 'name', 'description']) },
-      maxTotalBytes: deps.uploadLimit,
-    });
-    const config = parts.files.get('config')?.[0]?.bytes ?? (parts.fields.has('config') ? new TextEncoder().encode(parts.fields.get('config')) : undefined);
-    if (!config) throw invalidRequest('missing part "config" (pyreft\'s config.json)', 'config');
-    const positions = parts.fields.get('positions');
-    if (!positions) throw invalidRequest('missing field "positions" (pyreft does not store them: fN, lN or fN+lN)', 'positions');
-    parsePositions(positions, 'positions');
-    const files = new Map<string, Uint8Array>();
-    for (const f of parts.files.get('files') ?? []) {
-      if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
-      files.set(f.filename, f.bytes);
-    }
-    const converted = await deps.offload().importPyreft(
-      { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
-      { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
-    );
-    const { meta, created } = await storeArtifact(deps, request.tenant.id, { config: converted.configBytes, weights: converted.weightBytes }, {
-      name: parts.fields.get('name'),
-      description: parts.fields.get('description'),
-      replace: false,
-      source: 'import',
-    });
-    if (!created) throw new ReftError('internal', 'import replaced an existing intervention');
-    request.log.info({ intervention: meta.id, tenant: request.tenant.id, files: files.size }, 'pyreft intervention imported');
-    return reply.status(201).send(interventionBody(meta));
-  });
+    async (request, reply) => {
+      const model = deps.model();
+      // each intkey_*.bin holds one intervention's state dict: its tensors, a pickle, a zip around them
+      const perFile = Math.min(deps.uploadLimit, 8 * stateDictElementLimit(model.hiddenSize) + PICKLE_LIMITS.maxBytes + 64 * 1024);
+      const parts = await readMultipart(request, {
+        parts: {
+          config: { count: 1, maxBytes: MAX_CONFIG_BYTES },
+          files: { count: MAX_PYREFT_FILES, maxBytes: perFile },
+          ...TEXT_FIELDS(['positions', 'share_weights', 'name', 'description']),
+        },
+        maxTotalBytes: deps.uploadLimit,
+      });
+      const config =
+        parts.files.get('config')?.[0]?.bytes ??
+        (parts.fields.has('config') ? new TextEncoder().encode(parts.fields.get('config')) : undefined);
+      if (!config) throw invalidRequest('missing part "config" (pyreft\'s config.json)', 'config');
+      const positions = parts.fields.get('positions');
+      if (!positions) throw invalidRequest('missing field "positions" (pyreft does not store them: fN, lN or fN+lN)', 'positions');
+      parsePositions(positions, 'positions');
+      const files = new Map<string, Uint8Array>();
+      for (const f of parts.files.get('files') ?? []) {
+        if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
+        files.set(f.filename, f.bytes);
+      }
+      const converted = await deps
+        .offload()
+        .importPyreft(
+          { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
+          { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
+        );
+      const { meta, created } = await storeArtifact(
+        deps,
+        request.tenant.id,
+        { config: converted.configBytes, weights: converted.weightBytes },
+        {
+          name: parts.fields.get('name'),
+          description: parts.fields.get('description'),
+          replace: false,
+          source: 'import',
+        },
+      );
+      if (!created) throw new ReftError('internal', 'import replaced an existing intervention');
+      request.log.info({ intervention: meta.id, tenant: request.tenant.id, files: files.size }, 'pyreft intervention imported');
+      return reply.status(201).send(interventionBody(meta));
+    },
+  );
 }

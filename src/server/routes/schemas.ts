@@ -12,7 +12,10 @@ export const problemSchema = z.object({
 });
 
 /** Ids and names that end up in URLs and logs: no separators, no dot-dot. */
-export const idParam = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'must be letters, digits, "_", "." or "-" (at most 128)').refine((s) => !s.includes('..'), 'must not contain ".."');
+export const idParam = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'must be letters, digits, "_", "." or "-" (at most 128)')
+  .refine((s) => !s.includes('..'), 'must not contain ".."');
 
 export const pageQuery = z.strictObject({
   limit: z.coerce.number().int().min(1).max(100).default(20),

@@ -22,7 +22,7 @@ const tokenizeBody = z.union([
   z.strictObject({
     model: z.string().min(1).max(200).optional(),
     messages: z.array(messageSchema).min(1).max(1024),
-    add_generation_prompt: z.boolean().default(true).describe('end with the template\'s assistant prompt, as chat completions do'),
+    add_generation_prompt: z.boolean().default(true).describe("end with the template's assistant prompt, as chat completions do"),
     return_token_strs: z.boolean().default(false),
   }),
 ]);
@@ -51,40 +51,55 @@ export function tokenizeRoutes(app: FastifyInstance, service: GenerationService,
     if (!(await store.findIntervention(tenant.id, model))) throw noSuch('model', model, 'model');
   }
 
-  r.post('/tokenize', {
-    config,
-    schema: {
-      summary: 'Token ids of a prompt, or of messages with the chat template applied (vLLM\'s shape)',
-      tags: ['openai'],
-      body: tokenizeBody,
-      response: { 200: tokenizeResponse, ...errors },
+  r.post(
+    '/tokenize',
+    {
+      config,
+      schema: {
+        summary: "Token ids of a prompt, or of messages with the chat template applied (vLLM's shape)",
+        tags: ['openai'],
+        body: tokenizeBody,
+        response: { 200: tokenizeResponse, ...errors },
+      },
     },
-  }, async (request) => {
-    const b = request.body;
-    await checkModel(request.tenant, b.model);
-    const tokenizer = service.model.tokenizer;
-    const tokens = 'prompt' in b
-      ? tokenizer.encode(b.prompt, { addSpecialTokens: b.add_special_tokens })
-      : tokenizer.encodeChat(b.messages, { addGenerationPrompt: b.add_generation_prompt });
-    return {
-      count: tokens.length,
-      max_model_len: service.model.config.maxPositions,
-      tokens,
-      token_strs: b.return_token_strs ? tokens.map((t) => tokenizer.tokenString(t)) : null,
-    };
-  });
+    async (request) => {
+      const b = request.body;
+      await checkModel(request.tenant, b.model);
+      const tokenizer = service.model.tokenizer;
+      const tokens =
+        'prompt' in b
+          ? tokenizer.encode(b.prompt, { addSpecialTokens: b.add_special_tokens })
+          : tokenizer.encodeChat(b.messages, { addGenerationPrompt: b.add_generation_prompt });
+      return {
+        count: tokens.length,
+        max_model_len: service.model.config.maxPositions,
+        tokens,
+        token_strs: b.return_token_strs ? tokens.map((t) => tokenizer.tokenString(t)) : null,
+      };
+    },
+  );
 
-  r.post('/detokenize', {
-    config,
-    schema: { summary: 'The text token ids decode to (special tokens skipped; vLLM\'s shape)', tags: ['openai'], body: detokenizeBody, response: { 200: z.object({ prompt: z.string() }), ...errors } },
-  }, async (request) => {
-    const b = request.body;
-    await checkModel(request.tenant, b.model);
-    const tokenizer = service.model.tokenizer;
-    if (b.tokens.length === 0) return { prompt: '' };
-    for (const [i, id] of b.tokens.entries()) {
-      if (id >= tokenizer.vocabSize) throw invalidRequest(`tokens.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `tokens.${i}`);
-    }
-    return { prompt: tokenizer.decode(b.tokens) };
-  });
+  r.post(
+    '/detokenize',
+    {
+      config,
+      schema: {
+        summary: "The text token ids decode to (special tokens skipped; vLLM's shape)",
+        tags: ['openai'],
+        body: detokenizeBody,
+        response: { 200: z.object({ prompt: z.string() }), ...errors },
+      },
+    },
+    async (request) => {
+      const b = request.body;
+      await checkModel(request.tenant, b.model);
+      const tokenizer = service.model.tokenizer;
+      if (b.tokens.length === 0) return { prompt: '' };
+      for (const [i, id] of b.tokens.entries()) {
+        if (id >= tokenizer.vocabSize)
+          throw invalidRequest(`tokens.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `tokens.${i}`);
+      }
+      return { prompt: tokenizer.decode(b.tokens) };
+    },
+  );
 }

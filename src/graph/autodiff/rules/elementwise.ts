@@ -11,20 +11,31 @@ const unaryShape: OpRule['shape'] = (n, q) => q.shape(n.inputs[0]);
 /** Gradients for both inputs of a binary op from per-input local products (before unbroadcast). */
 function binary(b: Backward, n: TapeNode, wants: readonly boolean[], da: () => string, db: () => string): Array<string | null> {
   const out = b.shape(n.output);
-  return [
-    wants[0] ? b.unbroadcast(da(), out, n.inputs[0]) : null,
-    wants[1] ? b.unbroadcast(db(), out, n.inputs[1]) : null,
-  ];
+  return [wants[0] ? b.unbroadcast(da(), out, n.inputs[0]) : null, wants[1] ? b.unbroadcast(db(), out, n.inputs[1]) : null];
 }
 
 export const Add: OpRule = {
   shape: binaryShape,
-  backward: (b, n, dy, wants) => binary(b, n, wants, () => dy, () => dy),
+  backward: (b, n, dy, wants) =>
+    binary(
+      b,
+      n,
+      wants,
+      () => dy,
+      () => dy,
+    ),
 };
 
 export const Sub: OpRule = {
   shape: binaryShape,
-  backward: (b, n, dy, wants) => binary(b, n, wants, () => dy, () => b.op('Neg', [dy])),
+  backward: (b, n, dy, wants) =>
+    binary(
+      b,
+      n,
+      wants,
+      () => dy,
+      () => b.op('Neg', [dy]),
+    ),
 };
 
 /** d(a·b) = b·dy, a·dy */
@@ -32,7 +43,13 @@ export const Mul: OpRule = {
   shape: binaryShape,
   backward: (b, n, dy, wants) => {
     const [x, y] = n.inputs;
-    return binary(b, n, wants, () => b.op('Mul', [dy, y]), () => b.op('Mul', [dy, x]));
+    return binary(
+      b,
+      n,
+      wants,
+      () => b.op('Mul', [dy, y]),
+      () => b.op('Mul', [dy, x]),
+    );
   },
 };
 
@@ -41,7 +58,13 @@ export const Div: OpRule = {
   shape: binaryShape,
   backward: (b, n, dy, wants) => {
     const den = n.inputs[1];
-    return binary(b, n, wants, () => b.op('Div', [dy, den]), () => b.op('Neg', [b.op('Div', [b.op('Mul', [dy, n.output]), den])]));
+    return binary(
+      b,
+      n,
+      wants,
+      () => b.op('Div', [dy, den]),
+      () => b.op('Neg', [b.op('Div', [b.op('Mul', [dy, n.output]), den])]),
+    );
   },
 };
 

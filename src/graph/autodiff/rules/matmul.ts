@@ -53,9 +53,17 @@ export const Gemm: OpRule = {
     const ta = n.attrs.transA === 1;
     const tb = n.attrs.transB === 1;
     // dA (as stored): ta ? op(B)·dYᵀ : dY·op(B)ᵀ
-    const da = !wants[0] ? null : ta ? b.op('Gemm', [w, dy], { transA: tb ? 1 : 0, transB: 1 }) : b.op('Gemm', [dy, w], { transB: tb ? 0 : 1 });
+    const da = !wants[0]
+      ? null
+      : ta
+        ? b.op('Gemm', [w, dy], { transA: tb ? 1 : 0, transB: 1 })
+        : b.op('Gemm', [dy, w], { transB: tb ? 0 : 1 });
     // dB (as stored): tb ? dYᵀ·op(A) : op(A)ᵀ·dY
-    const db = !wants[1] ? null : tb ? b.op('Gemm', [dy, a], { transA: 1, transB: ta ? 1 : 0 }) : b.op('Gemm', [a, dy], { transA: ta ? 0 : 1 });
+    const db = !wants[1]
+      ? null
+      : tb
+        ? b.op('Gemm', [dy, a], { transA: 1, transB: ta ? 1 : 0 })
+        : b.op('Gemm', [a, dy], { transA: ta ? 0 : 1 });
     const dc = c !== undefined && wants[2] ? b.unbroadcast(dy, b.shape(n.output), c) : null;
     return [da, db, dc];
   },
