@@ -19,6 +19,7 @@ export type ErrorCode =
   | 'payload_too_large'
   | 'unsupported_media_type'
   | 'rate_limited'
+  | 'quota_exceeded'
   | 'overloaded'
   | 'unavailable'
   | 'internal';
@@ -37,6 +38,8 @@ const STATUS: Record<ErrorCode, number> = {
   payload_too_large: 413,
   unsupported_media_type: 415,
   rate_limited: 429,
+  // a full quota stays full until something is deleted: not a 429, which clients retry
+  quota_exceeded: 403,
   overloaded: 503,
   unavailable: 503,
   internal: 500,

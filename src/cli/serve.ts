@@ -27,6 +27,8 @@ interface ServeFlags extends WorkerFlags {
   tenantMaxConcurrent: number;
   tenantMaxInterventions: number;
   tenantMaxBytes: number;
+  tenantMaxFileBytes: number;
+  tenantMaxJobs: number;
   adapterCacheBytes: number;
   maxBodyBytes: number;
   maxUploadBytes: number;
@@ -104,6 +106,24 @@ export function serveCommand(): Command {
         'REFT_TENANT_MAX_BYTES',
         int('--tenant-max-bytes', 0),
         DEFAULT_TENANT_LIMITS.maxInterventionBytes,
+      ),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-file-bytes <n>',
+        'stored training-file bytes per tenant',
+        'REFT_TENANT_MAX_FILE_BYTES',
+        int('--tenant-max-file-bytes', 0),
+        DEFAULT_TENANT_LIMITS.maxFileBytes,
+      ),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-jobs <n>',
+        'queued or running training jobs per tenant',
+        'REFT_TENANT_MAX_JOBS',
+        int('--tenant-max-jobs', 1),
+        DEFAULT_TENANT_LIMITS.maxActiveJobs,
       ),
     )
     .addOption(
@@ -221,6 +241,8 @@ async function runServe(f: ServeFlags): Promise<void> {
       maxConcurrentRequests: f.tenantMaxConcurrent,
       maxInterventions: f.tenantMaxInterventions,
       maxInterventionBytes: f.tenantMaxBytes,
+      maxFileBytes: f.tenantMaxFileBytes,
+      maxActiveJobs: f.tenantMaxJobs,
     },
     engineLimits: { ...DEFAULT_LIMITS, maxBatchSize: f.maxBatchSize, maxTokensInFlight: f.maxTokensInFlight, maxQueue: f.maxQueue },
     interventionCacheBytes: f.adapterCacheBytes,

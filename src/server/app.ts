@@ -145,8 +145,13 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   interventionRoutes(app, interventionDeps);
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
-  fileRoutes(app, opts.store, { uploadLimit: opts.uploadLimit, maxRows: budgets.maxTrainingRows, runtime });
-  trainingRoutes(app, opts.store, runtime, budgets);
+  fileRoutes(app, opts.store, {
+    uploadLimit: opts.uploadLimit,
+    maxRows: budgets.maxTrainingRows,
+    maxFileBytes: opts.tenantLimits.maxFileBytes,
+    runtime,
+  });
+  trainingRoutes(app, opts.store, runtime, budgets, opts.tenantLimits);
   usageRoutes(app, opts.store);
   adminRoutes(app, opts.store);
   return { app, metrics };

@@ -1,17 +1,27 @@
 import { ReftError } from '../errors.ts';
 
-/** Per-tenant bounds a shared server enforces (answered with 429 and Retry-After). */
+/**
+ * Per-tenant bounds a shared server enforces: concurrency answers 429 with Retry-After; a full
+ * quota (stored interventions, their bytes, training files' bytes, unfinished jobs) answers 403
+ * quota_exceeded, since retrying doesn't help until something is deleted or finishes.
+ */
 export interface TenantLimits {
   maxConcurrentRequests: number;
   maxInterventions: number;
   maxInterventionBytes: number;
+  maxFileBytes: number;
+  maxActiveJobs: number;
 }
 
 export const DEFAULT_TENANT_LIMITS: TenantLimits = {
   maxConcurrentRequests: 16,
   maxInterventions: 1000,
   maxInterventionBytes: 1024 ** 3,
+  maxFileBytes: 1024 ** 3,
+  maxActiveJobs: 20,
 };
+
+export const quotaExceeded = (message: string, field: string) => new ReftError('quota_exceeded', message, field);
 
 /** Counts a tenant's generations in flight on this server process. */
 export class ConcurrencyLimiter {

@@ -147,9 +147,17 @@ export class SqlStore implements S.Store {
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
-    const totals = [sql<number>`count(*)`.as('interventions'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
+    const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
     const row = await this.db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-    return { interventions: Number(row.interventions), bytes: Number(row.bytes) };
+    const files = await this.db.selectFrom('files').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
+    const jobs = await this.db
+      .selectFrom('jobs')
+      .select(sql<number>`count(*)`.as('n'))
+      .where('tenant_id', '=', tenantId)
+      .where('status', 'in', ['queued', 'running'])
+      .executeTakeFirstOrThrow();
+    const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);
+    return { interventions, bytes, files: fileCount, fileBytes, activeJobs: Number(jobs.n) };
   }
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
@@ -249,6 +257,8 @@ export class SqlStore implements S.Store {
           .select(COLUMNS.job)
           .where('status', 'in', ['queued', 'running'])
           .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseNow())]))
+          // Fair between tenants: the tenant served longest ago (or never) first, then the oldest job.
+          .orderBy(sql`(SELECT max(served.started_at) FROM jobs AS served WHERE served.tenant_id = jobs.tenant_id) ASC NULLS FIRST`)
           .orderBy('seq')
           .limit(1);
         const row = await this.d.lock(next, 'skip').executeTakeFirst();

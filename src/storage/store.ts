@@ -98,7 +98,13 @@ export interface PageRequest {
 /** What a tenant has stored: its interventions, and their files' total bytes. */
 export interface StoredUsage {
   interventions: number;
+  /** Bytes of the interventions' files. */
   bytes: number;
+  /** Training data files, and their bytes. */
+  files: number;
+  fileBytes: number;
+  /** Training jobs queued or running (each will add an intervention when it succeeds). */
+  activeJobs: number;
 }
 
 /** What a tenant used on one day (UTC): `recordUsage` adds these, `getUsage` returns the sums. */

@@ -646,6 +646,30 @@ export function storeContract(backend: StoreBackend): void {
         expect((await store.getJob(t.id, first.id))!.interventionId).toBeNull();
       });
 
+      it('claims fairly between tenants: the tenant served longest ago (or never) first, then its oldest job', async () => {
+        const store = await open();
+        const a = await store.createTenant('a');
+        const b = await store.createTenant('b');
+        const many: string[] = [];
+        for (let i = 0; i < 5; i++) many.push((await store.createJob(a.id, { i })).id);
+        const finish = async (c: { job: { id: string } } | null, worker: string) => {
+          expect(await store.finishJob(c!.job.id, worker, { status: 'failed', error: 'done' })).toBe(true);
+          return c!.job.id;
+        };
+        expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(many[0]);
+        const other = await store.createJob(b.id, {});
+        await sleep(5); // a later start time than a's first, on every clock
+        // a was served, b never: b's one job goes before a's older ones
+        expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(other.id);
+        const more = await store.createJob(b.id, {});
+        await sleep(5);
+        // now a was served longest ago
+        expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(many[1]);
+        await sleep(5);
+        expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(more.id);
+        expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(many[2]);
+      });
+
       it('lets another worker take a job whose lease expired; the old holder is locked out', async () => {
         const store = await open();
         const t = await store.createTenant('a');

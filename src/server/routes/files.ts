@@ -3,6 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { invalidRequest, noSuch } from '../../errors.ts';
 import type { ModelRuntime } from '../runtime.ts';
+import { quotaExceeded } from '../tenant-limits.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
 import { TEXT_FIELDS, readMultipart } from './interventions.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
@@ -31,7 +32,7 @@ const fileBody = (f: StoredFile, rows?: number): z.infer<typeof fileSchema> => (
 export function fileRoutes(
   app: FastifyInstance,
   store: Store,
-  o: { uploadLimit: number; maxRows: number; runtime: () => ModelRuntime },
+  o: { uploadLimit: number; maxRows: number; maxFileBytes: number; runtime: () => ModelRuntime },
 ): void {
   const { uploadLimit } = o;
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -56,6 +57,13 @@ export function fileRoutes(
       if (files.length !== 1) throw invalidRequest(files.length ? 'give one file part' : 'missing part "file"', 'file');
       const purpose = parts.fields.get('purpose') ?? 'fine-tune';
       if (purpose !== 'fine-tune') throw invalidRequest('purpose must be "fine-tune"', 'purpose');
+      const held = (await store.storedUsage(request.tenant.id)).fileBytes;
+      if (held + files[0].bytes.byteLength > o.maxFileBytes) {
+        throw quotaExceeded(
+          `storing ${files[0].bytes.byteLength} bytes would exceed this tenant's ${o.maxFileBytes}-byte training-file quota`,
+          'file',
+        );
+      }
       const rows = await o.runtime().offload.countJsonlRows(files[0].bytes, 'file', o.maxRows);
       const filename = files[0].filename.replace(/[^\w.-]/g, '_').slice(0, 200) || 'data.jsonl';
       const stored = await store.putFile(request.tenant.id, filename, purpose, files[0].bytes);

@@ -7,7 +7,7 @@ import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
 import type { BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
-import type { TenantLimits } from '../tenant-limits.ts';
+import { quotaExceeded, type TenantLimits } from '../tenant-limits.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import type { OffloadPool } from '../../offload/pool.ts';
 
@@ -205,20 +205,13 @@ export async function storeArtifact(
   const bytes = files.config.byteLength + files.weights.byteLength;
   const freed = replaceId ? existing!.bytes : 0;
   if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {
-    throw new ReftError(
-      'rate_limited',
+    throw quotaExceeded(
       `this tenant already stores ${usage.interventions} interventions (limit ${deps.limits.maxInterventions})`,
       'weights',
-      60,
     );
   }
   if (usage.bytes - freed + bytes > deps.limits.maxInterventionBytes) {
-    throw new ReftError(
-      'rate_limited',
-      `storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`,
-      'weights',
-      60,
-    );
+    throw quotaExceeded(`storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`, 'weights');
   }
   const meta = await deps.store.putIntervention(
     {

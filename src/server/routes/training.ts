@@ -8,7 +8,7 @@ import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
-import { ConcurrencyLimiter } from '../tenant-limits.ts';
+import { ConcurrencyLimiter, quotaExceeded, type TenantLimits } from '../tenant-limits.ts';
 
 /**
  * Training jobs, shaped like OpenAI's fine-tuning jobs. The server validates and queues; a
@@ -68,6 +68,7 @@ export function trainingRoutes(
   store: Store,
   runtime: () => ModelRuntime,
   budgets: { maxTrainingChars: number; maxTrainingRows: number },
+  limits: TenantLimits,
 ): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
   const params = z.strictObject({ id: idParam });
@@ -101,6 +102,20 @@ export function trainingRoutes(
         maxChars: budgets.maxTrainingChars,
         maxRows: budgets.maxTrainingRows,
       });
+      const usage = await store.storedUsage(request.tenant.id);
+      if (usage.activeJobs >= limits.maxActiveJobs) {
+        throw quotaExceeded(
+          `this tenant has ${usage.activeJobs} training jobs queued or running (limit ${limits.maxActiveJobs})`,
+          'training_file',
+        );
+      }
+      // each job adds an intervention when it succeeds: count the unfinished ones against the quota
+      if (usage.interventions + usage.activeJobs >= limits.maxInterventions) {
+        throw quotaExceeded(
+          `this tenant stores ${usage.interventions} interventions and has ${usage.activeJobs} training jobs unfinished (limit ${limits.maxInterventions} interventions)`,
+          'name',
+        );
+      }
       if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
         throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
       }
