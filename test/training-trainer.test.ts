@@ -345,7 +345,8 @@ describe('trainer', () => {
     const b = split.outcome.artifact.parsed.interventions;
     let worst = 0;
     a.forEach((iv, i) => {
-      for (const name of ['down', 'bias', 'up'] as const) iv[name].forEach((x, k) => (worst = Math.max(worst, Math.abs(x - b[i][name][k]))));
+      for (const name of ['down', 'bias', 'up'] as const)
+        iv[name].forEach((x, k) => (worst = Math.max(worst, Math.abs(x - b[i][name][k]))));
     });
     expect(worst).toBeLessThan(1e-5);
     expect(split.outcome.steps).toBe(4);

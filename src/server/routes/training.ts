@@ -103,7 +103,12 @@ export function trainingRoutes(
         maxRows: budgets.maxTrainingRows,
       });
       // the worker splits batches to fit its memory budget; a row that alone exceeds it can never train
-      checkRowFits(rt.config, longestTokens, budgets.trainMemoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET, 'jsonl' in data ? data.field : 'data');
+      checkRowFits(
+        rt.config,
+        longestTokens,
+        budgets.trainMemoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET,
+        'jsonl' in data ? data.field : 'data',
+      );
       if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
         throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
       }
