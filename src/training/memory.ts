@@ -51,8 +51,8 @@ export function checkRowFits(config: Shape, longest: number, budget: number, fie
   const need = stepBytes(config, 1, longest);
   throw new ReftError(
     'payload_too_large',
-    `${field}: a row of ${longest} tokens needs about ${mib(need)} MiB to train, over the training memory budget ` +
-      `(--train-memory-budget) of ${mib(budget)} MiB`,
+    `${field}: a row of ${longest} tokens needs about ${size(need)} to train, over the training memory budget ` +
+      `(--train-memory-budget) of ${size(budget)}`,
     field,
   );
 }
@@ -80,4 +80,4 @@ export function planMicroBatches(config: Shape, indices: readonly number[], leng
   return out;
 }
 
-const mib = (bytes: number) => (bytes / 1024 ** 2).toFixed(1);
+const size = (bytes: number) => `${Math.ceil(bytes)} bytes (${(bytes / 1024 ** 2).toFixed(1)} MiB)`;
