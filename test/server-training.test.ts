@@ -10,6 +10,8 @@ import { json, sse, type Api } from './support/http.ts';
 import { BIN, startServerProcess, type ServerProcess } from './support/server.ts';
 import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/training-data.ts';
 import { BACKENDS, createDatabase, dropDatabase } from './support/databases.ts';
+import { tokenizeRows } from '../src/training/data.ts';
+import { stepBytes } from '../src/training/memory.ts';
 
 const jsonl = TRAIN_OPENINGS.map((prompt) => JSON.stringify({ prompt, completion: NEW_SENTENCE })).join('\n') + '\n';
 const RECIPE = {
@@ -277,5 +279,41 @@ describe('reft-server train', () => {
     });
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/cannot read/);
+  });
+});
+
+describe('training memory budget (--train-memory-budget)', () => {
+  it('a batch over the budget trains as several micro-batches; a row that alone exceeds it is a 413 naming the limit', async () => {
+    const model = await loadModel(STORIES);
+    const rows = TRAIN_OPENINGS.slice(0, 4).map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
+    const longest = Math.max(...tokenizeRows(rows, model.tokenizer, model.config.maxPositions).map((e) => e.tokens.length));
+    // two of these rows fit a pass, a batch of four does not
+    const budget = stepBytes(model.config, 2, longest);
+    const server = await startServerProcess({ args: ['--train-memory-budget', String(budget), '--poll-ms', '100'] });
+    const api = { url: server.url };
+    try {
+      const job = await json(api, 'POST', '/v1/training/jobs', {
+        data: rows,
+        intervention: { kind: 'loreft', rank: 2, layers: [1], positions: 'f1+l1' },
+        hyperparameters: { epochs: 2, batch_size: 4, seed: 1 },
+      });
+      expect(job.status).toBe(202);
+      const long = { prompt: TRAIN_OPENINGS.slice(0, 6).join(' '), completion: NEW_SENTENCE };
+      const refused = await json(api, 'POST', '/v1/training/jobs', { data: [...rows, long], ...RECIPE });
+      expect(refused.status).toBe(413);
+      expect(refused.body.field).toBe('data');
+      expect(refused.body.detail).toMatch(/over the training memory budget \(--train-memory-budget\)/);
+      const until = Date.now() + 120_000;
+      let done: any;
+      while (!['succeeded', 'failed'].includes((done = (await json(api, 'GET', `/v1/training/jobs/${job.body.id}`)).body).status)) {
+        if (Date.now() > until) throw new Error(`job still ${done.status}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(done.status, done.error).toBe('succeeded');
+      expect(done.progress).toMatchObject({ step: 2, total_steps: 2 });
+      expect(done.progress.micro_batches).toBeGreaterThan(1);
+    } finally {
+      expect(await server.stop()).toBe(0);
+    }
   });
 });

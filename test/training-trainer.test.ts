@@ -11,6 +11,7 @@ import { retractRows } from '../src/training/orthogonal.ts';
 import { interventionSpecs, parseRecipe, type RecipeInput } from '../src/training/recipe.ts';
 import { Rng } from '../src/rng.ts';
 import { Trainer, type TrainingProgress } from '../src/training/trainer.ts';
+import { stepBytes } from '../src/training/memory.ts';
 import { STORIES } from './support/fixtures.ts';
 
 let model: LoadedModel;
@@ -323,5 +324,38 @@ describe('trainer', () => {
     let worst = 0;
     a.forEach((iv, i) => iv.down.forEach((x, k) => (worst = Math.max(worst, Math.abs(x - b[i].down[k])))));
     expect(worst).toBeLessThan(1e-4);
+  });
+
+  it('a batch the memory plan splits into micro-batches trains as the unsplit batch (loss and tensors within 1e-5)', async () => {
+    const recipe: RecipeInput = { rank: 2, layers: [0, 3], max_steps: 4, seed: 9, kind: 'loreft', batch_size: ROWS.length };
+    const longest = Math.max(...tokenizeRows(ROWS, model.tokenizer, model.config.maxPositions).map((e) => e.tokens.length));
+    // room for two rows of the longest length: the batch of 5 runs as 3 passes
+    const budget = stepBytes(model.config, 2, longest);
+    const progress = { whole: [] as TrainingProgress[], split: [] as TrainingProgress[] };
+    const whole = await run(recipe, { onProgress: (p) => progress.whole.push(p) });
+    const split = await run(recipe, { memoryBudget: budget, onProgress: (p) => progress.split.push(p) });
+    if (whole.outcome.status !== 'completed' || split.outcome.status !== 'completed') throw new Error('not completed');
+    expect(progress.whole.map((p) => p.microBatches)).toEqual([1, 1, 1, 1]);
+    expect(progress.split.map((p) => p.microBatches)).toEqual([3, 3, 3, 3]);
+    progress.whole.forEach((p, i) => {
+      expect(Math.abs(p.loss - progress.split[i].loss)).toBeLessThan(1e-5);
+      expect(Math.abs(p.gradNorm - progress.split[i].gradNorm)).toBeLessThan(1e-5);
+    });
+    const a = whole.outcome.artifact.parsed.interventions;
+    const b = split.outcome.artifact.parsed.interventions;
+    let worst = 0;
+    a.forEach((iv, i) => {
+      for (const name of ['down', 'bias', 'up'] as const)
+        iv[name].forEach((x, k) => (worst = Math.max(worst, Math.abs(x - b[i][name][k]))));
+    });
+    expect(worst).toBeLessThan(1e-5);
+    expect(split.outcome.steps).toBe(4);
+  });
+
+  it('refuses data whose longest row alone exceeds the memory budget, naming the limit', async () => {
+    await expect(Trainer.create(model, small, ROWS, { memoryBudget: 1024 })).rejects.toMatchObject({
+      code: 'payload_too_large',
+      message: expect.stringMatching(/--train-memory-budget/),
+    });
   });
 });

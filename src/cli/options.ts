@@ -1,4 +1,5 @@
 import { InvalidArgumentError, Option } from 'commander';
+import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
 
 /** Option builders shared by the commands: every setting is a flag with an environment twin. */
 export const intArg =
@@ -41,6 +42,7 @@ export interface WorkerFlags {
   maxAttempts: number;
   jobMaxSteps: number;
   jobMaxSeconds: number;
+  trainMemoryBudget: number;
 }
 
 export const workerOptions = () => [
@@ -63,7 +65,18 @@ export const workerOptions = () => [
   envOption('--max-attempts <n>', 'claims of one job before it fails', 'REFT_JOB_MAX_ATTEMPTS', intArg('--max-attempts', 1), 3),
   envOption('--job-max-steps <n>', 'step budget of a job', 'REFT_JOB_MAX_STEPS', intArg('--job-max-steps', 1), 1_000_000),
   envOption('--job-max-seconds <s>', 'time budget of a job', 'REFT_JOB_MAX_SECONDS', intArg('--job-max-seconds', 1), 86_400),
+  trainMemoryBudgetOption(),
 ];
+
+/** Shared by `serve`, `worker` and `train`: batches are split into micro-batches to stay under it. */
+export const trainMemoryBudgetOption = () =>
+  envOption(
+    '--train-memory-budget <bytes>',
+    'bytes one training forward + backward pass may hold; larger batches are split (gradient accumulation), a row that alone exceeds it is refused',
+    'REFT_TRAIN_MEMORY_BUDGET',
+    intArg('--train-memory-budget', 1),
+    DEFAULT_TRAIN_MEMORY_BUDGET,
+  );
 
 /** Turns parsed worker flags back into argv, to start a worker process with the same settings. */
 export function workerArgv(f: WorkerFlags): string[] {
@@ -82,5 +95,7 @@ export function workerArgv(f: WorkerFlags): string[] {
     String(f.jobMaxSteps),
     '--job-max-seconds',
     String(f.jobMaxSeconds),
+    '--train-memory-budget',
+    String(f.trainMemoryBudget),
   ];
 }

@@ -248,7 +248,12 @@ async function runServe(f: ServeFlags): Promise<void> {
     interventionCacheBytes: f.adapterCacheBytes,
     bodyLimit: f.maxBodyBytes,
     uploadLimit: f.maxUploadBytes,
-    inputBudgets: { maxPromptChars: f.maxPromptChars ?? null, maxTrainingChars: f.maxTrainingChars, maxTrainingRows: f.maxTrainingRows },
+    inputBudgets: {
+      maxPromptChars: f.maxPromptChars ?? null,
+      maxTrainingChars: f.maxTrainingChars,
+      maxTrainingRows: f.maxTrainingRows,
+      trainMemoryBudget: f.trainMemoryBudget,
+    },
     shutdownTimeoutMs: f.shutdownTimeout,
     usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,

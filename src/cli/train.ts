@@ -10,7 +10,7 @@ import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { intArg, numberArg } from './options.ts';
+import { intArg, numberArg, trainMemoryBudgetOption } from './options.ts';
 
 /** `reft-server train data.jsonl --out DIR [recipe flags]`: train locally, write the artifact. */
 interface Flags {
@@ -33,6 +33,7 @@ interface Flags {
   seed?: number;
   name?: string;
   progress: boolean;
+  trainMemoryBudget: number;
 }
 
 /** The recipe's defaults (the training API's), shown in --help; unset flags leave them to the recipe. */
@@ -45,6 +46,7 @@ export function trainCommand(): Command {
     .argument('<data>', 'JSONL training data')
     .requiredOption('--out <dir>', 'where to write reft_config.json and reft_weights.safetensors')
     .addOption(modelOption())
+    .addOption(trainMemoryBudgetOption())
     .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
     .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
@@ -117,6 +119,7 @@ async function runTrain(data: string, f: Flags): Promise<void> {
     : null;
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
     cacheDir: cacheDir(),
+    memoryBudget: f.trainMemoryBudget,
     artifact: f.name ? { name: f.name } : undefined,
     onProgress: (p) => {
       if (p.step === 1) bar?.start(p.totalSteps, 0, { loss: '-', tps: '-' });

@@ -98,6 +98,7 @@ async function runWorker(f: Flags): Promise<void> {
     pollMs: f.pollMs,
     checkpointMs: f.checkpointMs,
     budget: { maxSteps: f.jobMaxSteps, maxSeconds: f.jobMaxSeconds },
+    trainMemoryBudget: f.trainMemoryBudget,
     device: f.device,
     threads: f.threads,
     cacheDir: cacheDir(),

@@ -26,6 +26,8 @@ export interface RunnerOptions {
   pollMs: number;
   checkpointMs: number;
   budget: { maxSteps: number; maxSeconds: number };
+  /** Bytes one forward + backward pass may hold (--train-memory-budget). */
+  trainMemoryBudget?: number;
   device?: Device;
   threads?: number;
   cacheDir?: string;
@@ -176,6 +178,7 @@ export class JobRunner {
       device: this.o.device,
       threads: this.o.threads,
       cacheDir: this.o.cacheDir,
+      memoryBudget: this.o.trainMemoryBudget,
       artifact: { name, description: spec.description ?? undefined, metadata: { job_id: job.id } },
       onProgress: async (p: TrainingProgress) => {
         trainedTokens = Math.round(p.tokensPerSecond * p.elapsedSeconds);
@@ -247,6 +250,7 @@ function progressOf(p: TrainingProgress) {
     epoch: Math.round(p.epoch * 1000) / 1000,
     loss: p.loss,
     learning_rate: p.learningRate,
+    micro_batches: p.microBatches,
     tokens_per_second: Math.round(p.tokensPerSecond),
     elapsed_seconds: Math.round(p.elapsedSeconds * 10) / 10,
     eta_seconds: Math.round(p.etaSeconds * 10) / 10,

@@ -28,12 +28,12 @@ export class OffloadPool {
     return this.run({ kind: 'tokenize', modelDir, input });
   }
 
-  /** Parses and tokenizes a job's rows (as the worker will), so a bad row is refused at creation. Returns the row count. */
+  /** Parses and tokenizes a job's rows (as the worker will), so a bad row is refused at creation. Returns the row count and the longest row's tokens. */
   checkTrainingData(
     modelDir: string,
     data: { jsonl: Uint8Array; field: string } | { rows: unknown[] },
     budget: { maxChars: number; maxRows: number },
-  ): Promise<number> {
+  ): Promise<{ rows: number; longestTokens: number }> {
     return this.run({ kind: 'training-data', modelDir, data, ...budget });
   }
 

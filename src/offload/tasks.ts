@@ -64,8 +64,8 @@ async function run(task: Task): Promise<unknown> {
           `${field}: the rows hold ${chars} characters, over the training data limit of ${task.maxChars}`,
           field,
         );
-      tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
-      return parsed.rows.length;
+      const examples = tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
+      return { rows: examples.length, longestTokens: examples.reduce((n, e) => Math.max(n, e.tokens.length), 0) };
     }
     case 'artifact':
       return parseArtifact(task.config, task.weights, task.base).config;

@@ -61,6 +61,8 @@ export interface InputBudgets {
   maxTrainingChars: number;
   /** Rows per training file or job. */
   maxTrainingRows: number;
+  /** Bytes one training pass may hold (see training/memory.ts): a job whose longest row exceeds it is refused. */
+  trainMemoryBudget?: number;
 }
 
 export const API_VERSION = '0.1.0';

@@ -8,6 +8,7 @@ import { dataFingerprint, type TrainingCheckpoint } from './checkpoint.ts';
 import { tokenizeRows, type TrainingRow } from './data.ts';
 import { hasRotation, initialTensors, kindGradients, writeLowRank, type KindTensors } from './kinds.ts';
 import { adamwStep, clipGradNorm, learningRate, type AdamMoments, type AdamWSettings } from './optimizer.ts';
+import { DEFAULT_TRAIN_MEMORY_BUDGET, checkRowFits, planMicroBatches } from './memory.ts';
 import { retractRows } from './orthogonal.ts';
 import { buildArtifact, type ArtifactInfo, type TrainedArtifact } from './output.ts';
 import { interventionSpecs, parseRecipe, type Recipe, type RecipeInput } from './recipe.ts';
@@ -32,6 +33,8 @@ export interface TrainingProgress {
   learningRate: number;
   /** Global gradient norm before clipping. */
   gradNorm: number;
+  /** Forward/backward passes of this step: the accumulated batches, each split to fit the memory budget. */
+  microBatches: number;
   /** Tokens (prompt and completion) processed per second since this run (or resume) began. */
   tokensPerSecond: number;
   elapsedSeconds: number;
@@ -54,6 +57,8 @@ export interface TrainerOptions extends StepSessionOptions {
   resumeFrom?: TrainingCheckpoint;
   /** name / description / metadata of the produced artifact. */
   artifact?: ArtifactInfo;
+  /** Bytes one forward + backward pass may hold (see memory.ts); batches are split to stay under it. */
+  memoryBudget?: number;
 }
 
 export interface TrainerModel {
@@ -123,6 +128,8 @@ export class Trainer {
   ): Promise<Trainer> {
     const recipe = parseRecipe(recipeInput, model.config);
     checkExamples(examples, model.config);
+    const longest = examples.reduce((n, e) => Math.max(n, e.tokens.length), 0);
+    checkRowFits(model.config, longest, opts.memoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET);
     const specs = interventionSpecs(recipe, model.config);
     const graph = await StepSession.create(
       model.config,
@@ -160,6 +167,7 @@ export class Trainer {
           loss,
           learningRate: lr,
           gradNorm: result.gradNorm,
+          microBatches: result.microBatches,
           tokensPerSecond: tokens / Math.max(elapsed, 1e-9),
           elapsedSeconds: elapsed,
           etaSeconds: (elapsed / done) * (this.totalSteps - this.stepsDone),
@@ -210,9 +218,13 @@ export class Trainer {
   }
 
   /** One optimizer step over the step's micro-batches. */
-  private async optimizerStep(lr: number): Promise<{ loss: number; gradNorm: number; tokens: number }> {
+  private async optimizerStep(lr: number): Promise<{ loss: number; gradNorm: number; tokens: number; microBatches: number }> {
     const d = this.config.hiddenSize;
-    const micro = this.microBatchesOf(this.stepsDone);
+    // the token-weighted mean makes a split batch train exactly as the whole one (up to rounding)
+    const budget = this.opts.memoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET;
+    const micro = this.microBatchesOf(this.stepsDone).flatMap((idx) =>
+      planMicroBatches(this.config, idx, (i) => this.examples[i].tokens.length, budget),
+    );
     const scored = micro.map((idx) => idx.reduce((s, i) => s + this.examples[i].tokens.length - this.examples[i].promptLength, 0));
     const totalScored = scored.reduce((a, b) => a + b, 0);
     for (const t of this.grads) for (const g of Object.values(t)) g.fill(0);
@@ -250,7 +262,7 @@ export class Trainer {
     });
     this.stepsDone++;
     this.writeFactors();
-    return { loss, gradNorm, tokens };
+    return { loss, gradNorm, tokens, microBatches: micro.length };
   }
 
   /** Example indices of each micro-batch of optimizer step `step`. */

@@ -9,6 +9,7 @@ import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { ConcurrencyLimiter, quotaExceeded, type TenantLimits } from '../tenant-limits.ts';
+import { DEFAULT_TRAIN_MEMORY_BUDGET, checkRowFits } from '../../training/memory.ts';
 
 /**
  * Training jobs, shaped like OpenAI's fine-tuning jobs. The server validates and queues; a
@@ -67,7 +68,7 @@ export function trainingRoutes(
   app: FastifyInstance,
   store: Store,
   runtime: () => ModelRuntime,
-  budgets: { maxTrainingChars: number; maxTrainingRows: number },
+  budgets: { maxTrainingChars: number; maxTrainingRows: number; trainMemoryBudget?: number },
   limits: TenantLimits,
 ): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
@@ -98,10 +99,17 @@ export function trainingRoutes(
         'rows' in spec.data
           ? { rows: spec.data.rows }
           : { jsonl: await fileBytes(store, request.tenant.id, spec.data.file), field: 'training_file' };
-      const rows = await rt.offload.checkTrainingData(rt.modelDir, data, {
+      const { rows, longestTokens } = await rt.offload.checkTrainingData(rt.modelDir, data, {
         maxChars: budgets.maxTrainingChars,
         maxRows: budgets.maxTrainingRows,
       });
+      // the worker splits batches to fit its memory budget; a row that alone exceeds it can never train
+      checkRowFits(
+        rt.config,
+        longestTokens,
+        budgets.trainMemoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET,
+        'jsonl' in data ? data.field : 'data',
+      );
       const usage = await store.storedUsage(request.tenant.id);
       if (usage.activeJobs >= limits.maxActiveJobs) {
         throw quotaExceeded(
