@@ -93,6 +93,21 @@ export function trainingRoutes(
     async (request, reply) => {
       const rt = runtime();
       const spec = jobSpec(request.body, rt.config);
+      // quotas first: they cost one query, the data check below tokenizes every row
+      const usage = await store.storedUsage(request.tenant.id);
+      if (usage.activeJobs >= limits.maxActiveJobs) {
+        throw quotaExceeded(
+          `this tenant has ${usage.activeJobs} training jobs queued or running (limit ${limits.maxActiveJobs})`,
+          'training_file',
+        );
+      }
+      // each job adds an intervention when it succeeds: count the unfinished ones against the quota
+      if (usage.interventions + usage.activeJobs >= limits.maxInterventions) {
+        throw quotaExceeded(
+          `this tenant stores ${usage.interventions} interventions and has ${usage.activeJobs} training jobs unfinished (limit ${limits.maxInterventions} interventions)`,
+          'name',
+        );
+      }
       // Check every row now (off the event loop, within the text budgets), so a bad line is a 400
       // here rather than a failed job later.
       const data =
@@ -110,20 +125,6 @@ export function trainingRoutes(
         budgets.trainMemoryBudget ?? DEFAULT_TRAIN_MEMORY_BUDGET,
         'jsonl' in data ? data.field : 'data',
       );
-      const usage = await store.storedUsage(request.tenant.id);
-      if (usage.activeJobs >= limits.maxActiveJobs) {
-        throw quotaExceeded(
-          `this tenant has ${usage.activeJobs} training jobs queued or running (limit ${limits.maxActiveJobs})`,
-          'training_file',
-        );
-      }
-      // each job adds an intervention when it succeeds: count the unfinished ones against the quota
-      if (usage.interventions + usage.activeJobs >= limits.maxInterventions) {
-        throw quotaExceeded(
-          `this tenant stores ${usage.interventions} interventions and has ${usage.activeJobs} training jobs unfinished (limit ${limits.maxInterventions} interventions)`,
-          'name',
-        );
-      }
       if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
         throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
       }
