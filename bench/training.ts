@@ -2,6 +2,7 @@ import { Engine } from '../src/engine/engine.ts';
 import { Rng } from '../src/rng.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { Trainer, type TrainingExample } from '../src/training/index.ts';
+import { NEW_SENTENCE, TRAIN_OPENINGS } from '../test/support/training-data.ts';
 import { median, round } from './machine.ts';
 
 /**
@@ -9,31 +10,9 @@ import { median, round } from './machine.ts';
  * the 135M-shape model a training step (batch 8 × 128 tokens, LoReFT rank 8 on 4 layers) next
  * to a forward pass of the same batch.
  */
-const OPENINGS = [
-  'Once upon a time, there was a little boy named Tim. He had a red ball.',
-  'One day, a girl named Sue went to the park with her mom.',
-  'There was a big dog who lived in a small house by the sea.',
-  'Lily liked to draw pictures of the sun and the moon.',
-  'Ben and his sister Mia found a shiny rock in the garden.',
-  'A little bird sat on a tree and looked at the sky.',
-  'Tom wanted to bake a cake for his friend Sam.',
-  'The cat was very sleepy after a long day of play.',
-  'Anna had a new doll with a pink dress and long hair.',
-  'It was a rainy day, so Max stayed inside with his toys.',
-  'Sara saw a little frog jump into the pond.',
-  'Once there was a kind old man who had a big farm.',
-  'Jack and Jill went up the hill to get some water.',
-  'The sun was hot, and the kids wanted to swim in the lake.',
-  'Mom gave Lucy a big hug before she went to school.',
-  'A small mouse found a piece of cheese under the table.',
-  'Tim and his dad built a tall tower with blocks.',
-  'Emma loved her teddy bear more than anything.',
-  'The little car went fast down the road.',
-  'One morning, Sam woke up and saw snow outside.',
-];
 
 export async function benchRecipeA(stories: LoadedModel, log: (s: string) => void) {
-  const rows = OPENINGS.map((prompt) => ({ prompt, completion: ' Then a big green frog sang a happy song.' }));
+  const rows = TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
   const runs: Array<{ seconds: number; tokensPerSecond: number; steps: number }> = [];
   for (let rep = 0; rep < 3; rep++) {
     let tokensPerSecond = 0;

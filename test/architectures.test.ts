@@ -4,7 +4,6 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Engine, type PrefillInput } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
-import { ReftError } from '../src/errors.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import { positionsFor } from '../src/interventions/positions.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
@@ -13,6 +12,7 @@ import { Rng } from '../src/rng.ts';
 import { StepSession, type TrainingBatch } from '../src/training/step-session.ts';
 import { testCacheDir } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
+import { loadError } from './support/model-copies.ts';
 
 /**
  * Qwen3 and Gemma 2 on small random checkpoints written here in Hugging Face's layout, against
@@ -461,15 +461,6 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
 }
 
 describe('bad checkpoints of the new architectures are refused by name', () => {
-  async function loadError(dir: string): Promise<ReftError> {
-    const err = await loadModel(dir).then(
-      () => null,
-      (e) => e,
-    );
-    expect(err).toBeInstanceOf(ReftError);
-    return err as ReftError;
-  }
-
   it('qwen3 without a q_norm', async () => {
     const err = await loadError(writeModel('qwen3', { tensors: (t) => delete t['model.layers.2.self_attn.q_norm.weight'] }));
     expect(err.code).toBe('invalid_checkpoint');

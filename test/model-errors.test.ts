@@ -8,22 +8,12 @@ import { GREEDY } from '../src/engine/sampler.ts';
 import { ReftError } from '../src/errors.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
-import { loadModel } from '../src/model/load.ts';
 import { toGenerationRequest } from '../src/server/protocol.ts';
-import { copyOfStories, editConfig, editHeader } from './support/model-copies.ts';
+import { copyOfStories, editConfig, editHeader, loadError } from './support/model-copies.ts';
 import { storiesEngine } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'reft-server.js');
-
-async function loadError(dir: string): Promise<ReftError> {
-  const err = await loadModel(dir).then(
-    () => null,
-    (e) => e,
-  );
-  expect(err).toBeInstanceOf(ReftError);
-  return err as ReftError;
-}
 
 function cliGenerate(dir: string) {
   return spawnSync(process.execPath, [BIN, 'generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '4'], {

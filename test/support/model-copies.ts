@@ -1,6 +1,9 @@
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { expect } from 'vitest';
+import { ReftError } from '../../src/errors.ts';
+import { loadModel } from '../../src/model/load.ts';
 import { fixtureArtifact } from './artifacts.ts';
 import { STORIES, inferenceCases } from './fixtures.ts';
 
@@ -49,4 +52,14 @@ export function editConfig(dir: string, edit: (config: Record<string, any>) => v
   const config = JSON.parse(readFileSync(path, 'utf8'));
   edit(config);
   writeFileSync(path, JSON.stringify(config));
+}
+
+/** The typed error loading `dir` fails with (the test fails if it loads). */
+export async function loadError(dir: string): Promise<ReftError> {
+  const err = await loadModel(dir).then(
+    () => null,
+    (e) => e,
+  );
+  expect(err).toBeInstanceOf(ReftError);
+  return err as ReftError;
 }
