@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -264,5 +265,8 @@ describe('the Hub path end to end', () => {
     const lines = r.stderr.trim().split('\n');
     expect(lines).toHaveLength(1);
     expect(lines[0]).toMatch(/^reft-server: could not download model tiny\/stories260k .*pass --model \/path\/to\/model/);
+    // it never listened, and created nothing
+    expect(r.stdout).not.toMatch(/Server listening/);
+    expect(existsSync(join(home, 'data'))).toBe(false);
   });
 });

@@ -80,6 +80,9 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       'host',
     );
   }
+  // The model's folder first (downloading it if needed): a model that can't be had stops the
+  // server before it listens, opens the store or creates anything.
+  const dir = await s.resolveModel();
   const logger = pino({ level: s.logLevel });
   const store = await s.openStore();
   // with API keys every request names its tenant; only open mode needs a default one
@@ -107,7 +110,6 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   const worker = s.startWorker?.(logger.child({ component: 'supervisor' })) ?? null;
 
   const ready = (async () => {
-    const dir = await s.resolveModel();
     const model = await loadModel(dir);
     const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
     engine.onCrash((err) => {
