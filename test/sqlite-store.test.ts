@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { describe, expect, it } from 'vitest';
 import { openSqliteStore } from '../src/storage/sqlite-store.ts';
-import { newIv, runChild, storeContract, useStoreFixture } from './support/store-contract.ts';
+import { newIv, runChild, storeContract, storedOnly, useStoreFixture } from './support/store-contract.ts';
 import type { StoreBackend } from './support/store-contract.ts';
 
 // Every test runs against a real SQLite file in a fresh temp directory.
@@ -73,7 +73,7 @@ describe('blob files', () => {
     for (const n of left) expect(n).toMatch(leftover);
 
     expect(await store.findIntervention(t.id, 'crashy')).toBeNull();
-    expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0 });
+    expect(await store.storedUsage(t.id)).toEqual(storedOnly(0, 0));
     const reopened = await open();
     expect(await reopened.findIntervention(t.id, 'crashy')).toBeNull();
     expect(await blobs()).toEqual([]);

@@ -101,7 +101,9 @@ const INTERNALS = /\b\d{1,3}(\.\d{1,3}){3}\b|\[[0-9a-f:]+\]|:\d{2,5}\b|(^|[\s"'(
  */
 export function publicError(problem: ReftError, requestId: string): ReftError {
   if (problem.status < 500) return problem;
-  if (problem.code !== 'internal' && !INTERNALS.test(problem.message)) return problem;
+  if (problem.code !== 'internal' && !INTERNALS.test(problem.message)) {
+    return new ReftError(problem.code, `${problem.message} (request ${requestId})`, problem.field, problem.retryAfterSeconds);
+  }
   const what =
     problem.code === 'internal'
       ? 'internal server error'
@@ -119,8 +121,10 @@ export function publicError(problem: ReftError, requestId: string): ReftError {
 export function registerProblemHandlers(app: FastifyInstance): void {
   app.setErrorHandler((err, request: FastifyRequest, reply) => {
     const problem = toReftError(err);
-    if (problem.status >= 500) request.log.error({ err, code: problem.code }, 'request failed');
-    else request.log.info({ code: problem.code, field: problem.field }, problem.message);
+    if (problem.status >= 500) {
+      const cause = err instanceof Error && err.cause instanceof Error ? err.cause.message : undefined;
+      request.log.error({ err, cause, code: problem.code }, 'request failed');
+    } else request.log.info({ code: problem.code, field: problem.field }, problem.message);
     return sendProblem(reply, publicError(problem, request.id), request.url);
   });
   app.setNotFoundHandler((request, reply) =>

@@ -113,7 +113,8 @@ function isUnavailable(e: unknown): boolean {
 /** The error a caller sees: an unreachable database becomes 'unavailable' (503 + Retry-After). */
 function toStoreError(e: unknown): unknown {
   if (e instanceof ReftError || !isUnavailable(e)) return e;
-  return new ReftError('unavailable', `the database is unavailable: ${(e as Error).message}`, undefined, RETRY_AFTER_SECONDS);
+  // the driver's words name hosts and ports: they go to the log as the cause, not to clients
+  return Object.assign(new ReftError('unavailable', 'the database is unavailable', undefined, RETRY_AFTER_SECONDS), { cause: e });
 }
 
 /**

@@ -84,6 +84,9 @@ export function useStoreFixture(backend: StoreBackend): StoreFixture {
 // ---------------------------------------------------------------------------------------------
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** storedUsage of a tenant with interventions only: no training files, no unfinished jobs. */
+export const storedOnly = (interventions: number, bytes: number) => ({ interventions, bytes, files: 0, fileBytes: 0, activeJobs: 0 });
 export const bytes = (n: number) => new Uint8Array(randomBytes(n));
 
 export function newIv(tenantId: string | null, name: string, size = 64): NewIntervention {
@@ -355,7 +358,7 @@ export function storeContract(backend: StoreBackend): void {
         const ofB = await store.putIntervention(newIv(b.id, 'secret'));
         expect((await store.findIntervention(b.id, 'secret'))!.id).toBe(ofB.id);
         expect((await store.findIntervention(a.id, 'secret'))!.id).toBe(ofA.id);
-        expect(await store.storedUsage(b.id)).toEqual({ interventions: 1, bytes: ofB.bytes });
+        expect(await store.storedUsage(b.id)).toEqual(storedOnly(1, ofB.bytes));
         expect((await store.findIntervention(a.id, ofA.id))!.version).toBe(1);
       });
 
@@ -384,7 +387,7 @@ export function storeContract(backend: StoreBackend): void {
         expect((await rejection(store.putIntervention(newIv(null, 'common')))).code).toBe('conflict');
         expect(await store.deleteIntervention(null, shared.id)).toBe(true);
         expect(await store.findIntervention(b.id, 'common')).toBeNull();
-        expect(await store.storedUsage(a.id)).toEqual({ interventions: 1, bytes: own.bytes });
+        expect(await store.storedUsage(a.id)).toEqual(storedOnly(1, own.bytes));
       });
 
       it('rejects a duplicate name without replaceId, leaving nothing behind', async () => {
@@ -397,7 +400,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(e.field).toBe('name');
         expect(await fx.blobs()).toEqual(before);
         expect((await store.listInterventions(t.id, { limit: 10 })).data.map((m) => m.id)).toEqual([first.id]);
-        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: first.bytes });
+        expect(await store.storedUsage(t.id)).toEqual(storedOnly(1, first.bytes));
         // And for an unknown tenant (foreign key): a not_found, again leaving nothing behind.
         expect((await rejection(store.putIntervention(newIv('ten_ghost', 'x')))).field).toBe('tenantId');
         expect(await fx.blobs()).toEqual(before);
@@ -432,7 +435,7 @@ export function storeContract(backend: StoreBackend): void {
           expect(nowBlobs).toHaveLength(2);
           expect(nowBlobs.some((n) => oldBlobs!.includes(n))).toBe(false);
         }
-        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: v2.bytes });
+        expect(await store.storedUsage(t.id)).toEqual(storedOnly(1, v2.bytes));
 
         // Replacing into another intervention's name conflicts and keeps v2 whole.
         await store.putIntervention(newIv(t.id, 'other'));
@@ -465,7 +468,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.readInterventionFiles(gone.id)).toBeNull();
         await fx.expectBlobs(2);
         expect(await store.readInterventionFiles(keep.id)).not.toBeNull();
-        expect(await store.storedUsage(t.id)).toEqual({ interventions: 1, bytes: keep.bytes });
+        expect(await store.storedUsage(t.id)).toEqual(storedOnly(1, keep.bytes));
         await sleep(100);
         expect(changed).toEqual([gone.id]); // exactly once
       });
@@ -670,6 +673,22 @@ export function storeContract(backend: StoreBackend): void {
         expect(await finish(await store.claimJob('w1', 60_000, 3), 'w1')).toBe(many[2]);
       });
 
+      it('counts training files, their bytes and unfinished jobs in storedUsage', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const other = await store.createTenant('b');
+        const file = await store.putFile(t.id, 'a.jsonl', 'fine-tune', bytes(300));
+        await store.putFile(t.id, 'b.jsonl', 'fine-tune', bytes(200));
+        await store.putFile(other.id, 'c.jsonl', 'fine-tune', bytes(999));
+        const queued = await store.createJob(t.id, {});
+        await store.createJob(t.id, {});
+        await store.createJob(other.id, {});
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0, files: 2, fileBytes: 500, activeJobs: 2 });
+        await store.requestCancel(t.id, queued.id);
+        await store.deleteFile(t.id, file.id);
+        expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0, files: 1, fileBytes: 200, activeJobs: 1 });
+      });
+
       it('lets another worker take a job whose lease expired; the old holder is locked out', async () => {
         const store = await open();
         const t = await store.createTenant('a');
@@ -816,7 +835,7 @@ export function storeContract(backend: StoreBackend): void {
         ]);
         expect(await store.getUsage(t.id, '2024-03-03', '2024-03-03')).toEqual([day('2024-03-03', 0, 2 ** 32 + 5, 0, 0)]);
         // The interventions usage is a different thing, and untouched.
-        expect(await store.storedUsage(t.id)).toEqual({ interventions: 0, bytes: 0 });
+        expect(await store.storedUsage(t.id)).toEqual(storedOnly(0, 0));
       });
 
       it('returns the days in an inclusive range, ascending', async () => {
