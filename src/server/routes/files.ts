@@ -5,7 +5,7 @@ import { invalidRequest, noSuch } from '../../errors.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import { quotaExceeded } from '../tenant-limits.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
-import { TEXT_FIELDS, readMultipart } from './interventions.ts';
+import { TEXT_FIELDS, readMultipart } from './multipart.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 
 /** Training data files (JSONL), validated row by row when uploaded. */

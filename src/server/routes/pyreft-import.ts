@@ -3,16 +3,8 @@ import { ReftError, invalidRequest } from '../../errors.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
-import {
-  MAX_CONFIG_BYTES,
-  TEXT_FIELDS,
-  interventionBody,
-  interventionSchema,
-  parseBool,
-  readMultipart,
-  storeArtifact,
-  type InterventionRouteDeps,
-} from './interventions.ts';
+import { interventionBody, interventionSchema, parseBool, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart } from './multipart.ts';
 import { stateDictElementLimit } from '../../interventions/pyreft/convert.ts';
 import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 
