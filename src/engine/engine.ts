@@ -91,8 +91,9 @@ export class Engine {
 
   static async create(config: ModelConfig, checkpoint: Checkpoint, opts: EngineOptions): Promise<Engine> {
     const attention = opts.attention ?? defaultAttentionLayout(config);
-    const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention };
-    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention));
+    const device = opts.device ?? 'cpu';
+    const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention, device };
+    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention, device));
     const session = await createSession(graph.bytes, checkpoint.dataDir, opts);
     return new Engine(config, session, attention, opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS);
   }
@@ -150,6 +151,9 @@ export class Engine {
 
   private checkPrompt(x: PrefillInput, field: string): void {
     if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
+    // ORT's CPU Gather fails on such an id with an untyped error; a GPU's kernel need not check
+    if (x.tokens.some((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize))
+      throw new ReftError('invalid_request', `a token id is outside the vocabulary (size ${this.config.vocabSize})`, field);
     if (x.tokens.length > this.config.maxPositions) {
       throw new ReftError(
         'context_length_exceeded',

@@ -1,3 +1,4 @@
+import type { Device } from '../engine/session.ts';
 import type { LayerSpec, LinearWeights } from '../model/architecture.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -26,6 +27,13 @@ import { checkpointWeights, offsetWeight } from './weights.ts';
  *   and `new_value.L` ([batch, seq, kv_heads·head_dim]).
  * GroupQueryAttention also takes the architecture's attention scale, soft-cap and sliding
  * window (`local_window_size`: the keys a query sees, its own included).
+ *
+ * Projections are built for the device: on the CPU (and CUDA) FusedMatMul with `transB` reads
+ * the `[out, in]` weights as they are; ORT's WebGPU provider has no FusedMatMul kernel (the node
+ * would fall back to the CPU, with copies both ways each step), so there each projection is a
+ * MatMul over the weight transposed once when the session loads (a Transpose of an initializer,
+ * folded), and the lm_head a Gemm with `transB` (its input is 2-D), which keeps a tied
+ * embedding in one copy.
  *
  * After decoder layer L, the interventions of the batch edit the residual stream:
  *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up
@@ -76,6 +84,7 @@ export function buildDecoderGraph(
   config: ModelConfig,
   checkpoint: Checkpoint,
   layout: AttentionLayout = defaultAttentionLayout(config),
+  device: Device = 'cpu',
 ): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
   const inputs = {
@@ -86,7 +95,7 @@ export function buildDecoderGraph(
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
   };
-  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, inputs), config);
+  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, device, inputs), config);
   g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
   return g.encode(OPSETS);
 }
@@ -106,6 +115,7 @@ function inferenceOps(
   config: ModelConfig,
   checkpoint: Checkpoint,
   layout: AttentionLayout,
+  device: Device,
   inputs: DecoderGraphInputs,
 ): ForwardOps {
   const { numHeads, numKvHeads, headDim, hiddenSize: d } = config;
@@ -114,12 +124,20 @@ function inferenceOps(
   const eps = float(config.rmsNormEps);
   const weight = checkpointWeights(g, checkpoint);
   const normWeight = (name: string) => offsetWeight(g, weight(name), config.layout.normOffset);
+  /** x·Wᵀ over an [out, in] weight, in the device's operator (see the file's comment). */
+  const matmulT = (x: string, w: string, name?: string): string =>
+    device === 'webgpu'
+      ? g.op('MatMul', [x, g.op('Transpose', [w], { perm: [1, 0] })], {}, { name })
+      : g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
   /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. Weights stacked with Concat
-   * are folded into one initializer when the session loads. */
+   * (and transposed) are folded into one initializer when the session loads. */
   const project = (x: string, w: string, b: string | null, name?: string): string => {
-    if (!b) return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
-    return g.op('Add', [g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN }), b], {}, { name });
+    if (!b) return matmulT(x, w, name);
+    return g.op('Add', [matmulT(x, w), b], {}, { name });
   };
+  /** The lm_head over [rows, d]: Gemm reads the weight as it is, so a tied embedding stays one copy. */
+  const vocabProject = (x: string, w: string, name?: string): string =>
+    device === 'webgpu' ? g.op('Gemm', [x, w], { transB: 1 }, { name }) : matmulT(x, w, name);
   const linear = (x: string, w: LinearWeights, name?: string): string => project(x, weight(w.weight), w.bias ? weight(w.bias) : null, name);
   const norm = (x: string, w: string): string =>
     g.op('SimplifiedLayerNormalization', [x, normWeight(w)], { axis: -1, epsilon: eps, stash_type: 1 });
@@ -207,8 +225,8 @@ function inferenceOps(
     intervene: (h, l) => interventionBlock(g, h, l, d, inputs.hasInterventions),
     logitRows: (h) => g.op('GatherND', [h, inputs.logitIndex]),
     logits: (x, w, softcap) => {
-      if (softcap === null) return g.op('FusedMatMul', [x, weight(w)], { transB: 1 }, { domain: MS_DOMAIN, name: decoderOutputs.logits });
-      return softcapOp(g, g.op('FusedMatMul', [x, weight(w)], { transB: 1 }, { domain: MS_DOMAIN }), softcap, decoderOutputs.logits);
+      if (softcap === null) return vocabProject(x, weight(w), decoderOutputs.logits);
+      return softcapOp(g, vocabProject(x, weight(w)), softcap, decoderOutputs.logits);
     },
   };
 }

@@ -53,3 +53,14 @@ export function parsePlacement(log: string): Map<string, PlacedNode[]> {
   if (placed.size === 0) throw new Error(`no node placement in ORT's log:\n${log.slice(-2000)}`);
   return placed;
 }
+
+/**
+ * Operators that only compute shapes and indices: ORT keeps these on the CPU on purpose (their
+ * small int64 results steer kernels), so a graph may leave them there under any provider.
+ */
+const SHAPE_OPS = new Set(['Shape', 'Size', 'Unsqueeze', 'Squeeze', 'Range', 'ConstantOfShape', 'Slice', 'Reshape']);
+
+/** The compute nodes ORT placed on the CPU, shape-only ones left out. */
+export function cpuComputeNodes(placement: Map<string, PlacedNode[]>): PlacedNode[] {
+  return (placement.get('CPUExecutionProvider') ?? []).filter((n) => !SHAPE_OPS.has(n.op));
+}
