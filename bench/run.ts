@@ -1,5 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/engine/device.ts';
 import { Engine } from '../src/engine/engine.ts';
 import { loadModel } from '../src/model/load.ts';
 import { benchEngine } from './engine.ts';
@@ -9,13 +10,18 @@ import { benchServer } from './server.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
 
 /**
- * `npm run bench [-- engine server training]`: the speed targets of the issues, measured on a
+ * `npm run bench [-- engine server training] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
  * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
  * stories260k. Writes bench/results/<date>.{json,md} with the machine's description.
  */
 const ROOT = join(import.meta.dirname, '..');
 const STORIES = join(ROOT, '..', 'shared', 'models', 'stories260k');
-const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training', 'soak'];
+const args = process.argv.slice(2);
+// --device places the engine section's model (default auto, as the server's)
+const deviceAt = args.indexOf('--device');
+const deviceChoice = (deviceAt >= 0 ? args.splice(deviceAt, 2)[1] : 'auto') as DeviceChoice;
+if (!DEVICE_CHOICES.includes(deviceChoice)) throw new Error(`--device must be one of ${DEVICE_CHOICES.join(', ')}`);
+const sections = args.length ? args : ['engine', 'server', 'training', 'soak'];
 
 const lines: string[] = [];
 const log = (s: string) => {
@@ -25,13 +31,15 @@ const log = (s: string) => {
 
 const machine = describeMachine();
 log(`machine: ${JSON.stringify(machine)}`);
+const placement = await resolveDevice(deviceChoice);
+log(`device: ${placement.device} (${placement.adapter})`);
 const dir = await randomCheckpoint(join(ROOT, 'bench', '.work', 'smol135m-f32'), STORIES, SMOL_135M_CONFIG);
 const model = await loadModel(dir);
 const cacheDir = join(ROOT, 'bench', '.work', 'cache');
-const results: Record<string, unknown> = { machine };
+const results: Record<string, unknown> = { machine, device: placement };
 
 if (sections.includes('engine') || sections.includes('training')) {
-  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir });
+  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
   if (sections.includes('engine')) results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
   if (sections.includes('training')) {
     results.training = {

@@ -7,7 +7,8 @@ import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { intArg, numberArg } from './options.ts';
+import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { deviceOption, intArg, numberArg } from './options.ts';
 
 interface GenerateFlags {
   model: string;
@@ -20,6 +21,7 @@ interface GenerateFlags {
   topK: number;
   seed?: number;
   stop?: string[];
+  device: DeviceChoice;
 }
 
 export function generateCommand(): Command {
@@ -35,6 +37,7 @@ export function generateCommand(): Command {
     .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', intArg('--top-k'), 0)
     .option('--seed <s>', 'random seed (same seed, same output)', intArg('--seed'))
     .addOption(new Option('--stop <text...>', 'stop strings'))
+    .addOption(deviceOption())
     .action(runGenerate);
 }
 
@@ -66,7 +69,8 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
   const tokens = tokenize(promptInput(parsed.data), tokenizer);
   const interventions = flags.intervention ? (await readArtifactDir(flags.intervention, config)).interventions : [];
   const request = toGenerationRequest(tokens, parsed.data, interventions, config.maxPositions);
-  const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS });
+  const { device } = await resolveDevice(flags.device);
+  const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS, device });
   try {
     const result = await engine.generate(request, { onToken: (e) => process.stdout.write(e.text) });
     // a line of output, like any command's: shells and pipes expect the newline

@@ -1,4 +1,5 @@
 import { InvalidArgumentError, Option } from 'commander';
+import { DEVICE_CHOICES, type DeviceChoice } from '../engine/device.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
 
 /** Option builders shared by the commands: every setting is a flag with an environment twin. */
@@ -35,7 +36,7 @@ export const storeOptions = () => [
 
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
 export interface WorkerFlags {
-  device: 'cpu' | 'cuda';
+  device: DeviceChoice;
   leaseMs: number;
   pollMs: number;
   checkpointMs: number;
@@ -46,7 +47,7 @@ export interface WorkerFlags {
 }
 
 export const workerOptions = () => [
-  envOption('--device <device>', 'where the training worker runs: cpu or cuda', 'REFT_DEVICE', undefined, 'cpu').choices(['cpu', 'cuda']),
+  deviceOption(),
   envOption(
     '--lease-ms <ms>',
     'a claimed job is re-claimed this long after its worker stops heartbeating',
@@ -67,6 +68,19 @@ export const workerOptions = () => [
   envOption('--job-max-seconds <s>', 'time budget of a job', 'REFT_JOB_MAX_SECONDS', intArg('--job-max-seconds', 1), 86_400),
   trainMemoryBudgetOption(),
 ];
+
+/**
+ * Where the model runs: shared by `serve` (its engine and its worker), `worker`, `train` and
+ * `generate`. `auto`: CUDA if its provider loads, else WebGPU on a hardware GPU, else the CPU.
+ */
+export const deviceOption = () =>
+  envOption(
+    '--device <device>',
+    'where the model runs: auto (CUDA, else a hardware GPU through WebGPU, else the CPU), cpu, webgpu (also a software adapter such as llvmpipe) or cuda',
+    'REFT_DEVICE',
+    undefined,
+    'auto',
+  ).choices([...DEVICE_CHOICES]);
 
 /** Shared by `serve`, `worker` and `train`: batches are split into micro-batches to stay under it. */
 export const trainMemoryBudgetOption = () =>

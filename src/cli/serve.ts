@@ -258,6 +258,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,
     threads: f.threads,
+    device: f.device,
   });
   const stop = (signal: string) => {
     server.shutdown(signal).then(

@@ -10,7 +10,8 @@ import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { intArg, numberArg, trainMemoryBudgetOption } from './options.ts';
+import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { deviceOption, intArg, numberArg, trainMemoryBudgetOption } from './options.ts';
 
 /** `reft-server train data.jsonl --out DIR [recipe flags]`: train locally, write the artifact. */
 interface Flags {
@@ -34,6 +35,7 @@ interface Flags {
   name?: string;
   progress: boolean;
   trainMemoryBudget: number;
+  device: DeviceChoice;
 }
 
 /** The recipe's defaults (the training API's), shown in --help; unset flags leave them to the recipe. */
@@ -47,6 +49,7 @@ export function trainCommand(): Command {
     .requiredOption('--out <dir>', 'where to write reft_config.json and reft_weights.safetensors')
     .addOption(modelOption())
     .addOption(trainMemoryBudgetOption())
+    .addOption(deviceOption())
     .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
     .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
@@ -117,7 +120,9 @@ async function runTrain(data: string, f: Flags): Promise<void> {
         hideCursor: true,
       })
     : null;
+  const { device } = await resolveDevice(f.device);
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
+    device,
     cacheDir: cacheDir(),
     memoryBudget: f.trainMemoryBudget,
     artifact: f.name ? { name: f.name } : undefined,

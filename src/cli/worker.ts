@@ -1,7 +1,6 @@
 import { Command } from 'commander';
 import pino from 'pino';
-import { ReftError } from '../errors.ts';
-import { cudaAvailable } from '../engine/session.ts';
+import { resolveDevice } from '../engine/device.ts';
 import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
@@ -62,13 +61,7 @@ function exitWithParent(stop: (why: string) => void): void {
 
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
-  if (f.device === 'cuda' && !(await cudaAvailable())) {
-    throw new ReftError(
-      'unavailable',
-      'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
-      'device',
-    );
-  }
+  const placement = await resolveDevice(f.device);
   // Signals and the server's death are watched from the start: loading the model takes a while.
   let runner: JobRunner | null = null;
   const stop = (why: string) => {
@@ -88,7 +81,10 @@ async function runWorker(f: Flags): Promise<void> {
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));
-  log.info({ model: f.model, store: describeStore(where), device: f.device, ...describeHugePages() }, 'model loaded');
+  log.info(
+    { model: f.model, store: describeStore(where), device: placement.device, adapter: placement.adapter, ...describeHugePages() },
+    'model loaded',
+  );
   runner = new JobRunner({
     store,
     model,
@@ -99,7 +95,7 @@ async function runWorker(f: Flags): Promise<void> {
     checkpointMs: f.checkpointMs,
     budget: { maxSteps: f.jobMaxSteps, maxSeconds: f.jobMaxSeconds },
     trainMemoryBudget: f.trainMemoryBudget,
-    device: f.device,
+    device: placement.device,
     threads: f.threads,
     cacheDir: cacheDir(),
   });

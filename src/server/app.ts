@@ -131,7 +131,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     metrics,
     () => {
       const reason = opts.notReadyReason();
-      return { ready: reason === null, reason: reason ?? 'ok' };
+      return { ready: reason === null, reason: reason ?? 'ok', placement: opts.runtime()?.placement };
     },
     opts.metricsKey ?? null,
   );

@@ -39,6 +39,13 @@ export class ServerMetrics {
     registers: [this.registry],
   });
 
+  readonly device = new Gauge({
+    name: 'reft_device_info',
+    help: 'The device the engine runs on (cpu, webgpu, cuda) and its adapter; 1 once the model is loaded',
+    labelNames: ['device', 'adapter'],
+    registers: [this.registry],
+  });
+
   constructor(engineStats: () => Promise<EngineStats | null>) {
     // prom-client names its defaults process_* and nodejs_*: the prefix makes them reft_process_*
     collectDefaultMetrics({ register: this.registry, prefix: 'reft_' });

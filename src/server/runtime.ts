@@ -1,3 +1,4 @@
+import type { Placement } from '../engine/device.ts';
 import type { EngineClient } from '../engine/engine-client.ts';
 import { ReftError } from '../errors.ts';
 import type { InterventionCache } from '../interventions/cache.ts';
@@ -23,6 +24,8 @@ export interface ModelRuntime {
   tokenizer: TextTokenizer;
   engine: EngineClient;
   interventions: InterventionCache;
+  /** The device the engine runs on, and its adapter. */
+  placement: Placement;
 }
 
 export function notReady(): ReftError {

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
+import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
 import { ReftError } from '../errors.ts';
@@ -49,6 +50,8 @@ export interface ServeSettings {
   usageFlushMs: number;
   logLevel: string;
   threads?: number;
+  /** Where the engine runs (default auto: CUDA, else a hardware GPU through WebGPU, else the CPU). */
+  device?: DeviceChoice;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
@@ -111,7 +114,15 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
 
   const ready = (async () => {
     const model = await loadModel(dir);
-    const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
+    const placement = await resolveDevice(s.device ?? 'auto');
+    const engine = await EngineClient.start({
+      modelDir: dir,
+      cacheDir: s.cacheDir,
+      limits: s.engineLimits,
+      threads: s.threads,
+      device: placement.device,
+    });
+    metrics.device.set({ device: placement.device, adapter: placement.adapter }, 1);
     engine.onCrash((err) => {
       // Without its engine the server can only refuse: exit so a supervisor starts a fresh one.
       app.log.fatal({ err: err.message }, 'engine crashed; exiting');
@@ -132,10 +143,19 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       tokenizer: model.tokenizer,
       engine,
       interventions,
+      placement,
     };
     notReady = null;
     app.log.info(
-      { model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() },
+      {
+        model: s.modelName,
+        dir,
+        layers: model.config.numLayers,
+        hidden: model.config.hiddenSize,
+        device: placement.device,
+        adapter: placement.adapter,
+        ...describeHugePages(),
+      },
       'model ready',
     );
   })();

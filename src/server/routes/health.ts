@@ -1,13 +1,14 @@
 import type { FastifyInstance } from 'fastify';
 import { ReftError } from '../../errors.ts';
 import { sameSecret } from '../auth.ts';
+import type { Placement } from '../../engine/device.ts';
 import type { ServerMetrics } from '../metrics.ts';
 
 /** Liveness, readiness (model loaded, not draining) and Prometheus metrics; no auth. */
 export function healthRoutes(
   app: FastifyInstance,
   metrics: ServerMetrics,
-  ready: () => { ready: boolean; reason: string },
+  ready: () => { ready: boolean; reason: string; placement?: Placement },
   metricsKey: string | null = null,
 ): void {
   const config = { auth: 'none' as const };
@@ -17,7 +18,8 @@ export function healthRoutes(
     { config, schema: { summary: 'Readiness: the model is loaded and the server takes requests', tags: ['health'] } },
     async (_request, reply) => {
       const r = ready();
-      return reply.status(r.ready ? 200 : 503).send({ status: r.ready ? 'ready' : 'not ready', reason: r.reason });
+      // which device and adapter serve, once the model is loaded
+      return reply.status(r.ready ? 200 : 503).send({ status: r.ready ? 'ready' : 'not ready', reason: r.reason, ...r.placement });
     },
   );
   // every tenant's traffic is in the metrics: with REFT_METRICS_KEY set, only its holder reads them
