@@ -39,6 +39,25 @@ describe('the decoder graph under WebGPU', () => {
     });
   }
 
+  it("Gemma 2's operators (gelu, soft-caps, scales, sliding windows) on stories' weights: every compute node on WebGPU too", async () => {
+    const layout = model.config.layout;
+    const gemmaLike = {
+      ...model.config,
+      layout: {
+        ...layout,
+        normOffset: 1,
+        embeddingScale: 8,
+        activation: 'gelu_tanh' as const,
+        attentionScale: 0.3,
+        attentionSoftcap: 50,
+        finalLogitSoftcap: 30,
+        slidingWindows: layout.slidingWindows.map((_, l) => (l % 2 ? 4 : null)),
+      },
+    };
+    const graph = buildDecoderGraph(gemmaLike, model.checkpoint, 'separate', 'webgpu');
+    expect(cpuComputeNodes(await nodePlacement(graph, model.checkpoint.dataDir, 'webgpu'))).toEqual([]);
+  });
+
   it("the CPU's graph under WebGPU would leave its projections on the CPU (what the check catches)", async () => {
     const graph = buildDecoderGraph(model.config, model.checkpoint, 'separate', 'cpu');
     const onCpu = cpuComputeNodes(await nodePlacement(graph, model.checkpoint.dataDir, 'webgpu'));
