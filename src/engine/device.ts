@@ -71,7 +71,7 @@ export function describeAdapter(a: Adapter): string {
  * Dawn prefers discrete, then integrated GPUs, then CPU adapters, as the engine's own session
  * will. Takes about a second.
  */
-export async function webgpuAdapter(): Promise<Adapter | null> {
+export async function webgpuAdapter(env: NodeJS.ProcessEnv = process.env): Promise<Adapter | null> {
   const g = new GraphBuilder('adapter_probe');
   g.output(g.op('Relu', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
   const script = `
@@ -82,9 +82,8 @@ export async function webgpuAdapter(): Promise<Adapter | null> {
   `;
   const ortEntry = createRequire(import.meta.url).resolve('onnxruntime-node');
   const graph = Buffer.from(g.encode({ '': 21 })).toString('base64');
-  const env = { ...process.env, VK_LOADER_DEBUG: 'driver' };
   const { stdout, stderr } = await promisify(execFile)(process.execPath, ['-e', script, ortEntry, graph], {
-    env,
+    env: { ...env, VK_LOADER_DEBUG: 'driver' },
     timeout: 120_000,
     maxBuffer: 16 * 1024 * 1024,
   }).catch((e: { stdout?: string; stderr?: string }) => ({ stdout: e.stdout ?? '', stderr: e.stderr ?? '' }));
