@@ -113,8 +113,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
   const worker = s.startWorker?.(logger.child({ component: 'supervisor' })) ?? null;
 
   const ready = (async () => {
-    const model = await loadModel(dir);
-    const placement = await resolveDevice(s.device ?? 'auto');
+    // the device probe (a second, in a child process) runs while the model loads
+    const [model, placement] = await Promise.all([loadModel(dir), resolveDevice(s.device ?? 'auto')]);
     const engine = await EngineClient.start({
       modelDir: dir,
       cacheDir: s.cacheDir,
