@@ -4,7 +4,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 
-export type Device = 'cpu' | 'cuda';
+export type Device = 'cpu' | 'cuda' | 'webgpu';
 
 export interface SessionOptions {
   device?: Device;
@@ -19,7 +19,7 @@ export interface SessionOptions {
 export async function createSession(graph: Uint8Array, dataDir: string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
   const threads = opts.threads ?? availableParallelism();
   return ort.InferenceSession.create(graph, {
-    executionProviders: opts.device === 'cuda' ? ['cuda', 'cpu'] : ['cpu'],
+    executionProviders: executionProviders(opts.device ?? 'cpu'),
     graphOptimizationLevel: 'all',
     intraOpNumThreads: threads,
     interOpNumThreads: 1,
@@ -32,6 +32,12 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
       },
     },
   } as ort.InferenceSession.SessionOptions);
+}
+
+function executionProviders(device: Device): ort.InferenceSession.ExecutionProviderConfig[] {
+  if (device === 'cuda') return ['cuda', 'cpu'];
+  if (device === 'webgpu') return [{ name: 'webgpu' }];
+  return ['cpu'];
 }
 
 /** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
