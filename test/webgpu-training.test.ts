@@ -197,6 +197,25 @@ describe('training on WebGPU', () => {
     });
   });
 
+  it('empty selections as on the CPU: layers with no intervened token, a batch with nothing to score', async () => {
+    const rng = new Rng(32);
+    const specs = LAYERS.map((l) => spec('loreft', l, 2, l % 2 === 0 ? 'l1' : 'f1'));
+    const params = specs.map((s) => initialTensors(s.kind, s.rank, D, rng));
+    // a 1-token prompt: f1 and l1 are capped at 1 // 2 = 0 positions, so no layer edits anything
+    const unedited = [{ tokens: [1, 403, 407, 261], promptLength: 1 }];
+    const onCpu = await step(cpu, specs, params, unedited);
+    const onGpu = await step(gpu, specs, params, unedited);
+    expect(Math.abs(onGpu.loss - onCpu.loss)).toBeLessThan(1e-4);
+    for (const t of onGpu.grads) for (const g of Object.values(t)) expect(g.every((x) => x === 0)).toBe(true);
+
+    const layout = new StackLayout(specs);
+    const nothingScored = packBatch([{ tokens: [1, 403, 407, 261, 378], promptLength: 2 }], layout, allocateFactors(layout, D), D);
+    nothingScored.lossMask.fill(0);
+    const res = await gpu.run(nothingScored);
+    expect(res.loss === 0).toBe(true);
+    for (const g of res.grads.values()) expect([...g.down, ...g.bias, ...g.up].every((x) => x === 0)).toBe(true);
+  });
+
   it('recipe (a) trained on WebGPU: held-out openings continue with the trained sentence (≥ 90%), as on the CPU', async () => {
     const rows = TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
     const onCpu = await train(rows, 'cpu');

@@ -94,6 +94,7 @@ export class StepSession {
 
   /** Loss and gradients. */
   async run(batch: TrainingBatch): Promise<TrainingResult> {
+    if (!scoresAnything(batch)) return this.nothingScored(batch);
     const out = await this.session.run(this.feeds(batch), this.gradFetches);
     const grads = new Map<number, LowRankFactors>();
     for (const l of this.layers) {
@@ -108,12 +109,27 @@ export class StepSession {
 
   /** The loss alone (ORT runs only the nodes the fetched output needs). */
   async loss(batch: TrainingBatch): Promise<number> {
+    if (!scoresAnything(batch)) return 0;
     const out = await this.session.run(this.feeds(batch), [OUT.loss]);
     return (out[OUT.loss].data as Float32Array)[0];
   }
 
   async release(): Promise<void> {
     await this.session.release();
+  }
+
+  /**
+   * A batch with no completion token has loss 0 and zero gradients; it is answered without a
+   * pass, since reductions over the empty set of scored tokens fail on WebGPU.
+   */
+  private nothingScored(b: TrainingBatch): TrainingResult {
+    const d = this.config.hiddenSize;
+    const grads = new Map<number, LowRankFactors>();
+    for (const l of this.layers) {
+      const r = b.layers.get(l)?.bias.length ?? 0;
+      grads.set(l, { down: new Float32Array(r * d), bias: new Float32Array(r), up: new Float32Array(r * d) });
+    }
+    return { loss: 0, grads };
   }
 
   private feeds(b: TrainingBatch): Record<string, ort.Tensor> {
@@ -140,6 +156,8 @@ export class StepSession {
     return feeds;
   }
 }
+
+const scoresAnything = (b: TrainingBatch): boolean => b.lossMask.some((w) => w !== 0);
 
 /** The scored tokens (loss mask ≠ 0) as the graph takes them: flat indices, next tokens, weights. */
 function scoredFeeds(b: TrainingBatch): Record<string, ort.Tensor> {
