@@ -1,4 +1,5 @@
 import { Engine } from '../src/engine/engine.ts';
+import type { Device } from '../src/engine/session.ts';
 import { Rng } from '../src/rng.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { Trainer, type TrainingExample } from '../src/training/index.ts';
@@ -11,7 +12,7 @@ import { median, round } from './machine.ts';
  * to a forward pass of the same batch.
  */
 
-export async function benchRecipeA(stories: LoadedModel, log: (s: string) => void) {
+export async function benchRecipeA(stories: LoadedModel, log: (s: string) => void, device: Device = 'cpu') {
   const rows = TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
   const runs: Array<{ seconds: number; tokensPerSecond: number; steps: number }> = [];
   for (let rep = 0; rep < 3; rep++) {
@@ -21,6 +22,7 @@ export async function benchRecipeA(stories: LoadedModel, log: (s: string) => voi
       { rank: 4, layers: 'all', positions: 'f3+l3', epochs: 30, learning_rate: 1e-2, batch_size: 1, lr_scheduler: 'linear', seed: 1 },
       rows,
       {
+        device,
         onProgress: (p) => {
           tokensPerSecond = p.tokensPerSecond;
         },
@@ -34,9 +36,10 @@ export async function benchRecipeA(stories: LoadedModel, log: (s: string) => voi
   }
   const best = runs.reduce((a, b) => (b.seconds < a.seconds ? b : a));
   log(
-    `recipe (a) on stories260k: ${best.steps} steps in ${round(best.seconds, 2)} s, ${round(best.tokensPerSecond)} training tokens/s (PyTorch eager: ~7 s)`,
+    `recipe (a) on stories260k (${device}): ${best.steps} steps in ${round(best.seconds, 2)} s, ${round(best.tokensPerSecond)} training tokens/s (PyTorch eager: ~7 s)`,
   );
   return {
+    device,
     steps: best.steps,
     seconds: round(best.seconds, 2),
     training_tokens_s: round(best.tokensPerSecond),

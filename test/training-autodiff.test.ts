@@ -4,6 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { createSession } from '../src/engine/session.ts';
 import { Tape } from '../src/graph/autodiff/index.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
+import { trainingOperators } from '../src/graph/training-operators.ts';
 import { Rng } from '../src/rng.ts';
 
 /**
@@ -23,9 +24,13 @@ interface Arg {
 const rng = new Rng(7);
 const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
 
-async function checkRule(args: Arg[], build: (t: Tape, x: string[]) => string): Promise<{ err: number; n: number }> {
+async function checkRule(
+  args: Arg[],
+  build: (t: Tape, x: string[]) => string,
+  operators = trainingOperators('cpu'),
+): Promise<{ err: number; n: number }> {
   const g = new GraphBuilder('rule_test');
-  const t = new Tape(g);
+  const t = new Tape(g, operators);
   const names = args.map((a, i) => t.input(`x${i}`, 'float32', a.shape));
   const y = build(t, names);
   const yShape = t.shape(y).map(Number);
@@ -87,6 +92,8 @@ const cases: Array<[string, Arg[], (t: Tape, x: string[]) => string]> = [
   ['Sqrt', [{ shape: [4], positive: true }], (t, [a]) => t.op('Sqrt', [a])],
   ['Reciprocal', [{ shape: [4], positive: true }], (t, [a]) => t.op('Reciprocal', [a])],
   ['Sigmoid', [{ shape: [6] }], (t, [a]) => t.op('Sigmoid', [a])],
+  ['Exp', [{ shape: [6] }], (t, [a]) => t.op('Exp', [a])],
+  ['Log', [{ shape: [4], positive: true }], (t, [a]) => t.op('Log', [a])],
   ['Tanh', [{ shape: [6] }], (t, [a]) => t.op('Tanh', [a])],
   [
     'Where (broadcast branches)',
@@ -117,6 +124,11 @@ const cases: Array<[string, Arg[], (t: Tape, x: string[]) => string]> = [
   ['Expand', [{ shape: [3, 1] }], (t, [a]) => t.op('Expand', [a, t.int64s('s', [2, 3, 4])])],
   ['Gather axis 0 (repeated indices)', [{ shape: [4, 3] }], (t, [a]) => t.op('Gather', [a, t.int64s('i', [2, 0, 2])], { axis: 0 })],
   [
+    'GatherND rows (repeated indices)',
+    [{ shape: [4, 3] }],
+    (t, [a]) => t.op('GatherND', [a, t.constant('i', BigInt64Array.of(2n, 0n, 2n), [3, 1])]),
+  ],
+  [
     'GatherElements along the last axis (repeats)',
     [{ shape: [2, 5] }],
     (t, [a]) => t.op('GatherElements', [a, t.constant('i', BigInt64Array.of(1n, 1n, 4n, 0n), [2, 2])], { axis: -1 }),
@@ -141,6 +153,32 @@ describe('autodiff: each gradient rule against finite differences', () => {
       expect(err).toBeLessThan(TOL);
     });
   }
+
+  // WebGPU's choices (training-operators.ts) are standard ONNX too: their rules run on the CPU here
+  const webgpu = trainingOperators('webgpu');
+  it("WebGPU operators: zeros by Expand (the gathers' gradients)", async () => {
+    const { err } = await checkRule(
+      [{ shape: [4, 3] }],
+      (t, [a]) =>
+        t.op('GatherND', [t.op('Gather', [a, t.int64s('i', [1, 1, 3])], { axis: 0 }), t.constant('j', BigInt64Array.of(2n, 0n), [2, 1])]),
+      webgpu,
+    );
+    expect(err).toBeLessThan(TOL);
+  });
+
+  it('WebGPU operators: ReduceMean over symbolic axes counts elements from the shape', async () => {
+    const { err } = await checkRule(
+      [{ shape: [2, 3] }],
+      (t, [a]) => {
+        // a reshape the tape cannot see through: the reduced axis is symbolic
+        const x = t.op('Reshape', [a, t.g.op('Shape', [a])], {}, { shape: ['rows', 'cols'] });
+        const mean = t.op('ReduceMean', [t.op('Mul', [x, x]), t.int64s('ax', [-1])], { keepdims: 1 });
+        return t.op('Reshape', [mean, t.int64s('s', [2, 1])]);
+      },
+      webgpu,
+    );
+    expect(err).toBeLessThan(TOL);
+  });
 
   it('a chain with shared values (RMSNorm-like) matches finite differences', async () => {
     const { err } = await checkRule([{ shape: [3, 4] }, { shape: [4] }], (t, [x, w]) => {

@@ -5,22 +5,27 @@ import { Tape } from './autodiff/tape.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder } from './onnx.ts';
 import { ropeTables } from './rope.ts';
+import { trainingOperators, type TrainingDevice, type TrainingOperators } from './training-operators.ts';
 import { checkpointWeights, offsetWeight } from './weights.ts';
 
 /**
  * The training graph: the frozen decoder's forward pass (graph/forward.ts, over this file's
  * differentiable operators), the ReFT loss, and the gradient of
  * the loss with respect to the interventions' low-rank factors, computed by our tape
- * (autodiff/). Only standard ai.onnx operators, so it runs on ORT's CUDA provider as on CPU.
+ * (autodiff/). Only standard ai.onnx operators, so it runs on ORT's CUDA provider as on CPU;
+ * where a provider lacks a kernel (WebGPU), training-operators.ts picks an equivalent. Integer
+ * tensors are only ever indices (WebGPU computes in 32 bits): what is derived from the loss mask
+ * is derived on the host.
  *
  * Inputs (B rows, padded to S tokens; padding on the right):
- *   input_ids, attention_mask (1 real / 0 padding), position_ids, targets (the next token):
- *   int64 [B, S]; loss_mask float [B, S], 1 where −log p(targets[b, s]) counts.
- *   loss = Σ loss_mask · nll / Σ loss_mask: the mean over the batch's completion tokens.
+ *   input_ids, position_ids: int64 [B, S]; attention_mask float [B, S] (1 real / 0 padding).
+ *   scored int64 [M, 1]: the flattened token indices (b·S + s) whose next token is scored;
+ *   scored_targets int64 [M, 1]: that next token; scored_weights float [M, 1]: its weight.
+ *   loss = Σ weight · nll / Σ weight: the mean over the batch's completion tokens.
  * Per intervened layer L, after decoder layer L (as in the inference graph; rows index the
  * flattened B·S tokens):
  *   u = ((h[rows]·downᵀ + bias) ⊙ mask),  h[rows] = (h[rows] + u·up) ⊙ dropout
- *   iv.L.rows [K], iv.L.mask [K, R], iv.L.down [R, d], iv.L.bias [R], iv.L.up [R, d],
+ *   iv.L.rows [K, 1], iv.L.mask [K, R], iv.L.down [R, d], iv.L.bias [R], iv.L.up [R, d],
  *   iv.L.dropout [K, d]: pyreft applies dropout to the whole edited row h + delta; the trainer
  *   feeds a keep-mask scaled by 1/(1 − p), or ones.
  * Outputs: loss, and grad.L.down / grad.L.bias / grad.L.up.
@@ -29,15 +34,16 @@ import { checkpointWeights, offsetWeight } from './weights.ts';
  * reshapes to [B, S, kv_heads, group, head_dim]. Grouped-query attention needs no Expand: the
  * query heads of one KV head are an extra axis that MatMul broadcasts K and V over.
  */
-export const TRAINING_GRAPH_VERSION = 'training-v1';
+export const TRAINING_GRAPH_VERSION = 'training-v2';
 const TRAINING_OPSETS = { '': 21 };
 
 export const trainingInputs = {
   inputIds: 'input_ids',
   attentionMask: 'attention_mask',
   positionIds: 'position_ids',
-  targets: 'targets',
-  lossMask: 'loss_mask',
+  scored: 'scored',
+  scoredTargets: 'scored_targets',
+  scoredWeights: 'scored_weights',
   ivRows: (l: number) => `iv.${l}.rows`,
   ivMask: (l: number) => `iv.${l}.mask`,
   ivDown: (l: number) => `iv.${l}.down`,
@@ -56,42 +62,41 @@ export const trainingOutputs = {
 /** Additive attention mask for hidden keys: exp(−1e9 − max) is exactly 0 in float32. */
 const MASKED = -1e9;
 
-export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, layers: readonly number[]): Uint8Array {
+/** `device` picks the operators its provider implements (training-operators.ts). */
+export function buildTrainingGraph(
+  config: ModelConfig,
+  checkpoint: Checkpoint,
+  layers: readonly number[],
+  device: TrainingDevice = 'cpu',
+): Uint8Array {
   const intervened = [...new Set(layers)].sort((a, b) => a - b);
   for (const l of intervened) {
     if (!Number.isInteger(l) || l < 0 || l >= config.numLayers) throw new Error(`layer ${l} is out of range`);
   }
+  const operators = trainingOperators(device);
   const g = new GraphBuilder('reft_training');
-  const t = new Tape(g);
+  const t = new Tape(g, operators);
   const d = config.hiddenSize;
 
   const B = 'batch';
   const S = 'seq';
+  const M = 'scored';
   const inputs: TrainingGraphInputs = {
     ids: t.input(trainingInputs.inputIds, 'int64', [B, S]),
-    attentionMask: t.input(trainingInputs.attentionMask, 'int64', [B, S]),
+    attentionMask: t.input(trainingInputs.attentionMask, 'float32', [B, S]),
     positions: t.input(trainingInputs.positionIds, 'int64', [B, S]),
-    targets: t.input(trainingInputs.targets, 'int64', [B, S]),
-    lossMask: t.input(trainingInputs.lossMask, 'float32', [B, S]),
   };
-  const flatTokens = t.int64s('flat', [-1]);
   // Only scored tokens reach the vocabulary projection: with a 50k vocabulary the logits of
   // every token of a batch would dwarf the rest of the graph.
-  const flatMask = t.op('Reshape', [inputs.lossMask, flatTokens]);
-  const scored = t.declare(g.op('Reshape', [g.op('NonZero', [flatMask]), flatTokens]), ['scored']);
+  const scored = t.input(trainingInputs.scored, 'int64', [M, 1]);
+  const targets = t.input(trainingInputs.scoredTargets, 'int64', [M, 1]);
+  const weights = t.input(trainingInputs.scoredWeights, 'float32', [M, 1]);
 
-  const logits = decoderForward(trainingOps(t, config, checkpoint, inputs, intervened, scored, flatTokens), config); // [M, V]
-  const column = t.int64s('column', [-1, 1]);
-  const logProbs = t.op('LogSoftmax', [logits], { axis: -1 });
-  const target = t.op('Reshape', [t.op('Gather', [t.op('Reshape', [inputs.targets, flatTokens]), scored], { axis: 0 }), column]);
-  const picked = t.op('GatherElements', [logProbs, target], { axis: 1 }); // [M, 1]
-  const weights = t.op('Reshape', [t.op('Gather', [flatMask, scored], { axis: 0 }), column]);
+  const logits = decoderForward(trainingOps(t, config, checkpoint, operators, inputs, intervened, scored), config); // [M, V]
+  const picked = targetLogProbs(t, operators, logits, targets); // [M, 1]
   const total = t.op('ReduceSum', [t.op('Mul', [picked, weights])], { keepdims: 0 });
-  // max(Σ mask, tiny): an all-zero mask gives loss 0 rather than NaN
-  const count = t.declare(
-    g.op('Max', [g.op('ReduceSum', [inputs.lossMask], { keepdims: 0 }), g.constant('tiny', Float32Array.of(1e-12), [])]),
-    [],
-  );
+  // max(Σ weight, tiny): nothing to score gives loss 0 rather than NaN
+  const count = t.declare(g.op('Max', [g.op('ReduceSum', [weights], { keepdims: 0 }), g.constant('tiny', Float32Array.of(1e-12), [])]), []);
   const loss = t.op('Neg', [t.op('Div', [total, count])]);
   g.output(loss, trainingOutputs.loss, 'float32', []);
 
@@ -110,8 +115,19 @@ interface TrainingGraphInputs {
   ids: string;
   attentionMask: string;
   positions: string;
-  targets: string;
-  lossMask: string;
+}
+
+/** log p(target) of each row of `logits` [M, V], for targets [M, 1]. */
+function targetLogProbs(t: Tape, operators: TrainingOperators, logits: string, targets: string): string {
+  if (operators.logProbs === 'LogSoftmax')
+    return t.op('GatherElements', [t.op('LogSoftmax', [logits], { axis: -1 }), targets], { axis: 1 });
+  // z − log Σ exp(z) with z = logits − max: the max only keeps exp in range, so it is left off
+  // the tape (the result, and so its gradient, does not depend on it)
+  const lastAxis = t.int64s('vocab_axis', [-1]);
+  const max = t.declare(t.g.op('ReduceMax', [logits, lastAxis], { keepdims: 1 }), [t.shape(logits)[0], 1]);
+  const z = t.op('Sub', [logits, max]);
+  const logSumExp = t.op('Log', [t.op('ReduceSum', [t.op('Exp', [z]), lastAxis], { keepdims: 1 })]);
+  return t.op('Sub', [t.op('GatherElements', [z, targets], { axis: 1 }), logSumExp]);
 }
 
 /**
@@ -122,10 +138,10 @@ function trainingOps(
   t: Tape,
   config: ModelConfig,
   checkpoint: Checkpoint,
+  operators: TrainingOperators,
   inputs: TrainingGraphInputs,
   intervened: readonly number[],
   scored: string,
-  flatTokens: string,
 ): ForwardOps {
   const g = t.g;
   const d = config.hiddenSize;
@@ -158,7 +174,7 @@ function trainingOps(
     return t.op('Mul', [t.op('Mul', [x, inv]), normWeight(w)]);
   };
 
-  const masks = attentionMasks(t, inputs.ids, inputs.attentionMask);
+  const masks = attentionMasks(t, operators, inputs.ids, inputs.attentionMask);
   const { cos, sin, rotateHalf } = rotary(t, config, inputs.positions);
   const scale = t.scalar('attn_scale', config.layout.attentionScale ?? 1 / Math.sqrt(headDim));
   // [B, S] ++ [kv_heads, group or 1, head_dim], for viewing the flat projections per head
@@ -201,7 +217,7 @@ function trainingOps(
 
   return {
     embed: (w, s) => {
-      const h = t.op('Gather', [weight(w), t.op('Reshape', [inputs.ids, flatTokens])], { axis: 0 }); // [B·S, d]
+      const h = t.op('Reshape', [t.op('Gather', [weight(w), inputs.ids], { axis: 0 }), t.int64s('flat_hidden', [-1, d])]); // [B·S, d]
       return s === null ? h : t.op('Mul', [h, t.scalar('embed_scale', s)]);
     },
     norm,
@@ -218,7 +234,7 @@ function trainingOps(
       return t.op('Mul', [act, linear(x, layer.up)]);
     },
     intervene: (h, l) => (intervened.includes(l) ? interventionBlock(t, h, l, d) : h),
-    logitRows: (h) => t.op('Gather', [h, scored], { axis: 0 }),
+    logitRows: (h) => t.op('GatherND', [h, scored]),
     logits: (x, w, cap) => {
       const logits = t.op('Gemm', [x, weight(w)], { transB: 1 });
       return cap === null ? logits : softcap(logits, cap);
@@ -230,16 +246,16 @@ function trainingOps(
 function interventionBlock(t: Tape, h: string, l: number, d: number): string {
   const K = `iv_rows_${l}`;
   const R = `iv_rank_${l}`;
-  const rows = t.input(trainingInputs.ivRows(l), 'int64', [K]);
+  const rows = t.input(trainingInputs.ivRows(l), 'int64', [K, 1]);
   const mask = t.input(trainingInputs.ivMask(l), 'float32', [K, R]);
   const down = t.input(trainingInputs.ivDown(l), 'float32', [R, d]);
   const bias = t.input(trainingInputs.ivBias(l), 'float32', [R]);
   const up = t.input(trainingInputs.ivUp(l), 'float32', [R, d]);
   const dropout = t.input(trainingInputs.ivDropout(l), 'float32', [K, d]);
-  const sel = t.op('Gather', [h, rows], { axis: 0 });
+  const sel = t.op('GatherND', [h, rows]);
   const u = t.op('Mul', [t.op('Gemm', [sel, down, bias], { transB: 1 }), mask]);
   const edited = t.op('Mul', [t.op('Gemm', [u, up, sel]), dropout]);
-  return t.op('ScatterND', [h, t.op('Unsqueeze', [rows, t.int64s('axes', [1])]), edited]);
+  return t.op('ScatterND', [h, rows, edited]);
 }
 
 /**
@@ -247,17 +263,20 @@ function interventionBlock(t: Tape, h: string, l: number, d: number): string {
  * window the keys `window` or more positions back hidden too; one per window size, made on first
  * use. Not differentiated, so built on the builder directly and only their shape is declared.
  */
-function attentionMasks(t: Tape, inputIds: string, attentionMask: string): (window: number | null) => string {
+function attentionMasks(t: Tape, operators: TrainingOperators, inputIds: string, attentionMask: string): (window: number | null) => string {
   const g = t.g;
   const axis0 = g.int64s('axis0', [0]);
-  const seq = g.op('Squeeze', [g.op('Shape', [inputIds], { start: 1, end: 2 }), axis0]);
-  const range = g.op('Range', [g.constant('zero', BigInt64Array.of(0n), []), seq, g.constant('one', BigInt64Array.of(1n), [])]);
+  // positions are compared as int64, or as float32 (exact far beyond any context length)
+  const position = (hint: string, v: number) =>
+    operators.positions === 'int64' ? g.constant(hint, BigInt64Array.of(BigInt(v)), []) : g.constant(hint, Float32Array.of(v), []);
+  let seq = g.op('Squeeze', [g.op('Shape', [inputIds], { start: 1, end: 2 }), axis0]);
+  if (operators.positions === 'float32') seq = g.op('Cast', [seq], { to: 1 });
+  const range = g.op('Range', [position('zero', 0), seq, position('one', 1)]);
   const keyPos = g.op('Unsqueeze', [range, axis0]); // [1, S]
   const queryPos = g.op('Unsqueeze', [range, g.int64s('axis1', [1])]); // [S, 1]
   const masked = g.constant('masked', Float32Array.of(MASKED), []);
   const zero = g.constant('zero_f', Float32Array.of(0), []);
-  const keep = g.op('Cast', [attentionMask], { to: 1 });
-  const padding = g.op('Mul', [g.op('Sub', [g.constant('one_f', Float32Array.of(1), []), keep]), masked]); // [B, S]
+  const padding = g.op('Mul', [g.op('Sub', [g.constant('one_f', Float32Array.of(1), []), attentionMask]), masked]); // [B, S]
   const keys = g.op('Unsqueeze', [padding, g.int64s('axes', [1, 2, 3])]); // [B, 1, 1, 1, S]
   const made = new Map<number | null, string>();
   return (window) => {
@@ -265,7 +284,7 @@ function attentionMasks(t: Tape, inputIds: string, attentionMask: string): (wind
     if (bias !== undefined) return bias;
     let hidden = g.op('Greater', [keyPos, queryPos]); // [S, S]: the future
     if (window !== null) {
-      const tooFar = g.op('GreaterOrEqual', [g.op('Sub', [queryPos, keyPos]), g.constant('window', BigInt64Array.of(BigInt(window)), [])]);
+      const tooFar = g.op('GreaterOrEqual', [g.op('Sub', [queryPos, keyPos]), position('window', window)]);
       hidden = g.op('Or', [hidden, tooFar]);
     }
     bias = t.declare(g.op('Add', [g.op('Where', [hidden, masked, zero]), keys]), ['batch', 1, 1, 'seq', 'seq']);

@@ -4,6 +4,7 @@ import { cachedGraph } from '../graph/cache.ts';
 import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training-graph.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
+import { trainingOperators } from '../graph/training-operators.ts';
 
 /** One layer's stacked low-rank factors (or their gradients), R rank columns in all. */
 export interface LowRankFactors {
@@ -67,12 +68,19 @@ export class StepSession {
     opts: StepSessionOptions = {},
   ): Promise<StepSession> {
     const sorted = [...new Set(layers)].sort((a, b) => a - b);
-    const build = () => buildTrainingGraph(config, checkpoint, sorted);
+    const device = opts.device ?? 'cpu';
+    const build = () => buildTrainingGraph(config, checkpoint, sorted, device);
     const bytes = opts.cacheDir
       ? (
           await cachedGraph(
             opts.cacheDir,
-            { version: TRAINING_GRAPH_VERSION, config, weights: checkpoint.fingerprint, layers: sorted },
+            {
+              version: TRAINING_GRAPH_VERSION,
+              config,
+              weights: checkpoint.fingerprint,
+              layers: sorted,
+              operators: trainingOperators(device),
+            },
             build,
           )
         ).bytes
@@ -86,6 +94,7 @@ export class StepSession {
 
   /** Loss and gradients. */
   async run(batch: TrainingBatch): Promise<TrainingResult> {
+    if (!scoresAnything(batch)) return this.nothingScored(batch);
     const out = await this.session.run(this.feeds(batch), this.gradFetches);
     const grads = new Map<number, LowRankFactors>();
     for (const l of this.layers) {
@@ -100,6 +109,7 @@ export class StepSession {
 
   /** The loss alone (ORT runs only the nodes the fetched output needs). */
   async loss(batch: TrainingBatch): Promise<number> {
+    if (!scoresAnything(batch)) return 0;
     const out = await this.session.run(this.feeds(batch), [OUT.loss]);
     return (out[OUT.loss].data as Float32Array)[0];
   }
@@ -108,14 +118,27 @@ export class StepSession {
     await this.session.release();
   }
 
+  /**
+   * A batch with no completion token has loss 0 and zero gradients; it is answered without a
+   * pass, since reductions over the empty set of scored tokens fail on WebGPU.
+   */
+  private nothingScored(b: TrainingBatch): TrainingResult {
+    const d = this.config.hiddenSize;
+    const grads = new Map<number, LowRankFactors>();
+    for (const l of this.layers) {
+      const r = b.layers.get(l)?.bias.length ?? 0;
+      grads.set(l, { down: new Float32Array(r * d), bias: new Float32Array(r), up: new Float32Array(r * d) });
+    }
+    return { loss: 0, grads };
+  }
+
   private feeds(b: TrainingBatch): Record<string, ort.Tensor> {
     const dims = [b.batch, b.seq];
     const feeds: Record<string, ort.Tensor> = {
       [IN.inputIds]: new ort.Tensor('int64', b.inputIds, dims),
-      [IN.attentionMask]: new ort.Tensor('int64', b.attentionMask, dims),
+      [IN.attentionMask]: new ort.Tensor('float32', Float32Array.from(b.attentionMask, Number), dims),
       [IN.positionIds]: new ort.Tensor('int64', b.positionIds, dims),
-      [IN.targets]: new ort.Tensor('int64', b.targets, dims),
-      [IN.lossMask]: new ort.Tensor('float32', b.lossMask, dims),
+      ...scoredFeeds(b),
     };
     const d = this.config.hiddenSize;
     for (const l of this.layers) {
@@ -123,7 +146,7 @@ export class StepSession {
       if (!f) throw new Error(`training batch has no feed for layer ${l}`);
       const k = f.rows.length;
       const r = f.bias.length;
-      feeds[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [k]);
+      feeds[IN.ivRows(l)] = new ort.Tensor('int64', f.rows, [k, 1]);
       feeds[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [k, r]);
       feeds[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [r, d]);
       feeds[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [r]);
@@ -132,4 +155,28 @@ export class StepSession {
     }
     return feeds;
   }
+}
+
+const scoresAnything = (b: TrainingBatch): boolean => b.lossMask.some((w) => w !== 0);
+
+/** The scored tokens (loss mask ≠ 0) as the graph takes them: flat indices, next tokens, weights. */
+function scoredFeeds(b: TrainingBatch): Record<string, ort.Tensor> {
+  const at: number[] = [];
+  b.lossMask.forEach((w, i) => {
+    if (w !== 0) at.push(i);
+  });
+  const m = at.length;
+  return {
+    [IN.scored]: new ort.Tensor('int64', BigInt64Array.from(at, BigInt), [m, 1]),
+    [IN.scoredTargets]: new ort.Tensor(
+      'int64',
+      BigInt64Array.from(at, (i) => b.targets[i]),
+      [m, 1],
+    ),
+    [IN.scoredWeights]: new ort.Tensor(
+      'float32',
+      Float32Array.from(at, (i) => b.lossMask[i]),
+      [m, 1],
+    ),
+  };
 }

@@ -1,4 +1,5 @@
 import type { AttrValue, ElemType, GraphBuilder } from '../onnx.ts';
+import type { TrainingOperators } from '../training-operators.ts';
 import { RULES } from './rules/index.ts';
 import type { Shape } from './shape.ts';
 import type { Backward, ShapeQuery, TapeNode } from './types.ts';
@@ -17,8 +18,12 @@ export class Tape {
 
   private readonly backward: Backward;
 
-  constructor(readonly g: GraphBuilder) {
-    this.backward = new BackwardContext(g, this.query);
+  /** `operators`: how the backward pass makes zeros and element counts on the graph's device. */
+  constructor(
+    readonly g: GraphBuilder,
+    operators: Pick<TrainingOperators, 'zeros' | 'size'> = { zeros: 'ConstantOfShape', size: 'Size' },
+  ) {
+    this.backward = new BackwardContext(g, this.query, operators);
   }
 
   input(name: string, elemType: ElemType, dims: Shape): string {
@@ -114,6 +119,7 @@ class BackwardContext implements Backward {
   constructor(
     private readonly g: GraphBuilder,
     private readonly q: ShapeQuery,
+    private readonly operators: Pick<TrainingOperators, 'zeros' | 'size'>,
   ) {}
 
   shape(v: string): Shape {
@@ -145,7 +151,14 @@ class BackwardContext implements Backward {
 
   zerosLike(v: string): string {
     // ConstantOfShape's default value is a float32 zero.
-    return this.g.op('ConstantOfShape', [this.dynamicShape(v)]);
+    if (this.operators.zeros === 'ConstantOfShape') return this.g.op('ConstantOfShape', [this.dynamicShape(v)]);
+    return this.g.op('Expand', [this.scalar(0), this.dynamicShape(v)]);
+  }
+
+  elementCount(v: string): string {
+    const count =
+      this.operators.size === 'Size' ? this.g.op('Size', [v]) : this.g.op('ReduceProd', [this.dynamicShape(v)], { keepdims: 0 });
+    return this.g.op('Cast', [count], { to: 1 });
   }
 
   unbroadcast(dx: string, from: Shape, to: string): string {

@@ -26,6 +26,8 @@ export interface Backward extends ShapeQuery {
   /** The runtime shape of a forward value (one Shape node per value). */
   dynamicShape(value: string): string;
   zerosLike(value: string): string;
+  /** The element count of a value, as a float32 scalar. */
+  elementCount(value: string): string;
   /** Sums `dx` (shaped like `from`) over the axes a broadcast added, so it takes `to`'s shape. */
   unbroadcast(dx: string, from: Shape, to: string): string;
 }

@@ -101,6 +101,18 @@ export const Reciprocal: OpRule = {
   backward: (b, n, dy) => [b.op('Neg', [b.op('Mul', [dy, b.op('Mul', [n.output, n.output])])])],
 };
 
+/** y = eˣ: dx = dy·y */
+export const Exp: OpRule = {
+  shape: unaryShape,
+  backward: (b, n, dy) => [b.op('Mul', [dy, n.output])],
+};
+
+/** y = ln x: dx = dy / x */
+export const Log: OpRule = {
+  shape: unaryShape,
+  backward: (b, n, dy) => [b.op('Div', [dy, n.inputs[0]])],
+};
+
 /** y = σ(x): dx = dy·y·(1 − y) */
 export const Sigmoid: OpRule = {
   shape: unaryShape,

@@ -1,6 +1,6 @@
 import type { OpRule } from '../types.ts';
-import { Add, Div, Identity, Mul, Neg, Pow, Reciprocal, Sigmoid, Sqrt, Sub, Tanh, Where } from './elementwise.ts';
-import { Gather, GatherElements, ScatterND } from './indexing.ts';
+import { Add, Div, Exp, Identity, Log, Mul, Neg, Pow, Reciprocal, Sigmoid, Sqrt, Sub, Tanh, Where } from './elementwise.ts';
+import { Gather, GatherElements, GatherND, ScatterND } from './indexing.ts';
 import { Expand, Reshape, Squeeze, Transpose, Unsqueeze } from './layout.ts';
 import { Gemm, MatMul } from './matmul.ts';
 import { LogSoftmax, ReduceMean, ReduceSum, Softmax } from './reductions.ts';
@@ -13,6 +13,8 @@ export const RULES: Readonly<Record<string, OpRule>> = {
   Div,
   Pow,
   Neg,
+  Exp,
+  Log,
   Identity,
   Sqrt,
   Reciprocal,
@@ -28,6 +30,7 @@ export const RULES: Readonly<Record<string, OpRule>> = {
   Expand,
   Gather,
   GatherElements,
+  GatherND,
   ScatterND,
   ReduceSum,
   ReduceMean,

@@ -22,6 +22,25 @@ export const Gather: OpRule = {
   },
 };
 
+/**
+ * y = data[indices] for indices [..., 1] (batch_dims 0), one index per output row: the same
+ * gradient as Gather's, with the indices already in ScatterND's form (no int64 Unsqueeze, which
+ * WebGPU cannot run).
+ */
+export const GatherND: OpRule = {
+  shape: (n, q) => {
+    const data = q.shape(n.inputs[0]);
+    const indices = q.shape(n.inputs[1]);
+    if (indices.at(-1) !== 1 || (n.attrs.batch_dims ?? 0) !== 0) throw new Error('GatherND: only [..., 1] indices, batch_dims 0');
+    return [...indices.slice(0, -1), ...data.slice(1)];
+  },
+  backward: (b, n, dy, wants) => {
+    if (!wants[0]) return [null, null];
+    const [data, indices] = n.inputs;
+    return [b.op('ScatterND', [b.zerosLike(data), indices, dy], { reduction: 'add' }), null];
+  },
+};
+
 /** y[i][j] = data[i][indices[i][j]] (along `axis`): the same, with ScatterElements. */
 export const GatherElements: OpRule = {
   shape: (n, q) => q.shape(n.inputs[1]),

@@ -37,10 +37,7 @@ export const ReduceMean: OpRule = {
   backward: (b, n, dy) => {
     const x = b.shape(n.inputs[0]);
     const count = product(reducedAxes(n, b).map((a) => x[a]));
-    const scale =
-      typeof count === 'number'
-        ? b.scalar(1 / count)
-        : b.op('Div', [b.op('Cast', [b.op('Size', [n.output])], { to: 1 }), b.op('Cast', [b.op('Size', [n.inputs[0]])], { to: 1 })]);
+    const scale = typeof count === 'number' ? b.scalar(1 / count) : b.op('Div', [b.elementCount(n.output), b.elementCount(n.inputs[0])]);
     return [b.op('Mul', [spread(b, n, dy), scale]), null];
   },
 };
