@@ -48,12 +48,6 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
   } as ort.InferenceSession.SessionOptions);
 }
 
-function executionProviders(device: Device): ort.InferenceSession.ExecutionProviderConfig[] {
-  if (device === 'cuda') return ['cuda', 'cpu'];
-  if (device === 'webgpu') return [{ name: 'webgpu' }];
-  return ['cpu'];
-}
-
 /** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
 export async function cudaAvailable(): Promise<boolean> {
   // Without the provider libraries beside the binding, asking ORT for CUDA only makes it print a
