@@ -1,10 +1,10 @@
 import * as ort from 'onnxruntime-node';
 import { createSession, type SessionOptions } from '../engine/session.ts';
 import { cachedGraph } from '../graph/cache.ts';
+import { trainingOperators } from '../graph/training-operators.ts';
 import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training-graph.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
-import { trainingOperators } from '../graph/training-operators.ts';
 
 /** One layer's stacked low-rank factors (or their gradients), R rank columns in all. */
 export interface LowRankFactors {

@@ -1,5 +1,5 @@
 import type { AttrValue, ElemType, GraphBuilder } from '../onnx.ts';
-import type { TrainingOperators } from '../training-operators.ts';
+import { trainingOperators, type TrainingOperators } from '../training-operators.ts';
 import { RULES } from './rules/index.ts';
 import type { Shape } from './shape.ts';
 import type { Backward, ShapeQuery, TapeNode } from './types.ts';
@@ -21,7 +21,7 @@ export class Tape {
   /** `operators`: how the backward pass makes zeros and element counts on the graph's device. */
   constructor(
     readonly g: GraphBuilder,
-    operators: Pick<TrainingOperators, 'zeros' | 'size'> = { zeros: 'ConstantOfShape', size: 'Size' },
+    operators: Pick<TrainingOperators, 'zeros' | 'size'> = trainingOperators('cpu'),
   ) {
     this.backward = new BackwardContext(g, this.query, operators);
   }
