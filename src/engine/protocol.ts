@@ -10,6 +10,8 @@ export interface WorkerInit {
   limits: SchedulerLimits;
   threads?: number;
   device?: Device;
+  /** Bytes the KV cache may hold on the device (WebGPU). */
+  deviceKvBudget?: number;
 }
 
 export type ToWorker =

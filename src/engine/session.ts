@@ -4,12 +4,20 @@ import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 
-export type Device = 'cpu' | 'cuda';
+export type Device = 'cpu' | 'cuda' | 'webgpu';
 
 export interface SessionOptions {
   device?: Device;
   /** Intra-op threads; defaults to every core. */
   threads?: number;
+  /** Outputs to leave on the device ('gpu-buffer'), e.g. a KV cache fed back next step. */
+  outputLocations?: Record<string, 'cpu' | 'gpu-buffer'>;
+}
+
+function executionProviders(device: Device | undefined): ort.InferenceSession.SessionOptions['executionProviders'] {
+  if (device === 'cuda') return ['cuda', 'cpu'];
+  if (device === 'webgpu') return [{ name: 'webgpu' }];
+  return ['cpu'];
 }
 
 /**
@@ -19,7 +27,8 @@ export interface SessionOptions {
 export async function createSession(graph: Uint8Array, dataDir: string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
   const threads = opts.threads ?? availableParallelism();
   return ort.InferenceSession.create(graph, {
-    executionProviders: opts.device === 'cuda' ? ['cuda', 'cpu'] : ['cpu'],
+    executionProviders: executionProviders(opts.device),
+    ...(opts.outputLocations ? { preferredOutputLocation: opts.outputLocations } : {}),
     graphOptimizationLevel: 'all',
     intraOpNumThreads: threads,
     interOpNumThreads: 1,
