@@ -35,7 +35,7 @@ export const storeOptions = () => [
 
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
 export interface WorkerFlags {
-  device: 'cpu' | 'cuda';
+  device: 'cpu' | 'cuda' | 'webgpu';
   leaseMs: number;
   pollMs: number;
   checkpointMs: number;
@@ -46,7 +46,13 @@ export interface WorkerFlags {
 }
 
 export const workerOptions = () => [
-  envOption('--device <device>', 'where the training worker runs: cpu or cuda', 'REFT_DEVICE', undefined, 'cpu').choices(['cpu', 'cuda']),
+  envOption(
+    '--device <device>',
+    'where the model runs (serve: generation and its training worker): cpu, cuda or webgpu',
+    'REFT_DEVICE',
+    undefined,
+    'cpu',
+  ).choices(['cpu', 'cuda', 'webgpu']),
   envOption(
     '--lease-ms <ms>',
     'a claimed job is re-claimed this long after its worker stops heartbeating',

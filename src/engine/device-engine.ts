@@ -15,12 +15,11 @@ import { DeviceKvCache, disposeSet, emptySet, setBytes, type KvSet } from './dev
 import type { PrefillInput, PrefillOutput, SequenceId } from './engine.ts';
 import type { ExecutorOptions, StepExecutor, StepSample } from './executor.ts';
 import { interventionFeeds } from './intervention-feeds.ts';
+import { DEFAULT_DEVICE_KV_BUDGET } from './protocol.ts';
 import { createSession } from './session.ts';
 import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
 
 const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
-/** Bytes the device KV cache may hold unless told otherwise. */
-export const DEFAULT_DEVICE_KV_BUDGET = 1 << 30;
 
 /** Bytes a step handed to the device and took back (host ↔ device traffic through ORT). */
 export interface StepTransfer {

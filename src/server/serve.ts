@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { EngineClient } from '../engine/engine-client.ts';
+import type { Device } from '../engine/session.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
 import { ReftError } from '../errors.ts';
 import { parseArtifact } from '../interventions/artifact.ts';
@@ -49,6 +50,10 @@ export interface ServeSettings {
   usageFlushMs: number;
   logLevel: string;
   threads?: number;
+  /** Where the engine runs the model (default cpu). */
+  device?: Device;
+  /** Bytes the KV cache may hold on the device (WebGPU). */
+  deviceKvBudget?: number;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
@@ -111,7 +116,14 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
 
   const ready = (async () => {
     const model = await loadModel(dir);
-    const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
+    const engine = await EngineClient.start({
+      modelDir: dir,
+      cacheDir: s.cacheDir,
+      limits: s.engineLimits,
+      threads: s.threads,
+      device: s.device,
+      deviceKvBudget: s.deviceKvBudget,
+    });
     engine.onCrash((err) => {
       // Without its engine the server can only refuse: exit so a supervisor starts a fresh one.
       app.log.fatal({ err: err.message }, 'engine crashed; exiting');
