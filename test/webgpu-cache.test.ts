@@ -6,6 +6,9 @@ import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { STORIES, inferenceCases } from './support/fixtures.ts';
 import type { Engine } from '../src/engine/engine.ts';
+import { joinGraph, selectGraph } from '../src/engine/device-kv-cache.ts';
+import { buildDecoderGraph } from '../src/graph/decoder.ts';
+import { nodePlacement } from './support/placement.ts';
 
 /**
  * The KV cache on the device: ORT's WebGPU provider (on Mesa's llvmpipe here), stories260k.
@@ -158,5 +161,22 @@ describe('KV cache on the WebGPU device', () => {
     const genB = gens.get(b)!;
     expect(genB).toEqual((await solo(cases[3].prompt, cases[3].interventions)).slice(0, genB.length));
     expect(gens.get(d.id)).toEqual((await solo(cases[4].prompt, cases[4].interventions)).slice(0, 6));
+  });
+
+  it("the cache's join and select graphs run wholly on the device, and so do the decoder's attention and sampling", async () => {
+    const layers = 2 * model.config.numLayers;
+    for (const graph of [joinGraph(model.config, layers), selectGraph(model.config, layers)]) {
+      expect([...(await nodePlacement(graph, '.', 'webgpu')).keys()]).toEqual(['WebGpuExecutionProvider']);
+    }
+    const decoder = await nodePlacement(
+      buildDecoderGraph(model.config, model.checkpoint, undefined, 'device'),
+      model.checkpoint.dataDir,
+      'webgpu',
+    );
+    const onDevice = new Set((decoder.get('WebGpuExecutionProvider') ?? []).map((n) => n.op));
+    for (const op of ['GroupQueryAttention', 'ArgMax', 'ReduceMax', 'ReduceLogSumExp']) expect(onDevice, op).toContain(op);
+    const onCpu = new Set((decoder.get('CPUExecutionProvider') ?? []).map((n) => n.op));
+    for (const op of ['GroupQueryAttention', 'ArgMax', 'ReduceMax', 'ReduceLogSumExp', 'Gather', 'Pad', 'Concat'])
+      expect(onCpu, op).not.toContain(op);
   });
 });

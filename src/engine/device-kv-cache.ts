@@ -154,7 +154,7 @@ function padsTensor(extra: number): ort.Tensor {
 }
 
 /** y.i = Concat(Pad(a.i, pad_a), Pad(b.i, pad_b)) along rows: two sets' rows, one length. */
-function joinGraph(shape: KvShape, n: number): Uint8Array {
+export function joinGraph(shape: KvShape, n: number): Uint8Array {
   const g = new GraphBuilder('kv_join');
   const dims = (rows: string, length: string) => [rows, shape.numKvHeads, length, shape.headDim];
   const padA = g.input('pad_a', 'int64', [8]);
@@ -169,7 +169,7 @@ function joinGraph(shape: KvShape, n: number): Uint8Array {
 }
 
 /** y.i = x.i[rows, :, :length]: picks, orders and trims rows. */
-function selectGraph(shape: KvShape, n: number): Uint8Array {
+export function selectGraph(shape: KvShape, n: number): Uint8Array {
   const g = new GraphBuilder('kv_select');
   const dims = (rows: string, length: string) => [rows, shape.numKvHeads, length, shape.headDim];
   const rows = g.input('rows', 'int64', ['kept']);
