@@ -5,6 +5,7 @@ import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
+import { DEFAULT_DEVICE_KV_BUDGET } from '../engine/protocol.ts';
 import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
@@ -40,6 +41,7 @@ interface ServeFlags extends WorkerFlags {
   usageFlushMs: number;
   threads?: number;
   logLevel: string;
+  deviceKvBudget: number;
 }
 
 export function serveCommand(): Command {
@@ -193,6 +195,15 @@ export function serveCommand(): Command {
       ),
     )
     .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
+    .addOption(
+      opt(
+        '--device-kv-budget <bytes>',
+        'bytes the KV cache may hold on a GPU (--device webgpu); requests beyond it wait in the queue',
+        'REFT_DEVICE_KV_BUDGET',
+        int('--device-kv-budget', 1),
+        DEFAULT_DEVICE_KV_BUDGET,
+      ),
+    )
     .addOption(opt('--log-level <level>', 'pino log level', 'REFT_LOG_LEVEL', undefined, 'info'))
     .action(runServe);
 }
@@ -259,6 +270,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     logLevel: f.logLevel,
     threads: f.threads,
     device: f.device,
+    deviceKvBudget: f.deviceKvBudget,
   });
   const stop = (signal: string) => {
     server.shutdown(signal).then(

@@ -16,6 +16,8 @@ import type { ModelConfig } from '../model/config.ts';
 import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
 import { KvCache, type RowSource } from './kv-cache.ts';
 import { createSession, type SessionOptions } from './session.ts';
+import type { StepExecutor, StepSample } from './executor.ts';
+import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
 
 /**
  * Step-level execution of the decoder graph over a running batch. The scheduler (or a single
@@ -54,7 +56,7 @@ export interface EngineOptions extends SessionOptions {
 
 const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
 
-export class Engine {
+export class Engine implements StepExecutor {
   private readonly cache: KvCache;
   private readonly rowOf = new Map<SequenceId, number>();
   private readonly idOf: SequenceId[] = [];
@@ -276,8 +278,7 @@ export class Engine {
   }
 
   private setInterventions(feeds: Record<string, ort.Tensor>, layerFeeds: LayerInterventionFeed[]): void {
-    Object.assign(feeds, toTensors(layerFeeds, this.config.hiddenSize));
-    feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
+    setInterventions(feeds, layerFeeds, this.config.hiddenSize);
   }
 
   private addSequence(): SequenceId {
@@ -354,6 +355,17 @@ export class Engine {
     return result;
   }
 
+  /** The host cache's logits are already in host memory: every sequence gets them. */
+  async decodeStep(tokens: ReadonlyMap<SequenceId, number>): Promise<Map<SequenceId, StepSample>> {
+    const logits = await this.decode(tokens);
+    return new Map([...logits].map(([id, l]) => [id, { logits: l }]));
+  }
+
+  /** Host memory is bounded by the scheduler's tokens in flight. */
+  kvFits(): boolean {
+    return true;
+  }
+
   /** Drops a sequence from the running batch and frees its cache row. */
   release(id: SequenceId): void {
     const r = this.rowOf.get(id);
@@ -374,63 +386,4 @@ export class Engine {
   async close(): Promise<void> {
     await this.session.release();
   }
-}
-
-/**
- * A step's token inputs: ids and positions [b, seq], each row's seqlens_k (its last valid
- * position), the total length, and the (row, position) pairs whose logits are wanted.
- */
-function tokenFeeds(
-  b: number,
-  seq: number,
-  t: { ids: BigInt64Array; positions: BigInt64Array; seqlens: Int32Array; total: number; logitPairs: BigInt64Array },
-): Record<string, ort.Tensor> {
-  return {
-    [IN.inputIds]: new ort.Tensor('int64', t.ids, [b, seq]),
-    [IN.positionIds]: new ort.Tensor('int64', t.positions, [b, seq]),
-    [IN.seqlensK]: new ort.Tensor('int32', t.seqlens, [b]),
-    [IN.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(t.total), []),
-    [IN.logitIndex]: new ort.Tensor('int64', t.logitPairs, [t.logitPairs.length / 2, 2]),
-  };
-}
-
-function concatFloats(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
-function toTensors(feeds: LayerInterventionFeed[], d: number): Record<string, ort.Tensor> {
-  const out: Record<string, ort.Tensor> = {};
-  feeds.forEach((f, l) => {
-    out[IN.ivIndex(l)] = new ort.Tensor('int64', f.index, [f.k, 2]);
-    out[IN.ivMask(l)] = new ort.Tensor('float32', f.mask, [f.k, f.r]);
-    out[IN.ivDown(l)] = new ort.Tensor('float32', f.down, [f.r, d]);
-    out[IN.ivBias(l)] = new ort.Tensor('float32', f.bias, [f.r]);
-    out[IN.ivUp(l)] = new ort.Tensor('float32', f.up, [f.r, d]);
-  });
-  return out;
-}
-
-function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.Tensor> {
-  const empty = {
-    index: new BigInt64Array(0),
-    mask: new Float32Array(0),
-    down: new Float32Array(0),
-    bias: new Float32Array(0),
-    up: new Float32Array(0),
-    k: 0,
-    r: 0,
-  };
-  return {
-    ...toTensors(
-      Array.from({ length: config.numLayers }, () => empty),
-      config.hiddenSize,
-    ),
-    [IN.hasInterventions]: new ort.Tensor('bool', Uint8Array.of(0), []),
-  };
 }

@@ -90,10 +90,29 @@ export class Generation {
     return this.finishReason !== null;
   }
 
+  /**
+   * Whether the next token is plain greedy over the model's logits with at most its own
+   * logprob reported, so a device can pick it (argmax in the graph) without sending the logits.
+   */
+  get samplesGreedily(): boolean {
+    const p = this.request.sampling;
+    const adjusted = p.repetitionPenalty !== 1 || !!p.frequencyPenalty || !!p.presencePenalty || !!p.logitBias?.length;
+    return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0;
+  }
+
   /** Picks the next token from `logits`, records it, and decides whether generation ends. */
   accept(logits: Float32Array): TokenEvent {
     const token = this.sampler.next(logits);
-    const lp = this.request.logprobs ? tokenLogprob(logits, token, this.request.topLogprobs) : undefined;
+    return this.take(token, this.request.logprobs ? tokenLogprob(logits, token, this.request.topLogprobs) : undefined);
+  }
+
+  /** Records a token picked on the device (only when `samplesGreedily`), with its logprob. */
+  acceptSampled(token: number, logprob: number): TokenEvent {
+    if (!this.samplesGreedily) throw new Error('acceptSampled: this generation needs the logits to pick its tokens');
+    return this.take(token, this.request.logprobs ? { token, logprob } : undefined);
+  }
+
+  private take(token: number, lp: TokenLogprob | undefined): TokenEvent {
     if (lp) this.logprobs.push(lp);
     this.tokens.push(token);
     const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);

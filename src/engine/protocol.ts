@@ -3,6 +3,9 @@ import type { GenerationRequest, GenerationResult, TokenEvent } from './generati
 import type { SchedulerLimits, SchedulerStats } from './scheduler.ts';
 import type { Device } from './session.ts';
 
+/** Bytes the device KV cache may hold unless told otherwise (--device-kv-budget). */
+export const DEFAULT_DEVICE_KV_BUDGET = 1 << 30;
+
 /** Messages between the main thread (EngineClient) and the engine's worker thread. */
 export interface WorkerInit {
   modelDir: string;
@@ -10,6 +13,8 @@ export interface WorkerInit {
   limits: SchedulerLimits;
   threads?: number;
   device?: Device;
+  /** Bytes the KV cache may hold on the device (WebGPU). */
+  deviceKvBudget?: number;
 }
 
 export type ToWorker =

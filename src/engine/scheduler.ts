@@ -1,5 +1,6 @@
 import { ReftError } from '../errors.ts';
-import type { Engine, SequenceId } from './engine.ts';
+import type { SequenceId } from './engine.ts';
+import type { StepExecutor, StepSample } from './executor.ts';
 import {
   Generation,
   checkPromptFits,
@@ -65,7 +66,7 @@ export class Scheduler {
   private lastBatchSize = 0;
 
   constructor(
-    private readonly engine: Engine,
+    private readonly engine: StepExecutor,
     private readonly detokenizer: Detokenizer,
     private readonly eosTokenIds: ReadonlySet<number>,
     readonly limits: SchedulerLimits = DEFAULT_LIMITS,
@@ -94,6 +95,13 @@ export class Scheduler {
       throw new ReftError(
         'invalid_request',
         `prompt plus max_new_tokens (${budget}) exceeds the server's max tokens in flight (${this.limits.maxTokensInFlight})`,
+        'max_new_tokens',
+      );
+    }
+    if (!this.engine.kvFits(1, budget)) {
+      throw new ReftError(
+        'invalid_request',
+        `prompt plus max_new_tokens (${budget}) alone would exceed the device's KV cache budget`,
         'max_new_tokens',
       );
     }
@@ -160,7 +168,7 @@ export class Scheduler {
       const next = this.queue[0];
       const n = next.generation.request.tokens.length;
       const fitsBatch = this.running.size + (this.pending ? 1 : 0) + admitted.length < this.limits.maxBatchSize;
-      const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
+      const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight && this.fitsKv(admitted, next);
       // a long prompt is prefilled a chunk per step, outside the step's prompt budget, one at a time
       const long = this.isLong(next);
       const fitsPrefill = long
@@ -174,6 +182,16 @@ export class Scheduler {
       this.tokensInFlight += next.budget;
     }
     return admitted;
+  }
+
+  /**
+   * Whether the running rows, those admitted this step and `next` fit the engine's KV cache at
+   * their longest budget (a device cache is padded to its longest row); if not, `next` waits.
+   */
+  private fitsKv(admitted: Entry[], next: Entry): boolean {
+    const rows = [...this.running.values(), ...admitted, next];
+    if (this.pending) rows.push(this.pending);
+    return this.engine.kvFits(rows.length, Math.max(...rows.map((e) => e.budget)));
   }
 
   private async prefill(entries: Entry[]): Promise<void> {
@@ -221,25 +239,34 @@ export class Scheduler {
 
   private async decode(): Promise<void> {
     const tokens = new Map<SequenceId, number>();
-    for (const [seq, e] of this.running) tokens.set(seq, e.generation.tokens[e.generation.tokens.length - 1]);
+    const needLogits = new Set<SequenceId>();
+    for (const [seq, e] of this.running) {
+      tokens.set(seq, e.generation.tokens[e.generation.tokens.length - 1]);
+      if (!e.generation.samplesGreedily) needLogits.add(seq);
+    }
     this.lastBatchSize = tokens.size;
     this.steps++;
-    let logits;
+    let samples;
     try {
-      logits = await this.engine.decode(tokens);
+      samples = await this.engine.decodeStep(tokens, needLogits);
     } catch (err) {
       for (const e of [...this.running.values()]) this.fail(e, err);
       return;
     }
-    for (const [seq, l] of logits) {
+    for (const [seq, sample] of samples) {
       const e = this.running.get(seq);
-      if (e && !e.generation.done) this.emit(e, l);
+      if (e && !e.generation.done) this.emit(e, sample);
     }
   }
 
-  private emit(e: Entry, logits: Float32Array): void {
+  private emit(e: Entry, sample: Float32Array | StepSample): void {
     if (e.generation.done) return; // cancelled while the step ran
-    const event = e.generation.accept(logits);
+    const event =
+      sample instanceof Float32Array
+        ? e.generation.accept(sample)
+        : 'logits' in sample
+          ? e.generation.accept(sample.logits)
+          : e.generation.acceptSampled(sample.token, sample.logprob);
     try {
       e.sink.onToken(event);
     } catch {

@@ -10,6 +10,8 @@ export interface SessionOptions {
   device?: Device;
   /** Intra-op threads; defaults to every core (one under WebGPU, where the CPU only does shapes). */
   threads?: number;
+  /** Outputs to leave on the device ('gpu-buffer'), e.g. a KV cache fed back next step. */
+  outputLocations?: Record<string, 'cpu' | 'gpu-buffer'>;
 }
 
 /**
@@ -33,6 +35,7 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
   const threads = opts.threads ?? (device === 'webgpu' ? 1 : availableParallelism());
   return ort.InferenceSession.create(graph, {
     executionProviders: executionProviders(device),
+    ...(opts.outputLocations ? { preferredOutputLocation: opts.outputLocations } : {}),
     graphOptimizationLevel: 'all',
     intraOpNumThreads: threads,
     interOpNumThreads: 1,

@@ -1,7 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { ReftError } from '../errors.ts';
 import { loadModel } from '../model/load.ts';
-import { Engine } from './engine.ts';
+import { createEngine } from './executor.ts';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.ts';
 import { Scheduler } from './scheduler.ts';
 
@@ -15,10 +15,11 @@ const serialize = (e: unknown) => ReftError.from(e).toJSON();
 
 async function main(init: WorkerInit): Promise<void> {
   const model = await loadModel(init.modelDir);
-  const engine = await Engine.create(model.config, model.checkpoint, {
+  const engine = await createEngine(model.config, model.checkpoint, {
     cacheDir: init.cacheDir,
     threads: init.threads,
     device: init.device,
+    deviceKvBudget: init.deviceKvBudget,
   });
   const scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
   port.on('message', (msg: ToWorker) => {

@@ -43,7 +43,18 @@ import { checkpointWeights, offsetWeight } from './weights.ts';
  * The block sits in an If on `has_interventions`, so a step without edits (every decode step)
  * skips it.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v4';
+export const DECODER_GRAPH_VERSION = 'decoder-v5';
+
+/**
+ * Where the graph's caller keeps the KV cache:
+ * - `host`: the graph returns only the new K/V rows (or packed qkv) for the host to append.
+ * - `device`: GroupQueryAttention's `present_key.L` / `present_value.L` ([batch, kv_heads,
+ *   max(past, total), head_dim], each row valid up to its own length) are outputs, meant to stay
+ *   on the device and come back as the next step's past (as onnxruntime-genai feeds them). The
+ *   graph also greedy-samples on the device: `next_token` (argmax of each logit row) and
+ *   `next_logprob` (its log-probability), so a greedy step downloads ids, not logits.
+ */
+export type KvCacheSide = 'host' | 'device';
 
 const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
 
@@ -54,6 +65,8 @@ export const decoderInputs = {
   totalSequenceLength: 'total_sequence_length',
   hasInterventions: 'has_interventions',
   logitIndex: 'logit_index',
+  /** Device cache only: which logit rows come back to the host as `logits`. */
+  hostLogitRows: 'host_logit_rows',
   pastKey: (l: number) => `past_key.${l}`,
   pastValue: (l: number) => `past_value.${l}`,
   ivIndex: (l: number) => `iv.${l}.index`,
@@ -65,6 +78,10 @@ export const decoderInputs = {
 
 export const decoderOutputs = {
   logits: 'logits',
+  nextToken: 'next_token',
+  nextLogprob: 'next_logprob',
+  presentKey: (l: number) => `present_key.${l}`,
+  presentValue: (l: number) => `present_value.${l}`,
   newKey: (l: number) => `new_key.${l}`,
   newValue: (l: number) => `new_value.${l}`,
   qkv: (l: number) => `qkv.${l}`,
@@ -85,6 +102,7 @@ export function buildDecoderGraph(
   checkpoint: Checkpoint,
   layout: AttentionLayout = defaultAttentionLayout(config),
   device: Device = 'cpu',
+  cache: KvCacheSide = 'host',
 ): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
   const inputs = {
@@ -95,8 +113,24 @@ export function buildDecoderGraph(
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
   };
-  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, device, inputs), config);
-  g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
+  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, device, cache, inputs), config);
+  if (cache === 'host') {
+    g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
+    return g.encode(OPSETS);
+  }
+  // Every output is fetched every run (the binding pre-allocates unfetched ones at their last
+  // shape when some outputs stay on the device), so the logits the host needs are chosen by an
+  // input: `host_logit_rows` of the logit rows, none on a greedy step.
+  const hostRows = g.input(decoderInputs.hostLogitRows, 'int64', ['host_rows']);
+  const hostLogits = g.op('Gather', [logits, hostRows], { axis: 0 }, { name: decoderOutputs.logits });
+  g.output(hostLogits, hostLogits, 'float32', ['host_rows', config.vocabSize]);
+  const token = g.op('ArgMax', [logits], { axis: -1, keepdims: 0 }, { name: decoderOutputs.nextToken });
+  g.output(token, token, 'int64', ['logit_rows']);
+  const vocabAxis = g.int64s('vocab_axis', [-1]);
+  const best = g.op('ReduceMax', [logits, vocabAxis], { keepdims: 0 });
+  const lse = g.op('ReduceLogSumExp', [logits, vocabAxis], { keepdims: 0 });
+  const logprob = g.op('Sub', [best, lse], {}, { name: decoderOutputs.nextLogprob });
+  g.output(logprob, logprob, 'float32', ['logit_rows']);
   return g.encode(OPSETS);
 }
 
@@ -116,6 +150,7 @@ function inferenceOps(
   checkpoint: Checkpoint,
   layout: AttentionLayout,
   device: Device,
+  cache: KvCacheSide,
   inputs: DecoderGraphInputs,
 ): ForwardOps {
   const { numHeads, numKvHeads, headDim, hiddenSize: d } = config;
@@ -154,6 +189,24 @@ function inferenceOps(
     const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', numKvHeads, 'past', headDim]);
     const gqa = { num_heads: numHeads, kv_num_heads: numKvHeads, ...attentionAttributes(config, layer) };
     const { seqlensK, totalSeq } = inputs;
+    const host = cache === 'host';
+    /** GQA's output; under a device cache its presents become the graph's outputs. */
+    const attend = (gqaInputs: string[], rotary: Record<string, AttrValue>): string => {
+      const outputs = host ? undefined : [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
+      const [out, presentKey, presentValue] = g.opN(
+        'GroupQueryAttention',
+        gqaInputs,
+        3,
+        { ...gqa, ...rotary },
+        { domain: MS_DOMAIN, outputs },
+      );
+      if (!host) {
+        const dims = ['batch', numKvHeads, 'present', headDim];
+        g.output(presentKey, presentKey, 'float32', dims);
+        g.output(presentValue, presentValue, 'float32', dims);
+      }
+      return out;
+    };
     if (layout === 'packed') {
       if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
       const stack = (part: 'weight' | 'bias') =>
@@ -162,32 +215,22 @@ function inferenceOps(
           [layer.q, layer.k, layer.v].map((w) => weight(w[part]!)),
           { axis: 0 },
         );
-      const qkv = project(x, stack('weight'), layer.q.bias ? stack('bias') : null, decoderOutputs.qkv(l));
-      g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
-      return g.opN(
-        'GroupQueryAttention',
-        [qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin],
-        3,
-        { ...gqa, do_rotary: 1, rotary_interleaved: 0 },
-        { domain: MS_DOMAIN },
-      )[0];
+      const qkv = project(x, stack('weight'), layer.q.bias ? stack('bias') : null, host ? decoderOutputs.qkv(l) : undefined);
+      if (host) g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
+      return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 });
     }
     const rotary = (t: string, heads: number, name?: string) =>
       g.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
     const normed = (t: string, w: string | null) => (w ? headNorm(t, w) : t);
     const q = rotary(normed(linear(x, layer.q), layer.qNorm), numHeads);
     // K and V are graph outputs under their own names (an Identity would copy them).
-    const k = rotary(normed(linear(x, layer.k), layer.kNorm), numKvHeads, decoderOutputs.newKey(l));
-    const v = linear(x, layer.v, decoderOutputs.newValue(l));
-    g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
-    g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
-    return g.opN(
-      'GroupQueryAttention',
-      [q, k, v, pastKey, pastValue, seqlensK, totalSeq],
-      3,
-      { ...gqa, do_rotary: 0 },
-      { domain: MS_DOMAIN },
-    )[0];
+    const k = rotary(normed(linear(x, layer.k), layer.kNorm), numKvHeads, host ? decoderOutputs.newKey(l) : undefined);
+    const v = linear(x, layer.v, host ? decoderOutputs.newValue(l) : undefined);
+    if (host) {
+      g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
+      g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
+    }
+    return attend([q, k, v, pastKey, pastValue, seqlensK, totalSeq], { do_rotary: 0 });
   };
 
   return {
@@ -225,8 +268,9 @@ function inferenceOps(
     intervene: (h, l) => interventionBlock(g, h, l, d, inputs.hasInterventions),
     logitRows: (h) => g.op('GatherND', [h, inputs.logitIndex]),
     logits: (x, w, softcap) => {
-      if (softcap === null) return vocabProject(x, weight(w), decoderOutputs.logits);
-      return softcapOp(g, vocabProject(x, weight(w)), softcap, decoderOutputs.logits);
+      const name = cache === 'host' ? decoderOutputs.logits : undefined;
+      if (softcap === null) return vocabProject(x, weight(w), name);
+      return softcapOp(g, vocabProject(x, weight(w)), softcap, name);
     },
   };
 }

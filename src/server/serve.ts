@@ -52,6 +52,8 @@ export interface ServeSettings {
   threads?: number;
   /** Where the engine runs (default auto: CUDA, else a hardware GPU through WebGPU, else the CPU). */
   device?: DeviceChoice;
+  /** Bytes the KV cache may hold on the device (WebGPU). */
+  deviceKvBudget?: number;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
@@ -121,6 +123,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       limits: s.engineLimits,
       threads: s.threads,
       device: placement.device,
+      deviceKvBudget: s.deviceKvBudget,
     });
     metrics.device.set({ device: placement.device, adapter: placement.adapter }, 1);
     engine.onCrash((err) => {

@@ -2,6 +2,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Engine, type PrefillInput } from '../../src/engine/engine.ts';
+import type { StepExecutor } from '../../src/engine/executor.ts';
 import { argmax } from '../../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../../src/model/load.ts';
 import { STORIES } from './fixtures.ts';
@@ -23,7 +24,7 @@ export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 }
 
 /** Greedy continuations of every row, decoded together with the KV cache. */
-export async function greedyBatch(engine: Engine, rows: readonly PrefillInput[], steps: number): Promise<number[][]> {
+export async function greedyBatch(engine: StepExecutor, rows: readonly PrefillInput[], steps: number): Promise<number[][]> {
   const outs = await engine.prefill(rows);
   const gens = outs.map((o) => [argmax(o.logits)]);
   for (let s = 1; s < steps; s++) {
