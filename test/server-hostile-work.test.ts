@@ -16,7 +16,7 @@ let api: Api;
 
 beforeAll(async () => {
   server = await startServerProcess({
-    args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1'],
+    args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1', '--tenant-max-queued', '0'],
   });
   api = { url: server.url };
 });
