@@ -77,6 +77,24 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     );
   });
 
+  it('training data just inside the budgets is tokenized at job creation off the event loop, while /healthz keeps answering', async () => {
+    // 48 rows (limit 50), 19,000-odd characters (limit 20,000): every row is tokenized to check it
+    const rows = Array.from({ length: 48 }, (_, i) => ({
+      prompt: `Story ${i}: once upon a time`,
+      completion: ' there was a cat. '.repeat(21),
+    }));
+    const chars = rows.reduce((n, r) => n + r.prompt.length + r.completion.length, 0);
+    expect(chars).toBeGreaterThan(18_000);
+    expect(chars).toBeLessThanOrEqual(20_000);
+    const probe = await whileProbing(api, server.proc.pid!, () =>
+      json(api, 'POST', '/v1/training/jobs', { data: rows, hyperparameters: { max_steps: 1, batch_size: 1 } }),
+    );
+    expect(probe.result.status, JSON.stringify(probe.result.body)).toBe(202);
+    expectHealthzResponsive(probe);
+    await json(api, 'POST', `/v1/training/jobs/${probe.result.body.id}/cancel`);
+    await stillGenerates(api);
+  });
+
   it('training text over the character budget is a 413 at job creation, before tokenizing', async () => {
     const form = new FormData();
     form.append(
