@@ -137,6 +137,8 @@ describe('finding 3: a large batch trains in planned micro-batches, within the m
     const ownApi = { url: own.url };
     try {
       const workerPid = Number(own.logs.find((l) => l.msg === 'training worker started')!.pid);
+      // measured from a ready worker (model loaded), which logs through its server's stdout
+      await until('the worker to be ready', async () => own.logs.some((l) => l.msg === 'training worker ready'));
       const before = rssMb(workerPid);
       let peak = before;
       const sampler = setInterval(() => {
