@@ -104,3 +104,29 @@ describe('scheduler with long prompts', () => {
     expect(engine.liveSequences).toEqual([]);
   });
 });
+
+describe('tenants take turns for batch slots', () => {
+  it("with one tenant's requests queued first, another tenant's request is admitted at the next free slot", async () => {
+    const one = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), { ...DEFAULT_LIMITS, maxBatchSize: 1 });
+    const prompt = model.tokenizer.encode('Once upon a time');
+    const started: string[] = [];
+    const run = (name: string, tenant: string) =>
+      new Promise<GenerationResult>((resolve, reject) =>
+        one.submit(
+          name,
+          { ...request(prompt, 3), tenant },
+          {
+            onToken: () => {
+              if (!started.includes(name)) started.push(name);
+            },
+            onDone: resolve,
+            onError: reject,
+          },
+        ),
+      );
+    // a1 takes the one slot; a2..a4 queue before b1 arrives, then b1 and a5
+    const all = [run('a1', 'a'), run('a2', 'a'), run('a3', 'a'), run('a4', 'a'), run('b1', 'b'), run('a5', 'a')];
+    await Promise.all(all);
+    expect(started).toEqual(['a1', 'b1', 'a2', 'a3', 'a4', 'a5']);
+  });
+});

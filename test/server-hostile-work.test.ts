@@ -1,10 +1,12 @@
+import { readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { json, type Api } from './support/http.ts';
 import { expectHealthzResponsive, expectProblem, stillGenerates, whileProbing } from './support/probe.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 /**
- * Issue 11, findings 4, 9, 10 (model name) and 11 (streaming over the concurrency limit), scaled
+ * Issue 11, findings 4, 9, 10 (model name, job errors) and 11 (streaming over the concurrency limit), scaled
  * down: text is bounded before it is tokenized and tokenized off the event loop, a worker does
  * not outlive its server, and a stream over the tenant's limit is a real 429.
  */
@@ -16,7 +18,7 @@ let api: Api;
 
 beforeAll(async () => {
   server = await startServerProcess({
-    args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1'],
+    args: ['--max-training-chars', '20000', '--max-training-rows', '50', '--tenant-max-concurrent', '1', '--tenant-max-queued', '0'],
   });
   api = { url: server.url };
 });
@@ -77,6 +79,24 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     );
   });
 
+  it('training data just inside the budgets is tokenized at job creation off the event loop, while /healthz keeps answering', async () => {
+    // 48 rows (limit 50), 19,000-odd characters (limit 20,000): every row is tokenized to check it
+    const rows = Array.from({ length: 48 }, (_, i) => ({
+      prompt: `Story ${i}: once upon a time`,
+      completion: ' there was a cat. '.repeat(21),
+    }));
+    const chars = rows.reduce((n, r) => n + r.prompt.length + r.completion.length, 0);
+    expect(chars).toBeGreaterThan(18_000);
+    expect(chars).toBeLessThanOrEqual(20_000);
+    const probe = await whileProbing(api, server.proc.pid!, () =>
+      json(api, 'POST', '/v1/training/jobs', { data: rows, hyperparameters: { max_steps: 1, batch_size: 1 } }),
+    );
+    expect(probe.result.status, JSON.stringify(probe.result.body)).toBe(202);
+    expectHealthzResponsive(probe);
+    await json(api, 'POST', `/v1/training/jobs/${probe.result.body.id}/cancel`);
+    await stillGenerates(api);
+  });
+
   it('training text over the character budget is a 413 at job creation, before tokenizing', async () => {
     const form = new FormData();
     form.append(
@@ -117,11 +137,40 @@ describe('finding 11: a stream over the tenant concurrency limit', () => {
   });
 });
 
-describe('finding 10: the base model is named, not located', () => {
+describe('finding 10: the base model is named, not located, and engine failures are not quoted', () => {
   it('/v1/models lists the folder name, never the local path', async () => {
     const models = await json(api, 'GET', '/v1/models');
     expect(models.body.data[0].id).toBe('stories260k');
     expect(JSON.stringify(models.body)).not.toContain('/');
+  });
+
+  it("a job the engine fails on ends with a generic reason, never the engine's message or a path", async () => {
+    const job = {
+      data: [{ prompt: 'Once upon a time', completion: ' there was a cat.' }],
+      intervention: { kind: 'loreft', rank: 1, layers: [4], positions: 'l1' },
+      hyperparameters: { max_steps: 1, batch_size: 1 },
+    };
+    const graphs = join(server.dataDir, 'cache', 'graphs');
+    const before = new Set(readdirSync(graphs));
+    const finished = async (id: string) => {
+      for (;;) {
+        const j = (await json(api, 'GET', `/v1/training/jobs/${id}`)).body;
+        if (['succeeded', 'failed', 'cancelled'].includes(j.status)) return j;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const first = await json(api, 'POST', '/v1/training/jobs', job);
+    expect((await finished(first.body.id)).status).toBe('succeeded');
+    // the worker cached this job's training graph: corrupt it, so ONNX Runtime fails to load it next time
+    const built = readdirSync(graphs).filter((f) => !before.has(f));
+    expect(built.length).toBe(1);
+    writeFileSync(join(graphs, built[0]), 'not an onnx graph');
+    const second = await json(api, 'POST', '/v1/training/jobs', job);
+    const failed = await finished(second.body.id);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/^internal error \(worker .+, job .+: see the worker log\)$/);
+    expect(failed.error).not.toMatch(/onnx|protobuf|parse|\/tmp|graphs/i);
+    await stillGenerates(api);
   });
 });
 

@@ -22,7 +22,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
     server = await startServerProcess({
       backend,
       env: { REFT_ADMIN_KEY: ADMIN },
-      args: ['--tenant-max-concurrent', '2', '--tenant-max-interventions', '3', '--usage-flush-ms', '100'],
+      args: ['--tenant-max-concurrent', '2', '--tenant-max-queued', '0', '--tenant-max-interventions', '3', '--usage-flush-ms', '100'],
     });
     admin = { url: server.url, key: ADMIN };
     const tenantA = await json(admin, 'POST', '/v1/admin/tenants', { name: 'alpha' });

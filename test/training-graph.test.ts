@@ -8,6 +8,8 @@ import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { StackLayout, allocateFactors, packBatch, type TrainingExample } from '../src/training/batch.ts';
 import { initialTensors, kindGradients, writeLowRank, type KindTensors } from '../src/training/kinds.ts';
 import { Rng } from '../src/rng.ts';
+import { accumulateGradients } from '../src/training/accumulate.ts';
+import { planMicroBatches, stepBytes } from '../src/training/memory.ts';
 import { StepSession, type TrainingBatch } from '../src/training/step-session.ts';
 import { STORIES, fixtureCase, reference, tensor } from './support/fixtures.ts';
 
@@ -101,21 +103,25 @@ const dot = (a: KindTensors[], b: KindTensors[]) =>
 const scale = (a: KindTensors[], c: number): KindTensors[] =>
   a.map((t) => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.map((x) => x * c)])));
 
+/** The reference gradient case: its interventions at the fixture's tensors, and its one row. */
+async function gradFixture(): Promise<{ p: Problem; row: TrainingExample; specs: InterventionSpec[] }> {
+  const raw = reference.cases.find((c) => c.name === 'grad')!;
+  const c = fixtureCase(raw);
+  const specs = raw.interventions.map((iv) => spec(iv.kind, iv.layer, iv.rank, iv.positions));
+  const params = specs.map((_, i) => {
+    const t: KindTensors = {};
+    for (const [k, v] of Object.entries(c.tensors)) if (k.startsWith(`iv${i}.`)) t[k.slice(`iv${i}.`.length)] = v.slice();
+    return t;
+  });
+  expect(c.prompt.length).toBe(raw.prompt_len + raw.completion_len!);
+  const p = new Problem(await graphFor(specs.map((s) => s.layer)), specs, params);
+  return { p, row: { tokens: c.prompt, promptLength: raw.prompt_len }, specs };
+}
+
 describe('training graph: the reference gradient case', () => {
   it('loss and every gradient within 1e-4 relative of the PyTorch reference', async () => {
-    const raw = reference.cases.find((c) => c.name === 'grad')!;
-    const c = fixtureCase(raw);
-    const specs = raw.interventions.map((iv) => spec(iv.kind, iv.layer, iv.rank, iv.positions));
-    const params = specs.map((_, i) => {
-      const t: KindTensors = {};
-      for (const [k, v] of Object.entries(c.tensors)) if (k.startsWith(`iv${i}.`)) t[k.slice(`iv${i}.`.length)] = v.slice();
-      return t;
-    });
-    const p = new Problem(await graphFor(specs.map((s) => s.layer)), specs, params).pack([
-      { tokens: c.prompt, promptLength: raw.prompt_len },
-    ]);
-    expect(c.prompt.length).toBe(raw.prompt_len + raw.completion_len!);
-    const { loss, grads } = await p.gradients();
+    const { p, row, specs } = await gradFixture();
+    const { loss, grads } = await p.pack([row]).gradients();
     const refLoss = tensor('grad.loss')[0];
     expect(Math.abs(loss - refLoss) / Math.abs(refLoss)).toBeLessThan(1e-4);
     let checked = 0;
@@ -127,6 +133,80 @@ describe('training graph: the reference gradient case', () => {
       }
     });
     expect(checked).toBe(9);
+  });
+});
+
+/**
+ * Issue 11's done-when: micro-batched training equals unsplit training within 1e-5 on the
+ * gradient fixture. The trainer's own accumulation (accumulateGradients) over the passes the
+ * memory plan makes, against one pass over the whole batch, at the fixture's tensors.
+ */
+describe('training graph: micro-batches on the reference gradient case', () => {
+  const zeros = (like: KindTensors[]) =>
+    like.map((t) => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, new Float32Array(v.length)])));
+
+  it('a batch split by the memory plan gives the unsplit loss and gradients within 1e-5', async () => {
+    const { p, row, specs } = await gradFixture();
+    const step = { graph: p.graph, specs, layout: p.layout, factors: p.factors, hiddenSize: D };
+    // rows of different lengths and completion counts, so the passes' token weights differ
+    const rows: TrainingExample[] = [
+      row,
+      { tokens: row.tokens.slice(0, row.promptLength + 3), promptLength: row.promptLength },
+      { tokens: row.tokens.slice(5), promptLength: row.promptLength - 5 },
+      { tokens: row.tokens, promptLength: row.promptLength - 3 },
+    ];
+    const whole = zeros(p.params);
+    const unsplit = await accumulateGradients(step, [rows], whole);
+    const longest = row.tokens.length;
+    for (const [rowsPerPass, expected] of [
+      [1, [[0], [1], [2], [3]]],
+      [
+        2,
+        [
+          [0, 1],
+          [2, 3],
+        ],
+      ],
+    ] as const) {
+      const plan = planMicroBatches(
+        model.config,
+        [0, 1, 2, 3],
+        (i) => rows[i].tokens.length,
+        stepBytes(model.config, rowsPerPass, longest),
+      );
+      expect(plan).toEqual(expected);
+      const split = zeros(p.params);
+      const micro = await accumulateGradients(
+        step,
+        plan.map((idx) => idx.map((i) => rows[i])),
+        split,
+      );
+      expect(Math.abs(micro.loss - unsplit.loss)).toBeLessThan(1e-5);
+      expect(micro.tokens).toBe(unsplit.tokens);
+      let checked = 0;
+      specs.forEach((_, i) => {
+        for (const [name, g] of Object.entries(whole[i])) {
+          const worst = g.reduce((m, x, k) => Math.max(m, Math.abs(x - split[i][name][k])), 0);
+          expect(worst, `iv${i}.${name}, ${rowsPerPass} row(s) a pass`).toBeLessThan(1e-5);
+          expect(g.some((x) => x !== 0)).toBe(true);
+          checked++;
+        }
+      });
+      expect(checked).toBe(9);
+    }
+  });
+
+  it('the fixture row three times, one pass each, accumulates to the PyTorch reference gradient', async () => {
+    const { p, row, specs } = await gradFixture();
+    const step = { graph: p.graph, specs, layout: p.layout, factors: p.factors, hiddenSize: D };
+    const grads = zeros(p.params);
+    const { loss } = await accumulateGradients(step, [[row], [row], [row]], grads);
+    const refLoss = tensor('grad.loss')[0];
+    expect(Math.abs(loss - refLoss) / Math.abs(refLoss)).toBeLessThan(1e-4);
+    specs.forEach((_, i) => {
+      for (const [name, g] of Object.entries(grads[i]))
+        expect(relativeError(g, tensor(`grad.iv${i}.${name}.grad`)), `iv${i}.${name}`).toBeLessThan(1e-4);
+    });
   });
 });
 

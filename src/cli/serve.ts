@@ -26,6 +26,7 @@ interface ServeFlags extends WorkerFlags {
   maxTokensInFlight: number;
   maxQueue: number;
   tenantMaxConcurrent: number;
+  tenantMaxQueued: number;
   tenantMaxInterventions: number;
   tenantMaxBytes: number;
   tenantMaxFileBytes: number;
@@ -90,6 +91,15 @@ export function serveCommand(): Command {
         'REFT_TENANT_MAX_CONCURRENT',
         int('--tenant-max-concurrent', 1),
         DEFAULT_TENANT_LIMITS.maxConcurrentRequests,
+      ),
+    )
+    .addOption(
+      opt(
+        '--tenant-max-queued <n>',
+        'generations per tenant waiting for one of its concurrent slots; beyond this, 429',
+        'REFT_TENANT_MAX_QUEUED',
+        int('--tenant-max-queued', 0),
+        DEFAULT_TENANT_LIMITS.maxQueuedRequests,
       ),
     )
     .addOption(
@@ -250,6 +260,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     sharedInterventionsDir: f.interventionsDir,
     tenantLimits: {
       maxConcurrentRequests: f.tenantMaxConcurrent,
+      maxQueuedRequests: f.tenantMaxQueued,
       maxInterventions: f.tenantMaxInterventions,
       maxInterventionBytes: f.tenantMaxBytes,
       maxFileBytes: f.tenantMaxFileBytes,

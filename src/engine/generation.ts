@@ -8,6 +8,8 @@ import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
  * budgets) and turns tokens into text deltas.
  */
 export interface GenerationRequest {
+  /** Whose request it is: tenants take turns for batch slots. */
+  tenant?: string;
   tokens: number[];
   interventions: readonly LowRankIntervention[];
   sampling: SamplingParams;

@@ -11,8 +11,9 @@ import {
 } from './generation.ts';
 
 /**
- * Continuous batching. Requests wait in a bounded FIFO queue; between engine steps, newcomers
- * that fit the batch and token budgets are prefilled together (each with its own
+ * Continuous batching. Requests wait in a bounded queue, in which tenants take turns (the
+ * oldest request of the tenant admitted longest ago goes next; first come first served within a
+ * tenant); between engine steps, newcomers that fit the batch and token budgets are prefilled together (each with its own
  * interventions), and every running sequence then advances by one decode step. A prompt longer
  * than the engine's prefill chunk is prefilled one chunk per step instead, so the running
  * sequences keep decoding meanwhile. Finished or cancelled sequences leave at the next step
@@ -64,6 +65,9 @@ export class Scheduler {
   private loop: Promise<void> | null = null;
   private steps = 0;
   private lastBatchSize = 0;
+  /** When each tenant last had a request admitted (an admission count), for taking turns. */
+  private readonly lastAdmitted = new Map<string, number>();
+  private admissions = 0;
 
   constructor(
     private readonly engine: StepExecutor,
@@ -165,7 +169,8 @@ export class Scheduler {
     const admitted: Entry[] = [];
     let prefillTokens = 0;
     while (this.queue.length) {
-      const next = this.queue[0];
+      const at = this.nextInTurn();
+      const next = this.queue[at];
       const n = next.generation.request.tokens.length;
       const fitsBatch = this.running.size + (this.pending ? 1 : 0) + admitted.length < this.limits.maxBatchSize;
       const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight && this.fitsKv(admitted, next);
@@ -175,7 +180,8 @@ export class Scheduler {
         ? !this.pending && !admitted.some((e) => this.isLong(e))
         : admitted.length === 0 || prefillTokens + n <= this.limits.maxPrefillTokens;
       if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
-      this.queue.shift();
+      this.queue.splice(at, 1);
+      this.lastAdmitted.set(next.generation.request.tenant ?? '', ++this.admissions);
       admitted.push(next);
       if (!long) prefillTokens += n;
       next.admitted = true;
@@ -192,6 +198,24 @@ export class Scheduler {
     const rows = [...this.running.values(), ...admitted, next];
     if (this.pending) rows.push(this.pending);
     return this.engine.kvFits(rows.length, Math.max(...rows.map((e) => e.budget)));
+  }
+
+  /** The queue index of the oldest request of the tenant admitted longest ago (never: first). */
+  private nextInTurn(): number {
+    let best = 0;
+    let bestAdmitted = Infinity;
+    const seen = new Set<string>();
+    this.queue.forEach((e, i) => {
+      const tenant = e.generation.request.tenant ?? '';
+      if (seen.has(tenant)) return;
+      seen.add(tenant);
+      const last = this.lastAdmitted.get(tenant) ?? 0;
+      if (last < bestAdmitted) {
+        best = i;
+        bestAdmitted = last;
+      }
+    });
+    return best;
   }
 
   private async prefill(entries: Entry[]): Promise<void> {

@@ -22,7 +22,8 @@ import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
 import { GenerationService } from './generation-service.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
-import { ConcurrencyLimiter, type TenantLimits } from './tenant-limits.ts';
+import type { TenantLimits } from './tenant-limits.ts';
+import { TenantQueues } from './tenant-queue.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
 import { ReftError } from '../errors.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
@@ -125,7 +126,9 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     maxTrainingChars: DEFAULT_MAX_TRAINING_CHARS,
     maxTrainingRows: DEFAULT_MAX_TRAINING_ROWS,
   };
-  const service = new GenerationService(runtime, new ConcurrencyLimiter(opts.tenantLimits.maxConcurrentRequests), metrics, usage, budgets);
+  const queues = new TenantQueues(opts.tenantLimits.maxConcurrentRequests, opts.tenantLimits.maxQueuedRequests);
+  metrics.watchTenantQueues(() => queues.queued);
+  const service = new GenerationService(runtime, queues, metrics, usage, budgets);
   healthRoutes(
     app,
     metrics,

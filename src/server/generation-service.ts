@@ -6,12 +6,13 @@ import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
 import { promptInput, toGenerationRequest, tokenize, type GenerateOptions, type OpenAISampling } from './protocol.ts';
 import type { ModelRuntime } from './runtime.ts';
-import type { ConcurrencyLimiter } from './tenant-limits.ts';
+import type { TenantQueues } from './tenant-queue.ts';
 import type { UsageMeter } from './usage.ts';
 
 /**
  * Turns a route's validated request into an engine request (intervention resolved, input
- * tokenized) and runs it under the tenant's concurrency limit, metering it.
+ * tokenized) and runs it under the tenant's concurrency limit (waiting in the tenant's queue when
+ * over it), metering it.
  */
 export interface PreparedGeneration {
   id: string;
@@ -35,7 +36,7 @@ export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messa
 export class GenerationService {
   constructor(
     private readonly runtime: () => ModelRuntime,
-    private readonly limiter: ConcurrencyLimiter,
+    private readonly queues: TenantQueues,
     private readonly metrics: ServerMetrics,
     private readonly usage: UsageMeter,
     private readonly budget: PromptBudget = { maxPromptChars: null },
@@ -47,13 +48,14 @@ export class GenerationService {
 
   /**
    * Runs a request's `work` (prepare, then run or stream) holding one slot of the tenant's
-   * concurrency limit, taken before any response is started: a stream over the limit gets a real
-   * 429 with Retry-After, and the slot is given back however `work` ends.
+   * concurrency limit, taken before any response is started: over the limit it waits in the
+   * tenant's queue (leaving it when `disconnected` aborts), a full queue is a real 429 with
+   * Retry-After (streams too), and the slot is given back however `work` ends.
    */
-  async admitted<T>(tenant: Tenant, work: () => Promise<T>): Promise<T> {
-    const release = this.limiter.acquire(tenant.id);
+  async admitted<T>(tenant: Tenant, disconnected: AbortSignal, work: (disconnected: AbortSignal) => Promise<T>): Promise<T> {
+    const release = await this.queues.acquire(tenant.id, disconnected);
     try {
-      return await work();
+      return await work(disconnected);
     } finally {
       release();
     }
@@ -85,7 +87,7 @@ export class GenerationService {
     const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
     const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
     const tokens = 'input_ids' in prompt ? tokenize(prompt, rt.tokenizer) : await rt.offload.tokenize(rt.modelDir, prompt);
-    const request = toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions);
+    const request = { tenant: tenant.id, ...toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions) };
     return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request };
   }
 

@@ -74,6 +74,18 @@ export class ServerMetrics {
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
   }
 
+  /** The generations waiting in tenants' queues for one of their concurrent slots. */
+  watchTenantQueues(queued: () => number): void {
+    new Gauge({
+      name: 'reft_tenant_queued_requests',
+      help: "Generation requests waiting in their tenant's queue (over --tenant-max-concurrent)",
+      registers: [this.registry],
+      collect() {
+        this.set(queued());
+      },
+    });
+  }
+
   register(app: FastifyInstance): void {
     app.addHook('onResponse', async (request, reply) => {
       const route = request.routeOptions.url ?? 'unmatched';

@@ -1,12 +1,15 @@
 import { ReftError } from '../errors.ts';
 
 /**
- * Per-tenant bounds a shared server enforces: concurrency answers 429 with Retry-After; a full
+ * Per-tenant bounds a shared server enforces: generations over the concurrency limit wait in the
+ * tenant's own bounded queue, and only a full queue answers 429 with Retry-After; a full
  * quota (stored interventions, their bytes, training files' bytes, unfinished jobs) answers 403
  * quota_exceeded, since retrying doesn't help until something is deleted or finishes.
  */
 export interface TenantLimits {
   maxConcurrentRequests: number;
+  /** Generations that may wait for one of the tenant's slots; beyond this, 429. */
+  maxQueuedRequests: number;
   maxInterventions: number;
   maxInterventionBytes: number;
   maxFileBytes: number;
@@ -15,6 +18,7 @@ export interface TenantLimits {
 
 export const DEFAULT_TENANT_LIMITS: TenantLimits = {
   maxConcurrentRequests: 16,
+  maxQueuedRequests: 32,
   maxInterventions: 1000,
   maxInterventionBytes: 1024 ** 3,
   maxFileBytes: 1024 ** 3,

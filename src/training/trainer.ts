@@ -3,10 +3,11 @@ import { KIND_TENSORS, lowRank, type InterventionSpec, type LowRankIntervention 
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
-import { StackLayout, allocateFactors, packBatch, type LayerFactors, type TrainingExample } from './batch.ts';
+import { accumulateGradients } from './accumulate.ts';
+import { StackLayout, allocateFactors, type LayerFactors, type TrainingExample } from './batch.ts';
 import { dataFingerprint, type TrainingCheckpoint } from './checkpoint.ts';
 import { tokenizeRows, type TrainingRow } from './data.ts';
-import { hasRotation, initialTensors, kindGradients, writeLowRank, type KindTensors } from './kinds.ts';
+import { hasRotation, initialTensors, writeLowRank, type KindTensors } from './kinds.ts';
 import { adamwStep, clipGradNorm, learningRate, type AdamMoments, type AdamWSettings } from './optimizer.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET, checkRowFits, planMicroBatches } from './memory.ts';
 import { retractRows } from './orthogonal.ts';
@@ -225,29 +226,12 @@ export class Trainer {
     const micro = this.microBatchesOf(this.stepsDone).flatMap((idx) =>
       planMicroBatches(this.config, idx, (i) => this.examples[i].tokens.length, budget),
     );
-    const scored = micro.map((idx) => idx.reduce((s, i) => s + this.examples[i].tokens.length - this.examples[i].promptLength, 0));
-    const totalScored = scored.reduce((a, b) => a + b, 0);
-    for (const t of this.grads) for (const g of Object.values(t)) g.fill(0);
-    let loss = 0;
-    let tokens = 0;
     // pyreft's ConsreftIntervention has no dropout; every other kind drops the edited rows
     const dropout =
       this.recipe.dropout > 0 && this.recipe.kind !== 'consreft' ? { p: this.recipe.dropout, rng: this.dropoutRng } : undefined;
-    for (const [m, indices] of micro.entries()) {
-      const examples = indices.map((i) => this.examples[i]);
-      tokens += examples.reduce((s, e) => s + e.tokens.length, 0);
-      const res = await this.graph.run(packBatch(examples, this.layout, this.factors, d, dropout));
-      // each micro-batch's loss is its own token mean: weight it by its share of the step's tokens
-      const w = scored[m] / totalScored;
-      loss += w * res.loss;
-      this.specs.forEach((s, i) => {
-        const g = kindGradients(s.kind, s.rank, d, this.layout.slotOf(i).offset, res.grads.get(s.layer)!);
-        for (const [name, v] of Object.entries(g)) {
-          const acc = this.grads[i][name];
-          for (let k = 0; k < v.length; k++) acc[k] += w * v[k];
-        }
-      });
-    }
+    const step = { graph: this.graph, specs: this.specs, layout: this.layout, factors: this.factors, hiddenSize: d };
+    const passes = micro.map((indices) => indices.map((i) => this.examples[i]));
+    const { loss, tokens } = await accumulateGradients(step, passes, this.grads, dropout);
     const gradNorm = clipGradNorm(
       this.grads.flatMap((t) => Object.values(t)),
       this.recipe.max_grad_norm,

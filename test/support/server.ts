@@ -113,10 +113,17 @@ export interface WorkerProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** A standalone `reft-server worker` on a shared database. */
-export async function startWorkerProcess(database: string, args: string[] = []): Promise<WorkerProcess> {
-  const dataDir = mkdtempSync(join(tmpdir(), 'reft-worker-'));
-  const proc = spawn(process.execPath, [BIN, 'worker', '--model', STORIES, '--database', database, '--data-dir', dataDir, ...args], {
+/**
+ * A standalone `reft-server worker` on a shared database, or (`database` undefined) on the
+ * embedded store in `dataDir`, a server's.
+ */
+export async function startWorkerProcess(
+  database: string | undefined,
+  args: string[] = [],
+  dataDir = mkdtempSync(join(tmpdir(), 'reft-worker-')),
+): Promise<WorkerProcess> {
+  const store = database ? ['--database', database] : [];
+  const proc = spawn(process.execPath, [BIN, 'worker', '--model', STORIES, ...store, '--data-dir', dataDir, ...args], {
     env: { ...process.env, REFT_CACHE_DIR: join(dataDir, 'cache') },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -88,12 +88,12 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
       },
     },
     async (request, reply) =>
-      service.admitted(request.tenant, async () => {
+      service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
         const { adapter, stream, ...input } = request.body;
         const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
         const tokenizer = service.model.tokenizer;
         if (!stream) {
-          const result = await service.run(request.tenant, prepared, { signal: disconnectSignal(reply) });
+          const result = await service.run(request.tenant, prepared, { signal: disconnected });
           return generateResponseBody(prepared, result, tokenizer);
         }
         const sse = new SseStream(request, reply);

@@ -290,7 +290,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
       },
     },
     async (request, reply) =>
-      service.admitted(request.tenant, async () => {
+      service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
         const b = request.body;
         refuseUnsupported(b, ['suffix']);
         const n = b.n ?? 1;
@@ -338,7 +338,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null,
           );
         }
-        const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+        const results = await service.runAll(request.tenant, rows, { signal: disconnected });
         return {
           ...base,
           choices: results.map((result, index) => ({
@@ -364,7 +364,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
       },
     },
     async (request, reply) =>
-      service.admitted(request.tenant, async () => {
+      service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
         const b = request.body;
         refuseUnsupported(b, [
           'tools',
@@ -413,7 +413,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
               : null,
           );
         }
-        const results = await service.runAll(request.tenant, rows, { signal: disconnectSignal(reply) });
+        const results = await service.runAll(request.tenant, rows, { signal: disconnected });
         return {
           ...base,
           choices: results.map((result, index) => ({
