@@ -1,5 +1,5 @@
-import { sql, type Generated, type Kysely } from 'kysely';
-import type { InterventionMeta, JobEvent, JobStatus } from './store.ts';
+import type { Generated, Kysely } from 'kysely';
+import type { InterventionMeta, JobStatus } from './store.ts';
 
 /**
  * The schema, declared once for both dialects: the tables as the store's queries see them
@@ -181,11 +181,6 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
   cancelRequested: Boolean(r.cancelRequested),
 });
 
-/** A job_events row as a dialect's addEvent returns it (RETURNING EVENT_COLUMNS). */
-export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "createdAt", type, data');
-
-export type EventRow = Omit<JobEvent, 'data'> & { data: Json };
-
 /**
  * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
  * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
@@ -197,20 +192,16 @@ export interface MigrationRunner {
   exec(tx: Kysely<Tables>, sql: string): Promise<void>;
 }
 
-/** The migrations up to `version` (all when undefined): only tests of an upgrade pass one, to get an older server's schema. */
-export function migrationsUpTo(migrations: readonly Migration[], version: number | undefined): readonly Migration[] {
-  if (version === undefined) return migrations;
-  if (!migrations.some((m) => m.version === version)) throw new Error(`no schema version ${version}`);
-  return migrations.filter((m) => m.version <= version);
-}
-
 /**
  * Applies the migrations the database lacks, in order, recorded in schema_migrations, in one
  * transaction that keeps other processes out: a second process starting meanwhile waits, then
  * finds them applied. A database a newer server migrated is refused, not run on a schema this
  * server does not know.
  */
-export async function migrate(db: Kysely<Tables>, migrations: readonly Migration[], run: MigrationRunner): Promise<void> {
+export async function migrate(db: Kysely<Tables>, all: readonly Migration[], run: MigrationRunner, upTo?: number): Promise<void> {
+  // Only tests of an upgrade pass `upTo`, to get an older server's schema.
+  if (upTo !== undefined && !all.some((m) => m.version === upTo)) throw new Error(`no schema version ${upTo}`);
+  const migrations = all.filter((m) => m.version <= (upTo ?? Infinity));
   await db.transaction().execute(async (tx) => {
     await run.lock(tx);
     await run.exec(

@@ -238,7 +238,7 @@ export class SqlStore implements S.Store {
       if (row.status === 'queued' || row.status === 'running') {
         await tx
           .updateTable('jobs')
-          .set({ cancel_requested: this.d.flag(true) })
+          .set({ cancel_requested: sql.lit(true) })
           .where('id', '=', id)
           .execute();
       }
@@ -256,7 +256,7 @@ export class SqlStore implements S.Store {
           .selectFrom('jobs')
           .select(COLUMNS.job)
           .where('status', 'in', ['queued', 'running'])
-          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseNow())]))
+          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseAt(0))]))
           // Fair between tenants: the tenant served longest ago (or never) first, then the oldest job.
           .orderBy(sql`(SELECT max(served.started_at) FROM jobs AS served WHERE served.tenant_id = jobs.tenant_id) ASC NULLS FIRST`)
           .orderBy('seq')
@@ -278,7 +278,7 @@ export class SqlStore implements S.Store {
           attempts: eb('attempts', '+', 1),
           started_at: eb.fn.coalesce('started_at', sql<string>`${this.d.now()}`),
           lease_worker: workerId,
-          lease_expires_at: this.d.leaseUntil(leaseMs),
+          lease_expires_at: this.d.leaseAt(leaseMs),
         }));
         const { expiresAt, ...claimed } = await claim
           .where('id', '=', row.id)
@@ -293,7 +293,7 @@ export class SqlStore implements S.Store {
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db
       .updateTable('jobs')
-      .set({ lease_expires_at: this.d.leaseUntil(leaseMs) })
+      .set({ lease_expires_at: this.d.leaseAt(leaseMs) })
       .where(this.leaseHeld(jobId, workerId));
     return one(await renew.executeTakeFirst());
   }
@@ -307,7 +307,7 @@ export class SqlStore implements S.Store {
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
-    const row = await this.tx((tx) => this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now()));
+    const row = await this.tx((tx) => this.addEvent(tx, jobId, type, data));
     if (!row) throw noSuch('job', jobId, 'jobId');
     return toEvent(row);
   }
@@ -417,7 +417,7 @@ export class SqlStore implements S.Store {
 
   /** The guard of every worker write: the worker named holds an unexpired lease. */
   private leaseHeld(jobId: string, workerId: string) {
-    const live = this.d.leaseNow();
+    const live = this.d.leaseAt(0);
     return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
       eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
   }
@@ -470,8 +470,12 @@ export class SqlStore implements S.Store {
     return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
   }
 
-  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown): Promise<void> {
-    await this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now());
+  /** Appends an event with the job's next number (the job's row locked, so concurrent appends never collide); undefined when there is no such job. */
+  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown) {
+    if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where('id', '=', jobId), 'row').executeTakeFirst())) return undefined;
+    const seq = sql<number>`(SELECT coalesce(max(seq), 0) + 1 FROM job_events WHERE job_id = ${jobId})`;
+    const row = { job_id: jobId, seq, created_at: this.d.now(), type, data: jsonText(data) };
+    return tx.insertInto('job_events').values(row).returning(COLUMNS.event).executeTakeFirstOrThrow();
   }
 
   /**
