@@ -162,7 +162,7 @@ export class SqlStore implements S.Store {
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
     const rows = usageBatch(entries);
-    if (rows.length > 0) await this.d.addUsage(this.db, rows).catch((e) => Promise.reject(this.d.toStoreError(e)));
+    if (rows.length > 0) await this.retried(() => this.d.addUsage(this.db, rows));
   }
 
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
@@ -368,9 +368,13 @@ export class SqlStore implements S.Store {
 
   /** A write transaction, run again on deadlock or serialization failure; errors translated for callers. */
   private async tx<T>(body: (tx: Tx) => Promise<T>): Promise<T> {
+    return this.retried(() => this.db.transaction().execute(body));
+  }
+
+  private async retried<T>(write: () => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.db.transaction().execute(body);
+        return await write();
       } catch (e) {
         if (attempt >= TRANSACTION_ATTEMPTS || !this.d.retryable(e)) throw this.d.toStoreError(e);
       }
