@@ -59,6 +59,11 @@ const TYPES: SqlTypes = {
     ALTER TABLE interventions ALTER COLUMN ${COLUMNS.weights} SET STORAGE EXTERNAL;
     ALTER TABLE checkpoints ALTER COLUMN ${COLUMNS.checkpoint} SET STORAGE EXTERNAL;`,
   usageTable: '',
+  cascade: ['api_keys', 'interventions', 'files', 'jobs', 'tenant_usage']
+    .map(
+      (t) => `ALTER TABLE ${t} DROP CONSTRAINT ${t}_tenant_id_fkey, ADD FOREIGN KEY (tenant_id) REFERENCES tenants (id) ON DELETE CASCADE;`,
+    )
+    .join('\n'),
   eventSeq: ', event_seq integer NOT NULL DEFAULT 0', // unused: events are numbered under the job's row lock (sql-store.ts)
 };
 

@@ -19,7 +19,15 @@ export const jsonText = (value: unknown): Json => JSON.stringify(value ?? null);
 /** Every listed table has 'seq': it numbers rows in insert order (pages, the job queue); 'id' is the public key. */
 export interface Tables {
   tenants: { seq: Generated<number>; id: string; name: string; created_at: string };
-  api_keys: { id: string; tenant_id: string; secret_hash: string; created_at: string; revoked_at: string | null };
+  api_keys: {
+    id: string;
+    tenant_id: string;
+    secret_hash: string;
+    prefix: string | null;
+    created_at: string;
+    revoked_at: string | null;
+    last_used_at: string | null;
+  };
   interventions: {
     seq: Generated<number>;
     id: string;
@@ -76,11 +84,12 @@ export interface BlobColumns {
 /**
  * A dialect's words for the schema, spliced into the migrations: column types (seq is the
  * primary key; nowDefault a default of the current time, or nothing), nameKey the unique key of
- * an intervention's name among its owner's (or the shared) ones, afterInitial what migration 1
+ * an intervention's name among its owner's (or the shared) ones, cascade
+ * what makes deleting a tenant delete what it owns (where the database can add that to a foreign key), afterInitial what migration 1
  * ends with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its
  * events (or nothing).
  */
-type SqlWord = 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
+type SqlWord = 'cascade' | 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
 export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
 
 export interface Migration {
@@ -141,9 +150,17 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
       ${['requests', 'prompt_tokens', 'completion_tokens', 'training_tokens'].map(counter).join(', ')},
       PRIMARY KEY (tenant_id, day)
     )${t.usageTable};`;
+  const admin = `
+    ALTER TABLE api_keys ADD COLUMN prefix text;
+    ALTER TABLE api_keys ADD COLUMN last_used_at ${t.time};
+    -- Tenant names become unique: a duplicate from before keeps its name with its id appended.
+    UPDATE tenants SET name = name || ' (' || id || ')' WHERE seq NOT IN (SELECT min(seq) FROM tenants GROUP BY name);
+    CREATE UNIQUE INDEX tenants_name ON tenants (name);
+    ${t.cascade}`;
   return [
     { version: 1, name: 'initial', sql: initial },
     { version: 2, name: 'tenant usage', sql: usage },
+    { version: 3, name: 'tenant administration', sql: admin },
   ];
 }
 
@@ -152,7 +169,7 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
 /** The columns each kind of row is read with (never the file bytes), in the interface's order. */
 export const COLUMNS = {
   tenant: ['id', 'name', 'created_at as createdAt'],
-  key: ['id', 'tenant_id as tenantId', 'created_at as createdAt', 'revoked_at as revokedAt'],
+  key: ['id', 'tenant_id as tenantId', 'prefix', 'created_at as createdAt', 'revoked_at as revokedAt', 'last_used_at as lastUsedAt'],
   intervention: [
     ...['id', 'tenant_id as tenantId', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256'],
     ...['created_at as createdAt', 'updated_at as updatedAt'],

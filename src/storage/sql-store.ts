@@ -3,7 +3,7 @@ import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
 import { ReftError, invalidRequest, noSuch, notFound } from '../errors.ts';
 import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
-import type * as S from './store.ts';
+import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
 import { Listeners } from './listeners.ts';
 
@@ -23,6 +23,7 @@ const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => pr
 const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
 
 const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId), 'tenantId');
+const nameTaken = (name: string) => ({ unique: () => new ReftError('conflict', `a tenant named "${name}" already exists`, 'name') });
 const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
 
 const same = <T>(row: T): T => row;
@@ -43,7 +44,37 @@ export class SqlStore implements S.Store {
 
   async createTenant(name: string): Promise<S.Tenant> {
     const values = { id: newId('ten_'), name, created_at: this.d.now() };
-    return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
+    return this.named(this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow(), nameTaken(name));
+  }
+
+  async renameTenant(id: string, name: string): Promise<S.Tenant | null> {
+    const rename = this.db.updateTable('tenants').set({ name }).where('id', '=', id).returning(COLUMNS.tenant).executeTakeFirst();
+    return orNull(await this.named(rename, nameTaken(name)), same);
+  }
+
+  async deleteTenant(id: string): Promise<boolean> {
+    const { config, weights, file, checkpoint } = this.d.blobs.columns;
+    let interventions: string[] = [];
+    const blobs = await this.tx(async (tx) => {
+      const owned = (table: 'interventions' | 'files' | 'jobs') => tx.selectFrom(table).where('tenant_id', '=', id);
+      interventions = (await owned('interventions').select('id').execute()).map((r) => r.id);
+      const checkpoints = tx.selectFrom('checkpoints').where('job_id', 'in', owned('jobs').select('id'));
+      const blobs = [
+        ...(await this.blobsOf(owned('interventions'), [config, weights])),
+        ...(await this.blobsOf(owned('files'), [file])),
+        ...(await this.blobsOf(checkpoints, [checkpoint])),
+      ];
+      // What it owns first (jobs take their events and checkpoints along): SQLite's foreign keys don't cascade.
+      for (const table of ['api_keys', 'tenant_usage', 'jobs', 'files', 'interventions'] as const)
+        await tx.deleteFrom(table).where('tenant_id', '=', id).execute();
+      if (!one(await tx.deleteFrom('tenants').where('id', '=', id).executeTakeFirst())) return null;
+      for (const iv of interventions) await this.d.notify(tx, 'interventionChanged', iv);
+      return blobs;
+    });
+    if (!blobs) return false;
+    await this.d.blobs.release(blobs);
+    for (const iv of interventions) this.interventionListeners.emit(iv);
+    return true;
   }
 
   async getTenant(id: string): Promise<S.Tenant | null> {
@@ -54,8 +85,8 @@ export class SqlStore implements S.Store {
     return this.page<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
   }
 
-  async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
-    const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
+  async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
+    const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, prefix, created_at: this.d.now() };
     const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
     const taken = () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
     return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: taken });
@@ -65,13 +96,21 @@ export class SqlStore implements S.Store {
     const row = await this.db
       .selectFrom('api_keys as k')
       .innerJoin('tenants as t', 't.id', 'k.tenant_id')
-      .select(['k.id', 'k.tenant_id', 'k.created_at', 'k.revoked_at', 't.name', 't.created_at as tenant_created_at'])
+      .select(['t.name', 't.created_at as tenant_created_at', ...COLUMNS.key.map((c) => `k.${c}` as const)])
       .where((eb) => eb.and([eb('k.secret_hash', '=', secretHash), eb('k.revoked_at', 'is', null)]))
       .executeTakeFirst();
-    return orNull(row, (r) => ({
-      key: { id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at },
-      tenant: { id: r.tenant_id, name: r.name, createdAt: r.tenant_created_at },
+    return orNull(row, ({ name, tenant_created_at, ...key }) => ({
+      key,
+      tenant: { id: key.tenantId, name, createdAt: tenant_created_at },
     }));
+  }
+
+  async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
+    return this.db.selectFrom('api_keys').select(COLUMNS.key).where('tenant_id', '=', tenantId).orderBy(['created_at', 'id']).execute();
+  }
+
+  async touchApiKey(id: string): Promise<void> {
+    await this.db.updateTable('api_keys').set({ last_used_at: this.d.now() }).where('id', '=', id).execute();
   }
 
   async revokeApiKey(id: string): Promise<boolean> {
@@ -353,6 +392,18 @@ export class SqlStore implements S.Store {
     return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
   }
 
+  async countJobs(): Promise<Record<S.JobStatus, number>> {
+    const rows = await this.db
+      .selectFrom('jobs')
+      .select(['status', sql<number>`count(*)`.as('n')])
+      .groupBy('status')
+      .execute();
+    return Object.fromEntries(S.JOB_STATUSES.map((s) => [s, Number(rows.find((r) => r.status === s)?.n ?? 0)])) as Record<
+      S.JobStatus,
+      number
+    >;
+  }
+
   onInterventionChanged(listener: (id: string) => void): () => void {
     return this.interventionListeners.add(listener);
   }
@@ -426,11 +477,10 @@ export class SqlStore implements S.Store {
       eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
   }
 
-  /** The blob column values of the row `from` finds, where they name files to release later (else none). */
+  /** The blob column values of the rows `from` finds, where they name files to release later (else none). */
   private async blobsOf(from: AnySelect, columns: string[]): Promise<unknown[]> {
     if (!this.d.blobs.external) return [];
-    const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
-    return row ? columns.map((c) => row[c]) : [];
+    return (await from.select(columns.map((c) => sql.ref(c).as(c))).execute()).flatMap((row) => columns.map((c) => row[c]));
   }
 
   /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */

@@ -43,6 +43,8 @@ const TYPES: SqlTypes = {
   afterInitial: '',
   usageTable: ' WITHOUT ROWID',
   eventSeq: '',
+  // SQLite can't alter a foreign key: deleteTenant deletes what a tenant owns itself.
+  cascade: '',
 };
 
 /** Kysely's SQLite dialect, with BEGIN IMMEDIATE for its transactions. */

@@ -30,8 +30,12 @@ export interface Tenant {
 export interface ApiKey {
   id: string;
   tenantId: string;
+  /** The secret's first characters, to tell keys apart (null for keys made before schema 3). */
+  prefix: string | null;
   createdAt: string;
   revokedAt: string | null;
+  /** To the minute or so (callers throttle `touchApiKey`). */
+  lastUsedAt: string | null;
 }
 
 export type InterventionSource = 'upload' | 'training' | 'import' | 'shared';
@@ -115,7 +119,8 @@ export interface StoredFile {
   createdAt: string;
 }
 
-export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+export const JOB_STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
+export type JobStatus = (typeof JOB_STATUSES)[number];
 
 export interface Job {
   id: string;
@@ -155,11 +160,18 @@ export interface Lease {
 
 export interface Store {
   // tenants and keys
+  /** Names are unique: a taken one is a conflict on "name" (renameTenant too). */
   createTenant(name: string): Promise<Tenant>;
   getTenant(id: string): Promise<Tenant | null>;
   listTenants(page: PageRequest): Promise<Page<Tenant>>;
-  /** Stores a key by the hash of its secret; the secret itself is never stored. */
-  createApiKey(tenantId: string, secretHash: string): Promise<ApiKey>;
+  renameTenant(id: string, name: string): Promise<Tenant | null>;
+  /** Deletes a tenant and all it owns (keys, interventions, files, jobs, usage); false if there is none. */
+  deleteTenant(id: string): Promise<boolean>;
+  /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
+  createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<ApiKey>;
+  /** A tenant's keys, revoked ones too, oldest first. */
+  listApiKeys(tenantId: string): Promise<ApiKey[]>;
+  touchApiKey(id: string): Promise<void>;
   /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
   findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null>;
   /** True only when it revoked a live key. */
@@ -204,6 +216,8 @@ export interface Store {
   loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
   /** Ends a job held by `workerId`: succeeded (with its intervention), failed or cancelled. */
   finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
+  /** Jobs of every tenant, per status. */
+  countJobs(): Promise<Record<JobStatus, number>>;
 
   /** Called when an intervention is deleted or replaced (by any process sharing the store). */
   onInterventionChanged(listener: (id: string) => void): () => void;
