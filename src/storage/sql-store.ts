@@ -1,7 +1,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
-import { ReftError, invalidRequest, noSuch, notFound } from '../errors.ts';
-import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import { ReftError, noSuch, notFound } from '../errors.ts';
+import type { BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import { blobsOf, clampLimit, countJobs, countStored, orNull, pageOf, readBlobs, same } from './rows.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
@@ -13,8 +14,6 @@ type Tx = Kysely<Tables>;
 type BlobWrite<T> = (tx: Tx, staged: StagedBlobs) => Promise<T>;
 type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
-/** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
-const BLOB_READ_RETRIES = 3;
 /** Attempts of a transaction that fails with a deadlock or serialization failure. */
 const TRANSACTION_ATTEMPTS = 3;
 
@@ -26,11 +25,7 @@ const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId),
 const nameTaken = (name: string) => ({ unique: () => new ReftError('conflict', `a tenant named "${name}" already exists`, 'name') });
 const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
 
-const same = <T>(row: T): T => row;
-const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
 const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
-/** Limits are capped by the caller; this only keeps them a positive integer. */
-const clampLimit = (limit: number): number => (Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1);
 
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
@@ -60,9 +55,9 @@ export class SqlStore implements S.Store {
       interventions = (await owned('interventions').select('id').execute()).map((r) => r.id);
       const checkpoints = tx.selectFrom('checkpoints').where('job_id', 'in', owned('jobs').select('id'));
       const blobs = [
-        ...(await this.blobsOf(owned('interventions'), [config, weights])),
-        ...(await this.blobsOf(owned('files'), [file])),
-        ...(await this.blobsOf(checkpoints, [checkpoint])),
+        ...(await blobsOf(this.d.blobs, owned('interventions'), [config, weights])),
+        ...(await blobsOf(this.d.blobs, owned('files'), [file])),
+        ...(await blobsOf(this.d.blobs, checkpoints, [checkpoint])),
       ];
       // What it owns first (jobs take their events and checkpoints along): SQLite's foreign keys don't cascade.
       for (const table of ['api_keys', 'tenant_usage', 'jobs', 'files', 'interventions'] as const)
@@ -82,7 +77,7 @@ export class SqlStore implements S.Store {
   }
 
   async listTenants(page: S.PageRequest): Promise<S.Page<S.Tenant>> {
-    return this.page<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
+    return pageOf<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
   }
 
   async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
@@ -106,7 +101,13 @@ export class SqlStore implements S.Store {
   }
 
   async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
-    return this.db.selectFrom('api_keys').select(COLUMNS.key).where('tenant_id', '=', tenantId).orderBy(['created_at', 'id']).execute();
+    return this.db
+      .selectFrom('api_keys')
+      .select(COLUMNS.key)
+      .where('tenant_id', '=', tenantId)
+      .orderBy('created_at')
+      .orderBy('id')
+      .execute();
   }
 
   async touchApiKey(id: string): Promise<void> {
@@ -138,7 +139,7 @@ export class SqlStore implements S.Store {
       }
       const own = tx.selectFrom('interventions').where('id', '=', id).where('tenant_id', 'is not distinct from', iv.tenantId);
       if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noneToReplace(id);
-      replaced = await this.blobsOf(own, [columns.config, columns.weights]);
+      replaced = await blobsOf(this.d.blobs, own, [columns.config, columns.weights]);
       staged.promote();
       const update = tx
         .updateTable('interventions')
@@ -169,12 +170,12 @@ export class SqlStore implements S.Store {
   }
 
   async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
-    return this.page(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
+    return pageOf(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
   }
 
   async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
     const { config, weights } = this.d.blobs.columns;
-    const found = await this.readBlobs(this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
+    const found = await readBlobs(this.d.blobs, this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
     return orNull(found, ([c, w]) => ({ config: c, weights: w }));
   }
 
@@ -186,17 +187,7 @@ export class SqlStore implements S.Store {
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
-    const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
-    const row = await this.db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-    const files = await this.db.selectFrom('files').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-    const jobs = await this.db
-      .selectFrom('jobs')
-      .select(sql<number>`count(*)`.as('n'))
-      .where('tenant_id', '=', tenantId)
-      .where('status', 'in', ['queued', 'running'])
-      .executeTakeFirstOrThrow();
-    const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);
-    return { interventions, bytes, files: fileCount, fileBytes, activeJobs: Number(jobs.n) };
+    return countStored(this.db, tenantId);
   }
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
@@ -233,11 +224,11 @@ export class SqlStore implements S.Store {
   }
 
   async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
-    return orNull(await this.readBlobs(this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
+    return orNull(await readBlobs(this.d.blobs, this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
   }
 
   async listFiles(tenantId: string, page: S.PageRequest): Promise<S.Page<S.StoredFile>> {
-    return this.page(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
+    return pageOf(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
@@ -264,7 +255,7 @@ export class SqlStore implements S.Store {
   }
 
   async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
-    return this.page(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
+    return pageOf(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
   }
 
   async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
@@ -363,7 +354,7 @@ export class SqlStore implements S.Store {
       // Locked: the lease can't expire into another worker's hands before the commit.
       const held = tx.selectFrom('jobs').select('id').where(this.leaseHeld(jobId, workerId));
       if (!(await this.d.lock(held, 'row').executeTakeFirst())) return false;
-      replaced = await this.blobsOf(tx.selectFrom('checkpoints').where('job_id', '=', jobId), [column]);
+      replaced = await blobsOf(this.d.blobs, tx.selectFrom('checkpoints').where('job_id', '=', jobId), [column]);
       staged.promote();
       const row = { job_id: jobId, step, bytes: state.byteLength, created_at: this.d.now(), [column]: staged.values[0] };
       const excluded = Object.fromEntries(['step', 'bytes', 'created_at', column].map((c) => [c, sql.ref(`excluded.${c}`)]));
@@ -381,7 +372,7 @@ export class SqlStore implements S.Store {
   async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
     let step = 0;
     const row = this.db.selectFrom('checkpoints').where('job_id', '=', jobId).select('step');
-    const found = await this.readBlobs(row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
+    const found = await readBlobs(this.d.blobs, row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
     return orNull(found, ([state]) => ({ step, state }));
   }
 
@@ -393,15 +384,7 @@ export class SqlStore implements S.Store {
   }
 
   async countJobs(): Promise<Record<S.JobStatus, number>> {
-    const rows = await this.db
-      .selectFrom('jobs')
-      .select(['status', sql<number>`count(*)`.as('n')])
-      .groupBy('status')
-      .execute();
-    return Object.fromEntries(S.JOB_STATUSES.map((s) => [s, Number(rows.find((r) => r.status === s)?.n ?? 0)])) as Record<
-      S.JobStatus,
-      number
-    >;
+    return countJobs(this.db);
   }
 
   onInterventionChanged(listener: (id: string) => void): () => void {
@@ -447,7 +430,7 @@ export class SqlStore implements S.Store {
   private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[]) {
     const files = await this.tx(async (tx) => {
       const own = 'is not distinct from';
-      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
+      const files = await blobsOf(this.d.blobs, tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
       if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', own, tenantId).executeTakeFirst())) return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
@@ -475,53 +458,6 @@ export class SqlStore implements S.Store {
     const live = this.d.leaseAt(0);
     return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
       eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
-  }
-
-  /** The blob column values of the rows `from` finds, where they name files to release later (else none). */
-  private async blobsOf(from: AnySelect, columns: string[]): Promise<unknown[]> {
-    if (!this.d.blobs.external) return [];
-    return (await from.select(columns.map((c) => sql.ref(c).as(c))).execute()).flatMap((row) => columns.map((c) => row[c]));
-  }
-
-  /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
-  private async readBlobs(from: AnySelect, columns: string[], seen?: (row: Record<string, unknown>) => void): Promise<Uint8Array[] | null> {
-    for (let attempt = 0; ; attempt++) {
-      const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
-      if (!row) return null;
-      seen?.(row);
-      const data = await this.d.blobs.read(columns.map((c) => row[c]));
-      if (data) return data;
-      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.d.blobs.where}`);
-    }
-  }
-
-  /**
-   * A page of `from` in insertion order (a hidden seq), or newest first; asks for one row more
-   * than the limit to learn whether a next page exists. The cursor is looked up within `from`'s
-   * scope, so one naming no visible row (deleted, another tenant's) is refused.
-   */
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  private async page<T>(
-    from: AnySelect,
-    cols: readonly string[],
-    req: S.PageRequest,
-    map: (r: any) => T,
-    desc = false,
-  ): Promise<S.Page<T>> {
-    const limit = clampLimit(req.limit);
-    let rows = from.select(cols);
-    if (req.after !== undefined) {
-      const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
-      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
-      rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
-    }
-    const order = desc ? 'desc' : 'asc';
-    const found = await rows
-      .orderBy('seq', order)
-      .limit(limit + 1)
-      .execute();
-    const data = found.slice(0, limit);
-    return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
   }
 
   /** Appends an event with the job's next number (the job's row locked, so concurrent appends never collide); undefined when there is no such job. */

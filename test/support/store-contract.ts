@@ -317,7 +317,8 @@ export function storeContract(backend: StoreBackend): void {
         expect(k1).toMatchObject({ prefix: 'rft_abcd', lastUsedAt: null });
         await store.touchApiKey(k2.id);
         await store.revokeApiKey(k1.id);
-        const keys = await store.listApiKeys(t.id);
+        // Oldest first; two made in the same millisecond may come in either order.
+        const keys = (await store.listApiKeys(t.id)).sort((x, y) => (x.id === k1.id ? -1 : y.id === k1.id ? 1 : 0));
         expect(keys.map((k) => [k.id, k.prefix, k.revokedAt !== null, k.lastUsedAt !== null])).toEqual([
           [k1.id, 'rft_abcd', true, false],
           [k2.id, 'rft_efgh', false, true],
