@@ -369,6 +369,27 @@ describe('API fidelity (single-tenant server)', () => {
       expect(text).not.toContain('reft_process_process_');
     });
 
+    it('training jobs per status are counted at scrape time', async () => {
+      const statuses = ['queued', 'running', 'succeeded', 'failed', 'cancelled'];
+      const jobs = (text: string) =>
+        Object.fromEntries(
+          statuses.map((s) => [s, Number(new RegExp(`^reft_training_jobs\\{status="${s}"\\} (\\S+)$`, 'm').exec(text)?.[1])]),
+        );
+      const before = jobs(await scrape());
+      for (const s of statuses) expect(before[s], s).toBeGreaterThanOrEqual(0);
+      const job = await json(api, 'POST', '/v1/training/jobs', {
+        data: [{ prompt: 'Once upon a time', completion: ' a frog sang.' }],
+        hyperparameters: { epochs: 5000, batch_size: 1 },
+      });
+      expect(job.status).toBe(202);
+      const busy = jobs(await scrape()); // queued, or already running
+      expect(busy.queued + busy.running).toBe(before.queued + before.running + 1);
+      expect((await json(api, 'POST', `/v1/training/jobs/${job.body.id}/cancel`)).status).toBe(200);
+      for (let i = 0; i < 100 && (await json(api, 'GET', `/v1/training/jobs/${job.body.id}`)).body.status !== 'cancelled'; i++)
+        await new Promise((r) => setTimeout(r, 100));
+      expect(jobs(await scrape())).toEqual({ ...before, cancelled: before.cancelled + 1 });
+    });
+
     it('engine gauges are current at scrape time', async () => {
       const idle = await scrape();
       expect(value(idle, 'reft_running_sequences')).toBe(0);

@@ -1,4 +1,4 @@
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
@@ -101,6 +101,76 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect((await json(c, 'GET', '/v1/interventions')).status).toBe(200);
       expect((await json(admin, 'DELETE', `/v1/admin/keys/${key.id}`)).status).toBe(204);
       expect((await json(c, 'GET', '/v1/interventions')).status).toBe(401);
+    });
+
+    it('the admin gets, renames (names unique: 409), lists keys without secrets, reads usage and deletes a tenant', async () => {
+      const made = await json(admin, 'POST', '/v1/admin/tenants', { name: 'delta' });
+      expect(made.status).toBe(201);
+      const id = made.body.id;
+      const dup = await json(admin, 'POST', '/v1/admin/tenants', { name: 'delta' });
+      expect([dup.status, dup.body.code, dup.body.field]).toEqual([409, 'conflict', 'name']);
+      expect((await json(admin, 'GET', `/v1/admin/tenants/${id}`)).body).toEqual(made.body);
+      expect((await json(admin, 'GET', `/v1/admin/tenants/ten_${'0'.repeat(24)}`)).status).toBe(404);
+      expect((await json(a, 'GET', `/v1/admin/tenants/${id}`)).status).toBe(403);
+      const taken = await json(admin, 'PATCH', `/v1/admin/tenants/${id}`, { name: 'alpha' });
+      expect([taken.status, taken.body.code, taken.body.field]).toEqual([409, 'conflict', 'name']);
+      const renamed = await json(admin, 'PATCH', `/v1/admin/tenants/${id}`, { name: 'delta-2' });
+      expect([renamed.status, renamed.body]).toEqual([200, { ...made.body, name: 'delta-2' }]);
+
+      const used = (await json(admin, 'POST', `/v1/admin/tenants/${id}/keys`, {})).body;
+      const idle = (await json(admin, 'POST', `/v1/admin/tenants/${id}/keys`, {})).body;
+      expect(used.prefix).toBe(used.key.slice(0, 12));
+      const d = { url: server.url, key: used.key };
+      const iv = await upload(d, artifact([randomLoreft(31, 2)], { name: 'delta-iv' }));
+      expect(iv.status).toBe(201);
+      const form = new FormData();
+      form.append('file', new Blob(['{"prompt": "Once upon a time", "completion": " a frog sang."}\n']), 'data.jsonl');
+      const file = await fetch(`${server.url}/v1/files`, { method: 'POST', headers: { authorization: `Bearer ${used.key}` }, body: form });
+      expect(file.status).toBe(201);
+      const fileId = ((await file.json()) as { id: string }).id;
+      expect((await json(d, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 3, ignore_eos: true })).status).toBe(200);
+
+      let keys = await json(admin, 'GET', `/v1/admin/tenants/${id}/keys`);
+      for (let i = 0; i < 50 && keys.body.data.find((k: any) => k.id === used.id).last_used_at === null; i++) {
+        await new Promise((r) => setTimeout(r, 100)); // the last use is written after the request, not during it
+        keys = await json(admin, 'GET', `/v1/admin/tenants/${id}/keys`);
+      }
+      keys.body.data.sort((x: any, y: any) => Number(y.id === used.id) - Number(x.id === used.id)); // two keys made in one millisecond come in either order
+      expect(keys.body.data.map((k: any) => [k.id, k.prefix, k.tenant_id, k.revoked_at])).toEqual([
+        [used.id, used.prefix, id, null],
+        [idle.id, idle.prefix, id, null],
+      ]);
+      expect(Date.parse(keys.body.data[0].last_used_at)).toBeGreaterThanOrEqual(Date.parse(used.created_at));
+      expect(keys.body.data[1].last_used_at).toBeNull();
+      expect(JSON.stringify(keys.body)).not.toContain(used.key);
+      expect(JSON.stringify(keys.body)).not.toContain(idle.key);
+
+      let usage = await json(admin, 'GET', `/v1/admin/tenants/${id}/usage`);
+      for (let i = 0; i < 50 && usage.body.totals.requests === 0; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        usage = await json(admin, 'GET', `/v1/admin/tenants/${id}/usage`);
+      }
+      expect(usage.body.totals).toMatchObject({ requests: 1, completion_tokens: 3 });
+      expect(usage.body).toEqual((await json(d, 'GET', '/v1/usage')).body);
+      const blobs = () => (backend === 'sqlite' ? readdirSync(join(server.dataDir, 'blobs')) : []);
+      if (backend === 'sqlite') expect(blobs().filter((n) => n.startsWith(iv.body.id) || n.startsWith(fileId))).toHaveLength(3);
+
+      expect((await json(admin, 'DELETE', `/v1/admin/tenants/${id}`)).status).toBe(204);
+      expect((await json(d, 'GET', '/v1/interventions')).status).toBe(401);
+      expect((await json({ url: server.url, key: idle.key }, 'GET', '/v1/usage')).status).toBe(401);
+      expect((await json(admin, 'GET', `/v1/admin/tenants/${id}`)).status).toBe(404);
+      expect((await json(admin, 'GET', `/v1/admin/tenants/${id}/keys`)).status).toBe(404);
+      expect((await json(admin, 'GET', `/v1/admin/tenants/${id}/usage`)).status).toBe(404);
+      expect((await json(admin, 'DELETE', `/v1/admin/tenants/${id}`)).status).toBe(404);
+      const listed = await json(admin, 'GET', '/v1/admin/tenants?limit=100');
+      expect(listed.body.data.map((t: { id: string }) => t.id)).not.toContain(id);
+      expect(blobs().filter((n) => n.startsWith(iv.body.id) || n.startsWith(fileId))).toEqual([]);
+      // its name is free again, and the new tenant starts empty
+      const again = await json(admin, 'POST', '/v1/admin/tenants', { name: 'delta-2' });
+      expect(again.status).toBe(201);
+      const fresh = { url: server.url, key: (await json(admin, 'POST', `/v1/admin/tenants/${again.body.id}/keys`, {})).body.key };
+      expect((await json(fresh, 'GET', '/v1/interventions')).body.data.map((i: any) => i.name)).not.toContain('delta-iv');
+      expect((await json(fresh, 'GET', '/v1/usage')).body.totals.requests).toBe(0);
     });
 
     it('per-tenant limits: a full quota is a 403 quota_exceeded, too many requests at once a 429 with Retry-After', async () => {

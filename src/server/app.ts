@@ -85,7 +85,10 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     if (!rt) throw notReady();
     return rt;
   };
-  const metrics = new ServerMetrics(async (): Promise<EngineStats | null> => opts.runtime()?.engine.stats() ?? null);
+  const metrics = new ServerMetrics(
+    async (): Promise<EngineStats | null> => opts.runtime()?.engine.stats() ?? null,
+    () => opts.store.countJobs(),
+  );
 
   // routes that need no key: no lock in the document
   const openRoutes = new Set<string>();

@@ -44,6 +44,9 @@ export function sameSecret(a: string, b: string): boolean {
   return timingSafeEqual(ha, hb);
 }
 
+/** A key's last use is written at most this often per process: not a write per request. */
+const KEY_TOUCH_MS = 60_000;
+
 /** Failed keys one address may send in a window before it is refused without a lookup. */
 export const MAX_FAILED_KEYS = 10;
 const FAILED_KEY_WINDOW_MS = 60_000;
@@ -85,6 +88,7 @@ export interface AuthOptions {
 export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
   app.decorateRequest('tenant', null as unknown as Tenant);
   const failed = new FailedKeys();
+  const touched = new LRUCache<string, true>({ max: 100_000, ttl: KEY_TOUCH_MS });
   app.addHook('onRequest', async (request) => {
     const level: AuthLevel = request.routeOptions.config?.auth ?? 'tenant';
     // an unknown route is a 404 for everyone, whatever key came with it
@@ -124,5 +128,10 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
       throw new ReftError('unauthorized', 'invalid or revoked API key', 'authorization');
     }
     request.tenant = found.tenant;
+    if (!touched.has(found.key.id)) {
+      touched.set(found.key.id, true);
+      // Not awaited: the request needn't wait for bookkeeping, nor fail with it.
+      opts.store.touchApiKey(found.key.id).catch((e: Error) => request.log.warn({ err: e }, 'could not record an API key use'));
+    }
   });
 }

@@ -46,7 +46,8 @@ export class ServerMetrics {
     registers: [this.registry],
   });
 
-  constructor(engineStats: () => Promise<EngineStats | null>) {
+  /** `jobCounts`: the store's training jobs per status (of every tenant), read at each scrape. */
+  constructor(engineStats: () => Promise<EngineStats | null>, jobCounts: () => Promise<Record<string, number>>) {
     // prom-client names its defaults process_* and nodejs_*: the prefix makes them reft_process_*
     collectDefaultMetrics({ register: this.registry, prefix: 'reft_' });
     // One engine read per scrape, shared by every engine gauge: the registry collects them all at
@@ -72,6 +73,18 @@ export class ServerMetrics {
       (s) => s.tokensInFlight,
     );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
+    new Gauge({
+      name: 'reft_training_jobs',
+      help: 'Training jobs of every tenant by status, counted in the store at scrape time',
+      labelNames: ['status'],
+      registers: [this.registry],
+      async collect() {
+        // While the store is unreachable the series are absent, rather than the scrape failing or showing stale counts.
+        const counts = await jobCounts().catch(() => null);
+        this.reset();
+        for (const [status, n] of Object.entries(counts ?? {})) this.set({ status }, n);
+      },
+    });
   }
 
   /** The generations waiting in tenants' queues for one of their concurrent slots. */

@@ -59,6 +59,7 @@ const REQUEST_EXAMPLES: Record<string, unknown> = {
     name: 'frog-song',
   },
   'POST /v1/admin/tenants': { name: 'acme' },
+  'PATCH /v1/admin/tenants/{id}': { name: 'acme-eu' },
 };
 
 /** Parameter examples, so "Try it out" starts from values of the right form. */

@@ -209,7 +209,8 @@ async function ensureDefaultTenant(store: Store): Promise<Tenant> {
   };
   const existing = await oldest();
   if (existing) return existing;
-  await store.createTenant(DEFAULT_TENANT_NAME);
+  // Names are unique: a server that lost the race finds the winner's.
+  await store.createTenant(DEFAULT_TENANT_NAME).catch((e) => (e instanceof ReftError && e.code === 'conflict' ? null : Promise.reject(e)));
   return (await oldest())!;
 }
 

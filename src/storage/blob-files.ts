@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
-import { open, readFile, rm } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { BlobColumns } from './schema.ts';
@@ -103,16 +103,10 @@ export class BlobFiles implements Blobs {
   /** Writes bytes to a new temp file, fsynced; returns its name. */
   private async writeTemp(bytes: Uint8Array): Promise<string> {
     const name = `${TEMP_PREFIX}${hostname()}~${process.pid}~${randomBytes(8).toString('hex')}`;
-    const fh = await open(this.path(name), 'wx');
-    try {
-      await fh.writeFile(bytes);
-      await fh.sync();
-    } catch (e) {
-      await fh.close();
+    await writeFile(this.path(name), bytes, { flag: 'wx', flush: true }).catch(async (e) => {
       await this.release([name]);
       throw e;
-    }
-    await fh.close();
+    });
     return name;
   }
 

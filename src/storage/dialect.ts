@@ -1,20 +1,16 @@
 import type { Expression, Kysely, SelectQueryBuilder } from 'kysely';
-import type { BlobColumns, EventRow, Json, Tables } from './schema.ts';
+import type { BlobColumns, Tables } from './schema.ts';
 import type { UsageRecord } from './store.ts';
 
 /** What differs between SQLite and PostgreSQL (sqlite-store.ts, postgres-store.ts); sql-store.ts is the rest, once. */
 export interface Dialect {
   readonly db: Kysely<Tables>;
-  /** Now, for timestamps: ISO text, or an expression of the database clock. */
+  /** Now, for timestamps: ISO text, or the database clock (so hosts with skewed clocks agree on leases). */
   now(): Value<string>;
-  /** Now, and `ms` from now, in the terms of jobs.lease_expires_at. */
-  leaseNow(): Value<number | string>;
-  leaseUntil(ms: number): Value<number | string>;
-  flag(value: boolean): boolean | number;
-  /** Locks the rows a select reads until the commit; 'skip' passes over rows others hold. */
-  lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip'): Q;
-  /** Appends an event with the job's next seq; undefined when there is no such job. */
-  addEvent(tx: Kysely<Tables>, jobId: string, type: string, data: Json, at: Value<string>): Promise<EventRow | undefined>;
+  /** `ms` from now, in the terms of jobs.lease_expires_at. */
+  leaseAt(ms: number): Value<number | string>;
+  /** Locks the rows a select reads until the commit: 'skip' passes over rows others hold, 'share' is a foreign key check's lock. */
+  lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip' | 'share'): Q;
   /** Adds a usageBatch's rows (of tenants that exist) to the stored counts, in one transaction of its own. */
   addUsage(db: Kysely<Tables>, rows: UsageRecord[]): Promise<void>;
   /** Tells other processes, on commit (where the database can). */
@@ -32,10 +28,9 @@ export type Value<T> = T | Expression<T>;
 export type AnySelect = SelectQueryBuilder<any, any, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 export type BlobKind = 'config' | 'weights' | 'data' | 'ckpt';
 
-/** Where file bytes live: in their rows' columns, or in files the columns name. */
+/** Where file bytes live: in their rows' columns, or in files the columns name (`external`, released once no row names them). */
 export interface Blobs {
   readonly columns: BlobColumns;
-  /** Whether column values name files, to release once no row names them. */
   readonly external: boolean;
   /** Where they are (for errors). */
   readonly where: string;

@@ -1,29 +1,21 @@
-import { Kysely, PostgresDialect, PostgresDriver, sql } from 'kysely';
-import type { CompiledQuery, DatabaseConnection, Driver, TransactionSettings } from 'kysely';
-import { DatabaseError, Pool, TypeOverrides } from 'pg';
-import type { PoolConfig } from 'pg';
+import { randomBytes } from 'node:crypto';
+import { Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
+import { DatabaseError, Pool, TypeOverrides, type PoolConfig } from 'pg';
 import { ReftError } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
-import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo } from './schema.ts';
-import type { BlobColumns, EventRow, SqlTypes, Tables } from './schema.ts';
-import type { Dialect } from './dialect.ts';
+import { migrate, migrations, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
 /**
- * The PostgreSQL dialect: everything, file bytes included (bytea), lives in one database, so
- * servers and training workers on different hosts share it. Particular to it:
- * - Time is the database clock (now(), the start of the transaction), for timestamps and lease
- *   expiry alike, so hosts with skewed clocks still agree on whether a lease has expired.
- * - Listeners fire in every process: a write that deletes or replaces an intervention, or queues
- *   a job, sends NOTIFY in its transaction, heard on each process's LISTEN connection
- *   (pg-listener.ts). The writer skips the echo of its own NOTIFY (by backend pid). Notifications
- *   sent while the LISTEN connection is down are lost: on reconnecting, job listeners are woken.
- * - A statement or transaction that hits a deadlock or serialization failure is run again.
- * - An unreachable database fails calls fast with ReftError 'unavailable' (503 + Retry-After);
- *   the pool and the LISTEN connection reconnect by themselves.
- * - claimJob takes the oldest claimable row FOR NO KEY UPDATE SKIP LOCKED (which excludes other
- *   claimers, not the foreign-key checks of event inserts): claimers never wait on each other.
+ * The PostgreSQL dialect: everything, file bytes included (bytea), lives in one database that
+ * servers and workers on several hosts share. Time is the database clock, so hosts with skewed
+ * clocks agree on leases. A write that deletes or replaces an intervention, or queues a job,
+ * sends NOTIFY, heard on every process's LISTEN connection (pg-listener.ts; notifications sent
+ * while it is down are lost, so job listeners are woken when it is back). An unreachable
+ * database fails calls fast with 'unavailable' (503 + Retry-After); the pool and the listener
+ * reconnect by themselves. Claims take rows FOR NO KEY UPDATE SKIP LOCKED (which doesn't block
+ * the foreign key checks of event inserts): claimers never wait on each other.
  */
 
 export interface PostgresStoreOptions {
@@ -37,20 +29,15 @@ export interface PostgresStoreOptions {
   schemaVersion?: number;
 }
 
-/** Connect attempts give up after this: an unreachable database must fail a request fast. */
+/** An unreachable database must fail a request fast. */
 const CONNECT_TIMEOUT_MS = 2_000;
 /** A session stuck inside a transaction (a hung process) is ended by the server after this. */
 const IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000;
-/** What an 'unavailable' error tells clients to wait before retrying. */
 const RETRY_AFTER_SECONDS = 2;
-/** Attempts of a statement that fails with a deadlock or serialization failure. */
-const STATEMENT_ATTEMPTS = 3;
-/** How long a closed pool connection's backend pid still counts as ours (its NOTIFY echo may be in flight). */
-const ECHO_GRACE_MS = 60_000;
 /** pg_advisory_xact_lock key serialising migrations across processes ('reft' in ASCII). */
 const MIGRATION_LOCK_KEY = 0x72656674;
 
-/** NOTIFY channels (per database, so stores on different databases never hear each other); payload: the row's id. */
+/** NOTIFY channels (per database, so stores on different databases never hear each other). */
 const CHANNELS = { interventionChanged: 'reft_intervention_changed', jobQueued: 'reft_job_queued' } as const;
 
 const COLUMNS: BlobColumns = { config: 'config_file', weights: 'weights_file', file: 'data', checkpoint: 'state' };
@@ -59,102 +46,60 @@ const TYPES: SqlTypes = {
   seq: 'bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY',
   time: 'timestamptz',
   nowDefault: ' DEFAULT now()',
-  // json, not jsonb, for documents the store only hands back: it keeps the text as written.
-  json: 'json',
+  json: 'json', // not jsonb: the store only hands documents back, as written
   flag: 'boolean',
   falseValue: 'false',
   big: 'bigint',
   blob: 'bytea',
   lease: 'timestamptz',
   day: 'date NOT NULL',
-  // Name first: it also serves lookups by name.
-  nameKey: `(name, (coalesce(tenant_id, '')))`,
+  nameKey: `(name, (coalesce(tenant_id, '')))`, // name first: it also serves lookups by name
   // Float weights don't compress: skip the attempt, store them out of line as they are.
   afterInitial: `
     ALTER TABLE interventions ALTER COLUMN ${COLUMNS.weights} SET STORAGE EXTERNAL;
     ALTER TABLE checkpoints ALTER COLUMN ${COLUMNS.checkpoint} SET STORAGE EXTERNAL;`,
   usageTable: '',
-  // The last event number given out for the job. Bumping it locks the job row, so concurrent
-  // appends to one job get consecutive numbers instead of colliding.
-  eventSeq: ', event_seq integer NOT NULL DEFAULT 0',
+  cascade: ['api_keys', 'interventions', 'files', 'jobs', 'tenant_usage']
+    .map(
+      (t) => `ALTER TABLE ${t} DROP CONSTRAINT ${t}_tenant_id_fkey, ADD FOREIGN KEY (tenant_id) REFERENCES tenants (id) ON DELETE CASCADE;`,
+    )
+    .join('\n'),
+  eventSeq: ', event_seq integer NOT NULL DEFAULT 0', // unused: events are numbered under the job's row lock (sql-store.ts)
 };
 
-const MIGRATIONS = migrations(TYPES, COLUMNS);
-
-const sqlState = (e: unknown): string | undefined => (e instanceof DatabaseError ? e.code : undefined);
-
-/** Socket-level failures to reach or keep a connection to the server. */
-const NETWORK_CODES = new Set(
-  'ECONNREFUSED ECONNRESET ECONNABORTED ETIMEDOUT EPIPE EHOSTUNREACH ENETUNREACH ENOTFOUND EAI_AGAIN'.split(' '),
-);
-
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
-const retryable = (e: unknown): boolean => ['40001', '40P01'].includes(sqlState(e) ?? '');
-
-/** SQLSTATEs of a server going away, starting, out of resources or too slow, and a deadlock that outlived its retries. */
-const transientState = (state: string): boolean =>
-  /^(08|53)/.test(state) || ['57P01', '57P02', '57P03', '57014', '40001', '40P01'].includes(state);
+const retryable = (e: unknown): boolean => e instanceof DatabaseError && ['40001', '40P01'].includes(e.code!);
 
 /** pg's own messages for connections that died or could not be made in time. */
 const CONNECTION_MESSAGE =
   /Connection terminated|connection timeout|timeout exceeded when trying to connect|not queryable|Query read timeout/i;
 
+/** A server going away, starting, out of resources or too slow (or a deadlock that outlived its retries), or a socket failing. */
 function isUnavailable(e: unknown): boolean {
-  if (!(e instanceof Error)) return false;
-  const state = sqlState(e);
-  if (state !== undefined) return transientState(state);
-  const code = (e as NodeJS.ErrnoException).code;
-  if (code !== undefined && NETWORK_CODES.has(code)) return true;
+  if (e instanceof DatabaseError) return /^(08|53|57P0[123]|57014|40001|40P01)/.test(e.code ?? '');
   // Node reports a failed connect to every address of a host ('localhost': ::1 and 127.0.0.1) as one AggregateError.
-  if (e instanceof AggregateError && e.errors.some(isUnavailable)) return true;
-  return CONNECTION_MESSAGE.test(e.message);
+  if (e instanceof AggregateError) return e.errors.some(isUnavailable);
+  return e instanceof Error && (/^E[A-Z]+$/.test(String((e as NodeJS.ErrnoException).code)) || CONNECTION_MESSAGE.test(e.message));
 }
 
-/** The error a caller sees: an unreachable database becomes 'unavailable' (503 + Retry-After). */
+/** The error a caller sees: an unreachable database is 'unavailable', its driver's words (hosts, ports) kept for the log only. */
 function toStoreError(e: unknown): unknown {
   if (e instanceof ReftError || !isUnavailable(e)) return e;
-  // the driver's words name hosts and ports: they go to the log as the cause, not to clients
   return Object.assign(new ReftError('unavailable', 'the database is unavailable', undefined, RETRY_AFTER_SECONDS), { cause: e });
 }
 
-/**
- * Kysely's PostgreSQL driver, with errors translated where they happen: a statement on its own
- * is run again on deadlock; one inside a transaction leaves that to the store, which runs the
- * whole transaction again.
- */
+/** Kysely's driver, translating errors where they happen; a deadlock goes on to the store, which runs its transaction again. */
 class GuardedDriver extends PostgresDriver {
   private readonly guarded = new WeakSet<DatabaseConnection>();
-  private readonly inTransaction = new WeakSet<DatabaseConnection>();
 
   override async acquireConnection(): Promise<DatabaseConnection> {
     const connection = await super.acquireConnection().catch((e) => Promise.reject(toStoreError(e)));
     if (this.guarded.has(connection)) return connection;
     const run = connection.executeQuery.bind(connection);
-    connection.executeQuery = (async (query: CompiledQuery) => {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          return await run(query);
-        } catch (e) {
-          if (this.inTransaction.has(connection)) throw retryable(e) ? e : toStoreError(e);
-          if (attempt >= STATEMENT_ATTEMPTS || !retryable(e)) throw toStoreError(e);
-        }
-      }
-    }) as DatabaseConnection['executeQuery'];
+    const fail = (e: unknown) => Promise.reject(retryable(e) ? e : toStoreError(e));
+    connection.executeQuery = ((query) => run(query).catch(fail)) as DatabaseConnection['executeQuery'];
     this.guarded.add(connection);
     return connection;
-  }
-
-  override async beginTransaction(connection: DatabaseConnection, settings: TransactionSettings): Promise<void> {
-    this.inTransaction.add(connection);
-    await super.beginTransaction(connection, settings);
-  }
-
-  override async commitTransaction(connection: DatabaseConnection): Promise<void> {
-    await super.commitTransaction(connection).finally(() => this.inTransaction.delete(connection));
-  }
-
-  override async rollbackTransaction(connection: Parameters<PostgresDriver['rollbackTransaction']>[0]): Promise<void> {
-    await super.rollbackTransaction(connection).finally(() => this.inTransaction.delete(connection));
   }
 }
 
@@ -172,9 +117,6 @@ class GuardedDialect extends PostgresDialect {
 const bytea = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 const bytesOf = (b: Buffer): Uint8Array => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
-/** The server process serving this client (pg knows it from the startup handshake, but doesn't type it). */
-const backendPid = (client: unknown): number | undefined => (client as { processID?: number }).processID;
-
 /** Connects, migrates the schema and starts listening; fails (cleaning up) if any step does. */
 export async function openPostgresStore(url: string, options: PostgresStoreOptions = {}): Promise<Store> {
   const log = options.log ?? ((message: string) => process.emitWarning(`postgres store: ${message}`));
@@ -186,27 +128,20 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
   const ignore = () => {};
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
-  // Backend pids of our pool connections: NOTIFYs they send are our own echoes.
-  const ownBackends = new Set<number | undefined>();
-  pool.on('connect', (client) => ownBackends.add(backendPid(client)));
-  pool.on('remove', (client) => void setTimeout(() => ownBackends.delete(backendPid(client)), ECHO_GRACE_MS).unref());
   const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool) });
+  // Sent with every NOTIFY, so this store skips the echoes of its own (it fired its listeners at commit).
+  const sender = randomBytes(8).toString('hex');
   let listener: Listener | undefined;
-  const dialect: Dialect = {
+  const store = new SqlStore({
     db,
     now: () => sql<string>`now()`,
-    leaseNow: () => sql<string>`now()`,
-    leaseUntil: (ms) => sql<string>`now() + ${ms} * interval '1 millisecond'`,
-    flag: (value) => value,
-    lock: (query, mode) => (mode === 'skip' ? query.forNoKeyUpdate().skipLocked() : query.forNoKeyUpdate()) as typeof query,
-    addEvent: async (tx, jobId, type, data, at) => {
-      const { rows } = await sql<EventRow>`
-        WITH next AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ${jobId} RETURNING id, event_seq)
-        INSERT INTO job_events (job_id, seq, created_at, type, data)
-        SELECT id, event_seq, ${at}, ${type}, ${data} FROM next
-        RETURNING ${EVENT_COLUMNS}`.execute(tx);
-      return rows[0];
-    },
+    leaseAt: (ms) => sql<string>`now() + ${ms} * interval '1 millisecond'`,
+    lock: (query, mode) =>
+      (mode === 'share'
+        ? query.forKeyShare()
+        : mode === 'skip'
+          ? query.forNoKeyUpdate().skipLocked()
+          : query.forNoKeyUpdate()) as typeof query,
     addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
       // One statement for the batch. Its tenants are locked FOR KEY SHARE (as a foreign key check
@@ -226,8 +161,8 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
             completion_tokens = u.completion_tokens + excluded.completion_tokens,
             training_tokens = u.training_tokens + excluded.training_tokens`.execute(db);
     },
-    notify: async (tx, channel, payload) => void (await sql`SELECT pg_notify(${CHANNELS[channel]}, ${payload})`.execute(tx)),
-    violation: (e) => (({ '23505': 'unique', '23503': 'foreignKey' }) as const)[sqlState(e) as '23505'],
+    notify: async (tx, channel, payload) => void (await sql`SELECT pg_notify(${CHANNELS[channel]}, ${`${sender} ${payload}`})`.execute(tx)),
+    violation: (e) => (e instanceof DatabaseError ? ({ '23505': 'unique', '23503': 'foreignKey' } as const)[e.code as '23505'] : undefined),
     retryable,
     toStoreError,
     blobs: {
@@ -243,22 +178,26 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
       await listener?.close();
       await db.destroy();
     },
-  };
-  const store = new SqlStore(dialect);
+  });
   try {
-    await migrate(db, migrationsUpTo(MIGRATIONS, options.schemaVersion), {
-      database: 'the database',
-      time: 'timestamptz NOT NULL DEFAULT now()',
-      // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
-      lock: async (tx) => void (await sql`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`.execute(tx)),
-      exec: async (tx, text) => void (await sql.raw(text).execute(tx)),
-    });
-    listener = new Listener(config, [CHANNELS.interventionChanged, CHANNELS.jobQueued], {
-      notification: (msg) => {
-        // Our own write already fired our listeners when it committed.
-        if (ownBackends.has(msg.processId)) return;
-        if (msg.channel === CHANNELS.interventionChanged && msg.payload) store.interventionListeners.emit(msg.payload);
-        else if (msg.channel === CHANNELS.jobQueued) store.jobListeners.emit();
+    await migrate(
+      db,
+      migrations(TYPES, COLUMNS),
+      {
+        database: 'the database',
+        time: 'timestamptz NOT NULL DEFAULT now()',
+        // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
+        lock: async (tx) => void (await sql`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`.execute(tx)),
+        exec: async (tx, text) => void (await sql.raw(text).execute(tx)),
+      },
+      options.schemaVersion,
+    );
+    listener = new Listener(config, Object.values(CHANNELS), {
+      notification: ({ channel, payload = '' }) => {
+        const [from, id] = payload.split(' ');
+        if (from === sender) return;
+        if (channel === CHANNELS.interventionChanged) store.interventionListeners.emit(id);
+        else store.jobListeners.emit();
       },
       reconnected: () => {
         log('the LISTEN connection is back');
@@ -276,9 +215,8 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
 
 /** Settings every connection of the store gets, the pool's and the listener's. */
 function clientConfig(url: string, options: PostgresStoreOptions): PoolConfig {
-  // Values as the SQLite store reads them: int8 (counts, sums, sequence numbers, byte sizes) as
-  // a JS number (all stay far below 2^53), timestamptz as ISO text, json as its text, a date as
-  // YYYY-MM-DD.
+  // Values as the SQLite store reads them: int8 (counts, sums, sequence numbers, byte sizes: all
+  // far below 2^53) as a JS number, timestamptz as ISO text, json as its text, a date as YYYY-MM-DD.
   const types = new TypeOverrides();
   const timestamp = types.getTypeParser(1184, 'text') as unknown as (text: string) => Date;
   types.setTypeParser(20, 'text', Number);

@@ -1,5 +1,5 @@
-import { sql, type Generated, type Kysely } from 'kysely';
-import type { InterventionMeta, JobEvent, JobStatus } from './store.ts';
+import type { Generated, Kysely } from 'kysely';
+import type { InterventionMeta, JobStatus } from './store.ts';
 
 /**
  * The schema, declared once for both dialects: the tables as the store's queries see them
@@ -19,7 +19,15 @@ export const jsonText = (value: unknown): Json => JSON.stringify(value ?? null);
 /** Every listed table has 'seq': it numbers rows in insert order (pages, the job queue); 'id' is the public key. */
 export interface Tables {
   tenants: { seq: Generated<number>; id: string; name: string; created_at: string };
-  api_keys: { id: string; tenant_id: string; secret_hash: string; created_at: string; revoked_at: string | null };
+  api_keys: {
+    id: string;
+    tenant_id: string;
+    secret_hash: string;
+    prefix: string | null;
+    created_at: string;
+    revoked_at: string | null;
+    last_used_at: string | null;
+  };
   interventions: {
     seq: Generated<number>;
     id: string;
@@ -76,11 +84,12 @@ export interface BlobColumns {
 /**
  * A dialect's words for the schema, spliced into the migrations: column types (seq is the
  * primary key; nowDefault a default of the current time, or nothing), nameKey the unique key of
- * an intervention's name among its owner's (or the shared) ones, afterInitial what migration 1
+ * an intervention's name among its owner's (or the shared) ones, cascade
+ * what makes deleting a tenant delete what it owns (where the database can add that to a foreign key), afterInitial what migration 1
  * ends with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its
  * events (or nothing).
  */
-type SqlWord = 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
+type SqlWord = 'cascade' | 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
 export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
 
 export interface Migration {
@@ -141,9 +150,17 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
       ${['requests', 'prompt_tokens', 'completion_tokens', 'training_tokens'].map(counter).join(', ')},
       PRIMARY KEY (tenant_id, day)
     )${t.usageTable};`;
+  const admin = `
+    ALTER TABLE api_keys ADD COLUMN prefix text;
+    ALTER TABLE api_keys ADD COLUMN last_used_at ${t.time};
+    -- Tenant names become unique: a duplicate from before keeps its name with its id appended.
+    UPDATE tenants SET name = name || ' (' || id || ')' WHERE seq NOT IN (SELECT min(seq) FROM tenants GROUP BY name);
+    CREATE UNIQUE INDEX tenants_name ON tenants (name);
+    ${t.cascade}`;
   return [
     { version: 1, name: 'initial', sql: initial },
     { version: 2, name: 'tenant usage', sql: usage },
+    { version: 3, name: 'tenant administration', sql: admin },
   ];
 }
 
@@ -152,7 +169,7 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
 /** The columns each kind of row is read with (never the file bytes), in the interface's order. */
 export const COLUMNS = {
   tenant: ['id', 'name', 'created_at as createdAt'],
-  key: ['id', 'tenant_id as tenantId', 'created_at as createdAt', 'revoked_at as revokedAt'],
+  key: ['id', 'tenant_id as tenantId', 'prefix', 'created_at as createdAt', 'revoked_at as revokedAt', 'last_used_at as lastUsedAt'],
   intervention: [
     ...['id', 'tenant_id as tenantId', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256'],
     ...['created_at as createdAt', 'updated_at as updatedAt'],
@@ -181,11 +198,6 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
   cancelRequested: Boolean(r.cancelRequested),
 });
 
-/** A job_events row as a dialect's addEvent returns it (RETURNING EVENT_COLUMNS). */
-export const EVENT_COLUMNS = sql.raw('seq, job_id AS "jobId", created_at AS "createdAt", type, data');
-
-export type EventRow = Omit<JobEvent, 'data'> & { data: Json };
-
 /**
  * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
  * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
@@ -197,20 +209,16 @@ export interface MigrationRunner {
   exec(tx: Kysely<Tables>, sql: string): Promise<void>;
 }
 
-/** The migrations up to `version` (all when undefined): only tests of an upgrade pass one, to get an older server's schema. */
-export function migrationsUpTo(migrations: readonly Migration[], version: number | undefined): readonly Migration[] {
-  if (version === undefined) return migrations;
-  if (!migrations.some((m) => m.version === version)) throw new Error(`no schema version ${version}`);
-  return migrations.filter((m) => m.version <= version);
-}
-
 /**
  * Applies the migrations the database lacks, in order, recorded in schema_migrations, in one
  * transaction that keeps other processes out: a second process starting meanwhile waits, then
  * finds them applied. A database a newer server migrated is refused, not run on a schema this
  * server does not know.
  */
-export async function migrate(db: Kysely<Tables>, migrations: readonly Migration[], run: MigrationRunner): Promise<void> {
+export async function migrate(db: Kysely<Tables>, all: readonly Migration[], run: MigrationRunner, upTo?: number): Promise<void> {
+  // Only tests of an upgrade pass `upTo`, to get an older server's schema.
+  if (upTo !== undefined && !all.some((m) => m.version === upTo)) throw new Error(`no schema version ${upTo}`);
+  const migrations = all.filter((m) => m.version <= (upTo ?? Infinity));
   await db.transaction().execute(async (tx) => {
     await run.lock(tx);
     await run.exec(

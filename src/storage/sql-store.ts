@@ -1,9 +1,10 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
-import { ReftError, invalidRequest, noSuch, notFound } from '../errors.ts';
-import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import { ReftError, noSuch, notFound } from '../errors.ts';
+import type { BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import { blobsOf, clampLimit, countJobs, countStored, orNull, pageOf, readBlobs, same } from './rows.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
-import type * as S from './store.ts';
+import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
 import { Listeners } from './listeners.ts';
 
@@ -13,8 +14,6 @@ type Tx = Kysely<Tables>;
 type BlobWrite<T> = (tx: Tx, staged: StagedBlobs) => Promise<T>;
 type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
-/** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
-const BLOB_READ_RETRIES = 3;
 /** Attempts of a transaction that fails with a deadlock or serialization failure. */
 const TRANSACTION_ATTEMPTS = 3;
 
@@ -23,13 +22,10 @@ const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => pr
 const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
 
 const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId), 'tenantId');
+const nameTaken = (name: string) => ({ unique: () => new ReftError('conflict', `a tenant named "${name}" already exists`, 'name') });
 const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
 
-const same = <T>(row: T): T => row;
-const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
 const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
-/** Limits are capped by the caller; this only keeps them a positive integer. */
-const clampLimit = (limit: number): number => (Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1);
 
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
@@ -43,7 +39,37 @@ export class SqlStore implements S.Store {
 
   async createTenant(name: string): Promise<S.Tenant> {
     const values = { id: newId('ten_'), name, created_at: this.d.now() };
-    return this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow();
+    return this.named(this.db.insertInto('tenants').values(values).returning(COLUMNS.tenant).executeTakeFirstOrThrow(), nameTaken(name));
+  }
+
+  async renameTenant(id: string, name: string): Promise<S.Tenant | null> {
+    const rename = this.db.updateTable('tenants').set({ name }).where('id', '=', id).returning(COLUMNS.tenant).executeTakeFirst();
+    return orNull(await this.named(rename, nameTaken(name)), same);
+  }
+
+  async deleteTenant(id: string): Promise<boolean> {
+    const { config, weights, file, checkpoint } = this.d.blobs.columns;
+    let interventions: string[] = [];
+    const blobs = await this.tx(async (tx) => {
+      const owned = (table: 'interventions' | 'files' | 'jobs') => tx.selectFrom(table).where('tenant_id', '=', id);
+      interventions = (await owned('interventions').select('id').execute()).map((r) => r.id);
+      const checkpoints = tx.selectFrom('checkpoints').where('job_id', 'in', owned('jobs').select('id'));
+      const blobs = [
+        ...(await blobsOf(this.d.blobs, owned('interventions'), [config, weights])),
+        ...(await blobsOf(this.d.blobs, owned('files'), [file])),
+        ...(await blobsOf(this.d.blobs, checkpoints, [checkpoint])),
+      ];
+      // What it owns first (jobs take their events and checkpoints along): SQLite's foreign keys don't cascade.
+      for (const table of ['api_keys', 'tenant_usage', 'jobs', 'files', 'interventions'] as const)
+        await tx.deleteFrom(table).where('tenant_id', '=', id).execute();
+      if (!one(await tx.deleteFrom('tenants').where('id', '=', id).executeTakeFirst())) return null;
+      for (const iv of interventions) await this.d.notify(tx, 'interventionChanged', iv);
+      return blobs;
+    });
+    if (!blobs) return false;
+    await this.d.blobs.release(blobs);
+    for (const iv of interventions) this.interventionListeners.emit(iv);
+    return true;
   }
 
   async getTenant(id: string): Promise<S.Tenant | null> {
@@ -51,11 +77,11 @@ export class SqlStore implements S.Store {
   }
 
   async listTenants(page: S.PageRequest): Promise<S.Page<S.Tenant>> {
-    return this.page<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
+    return pageOf<S.Tenant>(this.db.selectFrom('tenants'), COLUMNS.tenant, page, same);
   }
 
-  async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
-    const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
+  async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
+    const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, prefix, created_at: this.d.now() };
     const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
     const taken = () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
     return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: taken });
@@ -65,13 +91,27 @@ export class SqlStore implements S.Store {
     const row = await this.db
       .selectFrom('api_keys as k')
       .innerJoin('tenants as t', 't.id', 'k.tenant_id')
-      .select(['k.id', 'k.tenant_id', 'k.created_at', 'k.revoked_at', 't.name', 't.created_at as tenant_created_at'])
+      .select(['t.name', 't.created_at as tenant_created_at', ...COLUMNS.key.map((c) => `k.${c}` as const)])
       .where((eb) => eb.and([eb('k.secret_hash', '=', secretHash), eb('k.revoked_at', 'is', null)]))
       .executeTakeFirst();
-    return orNull(row, (r) => ({
-      key: { id: r.id, tenantId: r.tenant_id, createdAt: r.created_at, revokedAt: r.revoked_at },
-      tenant: { id: r.tenant_id, name: r.name, createdAt: r.tenant_created_at },
+    return orNull(row, ({ name, tenant_created_at, ...key }) => ({
+      key,
+      tenant: { id: key.tenantId, name, createdAt: tenant_created_at },
     }));
+  }
+
+  async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
+    return this.db
+      .selectFrom('api_keys')
+      .select(COLUMNS.key)
+      .where('tenant_id', '=', tenantId)
+      .orderBy('created_at')
+      .orderBy('id')
+      .execute();
+  }
+
+  async touchApiKey(id: string): Promise<void> {
+    await this.db.updateTable('api_keys').set({ last_used_at: this.d.now() }).where('id', '=', id).execute();
   }
 
   async revokeApiKey(id: string): Promise<boolean> {
@@ -99,7 +139,7 @@ export class SqlStore implements S.Store {
       }
       const own = tx.selectFrom('interventions').where('id', '=', id).where('tenant_id', 'is not distinct from', iv.tenantId);
       if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noneToReplace(id);
-      replaced = await this.blobsOf(own, [columns.config, columns.weights]);
+      replaced = await blobsOf(this.d.blobs, own, [columns.config, columns.weights]);
       staged.promote();
       const update = tx
         .updateTable('interventions')
@@ -130,12 +170,12 @@ export class SqlStore implements S.Store {
   }
 
   async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
-    return this.page(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
+    return pageOf(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
   }
 
   async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
     const { config, weights } = this.d.blobs.columns;
-    const found = await this.readBlobs(this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
+    const found = await readBlobs(this.d.blobs, this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
     return orNull(found, ([c, w]) => ({ config: c, weights: w }));
   }
 
@@ -147,22 +187,12 @@ export class SqlStore implements S.Store {
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
-    const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
-    const row = await this.db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-    const files = await this.db.selectFrom('files').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-    const jobs = await this.db
-      .selectFrom('jobs')
-      .select(sql<number>`count(*)`.as('n'))
-      .where('tenant_id', '=', tenantId)
-      .where('status', 'in', ['queued', 'running'])
-      .executeTakeFirstOrThrow();
-    const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);
-    return { interventions, bytes, files: fileCount, fileBytes, activeJobs: Number(jobs.n) };
+    return countStored(this.db, tenantId);
   }
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
     const rows = usageBatch(entries);
-    if (rows.length > 0) await this.d.addUsage(this.db, rows).catch((e) => Promise.reject(this.d.toStoreError(e)));
+    if (rows.length > 0) await this.retried(() => this.d.addUsage(this.db, rows));
   }
 
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
@@ -194,11 +224,11 @@ export class SqlStore implements S.Store {
   }
 
   async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
-    return orNull(await this.readBlobs(this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
+    return orNull(await readBlobs(this.d.blobs, this.file(tenantId, id), [this.d.blobs.columns.file]), ([data]) => data);
   }
 
   async listFiles(tenantId: string, page: S.PageRequest): Promise<S.Page<S.StoredFile>> {
-    return this.page(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
+    return pageOf(this.db.selectFrom('files').where('tenant_id', '=', tenantId), COLUMNS.file, page, same<S.StoredFile>);
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
@@ -225,7 +255,7 @@ export class SqlStore implements S.Store {
   }
 
   async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
-    return this.page(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
+    return pageOf(this.db.selectFrom('jobs').where('tenant_id', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
   }
 
   async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
@@ -238,7 +268,7 @@ export class SqlStore implements S.Store {
       if (row.status === 'queued' || row.status === 'running') {
         await tx
           .updateTable('jobs')
-          .set({ cancel_requested: this.d.flag(true) })
+          .set({ cancel_requested: sql.lit(true) })
           .where('id', '=', id)
           .execute();
       }
@@ -256,7 +286,7 @@ export class SqlStore implements S.Store {
           .selectFrom('jobs')
           .select(COLUMNS.job)
           .where('status', 'in', ['queued', 'running'])
-          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseNow())]))
+          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('lease_expires_at', '<=', this.d.leaseAt(0))]))
           // Fair between tenants: the tenant served longest ago (or never) first, then the oldest job.
           .orderBy(sql`(SELECT max(served.started_at) FROM jobs AS served WHERE served.tenant_id = jobs.tenant_id) ASC NULLS FIRST`)
           .orderBy('seq')
@@ -278,7 +308,7 @@ export class SqlStore implements S.Store {
           attempts: eb('attempts', '+', 1),
           started_at: eb.fn.coalesce('started_at', sql<string>`${this.d.now()}`),
           lease_worker: workerId,
-          lease_expires_at: this.d.leaseUntil(leaseMs),
+          lease_expires_at: this.d.leaseAt(leaseMs),
         }));
         const { expiresAt, ...claimed } = await claim
           .where('id', '=', row.id)
@@ -293,7 +323,7 @@ export class SqlStore implements S.Store {
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db
       .updateTable('jobs')
-      .set({ lease_expires_at: this.d.leaseUntil(leaseMs) })
+      .set({ lease_expires_at: this.d.leaseAt(leaseMs) })
       .where(this.leaseHeld(jobId, workerId));
     return one(await renew.executeTakeFirst());
   }
@@ -307,7 +337,7 @@ export class SqlStore implements S.Store {
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
-    const row = await this.tx((tx) => this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now()));
+    const row = await this.tx((tx) => this.addEvent(tx, jobId, type, data));
     if (!row) throw noSuch('job', jobId, 'jobId');
     return toEvent(row);
   }
@@ -324,7 +354,7 @@ export class SqlStore implements S.Store {
       // Locked: the lease can't expire into another worker's hands before the commit.
       const held = tx.selectFrom('jobs').select('id').where(this.leaseHeld(jobId, workerId));
       if (!(await this.d.lock(held, 'row').executeTakeFirst())) return false;
-      replaced = await this.blobsOf(tx.selectFrom('checkpoints').where('job_id', '=', jobId), [column]);
+      replaced = await blobsOf(this.d.blobs, tx.selectFrom('checkpoints').where('job_id', '=', jobId), [column]);
       staged.promote();
       const row = { job_id: jobId, step, bytes: state.byteLength, created_at: this.d.now(), [column]: staged.values[0] };
       const excluded = Object.fromEntries(['step', 'bytes', 'created_at', column].map((c) => [c, sql.ref(`excluded.${c}`)]));
@@ -342,7 +372,7 @@ export class SqlStore implements S.Store {
   async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
     let step = 0;
     const row = this.db.selectFrom('checkpoints').where('job_id', '=', jobId).select('step');
-    const found = await this.readBlobs(row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
+    const found = await readBlobs(this.d.blobs, row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
     return orNull(found, ([state]) => ({ step, state }));
   }
 
@@ -351,6 +381,10 @@ export class SqlStore implements S.Store {
     const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
     const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
     return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
+  }
+
+  async countJobs(): Promise<Record<S.JobStatus, number>> {
+    return countJobs(this.db);
   }
 
   onInterventionChanged(listener: (id: string) => void): () => void {
@@ -368,9 +402,13 @@ export class SqlStore implements S.Store {
 
   /** A write transaction, run again on deadlock or serialization failure; errors translated for callers. */
   private async tx<T>(body: (tx: Tx) => Promise<T>): Promise<T> {
+    return this.retried(() => this.db.transaction().execute(body));
+  }
+
+  private async retried<T>(write: () => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.db.transaction().execute(body);
+        return await write();
       } catch (e) {
         if (attempt >= TRANSACTION_ATTEMPTS || !this.d.retryable(e)) throw this.d.toStoreError(e);
       }
@@ -392,7 +430,7 @@ export class SqlStore implements S.Store {
   private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[]) {
     const files = await this.tx(async (tx) => {
       const own = 'is not distinct from';
-      const files = await this.blobsOf(tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
+      const files = await blobsOf(this.d.blobs, tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
       if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', own, tenantId).executeTakeFirst())) return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
@@ -417,61 +455,17 @@ export class SqlStore implements S.Store {
 
   /** The guard of every worker write: the worker named holds an unexpired lease. */
   private leaseHeld(jobId: string, workerId: string) {
-    const live = this.d.leaseNow();
+    const live = this.d.leaseAt(0);
     return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
       eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('lease_worker', '=', workerId), eb('lease_expires_at', '>', live)]);
   }
 
-  /** The blob column values of the row `from` finds, where they name files to release later (else none). */
-  private async blobsOf(from: AnySelect, columns: string[]): Promise<unknown[]> {
-    if (!this.d.blobs.external) return [];
-    const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
-    return row ? columns.map((c) => row[c]) : [];
-  }
-
-  /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
-  private async readBlobs(from: AnySelect, columns: string[], seen?: (row: Record<string, unknown>) => void): Promise<Uint8Array[] | null> {
-    for (let attempt = 0; ; attempt++) {
-      const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
-      if (!row) return null;
-      seen?.(row);
-      const data = await this.d.blobs.read(columns.map((c) => row[c]));
-      if (data) return data;
-      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.d.blobs.where}`);
-    }
-  }
-
-  /**
-   * A page of `from` in insertion order (a hidden seq), or newest first; asks for one row more
-   * than the limit to learn whether a next page exists. The cursor is looked up within `from`'s
-   * scope, so one naming no visible row (deleted, another tenant's) is refused.
-   */
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  private async page<T>(
-    from: AnySelect,
-    cols: readonly string[],
-    req: S.PageRequest,
-    map: (r: any) => T,
-    desc = false,
-  ): Promise<S.Page<T>> {
-    const limit = clampLimit(req.limit);
-    let rows = from.select(cols);
-    if (req.after !== undefined) {
-      const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
-      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
-      rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
-    }
-    const order = desc ? 'desc' : 'asc';
-    const found = await rows
-      .orderBy('seq', order)
-      .limit(limit + 1)
-      .execute();
-    const data = found.slice(0, limit);
-    return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
-  }
-
-  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown): Promise<void> {
-    await this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now());
+  /** Appends an event with the job's next number (the job's row locked, so concurrent appends never collide); undefined when there is no such job. */
+  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown) {
+    if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where('id', '=', jobId), 'row').executeTakeFirst())) return undefined;
+    const seq = sql<number>`(SELECT coalesce(max(seq), 0) + 1 FROM job_events WHERE job_id = ${jobId})`;
+    const row = { job_id: jobId, seq, created_at: this.d.now(), type, data: jsonText(data) };
+    return tx.insertInto('job_events').values(row).returning(COLUMNS.event).executeTakeFirstOrThrow();
   }
 
   /**

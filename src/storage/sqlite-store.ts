@@ -3,8 +3,7 @@ import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, t
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
-import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo, type EventRow, type SqlTypes, type Tables } from './schema.ts';
-import type { Dialect } from './dialect.ts';
+import { migrate, migrations, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
@@ -12,15 +11,10 @@ export type { FaultPoint } from './blob-files.ts';
 
 /**
  * The embedded dialect: one SQLite database (<dataDir>/reft.db, WAL mode, so a training worker
- * process can share it) plus blob files under <dataDir>/blobs/ (blob-files.ts). Particular to it:
- * - Time is the writing process's clock: timestamps are its ISO text, lease expiry its epoch ms.
- * - Listeners fire only in the writing process (SQLite has no cross-process notifications):
- *   workers poll `claimJob`.
- * - Every write transaction is BEGIN IMMEDIATE: it takes the write lock at once, so what it
- *   reads stays true until it commits (this is the claim's lock), and it waits out the busy
- *   timeout for another process's lock instead of failing at once with SQLITE_BUSY.
- * - better-sqlite3 is synchronous: a busy database can make a call wait up to BUSY_TIMEOUT_MS
- *   (blob bytes are written and fsynced before the write transaction starts).
+ * process can share it) plus blob files under <dataDir>/blobs/ (blob-files.ts). Time is the
+ * writing process's clock. Listeners fire only in the writing process: workers poll `claimJob`.
+ * Every write transaction is BEGIN IMMEDIATE: it holds the write lock from its first read (this
+ * is the claim's lock), waiting out another process's lock instead of failing with SQLITE_BUSY.
  */
 
 /** How long a statement waits for another connection's write lock before failing. */
@@ -34,8 +28,7 @@ export interface SqliteStoreOptions {
 }
 
 const TYPES: SqlTypes = {
-  // SQLite's rowid: kept by VACUUM.
-  seq: 'INTEGER PRIMARY KEY',
+  seq: 'INTEGER PRIMARY KEY', // SQLite's rowid: kept by VACUUM
   time: 'TEXT',
   nowDefault: '',
   json: 'TEXT',
@@ -50,9 +43,9 @@ const TYPES: SqlTypes = {
   afterInitial: '',
   usageTable: ' WITHOUT ROWID',
   eventSeq: '',
+  // SQLite can't alter a foreign key: deleteTenant deletes what a tenant owns itself.
+  cascade: '',
 };
-
-const MIGRATIONS = migrations(TYPES, BLOB_FILE_COLUMNS);
 
 /** Kysely's SQLite dialect, with BEGIN IMMEDIATE for its transactions. */
 class ImmediateDialect extends SqliteDialect {
@@ -75,34 +68,25 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
   const db = new Kysely<Tables>({ dialect: new ImmediateDialect({ database: raw }) });
   try {
     configure(raw);
-    await migrate(db, migrationsUpTo(MIGRATIONS, options.schemaVersion), {
+    const runner = {
       database: raw.name,
       time: 'TEXT NOT NULL',
       lock: async () => {},
-      exec: async (_, text) => void raw.exec(text),
-    });
+      exec: async (_: unknown, text: string) => void raw.exec(text),
+    };
+    await migrate(db, migrations(TYPES, BLOB_FILE_COLUMNS), runner, options.schemaVersion);
     sweep(raw, blobs);
   } catch (e) {
     await db.destroy().catch(() => {});
     if (raw.open) raw.close();
     throw e;
   }
-  const dialect: Dialect = {
+  return new SqlStore({
     db,
     blobs,
     now: () => new Date().toISOString(),
-    leaseNow: () => Date.now(),
-    leaseUntil: (ms) => Date.now() + ms,
-    flag: (value) => (value ? 1 : 0),
+    leaseAt: (ms) => Date.now() + ms,
     lock: (query) => query,
-    addEvent: async (tx, jobId, type, data, at) => {
-      const { rows } = await sql<EventRow>`
-        INSERT INTO job_events (job_id, seq, created_at, type, data)
-        SELECT id, (SELECT ifnull(max(seq), 0) + 1 FROM job_events WHERE job_id = ${jobId}), ${at}, ${type}, ${data}
-        FROM jobs WHERE id = ${jobId}
-        RETURNING ${EVENT_COLUMNS}`.execute(tx);
-      return rows[0];
-    },
     // Under the write lock (IMMEDIATE), so writers in other processes never lose increments. The
     // WHERE skips unknown tenants (and settles SQLite's INSERT ... SELECT ... ON CONFLICT ambiguity).
     addUsage: (db, rows) =>
@@ -126,8 +110,7 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
     retryable: () => false,
     toStoreError: (e) => e,
     close: () => db.destroy(),
-  };
-  return new SqlStore(dialect);
+  });
 }
 
 function configure(db: Database.Database): void {

@@ -1,40 +1,25 @@
 /**
- * The storage interface every process shares (servers, training workers), and its contract.
- * One implementation, sql-store.ts over Kysely, with two dialects (dialect.ts): sqlite-store.ts
- * (a SQLite file + blob files under a data directory) and postgres-store.ts.
+ * The storage every process shares (servers, training workers), and its contract
+ * (test/support/store-contract.ts). One implementation over Kysely (sql-store.ts), two dialects.
  *
- * - A write is all or nothing: a reader never sees a half-written intervention or file.
- * - Every read is tenant-scoped: another tenant's row is indistinguishable from a missing one
- *   (null / false). `tenantId === null` means "shared only" for interventions and "any tenant"
- *   for `getJob` (workers). `readInterventionFiles` and `loadCheckpoint` are not scoped: callers
- *   find the row through a scoped method first.
- * - Ids are opaque strings made by the store (prefix + random), safe in URLs and file names.
- * - An intervention's `sha256` is the digest of its config file's bytes then its weights file's
- *   (`cat reft_config.json reft_weights.safetensors | sha256sum`); `bytes` is their total.
- * - Pages, and the job queue, are in insertion order (exact even within one createdAt
- *   millisecond); `listJobs` with `order: 'desc'` pages newest first. An `after` cursor that
- *   names no visible row (deleted, or another tenant's) is an invalid_request on "after".
- * - A write naming a tenant, job or intervention that does not exist is a not_found on that
- *   field; replacing an id the store could not have made, or one the tenant does not own, is a
- *   not_found on "id"; a taken intervention name is a conflict on "name".
- * - Every status change the store makes (queued, running, failed, cancelled, succeeded) appends
- *   a 'status' event to the job's stream, so followers see its whole life; workers append only
- *   'metrics'/'log' events.
- * - `claimJob` keeps a re-claimed job's first `startedAt`; a running job with cancelRequested
- *   whose lease expired is cancelled by the next claim, not retried; one that has used up its
- *   attempts fails.
- * - `revokeApiKey` returns true only when it revoked a live key.
- * - `recordUsage` adds each entry's counts to its tenant's row for that day, all entries in one
- *   transaction; concurrent calls from any number of processes never lose an increment. An
- *   entry for a tenant that does not exist (deleted between metering and flushing) is skipped
- *   silently; an all-zero entry makes no row. An invalid entry (not a real YYYY-MM-DD day, a
- *   count not a non-negative integer) is an invalid_request naming it, and nothing is written.
- *   `getUsage` returns the days in [from, to] (inclusive) that have a row, ascending; an
- *   unknown tenant, or from > to, gives an empty list.
- * - `onInterventionChanged` and `onJobQueued` fire in the process that made the change, once,
- *   after its commit; other processes hear of it where the dialect can (PostgreSQL). Caches key
- *   on (id, version), which `findIntervention` always reads fresh, so a change a process did
- *   not hear of never serves it stale files.
+ * - Writes are all or nothing. Ids are opaque (prefix + random), safe in URLs and file names.
+ * - Reads are tenant-scoped: another tenant's row reads as missing. `tenantId === null` means
+ *   "shared only" for interventions, "any tenant" for `getJob` (workers). `readInterventionFiles`
+ *   and `loadCheckpoint` are unscoped: callers find the row through a scoped method first.
+ * - An intervention's `sha256` digests its config's bytes then its weights' (`bytes`: their sum).
+ * - Pages (and the job queue) are in insertion order, exact within a millisecond; `listJobs`
+ *   with order 'desc' is newest first. A cursor naming no visible row is invalid_request "after".
+ * - A write naming a missing tenant, job or intervention is a not_found on that field (replacing
+ *   an id the store could not have made, or another tenant's: on "id"); a taken name a conflict.
+ * - Every status change appends a 'status' event, so followers see a job's whole life. A
+ *   re-claim keeps `startedAt`; a flagged job whose lease expired is cancelled, not retried; one
+ *   out of attempts fails.
+ * - `recordUsage` adds to each tenant's row per day, in one transaction, never losing an
+ *   increment between processes; entries of missing tenants are skipped, all-zero ones make no
+ *   row, an invalid one is an invalid_request naming it (nothing written). `getUsage` gives the
+ *   days with a row in [from, to], ascending.
+ * - Listeners fire in the writing process once, after its commit, and in others where the
+ *   dialect can (PostgreSQL). Caches key on (id, version), read fresh by `findIntervention`.
  */
 export interface Tenant {
   id: string;
@@ -45,8 +30,12 @@ export interface Tenant {
 export interface ApiKey {
   id: string;
   tenantId: string;
+  /** The secret's first characters, to tell keys apart (null for keys made before schema 3). */
+  prefix: string | null;
   createdAt: string;
   revokedAt: string | null;
+  /** To the minute or so (callers throttle `touchApiKey`). */
+  lastUsedAt: string | null;
 }
 
 export type InterventionSource = 'upload' | 'training' | 'import' | 'shared';
@@ -130,7 +119,8 @@ export interface StoredFile {
   createdAt: string;
 }
 
-export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+export const JOB_STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
+export type JobStatus = (typeof JOB_STATUSES)[number];
 
 export interface Job {
   id: string;
@@ -170,13 +160,21 @@ export interface Lease {
 
 export interface Store {
   // tenants and keys
+  /** Names are unique: a taken one is a conflict on "name" (renameTenant too). */
   createTenant(name: string): Promise<Tenant>;
   getTenant(id: string): Promise<Tenant | null>;
   listTenants(page: PageRequest): Promise<Page<Tenant>>;
-  /** Stores a key by the hash of its secret; the secret itself is never stored. */
-  createApiKey(tenantId: string, secretHash: string): Promise<ApiKey>;
+  renameTenant(id: string, name: string): Promise<Tenant | null>;
+  /** Deletes a tenant and all it owns (keys, interventions, files, jobs, usage); false if there is none. */
+  deleteTenant(id: string): Promise<boolean>;
+  /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
+  createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<ApiKey>;
+  /** A tenant's keys, revoked ones too, oldest first. */
+  listApiKeys(tenantId: string): Promise<ApiKey[]>;
+  touchApiKey(id: string): Promise<void>;
   /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
   findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null>;
+  /** True only when it revoked a live key. */
   revokeApiKey(id: string): Promise<boolean>;
 
   // interventions
@@ -218,6 +216,8 @@ export interface Store {
   loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
   /** Ends a job held by `workerId`: succeeded (with its intervention), failed or cancelled. */
   finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
+  /** Jobs of every tenant, per status. */
+  countJobs(): Promise<Record<JobStatus, number>>;
 
   /** Called when an intervention is deleted or replaced (by any process sharing the store). */
   onInterventionChanged(listener: (id: string) => void): () => void;

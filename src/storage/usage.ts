@@ -15,36 +15,26 @@ function isUsageDay(day: unknown): day is string {
 }
 
 /**
- * The rows a `recordUsage` call writes (the contract is in store.ts): every entry checked (an
- * invalid one is an invalid_request on `entries[i].<field>`, before anything is written), those
- * of one tenant and day merged (a statement may not update one row twice), all-zero ones dropped,
- * sorted by tenant and day so that concurrent batches lock rows in the same order.
+ * The rows a `recordUsage` call writes: every entry checked first (an invalid one is an
+ * invalid_request on `entries[i].<field>`), those of one tenant and day merged (a statement may
+ * not update one row twice), all-zero ones dropped, sorted so that concurrent batches lock rows
+ * in the same order.
  */
 export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
   if (!Array.isArray(entries)) throw invalidRequest('usage entries must be an array', 'entries');
   const merged = new Map<string, UsageRecord>();
   entries.forEach((e, i) => {
-    const at = `entries[${i}]`;
-    if (typeof e?.tenantId !== 'string' || e.tenantId === '') throw invalidRequest('must be a tenant id', `${at}.tenantId`);
-    if (!isUsageDay(e.day)) throw invalidRequest('must be a date YYYY-MM-DD', `${at}.day`);
-    for (const k of USAGE_COUNTERS) {
-      if (!Number.isSafeInteger(e[k]) || e[k] < 0) throw invalidRequest('must be a non-negative integer', `${at}.${k}`);
-    }
+    if (typeof e?.tenantId !== 'string' || e.tenantId === '') throw invalidRequest('must be a tenant id', `entries[${i}].tenantId`);
+    if (!isUsageDay(e.day)) throw invalidRequest('must be a date YYYY-MM-DD', `entries[${i}].day`);
+    const bad = USAGE_COUNTERS.find((k) => !Number.isSafeInteger(e[k]) || e[k] < 0);
+    if (bad) throw invalidRequest('must be a non-negative integer', `entries[${i}].${bad}`);
     if (USAGE_COUNTERS.every((k) => e[k] === 0)) return;
     const key = `${e.tenantId}\u0000${e.day}`;
-    const row = merged.get(key) ?? {
-      tenantId: e.tenantId,
-      day: e.day,
-      requests: 0,
-      promptTokens: 0,
-      completionTokens: 0,
-      trainingTokens: 0,
-    };
-    for (const k of USAGE_COUNTERS) row[k] += e[k];
-    merged.set(key, row);
+    const row = merged.get(key);
+    if (row) for (const k of USAGE_COUNTERS) row[k] += e[k];
+    else merged.set(key, { ...e });
   });
-  const order = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
-  return [...merged.values()].sort((a, b) => order(a.tenantId, b.tenantId) || order(a.day, b.day));
+  return [...merged].sort(([a], [b]) => (a < b ? -1 : 1)).map(([, row]) => row);
 }
 
 /** Checks a `getUsage` range: each end a YYYY-MM-DD date (invalid_request on "from" / "to"). */

@@ -307,6 +307,78 @@ export function storeContract(backend: StoreBackend): void {
         const reused = await rejection(store.createApiKey(t.id, 'hash-1')); // hashes are unique
         expect([reused.code, reused.field]).toEqual(['conflict', 'secretHash']);
       });
+
+      it("lists a tenant's keys with their prefixes and last use; renames tenants, names unique", async () => {
+        const store = await open();
+        const [t, other] = [await store.createTenant('acme'), await store.createTenant('other')];
+        const k1 = await store.createApiKey(t.id, 'hash-1', 'rft_abcd');
+        const k2 = await store.createApiKey(t.id, 'hash-2', 'rft_efgh');
+        await store.createApiKey(other.id, 'hash-3', 'rft_ijkl');
+        expect(k1).toMatchObject({ prefix: 'rft_abcd', lastUsedAt: null });
+        await store.touchApiKey(k2.id);
+        await store.revokeApiKey(k1.id);
+        // Oldest first; two made in the same millisecond may come in either order.
+        const keys = (await store.listApiKeys(t.id)).sort((x, y) => (x.id === k1.id ? -1 : y.id === k1.id ? 1 : 0));
+        expect(keys.map((k) => [k.id, k.prefix, k.revokedAt !== null, k.lastUsedAt !== null])).toEqual([
+          [k1.id, 'rft_abcd', true, false],
+          [k2.id, 'rft_efgh', false, true],
+        ]);
+        expect(JSON.stringify(keys)).not.toContain('hash-');
+        expect(await store.listApiKeys('ten_missing')).toEqual([]);
+
+        expect(await store.renameTenant(t.id, 'acme 2')).toEqual({ ...t, name: 'acme 2' });
+        expect(await store.renameTenant('ten_missing', 'x')).toBeNull();
+        for (const taken of [rejection(store.createTenant('other')), rejection(store.renameTenant(t.id, 'other'))]) {
+          const e = await taken;
+          expect([e.code, e.field]).toEqual(['conflict', 'name']);
+        }
+        expect((await store.getTenant(t.id))!.name).toBe('acme 2');
+      });
+
+      it('deletes a tenant with all it owns, files included, and tells listeners; others are untouched', async () => {
+        const store = await open();
+        const [t, other] = [await store.createTenant('doomed'), await store.createTenant('kept')];
+        await store.createApiKey(t.id, 'hash-doomed');
+        const iv = await store.putIntervention(newIv(t.id, 'iv'));
+        const kept = await store.putIntervention(newIv(other.id, 'iv'));
+        const file = await store.putFile(t.id, 'data.jsonl', 'fine-tune', new TextEncoder().encode('{}'));
+        const job = await store.createJob(t.id, { n: 1 });
+        const claimed = await store.claimJob('w', 60_000, 3);
+        expect(await store.saveCheckpoint(job.id, 'w', 1, new Uint8Array(8))).toBe(true);
+        await store.recordUsage([usageOf(t.id, '2024-01-01', { requests: 1 }), usageOf(other.id, '2024-01-01', { requests: 2 })]);
+        await fx.expectBlobs(6);
+        const heard: string[] = [];
+        store.onInterventionChanged((id) => heard.push(id));
+
+        expect(await store.deleteTenant(t.id)).toBe(true);
+        expect(await store.deleteTenant(t.id)).toBe(false);
+        expect(claimed!.job.id).toBe(job.id);
+        expect(await store.getTenant(t.id)).toBeNull();
+        expect(await store.findApiKey('hash-doomed')).toBeNull();
+        expect(await store.findIntervention(t.id, iv.id)).toBeNull();
+        expect(await store.readInterventionFiles(iv.id)).toBeNull();
+        expect(await store.getFile(t.id, file.id)).toBeNull();
+        expect(await store.getJob(null, job.id)).toBeNull();
+        expect(await store.loadCheckpoint(job.id)).toBeNull();
+        expect(await store.getUsage(t.id, '2024-01-01', '2024-01-01')).toEqual([]);
+        expect(heard).toEqual([iv.id]);
+        await fx.expectBlobs(2);
+        expect(await store.findIntervention(other.id, kept.id)).toEqual(kept);
+        expect((await store.getUsage(other.id, '2024-01-01', '2024-01-01'))[0].requests).toBe(2);
+        expect(await store.renameTenant(other.id, 'doomed')).toMatchObject({ name: 'doomed' }); // the name is free again
+      });
+
+      it('counts jobs per status, of every tenant', async () => {
+        const store = await open();
+        const [a, b] = [await store.createTenant('a'), await store.createTenant('b')];
+        const none = { queued: 0, running: 0, succeeded: 0, failed: 0, cancelled: 0 };
+        expect(await store.countJobs()).toEqual(none);
+        for (const t of [a, b, b, a]) await store.createJob(t.id, {});
+        const claimed = (await store.claimJob('w', 60_000, 3))!;
+        await store.requestCancel(b.id, (await store.listJobs(b.id, { limit: 1 })).data[0].id);
+        expect(await store.finishJob(claimed.job.id, 'w', { status: 'failed', error: 'x' })).toBe(true);
+        expect(await store.countJobs()).toEqual({ ...none, queued: 2, failed: 1, cancelled: 1 });
+      });
     });
 
     describe('interventions', () => {
@@ -940,7 +1012,7 @@ export function storeContract(backend: StoreBackend): void {
         await old.close();
 
         const store = await open();
-        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2]);
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3]);
         expect(await store.getTenant(t.id)).toEqual(t);
         expect(await store.findIntervention(t.id, 'old')).toEqual(iv);
         expect(await store.getJob(t.id, job.id)).toEqual(job);
@@ -949,8 +1021,8 @@ export function storeContract(backend: StoreBackend): void {
         await store.close();
         // Opening again changes nothing; a server that only knows version 1 now refuses it.
         await open();
-        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2]);
-        await expect(backend.openAt(fx.location, 1)).rejects.toThrow(/schema version 2, newer than this server's 1/);
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3]);
+        await expect(backend.openAt(fx.location, 1)).rejects.toThrow(/schema version 3, newer than this server's 1/);
       });
     });
 

@@ -1,0 +1,93 @@
+import { sql } from 'kysely';
+import { ReftError, invalidRequest } from '../errors.ts';
+import type { AnySelect, Blobs } from './dialect.ts';
+import type { Kysely } from 'kysely';
+import type { Tables } from './schema.ts';
+import { JOB_STATUSES, type JobStatus, type Page, type PageRequest, type StoredUsage } from './store.ts';
+
+/** Reading rows for the store (sql-store.ts): pages in insertion order, counts, and the file bytes rows hold or name. */
+
+/** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
+const BLOB_READ_RETRIES = 3;
+
+export const same = <T>(row: T): T => row;
+export const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
+
+/** Limits are capped by the caller; this only keeps them a positive integer. */
+export const clampLimit = (limit: number): number => (Number.isFinite(limit) ? Math.max(1, Math.floor(limit)) : 1);
+
+/**
+ * A page of `from` in insertion order (a hidden seq), or newest first; asks for one row more
+ * than the limit to learn whether a next page exists. The cursor is looked up within `from`'s
+ * scope, so one naming no visible row (deleted, another tenant's) is refused.
+ */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export async function pageOf<T>(
+  from: AnySelect,
+  cols: readonly string[],
+  req: PageRequest,
+  map: (r: any) => T,
+  desc = false,
+): Promise<Page<T>> {
+  const limit = clampLimit(req.limit);
+  let rows = from.select(cols);
+  if (req.after !== undefined) {
+    const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
+    if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
+    rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
+  }
+  const found = await rows
+    .orderBy('seq', desc ? 'desc' : 'asc')
+    .limit(limit + 1)
+    .execute();
+  const data = found.slice(0, limit);
+  return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
+}
+
+/** The blob column values of the rows `from` finds, where they name files to release later (else none). */
+export async function blobsOf(blobs: Blobs, from: AnySelect, columns: string[]): Promise<unknown[]> {
+  if (!blobs.external) return [];
+  return (await from.select(columns.map((c) => sql.ref(c).as(c))).execute()).flatMap((row) => columns.map((c) => row[c]));
+}
+
+/** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
+export async function readBlobs(
+  blobs: Blobs,
+  from: AnySelect,
+  columns: string[],
+  seen?: (row: Record<string, unknown>) => void,
+): Promise<Uint8Array[] | null> {
+  for (let attempt = 0; ; attempt++) {
+    const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
+    if (!row) return null;
+    seen?.(row);
+    const data = await blobs.read(columns.map((c) => row[c]));
+    if (data) return data;
+    if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${blobs.where}`);
+  }
+}
+
+/** What a tenant has stored: interventions, files and their bytes, and its unfinished jobs. */
+export async function countStored(db: Kysely<Tables>, tenantId: string): Promise<StoredUsage> {
+  const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
+  const row = await db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
+  const files = await db.selectFrom('files').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
+  const jobs = await db
+    .selectFrom('jobs')
+    .select(sql<number>`count(*)`.as('n'))
+    .where('tenant_id', '=', tenantId)
+    .where('status', 'in', ['queued', 'running'])
+    .executeTakeFirstOrThrow();
+  const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);
+  return { interventions, bytes, files: fileCount, fileBytes, activeJobs: Number(jobs.n) };
+}
+
+/** Jobs of every tenant per status, every status named. */
+export async function countJobs(db: Kysely<Tables>): Promise<Record<JobStatus, number>> {
+  const rows = await db
+    .selectFrom('jobs')
+    .select(['status', sql<number>`count(*)`.as('n')])
+    .groupBy('status')
+    .execute();
+  return Object.fromEntries(JOB_STATUSES.map((s) => [s, Number(rows.find((r) => r.status === s)?.n ?? 0)])) as Record<JobStatus, number>;
+}
