@@ -13,7 +13,7 @@ type AttributeProto = OnnxTypes.IAttributeProto;
  * names, and `encode` serialises the model. Weights are referenced as external data so that
  * ORT reads them straight from the checkpoint's files.
  */
-export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'int64' | 'int32' | 'bool';
+export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'int64' | 'int32' | 'uint8' | 'bool';
 export type Dim = number | string;
 
 const ELEM: Record<ElemType, number> = {
@@ -22,6 +22,7 @@ const ELEM: Record<ElemType, number> = {
   bfloat16: onnx.TensorProto.DataType.BFLOAT16,
   int64: onnx.TensorProto.DataType.INT64,
   int32: onnx.TensorProto.DataType.INT32,
+  uint8: onnx.TensorProto.DataType.UINT8,
   bool: onnx.TensorProto.DataType.BOOL,
 };
 

@@ -1,0 +1,99 @@
+import type { Checkpoint } from '../model/checkpoint.ts';
+import { BLOCK_SIZE } from '../quant/blocks.ts';
+import { blockGatherable, type QuantizedCheckpoint, type TensorSpan } from '../quant/cache.ts';
+import { MS_DOMAIN, type ElemType, type GraphBuilder } from './onnx.ts';
+import { checkpointWeights } from './weights.ts';
+
+/**
+ * Where the inference graph's weights come from, and so which operators read them: the one place
+ * that chooses the projection operator for a weight format. Float checkpoints project with
+ * FusedMatMul (transB, straight over the [out, in] weights); quantized ones with com.microsoft
+ * MatMulNBits over the blocks of src/quant/cache.ts, and look up embeddings with
+ * GatherBlockQuantized on the same blocks (no float copy of the table).
+ */
+export interface WeightSource {
+  /** A float tensor (norm weights, biases). */
+  tensor(name: string): string;
+  /** x·[W₁; W₂; …]ᵀ over [out, in] matrices stacked along out; `name` names the result. */
+  project(x: string, names: readonly string[], name?: string): string;
+  /** The rows of the [vocab, d] table `name` for the token ids `ids`. */
+  gather(name: string, ids: string): string;
+}
+
+/** Bumped when the quantized graph's operators change (it is part of the graph cache key). */
+export const QUANTIZED_GRAPH_VERSION = 'qgraph-v1';
+
+/** MatMulNBits' accuracy_level 4: the CPU kernel quantizes activations to int8 per block. */
+const ACCURACY_LEVEL = 4;
+
+export function floatWeightSource(g: GraphBuilder, checkpoint: Checkpoint): WeightSource {
+  const tensor = checkpointWeights(g, checkpoint);
+  return {
+    tensor,
+    project: (x, names, name) => {
+      // stacked weights are folded into one initializer when the session loads
+      const w = names.length === 1 ? tensor(names[0]) : g.op('Concat', names.map(tensor), { axis: 0 });
+      return g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
+    },
+    gather: (name, ids) => g.op('Gather', [tensor(name), ids], { axis: 0 }),
+  };
+}
+
+export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): WeightSource {
+  const { bits, zeroPoints } = q.scheme;
+  const declared = new Set<string>();
+  const ref = (name: string, elemType: ElemType, span: TensorSpan, dims = span.dims): string => {
+    if (declared.has(name)) return name;
+    declared.add(name);
+    return g.external({ name, elemType, dims, location: q.file, offset: span.offset, length: span.length });
+  };
+  const matrix = (name: string) => {
+    const m = q.matrices.get(name);
+    if (!m) throw new Error(`graph builder: ${name} was not quantized`);
+    return m;
+  };
+  const tensor = (name: string) => {
+    const span = q.floats.get(name);
+    if (!span) throw new Error(`graph builder: the quantized checkpoint has no float tensor ${name}`);
+    return ref(name, 'float32', span);
+  };
+  return {
+    tensor,
+    project: (x, names, name) => {
+      const parts = names.map(matrix);
+      const { cols } = parts[0];
+      if (parts.some((p) => p.cols !== cols)) throw new Error(`graph builder: stacked matrices ${names.join(', ')} differ in input size`);
+      const stack = (pick: (n: string) => string) => (names.length === 1 ? pick(names[0]) : g.op('Concat', names.map(pick), { axis: 0 }));
+      const inputs = [
+        x,
+        stack((n) => ref(`${n}#q`, 'uint8', matrix(n).data)),
+        stack((n) => ref(`${n}#scales`, 'float32', matrix(n).scales)),
+      ];
+      if (zeroPoints) inputs.push(stack((n) => ref(`${n}#zeros`, 'uint8', matrix(n).zeros!)));
+      const N = parts.reduce((a, p) => a + p.rows, 0);
+      return g.op(
+        'MatMulNBits',
+        inputs,
+        { K: cols, N, bits, block_size: BLOCK_SIZE, accuracy_level: ACCURACY_LEVEL },
+        { domain: MS_DOMAIN, name },
+      );
+    },
+    gather: (name, ids) => {
+      const m = q.matrices.get(name);
+      if (!m || !blockGatherable(m.cols, bits)) return g.op('Gather', [tensor(name), ids], { axis: 0 });
+      // the same bytes as the projection's blocks, declared with the row-major shapes the lookup reads
+      const inputs = [
+        ref(`${name}#rows`, 'uint8', m.data, [m.rows, (m.cols * bits) / 8]),
+        ids,
+        ref(`${name}#row_scales`, 'float32', m.scales, [m.rows, m.blocks]),
+      ];
+      if (zeroPoints) inputs.push(ref(`${name}#row_zeros`, 'uint8', m.zeros!, [m.rows, (m.blocks * bits) / 8]));
+      return g.op(
+        'GatherBlockQuantized',
+        inputs,
+        { gather_axis: 0, quantize_axis: 1, block_size: BLOCK_SIZE, bits },
+        { domain: MS_DOMAIN },
+      );
+    },
+  };
+}
