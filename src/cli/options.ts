@@ -1,5 +1,6 @@
 import { InvalidArgumentError, Option } from 'commander';
 import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
+import { WEIGHT_FORMATS, type WeightsFlag } from '../quant/formats.ts';
 
 /** Option builders shared by the commands: every setting is a flag with an environment twin. */
 export const intArg =
@@ -23,6 +24,16 @@ export function envOption(flags: string, description: string, env: string, parse
   return o;
 }
 
+/** The base model's weights: shared by `serve`, `worker`, `train` and `generate`. */
+export const weightsOption = () =>
+  envOption(
+    '--weights <format>',
+    "the base model's weights: auto (f32 on the CPU), f32, f16, q8 or q4 (8/4-bit blocks quantized at load, cached)",
+    'REFT_WEIGHTS',
+    undefined,
+    'auto',
+  ).choices([...WEIGHT_FORMATS]);
+
 /** Where the store is: shared by `serve` and `worker`. */
 export const storeOptions = () => [
   envOption('--data-dir <dir>', 'where the embedded store keeps its SQLite file and weight files', 'REFT_DATA_DIR', undefined, './data'),
@@ -36,6 +47,7 @@ export const storeOptions = () => [
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
 export interface WorkerFlags {
   device: 'cpu' | 'cuda';
+  weights: WeightsFlag;
   leaseMs: number;
   pollMs: number;
   checkpointMs: number;
@@ -46,6 +58,7 @@ export interface WorkerFlags {
 }
 
 export const workerOptions = () => [
+  weightsOption(),
   envOption('--device <device>', 'where the training worker runs: cpu or cuda', 'REFT_DEVICE', undefined, 'cpu').choices(['cpu', 'cuda']),
   envOption(
     '--lease-ms <ms>',
@@ -83,6 +96,8 @@ export function workerArgv(f: WorkerFlags): string[] {
   return [
     '--device',
     f.device,
+    '--weights',
+    f.weights,
     '--lease-ms',
     String(f.leaseMs),
     '--poll-ms',

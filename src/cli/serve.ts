@@ -5,6 +5,7 @@ import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
+import { resolveWeightFormat } from '../quant/formats.ts';
 import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
@@ -205,6 +206,7 @@ export function servedModelName(model: string, given?: string): string {
 }
 
 async function runServe(f: ServeFlags): Promise<void> {
+  const weights = resolveWeightFormat(f.weights); // the engine runs on the CPU
   const server = await startServer({
     resolveModel: () => modelDir(f.model),
     modelName: servedModelName(f.model, f.servedModelName),
@@ -258,6 +260,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,
     threads: f.threads,
+    weights,
   });
   const stop = (signal: string) => {
     server.shutdown(signal).then(

@@ -10,7 +10,8 @@ import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { intArg, numberArg, trainMemoryBudgetOption } from './options.ts';
+import { intArg, numberArg, trainMemoryBudgetOption, weightsOption } from './options.ts';
+import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 
 /** `reft-server train data.jsonl --out DIR [recipe flags]`: train locally, write the artifact. */
 interface Flags {
@@ -34,6 +35,7 @@ interface Flags {
   name?: string;
   progress: boolean;
   trainMemoryBudget: number;
+  weights: WeightsFlag;
 }
 
 /** The recipe's defaults (the training API's), shown in --help; unset flags leave them to the recipe. */
@@ -47,6 +49,7 @@ export function trainCommand(): Command {
     .requiredOption('--out <dir>', 'where to write reft_config.json and reft_weights.safetensors')
     .addOption(modelOption())
     .addOption(trainMemoryBudgetOption())
+    .addOption(weightsOption())
     .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
     .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
@@ -83,6 +86,7 @@ function layersOf(v: string | undefined): RecipeInput['layers'] {
 }
 
 async function runTrain(data: string, f: Flags): Promise<void> {
+  const weights = resolveWeightFormat(f.weights);
   const model = await loadModel(await modelDir(f.model));
   let bytes: Uint8Array;
   try {
@@ -119,6 +123,7 @@ async function runTrain(data: string, f: Flags): Promise<void> {
     : null;
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
     cacheDir: cacheDir(),
+    weights,
     memoryBudget: f.trainMemoryBudget,
     artifact: f.name ? { name: f.name } : undefined,
     onProgress: (p) => {

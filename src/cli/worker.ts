@@ -9,6 +9,7 @@ import { describeStore, openStore } from '../storage/open.ts';
 import { describeHugePages } from '../engine/huge-pages.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption, intArg, storeOptions, workerOptions, type WorkerFlags } from './options.ts';
+import { resolveWeightFormat } from '../quant/formats.ts';
 
 /**
  * `reft-server worker`: the training worker (the GPU worker of a deployment). It claims queued
@@ -62,6 +63,7 @@ function exitWithParent(stop: (why: string) => void): void {
 
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
+  const weights = resolveWeightFormat(f.weights, f.device);
   if (f.device === 'cuda' && !(await cudaAvailable())) {
     throw new ReftError(
       'unavailable',
@@ -88,7 +90,7 @@ async function runWorker(f: Flags): Promise<void> {
   const where = { database: f.database, dataDir: f.dataDir };
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));
-  log.info({ model: f.model, store: describeStore(where), device: f.device, ...describeHugePages() }, 'model loaded');
+  log.info({ model: f.model, store: describeStore(where), device: f.device, weights, ...describeHugePages() }, 'model loaded');
   runner = new JobRunner({
     store,
     model,
@@ -102,6 +104,7 @@ async function runWorker(f: Flags): Promise<void> {
     device: f.device,
     threads: f.threads,
     cacheDir: cacheDir(),
+    weights,
   });
   await runner.run();
   await store.close();

@@ -128,6 +128,13 @@ export class GraphBuilder {
     return name;
   }
 
+  /** A uint8 scalar (bit masks and shifts). */
+  constantU8(hint: string, value: number): string {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: ELEM.uint8, dims: [], rawData: Uint8Array.of(value) });
+    return name;
+  }
+
   int64s(hint: string, values: number[]): string {
     return this.constant(hint, BigInt64Array.from(values.map(BigInt)), [values.length]);
   }

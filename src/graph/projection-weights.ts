@@ -40,7 +40,6 @@ export function floatWeightSource(g: GraphBuilder, checkpoint: Checkpoint): Weig
 }
 
 export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): WeightSource {
-  const { bits, zeroPoints } = q.scheme;
   const declared = new Set<string>();
   const ref = (name: string, elemType: ElemType, span: TensorSpan, dims = span.dims): string => {
     if (declared.has(name)) return name;
@@ -61,8 +60,10 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
     tensor,
     project: (x, names, name) => {
       const parts = names.map(matrix);
-      const { cols } = parts[0];
-      if (parts.some((p) => p.cols !== cols)) throw new Error(`graph builder: stacked matrices ${names.join(', ')} differ in input size`);
+      const { cols, bits, zeroPoints } = parts[0];
+      if (parts.some((p) => p.cols !== cols || p.bits !== bits || p.zeroPoints !== zeroPoints)) {
+        throw new Error(`graph builder: stacked matrices ${names.join(', ')} differ in input size or format`);
+      }
       const stack = (pick: (n: string) => string) => (names.length === 1 ? pick(names[0]) : g.op('Concat', names.map(pick), { axis: 0 }));
       const inputs = [
         x,
@@ -80,14 +81,15 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
     },
     gather: (name, ids) => {
       const m = q.matrices.get(name);
-      if (!m || !blockGatherable(m.cols, bits)) return g.op('Gather', [tensor(name), ids], { axis: 0 });
+      if (!m || !blockGatherable(m.cols, m.bits)) return g.op('Gather', [tensor(name), ids], { axis: 0 });
       // the same bytes as the projection's blocks, declared with the row-major shapes the lookup reads
+      const { bits } = m;
       const inputs = [
         ref(`${name}#rows`, 'uint8', m.data, [m.rows, (m.cols * bits) / 8]),
         ids,
         ref(`${name}#row_scales`, 'float32', m.scales, [m.rows, m.blocks]),
       ];
-      if (zeroPoints) inputs.push(ref(`${name}#row_zeros`, 'uint8', m.zeros!, [m.rows, (m.blocks * bits) / 8]));
+      if (m.zeroPoints) inputs.push(ref(`${name}#row_zeros`, 'uint8', m.zeros!, [m.rows, (m.blocks * bits) / 8]));
       return g.op(
         'GatherBlockQuantized',
         inputs,
@@ -95,5 +97,53 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
         { domain: MS_DOMAIN },
       );
     },
+  };
+}
+
+/**
+ * The quantized checkpoint's weights as float tensors, dequantized in the graph with plain ai.onnx
+ * operators ((q − z)·s per block, padding sliced off): the training graph's Gemms read them, and
+ * its backward pass needs the transposed product that MatMulNBits has no gradient for. The
+ * inputs are all initializers, so ORT folds the dequantization once when the session loads:
+ * training computes on exactly the quantized model's weights, held as float32 while it runs.
+ */
+export function dequantizedWeights(g: GraphBuilder, q: QuantizedCheckpoint): (name: string) => string {
+  const made = new Map<string, string>();
+  const ref = (name: string, elemType: ElemType, span: TensorSpan, dims = span.dims): string =>
+    g.external({ name, elemType, dims, location: q.file, offset: span.offset, length: span.length });
+  const dequantize = (name: string): string => {
+    const floatSpan = q.floats.get(name);
+    if (floatSpan) return ref(name, 'float32', floatSpan);
+    const m = q.matrices.get(name);
+    if (!m) throw new Error(`graph builder: the quantized checkpoint has no tensor ${name}`);
+    const { rows, cols, blocks, bits } = m;
+    const toFloat = (x: string) => g.op('Cast', [x], { to: 1 });
+    /** Packed nibbles [..., n] → codes [..., 2n], low nibble first. */
+    const unpack = (x: string, dims: number[]) => {
+      const low = g.op('BitwiseAnd', [x, g.constantU8('nibble', 15)]);
+      const high = g.op('BitShift', [x, g.constantU8('shift', 4)], { direction: 'RIGHT' });
+      const pairs = g.op('Concat', [g.op('Unsqueeze', [low, g.int64s('axis', [-1])]), g.op('Unsqueeze', [high, g.int64s('axis', [-1])])], {
+        axis: -1,
+      });
+      return g.op('Reshape', [pairs, g.int64s('unpacked', dims)]);
+    };
+    const data = ref(`${name}#q`, 'uint8', m.data);
+    const codes = toFloat(bits === 8 ? data : unpack(data, [rows, blocks, BLOCK_SIZE]));
+    let zero: string;
+    if (!m.zeros) zero = g.constant('zero_point', Float32Array.of(1 << (bits - 1)), []);
+    else {
+      const z = ref(`${name}#zeros`, 'uint8', m.zeros);
+      const perRow = bits === 8 ? g.op('Reshape', [z, g.int64s('zero_rows', [rows, blocks])]) : unpack(z, [rows, -1]);
+      const exact = bits === 8 ? perRow : g.op('Slice', [perRow, g.int64s('from', [0]), g.int64s('to', [blocks]), g.int64s('axis', [1])]);
+      zero = g.op('Unsqueeze', [toFloat(exact), g.int64s('axis', [-1])]);
+    }
+    const scale = g.op('Reshape', [ref(`${name}#scales`, 'float32', m.scales), g.int64s('scale_rows', [rows, blocks, 1])]);
+    const w = g.op('Reshape', [g.op('Mul', [g.op('Sub', [codes, zero]), scale]), g.int64s('rows', [rows, blocks * BLOCK_SIZE])]);
+    return cols === blocks * BLOCK_SIZE ? w : g.op('Slice', [w, g.int64s('from', [0]), g.int64s('to', [cols]), g.int64s('axis', [1])]);
+  };
+  return (name) => {
+    let w = made.get(name);
+    if (w === undefined) made.set(name, (w = dequantize(name)));
+    return w;
   };
 }

@@ -6,6 +6,8 @@ import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder } from './onnx.ts';
 import { ropeTables } from './rope.ts';
 import { checkpointWeights, offsetWeight } from './weights.ts';
+import { dequantizedWeights } from './projection-weights.ts';
+import type { QuantizedCheckpoint } from '../quant/cache.ts';
 
 /**
  * The training graph: the frozen decoder's forward pass (graph/forward.ts, over this file's
@@ -56,7 +58,13 @@ export const trainingOutputs = {
 /** Additive attention mask for hidden keys: exp(−1e9 − max) is exactly 0 in float32. */
 const MASKED = -1e9;
 
-export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, layers: readonly number[]): Uint8Array {
+/** With `quantized`, the frozen weights are that file's blocks, dequantized in the graph. */
+export function buildTrainingGraph(
+  config: ModelConfig,
+  checkpoint: Checkpoint,
+  layers: readonly number[],
+  quantized: QuantizedCheckpoint | null = null,
+): Uint8Array {
   const intervened = [...new Set(layers)].sort((a, b) => a - b);
   for (const l of intervened) {
     if (!Number.isInteger(l) || l < 0 || l >= config.numLayers) throw new Error(`layer ${l} is out of range`);
@@ -80,7 +88,7 @@ export function buildTrainingGraph(config: ModelConfig, checkpoint: Checkpoint, 
   const flatMask = t.op('Reshape', [inputs.lossMask, flatTokens]);
   const scored = t.declare(g.op('Reshape', [g.op('NonZero', [flatMask]), flatTokens]), ['scored']);
 
-  const logits = decoderForward(trainingOps(t, config, checkpoint, inputs, intervened, scored, flatTokens), config); // [M, V]
+  const logits = decoderForward(trainingOps(t, config, checkpoint, quantized, inputs, intervened, scored, flatTokens), config); // [M, V]
   const column = t.int64s('column', [-1, 1]);
   const logProbs = t.op('LogSoftmax', [logits], { axis: -1 });
   const target = t.op('Reshape', [t.op('Gather', [t.op('Reshape', [inputs.targets, flatTokens]), scored], { axis: 0 }), column]);
@@ -122,6 +130,7 @@ function trainingOps(
   t: Tape,
   config: ModelConfig,
   checkpoint: Checkpoint,
+  quantized: QuantizedCheckpoint | null,
   inputs: TrainingGraphInputs,
   intervened: readonly number[],
   scored: string,
@@ -134,8 +143,8 @@ function trainingOps(
   const B = 'batch';
   const S = 'seq';
 
-  /** A frozen weight over the checkpoint's bytes (half types cast to float32). */
-  const checkpointWeight = checkpointWeights(g, checkpoint);
+  /** A frozen weight over the checkpoint's bytes (half types cast to float32), or dequantized blocks. */
+  const checkpointWeight = quantized ? dequantizedWeights(g, quantized) : checkpointWeights(g, checkpoint);
   const weight = (name: string): string => t.declare(checkpointWeight(name), checkpoint.weights.get(name)!.shape);
   const normWeights = new Map<string, string>();
   const normWeight = (name: string): string => {

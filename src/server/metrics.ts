@@ -65,6 +65,17 @@ export class ServerMetrics {
       (s) => s.tokensInFlight,
     );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
+    new Gauge({
+      name: 'reft_model_weight_bytes',
+      help: "Bytes of the base model's weights as the engine holds them (format: f32, q8, q4)",
+      labelNames: ['format'],
+      registers: [this.registry],
+      async collect() {
+        const stats = await current();
+        this.reset();
+        if (stats) this.set({ format: stats.weightsFormat }, stats.weightBytes);
+      },
+    });
   }
 
   register(app: FastifyInstance): void {

@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { EngineClient } from '../engine/engine-client.ts';
+import type { WeightFormat } from '../quant/formats.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
 import { ReftError } from '../errors.ts';
 import { parseArtifact } from '../interventions/artifact.ts';
@@ -49,6 +50,8 @@ export interface ServeSettings {
   usageFlushMs: number;
   logLevel: string;
   threads?: number;
+  /** The base model's weights: f32, or q8/q4 quantized at load (cached under cacheDir). */
+  weights?: WeightFormat;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
@@ -111,7 +114,14 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
 
   const ready = (async () => {
     const model = await loadModel(dir);
-    const engine = await EngineClient.start({ modelDir: dir, cacheDir: s.cacheDir, limits: s.engineLimits, threads: s.threads });
+    const engine = await EngineClient.start({
+      modelDir: dir,
+      cacheDir: s.cacheDir,
+      limits: s.engineLimits,
+      threads: s.threads,
+      weights: s.weights,
+    });
+    for (const line of engine.startupLog) app.log.info(line);
     engine.onCrash((err) => {
       // Without its engine the server can only refuse: exit so a supervisor starts a fresh one.
       app.log.fatal({ err: err.message }, 'engine crashed; exiting');
@@ -135,7 +145,16 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     };
     notReady = null;
     app.log.info(
-      { model: s.modelName, dir, layers: model.config.numLayers, hidden: model.config.hiddenSize, ...describeHugePages() },
+      {
+        model: s.modelName,
+        dir,
+        layers: model.config.numLayers,
+        hidden: model.config.hiddenSize,
+        weights: engine.weights.format,
+        weightBytes: engine.weights.bytes,
+        quantizationCache: engine.weights.cache,
+        ...describeHugePages(),
+      },
       'model ready',
     );
   })();

@@ -1,6 +1,8 @@
 import * as ort from 'onnxruntime-node';
 import { createSession, type SessionOptions } from '../engine/session.ts';
 import { cachedGraph } from '../graph/cache.ts';
+import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
+import { loadWeights, type WeightsChoice } from '../quant/load.ts';
 import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training-graph.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -40,8 +42,10 @@ export interface TrainingResult {
 const SINGLE_THREAD_HIDDEN = 256;
 
 export interface StepSessionOptions extends SessionOptions {
-  /** Where built graphs are cached (skip to build in memory every time). */
+  /** Where built graphs are cached (skip to build in memory every time; needed for quantized weights). */
   cacheDir?: string;
+  /** The frozen base's weights: the checkpoint's floats (default) or quantized (QLoRA-style). */
+  weights?: WeightsChoice;
 }
 
 /**
@@ -67,20 +71,19 @@ export class StepSession {
     opts: StepSessionOptions = {},
   ): Promise<StepSession> {
     const sorted = [...new Set(layers)].sort((a, b) => a - b);
-    const build = () => buildTrainingGraph(config, checkpoint, sorted);
+    const weights = opts.weights ?? 'f32';
+    if (weights !== 'f32' && !opts.cacheDir) throw new Error('StepSession: quantized weights need a cacheDir');
+    const { quantized } = opts.cacheDir ? await loadWeights(config, checkpoint, weights, opts.cacheDir) : { quantized: null };
+    const build = () => buildTrainingGraph(config, checkpoint, sorted, quantized);
+    const key = { version: TRAINING_GRAPH_VERSION, config, weights: checkpoint.fingerprint, layers: sorted };
     const bytes = opts.cacheDir
-      ? (
-          await cachedGraph(
-            opts.cacheDir,
-            { version: TRAINING_GRAPH_VERSION, config, weights: checkpoint.fingerprint, layers: sorted },
-            build,
-          )
-        ).bytes
+      ? (await cachedGraph(opts.cacheDir, quantized ? { ...key, quantized: quantized.key, graph: QUANTIZED_GRAPH_VERSION } : key, build))
+          .bytes
       : build();
     // A tiny model's ops are microseconds long: waking a second thread costs more than it saves
     // (stories260k: 1.1 vs 1.9 ms per step measured), so small models default to one thread.
     const threads = opts.threads ?? (config.hiddenSize <= SINGLE_THREAD_HIDDEN ? 1 : undefined);
-    const session = await createSession(bytes, checkpoint.dataDir, { ...opts, threads });
+    const session = await createSession(bytes, quantized?.dir ?? checkpoint.dataDir, { ...opts, threads });
     return new StepSession(config, sorted, session);
   }
 
