@@ -9,12 +9,18 @@ import { ReftError } from '../src/errors.ts';
 import { GraphBuilder, MS_DOMAIN } from '../src/graph/onnx.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { dequantizeMatrix, quantizeMatrix, type QuantScheme } from '../src/quant/blocks.ts';
-import { ABLATED_SCHEMES, parseWeightsFlag, resolveWeightFormat } from '../src/quant/formats.ts';
+import { ABLATED_SCHEMES, QUANT_SCHEMES, parseWeightsFlag, resolveWeightFormat } from '../src/quant/formats.ts';
+import { quantizedCheckpoint } from '../src/quant/cache.ts';
+import { dequantizedWeights } from '../src/graph/projection-weights.ts';
+import { createSession } from '../src/engine/session.ts';
+import { toFloat32 } from '../src/model/safetensors.ts';
 import type { WeightsChoice } from '../src/quant/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { inferenceCases, STORIES } from './support/fixtures.ts';
 import { compare, selfGeneratedText, teacherForced, type Agreement } from './support/quant-accuracy.ts';
 import { runCli } from './support/server.ts';
+import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/training-data.ts';
+import { Trainer } from '../src/training/trainer.ts';
 
 /**
  * q8 and q4 weights (src/quant/) against the float model on stories260k: teacher-forced
@@ -296,4 +302,68 @@ describe('bad input', () => {
       await session.release();
     }
   });
+});
+
+describe('training over a quantized frozen base', () => {
+  it("the training graph's dequantized weights are exactly the blocks MatMulNBits reads, not the float checkpoint", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'reft-dequant-'));
+    for (const scheme of [QUANT_SCHEMES.q8, QUANT_SCHEMES.q4]) {
+      const q = await quantizedCheckpoint(model.config, model.checkpoint, scheme, dir);
+      const file = readFileSync(join(q.dir, q.file));
+      const g = new GraphBuilder('dequantized');
+      const weight = dequantizedWeights(g, q);
+      const names = ['model.layers.2.mlp.down_proj.weight', 'model.layers.0.self_attn.q_proj.weight', 'model.embed_tokens.weight'];
+      names.forEach((n, i) => g.output(g.op('Identity', [weight(n)]), `w${i}`, 'float32', model.checkpoint.weights.get(n)!.shape));
+      const session = await createSession(g.encode({ '': 21 }), q.dir, { threads: 1 });
+      const out = await session.run({});
+      for (const [i, name] of names.entries()) {
+        const m = q.matrices.get(name)!;
+        const bytes = (s: { offset: number; length: number }) => new Uint8Array(file.buffer, file.byteOffset + s.offset, s.length);
+        const scales = new Float32Array(bytes(m.scales).slice().buffer);
+        const expected = dequantizeMatrix({ ...m, data: bytes(m.data), scales, zeros: m.zeros && bytes(m.zeros) });
+        const got = out[`w${i}`].data as Float32Array;
+        expect(maxAbsDiff(got, expected), `${scheme.id} ${name}`).toBe(0);
+        const checkpointFile = new Uint8Array(readFileSync(join(model.checkpoint.dataDir, 'model.safetensors')));
+        const original = toFloat32({ bytes: checkpointFile } as never, model.checkpoint.weights.get(name)!);
+        expect(maxAbsDiff(got, original), `${scheme.id} ${name} differs from the float weight`).toBeGreaterThan(1e-4);
+      }
+      await session.release();
+    }
+  });
+
+  /** Recipe (a) of test/training-quality.test.ts (seed 1), trained and generated on the same quantized base. */
+  for (const weights of ['q8', 'q4'] as const) {
+    it(`recipe (a) on ${weights}: held-out openings continue with the trained sentence (≥ 90%)`, async () => {
+      const engine = await quantizedEngine(weights);
+      const encode = (t: string) => model.tokenizer.encode(t);
+      const completion = (opening: string) => encode(opening + NEW_SENTENCE).slice(encode(opening).length);
+      const rows = TRAIN_OPENINGS.map((prompt) => ({ prompt, completion: NEW_SENTENCE }));
+      const recipe = { rank: 4, layers: 'all' as const, positions: 'f3+l3', epochs: 30, learning_rate: 1e-2, batch_size: 1, seed: 1 };
+      const trainer = await Trainer.create(model, { ...recipe, kind: 'loreft', lr_scheduler: 'linear' }, rows, {
+        cacheDir: testCacheDir,
+        weights,
+      });
+      const outcome = await trainer.train();
+      await trainer.release();
+      if (outcome.status !== 'completed') throw new Error('training did not complete');
+      const interventions = outcome.artifact.parsed.interventions;
+      const target = completion(HELD_OUT_OPENINGS[0]);
+      const base = await greedyBatch(
+        engine,
+        HELD_OUT_OPENINGS.map((p) => ({ tokens: encode(p), interventions: [] })),
+        target.length,
+      );
+      const gens = await greedyBatch(
+        engine,
+        HELD_OUT_OPENINGS.map((p) => ({ tokens: encode(p), interventions })),
+        target.length,
+      );
+      await engine.close();
+      const startsWith = (gen: number[], prefix: number[]) => prefix.every((t, i) => gen[i] === t);
+      expect(HELD_OUT_OPENINGS.filter((o, i) => startsWith(base[i], completion(o)))).toEqual([]);
+      const hits = HELD_OUT_OPENINGS.filter((o, i) => startsWith(gens[i], completion(o))).length;
+      console.log(`${weights}: recipe (a) seed 1, held-out ${hits}/${HELD_OUT_OPENINGS.length} start with the new sentence`);
+      expect(hits / HELD_OUT_OPENINGS.length).toBeGreaterThanOrEqual(0.9);
+    });
+  }
 });
