@@ -18,7 +18,7 @@ import type { WeightsChoice } from '../src/quant/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { inferenceCases, STORIES } from './support/fixtures.ts';
 import { compare, selfGeneratedText, teacherForced, type Agreement } from './support/quant-accuracy.ts';
-import { runCli } from './support/server.ts';
+import { runCli, startServerProcess, type ServerProcess } from './support/server.ts';
 import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/training-data.ts';
 import { Trainer } from '../src/training/trainer.ts';
 
@@ -263,7 +263,7 @@ describe('bad input', () => {
     expect(good.stderr).toBe('');
     expect(good.status).toBe(0);
     expect(good.stdout).toBe(', there was a\n'); // the float model's first tokens too (fixture base case)
-  });
+  }, 180_000); // two CLI processes, each loading the model
 
   it('an input size that is not a multiple of 32 is padded: MatMulNBits equals x·dequantized(W)ᵀ', async () => {
     const rows = 6;
@@ -364,6 +364,38 @@ describe('training over a quantized frozen base', () => {
       const hits = HELD_OUT_OPENINGS.filter((o, i) => startsWith(gens[i], completion(o))).length;
       console.log(`${weights}: recipe (a) seed 1, held-out ${hits}/${HELD_OUT_OPENINGS.length} start with the new sentence`);
       expect(hits / HELD_OUT_OPENINGS.length).toBeGreaterThanOrEqual(0.9);
-    });
+    }, 180_000);
   }
+});
+
+describe('the server reports its weights', () => {
+  it('model ready, /v1/models and /metrics say q8 and its bytes; a second start reads the quantization cache', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'reft-q8-server-'));
+    const weightBytes = async (server: ServerProcess) => {
+      const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> };
+      expect(models.data[0].weights).toEqual({ format: 'q8', bytes: expect.any(Number) });
+      const metrics = await (await fetch(`${server.url}/metrics`)).text();
+      const line = metrics.split('\n').find((l) => l.startsWith('reft_model_weight_bytes{'));
+      expect(line).toBe(`reft_model_weight_bytes{format="q8"} ${(models.data[0].weights as { bytes: number }).bytes}`);
+      return (models.data[0].weights as { bytes: number }).bytes;
+    };
+    const ready = (server: ServerProcess) => server.logs.find((l) => l.msg === 'model ready')!;
+    const first = await startServerProcess({ dataDir, args: ['--weights', 'q8', '--no-worker'] });
+    try {
+      expect(ready(first)).toMatchObject({ weights: 'q8', quantizationCache: 'built' });
+      const bytes = await weightBytes(first);
+      expect(ready(first).weightBytes).toBe(bytes);
+      expect(bytes).toBeLessThan(0.4 * f32.weights.bytes);
+    } finally {
+      await first.stop();
+    }
+    const second = await startServerProcess({ dataDir, args: ['--weights', 'q8', '--no-worker'] });
+    try {
+      expect(ready(second)).toMatchObject({ weights: 'q8', quantizationCache: 'hit' });
+      expect(second.logs.some((l) => /quantized weights \(q8-sym-search\) loaded from cache/.test(String(l.msg)))).toBe(true);
+      await weightBytes(second);
+    } finally {
+      await second.stop();
+    }
+  }, 180_000); // two server starts on a shared machine
 });
