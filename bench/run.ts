@@ -7,15 +7,16 @@ import { describeMachine } from './machine.ts';
 import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
+import { benchWeights } from './weights.ts';
 
 /**
- * `npm run bench [-- engine server training]`: the speed targets of the issues, measured on a
+ * `npm run bench [-- engine server training soak weights]`: the speed targets of the issues, measured on a
  * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
  * stories260k. Writes bench/results/<date>.{json,md} with the machine's description.
  */
 const ROOT = join(import.meta.dirname, '..');
 const STORIES = join(ROOT, '..', 'shared', 'models', 'stories260k');
-const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training', 'soak'];
+const sections = process.argv.slice(2).length ? process.argv.slice(2) : ['engine', 'server', 'training', 'soak', 'weights'];
 
 const lines: string[] = [];
 const log = (s: string) => {
@@ -41,6 +42,7 @@ if (sections.includes('engine') || sections.includes('training')) {
   }
   await engine.close();
 }
+if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
 if (sections.includes('soak')) {
   // two servers and one worker on PostgreSQL (REFT_TEST_DATABASE_URL), on stories260k
