@@ -45,7 +45,7 @@ export function resolveWeightFormat(flag: WeightsFlag, device: string = 'cpu'): 
   if (flag === 'f16') {
     throw new ReftError(
       'invalid_request',
-      `--weights f16 is not supported on the ${device} device: its kernels compute float16 weights as float32; use f32, q8 or q4`,
+      `--weights f16 is not supported on the ${device} device: the graphs compute in float32 (on the CPU, ORT would convert half weights back to float32 at load); use f32, q8 or q4`,
       'weights',
     );
   }
