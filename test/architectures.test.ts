@@ -394,6 +394,34 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
       });
     }
 
+    it('q8 and q4 weights: logits near the reference, KV-cached decoding equal to recomputation on the same weights', async () => {
+      const V = ref.dims.vocab;
+      for (const weights of ['q8', 'q4'] as const) {
+        for (const { attention } of runs.filter((r) => !r.chunk)) {
+          const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention, weights });
+          engines.push(engine);
+          const iv = randomEdit(new Rng(5), 1, 2, ref.dims.d, 'f2+l2');
+          const [out] = await engine.prefill([{ tokens: PROMPTS[0], interventions: [iv], allLogits: true }]);
+          const want = ref.forward(PROMPTS[0], [asRefEdit(iv, PROMPTS[0].length)]);
+          const worst = Math.max(...want.map((row, s) => maxDiff(out.logits.subarray(s * V, (s + 1) * V), row)));
+          const scale = Math.max(...want.map((row) => Math.max(...row.map(Math.abs))));
+          console.log(`${arch} ${attention} ${weights}: worst logit difference ${worst.toFixed(4)} (logits up to ${scale.toFixed(2)})`);
+          // random weights and tiny widths magnify rounding: a loose bound that still catches a wrong
+          // operator wiring (test/quantization.test.ts holds the accuracy bars, on a trained model)
+          expect(worst).toBeLessThan((weights === 'q8' ? 0.08 : 0.3) * scale);
+          const seq = [...PROMPTS[0], argmax(out.logits.subarray(out.logits.length - V))];
+          for (let step = 0; step < 4; step++) {
+            const cached = (await engine.decode(new Map([[out.id, seq.at(-1)!]]))).get(out.id)!;
+            const [full] = await engine.prefill([{ tokens: seq, interventions: [iv], promptLength: PROMPTS[0].length }]);
+            engine.release(full.id);
+            expect(maxDiff(cached, full.logits), `${weights} ${attention} step ${step}`).toBeLessThan(1e-3);
+            seq.push(argmax(cached));
+          }
+          engine.release(out.id);
+        }
+      }
+    });
+
     it("one training step's loss and gradients against the reference's finite differences", async () => {
       const layer = 1;
       const graph = await StepSession.create(model.config, model.checkpoint, [layer], { threads: 1 });

@@ -8,7 +8,8 @@ import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
-import { deviceOption, intArg, numberArg } from './options.ts';
+import { deviceOption, intArg, numberArg, weightsOption } from './options.ts';
+import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 
 interface GenerateFlags {
   model: string;
@@ -22,12 +23,14 @@ interface GenerateFlags {
   seed?: number;
   stop?: string[];
   device: DeviceChoice;
+  weights: WeightsFlag;
 }
 
 export function generateCommand(): Command {
   return new Command('generate')
     .description('generate a continuation and print it (and nothing else) on stdout, ending with a newline')
     .addOption(modelOption())
+    .addOption(weightsOption())
     .option('--intervention <dir>', 'a reft/v1 artifact folder (reft_config.json + reft_weights.safetensors)')
     .option('--prompt <text>', 'plain text prompt')
     .option('--messages <json>', 'chat messages as JSON: [{"role":"user","content":"..."}]')
@@ -42,6 +45,7 @@ export function generateCommand(): Command {
 }
 
 async function runGenerate(flags: GenerateFlags): Promise<void> {
+  const weights = resolveWeightFormat(flags.weights);
   const dir = await modelDir(flags.model);
   const { config, tokenizer } = await loadModel(dir);
   let messages: unknown;
@@ -70,7 +74,7 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
   const interventions = flags.intervention ? (await readArtifactDir(flags.intervention, config)).interventions : [];
   const request = toGenerationRequest(tokens, parsed.data, interventions, config.maxPositions);
   const { device } = await resolveDevice(flags.device);
-  const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS, device });
+  const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS, device, weights });
   try {
     const result = await engine.generate(request, { onToken: (e) => process.stdout.write(e.text) });
     // a line of output, like any command's: shells and pipes expect the newline

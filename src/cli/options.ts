@@ -1,6 +1,7 @@
 import { InvalidArgumentError, Option } from 'commander';
 import { DEVICE_CHOICES, type DeviceChoice } from '../engine/device.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
+import { WEIGHT_FORMATS, type WeightsFlag } from '../quant/formats.ts';
 
 /** Option builders shared by the commands: every setting is a flag with an environment twin. */
 export const intArg =
@@ -24,6 +25,16 @@ export function envOption(flags: string, description: string, env: string, parse
   return o;
 }
 
+/** The base model's weights: shared by `serve`, `worker`, `train` and `generate`. */
+export const weightsOption = () =>
+  envOption(
+    '--weights <format>',
+    "the base model's weights: auto (f32 on the CPU), f32, f16, q8 or q4 (8/4-bit blocks quantized at load, cached)",
+    'REFT_WEIGHTS',
+    undefined,
+    'auto',
+  ).choices([...WEIGHT_FORMATS]);
+
 /** Where the store is: shared by `serve` and `worker`. */
 export const storeOptions = () => [
   envOption('--data-dir <dir>', 'where the embedded store keeps its SQLite file and weight files', 'REFT_DATA_DIR', undefined, './data'),
@@ -37,6 +48,7 @@ export const storeOptions = () => [
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
 export interface WorkerFlags {
   device: DeviceChoice;
+  weights: WeightsFlag;
   leaseMs: number;
   pollMs: number;
   checkpointMs: number;
@@ -47,6 +59,7 @@ export interface WorkerFlags {
 }
 
 export const workerOptions = () => [
+  weightsOption(),
   deviceOption(),
   envOption(
     '--lease-ms <ms>',
@@ -97,6 +110,8 @@ export function workerArgv(f: WorkerFlags): string[] {
   return [
     '--device',
     f.device,
+    '--weights',
+    f.weights,
     '--lease-ms',
     String(f.leaseMs),
     '--poll-ms',

@@ -6,6 +6,7 @@ import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
 import { DEFAULT_DEVICE_KV_BUDGET } from '../engine/protocol.ts';
+import { resolveWeightFormat } from '../quant/formats.ts';
 import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
@@ -226,6 +227,7 @@ export function servedModelName(model: string, given?: string): string {
 }
 
 async function runServe(f: ServeFlags): Promise<void> {
+  const weights = resolveWeightFormat(f.weights); // the engine runs on the CPU
   const server = await startServer({
     resolveModel: () => modelDir(f.model),
     modelName: servedModelName(f.model, f.servedModelName),
@@ -282,6 +284,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     threads: f.threads,
     device: f.device,
     deviceKvBudget: f.deviceKvBudget,
+    weights,
   });
   const stop = (signal: string) => {
     server.shutdown(signal).then(

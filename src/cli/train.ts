@@ -11,7 +11,8 @@ import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
-import { deviceOption, intArg, numberArg, trainMemoryBudgetOption } from './options.ts';
+import { deviceOption, intArg, numberArg, trainMemoryBudgetOption, weightsOption } from './options.ts';
+import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 
 /** `reft-server train data.jsonl --out DIR [recipe flags]`: train locally, write the artifact. */
 interface Flags {
@@ -36,6 +37,7 @@ interface Flags {
   progress: boolean;
   trainMemoryBudget: number;
   device: DeviceChoice;
+  weights: WeightsFlag;
 }
 
 /** The recipe's defaults (the training API's), shown in --help; unset flags leave them to the recipe. */
@@ -50,6 +52,7 @@ export function trainCommand(): Command {
     .addOption(modelOption())
     .addOption(trainMemoryBudgetOption())
     .addOption(deviceOption())
+    .addOption(weightsOption())
     .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
     .option('--layers <list>', `comma-separated layers, or "all"${d('layers')}`)
@@ -86,6 +89,7 @@ function layersOf(v: string | undefined): RecipeInput['layers'] {
 }
 
 async function runTrain(data: string, f: Flags): Promise<void> {
+  const weights = resolveWeightFormat(f.weights);
   const model = await loadModel(await modelDir(f.model));
   let bytes: Uint8Array;
   try {
@@ -124,6 +128,7 @@ async function runTrain(data: string, f: Flags): Promise<void> {
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
     device,
     cacheDir: cacheDir(),
+    weights,
     memoryBudget: f.trainMemoryBudget,
     artifact: f.name ? { name: f.name } : undefined,
     onProgress: (p) => {

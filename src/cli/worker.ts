@@ -8,6 +8,7 @@ import { describeStore, openStore } from '../storage/open.ts';
 import { describeHugePages } from '../engine/huge-pages.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption, intArg, storeOptions, workerOptions, type WorkerFlags } from './options.ts';
+import { resolveWeightFormat } from '../quant/formats.ts';
 
 /**
  * `reft-server worker`: the training worker (the GPU worker of a deployment). It claims queued
@@ -62,6 +63,7 @@ function exitWithParent(stop: (why: string) => void): void {
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
   const placement = await resolveDevice(f.device);
+  const weights = resolveWeightFormat(f.weights, placement.device);
   // Signals and the server's death are watched from the start: loading the model takes a while.
   let runner: JobRunner | null = null;
   const stop = (why: string) => {
@@ -82,7 +84,7 @@ async function runWorker(f: Flags): Promise<void> {
   const store = await openStore(where);
   const model = await loadModel(await modelDir(f.model));
   log.info(
-    { model: f.model, store: describeStore(where), device: placement.device, adapter: placement.adapter, ...describeHugePages() },
+    { model: f.model, store: describeStore(where), device: placement.device, adapter: placement.adapter, weights, ...describeHugePages() },
     'model loaded',
   );
   runner = new JobRunner({
@@ -98,6 +100,7 @@ async function runWorker(f: Flags): Promise<void> {
     device: placement.device,
     threads: f.threads,
     cacheDir: cacheDir(),
+    weights,
   });
   await runner.run();
   await store.close();

@@ -1,4 +1,6 @@
 import * as ort from 'onnxruntime-node';
+import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
+import { loadWeights, type WeightsReport } from '../quant/load.ts';
 import { ReftError } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
@@ -55,6 +57,8 @@ export class DeviceEngine implements StepExecutor {
     readonly prefillChunkTokens: number,
     /** Bytes the device KV cache may hold. */
     readonly kvBudget: number,
+    /** What the weights are held as, and their bytes. */
+    readonly weights: WeightsReport,
   ) {
     this.emptyInterventions = emptyInterventionFeeds(config);
     for (let l = 0; l < config.numLayers; l++) this.presents.push(OUT.presentKey(l));
@@ -64,16 +68,21 @@ export class DeviceEngine implements StepExecutor {
 
   static async create(config: ModelConfig, checkpoint: Checkpoint, opts: ExecutorOptions): Promise<DeviceEngine> {
     const attention: AttentionLayout = opts.attention ?? defaultAttentionLayout(config);
+    const { quantized, report } = await loadWeights(config, checkpoint, opts.weights ?? 'f32', opts.cacheDir, opts.log);
     const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention, device: 'webgpu', cache: 'device' };
-    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention, 'webgpu', 'device'));
+    const graph = await cachedGraph(
+      opts.cacheDir,
+      quantized ? { ...key, quantized: quantized.key, graph: QUANTIZED_GRAPH_VERSION } : key,
+      () => buildDecoderGraph(config, checkpoint, attention, 'webgpu', 'device', quantized),
+    );
     // Only the presents are named: naming host outputs 'cpu' too makes the binding pre-allocate
     // them at their last shape, which fails when a run's shape differs (ORT 1.30, measured).
     const outputLocations: Record<string, 'cpu' | 'gpu-buffer'> = {};
     for (let l = 0; l < config.numLayers; l++) outputLocations[OUT.presentKey(l)] = outputLocations[OUT.presentValue(l)] = 'gpu-buffer';
-    const session = await createSession(graph.bytes, checkpoint.dataDir, { ...opts, outputLocations });
+    const session = await createSession(graph.bytes, quantized?.dir ?? checkpoint.dataDir, { ...opts, outputLocations });
     const cache = await DeviceKvCache.create(config, opts);
     const chunk = opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS;
-    return new DeviceEngine(config, session, cache, chunk, opts.deviceKvBudget ?? DEFAULT_DEVICE_KV_BUDGET);
+    return new DeviceEngine(config, session, cache, chunk, opts.deviceKvBudget ?? DEFAULT_DEVICE_KV_BUDGET, report);
   }
 
   get liveSequences(): SequenceId[] {

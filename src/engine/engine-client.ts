@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { ReftError } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
+import type { WeightsReport } from '../quant/load.ts';
 import type { EngineStats, FromWorker, ToWorker, WorkerInit } from './protocol.ts';
 
 /**
@@ -32,7 +33,13 @@ export class EngineClient {
   private closed = false;
   private readonly crashListeners: Array<(e: ReftError) => void> = [];
 
-  private constructor(private readonly worker: Worker) {
+  private constructor(
+    private readonly worker: Worker,
+    /** What the engine's weights are held as, and their bytes. */
+    readonly weights: WeightsReport,
+    /** What the engine said while loading (the quantization cache's outcome). */
+    readonly startupLog: readonly string[],
+  ) {
     worker.on('message', (m: FromWorker) => this.onMessage(m));
     worker.on('error', (e) => this.crashed(new ReftError('internal', `engine worker crashed: ${e.message}`)));
     worker.on('exit', (code) => {
@@ -49,7 +56,18 @@ export class EngineClient {
     if (this.closed) return;
     this.closed = true;
     this.failAll(e);
-    for (const s of this.statsWaiters.values()) s({ queued: 0, running: 0, tokensInFlight: 0, steps: 0, lastBatchSize: 0, kvBytes: 0 });
+    const { format, bytes } = this.weights;
+    const idle = {
+      queued: 0,
+      running: 0,
+      tokensInFlight: 0,
+      steps: 0,
+      lastBatchSize: 0,
+      kvBytes: 0,
+      weightsFormat: format,
+      weightBytes: bytes,
+    };
+    for (const s of this.statsWaiters.values()) s(idle);
     this.statsWaiters.clear();
     for (const l of this.crashListeners) l(e);
   }
@@ -60,7 +78,7 @@ export class EngineClient {
       const onMessage = (m: FromWorker) => {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
-          resolve(new EngineClient(worker));
+          resolve(new EngineClient(worker, m.weights, m.log));
         } else if (m.type === 'fatal') {
           void worker.terminate();
           reject(ReftError.fromJSON(m.error));

@@ -8,6 +8,7 @@ import {
   decoderOutputs as OUT,
   type AttentionLayout,
 } from '../graph/decoder.ts';
+import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
 import { ropeTables, type RopeTables } from '../graph/rope.ts';
 import { cachedGraph } from '../graph/cache.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
@@ -15,6 +16,7 @@ import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
 import { KvCache, type RowSource } from './kv-cache.ts';
+import { loadWeights, type WeightsChoice, type WeightsReport } from '../quant/load.ts';
 import { createSession, type SessionOptions } from './session.ts';
 import type { StepExecutor, StepSample } from './executor.ts';
 import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
@@ -52,6 +54,10 @@ export interface EngineOptions extends SessionOptions {
   attention?: AttentionLayout;
   /** Longer prompts are prefilled in chunks of this many tokens (default 512). */
   prefillChunkTokens?: number;
+  /** The weights' format: the checkpoint's floats (default) or quantized at load (src/quant/). */
+  weights?: WeightsChoice;
+  /** Start-up messages (the quantization cache says whether it was hit). */
+  log?: (message: string) => void;
 }
 
 const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
@@ -80,6 +86,8 @@ export class Engine implements StepExecutor {
     readonly attention: AttentionLayout,
     /** Prompts longer than this are prefilled in chunks of this many tokens. */
     readonly prefillChunkTokens: number,
+    /** What the weights are held as, and their bytes. */
+    readonly weights: WeightsReport,
   ) {
     this.cache = new KvCache(config);
     this.decodeFeeds = emptyInterventionFeeds(config);
@@ -94,10 +102,15 @@ export class Engine implements StepExecutor {
   static async create(config: ModelConfig, checkpoint: Checkpoint, opts: EngineOptions): Promise<Engine> {
     const attention = opts.attention ?? defaultAttentionLayout(config);
     const device = opts.device ?? 'cpu';
+    const { quantized, report } = await loadWeights(config, checkpoint, opts.weights ?? 'f32', opts.cacheDir, opts.log);
     const key = { version: DECODER_GRAPH_VERSION, config, weights: checkpoint.fingerprint, attention, device };
-    const graph = await cachedGraph(opts.cacheDir, key, () => buildDecoderGraph(config, checkpoint, attention, device));
-    const session = await createSession(graph.bytes, checkpoint.dataDir, opts);
-    return new Engine(config, session, attention, opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS);
+    const graph = await cachedGraph(
+      opts.cacheDir,
+      quantized ? { ...key, quantized: quantized.key, graph: QUANTIZED_GRAPH_VERSION } : key,
+      () => buildDecoderGraph(config, checkpoint, attention, device, 'host', quantized),
+    );
+    const session = await createSession(graph.bytes, quantized?.dir ?? checkpoint.dataDir, opts);
+    return new Engine(config, session, attention, opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS, report);
   }
 
   /** Where layer l's new keys and values sit in the step's outputs. */

@@ -1,4 +1,5 @@
 import type { Checkpoint } from '../model/checkpoint.ts';
+import type { WeightsReport } from '../quant/load.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { DeviceEngine } from './device-engine.ts';
 import { Engine, type EngineOptions, type PrefillInput, type PrefillOutput, type SequenceId } from './engine.ts';
@@ -18,6 +19,8 @@ export interface StepExecutor {
   readonly prefilling: SequenceId | null;
   /** Bytes the KV cache holds now. */
   readonly kvBytes: number;
+  /** What the weights are held as, and their bytes. */
+  readonly weights: WeightsReport;
   prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]>;
   beginPrefill(input: PrefillInput): SequenceId;
   continuePrefill(): Promise<PrefillOutput | null>;

@@ -2,6 +2,8 @@ import type { SerializedError } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { SchedulerLimits, SchedulerStats } from './scheduler.ts';
 import type { Device } from './session.ts';
+import type { WeightFormat } from '../quant/formats.ts';
+import type { WeightsReport } from '../quant/load.ts';
 
 /** Bytes the device KV cache may hold unless told otherwise (--device-kv-budget). */
 export const DEFAULT_DEVICE_KV_BUDGET = 1 << 30;
@@ -15,6 +17,8 @@ export interface WorkerInit {
   device?: Device;
   /** Bytes the KV cache may hold on the device (WebGPU). */
   deviceKvBudget?: number;
+  /** The weights' format (default f32); q8/q4 are quantized at load, cached under cacheDir. */
+  weights?: WeightFormat;
 }
 
 export type ToWorker =
@@ -24,7 +28,7 @@ export type ToWorker =
   | { type: 'shutdown' };
 
 export type FromWorker =
-  | { type: 'ready' }
+  | { type: 'ready'; weights: WeightsReport; log: string[] }
   | { type: 'fatal'; error: SerializedError }
   | { type: 'token'; key: string; event: TokenEvent }
   | { type: 'done'; key: string; result: GenerationResult }
@@ -33,4 +37,7 @@ export type FromWorker =
 
 export interface EngineStats extends SchedulerStats {
   kvBytes: number;
+  /** What the weights are held as (f32, q8, q4) and their bytes. */
+  weightsFormat: string;
+  weightBytes: number;
 }

@@ -15,11 +15,14 @@ const serialize = (e: unknown) => ReftError.from(e).toJSON();
 
 async function main(init: WorkerInit): Promise<void> {
   const model = await loadModel(init.modelDir);
+  const log: string[] = [];
   const engine = await createEngine(model.config, model.checkpoint, {
     cacheDir: init.cacheDir,
     threads: init.threads,
     device: init.device,
     deviceKvBudget: init.deviceKvBudget,
+    weights: init.weights,
+    log: (message) => log.push(message),
   });
   const scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
   port.on('message', (msg: ToWorker) => {
@@ -39,7 +42,11 @@ async function main(init: WorkerInit): Promise<void> {
         scheduler.cancel(msg.key);
         break;
       case 'stats':
-        send({ type: 'stats', id: msg.id, stats: { ...scheduler.stats(), kvBytes: engine.kvBytes } });
+        send({
+          type: 'stats',
+          id: msg.id,
+          stats: { ...scheduler.stats(), kvBytes: engine.kvBytes, weightsFormat: engine.weights.format, weightBytes: engine.weights.bytes },
+        });
         break;
       case 'shutdown':
         void scheduler
@@ -49,7 +56,7 @@ async function main(init: WorkerInit): Promise<void> {
         break;
     }
   });
-  send({ type: 'ready' });
+  send({ type: 'ready', weights: engine.weights, log });
 }
 
 main(workerData as WorkerInit).catch((e) => send({ type: 'fatal', error: serialize(e) }));

@@ -4,8 +4,10 @@ import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
+import type { QuantizedCheckpoint } from '../quant/cache.ts';
+import { floatWeightSource, quantizedWeightSource, type WeightSource } from './projection-weights.ts';
 import { ropeTables } from './rope.ts';
-import { checkpointWeights, offsetWeight } from './weights.ts';
+import { offsetWeight } from './weights.ts';
 
 /**
  * The inference graph of a decoder (any architecture of src/model/architecture.ts: the forward
@@ -97,12 +99,14 @@ export function defaultAttentionLayout(config: ModelConfig): AttentionLayout {
   return config.headDim % 16 === 0 && !config.layout.qkNorm ? 'packed' : 'separate';
 }
 
+/** With `quantized`, the graph reads that file's blocks instead of the checkpoint (projection-weights.ts). */
 export function buildDecoderGraph(
   config: ModelConfig,
   checkpoint: Checkpoint,
   layout: AttentionLayout = defaultAttentionLayout(config),
   device: Device = 'cpu',
   cache: KvCacheSide = 'host',
+  quantized: QuantizedCheckpoint | null = null,
 ): Uint8Array {
   const g = new GraphBuilder('reft_decoder');
   const inputs = {
@@ -113,7 +117,8 @@ export function buildDecoderGraph(
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
   };
-  const logits = decoderForward(inferenceOps(g, config, checkpoint, layout, device, cache, inputs), config);
+  const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
+  const logits = decoderForward(inferenceOps(g, config, weights, layout, cache, inputs), config);
   if (cache === 'host') {
     g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
     return g.encode(OPSETS);
@@ -147,9 +152,8 @@ interface DecoderGraphInputs {
 function inferenceOps(
   g: GraphBuilder,
   config: ModelConfig,
-  checkpoint: Checkpoint,
+  weights: WeightSource,
   layout: AttentionLayout,
-  device: Device,
   cache: KvCacheSide,
   inputs: DecoderGraphInputs,
 ): ForwardOps {
@@ -157,23 +161,14 @@ function inferenceOps(
   const kvDim = numKvHeads * headDim;
   const qDim = numHeads * headDim;
   const eps = float(config.rmsNormEps);
-  const weight = checkpointWeights(g, checkpoint);
+  const weight = weights.tensor;
   const normWeight = (name: string) => offsetWeight(g, weight(name), config.layout.normOffset);
-  /** x·Wᵀ over an [out, in] weight, in the device's operator (see the file's comment). */
-  const matmulT = (x: string, w: string, name?: string): string =>
-    device === 'webgpu'
-      ? g.op('MatMul', [x, g.op('Transpose', [w], { perm: [1, 0] })], {}, { name })
-      : g.op('FusedMatMul', [x, w], { transB: 1 }, { domain: MS_DOMAIN, name });
-  /** x·Wᵀ (+ b) over an [out, in] weight; `name` names the result. Weights stacked with Concat
-   * (and transposed) are folded into one initializer when the session loads. */
-  const project = (x: string, w: string, b: string | null, name?: string): string => {
-    if (!b) return matmulT(x, w, name);
-    return g.op('Add', [matmulT(x, w), b], {}, { name });
+  /** x·[W…]ᵀ (+ b) over [out, in] weights stacked along out; `name` names the result. */
+  const project = (x: string, ws: string[], b: string | null, name?: string): string => {
+    if (!b) return weights.project(x, ws, name);
+    return g.op('Add', [weights.project(x, ws), b], {}, { name });
   };
-  /** The lm_head over [rows, d]: Gemm reads the weight as it is, so a tied embedding stays one copy. */
-  const vocabProject = (x: string, w: string, name?: string): string =>
-    device === 'webgpu' ? g.op('Gemm', [x, w], { transB: 1 }, { name }) : matmulT(x, w, name);
-  const linear = (x: string, w: LinearWeights, name?: string): string => project(x, weight(w.weight), w.bias ? weight(w.bias) : null, name);
+  const linear = (x: string, w: LinearWeights, name?: string): string => project(x, [w.weight], w.bias ? weight(w.bias) : null, name);
   const norm = (x: string, w: string): string =>
     g.op('SimplifiedLayerNormalization', [x, normWeight(w)], { axis: -1, epsilon: eps, stash_type: 1 });
   /** RMSNorm of each head of a [batch, seq, heads·head_dim] projection. */
@@ -209,13 +204,20 @@ function inferenceOps(
     };
     if (layout === 'packed') {
       if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
-      const stack = (part: 'weight' | 'bias') =>
-        g.op(
-          'Concat',
-          [layer.q, layer.k, layer.v].map((w) => weight(w[part]!)),
-          { axis: 0 },
-        );
-      const qkv = project(x, stack('weight'), layer.q.bias ? stack('bias') : null, host ? decoderOutputs.qkv(l) : undefined);
+      const parts = [layer.q, layer.k, layer.v];
+      const bias = layer.q.bias
+        ? g.op(
+            'Concat',
+            parts.map((w) => weight(w.bias!)),
+            { axis: 0 },
+          )
+        : null;
+      const qkv = project(
+        x,
+        parts.map((w) => w.weight),
+        bias,
+        host ? decoderOutputs.qkv(l) : undefined,
+      );
       if (host) g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
       return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 });
     }
@@ -235,7 +237,7 @@ function inferenceOps(
 
   return {
     embed: (w, scale) => {
-      const h = g.op('Gather', [weight(w), inputs.ids], { axis: 0 });
+      const h = weights.gather(w, inputs.ids);
       return scale === null ? h : g.op('Mul', [h, g.constant('embed_scale', Float32Array.of(scale), [])]);
     },
     norm,
@@ -254,8 +256,8 @@ function inferenceOps(
     attention,
     gatedActivation: (x, layer) => {
       // gate and up as one matmul over their stacked weights: one longer stream per layer
-      const stack = (part: 'weight' | 'bias') => g.op('Concat', [weight(layer.gate[part]!), weight(layer.up[part]!)], { axis: 0 });
-      const [gatePre, up] = g.opN('Split', [project(x, stack('weight'), layer.gate.bias ? stack('bias') : null)], 2, {
+      const bias = layer.gate.bias ? g.op('Concat', [weight(layer.gate.bias), weight(layer.up.bias!)], { axis: 0 }) : null;
+      const [gatePre, up] = g.opN('Split', [project(x, [layer.gate.weight, layer.up.weight], bias)], 2, {
         axis: -1,
         num_outputs: 2,
       });
@@ -269,8 +271,8 @@ function inferenceOps(
     logitRows: (h) => g.op('GatherND', [h, inputs.logitIndex]),
     logits: (x, w, softcap) => {
       const name = cache === 'host' ? decoderOutputs.logits : undefined;
-      if (softcap === null) return vocabProject(x, weight(w), name);
-      return softcapOp(g, vocabProject(x, weight(w)), softcap, name);
+      if (softcap === null) return weights.vocabProject(x, w, name);
+      return softcapOp(g, weights.vocabProject(x, w), softcap, name);
     },
   };
 }

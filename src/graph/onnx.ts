@@ -13,7 +13,7 @@ type AttributeProto = OnnxTypes.IAttributeProto;
  * names, and `encode` serialises the model. Weights are referenced as external data so that
  * ORT reads them straight from the checkpoint's files.
  */
-export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'int64' | 'int32' | 'bool';
+export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'int64' | 'int32' | 'uint8' | 'bool';
 export type Dim = number | string;
 
 const ELEM: Record<ElemType, number> = {
@@ -22,6 +22,7 @@ const ELEM: Record<ElemType, number> = {
   bfloat16: onnx.TensorProto.DataType.BFLOAT16,
   int64: onnx.TensorProto.DataType.INT64,
   int32: onnx.TensorProto.DataType.INT32,
+  uint8: onnx.TensorProto.DataType.UINT8,
   bool: onnx.TensorProto.DataType.BOOL,
 };
 
@@ -124,6 +125,13 @@ export class GraphBuilder {
       dims,
       rawData: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
     });
+    return name;
+  }
+
+  /** A uint8 scalar (bit masks and shifts). */
+  constantU8(hint: string, value: number): string {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: ELEM.uint8, dims: [], rawData: Uint8Array.of(value) });
     return name;
   }
 

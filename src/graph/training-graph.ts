@@ -7,6 +7,8 @@ import { GraphBuilder } from './onnx.ts';
 import { ropeTables } from './rope.ts';
 import { trainingOperators, type TrainingDevice, type TrainingOperators } from './training-operators.ts';
 import { checkpointWeights, offsetWeight } from './weights.ts';
+import { dequantizedWeights } from './projection-weights.ts';
+import type { QuantizedCheckpoint } from '../quant/cache.ts';
 
 /**
  * The training graph: the frozen decoder's forward pass (graph/forward.ts, over this file's
@@ -62,12 +64,14 @@ export const trainingOutputs = {
 /** Additive attention mask for hidden keys: exp(−1e9 − max) is exactly 0 in float32. */
 const MASKED = -1e9;
 
-/** `device` picks the operators its provider implements (training-operators.ts). */
+/** `device` picks the operators its provider implements (training-operators.ts); with `quantized`, the
+ * frozen weights are that file's blocks, dequantized in the graph. */
 export function buildTrainingGraph(
   config: ModelConfig,
   checkpoint: Checkpoint,
   layers: readonly number[],
   device: TrainingDevice = 'cpu',
+  quantized: QuantizedCheckpoint | null = null,
 ): Uint8Array {
   const intervened = [...new Set(layers)].sort((a, b) => a - b);
   for (const l of intervened) {
@@ -92,7 +96,7 @@ export function buildTrainingGraph(
   const targets = t.input(trainingInputs.scoredTargets, 'int64', [M, 1]);
   const weights = t.input(trainingInputs.scoredWeights, 'float32', [M, 1]);
 
-  const logits = decoderForward(trainingOps(t, config, checkpoint, operators, inputs, intervened, scored), config); // [M, V]
+  const logits = decoderForward(trainingOps(t, config, checkpoint, quantized, operators, inputs, intervened, scored), config); // [M, V]
   const picked = targetLogProbs(t, operators, logits, targets); // [M, 1]
   const total = t.op('ReduceSum', [t.op('Mul', [picked, weights])], { keepdims: 0 });
   // max(Σ weight, tiny): nothing to score gives loss 0 rather than NaN
@@ -138,6 +142,7 @@ function trainingOps(
   t: Tape,
   config: ModelConfig,
   checkpoint: Checkpoint,
+  quantized: QuantizedCheckpoint | null,
   operators: TrainingOperators,
   inputs: TrainingGraphInputs,
   intervened: readonly number[],
@@ -150,8 +155,8 @@ function trainingOps(
   const B = 'batch';
   const S = 'seq';
 
-  /** A frozen weight over the checkpoint's bytes (half types cast to float32). */
-  const checkpointWeight = checkpointWeights(g, checkpoint);
+  /** A frozen weight over the checkpoint's bytes (half types cast to float32), or dequantized blocks. */
+  const checkpointWeight = quantized ? dequantizedWeights(g, quantized) : checkpointWeights(g, checkpoint);
   const weight = (name: string): string => t.declare(checkpointWeight(name), checkpoint.weights.get(name)!.shape);
   const normWeights = new Map<string, string>();
   const normWeight = (name: string): string => {

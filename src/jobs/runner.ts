@@ -1,3 +1,4 @@
+import type { WeightFormat } from '../quant/formats.ts';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import type { Logger } from 'pino';
@@ -31,6 +32,8 @@ export interface RunnerOptions {
   device?: Device;
   threads?: number;
   cacheDir?: string;
+  /** The frozen base's weights (--weights): f32, or q8/q4 quantized blocks. */
+  weights?: WeightFormat;
 }
 
 /** Why a running job's training was stopped before its last step. */
@@ -176,6 +179,7 @@ export class JobRunner {
       resumeFrom: saved ? decodeCheckpoint(saved.state) : undefined,
       signal: controller.signal,
       device: this.o.device,
+      weights: this.o.weights,
       threads: this.o.threads,
       cacheDir: this.o.cacheDir,
       memoryBudget: this.o.trainMemoryBudget,

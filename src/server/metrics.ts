@@ -74,6 +74,17 @@ export class ServerMetrics {
     );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
     new Gauge({
+      name: 'reft_model_weight_bytes',
+      help: "Bytes of the base model's weights as the engine holds them (format: f32, q8, q4)",
+      labelNames: ['format'],
+      registers: [this.registry],
+      async collect() {
+        const stats = await current();
+        this.reset();
+        if (stats) this.set({ format: stats.weightsFormat }, stats.weightBytes);
+      },
+    });
+    new Gauge({
       name: 'reft_training_jobs',
       help: 'Training jobs of every tenant by status, counted in the store at scrape time',
       labelNames: ['status'],

@@ -6,6 +6,7 @@ import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
 import { EngineClient } from '../engine/engine-client.ts';
+import type { WeightFormat } from '../quant/formats.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
 import { ReftError } from '../errors.ts';
 import { parseArtifact } from '../interventions/artifact.ts';
@@ -54,6 +55,8 @@ export interface ServeSettings {
   device?: DeviceChoice;
   /** Bytes the KV cache may hold on the device (WebGPU). */
   deviceKvBudget?: number;
+  /** The base model's weights: f32, or q8/q4 quantized at load (cached under cacheDir). */
+  weights?: WeightFormat;
 }
 
 const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
@@ -124,8 +127,10 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       threads: s.threads,
       device: placement.device,
       deviceKvBudget: s.deviceKvBudget,
+      weights: s.weights,
     });
     metrics.device.set({ device: placement.device, adapter: placement.adapter }, 1);
+    for (const line of engine.startupLog) app.log.info(line);
     engine.onCrash((err) => {
       // Without its engine the server can only refuse: exit so a supervisor starts a fresh one.
       app.log.fatal({ err: err.message }, 'engine crashed; exiting');
@@ -157,6 +162,9 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
         hidden: model.config.hiddenSize,
         device: placement.device,
         adapter: placement.adapter,
+        weights: engine.weights.format,
+        weightBytes: engine.weights.bytes,
+        quantizationCache: engine.weights.cache,
         ...describeHugePages(),
       },
       'model ready',

@@ -2,6 +2,8 @@ import * as ort from 'onnxruntime-node';
 import { createSession, type SessionOptions } from '../engine/session.ts';
 import { cachedGraph } from '../graph/cache.ts';
 import { trainingOperators } from '../graph/training-operators.ts';
+import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
+import { loadWeights, type WeightsChoice } from '../quant/load.ts';
 import { TRAINING_GRAPH_VERSION, buildTrainingGraph, trainingInputs as IN, trainingOutputs as OUT } from '../graph/training-graph.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -41,8 +43,10 @@ export interface TrainingResult {
 const SINGLE_THREAD_HIDDEN = 256;
 
 export interface StepSessionOptions extends SessionOptions {
-  /** Where built graphs are cached (skip to build in memory every time). */
+  /** Where built graphs are cached (skip to build in memory every time; needed for quantized weights). */
   cacheDir?: string;
+  /** The frozen base's weights: the checkpoint's floats (default) or quantized (QLoRA-style). */
+  weights?: WeightsChoice;
 }
 
 /**
@@ -69,26 +73,25 @@ export class StepSession {
   ): Promise<StepSession> {
     const sorted = [...new Set(layers)].sort((a, b) => a - b);
     const device = opts.device ?? 'cpu';
-    const build = () => buildTrainingGraph(config, checkpoint, sorted, device);
+    const weights = opts.weights ?? 'f32';
+    if (weights !== 'f32' && !opts.cacheDir) throw new Error('StepSession: quantized weights need a cacheDir');
+    const { quantized } = opts.cacheDir ? await loadWeights(config, checkpoint, weights, opts.cacheDir) : { quantized: null };
+    const build = () => buildTrainingGraph(config, checkpoint, sorted, device, quantized);
+    const key = {
+      version: TRAINING_GRAPH_VERSION,
+      config,
+      weights: checkpoint.fingerprint,
+      layers: sorted,
+      operators: trainingOperators(device),
+    };
     const bytes = opts.cacheDir
-      ? (
-          await cachedGraph(
-            opts.cacheDir,
-            {
-              version: TRAINING_GRAPH_VERSION,
-              config,
-              weights: checkpoint.fingerprint,
-              layers: sorted,
-              operators: trainingOperators(device),
-            },
-            build,
-          )
-        ).bytes
+      ? (await cachedGraph(opts.cacheDir, quantized ? { ...key, quantized: quantized.key, graph: QUANTIZED_GRAPH_VERSION } : key, build))
+          .bytes
       : build();
     // A tiny model's ops are microseconds long: waking a second thread costs more than it saves
     // (stories260k: 1.1 vs 1.9 ms per step measured), so small models default to one thread.
     const threads = opts.threads ?? (config.hiddenSize <= SINGLE_THREAD_HIDDEN ? 1 : undefined);
-    const session = await createSession(bytes, checkpoint.dataDir, { ...opts, threads });
+    const session = await createSession(bytes, quantized?.dir ?? checkpoint.dataDir, { ...opts, threads });
     return new StepSession(config, sorted, session);
   }
 

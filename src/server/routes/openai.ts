@@ -124,6 +124,10 @@ const modelSchema = z.looseObject({
   root: z.string().describe('the intervention id (an intervention) or the model source (the base model)'),
   parent: z.string().nullable().describe('the base model an intervention runs on'),
   max_model_len: z.number().int().optional(),
+  weights: z
+    .object({ format: z.string(), bytes: z.number().int() })
+    .optional()
+    .describe("the base model: its weights' format (f32, q8, q4) and their bytes as the engine holds them"),
 });
 const modelList = z.object({ object: z.literal('list'), data: z.array(modelSchema) });
 
@@ -437,6 +441,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
       root: rt.name,
       parent: null,
       max_model_len: rt.config.maxPositions,
+      weights: { format: rt.engine.weights.format, bytes: rt.engine.weights.bytes },
     };
   };
   const interventionModel = (iv: InterventionMeta): z.infer<typeof modelSchema> => ({
