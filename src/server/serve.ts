@@ -6,7 +6,7 @@ import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
-import { ReftError } from '../errors.ts';
+import { adminKeyTooShort, listenWithoutKeys } from '../errors.ts';
 import { parseArtifact } from '../interventions/artifact.ts';
 import { InterventionCache } from '../interventions/cache.ts';
 import { readArtifactFiles } from '../interventions/directory.ts';
@@ -67,18 +67,10 @@ export const MIN_ADMIN_KEY_CHARS = 32;
 
 export async function startServer(s: ServeSettings): Promise<RunningServer> {
   if (s.adminKey && s.adminKey.length < MIN_ADMIN_KEY_CHARS) {
-    throw new ReftError(
-      'invalid_request',
-      `REFT_ADMIN_KEY has ${s.adminKey.length} characters; use at least ${MIN_ADMIN_KEY_CHARS} (e.g. openssl rand -hex 32)`,
-      'REFT_ADMIN_KEY',
-    );
+    throw adminKeyTooShort({ length: s.adminKey.length, min: MIN_ADMIN_KEY_CHARS }, 'REFT_ADMIN_KEY');
   }
   if (!s.adminKey && !LOOPBACK.has(s.host)) {
-    throw new ReftError(
-      'invalid_request',
-      `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`,
-      'host',
-    );
+    throw listenWithoutKeys({ host: s.host }, 'host');
   }
   // The model's folder first (downloading it if needed): a model that can't be had stops the
   // server before it listens, opens the store or creates anything.

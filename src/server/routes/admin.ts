@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { noSuch } from '../../errors.ts';
+import { keyNotFound, tenantNotFound } from '../../errors.ts';
 import type { Store } from '../../storage/store.ts';
 import { hashSecret, newApiKeySecret } from '../auth.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
@@ -69,7 +69,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
     },
     async (request, reply) => {
       const tenant = await store.getTenant(request.params.id);
-      if (!tenant) throw noSuch('tenant', request.params.id);
+      if (!tenant) throw tenantNotFound({ id: request.params.id }, 'id');
       const secret = newApiKeySecret();
       const key = await store.createApiKey(tenant.id, hashSecret(secret));
       request.log.info({ tenant: tenant.id, key: key.id }, 'api key created');
@@ -89,7 +89,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
       },
     },
     async (request, reply) => {
-      if (!(await store.revokeApiKey(request.params.id))) throw noSuch('key', request.params.id);
+      if (!(await store.revokeApiKey(request.params.id))) throw keyNotFound({ id: request.params.id }, 'id');
       request.log.info({ key: request.params.id }, 'api key revoked');
       return reply.status(204).send(null);
     },

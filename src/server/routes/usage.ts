@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { invalidRequest } from '../../errors.ts';
+import { usageRangeInvalid } from '../../errors.ts';
 import type { Store } from '../../storage/store.ts';
 import { utcDay } from '../../storage/usage.ts';
 import { problemSchema } from './schemas.ts';
@@ -39,7 +39,7 @@ export function usageRoutes(app: FastifyInstance, store: Store): void {
     async (request) => {
       const to = request.query.to ?? utcDay();
       const from = request.query.from ?? utcDay(new Date(Date.parse(to) - 29 * 86_400_000));
-      if (from > to) throw invalidRequest('from is after to', 'from');
+      if (from > to) throw usageRangeInvalid({ problem: 'from is after to' }, 'from');
       const days = await store.getUsage(request.tenant.id, from, to);
       const data = days.map((d) => ({
         day: d.day,
