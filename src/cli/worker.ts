@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import pino from 'pino';
-import { ReftError } from '../errors.ts';
+import { cudaUnavailable } from '../errors.ts';
 import { cudaAvailable } from '../engine/session.ts';
 import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
@@ -63,11 +63,7 @@ function exitWithParent(stop: (why: string) => void): void {
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
   if (f.device === 'cuda' && !(await cudaAvailable())) {
-    throw new ReftError(
-      'unavailable',
-      'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
-      'device',
-    );
+    throw cudaUnavailable('device');
   }
   // Signals and the server's death are watched from the start: loading the model takes a while.
   let runner: JobRunner | null = null;

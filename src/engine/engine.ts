@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node';
-import { ReftError } from '../errors.ts';
+import { promptEmpty, promptTooLong, sequenceReachedContext } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -149,13 +149,9 @@ export class Engine {
   }
 
   private checkPrompt(x: PrefillInput, field: string): void {
-    if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
+    if (x.tokens.length === 0) throw promptEmpty({}, field);
     if (x.tokens.length > this.config.maxPositions) {
-      throw new ReftError(
-        'context_length_exceeded',
-        `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`,
-        'prompt',
-      );
+      throw promptTooLong({ tokens: x.tokens.length, context: this.config.maxPositions }, 'prompt');
     }
   }
 
@@ -308,12 +304,7 @@ export class Engine {
     const lengths = this.cache.lengths; // rows [0, b) are the ones decoding
     let maxLen = 0;
     for (let r = 0; r < b; r++) maxLen = Math.max(maxLen, lengths[r]);
-    if (maxLen + 1 > config.maxPositions)
-      throw new ReftError(
-        'context_length_exceeded',
-        `a sequence reached the model's context of ${config.maxPositions} tokens`,
-        'max_new_tokens',
-      );
+    if (maxLen + 1 > config.maxPositions) throw sequenceReachedContext({ context: config.maxPositions }, 'max_new_tokens');
     this.cache.reserve(this.cache.rows, maxLen + 1);
     const ids = new BigInt64Array(b);
     const positions = new BigInt64Array(b);

@@ -2,7 +2,7 @@ import { Kysely, PostgresDialect, PostgresDriver, sql } from 'kysely';
 import type { CompiledQuery, DatabaseConnection, Driver, TransactionSettings } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides } from 'pg';
 import type { PoolConfig } from 'pg';
-import { ReftError } from '../errors.ts';
+import { ReftError, databaseUnavailable } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
 import { EVENT_COLUMNS, migrate, migrations, migrationsUpTo } from './schema.ts';
 import type { BlobColumns, EventRow, SqlTypes, Tables } from './schema.ts';
@@ -114,7 +114,7 @@ function isUnavailable(e: unknown): boolean {
 function toStoreError(e: unknown): unknown {
   if (e instanceof ReftError || !isUnavailable(e)) return e;
   // the driver's words name hosts and ports: they go to the log as the cause, not to clients
-  return Object.assign(new ReftError('unavailable', 'the database is unavailable', undefined, RETRY_AFTER_SECONDS), { cause: e });
+  return databaseUnavailable(undefined, { retryAfterSeconds: RETRY_AFTER_SECONDS, cause: e });
 }
 
 /**

@@ -1,6 +1,16 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
-import { ReftError, invalidRequest, noSuch, notFound } from '../errors.ts';
+import {
+  ReftError,
+  apiKeyTaken,
+  cursorUnknown,
+  interventionNameTaken,
+  interventionNotFound,
+  interventionReplaceMissing,
+  jobNotFound,
+  storedFileMissing,
+  tenantNotFound,
+} from '../errors.ts';
 import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import type * as S from './store.ts';
@@ -22,8 +32,8 @@ const TRANSACTION_ATTEMPTS = 3;
 const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
 const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
 
-const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId), 'tenantId');
-const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
+const noTenant = (tenantId: string | null) => tenantNotFound({ id: String(tenantId) }, 'tenantId');
+const noneToReplace = (id: string) => interventionReplaceMissing({ id }, 'id');
 
 const same = <T>(row: T): T => row;
 const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
@@ -57,7 +67,7 @@ export class SqlStore implements S.Store {
   async createApiKey(tenantId: string, secretHash: string): Promise<S.ApiKey> {
     const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, created_at: this.d.now() };
     const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
-    const taken = () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
+    const taken = () => apiKeyTaken('secretHash');
     return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: taken });
   }
 
@@ -108,7 +118,7 @@ export class SqlStore implements S.Store {
       await this.d.notify(tx, 'interventionChanged', id);
       return row;
     });
-    const taken = () => new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name');
+    const taken = () => interventionNameTaken({ name: iv.name }, 'name');
     const row = await this.named(write, { unique: taken, foreignKey: () => noTenant(iv.tenantId) });
     if (replaceId !== undefined) {
       // Only now, after the commit, are the old files unreferenced.
@@ -308,7 +318,7 @@ export class SqlStore implements S.Store {
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
     const row = await this.tx((tx) => this.d.addEvent(tx, jobId, type, jsonText(data), this.d.now()));
-    if (!row) throw noSuch('job', jobId, 'jobId');
+    if (!row) throw jobNotFound({ id: jobId }, 'jobId');
     return toEvent(row);
   }
 
@@ -350,7 +360,7 @@ export class SqlStore implements S.Store {
     const error = outcome.status === 'failed' ? outcome.error : null;
     const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
     const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
-    return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
+    return this.named(write, { foreignKey: () => interventionNotFound({ id: String(interventionId) }, 'interventionId') });
   }
 
   onInterventionChanged(listener: (id: string) => void): () => void {
@@ -437,7 +447,7 @@ export class SqlStore implements S.Store {
       seen?.(row);
       const data = await this.d.blobs.read(columns.map((c) => row[c]));
       if (data) return data;
-      if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${this.d.blobs.where}`);
+      if (attempt >= BLOB_READ_RETRIES) throw storedFileMissing({ where: this.d.blobs.where });
     }
   }
 
@@ -458,7 +468,7 @@ export class SqlStore implements S.Store {
     let rows = from.select(cols);
     if (req.after !== undefined) {
       const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
-      if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
+      if (!cursor) throw cursorUnknown({ cursor: req.after }, 'after');
       rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
     }
     const order = desc ? 'desc' : 'asc';
