@@ -67,20 +67,10 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expectProblem(await json(api, 'POST', '/v1/generate', '{"prompt": "x",'), 400, 'body_not_json', 'body');
     });
     it('unknown fields', async () => {
-      expectProblem(
-        await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }),
-        400,
-        'body_invalid',
-        'temprature',
-      );
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }), 400, 'body_invalid', 'temprature');
     });
     it('mistyped fields', async () => {
-      expectProblem(
-        await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }),
-        400,
-        'body_invalid',
-        'max_new_tokens',
-      );
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }), 400, 'body_invalid', 'max_new_tokens');
       expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, -3] }), 400, 'body_invalid', 'input_ids.1');
     });
     it('out-of-range sampling values', async () => {
@@ -253,7 +243,13 @@ describe.each(BACKENDS)('on %s', (backend) => {
       ],
       ['a path-traversal name', () => good(), { name: '../../etc/passwd' }, 400, 'name_invalid', 'name'],
       ['an unknown part', () => good(), { colour: 'red' }, 400, 'multipart_part_unknown', 'colour'],
-      ['a file over the upload limit', () => ({ config: good().config, weights: new Uint8Array(300_000) }), {}, 413, 'multipart_part_too_large'],
+      [
+        'a file over the upload limit',
+        () => ({ config: good().config, weights: new Uint8Array(300_000) }),
+        {},
+        413,
+        'multipart_part_too_large',
+      ],
     ];
     for (const [name, files, fields, status, code, field] of cases) {
       it(name, async () => {

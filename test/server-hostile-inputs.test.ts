@@ -168,12 +168,7 @@ describe('finding 6: multipart parts are streamed against their limits, not buff
   it('a part over the upload limit is a 413 naming the part and the limit', async () => {
     const form = new FormData();
     form.append('file', new Blob([new Uint8Array(UPLOAD_LIMIT + 1024).fill(0x20)]), 'big.jsonl');
-    await refusedQuietly(
-      () => post('/v1/files', form),
-      413,
-      'multipart_part_too_large',
-      60,
-    );
+    await refusedQuietly(() => post('/v1/files', form), 413, 'multipart_part_too_large', 60);
   });
 
   it('an unknown part is refused before it is read', async () => {
@@ -185,11 +180,6 @@ describe('finding 6: multipart parts are streamed against their limits, not buff
 
   it('pyreft intkey parts are bounded by what the model hidden size allows', async () => {
     const form = pyreftForm(new Uint8Array(2 * 1024 * 1024));
-    await refusedQuietly(
-      () => post('/v1/interventions/import/pyreft', form),
-      413,
-      'multipart_part_too_large',
-      60,
-    );
+    await refusedQuietly(() => post('/v1/interventions/import/pyreft', form), 413, 'multipart_part_too_large', 60);
   });
 });

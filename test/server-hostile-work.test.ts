@@ -38,12 +38,7 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     const probe = await whileProbing(api, server.proc.pid!, () =>
       json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(4_000_000), max_new_tokens: 1 }),
     );
-    expectProblem(
-      probe.result,
-      413,
-      'prompt_too_many_chars',
-      'prompt',
-    );
+    expectProblem(probe.result, 413, 'prompt_too_many_chars', 'prompt');
     expectHealthzResponsive(probe);
     expect(probe.rssGrowthMb).toBeLessThan(150);
     await stillGenerates(api);
@@ -69,12 +64,7 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     const form = new FormData();
     form.append('file', new Blob(['{"prompt":"a","completion":" b"}\n'.repeat(51)]), 'd.jsonl');
     const res = await fetch(`${api.url}/v1/files`, { method: 'POST', body: form });
-    expectProblem(
-      { status: res.status, body: await res.json(), headers: res.headers },
-      413,
-      'training_rows_too_many',
-      'file',
-    );
+    expectProblem({ status: res.status, body: await res.json(), headers: res.headers }, 413, 'training_rows_too_many', 'file');
   });
 
   it('training text over the character budget is a 413 at job creation, before tokenizing', async () => {
