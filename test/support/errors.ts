@@ -12,13 +12,3 @@ export function thrownBy(fn: () => unknown): ReftError {
   expect(thrown, 'expected a ReftError to be thrown').toBeInstanceOf(ReftError);
   return thrown as ReftError;
 }
-
-/** The ReftError `work` rejects with. */
-export async function rejectionOf(work: Promise<unknown>): Promise<ReftError> {
-  const e = await work.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  expect(e, 'expected a rejection with a ReftError').toBeInstanceOf(ReftError);
-  return e as ReftError;
-}
