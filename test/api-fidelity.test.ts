@@ -112,14 +112,14 @@ describe('API fidelity (single-tenant server)', () => {
   describe("OpenAI routes answer errors in OpenAI's shape", () => {
     it('the official client sees message, type, param and code', async () => {
       const missing = await failure(client.completions.create({ model: 'nope', prompt: 'x' }));
-      expect(missing).toMatchObject({ status: 404, code: 'not_found', param: 'model', type: 'not_found_error' });
-      expect(missing.message).toMatch(/nope/);
+      expect(missing).toMatchObject({ status: 404, code: 'intervention_not_found', param: 'model', type: 'not_found_error' });
+      expect(missing.message).toMatch(/nope/); // the client shows the body's message (not "no body")
       const invalid = await failure(
         client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], temperature: 5 }),
       );
-      expect(invalid).toMatchObject({ status: 400, code: 'invalid_request', param: 'temperature', type: 'invalid_request_error' });
+      expect(invalid).toMatchObject({ status: 400, code: 'body_invalid', param: 'temperature', type: 'invalid_request_error' });
       const unknownModel = await failure(client.models.retrieve('nope'));
-      expect(unknownModel).toMatchObject({ status: 404, param: 'model' });
+      expect(unknownModel).toMatchObject({ status: 404, code: 'model_not_found', param: 'model' });
     });
 
     it('as application/json with {error: {message, type, param, code}}; other routes keep problem+json', async () => {
@@ -128,10 +128,10 @@ describe('API fidelity (single-tenant server)', () => {
       expect(res.headers.get('content-type')).toMatch(/^application\/json/);
       expect(res.body).toEqual({
         error: {
-          message: expect.stringMatching(/max_tokens/),
+          message: expect.any(String),
           type: 'invalid_request_error',
           param: 'max_tokens',
-          code: 'invalid_request',
+          code: 'body_invalid',
         },
       });
       const generate = await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 });
@@ -238,20 +238,15 @@ describe('API fidelity (single-tenant server)', () => {
       expect(await failure(ask({ suffix: 'The end.' }))).toMatchObject({
         status: 400,
         param: 'suffix',
-        message: expect.stringContaining('`suffix` is not supported'),
+        code: 'parameter_unsupported',
       });
-      expect(await failure(ask({ best_of: 3 }))).toMatchObject({ status: 400, param: 'best_of' });
+      expect(await failure(ask({ best_of: 3 }))).toMatchObject({ status: 400, param: 'best_of', code: 'parameter_unsupported' });
       const tools = [{ type: 'function', function: { name: 'f', parameters: {} } }];
       expect(
         await failure(client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], tools } as never)),
-      ).toMatchObject({ status: 400, param: 'tools', message: expect.stringContaining('`tools` is not supported') });
-      expect(await failure(ask({ max_tokens: 600 }))).toMatchObject({
-        status: 400,
-        code: 'context_length_exceeded',
-        param: 'max_tokens',
-        message: expect.stringMatching(/context is 512/),
-      });
-      expect(await failure(ask({ n: 17 }))).toMatchObject({ status: 400, param: 'n' });
+      ).toMatchObject({ status: 400, param: 'tools', code: 'parameter_unsupported' });
+      expect(await failure(ask({ max_tokens: 600 }))).toMatchObject({ status: 400, code: 'max_tokens_over_context', param: 'max_tokens' });
+      expect(await failure(ask({ n: 17 }))).toMatchObject({ status: 400, param: 'n', code: 'body_invalid' });
     });
   });
 
@@ -303,10 +298,10 @@ describe('API fidelity (single-tenant server)', () => {
       expect((await json(api, 'POST', '/detokenize', { tokens: ids })).body).toEqual({ prompt: PROMPT });
       const bad = await json(api, 'POST', '/detokenize', { tokens: [1, 99999] });
       expect(bad.status).toBe(400);
-      expect(bad.body.error).toMatchObject({ param: 'tokens.1', message: expect.stringMatching(/outside the vocabulary/) });
+      expect(bad.body.error).toMatchObject({ param: 'tokens.1', code: 'token_out_of_vocabulary' });
       const unknown = await json(api, 'POST', '/tokenize', { model: 'nope', prompt: 'x' });
       expect(unknown.status).toBe(404);
-      expect(unknown.body.error.param).toBe('model');
+      expect(unknown.body.error).toMatchObject({ param: 'model', code: 'model_not_found' });
       expect((await json(api, 'POST', '/tokenize', { model: 'house-style', prompt: 'x' })).status).toBe(200);
     });
   });
@@ -315,7 +310,7 @@ describe('API fidelity (single-tenant server)', () => {
     it('deleting a shared intervention is a 403 that says it is shared', async () => {
       const res = await json(api, 'DELETE', '/v1/interventions/house-style');
       expect(res.status).toBe(403);
-      expect(res.body).toMatchObject({ code: 'forbidden', field: 'id', detail: expect.stringMatching(/is shared/) });
+      expect(res.body).toMatchObject({ code: 'intervention_shared', category: 'forbidden', field: 'id' });
       expect((await json(api, 'GET', '/v1/interventions/house-style')).status).toBe(200);
       expect((await json(api, 'DELETE', '/v1/interventions/no-such-thing')).status).toBe(404);
     });
@@ -344,7 +339,7 @@ describe('API fidelity (single-tenant server)', () => {
       expect(JSON.stringify(events)).not.toContain('interventionId');
       const cancel = await json(api, 'POST', `/v1/training/jobs/${first.id}/cancel`);
       expect(cancel.status).toBe(409);
-      expect(cancel.body).toMatchObject({ code: 'conflict', detail: expect.stringMatching(/already succeeded/) });
+      expect(cancel.body).toMatchObject({ code: 'job_already_finished', category: 'conflict', field: 'id' });
 
       const second = (await json(api, 'POST', '/v1/training/jobs', { ...recipe, hyperparameters: { epochs: 5000, batch_size: 1 } })).body;
       const newest = await json(api, 'GET', '/v1/training/jobs?limit=1');
@@ -449,7 +444,7 @@ describe('API fidelity (server with API keys)', () => {
   it('a tenant route with the admin key says it needs a tenant key', async () => {
     const res = await json(admin, 'GET', '/v1/interventions');
     expect(res.status).toBe(403);
-    expect(res.body).toMatchObject({ code: 'forbidden', field: 'authorization', detail: expect.stringMatching(/tenant API key/) });
+    expect(res.body).toMatchObject({ code: 'tenant_key_required', category: 'forbidden', field: 'authorization' });
     expect((await json(tenant, 'GET', '/v1/interventions')).status).toBe(200);
     expect((await json({ url: server.url, key: 'rft_wrong' }, 'GET', '/v1/interventions')).status).toBe(401);
   });

@@ -222,7 +222,7 @@ describe('faults', () => {
         const refused = await generate(api, 'outage', c.prompt);
         expect(refused.status).toBe(503);
         expect(Number(refused.headers.get('retry-after'))).toBeGreaterThan(0);
-        expect(refused.body.code).toBe('unavailable');
+        expect(refused.body).toMatchObject({ code: 'database_unavailable', category: 'unavailable' });
       }
       await new Promise((r) => setTimeout(r, Math.max(0, 10_000 - (Date.now() - stoppedAt))));
     } finally {

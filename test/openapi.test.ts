@@ -76,7 +76,7 @@ describe('the OpenAPI document, read without Swagger', () => {
       expect(Object.keys(ok.content), key).toContain('text/event-stream');
     }
     for (const { key, op } of operations) {
-      const open = ['GET /healthz', 'GET /readyz', 'GET /metrics'].includes(key);
+      const open = ['GET /healthz', 'GET /readyz', 'GET /metrics', 'GET /problems', 'GET /problems/{code}'].includes(key);
       expect(op.security, key).toEqual(open ? [] : undefined);
     }
     expect(doc.security).toEqual([{ bearer: [] }]);

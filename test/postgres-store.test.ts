@@ -134,8 +134,7 @@ describe('postgres: outage', () => {
       for (const call of [() => store.getTenant(t.id), () => store.createTenant('b'), () => store.claimJob('w', 1000, 3)]) {
         const started = Date.now();
         const e = await rejection(call());
-        expect(e.code).toBe('unavailable');
-        expect(e.status).toBe(503);
+        expect(e).toMatchObject({ code: 'database_unavailable', category: 'unavailable', status: 503 });
         expect(e.retryAfterSeconds).toBeGreaterThan(0);
         expect(Date.now() - started).toBeLessThan(3_000);
       }

@@ -11,6 +11,7 @@ import { importPyreft, importPyreftDirectory, readStateDict, type PyreftImportIn
 import { readPickle } from '../src/interventions/pyreft/pickle.ts';
 import { readTorchZip } from '../src/interventions/pyreft/zip.ts';
 import { parseSafetensors, toFloat32 } from '../src/model/safetensors.ts';
+import { thrownBy } from './support/errors.ts';
 
 /**
  * The pyreft importer against the shared fixtures (fixtures/pyreft/README.md, manifest.json):
@@ -71,8 +72,8 @@ function withFile(input: PyreftImportInput, name: string, bytes: Uint8Array): Py
   return { ...input, files: new Map(input.files).set(name, bytes) };
 }
 
-/** Expects a ReftError whose message matches every pattern. */
-async function refused(work: Promise<unknown>, ...patterns: RegExp[]): Promise<ReftError> {
+/** Expects a ReftError with this catalogue code (and field, when given). */
+async function refused(work: Promise<unknown>, code: string, field?: string): Promise<ReftError> {
   const err = await work.then(
     () => {
       throw new Error('expected a refusal, but the import succeeded');
@@ -80,7 +81,8 @@ async function refused(work: Promise<unknown>, ...patterns: RegExp[]): Promise<R
     (e: unknown) => e,
   );
   expect(err).toBeInstanceOf(ReftError);
-  for (const p of patterns) expect((err as ReftError).message).toMatch(p);
+  expect((err as ReftError).code).toBe(code);
+  if (field !== undefined) expect((err as ReftError).field).toBe(field);
   return err as ReftError;
 }
 
@@ -227,8 +229,8 @@ describe('pickles that must be refused', () => {
   });
 
   it.each(rejectCases)('%s is refused naming the forbidden global', async (folder) => {
-    const err = await refused(importPyreft(readInput(folder), BASE), forbidden[folder]);
-    expect(err.code).toBe('invalid_intervention');
+    const err = await refused(importPyreft(readInput(folder), BASE), 'pyreft_pickle_refused');
+    expect(err.message).toMatch(forbidden[folder]); // names the global it refused
     expect(err.field).toMatch(/^intkey_.*\.bin$/);
   });
 
@@ -268,23 +270,23 @@ describe('the restricted pickle reader', () => {
   });
 
   it('refuses any global outside the allowlist, by name', () => {
-    expect(() => readPickle(pickle([0x80, 2], 'cbuiltins\neval\n'), src)).toThrow(/forbidden pickle global "builtins eval" in x\.bin/);
+    expect(thrownBy(() => readPickle(pickle([0x80, 2], 'cbuiltins\neval\n'), src)).code).toBe('pyreft_pickle_refused');
   });
 
   it('refuses opcodes outside the allowlist, by name', () => {
-    expect(() => readPickle(pickle([0x80, 2], 'ios\nsystem\n'), src)).toThrow(/forbidden pickle opcode INST/);
-    expect(() => readPickle(pickle([0x80, 2, 0x81]), src)).toThrow(/forbidden pickle opcode NEWOBJ/);
+    expect(thrownBy(() => readPickle(pickle([0x80, 2], 'ios\nsystem\n'), src)).code).toBe('pyreft_pickle_refused');
+    expect(thrownBy(() => readPickle(pickle([0x80, 2, 0x81]), src)).code).toBe('pyreft_pickle_refused');
   });
 
   it('refuses calling an allowed global that is not a callable it interprets', () => {
     // GLOBAL torch FloatStorage, EMPTY_TUPLE, REDUCE
-    expect(() => readPickle(pickle([0x80, 2], 'ctorch\nFloatStorage\n', [0x29, 0x52, 0x2e]), src)).toThrow(
-      /forbidden pickle callable "torch FloatStorage" under REDUCE/,
+    expect(thrownBy(() => readPickle(pickle([0x80, 2], 'ctorch\nFloatStorage\n', [0x29, 0x52, 0x2e]), src)).code).toBe(
+      'pyreft_pickle_refused',
     );
   });
 
   it('refuses a truncated pickle', () => {
-    expect(() => readPickle(pickle([0x80, 2, 0x58, 9, 0, 0, 0], 'ab'), src)).toThrow(/truncated/);
+    expect(thrownBy(() => readPickle(pickle([0x80, 2, 0x58, 9, 0, 0, 0], 'ab'), src)).code).toBe('pyreft_pickle_refused');
   });
 });
 
@@ -295,20 +297,14 @@ describe('broken intkey files', () => {
     const input = readInput('loreft_bf16');
     const [name, bytes] = firstFile(input);
     for (const cut of [0, 1, 30, 200, Math.floor(bytes.length / 2), bytes.length - 100, bytes.length - 23, bytes.length - 1]) {
-      const err = await refused(importPyreft(withFile(input, name, bytes.subarray(0, cut)), BASE), /truncated/);
-      expect(err.message.startsWith(name), err.message).toBe(true);
-      expect(err.field).toBe(name);
+      await refused(importPyreft(withFile(input, name, bytes.subarray(0, cut)), BASE), 'pyreft_zip_invalid', name);
     }
   });
 
   it('refuses a zip without data.pkl', async () => {
     const input = readInput('loreft_bf16');
     const [name, bytes] = firstFile(input);
-    await refused(
-      importPyreft(withFile(input, name, replaceAll(bytes, '/data.pkl', '/data.pkx')), BASE),
-      /missing .*\/data\.pkl/,
-      new RegExp(`^${escape(name)}`),
-    );
+    await refused(importPyreft(withFile(input, name, replaceAll(bytes, '/data.pkl', '/data.pkx')), BASE), 'pyreft_zip_invalid', name);
   });
 
   it('refuses records whose central-directory sizes lie', async () => {
@@ -320,7 +316,7 @@ describe('broken intkey files', () => {
       const view = new DataView(lying.buffer);
       view.setUint32(rec.central + 20, size, true);
       view.setUint32(rec.central + 24, size, true);
-      await refused(importPyreft(withFile(input, name, lying), BASE), new RegExp(`^${escape(name)}: record .*data/2`));
+      await refused(importPyreft(withFile(input, name, lying), BASE), 'pyreft_zip_invalid', name);
     }
   });
 
@@ -330,14 +326,10 @@ describe('broken intkey files', () => {
     const rec = locateRecord(bytes, 'data/0');
     const mismatch = Uint8Array.from(bytes);
     new DataView(mismatch.buffer).setUint32(rec.central + 24, rec.size + 2, true);
-    await refused(
-      importPyreft(withFile(input, name, mismatch), BASE),
-      /central directory entry 2 of 5/,
-      /size mismatch for stored file: 512 != 514/,
-    );
+    await refused(importPyreft(withFile(input, name, mismatch), BASE), 'pyreft_zip_invalid');
     const deflated = Uint8Array.from(bytes);
     new DataView(deflated.buffer).setUint16(rec.central + 10, 8, true);
-    await refused(importPyreft(withFile(input, name, deflated), BASE), /data\/0 is compressed/);
+    await refused(importPyreft(withFile(input, name, deflated), BASE), 'pyreft_zip_invalid');
   });
 
   it('refuses a record whose bytes were changed without its CRC', async () => {
@@ -346,7 +338,7 @@ describe('broken intkey files', () => {
     const rec = locateRecord(bytes, 'data/1');
     const flipped = Uint8Array.from(bytes);
     flipped[rec.dataStart] ^= 1;
-    await refused(importPyreft(withFile(input, name, flipped), BASE), /data\/1.*CRC/);
+    await refused(importPyreft(withFile(input, name, flipped), BASE), 'pyreft_zip_invalid');
   });
 
   it('refuses entries outside the top folder', async () => {
@@ -354,14 +346,14 @@ describe('broken intkey files', () => {
     const [name, bytes] = firstFile(input);
     const folder = name.replace(/\.bin$/, '');
     const moved = replaceAll(bytes, `${folder}/version`, `j${folder.slice(1)}/version`);
-    await refused(importPyreft(withFile(input, name, moved), BASE), /not under the top folder/);
+    await refused(importPyreft(withFile(input, name, moved), BASE), 'pyreft_zip_invalid');
   });
 
   it('refuses a byteorder other than little', async () => {
     const input = readInput('loreft_bf16_torch2_records');
     const [name, bytes] = firstFile(input);
     const big = patchRecord(bytes, 'byteorder', (d) => d.set(Buffer.from('big\0\0\0', 'latin1')));
-    await refused(importPyreft(withFile(input, name, big), BASE), /byteorder record is "big/);
+    await refused(importPyreft(withFile(input, name, big), BASE), 'pyreft_zip_invalid');
   });
 
   it('refuses a storage shorter than the tensor it backs', async () => {
@@ -369,16 +361,12 @@ describe('broken intkey files', () => {
     const [name, bytes] = firstFile(input);
     // rotate_layer's size (64, 4) = BININT1 64, BININT1 4, TUPLE2 → (65, 4): 260 elements over a 256-element storage.
     const tooBig = patchRecord(bytes, 'data.pkl', (pkl) => replaceOnce(pkl, [0x4b, 64, 0x4b, 4, 0x86], [0x4b, 65, 0x4b, 4, 0x86]));
-    await refused(
-      importPyreft(withFile(input, name, tooBig), BASE),
-      /storage "2" \(256 elements\) is shorter than the tensor it backs/,
-      new RegExp(`^${escape(name)}`),
-    );
+    await refused(importPyreft(withFile(input, name, tooBig), BASE), 'pyreft_tensor_invalid', name);
     // bias: storage offset 0 → 1, so its 4 elements reach past the 4-element storage.
     const shifted = patchRecord(bytes, 'data.pkl', (pkl) =>
       replaceOnce(pkl, [0x51, 0x4b, 0, 0x4b, 4, 0x85], [0x51, 0x4b, 1, 0x4b, 4, 0x85]),
     );
-    await refused(importPyreft(withFile(input, name, shifted), BASE), /storage "1" \(4 elements\) is shorter than the tensor it backs/);
+    await refused(importPyreft(withFile(input, name, shifted), BASE), 'pyreft_tensor_invalid');
   });
 
   it('refuses a storage whose record holds fewer bytes than it declares', async () => {
@@ -388,7 +376,7 @@ describe('broken intkey files', () => {
     const declared = patchRecord(bytes, 'data.pkl', (pkl) =>
       replaceOnce(pkl, [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 4], [0x58, 1, 0, 0, 0, 0x31, 0x71, 15, 0x68, 7, 0x4b, 5]),
     );
-    await refused(importPyreft(withFile(input, name, declared), BASE), /storage "1" is shorter than declared: data\/1 holds 8 bytes/);
+    await refused(importPyreft(withFile(input, name, declared), BASE), 'pyreft_tensor_invalid');
   });
 });
 
@@ -402,10 +390,10 @@ describe('config.json that does not match the files', () => {
     const [name] = firstFile(i);
     const files = new Map(i.files);
     files.delete(name);
-    await refused(importPyreft({ ...i, files }, BASE), new RegExp(`sorted_keys\\.0 names ${escape(name)}, which is missing`));
+    await refused(importPyreft({ ...i, files }, BASE), 'pyreft_file_missing', name);
     await refused(
       importPyreftDirectory(join(PYREFT, 'loreft_bf16', 'expected'), { positions: 'f1', shareWeights: true }, BASE),
-      /no config\.json/,
+      'pyreft_file_missing',
     );
   });
 
@@ -413,7 +401,7 @@ describe('config.json that does not match the files', () => {
     const i = input();
     await refused(
       importPyreft(withFile(i, 'intkey_layer_4_comp_block_output_unit_pos_nunit_1#0.bin', firstFile(i)[1]), BASE),
-      /is not named by config\.json's sorted_keys/,
+      'pyreft_file_unexpected',
     );
   });
 
@@ -423,7 +411,7 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => (j.intervention_dimensions[1] = 32)),
         BASE,
       ),
-      /intervention_dimensions\.1 is 32 but the model's hidden size is 64/,
+      'pyreft_dimension_mismatch',
     );
   });
 
@@ -433,7 +421,7 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => j.intervention_types.pop()),
         BASE,
       ),
-      /intervention_types: has 1 entries but sorted_keys has 2/,
+      'pyreft_config_invalid',
     );
   });
 
@@ -444,7 +432,7 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => (j.intervention_types[0] = cls)),
         BASE,
       ),
-      /has no "learned_source\.weight"/,
+      'pyreft_class_mismatch',
     );
   });
 
@@ -454,7 +442,7 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => (j.intervention_types[0] = "<class 'my.Custom'>")),
         BASE,
       ),
-      /intervention_types\.0: .* is not supported/,
+      'pyreft_config_invalid',
     );
   });
 
@@ -464,28 +452,30 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => (j.representations[0][4] = 8)),
         BASE,
       ),
-      /low_rank_dimension is 8 but .* holds rank 4/,
+      'pyreft_dimension_mismatch',
     );
   });
 
   it('refuses unsupported representation fields', async () => {
-    const cases: Array<[(rep: unknown[]) => void, RegExp]> = [
-      [(r) => (r[1] = 'mlp_output'), /component "mlp_output" is not supported/],
-      [(r) => (r[1] = 'model.layers[2].mlp.output'), /component "model\.layers\[2\]\.mlp\.output" is not supported/],
-      [(r) => (r[2] = 'tok'), /unit "tok" is not supported/],
-      [(r) => (r[3] = 2), /max_number_of_units: is 2/],
-      [(r) => (r[7] = [[0, 1]]), /subspace_partition: must be null/],
-      [(r) => (r[9] = 'link'), /intervention_link_key: must be null/],
-      [(r) => r.splice(10), /must be a list of 13 or 14 entries/],
-      [(r) => (r[0] = 5), /layer 5 is out of range/],
+    const cases: Array<[(rep: unknown[]) => void, string]> = [
+      // the field under config.json.representations.0
+      [(r) => (r[1] = 'mlp_output'), '.component'],
+      [(r) => (r[1] = 'model.layers[2].mlp.output'), '.component'],
+      [(r) => (r[2] = 'tok'), '.unit'],
+      [(r) => (r[3] = 2), '.max_number_of_units'],
+      [(r) => (r[7] = [[0, 1]]), '.subspace_partition'],
+      [(r) => (r[9] = 'link'), '.intervention_link_key'],
+      [(r) => r.splice(10), ''],
+      [(r) => (r[0] = 5), '.layer'],
     ];
-    for (const [edit, pattern] of cases)
+    for (const [edit, field] of cases)
       await refused(
         importPyreft(
           withConfig(input(), (j) => edit(j.representations[0])),
           BASE,
         ),
-        pattern,
+        'pyreft_config_invalid',
+        `config.json.representations.0${field}`,
       );
   });
 
@@ -499,7 +489,7 @@ describe('config.json that does not match the files', () => {
   });
 
   it('refuses share_weights=false with fN+lN and an odd number of interventions', async () => {
-    await refused(importPyreft({ ...readInput('consreft_f32'), shareWeights: false }, BASE), /even number of interventions/);
+    await refused(importPyreft({ ...readInput('consreft_f32'), shareWeights: false }, BASE), 'pyreft_share_weights_odd');
   });
 
   it('refuses sorted_keys that would be a path', async () => {
@@ -508,15 +498,11 @@ describe('config.json that does not match the files', () => {
         withConfig(input(), (j) => (j.sorted_keys[0] = '../../etc/passwd')),
         BASE,
       ),
-      /sorted_keys\.0: .*path separator/,
+      'pyreft_config_invalid',
     );
   });
 
   it('refuses an artifact invalid for the base model', async () => {
-    await refused(importPyreft(input(), { ...BASE, hiddenSize: 32 }), /intervention_dimensions\.0 is 64 but the model's hidden size is 32/);
+    await refused(importPyreft(input(), { ...BASE, hiddenSize: 32 }), 'pyreft_dimension_mismatch');
   });
 });
-
-function escape(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-}

@@ -19,20 +19,21 @@ describe.each(BACKENDS)('on %s', (backend) => {
     expect(await server.stop()).toBe(0);
   });
 
-  function expectProblem(res: { status: number; body: any; headers: Headers }, status: number, pattern: RegExp, field?: string) {
+  /** A problem+json answer carrying the catalogue entry `code` (with its status and type). */
+  function expectProblem(res: { status: number; body: any; headers: Headers }, status: number, code: string, field?: string) {
     expect(res.status, JSON.stringify(res.body)).toBe(status);
     expect(res.headers.get('content-type')).toContain('application/problem+json');
-    expect(res.body).toMatchObject({ status, type: expect.stringContaining('https://'), title: expect.any(String) });
-    expect(res.body.detail).toMatch(pattern);
+    expect(res.body).toMatchObject({ status, code, type: `/problems/${code}`, title: expect.any(String), category: expect.any(String) });
+    expect(res.body.detail).toEqual(expect.any(String));
     expect(JSON.stringify(res.body)).not.toMatch(/at .*\.ts:\d+/); // no stack trace
     if (field) expect(res.body.field).toBe(field);
   }
 
   /** The OpenAI routes answer in OpenAI's error shape (issue 12). */
-  function expectOpenAIError(res: { status: number; body: any; headers: Headers }, status: number, pattern: RegExp, param: string) {
+  function expectOpenAIError(res: { status: number; body: any; headers: Headers }, status: number, code: string, param: string) {
     expect(res.status, JSON.stringify(res.body)).toBe(status);
     expect(res.headers.get('content-type')).toContain('application/json');
-    expect(res.body.error.message).toMatch(pattern);
+    expect(res.body.error.code).toBe(code);
     expect(res.body.error.param).toBe(param);
   }
 
@@ -63,76 +64,66 @@ describe.each(BACKENDS)('on %s', (backend) => {
 
   describe('JSON requests', () => {
     it('invalid JSON', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', '{"prompt": "x",'), 400, /not valid JSON/, 'body');
+      expectProblem(await json(api, 'POST', '/v1/generate', '{"prompt": "x",'), 400, 'body_not_json', 'body');
     });
     it('unknown fields', async () => {
-      expectProblem(
-        await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }),
-        400,
-        /unknown field "temprature"/,
-        'temprature',
-      );
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', temprature: 0.5 }), 400, 'body_invalid', 'temprature');
     });
     it('mistyped fields', async () => {
-      expectProblem(
-        await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }),
-        400,
-        /max_new_tokens/,
-        'max_new_tokens',
-      );
-      expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, -3] }), 400, /input_ids/, 'input_ids.1');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 'ten' }), 400, 'body_invalid', 'max_new_tokens');
+      expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, -3] }), 400, 'body_invalid', 'input_ids.1');
     });
     it('out-of-range sampling values', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', temperature: -1 }), 400, /temperature/, 'temperature');
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_p: 0 }), 400, /top_p/, 'top_p');
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_k: -2 }), 400, /top_k/, 'top_k');
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 }), 400, /max_new_tokens/, 'max_new_tokens');
-      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'x', prompt: 'x', n: 17 }), 400, /n/, 'n');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', temperature: -1 }), 400, 'body_invalid', 'temperature');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_p: 0 }), 400, 'body_invalid', 'top_p');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', top_k: -2 }), 400, 'body_invalid', 'top_k');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', max_new_tokens: 0 }), 400, 'body_invalid', 'max_new_tokens');
+      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'x', prompt: 'x', n: 17 }), 400, 'body_invalid', 'n');
     });
     it('neither or several prompt inputs', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { max_new_tokens: 3 }), 400, /one of prompt, messages or input_ids/);
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', input_ids: [1] }), 400, /only one of/);
+      expectProblem(await json(api, 'POST', '/v1/generate', { max_new_tokens: 3 }), 400, 'prompt_input_ambiguous');
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x', input_ids: [1] }), 400, 'prompt_input_ambiguous');
     });
     it('a token id outside the vocabulary', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, 99999] }), 400, /outside the vocabulary/, 'input_ids.1');
+      expectProblem(await json(api, 'POST', '/v1/generate', { input_ids: [1, 99999] }), 400, 'token_out_of_vocabulary', 'input_ids.1');
     });
     it('a body over the limit', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(70_000) }), 413, /too large/);
+      expectProblem(await json(api, 'POST', '/v1/generate', { prompt: 'x'.repeat(70_000) }), 413, 'body_too_large');
     });
     it('a prompt over the context length', async () => {
       expectProblem(
         await json(api, 'POST', '/v1/generate', { input_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)) }),
         400,
-        /600 tokens; the model's context is 512/,
+        'prompt_too_long',
         'prompt',
       );
     });
     it('an unknown adapter', async () => {
-      expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'adapter');
-      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, /no intervention "nope"/, 'model');
+      expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, 'intervention_not_found', 'adapter');
+      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, 'intervention_not_found', 'model');
     });
     it('a path-traversal id', async () => {
-      expectProblem(await json(api, 'GET', '/v1/interventions/..%2F..%2Fetc%2Fpasswd'), 400, /id/);
-      expectProblem(await json(api, 'GET', '/v1/interventions/a..b/files/reft_config.json'), 400, /\.\./);
-      expectProblem(await json(api, 'GET', '/v1/interventions/iv_x/files/..%2Freft.db'), 400, /file/);
-      expectProblem(await rawRequest(api, 'DELETE', '/v1/interventions/..'), 400, /id/);
-      expectProblem(await rawRequest(api, 'GET', '/v1/interventions/../../etc/passwd'), 404, /no route/);
+      expectProblem(await json(api, 'GET', '/v1/interventions/..%2F..%2Fetc%2Fpasswd'), 400, 'body_invalid');
+      expectProblem(await json(api, 'GET', '/v1/interventions/a..b/files/reft_config.json'), 400, 'body_invalid');
+      expectProblem(await json(api, 'GET', '/v1/interventions/iv_x/files/..%2Freft.db'), 400, 'body_invalid');
+      expectProblem(await rawRequest(api, 'DELETE', '/v1/interventions/..'), 400, 'body_invalid');
+      expectProblem(await rawRequest(api, 'GET', '/v1/interventions/../../etc/passwd'), 404, 'route_not_found');
     });
     it('unknown routes', async () => {
-      expectProblem(await json(api, 'GET', '/v1/nothing'), 404, /no route/);
+      expectProblem(await json(api, 'GET', '/v1/nothing'), 404, 'route_not_found');
     });
   });
 
   describe('intervention uploads: refused with the field or tensor named, nothing stored', () => {
-    const cases: Array<[string, () => Partial<ArtifactFiles>, Record<string, string>, number, RegExp, string?]> = [
-      ['missing weights part', () => ({ config: good().config }), {}, 400, /missing part "weights"/, 'weights'],
-      ['config that is not JSON', () => ({ ...good(), config: '{nope' }), {}, 400, /not valid JSON/, 'reft_config.json'],
+    const cases: Array<[string, () => Partial<ArtifactFiles>, Record<string, string>, number, string, string?]> = [
+      ['missing weights part', () => ({ config: good().config }), {}, 400, 'multipart_part_missing', 'weights'],
+      ['config that is not JSON', () => ({ ...good(), config: '{nope' }), {}, 400, 'artifact_config_not_json', 'reft_config.json'],
       [
         'unknown config field',
         () => ({ ...good(), config: JSON.stringify({ ...JSON.parse(good().config), extra: 1 }) }),
         {},
         400,
-        /extra/,
+        'artifact_config_invalid',
         'reft_config.json.extra',
       ],
       [
@@ -140,7 +131,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         () => artifact([randomLoreft(1, 2, 4, 'l1', 32)], {}, { hidden_size: 32, num_hidden_layers: 5 }),
         {},
         400,
-        /hidden_size is 32/,
+        'artifact_model_mismatch',
         'reft_config.json.base_model.hidden_size',
       ],
       [
@@ -148,23 +139,23 @@ describe.each(BACKENDS)('on %s', (backend) => {
         () => artifact([randomLoreft(1, 7)]),
         {},
         400,
-        /layer 7 is out of range/,
+        'intervention_layer_out_of_range',
         'reft_config.json.interventions.0.layer',
       ],
-      ['truncated safetensors', () => ({ ...good(), weights: good().weights.subarray(0, 300) }), {}, 400, /runs past the end/],
+      ['truncated safetensors', () => ({ ...good(), weights: good().weights.subarray(0, 300) }), {}, 400, 'artifact_weights_invalid'],
       [
         'a huge header length',
         () => ({ ...good(), weights: withHeader(good().weights, () => {}, 2n ** 62n) }),
         {},
         400,
-        /header length .* exceeds/,
+        'artifact_weights_invalid',
       ],
       [
         'a header that lies about offsets',
         () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.rotate'].data_offsets = [0, 10_000_000])) }),
         {},
         400,
-        /interventions\.0\.rotate/,
+        'artifact_weights_invalid',
         'interventions.0.rotate',
       ],
       [
@@ -172,7 +163,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         () => ({ ...good(), weights: withHeader(good().weights, (h) => (h['interventions.0.source.bias'].data_offsets = [0, 16])) }),
         {},
         400,
-        /overlap/,
+        'artifact_weights_invalid',
       ],
       [
         'an extra tensor',
@@ -183,7 +174,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         }),
         {},
         400,
-        /unexpected tensor interventions\.0\.proj\.weight/,
+        'artifact_tensor_unexpected',
         'interventions.0.proj.weight',
       ],
       [
@@ -195,7 +186,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         },
         {},
         400,
-        /missing tensor interventions\.0\.source\.bias/,
+        'artifact_tensor_missing',
         'interventions.0.source.bias',
       ],
       [
@@ -203,7 +194,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         () => ({ config: good().config, weights: artifact([randomLoreft(1, 2, 3)]).weights }),
         {},
         400,
-        /interventions\.0\.rotate has shape \[3,64\], expected \[4,64\]/,
+        'artifact_tensor_shape',
         'interventions.0.rotate',
       ],
       [
@@ -215,7 +206,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         },
         {},
         400,
-        /non-finite value at index 5/,
+        'artifact_tensor_non_finite',
         'interventions.0.source.weight',
       ],
       [
@@ -227,7 +218,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         },
         {},
         400,
-        /non-finite/,
+        'artifact_tensor_non_finite',
         'interventions.0.source.bias',
       ],
       [
@@ -239,7 +230,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         },
         {},
         400,
-        /not orthonormal/,
+        'artifact_rotation_not_orthonormal',
         'interventions.0.rotate',
       ],
       [
@@ -247,24 +238,30 @@ describe.each(BACKENDS)('on %s', (backend) => {
         () => artifact([randomLoreft(1, 2, 4, 'x3')]),
         {},
         400,
-        /not a position spec/,
+        'positions_invalid',
         'reft_config.json.interventions.0.positions',
       ],
-      ['a path-traversal name', () => good(), { name: '../../etc/passwd' }, 400, /name/, 'name'],
-      ['an unknown part', () => good(), { colour: 'red' }, 400, /unknown part "colour"/, 'colour'],
-      ['a file over the upload limit', () => ({ config: good().config, weights: new Uint8Array(300_000) }), {}, 413, /too large/],
+      ['a path-traversal name', () => good(), { name: '../../etc/passwd' }, 400, 'name_invalid', 'name'],
+      ['an unknown part', () => good(), { colour: 'red' }, 400, 'multipart_part_unknown', 'colour'],
+      [
+        'a file over the upload limit',
+        () => ({ config: good().config, weights: new Uint8Array(300_000) }),
+        {},
+        413,
+        'multipart_part_too_large',
+      ],
     ];
-    for (const [name, files, fields, status, pattern, field] of cases) {
+    for (const [name, files, fields, status, code, field] of cases) {
       it(name, async () => {
         const before = blobCount();
-        expectProblem(await upload(api, files(), fields), status, pattern, field);
+        expectProblem(await upload(api, files(), fields), status, code, field);
         expect(blobCount()).toBe(before);
         await stillHealthyAndEmpty();
       });
     }
 
     it('a JSON body where multipart is expected', async () => {
-      expectProblem(await json(api, 'POST', '/v1/interventions', { config: 1 }), 415, /multipart/);
+      expectProblem(await json(api, 'POST', '/v1/interventions', { config: 1 }), 415, 'multipart_expected');
     });
   });
 });

@@ -100,7 +100,7 @@ describe('finding 11: live training event streams', () => {
     const ninth = await fetch(`${api.url}/v1/training/jobs/${id}/events?stream=true`);
     expect(ninth.status).toBe(429);
     expect(ninth.headers.get('retry-after')).toBeTruthy();
-    expect(((await ninth.json()) as { detail: string }).detail).toMatch(/too many live training event streams for this tenant \(limit 8\)/);
+    expect(((await ninth.json()) as { code: string }).code).toBe('tenant_concurrency_limited');
     controller.abort();
     await json(api, 'POST', `/v1/training/jobs/${id}/cancel`);
     // closed streams give their slots back

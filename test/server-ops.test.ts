@@ -183,7 +183,7 @@ describe('operations', () => {
     const refused = await json(api, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 3 });
     expect(refused.status).toBe(503);
     expect(refused.headers.get('retry-after')).toBeTruthy();
-    expect(refused.body.code).toBe('overloaded');
+    expect(refused.body).toMatchObject({ code: 'queue_full', category: 'overloaded' });
     controller.abort();
     expect((await queued).status).toBe(200);
   });

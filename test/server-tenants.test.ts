@@ -178,7 +178,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect((await upload(a, artifact([randomLoreft(22, 1)], { name: 'a-2' }))).status).toBe(201);
       const over = await upload(a, artifact([randomLoreft(23, 1)], { name: 'a-3' }));
       expect(over.status).toBe(403);
-      expect(over.body.code).toBe('quota_exceeded');
+      expect(over.body).toMatchObject({ code: 'quota_interventions', category: 'quota_exceeded' });
       expect(over.headers.get('retry-after')).toBeNull();
       // concurrency: two streams in flight, the third request is refused
       const controller = new AbortController();

@@ -104,9 +104,9 @@ describe.each(BACKENDS)('on %s', (backend) => {
       bad[6] = '{"prompt": "x"}';
       const file = await uploadFile(bad.join('\n'));
       expect(file.status).toBe(400);
-      expect(file.body.detail).toMatch(/line 7/);
+      expect(file.body).toMatchObject({ code: 'training_row_invalid', field: 'file:line 7' });
       const notJson = await uploadFile('{"prompt": "a", "completion": "b"}\n{oops\n');
-      expect(notJson.body.detail).toMatch(/line 2 is not valid JSON/);
+      expect(notJson.body).toMatchObject({ code: 'training_line_not_json', field: 'file:line 2' });
       const inline = await json(api, 'POST', '/v1/training/jobs', { data: [{ prompt: 'a', completion: ' b' }, { prompt: 3 }], ...RECIPE });
       expect(inline.status).toBe(400);
       expect(inline.body.field).toBe('data.1');
@@ -120,7 +120,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
         data: [{ prompt: 'a', completion: ' b' }],
         intervention: { layers: [9] },
       });
-      expect(layer.body.detail).toMatch(/layer 9 is out of range/);
+      expect(layer.body.code).toBe('recipe_layer_out_of_range');
     });
 
     it('cancel stops a running job', async () => {
@@ -302,7 +302,7 @@ describe('training memory budget (--train-memory-budget)', () => {
       const refused = await json(api, 'POST', '/v1/training/jobs', { data: [...rows, long], ...RECIPE });
       expect(refused.status).toBe(413);
       expect(refused.body.field).toBe('data');
-      expect(refused.body.detail).toMatch(/over the training memory budget \(--train-memory-budget\)/);
+      expect(refused.body.code).toBe('training_memory_exceeded');
       const until = Date.now() + 120_000;
       let done: any;
       while (!['succeeded', 'failed'].includes((done = (await json(api, 'GET', `/v1/training/jobs/${job.body.id}`)).body).status)) {

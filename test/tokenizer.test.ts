@@ -8,6 +8,7 @@ import { parseModelConfig, type ModelConfig } from '../src/model/config.ts';
 import { loadTokenizer, type TextTokenizer } from '../src/model/tokenizer.ts';
 
 import { STORIES as MODEL_DIR } from './support/fixtures.ts';
+import { thrownBy } from './support/errors.ts';
 const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json'];
 
 /** Greedy continuation of "Once upon a time" by the base stories260k model. */
@@ -145,9 +146,7 @@ describe('stories260k tokenizer', () => {
       err = e;
     }
     expect(err).toBeInstanceOf(ReftError);
-    expect((err as ReftError).code).toBe('invalid_request');
-    expect((err as ReftError).field).toBe('messages');
-    expect((err as ReftError).message).toContain('no chat template');
+    expect(err).toMatchObject({ code: 'chat_template_missing', category: 'invalid_request', field: 'messages' });
   });
 });
 
@@ -184,7 +183,11 @@ describe('tokenizer configs', () => {
   it('fails clearly without tokenizer.json', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'reft-tok-'));
     tempDirs.push(dir);
-    await expect(loadTokenizer(dir, await modelConfig())).rejects.toMatchObject({ code: 'invalid_model', field: 'tokenizer.json' });
+    await expect(loadTokenizer(dir, await modelConfig())).rejects.toMatchObject({
+      code: 'tokenizer_missing',
+      category: 'invalid_model',
+      field: 'tokenizer.json',
+    });
   });
 });
 
@@ -243,12 +246,9 @@ describe('chat template', () => {
       await variant({ 'tokenizer_config.json': withConfig({ chat_template: template }) }),
       await modelConfig(),
     );
-    expect(() => tok.encodeChat(messages)).toThrow(/first message must be from the user/);
-    try {
-      tok.encodeChat(messages);
-    } catch (e) {
-      expect(e).toMatchObject({ code: 'invalid_request', field: 'messages' });
-    }
+    const err = thrownBy(() => tok.encodeChat(messages));
+    expect(err).toMatchObject({ code: 'chat_messages_rejected', category: 'invalid_request', field: 'messages' });
+    expect(err.message).toContain('first message must be from the user'); // the template's own words come along
   });
 });
 

@@ -13,6 +13,7 @@ import { Rng } from '../src/rng.ts';
 import { Trainer, type TrainingProgress } from '../src/training/trainer.ts';
 import { stepBytes } from '../src/training/memory.ts';
 import { STORIES } from './support/fixtures.ts';
+import { thrownBy } from './support/errors.ts';
 
 let model: LoadedModel;
 beforeAll(async () => {
@@ -98,11 +99,12 @@ describe('recipe', () => {
   });
 
   it('rejects bad recipes naming the field', () => {
-    expect(() => parseRecipe({ layers: [5] }, model.config)).toThrow(/recipe\.layers/);
-    expect(() => parseRecipe({ positions: 'x3' }, model.config)).toThrow(/recipe\.positions/);
-    expect(() => parseRecipe({ rank: 65 }, model.config)).toThrow(/recipe\.rank/);
-    expect(() => parseRecipe({ dropout: 1 }, model.config)).toThrow(/recipe\.dropout/);
-    expect(() => parseRecipe({ lr: 1 }, model.config)).toThrow(/recipe\.lr/);
+    const refusal = (input: Record<string, unknown>) => thrownBy(() => parseRecipe(input, model.config));
+    expect(refusal({ layers: [5] })).toMatchObject({ code: 'recipe_layer_out_of_range', field: 'recipe.layers' });
+    expect(refusal({ positions: 'x3' })).toMatchObject({ code: 'positions_invalid', field: 'recipe.positions' });
+    expect(refusal({ rank: 65 })).toMatchObject({ code: 'recipe_rank_too_large', field: 'recipe.rank' });
+    expect(refusal({ dropout: 1 })).toMatchObject({ code: 'recipe_invalid', field: 'recipe.dropout' });
+    expect(refusal({ lr: 1 })).toMatchObject({ code: 'recipe_invalid', field: 'recipe.lr' });
   });
 });
 
@@ -189,12 +191,18 @@ describe('training data', () => {
     const prompt = tok.encodeChat(messages.slice(0, 3), { addGenerationPrompt: true });
     expect(e.promptLength).toBe(prompt.length);
     expect(e.tokens).toEqual([...tok.encodeChat(messages), 2]);
-    expect(() => tokenizeRows([{ messages: messages.slice(0, 3) }], tok, 512)).toThrow(/last message must be the assistant/);
+    expect(thrownBy(() => tokenizeRows([{ messages: messages.slice(0, 3) }], tok, 512))).toMatchObject({
+      code: 'training_row_invalid',
+      field: 'data.0.messages',
+    });
   });
 
   it('rejects empty data and prompts longer than the context', () => {
-    expect(() => tokenizeRows([], model.tokenizer, 512)).toThrow(/no rows/);
-    expect(() => tokenizeRows([{ prompt: 'Once upon a time', completion: '!' }], model.tokenizer, 5)).toThrow(/data\.0/);
+    expect(thrownBy(() => tokenizeRows([], model.tokenizer, 512))).toMatchObject({ code: 'training_data_empty', field: 'data' });
+    expect(thrownBy(() => tokenizeRows([{ prompt: 'Once upon a time', completion: '!' }], model.tokenizer, 5))).toMatchObject({
+      code: 'training_prompt_too_long',
+      field: 'data.0',
+    });
   });
 });
 
@@ -309,9 +317,10 @@ describe('trainer', () => {
     const abort = new AbortController();
     const first = await run(small, { signal: abort.signal, onProgress: () => abort.abort() });
     if (first.outcome.status !== 'cancelled') throw new Error('not cancelled');
-    await expect(Trainer.create(model, { ...small, seed: 1 }, ROWS, { resumeFrom: first.outcome.checkpoint })).rejects.toThrow(
-      /different recipe/,
-    );
+    await expect(Trainer.create(model, { ...small, seed: 1 }, ROWS, { resumeFrom: first.outcome.checkpoint })).rejects.toMatchObject({
+      code: 'checkpoint_mismatch',
+      field: 'resume_from',
+    });
   });
 
   it('gradient accumulation over micro-batches of 1 equals one batch of 2 (token-weighted mean)', async () => {
@@ -354,8 +363,9 @@ describe('trainer', () => {
 
   it('refuses data whose longest row alone exceeds the memory budget, naming the limit', async () => {
     await expect(Trainer.create(model, small, ROWS, { memoryBudget: 1024 })).rejects.toMatchObject({
-      code: 'payload_too_large',
-      message: expect.stringMatching(/--train-memory-budget/),
+      code: 'training_memory_exceeded',
+      category: 'payload_too_large',
+      field: 'data',
     });
   });
 });

@@ -2,7 +2,7 @@ import { Command, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
 import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../server/protocol.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
-import { invalidRequest, firstIssue } from '../errors.ts';
+import { cliOptionInvalid, firstIssue } from '../errors.ts';
 import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
@@ -53,7 +53,7 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
     try {
       messages = JSON.parse(flags.messages);
     } catch {
-      throw invalidRequest('--messages is not valid JSON', 'messages');
+      throw cliOptionInvalid({ option: 'messages', problem: 'is not valid JSON' }, 'messages');
     }
   }
   const parsed = generateOptionsSchema.safeParse({
@@ -68,7 +68,7 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
   });
   if (!parsed.success) {
     const { field, message } = firstIssue(parsed.error);
-    throw invalidRequest(`--${field.replaceAll('_', '-')}: ${message}`, field);
+    throw cliOptionInvalid({ option: field.replaceAll('_', '-'), problem: message }, field);
   }
   const tokens = tokenize(promptInput(parsed.data), tokenizer);
   const interventions = flags.intervention ? (await readArtifactDir(flags.intervention, config)).interventions : [];

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { SingleBar } from 'cli-progress';
-import { invalidRequest } from '../errors.ts';
+import { cliOptionInvalid } from '../errors.ts';
 import { parseJsonl, tokenizeTrainingRows } from '../jobs/data.ts';
 import { writeArtifact } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
@@ -84,7 +84,7 @@ function layersOf(v: string | undefined): RecipeInput['layers'] {
   if (v === undefined || v === 'all') return v as 'all' | undefined;
   const layers = v.split(',').map((s) => Number(s.trim()));
   if (layers.some((l) => !Number.isInteger(l) || l < 0))
-    throw invalidRequest('--layers must be "all" or a comma-separated list of layer numbers', 'layers');
+    throw cliOptionInvalid({ option: 'layers', problem: 'must be "all" or a comma-separated list of layer numbers' }, 'layers');
   return layers;
 }
 
@@ -95,7 +95,7 @@ async function runTrain(data: string, f: Flags): Promise<void> {
   try {
     bytes = new Uint8Array(await readFile(data));
   } catch {
-    throw invalidRequest(`cannot read ${data}`, 'data');
+    throw cliOptionInvalid({ option: 'data', problem: `cannot read ${data}` }, 'data');
   }
   const examples = tokenizeTrainingRows(parseJsonl(bytes, data), model.tokenizer, model.config.maxPositions, data);
   const recipe: RecipeInput = Object.fromEntries(

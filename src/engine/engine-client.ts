@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
-import { ReftError } from '../errors.ts';
+import { ReftError, engineCrashed, engineStopping } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { WeightsReport } from '../quant/load.ts';
 import type { EngineStats, FromWorker, ToWorker, WorkerInit } from './protocol.ts';
@@ -41,9 +41,9 @@ export class EngineClient {
     readonly startupLog: readonly string[],
   ) {
     worker.on('message', (m: FromWorker) => this.onMessage(m));
-    worker.on('error', (e) => this.crashed(new ReftError('internal', `engine worker crashed: ${e.message}`)));
+    worker.on('error', (e) => this.crashed(engineCrashed({ reason: `crashed: ${e.message}` })));
     worker.on('exit', (code) => {
-      if (!this.closed) this.crashed(new ReftError('internal', `engine worker exited with code ${code}`));
+      if (!this.closed) this.crashed(engineCrashed({ reason: `exited with code ${code}` }));
     });
   }
 
@@ -94,7 +94,7 @@ export class EngineClient {
   }
 
   generate(request: GenerationRequest, opts: { onToken?: (e: TokenEvent) => void; signal?: AbortSignal } = {}): Promise<GenerationResult> {
-    if (this.closed) return Promise.reject(new ReftError('unavailable', 'the engine is shutting down', undefined, 1));
+    if (this.closed) return Promise.reject(engineStopping({ what: 'is shutting down' }, undefined, { retryAfterSeconds: 1 }));
     const key = randomUUID();
     return new Promise<GenerationResult>((resolve, reject) => {
       this.pending.set(key, { resolve, reject, onToken: opts.onToken });
@@ -155,6 +155,6 @@ export class EngineClient {
   async terminate(): Promise<void> {
     this.closed = true;
     await this.worker.terminate();
-    this.failAll(new ReftError('unavailable', 'the engine was stopped'));
+    this.failAll(engineStopping({ what: 'was stopped' }));
   }
 }

@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node';
-import { ReftError } from '../errors.ts';
+import { promptEmpty, promptTooLong, sequenceReachedContext, tokenOutOfVocabulary } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -165,16 +165,12 @@ export class Engine implements StepExecutor {
   }
 
   private checkPrompt(x: PrefillInput, field: string): void {
-    if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
+    if (x.tokens.length === 0) throw promptEmpty({}, field);
     // ORT's CPU Gather fails on such an id with an untyped error; a GPU's kernel need not check
-    if (x.tokens.some((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize))
-      throw new ReftError('invalid_request', `a token id is outside the vocabulary (size ${this.config.vocabSize})`, field);
+    const bad = x.tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
+    if (bad !== undefined) throw tokenOutOfVocabulary({ field, id: bad, vocabSize: this.config.vocabSize }, field);
     if (x.tokens.length > this.config.maxPositions) {
-      throw new ReftError(
-        'context_length_exceeded',
-        `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`,
-        'prompt',
-      );
+      throw promptTooLong({ tokens: x.tokens.length, context: this.config.maxPositions }, 'prompt');
     }
   }
 
@@ -326,12 +322,7 @@ export class Engine implements StepExecutor {
     const lengths = this.cache.lengths; // rows [0, b) are the ones decoding
     let maxLen = 0;
     for (let r = 0; r < b; r++) maxLen = Math.max(maxLen, lengths[r]);
-    if (maxLen + 1 > config.maxPositions)
-      throw new ReftError(
-        'context_length_exceeded',
-        `a sequence reached the model's context of ${config.maxPositions} tokens`,
-        'max_new_tokens',
-      );
+    if (maxLen + 1 > config.maxPositions) throw sequenceReachedContext({ context: config.maxPositions }, 'max_new_tokens');
     this.cache.reserve(this.cache.rows, maxLen + 1);
     const ids = new BigInt64Array(b);
     const positions = new BigInt64Array(b);

@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { promptTooLong } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
 
@@ -59,11 +59,7 @@ export interface Detokenizer {
 /** The one check every entry point makes: a prompt must leave room for one new token. */
 export function checkPromptFits(promptTokens: number, context: number): void {
   if (promptTokens >= context) {
-    throw new ReftError(
-      'context_length_exceeded',
-      `the prompt has ${promptTokens} tokens; the model's context is ${context} (the prompt and at least one new token must fit)`,
-      'prompt',
-    );
+    throw promptTooLong({ tokens: promptTokens, context, newToken: true }, 'prompt');
   }
 }
 

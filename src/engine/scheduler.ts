@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { ReftError, queueFull, tokensInFlightExceeded } from '../errors.ts';
 import type { SequenceId } from './engine.ts';
 import type { StepExecutor, StepSample } from './executor.ts';
 import {
@@ -92,15 +92,11 @@ export class Scheduler {
     checkPromptFits(request.tokens.length, context);
     if (this.byKey.has(key)) throw new Error(`duplicate request key ${key}`);
     if (this.queue.length >= this.limits.maxQueue) {
-      throw new ReftError('overloaded', `the server is at capacity (${this.limits.maxQueue} requests queued); retry shortly`, undefined, 1);
+      throw queueFull({ queued: this.limits.maxQueue }, undefined, { retryAfterSeconds: 1 });
     }
     const budget = Math.min(request.tokens.length + request.maxNewTokens, context);
     if (budget > this.limits.maxTokensInFlight) {
-      throw new ReftError(
-        'invalid_request',
-        `prompt plus max_new_tokens (${budget}) exceeds the server's max tokens in flight (${this.limits.maxTokensInFlight})`,
-        'max_new_tokens',
-      );
+      throw tokensInFlightExceeded({ budget, limit: this.limits.maxTokensInFlight }, 'max_new_tokens');
     }
     if (!this.engine.kvFits(1, budget)) {
       throw new ReftError(

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ReftError, invalidIntervention, firstIssue } from '../errors.ts';
+import { ReftError, artifactConfigInvalid, artifactConfigNotJson, artifactConfigTooDeep, artifactModelMismatch, artifactRotationNotOrthonormal, artifactTensorDtype, artifactTensorMissing, artifactTensorNonFinite, artifactTensorShape, artifactTensorUnexpected, artifactWeightsInvalid, firstIssue, interventionLayerOutOfRange } from '../errors.ts';
 import { parseSafetensors, plainFloats, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
@@ -84,15 +84,15 @@ export function parseReftConfig(bytes: Uint8Array | string): ReftConfig {
   try {
     json = JSON.parse(typeof bytes === 'string' ? bytes : new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch {
-    throw invalidIntervention('reft_config.json is not valid JSON', 'reft_config.json');
+    throw artifactConfigNotJson('reft_config.json');
   }
   if (jsonDepth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
-    throw invalidIntervention(`reft_config.json nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, 'reft_config.json');
+    throw artifactConfigTooDeep({ file: 'reft_config.json', limit: MAX_JSON_DEPTH }, 'reft_config.json');
   }
   const parsed = reftConfigSchema.safeParse(json);
   if (!parsed.success) {
     const { field, message } = firstIssue(parsed.error, ['reft_config.json']);
-    throw invalidIntervention(`${field}: ${message}`, field);
+    throw artifactConfigInvalid({ field, problem: message }, field);
   }
   for (const [i, iv] of parsed.data.interventions.entries()) parsePositions(iv.positions, `reft_config.json.interventions.${i}.positions`);
   return parsed.data;
@@ -115,22 +115,25 @@ export function parseArtifact(
   const config = parseReftConfig(configBytes);
   const field = (s: string) => `reft_config.json.${s}`;
   if (config.base_model.hidden_size !== base.hiddenSize) {
-    throw invalidIntervention(`base_model.hidden_size is ${config.base_model.hidden_size}, the model's is ${base.hiddenSize}`, field('base_model.hidden_size'));
+    throw artifactModelMismatch({ key: 'hidden_size', theirs: config.base_model.hidden_size, ours: base.hiddenSize }, field('base_model.hidden_size'));
   }
   if (config.base_model.num_hidden_layers !== base.numLayers) {
-    throw invalidIntervention(`base_model.num_hidden_layers is ${config.base_model.num_hidden_layers}, the model's is ${base.numLayers}`, field('base_model.num_hidden_layers'));
+    throw artifactModelMismatch(
+      { key: 'num_hidden_layers', theirs: config.base_model.num_hidden_layers, ours: base.numLayers },
+      field('base_model.num_hidden_layers'),
+    );
   }
   const file = parseWeights(weightBytes);
   const expected = new Set<string>();
   const interventions = config.interventions.map((entry, i) => {
     if (entry.layer >= base.numLayers) {
-      throw invalidIntervention(`interventions.${i}.layer ${entry.layer} is out of range (the model has ${base.numLayers} layers)`, field(`interventions.${i}.layer`));
+      throw interventionLayerOutOfRange({ at: `interventions.${i}.layer`, layer: entry.layer, layers: base.numLayers }, field(`interventions.${i}.layer`));
     }
     const tensors = readTensors(file, i, entry.kind, entry.rank, base.hiddenSize, expected, verifyValues, allocate);
     return lowRank({ kind: entry.kind, layer: entry.layer, rank: entry.rank, positions: parsePositions(entry.positions) }, tensors, base.hiddenSize, allocate);
   });
   for (const name of file.header.tensors.keys()) {
-    if (!expected.has(name)) throw invalidIntervention(`reft_weights.safetensors has unexpected tensor ${name}`, name);
+    if (!expected.has(name)) throw artifactTensorUnexpected({ name }, name);
   }
   const byteSize = interventions.reduce((s, iv) => s + 4 * (iv.down.length + iv.bias.length + iv.up.length), 0);
   return { config, interventions, byteSize };
@@ -140,7 +143,7 @@ function parseWeights(bytes: Uint8Array): SafetensorsFile {
   try {
     return parseSafetensors(bytes, 'reft_weights.safetensors', ARTIFACT_HEADER_LIMITS);
   } catch (e) {
-    if (e instanceof ReftError) throw invalidIntervention(e.message, e.field);
+    if (e instanceof ReftError) throw artifactWeightsInvalid({ problem: e.message }, e.field);
     throw e;
   }
 }
@@ -160,16 +163,16 @@ function readTensors(
     const name = `interventions.${i}.${t}`;
     expected.add(name);
     const info = file.header.tensors.get(name);
-    if (!info) throw invalidIntervention(`reft_weights.safetensors is missing tensor ${name} (kind ${kind})`, name);
-    if (!['F32', 'F16', 'BF16'].includes(info.dtype)) throw invalidIntervention(`tensor ${name} has dtype ${info.dtype}; expected F32, F16 or BF16`, name);
+    if (!info) throw artifactTensorMissing({ name, kind }, name);
+    if (!['F32', 'F16', 'BF16'].includes(info.dtype)) throw artifactTensorDtype({ name, dtype: info.dtype }, name);
     const shape = t === 'source.bias' ? [rank] : [rank, d];
     if (info.shape.length !== shape.length || info.shape.some((s, k) => s !== shape[k])) {
-      throw invalidIntervention(`tensor ${name} has shape [${info.shape}], expected [${shape}] for rank ${rank}`, name);
+      throw artifactTensorShape({ name, shape: info.shape, expected: shape, rank }, name);
     }
     const data = toFloat32(file, info, allocate);
     if (verifyValues) {
       const bad = firstNonFinite(data);
-      if (bad >= 0) throw invalidIntervention(`tensor ${name} has a non-finite value at index ${bad}`, name);
+      if (bad >= 0) throw artifactTensorNonFinite({ name, index: bad }, name);
       if (t === 'rotate') checkOrthonormalRows(data, rank, d, name);
     }
     out[t] = data;
@@ -201,10 +204,13 @@ export function orthonormalityError(r: Float32Array, rank: number, d: number): n
 }
 
 function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: string): void {
-  if (rank > d) throw invalidIntervention(`tensor ${name}: rank ${rank} exceeds the hidden size ${d}, rows cannot be orthonormal`, name);
+  if (rank > d) throw artifactRotationNotOrthonormal({ name, problem: `rank ${rank} exceeds the hidden size ${d}, rows cannot be orthonormal` }, name);
   const err = orthonormalityError(r, rank, d);
   if (!(err <= ORTHONORMAL_TOLERANCE)) {
-    throw invalidIntervention(`tensor ${name}: rows are not orthonormal (max |R·Rᵀ − I| = ${err.toExponential(2)} > ${ORTHONORMAL_TOLERANCE})`, name);
+    throw artifactRotationNotOrthonormal(
+      { name, problem: `rows are not orthonormal (max |R·Rᵀ − I| = ${err.toExponential(2)} > ${ORTHONORMAL_TOLERANCE})` },
+      name,
+    );
   }
 }
 

@@ -1,5 +1,5 @@
 import { LRUCache } from 'lru-cache';
-import { noSuch } from '../errors.ts';
+import { interventionNotFound } from '../errors.ts';
 import type { Store } from '../storage/store.ts';
 import { parseArtifact, type BaseModelShape, type LowRankIntervention } from './artifact.ts';
 
@@ -37,7 +37,7 @@ export class InterventionCache {
    */
   async resolve(tenantId: string | null, idOrName: string, field = 'intervention'): Promise<ResolvedIntervention> {
     const meta = await this.store.findIntervention(tenantId, idOrName);
-    if (!meta) throw noSuch('intervention', idOrName, field);
+    if (!meta) throw interventionNotFound({ id: idOrName }, field);
     const cached = this.lru.get(meta.id);
     if (cached && cached.version === meta.version) {
       this.hits++;
@@ -47,7 +47,7 @@ export class InterventionCache {
     this.misses++;
     this.onLookup(false);
     const files = await this.store.readInterventionFiles(meta.id);
-    if (!files) throw noSuch('intervention', idOrName, field);
+    if (!files) throw interventionNotFound({ id: idOrName }, field);
     // validated value by value when it was stored; here the structure is enough
     // factors straight into shared memory: first use allocates (and later collects) less
     const artifact = parseArtifact(files.config, files.weights, this.base, { verifyValues: false, allocate: sharedFloats });

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { invalidIntervention } from '../errors.ts';
+import { artifactFileUnreadable } from '../errors.ts';
 import { parseArtifact, type Artifact, type BaseModelShape } from './artifact.ts';
 
 export const CONFIG_FILE = 'reft_config.json';
@@ -13,7 +13,7 @@ export async function readArtifactFiles(dir: string): Promise<{ config: Uint8Arr
     try {
       return new Uint8Array(await readFile(join(dir, file)));
     } catch {
-      throw invalidIntervention(`${dir} has no readable ${file}; an intervention folder holds ${CONFIG_FILE} and ${WEIGHTS_FILE}`, file);
+      throw artifactFileUnreadable({ dir, file, expected: `${CONFIG_FILE} and ${WEIGHTS_FILE}` }, file);
     }
   };
   return { config: await read(CONFIG_FILE), weights: await read(WEIGHTS_FILE) };

@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../errors.ts';
+import { positionsInvalid } from '../errors.ts';
 
 /** A position spec `fN`, `lN` or `fN+lN`: the first and/or last N prompt tokens. */
 export interface PositionSpec {
@@ -10,11 +10,11 @@ const SPEC = /^(?:f(\d+)(?:\+l(\d+))?|l(\d+))$/;
 
 export function parsePositions(spec: string, field = 'positions'): PositionSpec {
   const m = SPEC.exec(spec);
-  if (!m) throw invalidIntervention(`${field}: "${spec}" is not a position spec (fN, lN or fN+lN)`, field);
+  if (!m) throw positionsInvalid({ field, spec, problem: 'is not a position spec (fN, lN or fN+lN)' }, field);
   const first = Number(m[1] ?? 0);
   const last = Number(m[2] ?? m[3] ?? 0);
-  if (first + last === 0) throw invalidIntervention(`${field}: "${spec}" selects no positions`, field);
-  if (first > 4096 || last > 4096) throw invalidIntervention(`${field}: "${spec}" is too large (at most 4096 each side)`, field);
+  if (first + last === 0) throw positionsInvalid({ field, spec, problem: 'selects no positions' }, field);
+  if (first > 4096 || last > 4096) throw positionsInvalid({ field, spec, problem: 'is too large (at most 4096 each side)' }, field);
   return { first, last };
 }
 

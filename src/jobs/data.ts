@@ -1,5 +1,13 @@
 import { z } from 'zod';
-import { ReftError, invalidRequest, noSuch } from '../errors.ts';
+import {
+  ReftError,
+  fileNotFound,
+  trainingDataEmpty,
+  trainingFileNotUtf8,
+  trainingLineNotJson,
+  trainingRowInvalid,
+  trainingRowsTooMany,
+} from '../errors.ts';
 import { messageSchema } from '../server/protocol.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
 import type { Store } from '../storage/store.ts';
@@ -35,7 +43,7 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows =
   try {
     text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
   } catch {
-    throw invalidRequest(`${field}: the file is not UTF-8 text`, field);
+    throw trainingFileNotUtf8({ field }, field);
   }
   const rows: TrainingRow[] = [];
   const lines: number[] = [];
@@ -46,23 +54,23 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows =
     try {
       json = JSON.parse(line);
     } catch {
-      throw invalidRequest(`${field}: line ${i + 1} is not valid JSON`, `${field}:line ${i + 1}`);
+      throw trainingLineNotJson({ field, line: i + 1 }, `${field}:line ${i + 1}`);
     }
     const row = trainingRowSchema.safeParse(json);
-    if (!row.success) throw invalidRequest(`${field}: line ${i + 1}: ${describeRowError(row.error)}`, `${field}:line ${i + 1}`);
+    if (!row.success)
+      throw trainingRowInvalid({ at: `${field}: line ${i + 1}`, problem: describeRowError(row.error) }, `${field}:line ${i + 1}`);
     rows.push(row.data);
     lines.push(i + 1);
-    if (rows.length > maxRows)
-      throw new ReftError('payload_too_large', `${field}: more than ${maxRows} rows (the training rows limit)`, field);
+    if (rows.length > maxRows) throw trainingRowsTooMany({ field, limit: maxRows }, field);
   });
-  if (rows.length === 0) throw invalidRequest(`${field}: the file has no rows`, field);
+  if (rows.length === 0) throw trainingDataEmpty({ what: `${field}: the file` }, field);
   return { rows, origin: { kind: 'file', lines } };
 }
 
 export function parseInlineRows(data: unknown[]): ParsedRows {
   const rows = data.map((json, i) => {
     const row = trainingRowSchema.safeParse(json);
-    if (!row.success) throw invalidRequest(`data.${i}: ${describeRowError(row.error)}`, `data.${i}`);
+    if (!row.success) throw trainingRowInvalid({ at: `data.${i}`, problem: describeRowError(row.error) }, `data.${i}`);
     return row.data;
   });
   return { rows, origin: { kind: 'inline' } };
@@ -82,7 +90,7 @@ export function tokenizeTrainingRows(
     const m = /^data\.(\d+)/.exec(e.field ?? '');
     if (!m) throw e;
     const line = parsed.origin.lines[Number(m[1])];
-    throw new ReftError(e.code, e.message.replace(/^data\.\d+/, `${field}: line ${line}`), `${field}:line ${line}`);
+    throw e.withField(e.message.replace(/^data\.\d+/, `${field}: line ${line}`), `${field}:line ${line}`);
   }
 }
 
@@ -109,7 +117,7 @@ export async function tokenizeTrainingRowsYielding(
     } catch (e) {
       // a single-row batch names its row data.0: give it its real index
       if (e instanceof ReftError && parsed.origin.kind === 'inline' && e.field?.startsWith('data.0')) {
-        throw new ReftError(e.code, e.message.replace(/^data\.0/, `data.${i}`), e.field.replace(/^data\.0/, `data.${i}`));
+        throw e.withField(e.message.replace(/^data\.0/, `data.${i}`), e.field.replace(/^data\.0/, `data.${i}`));
       }
       throw e;
     }
@@ -125,7 +133,7 @@ export async function tokenizeTrainingRowsYielding(
 /** A tenant's uploaded training file (a 404 naming training_file if it's gone). */
 export async function fileBytes(store: Store, tenantId: string, file: string): Promise<Uint8Array> {
   const bytes = await store.readFile(tenantId, file);
-  if (!bytes) throw noSuch('file', file, 'training_file');
+  if (!bytes) throw fileNotFound({ id: file }, 'training_file');
   return bytes;
 }
 

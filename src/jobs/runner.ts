@@ -2,7 +2,7 @@ import type { WeightFormat } from '../quant/formats.ts';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import type { Logger } from 'pino';
-import { ReftError } from '../errors.ts';
+import { ReftError, interventionNameTaken, jobStepBudgetExceeded, jobTimeBudgetExceeded } from '../errors.ts';
 import type { LoadedModel } from '../model/load.ts';
 import type { Device } from '../engine/session.ts';
 import type { Job, Lease, Store } from '../storage/store.ts';
@@ -132,10 +132,10 @@ export class JobRunner {
       if (stopReason() === 'lease') return;
       // a typed error says what was wrong with the job; anything else stays in this log
       const reason =
-        err instanceof ReftError && err.code !== 'internal'
+        err instanceof ReftError && err.category !== 'internal'
           ? err.message
           : `internal error (worker ${this.workerId}, job ${job.id}: see the worker log)`;
-      if (err instanceof ReftError && err.code === 'unavailable') {
+      if (err instanceof ReftError && err.category === 'unavailable') {
         jobLog.warn({ reason }, 'store unavailable; the job will be retried when its lease expires');
         return;
       }
@@ -160,7 +160,7 @@ export class JobRunner {
       // A previous attempt registered the result and died before finishing the job.
       if ((existing.config as { metadata?: Record<string, string> })?.metadata?.job_id === job.id)
         return { kind: 'done', interventionId: existing.id };
-      throw new ReftError('conflict', `an intervention named "${name}" already exists`, 'name');
+      throw interventionNameTaken({ name }, 'name');
     }
     const rows = await jobRows(store, job.tenantId, spec.data);
     let examples;
@@ -189,7 +189,7 @@ export class JobRunner {
         const fresh = await store.getJob(null, job.id);
         if (fresh?.cancelRequested && !controller.signal.aborted) controller.abort('cancel' satisfies StopReason);
         if ((Date.now() - startedAt) / 1000 > this.o.budget.maxSeconds) {
-          throw new ReftError('invalid_request', `the job exceeded its time budget of ${this.o.budget.maxSeconds} s at step ${p.step}`);
+          throw jobTimeBudgetExceeded({ seconds: this.o.budget.maxSeconds, step: p.step });
         }
         const now = performance.now();
         if (now - lastEvent >= EVENT_INTERVAL_MS || p.step === p.totalSteps || p.step === 1) {
@@ -206,7 +206,7 @@ export class JobRunner {
     });
     try {
       if (trainer.totalSteps > this.o.budget.maxSteps) {
-        throw new ReftError('invalid_request', `the job needs ${trainer.totalSteps} steps, over the budget of ${this.o.budget.maxSteps}`);
+        throw jobStepBudgetExceeded({ steps: trainer.totalSteps, limit: this.o.budget.maxSteps });
       }
       log.info(
         { steps: trainer.totalSteps, resumedAt: trainer.step, examples: examples.length },

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { invalidRequest } from '../errors.ts';
+import { jobDataSourceAmbiguous } from '../errors.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { parseRecipe, recipeSchema, type Recipe } from '../training/index.ts';
 
@@ -58,7 +58,7 @@ export interface JobSpec {
 
 export function jobSpec(request: JobRequest, model: ModelConfig): JobSpec {
   if ((request.training_file === undefined) === (request.data === undefined)) {
-    throw invalidRequest('give exactly one of training_file and data', request.data ? 'data' : 'training_file');
+    throw jobDataSourceAmbiguous(request.data ? 'data' : 'training_file');
   }
   const recipe = parseRecipe({ ...request.intervention, ...request.hyperparameters }, model);
   return {

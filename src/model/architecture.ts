@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ReftError, firstIssue, unsupportedModel } from '../errors.ts';
+import { activationUnsupported, firstIssue, modelConfigInvalid } from '../errors.ts';
 
 /**
  * What distinguishes one decoder architecture from another, as plain data on the model's
@@ -111,7 +111,7 @@ function extraFields<T extends z.ZodRawShape>(raw: RawConfig, shape: T): z.infer
   const parsed = z.object(shape).safeParse(raw);
   if (!parsed.success) {
     const { field, message } = firstIssue(parsed.error);
-    throw new ReftError('invalid_model', `config.json: ${field}: ${message}`, field);
+    throw modelConfigInvalid({ field, problem: message }, field);
   }
   return parsed.data;
 }
@@ -121,7 +121,7 @@ function activation(raw: RawConfig, field: string, fallback: string): DecoderLay
   const name = extraFields(raw, { [field]: z.string().nullish() })[field] ?? fallback;
   if (name === 'silu') return 'silu';
   if (name === 'gelu_pytorch_tanh' || name === 'gelu_new') return 'gelu_tanh';
-  throw unsupportedModel(`unsupported ${field} "${name}"; supported: silu, gelu_pytorch_tanh`, field);
+  throw activationUnsupported({ field, name }, field);
 }
 
 /** The Llama layout, which every declaration starts from. */

@@ -1,6 +1,14 @@
 import { readFile, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { ReftError, invalidCheckpoint } from '../errors.ts';
+import {
+  weightDtypeUnsupported,
+  weightFilesScattered,
+  weightIndexInvalid,
+  weightsMissing,
+  weightTensorDuplicate,
+  weightTensorMissing,
+  weightTensorShape,
+} from '../errors.ts';
 import { MODEL_WEIGHTS, layerSpec, type LinearWeights } from './architecture.ts';
 import type { ModelConfig } from './config.ts';
 import { readHeader, type DType, type TensorInfo } from './safetensors.ts';
@@ -36,20 +44,20 @@ async function weightFiles(modelDir: string): Promise<string[]> {
     try {
       index = JSON.parse(await readFile(indexPath, 'utf8'));
     } catch {
-      throw invalidCheckpoint('model.safetensors.index.json is not valid JSON', 'model.safetensors.index.json');
+      throw weightIndexInvalid({ problem: 'is not valid JSON' }, 'model.safetensors.index.json');
     }
     if (!index.weight_map || typeof index.weight_map !== 'object') {
-      throw invalidCheckpoint('model.safetensors.index.json has no weight_map', 'model.safetensors.index.json');
+      throw weightIndexInvalid({ problem: 'has no weight_map' }, 'model.safetensors.index.json');
     }
     const files = [...new Set(Object.values(index.weight_map))];
     for (const f of files) {
       if (typeof f !== 'string' || basename(f) !== f)
-        throw invalidCheckpoint(`weight_map names an invalid file ${JSON.stringify(f)}`, 'model.safetensors.index.json');
+        throw weightIndexInvalid({ problem: `names an invalid file ${JSON.stringify(f)}` }, 'model.safetensors.index.json');
     }
     return files.sort();
   }
   if (await exists(join(modelDir, 'model.safetensors'))) return ['model.safetensors'];
-  throw invalidCheckpoint(`${modelDir} has neither model.safetensors nor model.safetensors.index.json`, 'model.safetensors');
+  throw weightsMissing({ what: `${modelDir} has neither model.safetensors nor model.safetensors.index.json` }, 'model.safetensors');
 }
 
 /** Reads every weight file's header and checks that they live in one real folder. */
@@ -60,22 +68,19 @@ export async function openCheckpoint(modelDir: string): Promise<Checkpoint> {
   const fingerprint: string[] = [];
   for (const f of files) {
     const path = join(modelDir, f);
-    if (!(await exists(path))) throw invalidCheckpoint(`weight file ${f} is missing`, f);
+    if (!(await exists(path))) throw weightsMissing({ what: `weight file ${f} is missing` }, f);
     const real = await realpath(path);
     dirs.add(dirname(real));
     const header = await readHeader(real);
     const st = await stat(real);
     fingerprint.push(`${basename(real)}:${st.size}:${st.mtimeMs}`);
     for (const info of header.tensors.values()) {
-      if (weights.has(info.name)) throw invalidCheckpoint(`tensor ${info.name} appears in two weight files`, info.name);
+      if (weights.has(info.name)) throw weightTensorDuplicate({ name: info.name }, info.name);
       weights.set(info.name, { ...info, file: basename(real) });
     }
   }
   if (dirs.size !== 1) {
-    throw invalidCheckpoint(
-      `the weight files of ${modelDir} resolve to ${dirs.size} different folders; put them in one folder`,
-      'model.safetensors',
-    );
+    throw weightFilesScattered({ dir: modelDir, folders: dirs.size }, 'model.safetensors');
   }
   return { dataDir: [...dirs][0], weights, fingerprint: fingerprint.join('|') };
 }
@@ -123,12 +128,12 @@ const FLOAT_DTYPES: DType[] = ['F32', 'F16', 'BF16'];
 export function validateCheckpoint(config: ModelConfig, checkpoint: Checkpoint): void {
   for (const { name, shape } of expectedTensors(config)) {
     const w = checkpoint.weights.get(name);
-    if (!w) throw new ReftError('invalid_checkpoint', `checkpoint is missing tensor ${name}`, name);
+    if (!w) throw weightTensorMissing({ name }, name);
     if (w.shape.length !== shape.length || w.shape.some((s, i) => s !== shape[i])) {
-      throw new ReftError('invalid_checkpoint', `tensor ${name} has shape [${w.shape}], config.json implies [${shape}]`, name);
+      throw weightTensorShape({ name, shape: w.shape, expected: shape }, name);
     }
     if (!FLOAT_DTYPES.includes(w.dtype)) {
-      throw new ReftError('unsupported_model', `tensor ${name} has dtype ${w.dtype}; supported: ${FLOAT_DTYPES.join(', ')}`, name);
+      throw weightDtypeUnsupported({ name, dtype: w.dtype }, name);
     }
   }
 }

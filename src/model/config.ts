@@ -1,5 +1,12 @@
 import { z } from 'zod';
-import { ReftError, unsupportedModel, firstIssue } from '../errors.ts';
+import {
+  architectureUnsupported,
+  attentionHeadsMismatch,
+  firstIssue,
+  headDimUnsupported,
+  modelConfigInvalid,
+  ropeScalingUnsupported,
+} from '../errors.ts';
 import { SUPPORTED_ARCHITECTURES, decoderLayout, isArchitecture, type Architecture, type DecoderLayout } from './architecture.ts';
 
 export { SUPPORTED_ARCHITECTURES, type Architecture } from './architecture.ts';
@@ -69,24 +76,20 @@ export function parseModelConfig(raw: unknown, generationConfig: unknown = {}): 
   const parsed = rawConfigSchema.safeParse(raw);
   if (!parsed.success) {
     const { field, message } = firstIssue(parsed.error);
-    throw new ReftError('invalid_model', `config.json: ${field}: ${message}`, field);
+    throw modelConfigInvalid({ field, problem: message }, field);
   }
   const c = parsed.data;
   const architecture = c.architectures[0];
   if (!isArchitecture(architecture)) {
-    throw unsupportedModel(`unsupported architecture ${architecture}; supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`, 'architectures');
+    throw architectureUnsupported({ architecture, supported: SUPPORTED_ARCHITECTURES }, 'architectures');
   }
   const numKvHeads = c.num_key_value_heads ?? c.num_attention_heads;
   if (c.num_attention_heads % numKvHeads !== 0) {
-    throw new ReftError(
-      'invalid_model',
-      `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${numKvHeads}`,
-      'num_key_value_heads',
-    );
+    throw attentionHeadsMismatch({ heads: c.num_attention_heads, kvHeads: numKvHeads }, 'num_key_value_heads');
   }
   const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
-    throw unsupportedModel(`head dimension ${headDim} must be an even integer`, 'head_dim');
+    throw headDimUnsupported({ headDim }, 'head_dim');
   }
   const gen = (generationConfig ?? {}) as { eos_token_id?: number | number[]; bos_token_id?: number };
   const eos = [...new Set([...asList(c.eos_token_id), ...asList(gen.eos_token_id)])];
@@ -117,7 +120,7 @@ function parseRopeScaling(raw: Record<string, unknown> | null | undefined): Rope
   const num = (key: string): number => {
     const v = raw[key];
     if (typeof v !== 'number' || !(v > 0))
-      throw new ReftError('invalid_model', `config.json: rope_scaling.${key} must be a positive number`, `rope_scaling.${key}`);
+      throw modelConfigInvalid({ field: `rope_scaling.${key}`, problem: 'must be a positive number' }, `rope_scaling.${key}`);
     return v;
   };
   if (type === 'default') return null;
@@ -131,7 +134,7 @@ function parseRopeScaling(raw: Record<string, unknown> | null | undefined): Rope
       originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
     };
   }
-  throw unsupportedModel(`unsupported rope_scaling type ${JSON.stringify(type)}; supported: linear, llama3`, 'rope_scaling.rope_type');
+  throw ropeScalingUnsupported({ type }, 'rope_scaling.rope_type');
 }
 
 /** Inverse frequencies of the rotary embedding, as transformers computes them (incl. scaling). */

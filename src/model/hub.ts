@@ -1,7 +1,18 @@
 import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { HubApiError, REGEX_COMMIT_HASH, downloadFileToCacheDir, getRepoFolderName, modelInfo } from '@huggingface/hub';
-import { ReftError } from '../errors.ts';
+import {
+  ReftError,
+  hubDownloadFailed,
+  hubForbidden,
+  hubRepoIncomplete,
+  hubRepoNotFound,
+  hubShardMissing,
+  hubUnauthorized,
+  hubUnreachable,
+  modelSpecInvalid,
+  weightIndexInvalid,
+} from '../errors.ts';
 
 export interface ResolveModelOptions {
   /** Hub cache root (the HF_HUB_CACHE layout: models--org--name/{blobs,refs,snapshots}). */
@@ -111,11 +122,7 @@ function parseRepoSpec(spec: string): RepoRef {
   const revision = at < 0 ? 'main' : spec.slice(at + 1);
   const parts = repo.split('/');
   if (parts.length !== 2 || !parts.every(isValidName) || !isValidRevision(revision)) {
-    throw new ReftError(
-      'invalid_model',
-      `model "${spec}" is neither an existing directory nor a Hugging Face repo id (org/name or org/name@revision)`,
-      'model',
-    );
+    throw modelSpecInvalid({ spec }, 'model');
   }
   return { repo, revision, explicitRevision: at >= 0 };
 }
@@ -189,11 +196,11 @@ async function readShardNames(indexPath: string): Promise<string[]> {
 
 function shardNames(index: unknown): string[] {
   const map = (index as { weight_map?: unknown })?.weight_map;
-  if (!map || typeof map !== 'object') throw new ReftError('invalid_model', `${WEIGHTS_INDEX} has no weight_map`, WEIGHTS_INDEX);
+  if (!map || typeof map !== 'object') throw weightIndexInvalid({ problem: 'has no weight_map' }, WEIGHTS_INDEX);
   const files = [...new Set(Object.values(map as Record<string, unknown>))];
   for (const f of files) {
     if (typeof f !== 'string' || basename(f) !== f || f === '' || f === '.' || f === '..') {
-      throw new ReftError('invalid_model', `${WEIGHTS_INDEX} names an invalid file ${JSON.stringify(f)}`, WEIGHTS_INDEX);
+      throw weightIndexInvalid({ problem: `names an invalid file ${JSON.stringify(f)}` }, WEIGHTS_INDEX);
     }
   }
   return files as string[];
@@ -211,7 +218,7 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
   const available = new Set(info.filePaths);
   const where = `${ref.repo}@${ref.revision}`;
   for (const f of REQUIRED_FILES) {
-    if (!available.has(f)) throw new ReftError('invalid_model', `Hub repo ${where} has no ${f}; ${LOCAL_HINT}`, 'model');
+    if (!available.has(f)) throw hubRepoIncomplete({ where, missing: f, hint: LOCAL_HINT }, 'model');
   }
   // Pinning every file to the commit keeps the snapshot consistent even if the branch moves meanwhile.
   const fetchFile = (path: string) =>
@@ -234,16 +241,11 @@ async function downloadSnapshot(ref: RepoRef, storage: string, cacheDir: string,
     const indexPath = await fetchFile(WEIGHTS_INDEX);
     snapshot = dirname(indexPath);
     for (const shard of await readShardNames(indexPath)) {
-      if (!available.has(shard))
-        throw new ReftError('invalid_model', `Hub repo ${where}: ${WEIGHTS_INDEX} names ${shard}, which the repo doesn't have`, 'model');
+      if (!available.has(shard)) throw hubShardMissing({ where, index: WEIGHTS_INDEX, shard }, 'model');
       await fetchFile(shard);
     }
   } else {
-    throw new ReftError(
-      'invalid_model',
-      `Hub repo ${where} has no safetensors weights (${WEIGHTS} or ${WEIGHTS_INDEX}); ${LOCAL_HINT}`,
-      'model',
-    );
+    throw hubRepoIncomplete({ where, missing: `safetensors weights (${WEIGHTS} or ${WEIGHTS_INDEX})`, hint: LOCAL_HINT }, 'model');
   }
   // Written last, so a revision only resolves offline once its snapshot is complete.
   if (ref.revision !== commit) {
@@ -309,7 +311,7 @@ function describeFailure(e: unknown): string {
 }
 
 function cannotDownload(spec: string, hub: HubAccess, reason: string): ReftError {
-  return new ReftError('unavailable', `could not download model ${spec} from ${hub.endpoint} (${reason}); ${LOCAL_HINT}`, 'model');
+  return hubUnreachable({ spec, endpoint: hub.endpoint, reason, hint: LOCAL_HINT }, 'model');
 }
 
 function hubMessage(e: HubApiError): string {
@@ -327,27 +329,15 @@ function toReftError(e: unknown, ref: RepoRef, hub: HubAccess): ReftError {
     switch (e.statusCode) {
       case 401:
         // The Hub answers 401 both for missing repos and for private ones when the token is missing or bad.
-        return new ReftError(
-          'invalid_model',
-          `Hub repo ${where} was not found on ${hub.endpoint}, or ${hub.token ? 'the token is not authorized for it' : 'it is private and needs a token (set HF_TOKEN)'} (401)${detail}`,
-          'model',
-        );
+        return hubUnauthorized({ where, endpoint: hub.endpoint, hasToken: Boolean(hub.token), detail }, 'model');
       case 403:
-        return new ReftError(
-          'invalid_model',
-          `access to Hub repo ${where} is forbidden (403)${detail}; gated models need their terms accepted on the Hub and a token (HF_TOKEN)`,
-          'model',
-        );
+        return hubForbidden({ where, detail }, 'model');
       case 404:
-        return new ReftError('invalid_model', `Hub repo ${where} was not found on ${hub.endpoint} (404)${detail}`, 'model');
+        return hubRepoNotFound({ where, endpoint: hub.endpoint, detail }, 'model');
       default:
-        return new ReftError(
-          'unavailable',
-          `downloading ${where} from ${hub.endpoint} failed with status ${e.statusCode}${detail}`,
-          'model',
-        );
+        return hubDownloadFailed({ where, endpoint: hub.endpoint, reason: ` with status ${e.statusCode}${detail}` }, 'model');
     }
   }
   const message = e instanceof Error ? e.message : String(e);
-  return new ReftError('unavailable', `downloading ${where} from ${hub.endpoint} failed: ${message.replace(/\s+/g, ' ')}`, 'model');
+  return hubDownloadFailed({ where, endpoint: hub.endpoint, reason: `: ${message.replace(/\s+/g, ' ')}` }, 'model');
 }

@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ReftError } from '../errors.ts';
+import { modelFileNotJson, modelFileUnreadable } from '../errors.ts';
 import { openCheckpoint, validateCheckpoint, type Checkpoint } from './checkpoint.ts';
 import { parseModelConfig, type ModelConfig } from './config.ts';
 import { loadTokenizer, type TextTokenizer } from './tokenizer.ts';
@@ -19,16 +19,12 @@ async function readJson(dir: string, file: string, required: boolean): Promise<u
     text = await readFile(join(dir, file), 'utf8');
   } catch (e) {
     if (!required && (e as NodeJS.ErrnoException).code === 'ENOENT') return {};
-    throw new ReftError(
-      'invalid_model',
-      `${dir} has no readable ${file}; a model folder needs config.json, model.safetensors and tokenizer.json`,
-      file,
-    );
+    throw modelFileUnreadable({ dir, file }, file);
   }
   try {
     return JSON.parse(text);
   } catch {
-    throw new ReftError('invalid_model', `${file} is not valid JSON`, file);
+    throw modelFileNotJson({ file }, file);
   }
 }
 

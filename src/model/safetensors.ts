@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { ReftError } from '../errors.ts';
+import { safetensorsDtypeUnsupported, safetensorsInvalid } from '../errors.ts';
 
 /**
  * The safetensors format: an 8-byte little-endian header length, a JSON header mapping tensor
@@ -49,7 +49,7 @@ export interface HeaderLimits {
 const CHECKPOINT_HEADER_LIMITS: HeaderLimits = { maxHeaderBytes: MAX_HEADER_BYTES, maxTensors: 1_000_000 };
 
 function fail(source: string, message: string, field?: string): never {
-  throw new ReftError('invalid_checkpoint', `${source}: ${message}`, field ?? source);
+  throw safetensorsInvalid({ source, problem: message }, field ?? source);
 }
 
 /**
@@ -200,7 +200,7 @@ export function toFloat32(file: SafetensorsFile, info: TensorInfo, allocate: Flo
       return out;
     }
     default:
-      throw new ReftError('invalid_checkpoint', `tensor "${info.name}" has dtype ${info.dtype}, expected F32, F16 or BF16`, info.name);
+      throw safetensorsDtypeUnsupported({ name: info.name, dtype: info.dtype }, info.name);
   }
 }
 

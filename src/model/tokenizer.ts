@@ -2,7 +2,14 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { ReftError, invalidRequest } from '../errors.ts';
+import {
+  chatMessagesRejected,
+  chatTemplateInvalid,
+  chatTemplateMissing,
+  modelFileNotJson,
+  tokenizerInvalid,
+  tokenizerMissing,
+} from '../errors.ts';
 import type { ModelConfig } from './config.ts';
 
 export interface ChatMessage {
@@ -65,7 +72,7 @@ async function readJson(path: string, name: string): Promise<Json | null> {
     if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new Error('not an object');
     return value as Json;
   } catch {
-    throw new ReftError('invalid_model', `${name} is not a valid JSON object`, name);
+    throw modelFileNotJson({ file: name, object: true }, name);
   }
 }
 
@@ -142,11 +149,7 @@ function idList(v: unknown): number[] {
 export async function loadTokenizer(modelDir: string, config: ModelConfig): Promise<TextTokenizer> {
   const tokenizerJson = await readJson(join(modelDir, 'tokenizer.json'), 'tokenizer.json');
   if (!tokenizerJson) {
-    throw new ReftError(
-      'invalid_model',
-      `${modelDir} has no tokenizer.json (only fast-tokenizer checkpoints are supported)`,
-      'tokenizer.json',
-    );
+    throw tokenizerMissing({ dir: modelDir }, 'tokenizer.json');
   }
   const specialMap = (await readJson(join(modelDir, 'special_tokens_map.json'), 'special_tokens_map.json')) ?? {};
   // special_tokens_map.json only fills in what tokenizer_config.json leaves out.
@@ -159,7 +162,7 @@ export async function loadTokenizer(modelDir: string, config: ModelConfig): Prom
     // transformers (>= 4.45) no longer cleans up tokenization spaces unless the config asks for it.
     tok = new Tokenizer(tokenizerJson, { ...tc, clean_up_tokenization_spaces: tc.clean_up_tokenization_spaces === true });
   } catch (e) {
-    throw new ReftError('invalid_model', `tokenizer.json could not be loaded: ${(e as Error).message}`, 'tokenizer.json');
+    throw tokenizerInvalid({ reason: (e as Error).message }, 'tokenizer.json');
   }
   return new HfTextTokenizer(tok, config, tc, generation, pickChatTemplate(templateFile, tc.chat_template));
 }
@@ -229,10 +232,10 @@ class HfTextTokenizer implements TextTokenizer {
 
   encodeChat(messages: ChatMessage[], opts: { addGenerationPrompt?: boolean } = {}): number[] {
     if (!this.hasChatTemplate) {
-      throw invalidRequest('this model has no chat template; send a plain prompt instead of messages', 'messages');
+      throw chatTemplateMissing('messages');
     }
     if (!this.template) {
-      throw new ReftError('invalid_model', `the model's chat template could not be parsed: ${this.templateError}`, 'chat_template');
+      throw chatTemplateInvalid({ reason: String(this.templateError) }, 'chat_template');
     }
     let rendered: string;
     try {
@@ -242,7 +245,7 @@ class HfTextTokenizer implements TextTokenizer {
         add_generation_prompt: opts.addGenerationPrompt ?? false,
       });
     } catch (e) {
-      throw invalidRequest(`the chat template rejected the messages: ${(e as Error).message}`, 'messages');
+      throw chatMessagesRejected({ reason: (e as Error).message }, 'messages');
     }
     // The template already wrote any BOS it wants; adding it again would double it.
     return this.encodeBare(rendered);

@@ -1,4 +1,4 @@
-import { ReftError, type SerializedError } from '../errors.ts';
+import { ReftError, trainingCharsTooMany, type SerializedError } from '../errors.ts';
 import { importPyreft, type PyreftBaseModel, type PyreftImportInput, type PyreftImportResult } from '../interventions/pyreft/index.ts';
 import { parseInlineRows, parseJsonl, tokenizeTrainingRows, type ParsedRows } from '../jobs/data.ts';
 import { loadModelConfig } from '../model/load.ts';
@@ -58,12 +58,7 @@ async function run(task: Task): Promise<unknown> {
       const parsed: ParsedRows =
         'jsonl' in task.data ? parseJsonl(task.data.jsonl, task.data.field, task.maxRows) : parseInlineRows(task.data.rows);
       const chars = trainingChars(parsed.rows);
-      if (chars > task.maxChars)
-        throw new ReftError(
-          'payload_too_large',
-          `${field}: the rows hold ${chars} characters, over the training data limit of ${task.maxChars}`,
-          field,
-        );
+      if (chars > task.maxChars) throw trainingCharsTooMany({ field, chars, limit: task.maxChars }, field);
       const examples = tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
       return { rows: examples.length, longestTokens: examples.reduce((n, e) => Math.max(n, e.tokens.length), 0) };
     }

@@ -12,6 +12,7 @@ import { registerProblemHandlers } from './problem.ts';
 import { adminRoutes } from './routes/admin.ts';
 import { generateRoutes } from './routes/generate.ts';
 import { healthRoutes } from './routes/health.ts';
+import { problemRoutes } from './routes/problems.ts';
 import { interventionRoutes } from './routes/interventions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
@@ -25,7 +26,7 @@ import { notReady, type ModelRuntime } from './runtime.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { TenantQueues } from './tenant-queue.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
-import { ReftError } from '../errors.ts';
+import { bodyTooDeep } from '../errors.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 
 /**
@@ -116,7 +117,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   registerProblemHandlers(app);
   app.addHook('preValidation', async (request) => {
     if (request.body !== null && typeof request.body === 'object' && jsonDepth(request.body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
-      throw new ReftError('invalid_request', `the JSON body nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, 'body');
+      throw bodyTooDeep({ limit: MAX_JSON_DEPTH }, 'body');
     }
   });
   registerAuth(app, { store: opts.store, adminKey: opts.adminKey, defaultTenant: opts.defaultTenant });
@@ -141,6 +142,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     },
     opts.metricsKey ?? null,
   );
+  problemRoutes(app);
   generateRoutes(app, service);
   openaiRoutes(app, service, opts.store);
   tokenizeRoutes(app, service, opts.store);

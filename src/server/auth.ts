@@ -1,6 +1,6 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { ReftError } from '../errors.ts';
+import { adminKeyRequired, adminOff, apiKeyInvalid, apiKeyMissing, failedKeysRateLimited, tenantKeyRequired } from '../errors.ts';
 import type { Store, Tenant } from '../storage/store.ts';
 import { LRUCache } from 'lru-cache';
 
@@ -94,38 +94,26 @@ export function registerAuth(app: FastifyInstance, opts: AuthOptions): void {
     // an unknown route is a 404 for everyone, whatever key came with it
     if (level === 'none' || request.is404) return;
     if (!opts.adminKey) {
-      if (level === 'admin')
-        throw new ReftError('not_found', 'tenant administration is off: the server runs single-tenant (set REFT_ADMIN_KEY)');
+      if (level === 'admin') throw adminOff();
       request.tenant = opts.defaultTenant!;
       return;
     }
     const secret = bearer(request);
-    if (!secret) throw new ReftError('unauthorized', 'missing API key: send "Authorization: Bearer <key>"', 'authorization');
+    if (!secret) throw apiKeyMissing('authorization');
     const wait = failed.blockedFor(request.ip);
-    if (wait > 0)
-      throw new ReftError(
-        'rate_limited',
-        `too many failed API keys from this address (limit ${MAX_FAILED_KEYS} a minute)`,
-        'authorization',
-        wait,
-      );
+    if (wait > 0) throw failedKeysRateLimited({ limit: MAX_FAILED_KEYS }, 'authorization', { retryAfterSeconds: wait });
     if (level === 'admin') {
       if (!sameSecret(secret, opts.adminKey)) {
         failed.record(request.ip);
-        throw new ReftError('forbidden', 'this route needs the admin key', 'authorization');
+        throw adminKeyRequired('authorization');
       }
       return;
     }
     const found = await opts.store.findApiKey(hashSecret(secret));
     if (!found) {
-      if (sameSecret(secret, opts.adminKey))
-        throw new ReftError(
-          'forbidden',
-          'this route needs a tenant API key; the admin key only administers tenants (/v1/admin)',
-          'authorization',
-        );
+      if (sameSecret(secret, opts.adminKey)) throw tenantKeyRequired('authorization');
       failed.record(request.ip);
-      throw new ReftError('unauthorized', 'invalid or revoked API key', 'authorization');
+      throw apiKeyInvalid('authorization');
     }
     request.tenant = found.tenant;
     if (!touched.has(found.key.id)) {

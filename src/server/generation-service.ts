@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { ReftError } from '../errors.ts';
+import { promptTooManyChars } from '../errors.ts';
 import { DEFAULT_CHARS_PER_CONTEXT_TOKEN, promptChars } from '../offload/budgets.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
 import type { Tenant } from '../storage/store.ts';
@@ -77,11 +77,7 @@ export class GenerationService {
     const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
     const chars = promptChars(input);
     if (chars > maxChars) {
-      throw new ReftError(
-        'payload_too_large',
-        `the prompt has ${chars} characters, over the prompt limit of ${maxChars}`,
-        'prompt' in prompt ? 'prompt' : 'messages',
-      );
+      throw promptTooManyChars({ chars, limit: maxChars }, 'prompt' in prompt ? 'prompt' : 'messages');
     }
     const { name, field } = intervention;
     const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);

@@ -1,3 +1,5 @@
+import { catalogue } from '../errors.ts';
+
 /**
  * What the route schemas can't say in the OpenAPI document, added after generation: the multipart
  * bodies of the upload routes (so Swagger's "Try it out" can upload), an example per operation,
@@ -63,7 +65,12 @@ const REQUEST_EXAMPLES: Record<string, unknown> = {
 };
 
 /** Parameter examples, so "Try it out" starts from values of the right form. */
-const PARAMETER_EXAMPLES: Record<string, unknown> = { file: 'reft_config.json', limit: 20, model: 'stories260k' };
+const PARAMETER_EXAMPLES: Record<string, unknown> = {
+  file: 'reft_config.json',
+  limit: 20,
+  model: 'stories260k',
+  code: 'intervention_not_found',
+};
 const HEX = '0123456789abcdef01234567';
 /** An `id` example per collection, in the form the store makes them (prefix + 24 hex). */
 const ID_EXAMPLES: Array<[string, string]> = [
@@ -124,7 +131,7 @@ export function completeOpenapi(doc: Json, openRoutes: ReadonlySet<string>): Jso
         if (!response.description || response.description === 'Default Response') response.description = DESCRIPTIONS[status] ?? 'Response';
         const isError = status.startsWith('4') || status.startsWith('5');
         if (isError && response.content?.['application/json'] && !isOpenAIRoute(path)) {
-          response.content = { 'application/problem+json': response.content['application/json'] };
+          response.content = { 'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } } };
         }
         if (STREAMING.has(key) && /^2/.test(status)) {
           response.content = {
@@ -137,5 +144,31 @@ export function completeOpenapi(doc: Json, openRoutes: ReadonlySet<string>): Jso
       }
     }
   }
+  doc.components = { ...doc.components, schemas: { ...doc.components?.schemas, Problem: problemComponent() } };
   return doc;
+}
+
+/** RFC 9457 problem details, with every code the catalogue declares. */
+function problemComponent(): Json {
+  const entries = catalogue();
+  const categories = [...new Set(entries.map((e) => e.category))];
+  return {
+    type: 'object',
+    description: 'RFC 9457 problem details; `code` is the specific error (GET /problems/{code} describes it)',
+    required: ['type', 'title', 'status', 'detail', 'code', 'category'],
+    properties: {
+      type: {
+        type: 'string',
+        description: "the catalogue entry's page, relative to the server",
+        example: '/problems/intervention_not_found',
+      },
+      title: { type: 'string', description: "the entry's summary, the same for every occurrence" },
+      status: { type: 'integer' },
+      detail: { type: 'string', description: 'what went wrong this time' },
+      code: { type: 'string', enum: entries.map((e) => e.code), description: 'the specific error' },
+      category: { type: 'string', enum: categories, description: 'its general kind, which the status follows' },
+      field: { type: 'string', description: 'the input at fault (a JSON path, a part, a header)' },
+      instance: { type: 'string', description: 'the request path' },
+    },
+  };
 }

@@ -1,6 +1,18 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
-import { ReftError, type ErrorCode } from '../errors.ts';
+import {
+  ReftError,
+  bodyEmpty,
+  bodyInvalid,
+  bodyNotJson,
+  bodyTooLarge,
+  mediaTypeUnsupported,
+  multipartExpected,
+  requestRefused,
+  routeNotFound,
+  type ErrorCode,
+  type Category,
+} from '../errors.ts';
 import { openaiErrorOf } from './openai-error.ts';
 
 /**
@@ -10,37 +22,29 @@ import { openaiErrorOf } from './openai-error.ts';
  * errors in OpenAI's shape.
  */
 export interface Problem {
+  /** The catalogue entry's page: GET /problems/{code}, relative to this server (RFC 9457 §3.1.1). */
   type: string;
+  /** The entry's short summary, the same for every occurrence. */
   title: string;
   status: number;
   detail: string;
+  /** The specific error (the catalogue's code): what clients and tests key on. */
   code: ErrorCode;
+  /** Its general kind (invalid_request, not_found, …), which the status and the OpenAI `type` follow. */
+  category: Category;
   field?: string;
   instance?: string;
 }
 
-const TITLES: Record<number, string> = {
-  400: 'Bad Request',
-  401: 'Unauthorized',
-  403: 'Forbidden',
-  404: 'Not Found',
-  405: 'Method Not Allowed',
-  409: 'Conflict',
-  413: 'Content Too Large',
-  415: 'Unsupported Media Type',
-  429: 'Too Many Requests',
-  500: 'Internal Server Error',
-  503: 'Service Unavailable',
-};
-
 export function problemOf(err: ReftError, instance?: string): Problem {
   return {
-    type: `https://reft-server.dev/problems/${err.code.replaceAll('_', '-')}`,
-    title: TITLES[err.status] ?? 'Error',
+    type: err.type,
+    title: err.title,
     status: err.status,
     // an internal error's own words may be an engine's or a driver's: never sent (see publicError)
-    detail: err.code === 'internal' && !err.message.startsWith('internal server error') ? 'internal server error' : err.message,
+    detail: err.category === 'internal' && !err.message.startsWith('internal server error') ? 'internal server error' : err.message,
     code: err.code,
+    category: err.category,
     ...(err.field ? { field: err.field } : {}),
     ...(instance ? { instance } : {}),
   };
@@ -65,7 +69,7 @@ export function toReftError(err: unknown): ReftError {
     const unknownKey = issue.keyword === 'unrecognized_keys' ? params?.keys?.[0] : undefined;
     const field = [path, unknownKey].filter(Boolean).join('.') || where;
     const message = unknownKey ? `unknown field "${unknownKey}"` : (issue.message ?? 'is invalid');
-    return new ReftError('invalid_request', `${where === 'body' ? '' : `${where} `}${field}: ${message}`, field);
+    return bodyInvalid({ where: where === 'body' ? '' : `${where} `, field, problem: message }, field);
   }
   switch (e.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
@@ -73,21 +77,21 @@ export function toReftError(err: unknown): ReftError {
     case 'FST_PARTS_LIMIT':
     case 'FST_FILES_LIMIT':
     case 'FST_FIELDS_LIMIT':
-      return new ReftError('payload_too_large', `request body too large: ${e.message}`);
+      return bodyTooLarge({ reason: e.message });
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return new ReftError('unsupported_media_type', e.message, 'content-type');
+      return mediaTypeUnsupported({ reason: e.message }, 'content-type');
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
-      return new ReftError('invalid_request', 'the JSON body is empty', 'body');
+      return bodyEmpty('body');
     case 'FST_INVALID_MULTIPART_CONTENT_TYPE':
-      return new ReftError('invalid_request', 'expected a multipart/form-data body', 'content-type');
+      return multipartExpected('content-type');
   }
   if (e instanceof SyntaxError || e.code === 'FST_ERR_CTP_INVALID_JSON_BODY') {
-    return new ReftError('invalid_request', `the body is not valid JSON: ${e.message}`, 'body');
+    return bodyNotJson({ reason: e.message }, 'body');
   }
   if (e.statusCode === 404) return new ReftError('not_found', e.message);
-  if (e.statusCode === 413) return new ReftError('payload_too_large', e.message);
-  if (e.statusCode === 415) return new ReftError('unsupported_media_type', e.message);
-  if (e.statusCode && e.statusCode >= 400 && e.statusCode < 500) return new ReftError('invalid_request', e.message);
+  if (e.statusCode === 413) return bodyTooLarge({ reason: e.message });
+  if (e.statusCode === 415) return mediaTypeUnsupported({ reason: e.message });
+  if (e.statusCode && e.statusCode >= 400 && e.statusCode < 500) return requestRefused({ reason: e.message });
   return new ReftError('internal', 'internal server error');
 }
 
@@ -101,13 +105,13 @@ const INTERNALS = /\b\d{1,3}(\.\d{1,3}){3}\b|\[[0-9a-f:]+\]|:\d{2,5}\b|(^|[\s"'(
  */
 export function publicError(problem: ReftError, requestId: string): ReftError {
   if (problem.status < 500) return problem;
-  if (problem.code !== 'internal' && !INTERNALS.test(problem.message)) {
+  if (problem.category !== 'internal' && !INTERNALS.test(problem.message)) {
     return new ReftError(problem.code, `${problem.message} (request ${requestId})`, problem.field, problem.retryAfterSeconds);
   }
   const what =
-    problem.code === 'internal'
+    problem.category === 'internal'
       ? 'internal server error'
-      : problem.code === 'unavailable'
+      : problem.category === 'unavailable'
         ? 'a service this server depends on is unavailable'
         : 'the server cannot take this request now';
   return new ReftError(
@@ -123,11 +127,11 @@ export function registerProblemHandlers(app: FastifyInstance): void {
     const problem = toReftError(err);
     if (problem.status >= 500) {
       const cause = err instanceof Error && err.cause instanceof Error ? err.cause.message : undefined;
-      request.log.error({ err, cause, code: problem.code }, 'request failed');
+      request.log.error({ err, cause, code: problem.code, category: problem.category }, 'request failed');
     } else request.log.info({ code: problem.code, field: problem.field }, problem.message);
     return sendProblem(reply, publicError(problem, request.id), request.url);
   });
   app.setNotFoundHandler((request, reply) =>
-    sendProblem(reply, new ReftError('not_found', `no route ${request.method} ${request.url.split('?')[0]}`), request.url),
+    sendProblem(reply, routeNotFound({ method: request.method, path: request.url.split('?')[0] }), request.url),
   );
 }

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { invalidRequest } from '../errors.ts';
+import { promptEmpty, promptInputAmbiguous, tokenOutOfVocabulary } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
 import { checkPromptFits, type GenerationRequest } from '../engine/generation.ts';
@@ -48,12 +48,7 @@ export type PromptInput = { prompt: string } | { messages: ChatMessage[] } | { i
 export function promptInput(o: { prompt?: string; messages?: ChatMessage[]; input_ids?: number[] }): PromptInput {
   const given = (['prompt', 'messages', 'input_ids'] as const).filter((k) => o[k] !== undefined);
   if (given.length !== 1) {
-    throw invalidRequest(
-      given.length
-        ? `give only one of prompt, messages, input_ids (got ${given.join(', ')})`
-        : 'one of prompt, messages or input_ids is required',
-      given[1] ?? 'prompt',
-    );
+    throw promptInputAmbiguous({ given }, given[1] ?? 'prompt');
   }
   const k = given[0];
   return k === 'prompt' ? { prompt: o.prompt! } : k === 'messages' ? { messages: o.messages! } : { input_ids: o.input_ids! };
@@ -64,7 +59,7 @@ export function tokenize(input: PromptInput, tokenizer: TextTokenizer): number[]
   if ('messages' in input) return tokenizer.encodeChat(input.messages, { addGenerationPrompt: true });
   for (const [i, id] of input.input_ids.entries()) {
     if (id >= tokenizer.vocabSize)
-      throw invalidRequest(`input_ids.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `input_ids.${i}`);
+      throw tokenOutOfVocabulary({ field: `input_ids.${i}`, id, vocabSize: tokenizer.vocabSize }, `input_ids.${i}`);
   }
   return input.input_ids;
 }
@@ -83,7 +78,7 @@ export function toGenerationRequest(
   interventions: readonly LowRankIntervention[],
   contextLength: number,
 ): GenerationRequest {
-  if (tokens.length === 0) throw invalidRequest('the prompt encodes to no tokens', 'prompt');
+  if (tokens.length === 0) throw promptEmpty({ encodes: true }, 'prompt');
   checkPromptFits(tokens.length, contextLength);
   return {
     tokens,

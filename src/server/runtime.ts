@@ -1,6 +1,6 @@
 import type { Placement } from '../engine/device.ts';
 import type { EngineClient } from '../engine/engine-client.ts';
-import { ReftError } from '../errors.ts';
+import { ReftError, modelLoading } from '../errors.ts';
 import type { InterventionCache } from '../interventions/cache.ts';
 import type { ModelConfig } from '../model/config.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
@@ -29,5 +29,5 @@ export interface ModelRuntime {
 }
 
 export function notReady(): ReftError {
-  return new ReftError('unavailable', 'the model is still loading', undefined, 2);
+  return modelLoading(undefined, { retryAfterSeconds: 2 });
 }

@@ -8,7 +8,7 @@ import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { WeightFormat } from '../quant/formats.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
-import { ReftError } from '../errors.ts';
+import { ReftError, adminKeyTooShort, listenWithoutKeys } from '../errors.ts';
 import { parseArtifact } from '../interventions/artifact.ts';
 import { InterventionCache } from '../interventions/cache.ts';
 import { readArtifactFiles } from '../interventions/directory.ts';
@@ -75,18 +75,10 @@ export const MIN_ADMIN_KEY_CHARS = 32;
 
 export async function startServer(s: ServeSettings): Promise<RunningServer> {
   if (s.adminKey && s.adminKey.length < MIN_ADMIN_KEY_CHARS) {
-    throw new ReftError(
-      'invalid_request',
-      `REFT_ADMIN_KEY has ${s.adminKey.length} characters; use at least ${MIN_ADMIN_KEY_CHARS} (e.g. openssl rand -hex 32)`,
-      'REFT_ADMIN_KEY',
-    );
+    throw adminKeyTooShort({ length: s.adminKey.length, min: MIN_ADMIN_KEY_CHARS }, 'REFT_ADMIN_KEY');
   }
   if (!s.adminKey && !LOOPBACK.has(s.host)) {
-    throw new ReftError(
-      'invalid_request',
-      `refusing to listen on ${s.host} without API keys: set REFT_ADMIN_KEY to run multi-tenant, or bind to 127.0.0.1`,
-      'host',
-    );
+    throw listenWithoutKeys({ host: s.host }, 'host');
   }
   // The model's folder first (downloading it if needed): a model that can't be had stops the
   // server before it listens, opens the store or creates anything.
@@ -218,7 +210,9 @@ async function ensureDefaultTenant(store: Store): Promise<Tenant> {
   const existing = await oldest();
   if (existing) return existing;
   // Names are unique: a server that lost the race finds the winner's.
-  await store.createTenant(DEFAULT_TENANT_NAME).catch((e) => (e instanceof ReftError && e.code === 'conflict' ? null : Promise.reject(e)));
+  await store
+    .createTenant(DEFAULT_TENANT_NAME)
+    .catch((e) => (e instanceof ReftError && e.category === 'conflict' ? null : Promise.reject(e)));
   return (await oldest())!;
 }
 

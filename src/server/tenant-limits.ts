@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { ReftError, tenantConcurrencyLimited } from '../errors.ts';
 
 /**
  * Per-tenant bounds a shared server enforces: generations over the concurrency limit wait in the
@@ -25,6 +25,7 @@ export const DEFAULT_TENANT_LIMITS: TenantLimits = {
   maxActiveJobs: 20,
 };
 
+/** The generic quota error, kept for code written before the catalogue (use a quota* entry). */
 export const quotaExceeded = (message: string, field: string) => new ReftError('quota_exceeded', message, field);
 
 /** Counts a tenant's generations in flight on this server process. */
@@ -39,7 +40,7 @@ export class ConcurrencyLimiter {
   acquire(tenantId: string): () => void {
     const n = this.active.get(tenantId) ?? 0;
     if (n >= this.max) {
-      throw new ReftError('rate_limited', `too many ${this.what} for this tenant (limit ${this.max})`, undefined, 1);
+      throw tenantConcurrencyLimited({ what: this.what, limit: this.max }, undefined, { retryAfterSeconds: 1 });
     }
     this.active.set(tenantId, n + 1);
     let released = false;

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides, type PoolConfig } from 'pg';
-import { ReftError } from '../errors.ts';
+import { ReftError, databaseUnavailable } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
 import { migrate, migrations, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
@@ -85,7 +85,8 @@ function isUnavailable(e: unknown): boolean {
 /** The error a caller sees: an unreachable database is 'unavailable', its driver's words (hosts, ports) kept for the log only. */
 function toStoreError(e: unknown): unknown {
   if (e instanceof ReftError || !isUnavailable(e)) return e;
-  return Object.assign(new ReftError('unavailable', 'the database is unavailable', undefined, RETRY_AFTER_SECONDS), { cause: e });
+  // the driver's words name hosts and ports: they go to the log as the cause, not to clients
+  return databaseUnavailable(undefined, { retryAfterSeconds: RETRY_AFTER_SECONDS, cause: e });
 }
 
 /** Kysely's driver, translating errors where they happen; a deadlock goes on to the store, which runs its transaction again. */

@@ -1,5 +1,5 @@
 import { sql } from 'kysely';
-import { ReftError, invalidRequest } from '../errors.ts';
+import { cursorUnknown, storedFileMissing } from '../errors.ts';
 import type { AnySelect, Blobs } from './dialect.ts';
 import type { Kysely } from 'kysely';
 import type { Tables } from './schema.ts';
@@ -33,7 +33,7 @@ export async function pageOf<T>(
   let rows = from.select(cols);
   if (req.after !== undefined) {
     const cursor = await from.select('seq').where('id', '=', req.after).executeTakeFirst();
-    if (!cursor) throw invalidRequest(`unknown cursor "${req.after}"`, 'after');
+    if (!cursor) throw cursorUnknown({ cursor: req.after }, 'after');
     rows = rows.where('seq', desc ? '<' : '>', cursor.seq);
   }
   const found = await rows
@@ -63,7 +63,7 @@ export async function readBlobs(
     seen?.(row);
     const data = await blobs.read(columns.map((c) => row[c]));
     if (data) return data;
-    if (attempt >= BLOB_READ_RETRIES) throw new ReftError('internal', `a stored file is missing from ${blobs.where}`);
+    if (attempt >= BLOB_READ_RETRIES) throw storedFileMissing({ where: blobs.where });
   }
 }
 

@@ -1,6 +1,15 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
-import { ReftError, noSuch, notFound } from '../errors.ts';
+import {
+  ReftError,
+  apiKeyTaken,
+  interventionNameTaken,
+  interventionNotFound,
+  interventionReplaceMissing,
+  jobNotFound,
+  tenantNameTaken,
+  tenantNotFound,
+} from '../errors.ts';
 import type { BlobKind, Dialect, StagedBlobs } from './dialect.ts';
 import { blobsOf, clampLimit, countJobs, countStored, orNull, pageOf, readBlobs, same } from './rows.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
@@ -21,9 +30,9 @@ const TRANSACTION_ATTEMPTS = 3;
 const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
 const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
 
-const noTenant = (tenantId: string | null) => noSuch('tenant', String(tenantId), 'tenantId');
-const nameTaken = (name: string) => ({ unique: () => new ReftError('conflict', `a tenant named "${name}" already exists`, 'name') });
-const noneToReplace = (id: string) => notFound(`no intervention "${id}" to replace`, 'id');
+const noTenant = (tenantId: string | null) => tenantNotFound({ id: String(tenantId) }, 'tenantId');
+const nameTaken = (name: string) => ({ unique: () => tenantNameTaken({ name }, 'name') });
+const noneToReplace = (id: string) => interventionReplaceMissing({ id }, 'id');
 
 const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
 
@@ -83,7 +92,7 @@ export class SqlStore implements S.Store {
   async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
     const values = { id: newId('key_'), tenant_id: tenantId, secret_hash: secretHash, prefix, created_at: this.d.now() };
     const insert = this.db.insertInto('api_keys').values(values).returning(COLUMNS.key).executeTakeFirstOrThrow();
-    const taken = () => new ReftError('conflict', 'a key with this secret already exists', 'secretHash');
+    const taken = () => apiKeyTaken('secretHash');
     return this.named(insert, { foreignKey: () => noTenant(tenantId), unique: taken });
   }
 
@@ -148,7 +157,7 @@ export class SqlStore implements S.Store {
       await this.d.notify(tx, 'interventionChanged', id);
       return row;
     });
-    const taken = () => new ReftError('conflict', `an intervention named "${iv.name}" already exists`, 'name');
+    const taken = () => interventionNameTaken({ name: iv.name }, 'name');
     const row = await this.named(write, { unique: taken, foreignKey: () => noTenant(iv.tenantId) });
     if (replaceId !== undefined) {
       // Only now, after the commit, are the old files unreferenced.
@@ -338,7 +347,7 @@ export class SqlStore implements S.Store {
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
     const row = await this.tx((tx) => this.addEvent(tx, jobId, type, data));
-    if (!row) throw noSuch('job', jobId, 'jobId');
+    if (!row) throw jobNotFound({ id: jobId }, 'jobId');
     return toEvent(row);
   }
 
@@ -380,7 +389,7 @@ export class SqlStore implements S.Store {
     const error = outcome.status === 'failed' ? outcome.error : null;
     const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
     const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
-    return this.named(write, { foreignKey: () => noSuch('intervention', String(interventionId), 'interventionId') });
+    return this.named(write, { foreignKey: () => interventionNotFound({ id: String(interventionId) }, 'interventionId') });
   }
 
   async countJobs(): Promise<Record<S.JobStatus, number>> {

@@ -1,4 +1,4 @@
-import { invalidRequest } from '../errors.ts';
+import { usageRangeInvalid, usageRecordInvalid } from '../errors.ts';
 import type { UsageRecord } from './store.ts';
 
 /** Usage is kept by UTC day: YYYY-MM-DD. */
@@ -21,13 +21,14 @@ function isUsageDay(day: unknown): day is string {
  * in the same order.
  */
 export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
-  if (!Array.isArray(entries)) throw invalidRequest('usage entries must be an array', 'entries');
+  if (!Array.isArray(entries)) throw usageRecordInvalid({ problem: 'usage entries must be an array' }, 'entries');
   const merged = new Map<string, UsageRecord>();
   entries.forEach((e, i) => {
-    if (typeof e?.tenantId !== 'string' || e.tenantId === '') throw invalidRequest('must be a tenant id', `entries[${i}].tenantId`);
-    if (!isUsageDay(e.day)) throw invalidRequest('must be a date YYYY-MM-DD', `entries[${i}].day`);
+    if (typeof e?.tenantId !== 'string' || e.tenantId === '')
+      throw usageRecordInvalid({ problem: 'must be a tenant id' }, `entries[${i}].tenantId`);
+    if (!isUsageDay(e.day)) throw usageRecordInvalid({ problem: 'must be a date YYYY-MM-DD' }, `entries[${i}].day`);
     const bad = USAGE_COUNTERS.find((k) => !Number.isSafeInteger(e[k]) || e[k] < 0);
-    if (bad) throw invalidRequest('must be a non-negative integer', `entries[${i}].${bad}`);
+    if (bad) throw usageRecordInvalid({ problem: 'must be a non-negative integer' }, `entries[${i}].${bad}`);
     if (USAGE_COUNTERS.every((k) => e[k] === 0)) return;
     const key = `${e.tenantId}\u0000${e.day}`;
     const row = merged.get(key);
@@ -39,6 +40,6 @@ export function usageBatch(entries: readonly UsageRecord[]): UsageRecord[] {
 
 /** Checks a `getUsage` range: each end a YYYY-MM-DD date (invalid_request on "from" / "to"). */
 export function checkUsageRange(from: string, to: string): void {
-  if (!isUsageDay(from)) throw invalidRequest('must be a date YYYY-MM-DD', 'from');
-  if (!isUsageDay(to)) throw invalidRequest('must be a date YYYY-MM-DD', 'to');
+  if (!isUsageDay(from)) throw usageRangeInvalid({ problem: 'must be a date YYYY-MM-DD' }, 'from');
+  if (!isUsageDay(to)) throw usageRangeInvalid({ problem: 'must be a date YYYY-MM-DD' }, 'to');
 }

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { invalidRequest } from '../errors.ts';
+import { checkpointInvalid } from '../errors.ts';
 import { KIND_TENSORS, type InterventionSpec } from '../interventions/artifact.ts';
 import { encodeSafetensors, parseSafetensors, toFloat32 } from '../model/safetensors.ts';
 import type { TrainingExample } from './batch.ts';
@@ -55,11 +55,11 @@ export function encodeCheckpoint(c: TrainingCheckpoint): Uint8Array {
 export function decodeCheckpoint(bytes: Uint8Array): TrainingCheckpoint {
   const file = parseSafetensors(bytes, 'training checkpoint');
   const meta = file.header.metadata?.[META_KEY];
-  if (!meta) throw invalidRequest('not a training checkpoint (no reft_training_checkpoint metadata)', 'checkpoint');
+  if (!meta) throw checkpointInvalid({ problem: 'not a training checkpoint (no reft_training_checkpoint metadata)' }, 'checkpoint');
   const rest = JSON.parse(meta) as Omit<TrainingCheckpoint, 'params' | 'moments'>;
   const read = (name: string): Float32Array => {
     const info = file.header.tensors.get(name);
-    if (!info) throw invalidRequest(`training checkpoint is missing tensor ${name}`, 'checkpoint');
+    if (!info) throw checkpointInvalid({ problem: `training checkpoint is missing tensor ${name}` }, 'checkpoint');
     return toFloat32(file, info);
   };
   const params: KindTensors[] = [];

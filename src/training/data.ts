@@ -1,4 +1,4 @@
-import { invalidRequest } from '../errors.ts';
+import { trainingDataEmpty, trainingPromptTooLong, trainingRowInvalid } from '../errors.ts';
 import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
 import type { TrainingExample } from './batch.ts';
 
@@ -17,14 +17,14 @@ import type { TrainingExample } from './batch.ts';
 export type TrainingRow = { prompt: string; completion: string } | { messages: ChatMessage[] };
 
 export function tokenizeRows(rows: readonly TrainingRow[], tokenizer: TextTokenizer, maxLength: number): TrainingExample[] {
-  if (rows.length === 0) throw invalidRequest('training data has no rows', 'data');
+  if (rows.length === 0) throw trainingDataEmpty({ what: 'training data' }, 'data');
   const eos = tokenizer.eosTokenIds[0];
   return rows.map((row, i) => {
     const field = `data.${i}`;
     const example = 'messages' in row ? chatExample(row.messages, tokenizer, eos, field) : completionExample(row, tokenizer, eos, field);
-    if (example.promptLength === 0) throw invalidRequest(`${field}: the prompt has no tokens`, field);
+    if (example.promptLength === 0) throw trainingRowInvalid({ at: field, problem: 'the prompt has no tokens' }, field);
     if (example.promptLength >= maxLength)
-      throw invalidRequest(`${field}: the prompt has ${example.promptLength} tokens; the model's context is ${maxLength}`, field);
+      throw trainingPromptTooLong({ at: field, tokens: example.promptLength, context: maxLength }, field);
     // the completion is cut to the context, keeping at least one scored token
     return example.tokens.length > maxLength ? { ...example, tokens: example.tokens.slice(0, maxLength) } : example;
   });
@@ -37,30 +37,35 @@ function completionExample(
   field: string,
 ): TrainingExample {
   if (typeof row.prompt !== 'string' || typeof row.completion !== 'string') {
-    throw invalidRequest(`${field}: a row is {prompt, completion} with strings, or {messages}`, field);
+    throw trainingRowInvalid({ at: field, problem: 'a row is {prompt, completion} with strings, or {messages}' }, field);
   }
   const promptLength = tokenizer.encode(row.prompt).length;
   const tokens = tokenizer.encode(row.prompt + row.completion);
   if (eos !== undefined) tokens.push(eos);
-  if (tokens.length <= promptLength) throw invalidRequest(`${field}: the completion has no tokens`, `${field}.completion`);
+  if (tokens.length <= promptLength)
+    throw trainingRowInvalid({ at: field, problem: 'the completion has no tokens' }, `${field}.completion`);
   return { tokens, promptLength };
 }
 
 function chatExample(messages: ChatMessage[], tokenizer: TextTokenizer, eos: number | undefined, field: string): TrainingExample {
   if (!Array.isArray(messages) || messages.length < 2)
-    throw invalidRequest(`${field}.messages: needs a prompt and a final assistant message`, `${field}.messages`);
+    throw trainingRowInvalid({ at: `${field}.messages`, problem: 'needs a prompt and a final assistant message' }, `${field}.messages`);
   if (messages.at(-1)!.role !== 'assistant')
-    throw invalidRequest(`${field}.messages: the last message must be the assistant's (it is what is learned)`, `${field}.messages`);
+    throw trainingRowInvalid(
+      { at: `${field}.messages`, problem: "the last message must be the assistant's (it is what is learned)" },
+      `${field}.messages`,
+    );
   const prompt = tokenizer.encodeChat(messages.slice(0, -1), { addGenerationPrompt: true });
   const tokens = tokenizer.encodeChat(messages);
   if (!prompt.every((t, k) => tokens[k] === t)) {
-    throw invalidRequest(
-      `${field}.messages: the chat template does not render the conversation as its prompt followed by the last turn`,
+    throw trainingRowInvalid(
+      { at: `${field}.messages`, problem: 'the chat template does not render the conversation as its prompt followed by the last turn' },
       `${field}.messages`,
     );
   }
   const completion = tokens.slice(prompt.length);
   if (eos !== undefined && !completion.some((t) => tokenizer.eosTokenIds.includes(t))) tokens.push(eos);
-  if (tokens.length <= prompt.length) throw invalidRequest(`${field}.messages: the last message has no tokens`, `${field}.messages`);
+  if (tokens.length <= prompt.length)
+    throw trainingRowInvalid({ at: `${field}.messages`, problem: 'the last message has no tokens' }, `${field}.messages`);
   return { tokens, promptLength: prompt.length };
 }

@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { trainingMemoryExceeded } from '../errors.ts';
 import type { ModelConfig } from '../model/config.ts';
 
 /**
@@ -49,12 +49,7 @@ export function rowsThatFit(config: Shape, seq: number, budget: number): number 
 export function checkRowFits(config: Shape, longest: number, budget: number, field = 'data'): void {
   if (rowsThatFit(config, longest, budget) >= 1) return;
   const need = stepBytes(config, 1, longest);
-  throw new ReftError(
-    'payload_too_large',
-    `${field}: a row of ${longest} tokens needs about ${size(need)} to train, over the training memory budget ` +
-      `(--train-memory-budget) of ${size(budget)}`,
-    field,
-  );
+  throw trainingMemoryExceeded({ field, tokens: longest, need: size(need), budget: size(budget) }, field);
 }
 
 /**

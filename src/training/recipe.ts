@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { invalidRequest, firstIssue } from '../errors.ts';
+import { firstIssue, recipeInvalid, recipeLayerOutOfRange, recipeRankTooLarge } from '../errors.ts';
 import { INTERVENTION_KINDS, type InterventionSpec } from '../interventions/artifact.ts';
 import { parsePositions } from '../interventions/positions.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -60,18 +60,17 @@ export function parseRecipe(input: unknown, config: ModelConfig): Recipe {
   const parsed = recipeSchema.safeParse(input ?? {});
   if (!parsed.success) {
     const { field, message } = firstIssue(parsed.error, ['recipe']);
-    throw invalidRequest(`${field}: ${message}`, field);
+    throw recipeInvalid({ field, problem: message }, field);
   }
   const recipe = parsed.data;
   parsePositions(recipe.positions, 'recipe.positions');
   if (recipe.layers !== 'all') {
     for (const l of recipe.layers) {
-      if (l >= config.numLayers)
-        throw invalidRequest(`recipe.layers: layer ${l} is out of range (the model has ${config.numLayers} layers)`, 'recipe.layers');
+      if (l >= config.numLayers) throw recipeLayerOutOfRange({ layer: l, layers: config.numLayers }, 'recipe.layers');
     }
   }
   if (hasRotation(recipe.kind) && recipe.rank > config.hiddenSize) {
-    throw invalidRequest(`recipe.rank ${recipe.rank} exceeds the hidden size ${config.hiddenSize}`, 'recipe.rank');
+    throw recipeRankTooLarge({ rank: recipe.rank, hiddenSize: config.hiddenSize }, 'recipe.rank');
   }
   return recipe;
 }

@@ -1,4 +1,4 @@
-import { invalidRequest } from '../errors.ts';
+import { checkpointMismatch, trainingDataEmpty, trainingRowInvalid } from '../errors.ts';
 import { KIND_TENSORS, lowRank, type InterventionSpec, type LowRankIntervention } from '../interventions/artifact.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
@@ -278,10 +278,11 @@ export class Trainer {
 
   private restore(c: TrainingCheckpoint): void {
     if (JSON.stringify(c.recipe) !== JSON.stringify(this.recipe))
-      throw invalidRequest('the checkpoint was taken with a different recipe', 'resume_from');
-    if (c.dataFingerprint !== this.fingerprint) throw invalidRequest('the checkpoint was taken on different training data', 'resume_from');
+      throw checkpointMismatch({ problem: 'was taken with a different recipe' }, 'resume_from');
+    if (c.dataFingerprint !== this.fingerprint)
+      throw checkpointMismatch({ problem: 'was taken on different training data' }, 'resume_from');
     if (c.totalSteps !== this.totalSteps || c.step > this.totalSteps)
-      throw invalidRequest('the checkpoint does not belong to this job', 'resume_from');
+      throw checkpointMismatch({ problem: 'does not belong to this job' }, 'resume_from');
     this.stepsDone = c.step;
     this.dropoutRng = Rng.fromState(c.rngState);
     this.epochOrder = { epoch: c.epoch, order: [...c.order] };
@@ -296,15 +297,18 @@ export class Trainer {
 }
 
 function checkExamples(examples: readonly TrainingExample[], config: ModelConfig): void {
-  if (examples.length === 0) throw invalidRequest('training data has no rows', 'data');
+  if (examples.length === 0) throw trainingDataEmpty({ what: 'training data' }, 'data');
   examples.forEach((e, i) => {
     const field = `data.${i}`;
     if (!(e.promptLength >= 1 && e.promptLength < e.tokens.length))
-      throw invalidRequest(`${field}: needs at least one prompt and one completion token`, field);
+      throw trainingRowInvalid({ at: field, problem: 'needs at least one prompt and one completion token' }, field);
     if (e.tokens.length > config.maxPositions)
-      throw invalidRequest(`${field}: ${e.tokens.length} tokens exceed the model's context of ${config.maxPositions}`, field);
+      throw trainingRowInvalid(
+        { at: field, problem: `${e.tokens.length} tokens exceed the model's context of ${config.maxPositions}` },
+        field,
+      );
     if (!e.tokens.every((t) => Number.isInteger(t) && t >= 0 && t < config.vocabSize))
-      throw invalidRequest(`${field}: token ids must be integers below ${config.vocabSize}`, field);
+      throw trainingRowInvalid({ at: field, problem: `token ids must be integers below ${config.vocabSize}` }, field);
   });
 }
 

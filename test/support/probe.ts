@@ -95,10 +95,10 @@ export async function stillGenerates(api: Api): Promise<void> {
   expect(res.body.token_ids ?? res.body.tokens ?? res.body.text).toBeTruthy();
 }
 
-/** A problem+json answer with this status whose detail matches. */
-export function expectProblem(res: { status: number; body: any; headers: Headers }, status: number, detail: RegExp, field?: string): void {
+/** A problem+json answer with this status carrying the catalogue entry `code`. */
+export function expectProblem(res: { status: number; body: any; headers: Headers }, status: number, code: string, field?: string): void {
   expect(res.status, JSON.stringify(res.body)).toBe(status);
   expect(res.headers.get('content-type')).toContain('application/problem+json');
-  expect(res.body.detail).toMatch(detail);
+  expect(res.body).toMatchObject({ code, type: `/problems/${code}` });
   if (field !== undefined) expect(res.body.field).toBe(field);
 }

@@ -303,9 +303,9 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.revokeApiKey('key_unknown')).toBe(false);
         expect(await store.findApiKey('hash-1')).toBeNull();
 
-        expect((await rejection(store.createApiKey('ten_missing', 'h'))).code).toBe('not_found');
+        expect((await rejection(store.createApiKey('ten_missing', 'h'))).code).toBe('tenant_not_found');
         const reused = await rejection(store.createApiKey(t.id, 'hash-1')); // hashes are unique
-        expect([reused.code, reused.field]).toEqual(['conflict', 'secretHash']);
+        expect([reused.code, reused.field]).toEqual(['api_key_taken', 'secretHash']);
       });
 
       it("lists a tenant's keys with their prefixes and last use; renames tenants, names unique", async () => {
@@ -424,8 +424,8 @@ export function storeContract(backend: StoreBackend): void {
         expect((await store.listInterventions(b.id, { limit: 10 })).data).toEqual([]);
         expect(await store.deleteIntervention(b.id, ofA.id)).toBe(false);
         expect(await store.deleteIntervention(null, ofA.id)).toBe(false);
-        expect((await rejection(store.putIntervention(newIv(b.id, 'secret'), ofA.id))).code).toBe('not_found');
-        expect((await rejection(store.putIntervention(newIv(b.id, 'x'), '../../escape'))).code).toBe('not_found');
+        expect((await rejection(store.putIntervention(newIv(b.id, 'secret'), ofA.id))).code).toBe('intervention_replace_missing');
+        expect((await rejection(store.putIntervention(newIv(b.id, 'x'), '../../escape'))).code).toBe('intervention_replace_missing');
         // b may use the same name for its own.
         const ofB = await store.putIntervention(newIv(b.id, 'secret'));
         expect((await store.findIntervention(b.id, 'secret'))!.id).toBe(ofB.id);
@@ -455,8 +455,8 @@ export function storeContract(backend: StoreBackend): void {
 
         // A tenant can't delete or replace a shared one; only a null (admin) caller can.
         expect(await store.deleteIntervention(a.id, shared.id)).toBe(false);
-        expect((await rejection(store.putIntervention(newIv(a.id, 'common'), shared.id))).code).toBe('not_found');
-        expect((await rejection(store.putIntervention(newIv(null, 'common')))).code).toBe('conflict');
+        expect((await rejection(store.putIntervention(newIv(a.id, 'common'), shared.id))).code).toBe('intervention_replace_missing');
+        expect((await rejection(store.putIntervention(newIv(null, 'common')))).code).toBe('intervention_name_taken');
         expect(await store.deleteIntervention(null, shared.id)).toBe(true);
         expect(await store.findIntervention(b.id, 'common')).toBeNull();
         expect(await store.storedUsage(a.id)).toEqual(storedOnly(1, own.bytes));
@@ -468,7 +468,7 @@ export function storeContract(backend: StoreBackend): void {
         const first = await store.putIntervention(newIv(t.id, 'dup'));
         const before = await fx.blobs();
         const e = await rejection(store.putIntervention(newIv(t.id, 'dup')));
-        expect(e.code).toBe('conflict');
+        expect(e.code).toBe('intervention_name_taken');
         expect(e.field).toBe('name');
         expect(await fx.blobs()).toEqual(before);
         expect((await store.listInterventions(t.id, { limit: 10 })).data.map((m) => m.id)).toEqual([first.id]);
@@ -511,7 +511,7 @@ export function storeContract(backend: StoreBackend): void {
 
         // Replacing into another intervention's name conflicts and keeps v2 whole.
         await store.putIntervention(newIv(t.id, 'other'));
-        expect((await rejection(store.putIntervention(newIv(t.id, 'other'), v1.id))).code).toBe('conflict');
+        expect((await rejection(store.putIntervention(newIv(t.id, 'other'), v1.id))).code).toBe('intervention_name_taken');
         expect((await store.findIntervention(t.id, v1.id))!.version).toBe(2);
         expect(Buffer.from((await store.readInterventionFiles(v1.id))!.weights).equals(Buffer.from(next.files.weights))).toBe(true);
         await fx.expectBlobs(4);
@@ -560,7 +560,7 @@ export function storeContract(backend: StoreBackend): void {
         }
         // Another tenant's id is no cursor for me.
         const ofB = (await store.listInterventions(b.id, { limit: 1 })).data[0].id;
-        expect((await rejection(store.listInterventions(a.id, { limit: 2, after: ofB }))).code).toBe('invalid_request');
+        expect((await rejection(store.listInterventions(a.id, { limit: 2, after: ofB }))).code).toBe('cursor_unknown');
       });
 
       it('reads whole versions when a replace races reads', async () => {
@@ -609,7 +609,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.deleteFile(a.id, f.id)).toBe(false);
         expect(await store.readFile(a.id, f.id)).toBeNull();
         await fx.expectBlobs(4);
-        expect((await rejection(store.putFile('ten_ghost', 'x', 'p', bytes(3)))).code).toBe('not_found');
+        expect((await rejection(store.putFile('ten_ghost', 'x', 'p', bytes(3)))).code).toBe('tenant_not_found');
         await fx.expectBlobs(4);
       });
     });
@@ -644,7 +644,7 @@ export function storeContract(backend: StoreBackend): void {
         const ids = [job.id];
         for (let i = 0; i < 4; i++) ids.push((await store.createJob(a.id, { i })).id);
         expect((await collect((after) => store.listJobs(a.id, { limit: 3, after }))).map((j) => j.id)).toEqual(ids);
-        expect((await rejection(store.createJob('ten_ghost', {}))).code).toBe('not_found');
+        expect((await rejection(store.createJob('ten_ghost', {}))).code).toBe('tenant_not_found');
         await sleep(100);
         expect(woken).toBe(5); // once per job, however the backend also hears about it
       });
@@ -664,7 +664,7 @@ export function storeContract(backend: StoreBackend): void {
         expect((await store.listJobs(a.id, { limit: 10, after: ids[0], order: 'desc' })).data).toEqual([]);
         expect((await store.listJobs(a.id, { limit: 10, order: 'asc' })).data.map((j) => j.id)).toEqual(ids);
         const err = await rejection(store.listJobs(b.id, { limit: 2, after: ids[2], order: 'desc' }));
-        expect([err.code, err.field]).toEqual(['invalid_request', 'after']);
+        expect([err.code, err.field]).toEqual(['cursor_unknown', 'after']);
       });
 
       it('claims oldest first; only the lease holder may renew, report, checkpoint and finish', async () => {
@@ -855,7 +855,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.listJobEvents(j1.id, 8, 10)).toEqual([]);
         expect((await store.listJobEvents(j2.id, 0, 100)).map((e) => e.seq)).toEqual([1, 2, 3, 4, 5, 6]);
 
-        expect((await rejection(store.appendJobEvent('job_missing', 'log', {}))).code).toBe('not_found');
+        expect((await rejection(store.appendJobEvent('job_missing', 'log', {}))).code).toBe('job_not_found');
       });
 
       it('numbers concurrent appends to one job without gaps or duplicates', async () => {
@@ -935,8 +935,8 @@ export function storeContract(backend: StoreBackend): void {
         expect(await requestsIn('2024-03-01', '2024-01-01')).toEqual([]); // from after to
 
         for (const bad of ['2024-02-30', '2024-1-01', 'yesterday', '']) {
-          expect(await rejection(store.getUsage(t.id, bad, '2024-03-01'))).toMatchObject({ code: 'invalid_request', field: 'from' });
-          expect(await rejection(store.getUsage(t.id, '2024-01-01', bad))).toMatchObject({ code: 'invalid_request', field: 'to' });
+          expect(await rejection(store.getUsage(t.id, bad, '2024-03-01'))).toMatchObject({ code: 'usage_range_invalid', field: 'from' });
+          expect(await rejection(store.getUsage(t.id, '2024-01-01', bad))).toMatchObject({ code: 'usage_range_invalid', field: 'to' });
         }
       });
 
@@ -968,7 +968,7 @@ export function storeContract(backend: StoreBackend): void {
           [usageOf(t.id, '2024-05-01', { trainingTokens: 2 ** 53 }), 'entries[1].trainingTokens'],
         ];
         for (const [bad, field] of cases) {
-          expect(await rejection(store.recordUsage([good, bad]))).toMatchObject({ code: 'invalid_request', field });
+          expect(await rejection(store.recordUsage([good, bad]))).toMatchObject({ code: 'usage_record_invalid', field });
         }
         expect(await store.getUsage(t.id, '2024-01-01', '2024-12-31')).toEqual([]);
       });

@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../../errors.ts';
+import { pyreftClassMismatch } from '../../errors.ts';
 import type { InterventionKind } from '../artifact.ts';
 import { orthogonalWeight, transpose, type Matrix } from './orthogonal.ts';
 import type { PyreftClass } from './saved-config.ts';
@@ -174,6 +174,6 @@ class StateDict {
   }
 
   fail(message: string) {
-    return invalidIntervention(`${this.file}: ${message}`, this.file);
+    return pyreftClassMismatch({ file: this.file, problem: message }, this.file);
   }
 }

@@ -1,4 +1,4 @@
-import { invalidIntervention, invalidRequest } from '../../errors.ts';
+import { pyreftDimensionMismatch, pyreftFileMissing, pyreftFileUnexpected, pyreftShareWeightsOdd } from '../../errors.ts';
 import { encodeSafetensors } from '../../model/safetensors.ts';
 import { parseArtifact, type ReftConfig } from '../artifact.ts';
 import { formatPositions, parsePositions } from '../positions.ts';
@@ -54,12 +54,12 @@ export async function importPyreft(input: PyreftImportInput, base: PyreftBaseMod
 function checkFilesMatch(saved: SavedIntervention[], files: Map<string, Uint8Array>): void {
   for (const entry of saved) {
     if (!files.has(entry.file)) {
-      throw invalidIntervention(`config.json.sorted_keys.${entry.index} names ${entry.file}, which is missing`, entry.file);
+      throw pyreftFileMissing({ what: `config.json.sorted_keys.${entry.index} names ${entry.file}, which is missing` }, entry.file);
     }
   }
   const named = new Set(saved.map((s) => s.file));
   for (const name of files.keys()) {
-    if (!named.has(name)) throw invalidIntervention(`${name} is not named by config.json's sorted_keys`, name);
+    if (!named.has(name)) throw pyreftFileUnexpected({ file: name }, name);
   }
 }
 
@@ -71,7 +71,7 @@ function assignPositions(count: number, spec: string, shareWeights: boolean): st
   const p = parsePositions(spec, 'positions');
   if (shareWeights || !(p.first && p.last)) return new Array<string>(count).fill(formatPositions(p));
   if (count % 2 !== 0) {
-    throw invalidRequest(`share_weights=false with "${spec}" needs an even number of interventions (first half f${p.first}, second half l${p.last}); config.json has ${count}`, 'share_weights');
+    throw pyreftShareWeightsOdd({ spec, first: p.first, last: p.last, count }, 'share_weights');
   }
   const half = count / 2;
   return [...new Array<string>(half).fill(`f${p.first}`), ...new Array<string>(half).fill(`l${p.last}`)];
@@ -91,11 +91,13 @@ export function stateDictElementLimit(d: number): number {
 
 async function convertOne(entry: SavedIntervention, bytes: Uint8Array, d: number): Promise<ConvertedIntervention> {
   if (entry.dimension !== d) {
-    throw invalidIntervention(`config.json.intervention_dimensions.${entry.index} is ${entry.dimension} but the model's hidden size is ${d}`, `config.json.intervention_dimensions.${entry.index}`);
+    const field = `config.json.intervention_dimensions.${entry.index}`;
+    throw pyreftDimensionMismatch({ field, problem: `is ${entry.dimension} but the model's hidden size is ${d}` }, field);
   }
   const out = convertStateDict(entry.pyreftClass, await readStateDict(bytes, entry.file, stateDictElementLimit(d)), d, entry.file);
   if (entry.lowRankDimension !== null && entry.lowRankDimension !== out.rank) {
-    throw invalidIntervention(`config.json.representations.${entry.index}.low_rank_dimension is ${entry.lowRankDimension} but ${entry.file} holds rank ${out.rank}`, `config.json.representations.${entry.index}.low_rank_dimension`);
+    const field = `config.json.representations.${entry.index}.low_rank_dimension`;
+    throw pyreftDimensionMismatch({ field, problem: `is ${entry.lowRankDimension} but ${entry.file} holds rank ${out.rank}` }, field);
   }
   return out;
 }

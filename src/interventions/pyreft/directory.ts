@@ -1,6 +1,6 @@
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { invalidIntervention } from '../../errors.ts';
+import { pyreftFileMissing, pyreftFileTooLarge } from '../../errors.ts';
 import { importPyreft, type PyreftBaseModel, type PyreftImportInput, type PyreftImportResult } from './convert.ts';
 import { savedFileNames } from './saved-config.ts';
 
@@ -27,9 +27,9 @@ async function readLimited(dir: string, name: string, missing: string): Promise<
   try {
     size = (await stat(path)).size;
   } catch (e) {
-    if ((e as NodeJS.ErrnoException | null)?.code === 'ENOENT') throw invalidIntervention(missing, name);
+    if ((e as NodeJS.ErrnoException | null)?.code === 'ENOENT') throw pyreftFileMissing({ what: missing }, name);
     throw e;
   }
-  if (size > MAX_FILE_BYTES) throw invalidIntervention(`${name} is ${size} bytes (at most ${MAX_FILE_BYTES})`, name);
+  if (size > MAX_FILE_BYTES) throw pyreftFileTooLarge({ file: name, bytes: size, limit: MAX_FILE_BYTES }, name);
   return new Uint8Array(await readFile(path));
 }

@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../../errors.ts';
+import { pyreftPickleRefused, pyreftPickleTooLarge } from '../../errors.ts';
 import { STORAGE_DTYPES, makeStorage, rebuildTensor, type TorchStorage, type TorchTensor } from './tensor.ts';
 
 /**
@@ -88,7 +88,7 @@ export interface PickleSource {
 /** Reads a state-dict pickle to its value. Throws a ReftError on anything outside the allowlist. */
 export function readPickle(bytes: Uint8Array, source: PickleSource): PickleValue {
   if (bytes.byteLength > PICKLE_LIMITS.maxBytes) {
-    throw invalidIntervention(`${source.file}: data.pkl is ${bytes.byteLength} bytes, over the pickle limit of ${PICKLE_LIMITS.maxBytes} bytes`, source.file);
+    throw pyreftPickleTooLarge({ file: source.file, bytes: bytes.byteLength, limit: PICKLE_LIMITS.maxBytes }, source.file);
   }
   return new PickleReader(bytes, source).run();
 }
@@ -408,7 +408,7 @@ class PickleReader {
   }
 
   private fail(message: string) {
-    return invalidIntervention(`${message} in ${this.source.file}`, this.source.file);
+    return pyreftPickleRefused({ file: this.source.file, problem: message }, this.source.file);
   }
 }
 

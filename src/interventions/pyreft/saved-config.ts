@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../../errors.ts';
+import { artifactConfigTooDeep, pyreftConfigInvalid, pyreftConfigNotJson } from '../../errors.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../../limits/json-depth.ts';
 
 /**
@@ -126,10 +126,10 @@ function parseJson(bytes: Uint8Array): Record<string, unknown> {
   try {
     json = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch {
-    throw invalidIntervention(`${CONFIG} is not valid JSON`, CONFIG);
+    throw pyreftConfigNotJson({ problem: 'is not valid JSON' }, CONFIG);
   }
-  if (jsonDepth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalidIntervention(`${CONFIG} nests deeper than ${MAX_JSON_DEPTH} levels (the JSON depth limit)`, CONFIG);
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw invalidIntervention(`${CONFIG} is not a JSON object`, CONFIG);
+  if (jsonDepth(json, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw artifactConfigTooDeep({ file: CONFIG, limit: MAX_JSON_DEPTH }, CONFIG);
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw pyreftConfigNotJson({ problem: 'is not a JSON object' }, CONFIG);
   return json as Record<string, unknown>;
 }
 
@@ -158,5 +158,5 @@ function positiveInt(v: unknown, field: string): number {
 
 function fail(field: string, message: string) {
   const path = `${CONFIG}.${field}`;
-  return invalidIntervention(`${path}: ${message}`, path);
+  return pyreftConfigInvalid({ field: path, problem: message }, path);
 }

@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../../errors.ts';
+import { pyreftStateDictInvalid } from '../../errors.ts';
 import { PyDict, readPickle } from './pickle.ts';
 import type { TorchTensor } from './tensor.ts';
 import { readTorchZip } from './zip.ts';
@@ -10,11 +10,11 @@ import { readTorchZip } from './zip.ts';
 export async function readStateDict(bytes: Uint8Array, file: string, maxElements?: number): Promise<Map<string, TorchTensor>> {
   const zip = await readTorchZip(bytes, file);
   const root = readPickle(zip.records.get('data.pkl') as Uint8Array, { file, record: (name) => zip.records.get(name), maxElements });
-  if (!(root instanceof PyDict)) throw invalidIntervention(`${file}: data.pkl does not hold a state dict`, file);
+  if (!(root instanceof PyDict)) throw pyreftStateDictInvalid({ file, problem: 'data.pkl does not hold a state dict' }, file);
   const tensors = new Map<string, TorchTensor>();
   for (const [key, value] of root.entries) {
-    if (typeof key !== 'string') throw invalidIntervention(`${file}: state dict key ${String(key)} is not a string`, file);
-    if (!isTensor(value)) throw invalidIntervention(`${file}: state dict entry "${key}" is not a tensor`, file);
+    if (typeof key !== 'string') throw pyreftStateDictInvalid({ file, problem: `state dict key ${String(key)} is not a string` }, file);
+    if (!isTensor(value)) throw pyreftStateDictInvalid({ file, problem: `state dict entry "${key}" is not a tensor` }, file);
     tensors.set(key, value);
   }
   return tensors;

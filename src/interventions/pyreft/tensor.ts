@@ -1,4 +1,4 @@
-import { invalidIntervention } from '../../errors.ts';
+import { pyreftTensorInvalid } from '../../errors.ts';
 import { DTYPE_BYTES, toFloat32, type TensorInfo } from '../../model/safetensors.ts';
 
 /**
@@ -91,5 +91,5 @@ function elementReader(storage: TorchStorage, file: string): (i: number) => numb
 }
 
 function invalid(file: string, message: string) {
-  return invalidIntervention(`${file}: ${message}`, file);
+  return pyreftTensorInvalid({ file, problem: message }, file);
 }

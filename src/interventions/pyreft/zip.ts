@@ -1,6 +1,6 @@
 import { crc32 } from 'node:zlib';
 import yauzl from 'yauzl';
-import { ReftError, invalidIntervention } from '../../errors.ts';
+import { ReftError, pyreftZipInvalid } from '../../errors.ts';
 
 /**
  * The container `torch.save` writes: a zip of stored (uncompressed) records, all under one top
@@ -145,7 +145,7 @@ function checkByteOrder(records: Map<string, Uint8Array>, file: string): void {
 }
 
 function broken(file: string, message: string) {
-  return invalidIntervention(`${file}: ${message}`, file);
+  return pyreftZipInvalid({ file, problem: message }, file);
 }
 
 function describe(e: unknown): string {

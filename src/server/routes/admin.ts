@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { noSuch } from '../../errors.ts';
+import { keyNotFound, tenantNotFound } from '../../errors.ts';
 import type { Store, Tenant } from '../../storage/store.ts';
 import { hashSecret, newApiKeySecret } from '../auth.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
@@ -68,7 +68,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
   );
 
   const tenantParams = z.strictObject({ id: idParam });
-  const found = async (id: string) => (await store.getTenant(id)) ?? Promise.reject(noSuch('tenant', id));
+  const found = async (id: string) => (await store.getTenant(id)) ?? Promise.reject(tenantNotFound({ id }, 'id'));
 
   r.get(
     '/v1/admin/tenants/:id',
@@ -93,7 +93,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
     },
     async (request) => {
       const t = await store.renameTenant(request.params.id, request.body.name);
-      if (!t) throw noSuch('tenant', request.params.id);
+      if (!t) throw tenantNotFound({ id: request.params.id }, 'id');
       request.log.info({ tenant: t.id }, 'tenant renamed');
       return tenantJson(t);
     },
@@ -111,7 +111,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
       },
     },
     async (request, reply) => {
-      if (!(await store.deleteTenant(request.params.id))) throw noSuch('tenant', request.params.id);
+      if (!(await store.deleteTenant(request.params.id))) throw tenantNotFound({ id: request.params.id }, 'id');
       request.log.info({ tenant: request.params.id }, 'tenant deleted');
       return reply.status(204).send(null);
     },
@@ -193,7 +193,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
       },
     },
     async (request, reply) => {
-      if (!(await store.revokeApiKey(request.params.id))) throw noSuch('key', request.params.id);
+      if (!(await store.revokeApiKey(request.params.id))) throw keyNotFound({ id: request.params.id }, 'id');
       request.log.info({ key: request.params.id }, 'api key revoked');
       return reply.status(204).send(null);
     },

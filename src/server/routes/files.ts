@@ -1,9 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { invalidRequest, noSuch } from '../../errors.ts';
+import { fileNotFound, filePartCount, filePurposeInvalid, quotaFileBytes } from '../../errors.ts';
 import type { ModelRuntime } from '../runtime.ts';
-import { quotaExceeded } from '../tenant-limits.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
 import { TEXT_FIELDS, readMultipart } from './multipart.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
@@ -54,15 +53,12 @@ export function fileRoutes(
         maxTotalBytes: uploadLimit + 1024,
       });
       const files = parts.files.get('file') ?? [];
-      if (files.length !== 1) throw invalidRequest(files.length ? 'give one file part' : 'missing part "file"', 'file');
+      if (files.length !== 1) throw filePartCount({ given: files.length }, 'file');
       const purpose = parts.fields.get('purpose') ?? 'fine-tune';
-      if (purpose !== 'fine-tune') throw invalidRequest('purpose must be "fine-tune"', 'purpose');
+      if (purpose !== 'fine-tune') throw filePurposeInvalid('purpose');
       const held = (await store.storedUsage(request.tenant.id)).fileBytes;
       if (held + files[0].bytes.byteLength > o.maxFileBytes) {
-        throw quotaExceeded(
-          `storing ${files[0].bytes.byteLength} bytes would exceed this tenant's ${o.maxFileBytes}-byte training-file quota`,
-          'file',
-        );
+        throw quotaFileBytes({ bytes: files[0].bytes.byteLength, limit: o.maxFileBytes }, 'file');
       }
       const rows = await o.runtime().offload.countJsonlRows(files[0].bytes, 'file', o.maxRows);
       const filename = files[0].filename.replace(/[^\w.-]/g, '_').slice(0, 200) || 'data.jsonl';
@@ -100,7 +96,7 @@ export function fileRoutes(
     },
     async (request) => {
       const f = await store.getFile(request.tenant.id, request.params.id);
-      if (!f) throw noSuch('file', request.params.id);
+      if (!f) throw fileNotFound({ id: request.params.id }, 'id');
       return fileBody(f);
     },
   );
@@ -111,7 +107,7 @@ export function fileRoutes(
       schema: { summary: 'Delete a file', tags: ['training'], params, response: { 204: z.null(), '4xx': problemSchema } },
     },
     async (request, reply) => {
-      if (!(await store.deleteFile(request.tenant.id, request.params.id))) throw noSuch('file', request.params.id);
+      if (!(await store.deleteFile(request.tenant.id, request.params.id))) throw fileNotFound({ id: request.params.id }, 'id');
       return reply.status(204).send(null);
     },
   );

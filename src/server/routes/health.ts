@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { ReftError } from '../../errors.ts';
+import { metricsKeyRequired } from '../../errors.ts';
 import { sameSecret } from '../auth.ts';
 import type { Placement } from '../../engine/device.ts';
 import type { ServerMetrics } from '../metrics.ts';
@@ -28,11 +28,7 @@ export function healthRoutes(
     { config, schema: { summary: 'Prometheus metrics (Bearer REFT_METRICS_KEY when the server has one)', tags: ['health'], hide: false } },
     async (request, reply) => {
       if (metricsKey !== null && !sameSecret(request.headers.authorization?.replace(/^Bearer\s+/i, '') ?? '', metricsKey)) {
-        throw new ReftError(
-          'unauthorized',
-          'the metrics need the metrics key: send "Authorization: Bearer <REFT_METRICS_KEY>"',
-          'authorization',
-        );
+        throw metricsKeyRequired('authorization');
       }
       return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
     },

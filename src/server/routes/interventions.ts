@@ -2,11 +2,21 @@ import { createHash } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
+import {
+  flagInvalid,
+  interventionNameTaken,
+  interventionNotFound,
+  interventionShared,
+  multipartPartMissing,
+  multipartPartRepeated,
+  nameInvalid,
+  quotaInterventionBytes,
+  quotaInterventions,
+} from '../../errors.ts';
 import type { BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
-import { quotaExceeded, type TenantLimits } from '../tenant-limits.ts';
+import type { TenantLimits } from '../tenant-limits.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart, type UploadParts } from './multipart.ts';
 import type { OffloadPool } from '../../offload/pool.ts';
@@ -55,17 +65,17 @@ function onePart(parts: UploadParts, name: string, required: false): Uint8Array 
 function onePart(parts: UploadParts, name: string, required: boolean): Uint8Array | undefined {
   const files = parts.files.get(name) ?? [];
   const field = parts.fields.get(name);
-  if (files.length + (field === undefined ? 0 : 1) > 1) throw invalidRequest(`part "${name}" is given more than once`, name);
+  if (files.length + (field === undefined ? 0 : 1) > 1) throw multipartPartRepeated({ part: name, times: 1 }, name);
   if (files.length) return files[0].bytes;
   if (field !== undefined) return new TextEncoder().encode(field);
-  if (required) throw invalidRequest(`missing part "${name}"`, name);
+  if (required) throw multipartPartMissing({ part: name }, name);
   return undefined;
 }
 
 export function parseName(raw: string | undefined, fallback: string | undefined, field = 'name'): string {
   const name = raw ?? fallback ?? `intervention-${Date.now().toString(36)}`;
   const ok = nameSchema.safeParse(name);
-  if (!ok.success) throw invalidRequest(`${field}: ${ok.error.issues[0].message}`, field);
+  if (!ok.success) throw nameInvalid({ field, problem: ok.error.issues[0].message }, field);
   return name;
 }
 
@@ -73,7 +83,7 @@ export function parseBool(raw: string | undefined, field: string, fallback: bool
   if (raw === undefined) return fallback;
   if (raw === 'true') return true;
   if (raw === 'false') return false;
-  throw invalidRequest(`${field} must be "true" or "false"`, field);
+  throw flagInvalid({ field }, field);
 }
 
 /** reft_config.json and pyreft's config.json: a few KB in practice. */
@@ -102,19 +112,15 @@ export async function storeArtifact(
   const name = parseName(opts.name, artifact.config.name);
   const existing = await deps.store.findIntervention(tenantId, name);
   const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
-  if (replaceId && !opts.replace)
-    throw new ReftError('conflict', `an intervention named "${name}" exists; pass replace=true to replace it`, 'name');
+  if (replaceId && !opts.replace) throw interventionNameTaken({ name, hint: 'pass replace=true to replace it' }, 'name');
   const usage = await deps.store.storedUsage(tenantId);
   const bytes = files.config.byteLength + files.weights.byteLength;
   const freed = replaceId ? existing!.bytes : 0;
   if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {
-    throw quotaExceeded(
-      `this tenant already stores ${usage.interventions} interventions (limit ${deps.limits.maxInterventions})`,
-      'weights',
-    );
+    throw quotaInterventions({ stored: usage.interventions, limit: deps.limits.maxInterventions }, 'weights');
   }
   if (usage.bytes - freed + bytes > deps.limits.maxInterventionBytes) {
-    throw quotaExceeded(`storing ${bytes} bytes would exceed this tenant's ${deps.limits.maxInterventionBytes}-byte quota`, 'weights');
+    throw quotaInterventionBytes({ bytes, limit: deps.limits.maxInterventionBytes }, 'weights');
   }
   const meta = await deps.store.putIntervention(
     {
@@ -200,7 +206,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
     },
     async (request) => {
       const meta = await store.findIntervention(request.tenant.id, request.params.id);
-      if (!meta) throw noSuch('intervention', request.params.id);
+      if (!meta) throw interventionNotFound({ id: request.params.id }, 'id');
       return interventionBody(meta);
     },
   );
@@ -218,7 +224,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
     async (request, reply) => {
       const meta = await store.findIntervention(request.tenant.id, request.params.id);
       const files = meta && (await store.readInterventionFiles(meta.id));
-      if (!meta || !files) throw noSuch('intervention', request.params.id);
+      if (!meta || !files) throw interventionNotFound({ id: request.params.id }, 'id');
       const isConfig = request.params.file === CONFIG_FILE;
       const bytes = isConfig ? files.config : files.weights;
       return reply
@@ -243,14 +249,10 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
       const meta = await store.findIntervention(request.tenant.id, request.params.id);
       // Shared interventions are visible to every tenant but belong to none of them.
       if (meta && meta.tenantId === null) {
-        throw new ReftError(
-          'forbidden',
-          `intervention "${request.params.id}" is shared (registered from the server's interventions folder); it can't be deleted through the API`,
-          'id',
-        );
+        throw interventionShared({ id: request.params.id }, 'id');
       }
       if (!meta || meta.tenantId !== request.tenant.id || !(await store.deleteIntervention(request.tenant.id, meta.id))) {
-        throw noSuch('intervention', request.params.id);
+        throw interventionNotFound({ id: request.params.id }, 'id');
       }
       request.log.info({ intervention: meta.id, tenant: request.tenant.id }, 'intervention deleted');
       return reply.status(204).send(null);

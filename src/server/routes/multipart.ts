@@ -1,6 +1,6 @@
 import '@fastify/multipart';
 import type { FastifyRequest } from 'fastify';
-import { ReftError, invalidRequest } from '../../errors.ts';
+import { multipartExpected, multipartPartRepeated, multipartPartTooLarge, multipartPartUnknown, uploadTooLarge } from '../../errors.ts';
 
 export interface UploadParts {
   files: Map<string, { filename: string; bytes: Uint8Array }[]>;
@@ -22,7 +22,7 @@ export interface MultipartSpec {
 const MAX_FIELD_BYTES = 1024 * 1024;
 
 export async function readMultipart(request: FastifyRequest, spec: MultipartSpec): Promise<UploadParts> {
-  if (!request.isMultipart()) throw new ReftError('unsupported_media_type', 'expected a multipart/form-data body', 'content-type');
+  if (!request.isMultipart()) throw multipartExpected('content-type');
   try {
     return await readParts(request, spec);
   } catch (e) {
@@ -52,48 +52,38 @@ async function readParts(request: FastifyRequest, spec: MultipartSpec): Promise<
   }; // +1: our own check names the part
   for await (const part of request.parts({ limits })) {
     const allowed = spec.parts[part.fieldname];
-    if (!allowed) throw invalidRequest(`unknown part "${part.fieldname}" (expected ${names.join(', ')})`, part.fieldname);
+    if (!allowed) throw multipartPartUnknown({ part: part.fieldname, expected: names }, part.fieldname);
     const count = (seen.get(part.fieldname) ?? 0) + 1;
     seen.set(part.fieldname, count);
-    if (count > allowed.count)
-      throw invalidRequest(
-        `part "${part.fieldname}" is given more than ${allowed.count === 1 ? 'once' : `${allowed.count} times`}`,
-        part.fieldname,
-      );
+    if (count > allowed.count) throw multipartPartRepeated({ part: part.fieldname, times: allowed.count }, part.fieldname);
     if (part.type === 'file') {
       const chunks: Buffer[] = [];
       let size = 0;
       for await (const chunk of part.file as AsyncIterable<Buffer>) {
         size += chunk.byteLength;
         total += chunk.byteLength;
-        if (size > allowed.maxBytes)
-          throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
-        if (total > spec.maxTotalBytes)
-          throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
+        if (size > allowed.maxBytes) throw partTooLarge('part', part.fieldname, allowed.maxBytes);
+        if (total > spec.maxTotalBytes) throw uploadTooLarge({ limit: spec.maxTotalBytes }, part.fieldname);
         chunks.push(chunk);
       }
-      if ((part.file as { truncated?: boolean }).truncated)
-        throw tooLarge(`part "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
+      if ((part.file as { truncated?: boolean }).truncated) throw partTooLarge('part', part.fieldname, allowed.maxBytes);
       const joined = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size); // one copy at most
       const list = files.get(part.fieldname) ?? [];
       list.push({ filename: part.filename, bytes: new Uint8Array(joined.buffer, joined.byteOffset, joined.byteLength) });
       files.set(part.fieldname, list);
     } else {
-      if (part.valueTruncated)
-        throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${MAX_FIELD_BYTES} bytes`, part.fieldname);
+      if (part.valueTruncated) throw partTooLarge('field', part.fieldname, MAX_FIELD_BYTES);
       const value = String(part.value);
       total += Buffer.byteLength(value);
-      if (Buffer.byteLength(value) > allowed.maxBytes)
-        throw tooLarge(`field "${part.fieldname}" is too large: over its limit of ${allowed.maxBytes} bytes`, part.fieldname);
-      if (total > spec.maxTotalBytes)
-        throw tooLarge(`the upload is too large: over its limit of ${spec.maxTotalBytes} bytes`, part.fieldname);
+      if (Buffer.byteLength(value) > allowed.maxBytes) throw partTooLarge('field', part.fieldname, allowed.maxBytes);
+      if (total > spec.maxTotalBytes) throw uploadTooLarge({ limit: spec.maxTotalBytes }, part.fieldname);
       fields.set(part.fieldname, value);
     }
   }
   return { files, fields };
 }
 
-const tooLarge = (message: string, field: string) => new ReftError('payload_too_large', message, field);
+const partTooLarge = (what: 'part' | 'field', part: string, limit: number) => multipartPartTooLarge({ what, part, limit }, part);
 
 export const MAX_CONFIG_BYTES = 1024 * 1024;
 /** Short text fields (names, descriptions, flags). */

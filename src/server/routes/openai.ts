@@ -2,7 +2,15 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { GenerationResult, TokenLogprob } from '../../engine/generation.ts';
-import { ReftError, invalidRequest, noSuch } from '../../errors.ts';
+import {
+  choicesTooMany,
+  logitBiasTooLarge,
+  maxTokensOverContext,
+  modelNotFound,
+  parameterUnsupported,
+  tokenOutOfVocabulary,
+  topLogprobsWithoutLogprobs,
+} from '../../errors.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import type { InterventionMeta, Store, Tenant } from '../../storage/store.ts';
 import type { GenerationInput, GenerationService, PreparedGeneration } from '../generation-service.ts';
@@ -143,19 +151,17 @@ function refuseUnsupported(body: Record<string, unknown>, fields: readonly strin
     const v = body[f];
     const harmless =
       v === undefined || v === null || v === false || (Array.isArray(v) && v.length === 0) || (f === 'tool_choice' && v === 'none');
-    if (!harmless) throw invalidRequest(`\`${f}\` is not supported`, f);
+    if (!harmless) throw parameterUnsupported({ name: f }, f);
   }
 }
 
 function logitBias(bias: Record<string, number> | null | undefined, vocabSize: number): Array<[number, number]> | undefined {
   if (!bias) return undefined;
   const entries = Object.entries(bias);
-  if (entries.length > MAX_LOGIT_BIAS)
-    throw invalidRequest(`logit_bias has ${entries.length} entries; at most ${MAX_LOGIT_BIAS}`, 'logit_bias');
+  if (entries.length > MAX_LOGIT_BIAS) throw logitBiasTooLarge({ entries: entries.length, limit: MAX_LOGIT_BIAS }, 'logit_bias');
   return entries.map(([k, v]) => {
     const id = Number(k);
-    if (id >= vocabSize)
-      throw invalidRequest(`logit_bias.${k}: token id ${k} is outside the vocabulary (size ${vocabSize})`, `logit_bias.${k}`);
+    if (id >= vocabSize) throw tokenOutOfVocabulary({ field: `logit_bias.${k}`, id: k, vocabSize }, `logit_bias.${k}`);
     return [id, v];
   });
 }
@@ -194,11 +200,7 @@ function checkMaxTokens(
 ): void {
   const promptTokens = prepared.request.tokens.length;
   if (maxTokens.value != null && promptTokens + maxTokens.value > context) {
-    throw new ReftError(
-      'context_length_exceeded',
-      `the model's context is ${context} tokens; the prompt has ${promptTokens} and ${maxTokens.field} asks for ${maxTokens.value} more (at most ${context - promptTokens})`,
-      maxTokens.field,
-    );
+    throw maxTokensOverContext({ context, promptTokens, field: maxTokens.field, asked: maxTokens.value }, maxTokens.field);
   }
 }
 
@@ -298,12 +300,15 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
         const b = request.body;
         refuseUnsupported(b, ['suffix']);
         const n = b.n ?? 1;
-        if (b.best_of != null && b.best_of !== n) throw invalidRequest('`best_of` is not supported (other than equal to n)', 'best_of');
+        if (b.best_of != null && b.best_of !== n)
+          throw parameterUnsupported({ name: 'best_of', detail: 'is not supported (other than equal to n)' }, 'best_of');
         if (b.echo && b.logprobs != null)
-          throw invalidRequest('`echo` with `logprobs` is not supported (prompt logprobs are not computed)', 'echo');
+          throw parameterUnsupported(
+            { name: 'echo', detail: 'with `logprobs` is not supported (prompt logprobs are not computed)' },
+            'echo',
+          );
         const prompts = promptList(b.prompt);
-        if (prompts.length * n > MAX_CHOICES)
-          throw invalidRequest(`${prompts.length} prompts × n = ${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES}`, 'n');
+        if (prompts.length * n > MAX_CHOICES) throw choicesTooMany({ prompts: prompts.length, n, limit: MAX_CHOICES }, 'n');
         const tokenizer = service.model.tokenizer;
         const context = service.model.config.maxPositions;
         const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
@@ -386,7 +391,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
           'metadata',
           'service_tier',
         ]);
-        if (b.top_logprobs && !b.logprobs) throw invalidRequest('top_logprobs needs logprobs: true', 'top_logprobs');
+        if (b.top_logprobs && !b.logprobs) throw topLogprobsWithoutLogprobs('top_logprobs');
         const n = b.n ?? 1;
         const tokenizer = service.model.tokenizer;
         const lp = b.logprobs ? Math.max(b.top_logprobs ?? 0, 0) : 0;
@@ -493,7 +498,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
   async function modelByName(name: string, tenant: Tenant): Promise<z.infer<typeof modelSchema>> {
     if (name === service.model.name) return baseModel();
     const iv = await store.findIntervention(tenant.id, name);
-    if (!iv) throw noSuch('model', name, 'model');
+    if (!iv) throw modelNotFound({ id: name }, 'model');
     return interventionModel(iv);
   }
 }

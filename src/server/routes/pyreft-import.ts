@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { ReftError, invalidRequest } from '../../errors.ts';
+import { importReplacedExisting, pyreftConfigMissing, pyreftFileDuplicate, pyreftPositionsMissing } from '../../errors.ts';
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
@@ -42,13 +42,13 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
       const config =
         parts.files.get('config')?.[0]?.bytes ??
         (parts.fields.has('config') ? new TextEncoder().encode(parts.fields.get('config')) : undefined);
-      if (!config) throw invalidRequest('missing part "config" (pyreft\'s config.json)', 'config');
+      if (!config) throw pyreftConfigMissing('config');
       const positions = parts.fields.get('positions');
-      if (!positions) throw invalidRequest('missing field "positions" (pyreft does not store them: fN, lN or fN+lN)', 'positions');
+      if (!positions) throw pyreftPositionsMissing('positions');
       parsePositions(positions, 'positions');
       const files = new Map<string, Uint8Array>();
       for (const f of parts.files.get('files') ?? []) {
-        if (files.has(f.filename)) throw invalidRequest(`file ${f.filename} is given twice`, 'files');
+        if (files.has(f.filename)) throw pyreftFileDuplicate({ file: f.filename }, 'files');
         files.set(f.filename, f.bytes);
       }
       const converted = await deps
@@ -68,7 +68,7 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
           source: 'import',
         },
       );
-      if (!created) throw new ReftError('internal', 'import replaced an existing intervention');
+      if (!created) throw importReplacedExisting();
       request.log.info({ intervention: meta.id, tenant: request.tenant.id, files: files.size }, 'pyreft intervention imported');
       return reply.status(201).send(interventionBody(meta));
     },

@@ -7,6 +7,7 @@ export const problemSchema = z.object({
   status: z.number().int(),
   detail: z.string(),
   code: z.string(),
+  category: z.string(),
   field: z.string().optional(),
   instance: z.string().optional(),
 });

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { invalidRequest, noSuch } from '../../errors.ts';
+import { modelNotFound, tokenOutOfVocabulary } from '../../errors.ts';
 import type { Store, Tenant } from '../../storage/store.ts';
 import type { GenerationService } from '../generation-service.ts';
 import { openaiErrorSchema } from '../openai-error.ts';
@@ -48,7 +48,7 @@ export function tokenizeRoutes(app: FastifyInstance, service: GenerationService,
   /** `model` may name the base model or an intervention the caller can use (tokenization is the same). */
   async function checkModel(tenant: Tenant, model: string | undefined): Promise<void> {
     if (model === undefined || model === service.model.name) return;
-    if (!(await store.findIntervention(tenant.id, model))) throw noSuch('model', model, 'model');
+    if (!(await store.findIntervention(tenant.id, model))) throw modelNotFound({ id: model }, 'model');
   }
 
   r.post(
@@ -97,7 +97,7 @@ export function tokenizeRoutes(app: FastifyInstance, service: GenerationService,
       if (b.tokens.length === 0) return { prompt: '' };
       for (const [i, id] of b.tokens.entries()) {
         if (id >= tokenizer.vocabSize)
-          throw invalidRequest(`tokens.${i}: token id ${id} is outside the vocabulary (size ${tokenizer.vocabSize})`, `tokens.${i}`);
+          throw tokenOutOfVocabulary({ field: `tokens.${i}`, id, vocabSize: tokenizer.vocabSize }, `tokens.${i}`);
       }
       return { prompt: tokenizer.decode(b.tokens) };
     },

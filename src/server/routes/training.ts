@@ -1,14 +1,14 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ReftError, noSuch } from '../../errors.ts';
+import { interventionNameTaken, jobAlreadyFinished, jobNotFound, quotaActiveJobs, quotaInterventions } from '../../errors.ts';
 import { fileBytes } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
 import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
-import { ConcurrencyLimiter, quotaExceeded, type TenantLimits } from '../tenant-limits.ts';
+import { ConcurrencyLimiter, type TenantLimits } from '../tenant-limits.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET, checkRowFits } from '../../training/memory.ts';
 
 /**
@@ -76,7 +76,7 @@ export function trainingRoutes(
   const streams = new ConcurrencyLimiter(MAX_EVENT_STREAMS_PER_TENANT, 'live training event streams');
   const find = async (tenantId: string, id: string) => {
     const job = await store.getJob(tenantId, id);
-    if (!job) throw noSuch('training job', id);
+    if (!job) throw jobNotFound({ id }, 'id');
     return job;
   };
 
@@ -96,17 +96,11 @@ export function trainingRoutes(
       // quotas first: they cost one query, the data check below tokenizes every row
       const usage = await store.storedUsage(request.tenant.id);
       if (usage.activeJobs >= limits.maxActiveJobs) {
-        throw quotaExceeded(
-          `this tenant has ${usage.activeJobs} training jobs queued or running (limit ${limits.maxActiveJobs})`,
-          'training_file',
-        );
+        throw quotaActiveJobs({ active: usage.activeJobs, limit: limits.maxActiveJobs }, 'training_file');
       }
       // each job adds an intervention when it succeeds: count the unfinished ones against the quota
       if (usage.interventions + usage.activeJobs >= limits.maxInterventions) {
-        throw quotaExceeded(
-          `this tenant stores ${usage.interventions} interventions and has ${usage.activeJobs} training jobs unfinished (limit ${limits.maxInterventions} interventions)`,
-          'name',
-        );
+        throw quotaInterventions({ stored: usage.interventions, unfinishedJobs: usage.activeJobs, limit: limits.maxInterventions }, 'name');
       }
       // Check every row now (off the event loop, within the text budgets), so a bad line is a 400
       // here rather than a failed job later.
@@ -126,7 +120,7 @@ export function trainingRoutes(
         'jsonl' in data ? data.field : 'data',
       );
       if (spec.name && (await store.findIntervention(request.tenant.id, spec.name))?.tenantId === request.tenant.id) {
-        throw new ReftError('conflict', `an intervention named "${spec.name}" already exists`, 'name');
+        throw interventionNameTaken({ name: spec.name }, 'name');
       }
       const job = await store.createJob(request.tenant.id, spec);
       request.log.info({ job: job.id, tenant: request.tenant.id, rows }, 'training job queued');
@@ -175,14 +169,9 @@ export function trainingRoutes(
     },
     async (request) => {
       const before = await find(request.tenant.id, request.params.id);
-      if (TERMINAL.has(before.status))
-        throw new ReftError(
-          'conflict',
-          `training job "${before.id}" has already ${before.status === 'cancelled' ? 'been cancelled' : before.status}`,
-          'id',
-        );
+      if (TERMINAL.has(before.status)) throw jobAlreadyFinished({ id: before.id, status: before.status }, 'id');
       const job = await store.requestCancel(request.tenant.id, request.params.id);
-      if (!job) throw noSuch('training job', request.params.id);
+      if (!job) throw jobNotFound({ id: request.params.id }, 'id');
       return jobBody(job);
     },
   );

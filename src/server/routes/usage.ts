@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { invalidRequest } from '../../errors.ts';
+import { usageRangeInvalid } from '../../errors.ts';
 import type { Store } from '../../storage/store.ts';
 import { utcDay } from '../../storage/usage.ts';
 import { problemSchema } from './schemas.ts';
@@ -30,7 +30,7 @@ export const usageSchema = z.object({
 export async function usageReport(store: Store, tenantId: string, query: z.infer<typeof usageQuery>): Promise<z.infer<typeof usageSchema>> {
   const to = query.to ?? utcDay();
   const from = query.from ?? utcDay(new Date(Date.parse(to) - 29 * 86_400_000));
-  if (from > to) throw invalidRequest('from is after to', 'from');
+  if (from > to) throw usageRangeInvalid({ problem: 'from is after to' }, 'from');
   const days = await store.getUsage(tenantId, from, to);
   const data = days.map((d) => ({
     day: d.day,
