@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
 import { loadWeights, type WeightsReport } from '../quant/load.ts';
-import { ReftError } from '../errors.ts';
+import { deviceOutOfMemory, promptEmpty, promptTooLong, sequenceReachedContext, tokenOutOfVocabulary } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -106,13 +106,11 @@ export class DeviceEngine implements StepExecutor {
   }
 
   private checkPrompt(x: PrefillInput, field: string): void {
-    if (x.tokens.length === 0) throw new ReftError('invalid_request', 'the prompt has no tokens', field);
+    if (x.tokens.length === 0) throw promptEmpty({}, field);
+    const bad = x.tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
+    if (bad !== undefined) throw tokenOutOfVocabulary({ field, id: bad, vocabSize: this.config.vocabSize }, field);
     if (x.tokens.length > this.config.maxPositions) {
-      throw new ReftError(
-        'context_length_exceeded',
-        `the prompt has ${x.tokens.length} tokens; the model's context is ${this.config.maxPositions}`,
-        'prompt',
-      );
+      throw promptTooLong({ tokens: x.tokens.length, context: this.config.maxPositions }, 'prompt');
     }
   }
 
@@ -240,12 +238,7 @@ export class DeviceEngine implements StepExecutor {
     await this.cache.settle();
     const lengths = this.cache.lengths;
     const maxLen = Math.max(...lengths);
-    if (maxLen + 1 > config.maxPositions)
-      throw new ReftError(
-        'context_length_exceeded',
-        `a sequence reached the model's context of ${config.maxPositions} tokens`,
-        'max_new_tokens',
-      );
+    if (maxLen + 1 > config.maxPositions) throw sequenceReachedContext({ context: config.maxPositions }, 'max_new_tokens');
     const ids = new BigInt64Array(b);
     const positions = new BigInt64Array(b);
     const seqlens = new Int32Array(b);
@@ -362,12 +355,7 @@ function byteLength(t: ort.Tensor): number {
 function deviceError(err: unknown): unknown {
   const message = (err as Error)?.message ?? String(err);
   if (/out of memory|failed to allocate|allocation failed|OOM/i.test(message)) {
-    return new ReftError(
-      'overloaded',
-      `the device ran out of memory for this step (${message}); lower --device-kv-budget or the batch size`,
-      undefined,
-      1,
-    );
+    return deviceOutOfMemory({ detail: message }, undefined, { retryAfterSeconds: 1 });
   }
   return err;
 }

@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
-import { ReftError } from '../errors.ts';
+import { cudaUnavailable, webgpuUnavailable } from '../errors.ts';
 import { GraphBuilder } from '../graph/onnx.ts';
 import { cudaAvailable, type Device } from './session.ts';
 
@@ -39,22 +39,14 @@ export async function resolveDevice(choice: DeviceChoice, field = 'device'): Pro
   if (choice === 'cuda' || choice === 'auto') {
     if (await cudaAvailable()) return { device: 'cuda', adapter: 'cuda' };
     if (choice === 'cuda') {
-      throw new ReftError(
-        'unavailable',
-        'this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
-        field,
-      );
+      throw cudaUnavailable(field);
     }
   }
   const adapter = await webgpuAdapter();
   if (choice === 'auto')
     return adapter && !adapter.software ? { device: 'webgpu', adapter: describeAdapter(adapter) } : { device: 'cpu', adapter: 'cpu' };
   if (!adapter) {
-    throw new ReftError(
-      'unavailable',
-      'WebGPU found no adapter: install the Vulkan loader (libvulkan1) and a Vulkan driver for the GPU (Mesa 25 for llvmpipe), or run with --device cpu',
-      field,
-    );
+    throw webgpuUnavailable(field);
   }
   return { device: 'webgpu', adapter: describeAdapter(adapter) };
 }

@@ -1,4 +1,4 @@
-import { ReftError, queueFull, tokensInFlightExceeded } from '../errors.ts';
+import { ReftError, deviceKvBudgetExceeded, queueFull, tokensInFlightExceeded } from '../errors.ts';
 import type { SequenceId } from './engine.ts';
 import type { StepExecutor, StepSample } from './executor.ts';
 import {
@@ -99,11 +99,7 @@ export class Scheduler {
       throw tokensInFlightExceeded({ budget, limit: this.limits.maxTokensInFlight }, 'max_new_tokens');
     }
     if (!this.engine.kvFits(1, budget)) {
-      throw new ReftError(
-        'invalid_request',
-        `prompt plus max_new_tokens (${budget}) alone would exceed the device's KV cache budget`,
-        'max_new_tokens',
-      );
+      throw deviceKvBudgetExceeded({ budget }, 'max_new_tokens');
     }
     const entry: Entry = {
       key,

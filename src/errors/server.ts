@@ -32,3 +32,32 @@ export const engineStopping = defineError('engine_stopping', 'unavailable', (p: 
 // failures inside the server: their words go to the log, never to clients
 export const engineCrashed = defineError('engine_crashed', 'internal', (p: { reason: string }) => `engine worker ${p.reason}`);
 export const importReplacedExisting = defineError('import_replaced_existing', 'internal', () => 'import replaced an existing intervention');
+
+// devices
+export const webgpuUnavailable = defineError(
+  'webgpu_unavailable',
+  'unavailable',
+  () =>
+    'WebGPU found no adapter: install the Vulkan loader (libvulkan1) and a Vulkan driver for the GPU (Mesa 25 for llvmpipe), or run with --device cpu',
+);
+export const deviceOutOfMemory = defineError(
+  'device_out_of_memory',
+  'overloaded',
+  (p: { detail: string }) => `the device ran out of memory for this step (${p.detail}); lower --device-kv-budget or the batch size`,
+);
+export const deviceKvBudgetExceeded = defineError(
+  'device_kv_budget_exceeded',
+  'invalid_request',
+  (p: { budget: number }) => `prompt plus max_new_tokens (${p.budget}) alone would exceed the device's KV cache budget`,
+);
+export const weightsFormatUnknown = defineError(
+  'weights_format_unknown',
+  'invalid_request',
+  (p: { value: string; formats: readonly string[] }) => `unknown weights format ${p.value}; one of ${p.formats.join(', ')}`,
+);
+export const weightsFormatUnsupported = defineError(
+  'weights_format_unsupported',
+  'invalid_request',
+  (p: { format: string; device: string }) =>
+    `--weights ${p.format} is not supported on the ${p.device} device: the graphs compute in float32 (on the CPU, ORT would convert half weights back to float32 at load); use f32, q8 or q4`,
+);

@@ -66,3 +66,14 @@ export const quotaActiveJobs = defineError(
   'quota_exceeded',
   (p: { active: number; limit: number }) => `this tenant has ${p.active} training jobs queued or running (limit ${p.limit})`,
 );
+export const tenantQueueFull = defineError(
+  'tenant_queue_full',
+  'rate_limited',
+  (p: { limit: number; queued: number }) =>
+    `too many concurrent requests for this tenant (limit ${p.limit}), and its queue of ${p.queued} (--tenant-max-queued) is full`,
+);
+export const clientDisconnectedWhileQueued = defineError(
+  'client_disconnected_while_queued',
+  'invalid_request',
+  () => 'the client disconnected while the request was queued',
+);

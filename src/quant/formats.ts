@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { weightsFormatUnknown, weightsFormatUnsupported } from '../errors.ts';
 import { asymmetricQuantizer, symmetricQuantizer, type QuantScheme } from './blocks.ts';
 
 /**
@@ -33,7 +33,7 @@ export const ABLATED_SCHEMES: Record<string, QuantScheme> = {
 /** Checks a `--weights` value (commander checks the flag; this guards every other way in). */
 export function parseWeightsFlag(value: unknown, field = 'weights'): WeightsFlag {
   if (typeof value === 'string' && (WEIGHT_FORMATS as readonly string[]).includes(value)) return value as WeightsFlag;
-  throw new ReftError('invalid_request', `unknown weights format ${JSON.stringify(value)}; one of ${WEIGHT_FORMATS.join(', ')}`, field);
+  throw weightsFormatUnknown({ value: JSON.stringify(value), formats: WEIGHT_FORMATS }, field);
 }
 
 /**
@@ -43,11 +43,7 @@ export function parseWeightsFlag(value: unknown, field = 'weights'): WeightsFlag
 export function resolveWeightFormat(flag: WeightsFlag, device: string = 'cpu'): WeightFormat {
   if (flag === 'auto') return 'f32';
   if (flag === 'f16') {
-    throw new ReftError(
-      'invalid_request',
-      `--weights f16 is not supported on the ${device} device: the graphs compute in float32 (on the CPU, ORT would convert half weights back to float32 at load); use f32, q8 or q4`,
-      'weights',
-    );
+    throw weightsFormatUnsupported({ format: flag, device }, 'weights');
   }
   return flag;
 }

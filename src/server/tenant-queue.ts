@@ -1,4 +1,4 @@
-import { ReftError } from '../errors.ts';
+import { clientDisconnectedWhileQueued, tenantQueueFull } from '../errors.ts';
 
 interface Waiter {
   admit: (release: () => void) => void;
@@ -43,17 +43,14 @@ export class TenantQueues {
     }
     if (t.waiting.length >= this.maxQueued) {
       this.forget(tenantId, t);
-      const queue = `its queue of ${this.maxQueued} (--tenant-max-queued) is full`;
-      return Promise.reject(
-        new ReftError('rate_limited', `too many concurrent requests for this tenant (limit ${this.maxActive}), and ${queue}`, undefined, 1),
-      );
+      return Promise.reject(tenantQueueFull({ limit: this.maxActive, queued: this.maxQueued }, undefined, { retryAfterSeconds: 1 }));
     }
     return new Promise((resolve, reject) => {
       const onAbort = () => {
         const i = t.waiting.indexOf(waiter);
         if (i >= 0) t.waiting.splice(i, 1);
         this.forget(tenantId, t);
-        reject(new ReftError('invalid_request', 'the client disconnected while the request was queued'));
+        reject(clientDisconnectedWhileQueued());
       };
       const waiter: Waiter = {
         admit: (release) => {
