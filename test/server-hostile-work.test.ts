@@ -122,7 +122,7 @@ describe('finding 11: a stream over the tenant concurrency limit', () => {
     expect(second.status).toBe(429);
     expect(second.headers.get('retry-after')).toBe('1');
     expect(second.headers.get('content-type')).toContain('application/problem+json');
-    expect(((await second.json()) as { code: string }).code).toBe('tenant_concurrency_limited');
+    expect(((await second.json()) as { code: string }).code).toBe('tenant_queue_full');
     await reader.cancel();
   });
 });

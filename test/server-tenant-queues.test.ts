@@ -104,9 +104,8 @@ describe('fair per-tenant generation queues', () => {
       expect(refused.status).toBe(429);
       expect(refused.headers.get('retry-after')).toBe('1');
       expect(refused.headers.get('content-type')).toContain('application/problem+json');
-      const body = (await refused.json()) as { code: string; detail: string };
-      expect(body.code).toBe('rate_limited');
-      expect(body.detail).toMatch(/limit 1\), and its queue of 1 \(--tenant-max-queued\) is full/);
+      const body = (await refused.json()) as { code: string; category: string };
+      expect(body).toMatchObject({ code: 'tenant_queue_full', category: 'rate_limited' });
     }
     // the OpenAI routes too, in OpenAI's error shape
     const chat = await fetch(`${a.url}/v1/chat/completions`, {
@@ -116,7 +115,7 @@ describe('fair per-tenant generation queues', () => {
     });
     expect(chat.status).toBe(429);
     expect(chat.headers.get('retry-after')).toBe('1');
-    expect(((await chat.json()) as { error: { message: string } }).error.message).toMatch(/--tenant-max-queued/);
+    expect(((await chat.json()) as { error: { code: string } }).error.code).toBe('tenant_queue_full');
     // another tenant is not refused
     expect((await json(b, 'POST', '/v1/generate', { prompt: 'Once upon a time', max_new_tokens: 2 })).status).toBe(200);
     await holder.release();

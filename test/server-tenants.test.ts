@@ -108,12 +108,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
       expect(made.status).toBe(201);
       const id = made.body.id;
       const dup = await json(admin, 'POST', '/v1/admin/tenants', { name: 'delta' });
-      expect([dup.status, dup.body.code, dup.body.field]).toEqual([409, 'conflict', 'name']);
+      expect([dup.status, dup.body.code, dup.body.field]).toEqual([409, 'tenant_name_taken', 'name']);
       expect((await json(admin, 'GET', `/v1/admin/tenants/${id}`)).body).toEqual(made.body);
       expect((await json(admin, 'GET', `/v1/admin/tenants/ten_${'0'.repeat(24)}`)).status).toBe(404);
       expect((await json(a, 'GET', `/v1/admin/tenants/${id}`)).status).toBe(403);
       const taken = await json(admin, 'PATCH', `/v1/admin/tenants/${id}`, { name: 'alpha' });
-      expect([taken.status, taken.body.code, taken.body.field]).toEqual([409, 'conflict', 'name']);
+      expect([taken.status, taken.body.code, taken.body.field]).toEqual([409, 'tenant_name_taken', 'name']);
       const renamed = await json(admin, 'PATCH', `/v1/admin/tenants/${id}`, { name: 'delta-2' });
       expect([renamed.status, renamed.body]).toEqual([200, { ...made.body, name: 'delta-2' }]);
 

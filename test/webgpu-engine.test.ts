@@ -125,17 +125,17 @@ describe('bad inputs get the same typed error on WebGPU as on the CPU', () => {
   };
 
   it('an empty prompt', async () => {
-    expect(await same((e) => e.prefill([{ tokens: [] }]))).toMatchObject({ code: 'invalid_request', field: 'inputs.0.tokens' });
+    expect(await same((e) => e.prefill([{ tokens: [] }]))).toMatchObject({ code: 'prompt_empty', field: 'inputs.0.tokens' });
   });
 
   it('a prompt longer than the context', async () => {
     const tokens = new Array(model.config.maxPositions + 1).fill(1);
-    expect(await same((e) => e.prefill([{ tokens }]))).toMatchObject({ code: 'context_length_exceeded', field: 'prompt' });
+    expect(await same((e) => e.prefill([{ tokens }]))).toMatchObject({ code: 'prompt_too_long', field: 'prompt' });
   });
 
   it('a token id outside the vocabulary', async () => {
     expect(await same((e) => e.prefill([{ tokens: [1, model.config.vocabSize] }]))).toMatchObject({
-      code: 'invalid_request',
+      code: 'token_out_of_vocabulary',
       field: 'inputs.0.tokens',
     });
   });
@@ -149,7 +149,7 @@ describe('bad inputs get the same typed error on WebGPU as on the CPU', () => {
         e.release(out.id);
       }
     };
-    expect(await same(decodePast)).toMatchObject({ code: 'context_length_exceeded', field: 'max_new_tokens' });
+    expect(await same(decodePast)).toMatchObject({ code: 'sequence_reached_context', field: 'max_new_tokens' });
     expect(gpu.liveSequences).toEqual([]);
   }, 120_000);
 });
