@@ -1,3 +1,5 @@
+import { getPriority } from 'node:os';
+import { WORKER_NICENESS } from '../src/jobs/supervisor.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel } from '../src/model/load.ts';
 import { tokenizeRows } from '../src/training/data.ts';
@@ -137,6 +139,8 @@ describe('finding 3: a large batch trains in planned micro-batches, within the m
     const ownApi = { url: own.url };
     try {
       const workerPid = Number(own.logs.find((l) => l.msg === 'training worker started')!.pid);
+      // batch work yields the cores to the server's requests
+      expect(getPriority(workerPid)).toBe(WORKER_NICENESS);
       // measured from a ready worker (model loaded), which logs through its server's stdout
       await until('the worker to be ready', async () => own.logs.some((l) => l.msg === 'training worker ready'));
       const before = rssMb(workerPid);

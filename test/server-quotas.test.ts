@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { artifact, randomLoreft } from './support/artifacts.ts';
 import { json, upload, type Api } from './support/http.ts';
+import { stillGenerates } from './support/probe.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 // Quotas hold until something is deleted or finishes: a 403 quota_exceeded without Retry-After
@@ -46,6 +47,7 @@ describe('training files and jobs against per-tenant quotas', () => {
     expectQuota(await uploadFile(text), 'file', 'quota_file_bytes');
     expect((await json(api, 'DELETE', `/v1/files/${first.body.id}`)).status).toBe(204);
     expect((await uploadFile(text)).status).toBe(201);
+    await stillGenerates(api);
   });
 
   it('at most --tenant-max-jobs training jobs queued or running; a cancelled one frees its place', async () => {
@@ -54,6 +56,7 @@ describe('training files and jobs against per-tenant quotas', () => {
     expectQuota(await json(api, 'POST', '/v1/training/jobs', JOB), 'training_file', 'quota_active_jobs');
     expect((await json(api, 'POST', `/v1/training/jobs/${job.body.id}/cancel`)).status).toBe(200);
     expect((await json(api, 'POST', '/v1/training/jobs', JOB)).status).toBe(202);
+    await stillGenerates(api);
   });
 });
 
@@ -74,5 +77,6 @@ describe('training against the intervention quota', () => {
     expectQuota(await json(api, 'POST', '/v1/training/jobs', JOB), 'name', 'quota_interventions');
     expect((await upload(api, artifact([randomLoreft(2, 1)], { name: 'two' }))).status).toBe(201);
     expectQuota(await upload(api, artifact([randomLoreft(3, 1)], { name: 'three' })), 'weights', 'quota_interventions');
+    await stillGenerates(api);
   });
 });

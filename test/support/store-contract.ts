@@ -330,7 +330,7 @@ export function storeContract(backend: StoreBackend): void {
         expect(await store.renameTenant('ten_missing', 'x')).toBeNull();
         for (const taken of [rejection(store.createTenant('other')), rejection(store.renameTenant(t.id, 'other'))]) {
           const e = await taken;
-          expect([e.code, e.field]).toEqual(['conflict', 'name']);
+          expect([e.code, e.category, e.field]).toEqual(['tenant_name_taken', 'conflict', 'name']);
         }
         expect((await store.getTenant(t.id))!.name).toBe('acme 2');
       });
