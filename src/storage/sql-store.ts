@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
 import {
   ReftError,
@@ -11,7 +11,7 @@ import {
   tenantNotFound,
 } from '../errors.ts';
 import type { BlobKind, Dialect, StagedBlobs } from './dialect.ts';
-import { blobsOf, clampLimit, countJobs, countStored, orNull, pageOf, readBlobs, same } from './rows.ts';
+import { INTERVENTION_ID, blobsOf, clampLimit, countJobs, countStored, newId, orNull, pageOf, readBlobs, same } from './rows.ts';
 import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
@@ -25,10 +25,6 @@ type Violations = Partial<Record<'unique' | 'foreignKey', () => ReftError>>;
 
 /** Attempts of a transaction that fails with a deadlock or serialization failure. */
 const TRANSACTION_ATTEMPTS = 3;
-
-/** A prefix naming the kind of row, then 96 random bits: opaque, safe in URLs and file names (blob-files.ts). */
-const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
-const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
 
 const noTenant = (tenantId: string | null) => tenantNotFound({ id: String(tenantId) }, 'tenantId');
 const nameTaken = (name: string) => ({ unique: () => tenantNameTaken({ name }, 'name') });
