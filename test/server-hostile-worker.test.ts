@@ -6,7 +6,7 @@ import { tokenizeRows } from '../src/training/data.ts';
 import { stepBytes } from '../src/training/memory.ts';
 import { STORIES } from './support/fixtures.ts';
 import { json, type Api } from './support/http.ts';
-import { rssMb, stillGenerates } from './support/probe.ts';
+import { expectHealthzResponsive, rssMb, stillGenerates, whileProbing } from './support/probe.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 /**
@@ -150,18 +150,21 @@ describe('finding 3: a large batch trains in planned micro-batches, within the m
       }, 10);
       let done: any;
       try {
-        // (no /healthz bound here: the work runs in the worker process, and on this shared 2-core
-        // machine its CPU use alone delays the server; findings 1, 2, 4 and 6 hold the server's thread to it)
-        const created = await json(ownApi, 'POST', '/v1/training/jobs', {
-          data: rows,
-          intervention: { kind: 'loreft', rank: 2, layers: [1, 3], positions: 'f1+l1' },
-          hyperparameters: { epochs: 1, batch_size: 16 },
+        // the work runs in the worker process, at nice 10: the server's /healthz keeps its bound
+        const probe = await whileProbing(ownApi, own.proc.pid!, async () => {
+          const created = await json(ownApi, 'POST', '/v1/training/jobs', {
+            data: rows,
+            intervention: { kind: 'loreft', rank: 2, layers: [1, 3], positions: 'f1+l1' },
+            hyperparameters: { epochs: 1, batch_size: 16 },
+          });
+          expect(created.status, JSON.stringify(created.body)).toBe(202);
+          return until('the job to end', async () => {
+            const j = (await json(ownApi, 'GET', `/v1/training/jobs/${created.body.id}`)).body;
+            return ['succeeded', 'failed', 'cancelled'].includes(j.status) && j;
+          });
         });
-        expect(created.status, JSON.stringify(created.body)).toBe(202);
-        done = await until('the job to end', async () => {
-          const j = (await json(ownApi, 'GET', `/v1/training/jobs/${created.body.id}`)).body;
-          return ['succeeded', 'failed', 'cancelled'].includes(j.status) && j;
-        });
+        done = probe.result;
+        expectHealthzResponsive(probe);
       } finally {
         clearInterval(sampler);
       }
