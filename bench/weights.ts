@@ -60,6 +60,15 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
   const vocab = model.config.vocabSize;
   // one cache per format, so the speed rounds' engines find the quantization the load measured
   const formatCache = (format: WeightFormat) => join(cacheDir, 'weights', format);
+  // llama.cpp's side first, so a failed install or conversion stops the bench before the long loads
+  const threads = availableParallelism(); // what our CPU sessions use (src/engine/session.ts)
+  const work = join(import.meta.dirname, '.work');
+  const llama = await nodeLlamaCpp(join(work, 'llama'), threads);
+  const ggufs = new Map<WeightFormat, string>();
+  for (const format of FORMATS) ggufs.set(format, await ggufOf(model.dir, join(work, 'gguf'), GGUF_TYPE[format]));
+  log(
+    `llama.cpp: node-llama-cpp ${NODE_LLAMA_CPP_VERSION} (llama.cpp ${llama.llamaCppRelease.release}), ${threads} threads, GGUF ${[...ggufs.values()].join(', ')}`,
+  );
   const load: Record<string, unknown> = {};
   for (const format of FORMATS) {
     await rm(join(formatCache(format), 'quantized'), { recursive: true, force: true });
@@ -74,14 +83,9 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
   for (const format of FORMATS)
     engines.set(format, await Engine.create(model.config, model.checkpoint, { cacheDir: formatCache(format), weights: format }));
 
-  const threads = availableParallelism(); // what our CPU sessions use (src/engine/session.ts)
-  const work = join(import.meta.dirname, '.work');
-  const llama = await nodeLlamaCpp(join(work, 'llama'), threads);
   const runners = new Map<WeightFormat, LlamaCppRunner>();
-  for (const format of FORMATS) {
-    const gguf = await ggufOf(model.dir, join(work, 'gguf'), GGUF_TYPE[format]);
-    runners.set(format, await LlamaCppRunner.open(llama, gguf, { threads, sequences: 8, contextSize: 576 }));
-  }
+  for (const format of FORMATS)
+    runners.set(format, await LlamaCppRunner.open(llama, ggufs.get(format)!, { threads, sequences: 8, contextSize: 576 }));
 
   type Samples = { b1: number[]; b8: number[]; prefill: number[] };
   const empty = (): Samples => ({ b1: [], b8: [], prefill: [] });
