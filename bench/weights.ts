@@ -70,7 +70,8 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
     `llama.cpp: node-llama-cpp ${NODE_LLAMA_CPP_VERSION} (llama.cpp ${llama.llamaCppRelease.release}), ${threads} threads, GGUF ${[...ggufs.values()].join(', ')}`,
   );
   const load: Record<string, unknown> = {};
-  for (const format of FORMATS) {
+  // BENCH_WEIGHTS_LOAD=skip: only the speed rounds, on the caches a previous run left (minutes less)
+  for (const format of process.env.BENCH_WEIGHTS_LOAD === 'skip' ? [] : FORMATS) {
     await rm(join(formatCache(format), 'quantized'), { recursive: true, force: true });
     const first = loadInChild(model.dir, formatCache(format), format);
     const cached = loadInChild(model.dir, formatCache(format), format);
