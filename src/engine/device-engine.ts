@@ -1,7 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
 import { loadWeights, type WeightsReport } from '../quant/load.ts';
-import { deviceOutOfMemory, promptEmpty, promptTooLong, sequenceReachedContext, tokenOutOfVocabulary } from '../errors.ts';
+import { deviceOutOfMemory, sequenceReachedContext } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -19,7 +19,7 @@ import type { ExecutorOptions, StepExecutor, StepSample } from './executor.ts';
 import { interventionFeeds } from './intervention-feeds.ts';
 import { DEFAULT_DEVICE_KV_BUDGET } from './protocol.ts';
 import { createSession } from './session.ts';
-import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
+import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds, checkPrompt } from './step-feeds.ts';
 
 const DEFAULT_PREFILL_CHUNK_TOKENS = 512;
 
@@ -105,17 +105,8 @@ export class DeviceEngine implements StepExecutor {
     return 2 * rows * tokens * this.bytesPerToken <= this.kvBudget;
   }
 
-  private checkPrompt(x: PrefillInput, field: string): void {
-    if (x.tokens.length === 0) throw promptEmpty({}, field);
-    const bad = x.tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
-    if (bad !== undefined) throw tokenOutOfVocabulary({ field, id: bad, vocabSize: this.config.vocabSize }, field);
-    if (x.tokens.length > this.config.maxPositions) {
-      throw promptTooLong({ tokens: x.tokens.length, context: this.config.maxPositions }, 'prompt');
-    }
-  }
-
   async prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
-    inputs.forEach((x, i) => this.checkPrompt(x, `inputs.${i}.tokens`));
+    inputs.forEach((x, i) => checkPrompt(this.config, x.tokens, `inputs.${i}.tokens`));
     const outputs = new Array<PrefillOutput>(inputs.length);
     const short = [...inputs.keys()].filter((i) => inputs[i].tokens.length <= this.prefillChunkTokens);
     if (short.length) (await this.prefillTogether(short.map((i) => inputs[i]))).forEach((o, j) => (outputs[short[j]] = o));
@@ -169,7 +160,7 @@ export class DeviceEngine implements StepExecutor {
   }
 
   beginPrefill(input: PrefillInput): SequenceId {
-    this.checkPrompt(input, 'tokens');
+    checkPrompt(this.config, input.tokens, 'tokens');
     if (this.pending) throw new Error(`sequence ${this.pending.id} is still being prefilled`);
     const id = this.nextId++;
     this.pending = { id, input, next: 0, logits: [], kv: null };

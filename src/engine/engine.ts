@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node';
-import { promptEmpty, promptTooLong, sequenceReachedContext, tokenOutOfVocabulary } from '../errors.ts';
+import { sequenceReachedContext } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -19,7 +19,7 @@ import { KvCache, type RowSource } from './kv-cache.ts';
 import { loadWeights, type WeightsChoice, type WeightsReport } from '../quant/load.ts';
 import { createSession, type SessionOptions } from './session.ts';
 import type { StepExecutor, StepSample } from './executor.ts';
-import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
+import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds, checkPrompt } from './step-feeds.ts';
 
 /**
  * Step-level execution of the decoder graph over a running batch. The scheduler (or a single
@@ -150,7 +150,7 @@ export class Engine implements StepExecutor {
    * grows with the square of the tokens run at once).
    */
   async prefill(inputs: readonly PrefillInput[]): Promise<PrefillOutput[]> {
-    inputs.forEach((x, i) => this.checkPrompt(x, `inputs.${i}.tokens`));
+    inputs.forEach((x, i) => checkPrompt(this.config, x.tokens, `inputs.${i}.tokens`));
     const outputs = new Array<PrefillOutput>(inputs.length);
     const short = [...inputs.keys()].filter((i) => inputs[i].tokens.length <= this.prefillChunkTokens);
     if (short.length) (await this.prefillTogether(short.map((i) => inputs[i]))).forEach((o, j) => (outputs[short[j]] = o));
@@ -164,23 +164,13 @@ export class Engine implements StepExecutor {
     return outputs;
   }
 
-  private checkPrompt(x: PrefillInput, field: string): void {
-    if (x.tokens.length === 0) throw promptEmpty({}, field);
-    // ORT's CPU Gather fails on such an id with an untyped error; a GPU's kernel need not check
-    const bad = x.tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
-    if (bad !== undefined) throw tokenOutOfVocabulary({ field, id: bad, vocabSize: this.config.vocabSize }, field);
-    if (x.tokens.length > this.config.maxPositions) {
-      throw promptTooLong({ tokens: x.tokens.length, context: this.config.maxPositions }, 'prompt');
-    }
-  }
-
   /**
    * Starts prefilling one prompt a chunk at a time (`continuePrefill` runs each), so a scheduler
    * can interleave decode steps of the running batch; one such prompt at a time. Its sequence
    * is not part of decode steps until its last chunk has run.
    */
   beginPrefill(input: PrefillInput): SequenceId {
-    this.checkPrompt(input, 'tokens');
+    checkPrompt(this.config, input.tokens, 'tokens');
     if (this.pending) throw new Error(`sequence ${this.pending.id} is still being prefilled`);
     const id = this.addSequence();
     this.cache.reserve(this.cache.rows, input.tokens.length); // room for the whole prompt: one re-layout

@@ -1,6 +1,7 @@
 import * as ort from 'onnxruntime-node';
 import { decoderInputs as IN } from '../graph/decoder.ts';
 import type { ModelConfig } from '../model/config.ts';
+import { promptEmpty, promptTooLong, tokenOutOfVocabulary } from '../errors.ts';
 import type { LayerInterventionFeed } from './intervention-feeds.ts';
 
 /** The decoder graph's per-step inputs, built the same for the host and the device KV cache. */
@@ -67,4 +68,15 @@ export function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.
 export function setInterventions(feeds: Record<string, ort.Tensor>, layerFeeds: LayerInterventionFeed[], d: number): void {
   Object.assign(feeds, toTensors(layerFeeds, d));
   feeds[IN.hasInterventions] = new ort.Tensor('bool', Uint8Array.of(layerFeeds.some((f) => f.k > 0) ? 1 : 0), []);
+}
+
+/**
+ * A prompt either engine can run: some tokens, each in the vocabulary (ORT's CPU Gather fails on
+ * an id outside it with an untyped error; a GPU's kernel need not check), within the context.
+ */
+export function checkPrompt(config: ModelConfig, tokens: readonly number[], field: string): void {
+  if (tokens.length === 0) throw promptEmpty({}, field);
+  const bad = tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= config.vocabSize);
+  if (bad !== undefined) throw tokenOutOfVocabulary({ field, id: bad, vocabSize: config.vocabSize }, field);
+  if (tokens.length > config.maxPositions) throw promptTooLong({ tokens: tokens.length, context: config.maxPositions }, 'prompt');
 }
