@@ -11,7 +11,7 @@ import {
 import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
 import { ropeTables, type RopeTables } from '../graph/rope.ts';
 import { cachedGraph } from '../graph/cache.ts';
-import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { AppliedEdit, RequestIntervention } from './generation.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
@@ -31,7 +31,9 @@ export type SequenceId = number;
 
 export interface PrefillInput {
   tokens: readonly number[];
-  interventions?: readonly LowRankIntervention[];
+  interventions?: readonly RequestIntervention[];
+  /** Return what each intervention did (`applied`, as GenerationResult's). */
+  returnCoefficients?: boolean;
   /** Return logits for every prompt position instead of only the last. */
   allLogits?: boolean;
   /**
@@ -45,6 +47,8 @@ export interface PrefillOutput {
   id: SequenceId;
   /** [vocab] for the last position, or [n, vocab] with `allLogits`. */
   logits: Float32Array;
+  /** With `returnCoefficients`: per request item, per intervention, its coefficients. */
+  applied?: AppliedEdit[][];
 }
 
 export interface EngineOptions extends SessionOptions {

@@ -1,6 +1,18 @@
 import { promptTooLong } from '../errors.ts';
-import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { RequestIntervention } from '../interventions/steer.ts';
 import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
+
+export type { RequestIntervention } from '../interventions/steer.ts';
+
+/**
+ * What one intervention of a request did (REFT.md "Request-time control"): at each of its
+ * prompt positions, ascending, the coefficient vector c(h) (r values) before the strength.
+ */
+export interface AppliedEdit {
+  layer: number;
+  positions: number[];
+  coefficients: number[][];
+}
 
 /**
  * One request's generation: what to feed, how to pick tokens, and when to stop. The scheduler
@@ -11,7 +23,9 @@ export interface GenerationRequest {
   /** Whose request it is: tenants take turns for batch slots. */
   tenant?: string;
   tokens: number[];
-  interventions: readonly LowRankIntervention[];
+  interventions: readonly RequestIntervention[];
+  /** Report each intervention's coefficients (`applied`) in the result and the first token event. */
+  returnCoefficients?: boolean;
   sampling: SamplingParams;
   maxNewTokens: number;
   stop: string[];
@@ -34,6 +48,8 @@ export interface TokenEvent {
   /** Text that became final with this token (may be empty while a stop string could still match). */
   text: string;
   logprob?: TokenLogprob;
+  /** On the first token event only, with `returnCoefficients`: as GenerationResult.applied. */
+  applied?: AppliedEdit[][];
 }
 
 export interface GenerationResult {
@@ -44,6 +60,11 @@ export interface GenerationResult {
   logprobs?: TokenLogprob[];
   /** Name of the stop string or 'eos' when finishReason is 'stop'. */
   stoppedBy?: string;
+  /**
+   * With `returnCoefficients`: per request item (by `item`, in item order), per intervention of
+   * that item in the order given in `interventions`, what it did to the prompt.
+   */
+  applied?: AppliedEdit[][];
 }
 
 export interface StreamDecoder {
