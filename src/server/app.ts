@@ -22,6 +22,7 @@ import { trainingRoutes } from './routes/training.ts';
 import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
 import { GenerationService } from './generation-service.ts';
+import { SteeringResolver } from './steering.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { TenantQueues } from './tenant-queue.ts';
@@ -132,7 +133,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const queues = new TenantQueues(opts.tenantLimits.maxConcurrentRequests, opts.tenantLimits.maxQueuedRequests);
   metrics.watchTenantQueues(() => queues.queued);
-  const service = new GenerationService(runtime, queues, metrics, usage, budgets);
+  const steering = new SteeringResolver(() => runtime().interventions, { findComposition: async () => null });
+  const service = new GenerationService(runtime, queues, metrics, usage, steering, budgets);
   healthRoutes(
     app,
     metrics,

@@ -2,6 +2,7 @@ import { ReftError, compositionNested, interventionsWithAdapter, steerLayerNotIn
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { InterventionCache } from '../interventions/cache.ts';
 import { parsePositions } from '../interventions/positions.ts';
+import { steer, type RequestIntervention } from '../interventions/steer.ts';
 
 /**
  * Request-time control (REFT.md): what a request asks to apply, resolved to the engine's
@@ -29,13 +30,10 @@ export interface CompositionLookup {
   findComposition(tenantId: string, idOrName: string): Promise<SavedComposition | null>;
 }
 
-/** One engine intervention of a request item: the cached factors plus the item's settings. */
-export type SteeredIntervention = LowRankIntervention & { strength?: number; item?: number };
-
 export interface Steering {
   /** The intervention or composition id the request named by `adapter`/`model`; null for a list or the base model. */
   id: string | null;
-  interventions: SteeredIntervention[];
+  interventions: RequestIntervention[];
   /** Request items in order (one for an `adapter`), for `applied`. */
   items: number;
 }
@@ -49,17 +47,19 @@ export type ItemField = (key: keyof SteerItem) => string;
  * The item's interventions: its `layers` (each one of the artifact's) kept, its `positions`
  * replacing every intervention's spec, its `strength` and index attached.
  */
-export function steerItem(artifact: readonly LowRankIntervention[], item: Omit<SteerItem, 'intervention'>, index: number, field: ItemField) {
+export function steerItem(
+  artifact: readonly LowRankIntervention[],
+  item: Omit<SteerItem, 'intervention'>,
+  index: number,
+  field: ItemField,
+) {
   const layers = new Set(artifact.map((iv) => iv.layer));
   for (const layer of item.layers ?? []) {
     if (!layers.has(layer))
       throw steerLayerNotInArtifact({ field: field('layers'), layer, layers: [...layers].sort((a, b) => a - b) }, field('layers'));
   }
   const positions = item.positions === undefined ? undefined : parsePositions(item.positions, field('positions'));
-  const keep = item.layers && new Set(item.layers);
-  return artifact
-    .filter((iv) => !keep || keep.has(iv.layer))
-    .map((iv): SteeredIntervention => ({ ...iv, ...(positions ? { positions } : {}), strength: item.strength ?? 1, item: index }));
+  return steer(artifact, { strength: item.strength, layers: item.layers, positions }, index);
 }
 
 export class SteeringResolver {
@@ -99,8 +99,8 @@ export class SteeringResolver {
     tenantId: string,
     items: readonly SteerItem[],
     field: (i: number) => ItemField,
-  ): Promise<{ interventions: SteeredIntervention[]; items: number; ids: string[] }> {
-    const interventions: SteeredIntervention[] = [];
+  ): Promise<{ interventions: RequestIntervention[]; items: number; ids: string[] }> {
+    const interventions: RequestIntervention[] = [];
     const ids: string[] = [];
     for (const [i, item] of items.entries()) {
       const artifact = await this.artifact(tenantId, item.intervention, field(i)('intervention'));

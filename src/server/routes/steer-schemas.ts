@@ -61,6 +61,8 @@ export const appliedEditSchema = z.object({
 
 export const appliedSchema = z
   .array(z.array(appliedEditSchema))
-  .describe("per request item in request order (one for `adapter`), per intervention in its config's order (those left out by `layers` omitted)");
+  .describe(
+    "per request item in request order (one for `adapter`), per intervention in its config's order (those left out by `layers` omitted)",
+  );
 
 export const promptTokenTextsSchema = z.array(z.string()).describe('the text of each prompt token, the rows `positions` index');
