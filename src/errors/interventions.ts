@@ -199,13 +199,6 @@ export const compositionNested = defineError(
   (p: { field: string; name: string }) =>
     `${p.field}: "${p.name}" is a composition; a list's items are interventions (list its items instead of nesting it)`,
 );
-export const compositionNotFound = defineError('composition_not_found', 'not_found', (p: { id: string }) => `no composition "${p.id}"`);
-export const compositionNameTaken = defineError(
-  'composition_name_taken',
-  'conflict',
-  (p: { name: string; what: 'composition' | 'intervention'; hint?: string }) =>
-    `${p.what === 'composition' ? 'a composition' : 'an intervention'} named "${p.name}" exists${p.hint ? `; ${p.hint}` : ''}`,
-);
 export const quotaCompositions = defineError(
   'quota_compositions',
   'quota_exceeded',

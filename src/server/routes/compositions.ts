@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { compositionNameTaken, compositionNotFound, quotaCompositions } from '../../errors.ts';
+import { compositionNameTaken, compositionNotFound, interventionNameTaken, quotaCompositions } from '../../errors.ts';
 import type { Composition, Store } from '../../storage/store.ts';
 import type { SteeringResolver } from '../steering.ts';
 import type { TenantLimits } from '../tenant-limits.ts';
