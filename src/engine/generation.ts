@@ -94,6 +94,8 @@ export class Generation {
   private pending = '';
   finishReason: FinishReason | null = null;
   stoppedBy: string | undefined;
+  /** What the prompt's interventions did, when the request asked (set by the prefill). */
+  private applied: AppliedEdit[][] | undefined;
 
   constructor(
     readonly request: GenerationRequest,
@@ -119,6 +121,11 @@ export class Generation {
     return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0;
   }
 
+  /** Records the prefill's readout; the first token event and the result carry it. */
+  setApplied(applied: AppliedEdit[][] | undefined): void {
+    if (this.request.returnCoefficients) this.applied = applied ?? [];
+  }
+
   /** Picks the next token from `logits`, records it, and decides whether generation ends. */
   accept(logits: Float32Array): TokenEvent {
     const token = this.sampler.next(logits);
@@ -134,10 +141,11 @@ export class Generation {
   private take(token: number, lp: TokenLogprob | undefined): TokenEvent {
     if (lp) this.logprobs.push(lp);
     this.tokens.push(token);
+    const applied = this.tokens.length === 1 && this.applied ? { applied: this.applied } : {};
     const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);
     if (isEos) {
       this.finish('stop', 'eos');
-      return { token, text: this.release(this.decoder.flush(), true), logprob: lp };
+      return { token, text: this.release(this.decoder.flush(), true), logprob: lp, ...applied };
     }
     let text = this.release(this.decoder.push(token), false);
     const outOfRoom =
@@ -146,7 +154,7 @@ export class Generation {
       this.finish('length');
       text += this.release(this.decoder.flush(), true);
     }
-    return { token, text, logprob: lp };
+    return { token, text, logprob: lp, ...applied };
   }
 
   /** Ends the generation early (client gone, server stopping). */
@@ -191,6 +199,7 @@ export class Generation {
       promptTokens: this.request.tokens.length,
       logprobs: this.request.logprobs ? this.logprobs : undefined,
       stoppedBy: this.stoppedBy,
+      ...(this.applied ? { applied: this.applied } : {}),
     };
   }
 }
