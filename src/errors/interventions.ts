@@ -97,6 +97,25 @@ export const interventionReplaceMissing = defineError(
   (p: { id: string }) => `no intervention "${p.id}" to replace`,
 );
 
+// saved compositions (interventions applied together, by stored id)
+export const compositionNotFound = defineError('composition_not_found', 'not_found', (p: { id: string }) => `no composition "${p.id}"`);
+export const compositionNameTaken = defineError(
+  'composition_name_taken',
+  'conflict',
+  (p: { name: string }) => `a composition named "${p.name}" already exists`,
+);
+export const compositionReplaceMissing = defineError(
+  'composition_replace_missing',
+  'not_found',
+  (p: { id: string }) => `no composition "${p.id}" to replace`,
+);
+export const interventionInUse = defineError(
+  'intervention_in_use',
+  'conflict',
+  (p: { id: string; compositions: readonly string[] }) =>
+    `intervention "${p.id}" is used by composition(s) ${p.compositions.map((c) => `"${c}"`).join(', ')}; delete or change them first`,
+);
+
 // pyreft imports (config.json + intkey_*.bin torch zips holding allowlisted pickles)
 export const pyreftConfigMissing = defineError(
   'pyreft_config_missing',
