@@ -14,6 +14,7 @@ import { generateRoutes } from './routes/generate.ts';
 import { healthRoutes } from './routes/health.ts';
 import { problemRoutes } from './routes/problems.ts';
 import { interventionRoutes } from './routes/interventions.ts';
+import { compositionRoutes } from './routes/compositions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
@@ -133,7 +134,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const queues = new TenantQueues(opts.tenantLimits.maxConcurrentRequests, opts.tenantLimits.maxQueuedRequests);
   metrics.watchTenantQueues(() => queues.queued);
-  const steering = new SteeringResolver(() => runtime().interventions, { findComposition: async () => null });
+  const steering = new SteeringResolver(() => runtime().interventions, opts.store);
   const service = new GenerationService(runtime, queues, metrics, usage, steering, budgets);
   healthRoutes(
     app,
@@ -156,6 +157,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     offload: () => runtime().offload,
   };
   interventionRoutes(app, interventionDeps);
+  compositionRoutes(app, { store: opts.store, steering, limits: opts.tenantLimits });
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   fileRoutes(app, opts.store, {
     uploadLimit: opts.uploadLimit,

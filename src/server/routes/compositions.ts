@@ -82,10 +82,10 @@ export function compositionRoutes(app: FastifyInstance, deps: CompositionRouteDe
       const { name, interventions, replace } = request.body;
       const existing = await store.findComposition(tenantId, name);
       const replaceId = existing?.name === name ? existing.id : undefined;
-      if (replaceId && !replace)
-        throw compositionNameTaken({ name, what: 'composition', hint: 'pass replace: true to replace it' }, 'name');
+      if (replaceId && !replace) throw compositionNameTaken({ name }, 'name');
       // an intervention's name would win when a request names it: refuse the shadowed name
-      if (await store.findIntervention(tenantId, name)) throw compositionNameTaken({ name, what: 'intervention' }, 'name');
+      if (await store.findIntervention(tenantId, name))
+        throw interventionNameTaken({ name, hint: 'a composition cannot take the name of an intervention' }, 'name');
       if (!replaceId) {
         const stored = await countCompositions(store, tenantId, deps.limits.maxInterventions);
         if (stored >= deps.limits.maxInterventions) throw quotaCompositions({ stored, limit: deps.limits.maxInterventions }, 'name');

@@ -12,7 +12,7 @@ import {
   topLogprobsWithoutLogprobs,
 } from '../../errors.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
-import type { InterventionMeta, Store, Tenant } from '../../storage/store.ts';
+import type { Composition, InterventionMeta, Store, Tenant } from '../../storage/store.ts';
 import type { GenerationInput, GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { logprobPieces, type Piece } from '../logprob-pieces.ts';
 import { openaiErrorOf, openaiErrorSchema } from '../openai-error.ts';
@@ -477,12 +477,21 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     parent: service.model.name,
   });
 
+  const compositionModel = (c: Composition): z.infer<typeof modelSchema> => ({
+    id: c.name,
+    object: 'model',
+    created: Math.floor(Date.parse(c.createdAt) / 1000),
+    owned_by: 'tenant',
+    root: c.id,
+    parent: service.model.name,
+  });
+
   r.get(
     '/v1/models',
     {
       config,
       schema: {
-        summary: 'The base model and the interventions the caller can use, by name',
+        summary: 'The base model, then the interventions and compositions the caller can use, by name',
         tags: ['openai'],
         response: { 200: modelList, ...errors },
       },
@@ -495,6 +504,12 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
         data.push(...page.data.map(interventionModel));
         after = page.nextCursor ?? undefined;
       } while (after && data.length < 10_000);
+      let next: string | undefined;
+      do {
+        const page = await store.listCompositions(request.tenant.id, { limit: 100, after: next });
+        data.push(...page.data.map(compositionModel));
+        next = page.nextCursor ?? undefined;
+      } while (next && data.length < 20_000);
       return { object: 'list' as const, data };
     },
   );
@@ -505,7 +520,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     {
       config,
       schema: {
-        summary: 'One model: the base model, or an intervention by name or id',
+        summary: 'One model: the base model, or an intervention or composition by name or id',
         tags: ['openai'],
         params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
         response: { 200: modelSchema, ...errors },
@@ -517,7 +532,9 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
   async function modelByName(name: string, tenant: Tenant): Promise<z.infer<typeof modelSchema>> {
     if (name === service.model.name) return baseModel();
     const iv = await store.findIntervention(tenant.id, name);
-    if (!iv) throw modelNotFound({ id: name }, 'model');
-    return interventionModel(iv);
+    if (iv) return interventionModel(iv);
+    const composition = await store.findComposition(tenant.id, name);
+    if (!composition) throw modelNotFound({ id: name }, 'model');
+    return compositionModel(composition);
   }
 }
