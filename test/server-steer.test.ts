@@ -282,21 +282,20 @@ describe('request-time control over HTTP', () => {
       ],
     });
     const args = ['generate', '--model', STORIES, '--prompt', prompt, '--max-new-tokens', '16'];
-    const cli = await runCli([
-      ...args,
-      '--intervention',
-      `${artifactDir('alpha')}:0.7`,
-      '--layers',
-      '3',
-      '--intervention',
-      `${artifactDir('gamma')}:1.5`,
-      '--positions',
-      'f3',
+    const steered = [
+      ...['--intervention', `${artifactDir('alpha')}:0.7`, '--layers', '3'],
+      ...['--intervention', `${artifactDir('gamma')}:1.5`, '--positions', 'f3'],
+    ];
+    // two processes at once: each spends its time loading
+    const [cli, bad] = await Promise.all([
+      runCli([...args, ...steered]),
+      runCli([...args, '--intervention', artifactDir('alpha'), '--layers', '2']),
     ]);
     expect(cli.stderr).toBe('');
     expect(cli.stdout).toBe(`${server.body.text}\n`);
-    const bad = await runCli([...args, '--intervention', artifactDir('alpha'), '--layers', '2']);
+    const base = await json(a, 'POST', '/v1/generate', { prompt, max_new_tokens: 16 });
+    expect(server.body.text, 'the list steers').not.toBe(base.body.text);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/--layers of .*alpha: layer 2 is not one of the artifact's layers \(1, 3\)/);
-  });
+  }, 120_000);
 });
