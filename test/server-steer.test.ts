@@ -127,7 +127,8 @@ describe('request-time control over HTTP', () => {
     expect(events[0].type).toBe('applied');
     expectApplied(events[0].applied, c.applied, c.name);
     expect(events[0].prompt_token_texts).toHaveLength(c.input_ids.length);
-    expect(events.filter((e) => e.type === 'applied')).toHaveLength(1);
+    expect(events.filter((e) => e.applied)).toHaveLength(1);
+    expect(events.at(-1)).toMatchObject({ type: 'done', token_ids: c.greedy_ids });
     expect(events.filter((e) => e.type === 'token').map((e) => e.token_id)).toEqual(c.greedy_ids);
   });
 

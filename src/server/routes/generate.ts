@@ -126,7 +126,9 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
               sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) });
             },
           });
-          sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
+          // the readout went once, before the first token: the final event leaves it out
+          const { applied: _, prompt_token_texts: __, ...done } = generateResponseBody(prepared, result, tokenizer);
+          sse.send({ type: 'done', ...done });
         } catch (err) {
           sse.send({ type: 'error', error: problemOf(toReftError(err)) });
         }
