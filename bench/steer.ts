@@ -14,6 +14,9 @@ import { load, loreftArtifact, startServer, upload } from './server.ts';
  */
 const STREAMS = 32;
 const ARTIFACTS = 8;
+/** Pairs of loads and tokens per stream: BENCH_STEER_PAIRS / BENCH_STEER_TOKENS shorten a run on a busy machine. */
+const PAIRS = Number(process.env.BENCH_STEER_PAIRS ?? 7);
+const MAX_NEW = Number(process.env.BENCH_STEER_TOKENS ?? 64);
 
 export async function benchSteer(modelDir: string, config: ModelConfig, log: (s: string) => void) {
   const dataDir = mkdtempSync(join(tmpdir(), 'reft-bench-steer-'));
@@ -40,7 +43,7 @@ export async function benchSteer(modelDir: string, config: ModelConfig, log: (s:
         ...(k === 2 && s % 4 === 1 ? { positions: 'l2' } : {}),
       }));
     });
-    const maxNew = 64;
+    const maxNew = MAX_NEW;
     const body = (interventions?: unknown) => ({
       input_ids: promptOf(),
       max_new_tokens: maxNew,
@@ -53,7 +56,7 @@ export async function benchSteer(modelDir: string, config: ModelConfig, log: (s:
       compositions.map((c) => body(c)),
     ); // every artifact cached once
     const loads = await inPairs(
-      7,
+      PAIRS,
       () =>
         load(
           server.url,
