@@ -279,14 +279,15 @@ function inferenceOps(
       return g.op('Mul', [gate, up]);
     },
     intervene: (h, l) => {
-      const [edited, coefficients] = interventionBlock(g, h, l, d, inputs.hasInterventions);
+      const name = decoderOutputs.ivCoefficients(l);
+      const [edited, coefficients] = interventionBlock(g, h, l, d, inputs.hasInterventions, inputs.coefficientRows ? `all.${name}` : name);
       const dims = [`coefficient_rows_${l}`, `coefficient_rank_${l}`];
       if (!inputs.coefficientRows) {
-        g.output(coefficients, decoderOutputs.ivCoefficients(l), 'float32', dims);
+        g.output(coefficients, name, 'float32', dims);
         return edited;
       }
       const zero = g.int64s('zero', [0]);
-      const returned = g.op('Slice', [coefficients, zero, inputs.coefficientRows, zero], {}, { name: decoderOutputs.ivCoefficients(l) });
+      const returned = g.op('Slice', [coefficients, zero, inputs.coefficientRows, zero], {}, { name });
       g.output(returned, returned, 'float32', dims);
       return edited;
     },
@@ -318,9 +319,17 @@ function softcapOp(g: GraphBuilder, x: string, cap: number, name?: string): stri
 /**
  * h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up on the [batch, seq, d] stream, inside an If so
  * that steps without interventions run none of it. Returns the edited stream and the
- * coefficients h[index]·downᵀ + bias [K, R] (an empty [0, 0] without interventions).
+ * coefficients h[index]·downᵀ + bias [K, R] (an empty [0, 0] without interventions), named
+ * `coefficientsName`.
  */
-function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, hasInterventions: string): [string, string] {
+function interventionBlock(
+  g: GraphBuilder,
+  h: string,
+  l: number,
+  d: number,
+  hasInterventions: string,
+  coefficientsName: string,
+): [string, string] {
   const index = g.input(decoderInputs.ivIndex(l), 'int64', [`iv_rows_${l}`, 2]);
   const mask = g.input(decoderInputs.ivMask(l), 'float32', [`iv_rows_${l}`, `iv_rank_${l}`]);
   const down = g.input(decoderInputs.ivDown(l), 'float32', [`iv_rank_${l}`, d]);
@@ -339,7 +348,13 @@ function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, has
   keep.output(same, same, 'float32', ['batch', 'seq', d]);
   const none = keep.op('Identity', [keep.constant('no_coefficients', new Float32Array(0), [0, 0])]);
   keep.output(none, none, 'float32', coefficientDims);
-  const [out, coefs] = g.opN('If', [hasInterventions], 2, { then_branch: subgraph(edit), else_branch: subgraph(keep) });
+  const [out, coefs] = g.opN(
+    'If',
+    [hasInterventions],
+    2,
+    { then_branch: subgraph(edit), else_branch: subgraph(keep) },
+    { outputs: [`intervened.${l}`, coefficientsName] },
+  );
   return [out, coefs];
 }
 
