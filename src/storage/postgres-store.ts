@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
+import { CamelCasePlugin, Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides, type PoolConfig } from 'pg';
 import { ReftError, databaseUnavailable } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
@@ -130,7 +130,7 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
   const ignore = () => {};
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
-  const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool) });
+  const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool), plugins: [new CamelCasePlugin()] });
   // Sent with every NOTIFY, so this store skips the echoes of its own (it fired its listeners at commit).
   const sender = randomBytes(8).toString('hex');
   let listener: Listener | undefined;

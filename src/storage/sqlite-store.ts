@@ -1,5 +1,5 @@
 import Database from 'better-sqlite3';
-import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, type SqliteDialectConfig } from 'kysely';
+import { CamelCasePlugin, CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, type SqliteDialectConfig } from 'kysely';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
@@ -65,7 +65,7 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
   const blobs = new BlobFiles(join(dataDir, 'blobs'), options.faultHook);
   mkdirSync(blobs.where, { recursive: true });
   const raw = new Database(join(dataDir, 'reft.db'), { timeout: BUSY_TIMEOUT_MS });
-  const db = new Kysely<Tables>({ dialect: new ImmediateDialect({ database: raw }) });
+  const db = new Kysely<Tables>({ dialect: new ImmediateDialect({ database: raw }), plugins: [new CamelCasePlugin()] });
   try {
     configure(raw);
     const runner = {
