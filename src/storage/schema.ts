@@ -53,22 +53,18 @@ export interface BlobColumns {
 /**
  * A dialect's words for the schema, spliced into the migrations: column types (seq is the
  * primary key; nowDefault a default of the current time, or nothing), nameKey the unique key of
- * an intervention's name among its owner's (or the shared) ones, cascade
- * what makes deleting a tenant delete what it owns (where the database can add that to a foreign key), afterInitial what migration 1
- * ends with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its
- * events (or nothing).
+ * a name among its owner's (or the shared) ones, cascade what makes deleting a tenant delete what
+ * it owns (where the database can add that to a foreign key), afterInitial what migration 1 ends
+ * with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its events
+ * (or nothing), migrationLock what keeps other processes out of a migration (or nothing).
  */
 type SqlWord = 'cascade' | 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
-export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
+export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq' | 'migrationLock', string>;
 
-export interface Migration {
-  version: number;
-  name: string;
-  sql: string;
-}
+type Migration = { version: number; name: string; sql: string };
 
 /** The migrations, numbered from 1 (append-only: never edit a shipped one, add the next version). */
-export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
+function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
   const created = `created_at ${t.time} NOT NULL${t.nowDefault}`;
   const owned = (table: string) => `CREATE INDEX ${table}_tenant ON ${table} (tenant_id, seq);`;
   const initial = `
@@ -174,38 +170,33 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
 });
 
 /**
- * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
- * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
- */
-export interface MigrationRunner {
-  database: string; // names it in errors
-  time: string; // applied_at's type and default
-  lock(tx: Kysely<Tables>): Promise<void>;
-  exec(tx: Kysely<Tables>, sql: string): Promise<void>;
-}
-
-/**
  * Applies the migrations the database lacks, in order, recorded in schema_migrations, in one
- * transaction that keeps other processes out: a second process starting meanwhile waits, then
- * finds them applied. A database a newer server migrated is refused, not run on a schema this
- * server does not know.
+ * transaction that keeps other processes out (the dialect's migrationLock, or SQLite's BEGIN IMMEDIATE):
+ * a second process starting meanwhile waits, then finds them applied. A database a newer server
+ * migrated is refused, not run on a schema this server does not know. `exec` runs several statements;
+ * `database` names it in errors.
  */
-export async function migrate(db: Kysely<Tables>, all: readonly Migration[], run: MigrationRunner, upTo?: number): Promise<void> {
+export async function migrate(
+  db: Kysely<Tables>,
+  run: { types: SqlTypes; blobs: BlobColumns; database: string; exec(tx: Kysely<Tables>, sql: string): Promise<void> },
+  upTo?: number,
+): Promise<void> {
+  const all = migrations(run.types, run.blobs);
   // Only tests of an upgrade pass `upTo`, to get an older server's schema.
   if (upTo !== undefined && !all.some((m) => m.version === upTo)) throw new Error(`no schema version ${upTo}`);
-  const migrations = all.filter((m) => m.version <= (upTo ?? Infinity));
+  const wanted = all.filter((m) => m.version <= (upTo ?? Infinity));
+  const t = run.types;
   await db.transaction().execute(async (tx) => {
-    await run.lock(tx);
-    await run.exec(
-      tx,
-      `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at ${run.time})`,
-    );
+    // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
+    if (t.migrationLock) await run.exec(tx, t.migrationLock);
+    const appliedAt = `applied_at ${t.time} NOT NULL${t.nowDefault}`;
+    await run.exec(tx, `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, ${appliedAt})`);
     const applied = new Set((await tx.selectFrom('schemaMigrations').select('version').execute()).map((r) => r.version));
-    const newest = migrations[migrations.length - 1].version;
+    const newest = wanted[wanted.length - 1].version;
     const unknown = Math.max(...applied);
     if (unknown > newest)
       throw new Error(`${run.database} has schema version ${unknown}, newer than this server's ${newest}: upgrade the server`);
-    for (const m of migrations.filter((m) => !applied.has(m.version))) {
+    for (const m of wanted.filter((m) => !applied.has(m.version))) {
       await run.exec(tx, m.sql);
       await tx.insertInto('schemaMigrations').values({ version: m.version, name: m.name, appliedAt: new Date().toISOString() }).execute();
     }

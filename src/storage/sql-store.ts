@@ -93,7 +93,8 @@ export class SqlStore implements S.Store {
   }
 
   async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
-    return this.db.selectFrom('apiKeys').select(COLUMNS.key).where('tenantId', '=', tenantId).orderBy(['createdAt', 'id']).execute();
+    const keys = this.db.selectFrom('apiKeys').select(COLUMNS.key).where('tenantId', '=', tenantId);
+    return keys.orderBy('createdAt').orderBy('id').execute();
   }
 
   async touchApiKey(id: string): Promise<void> {
