@@ -16,6 +16,8 @@ export const COMPOSITION_ID = /^comp_[0-9a-f]{24}$/;
 /** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
 const BLOB_READ_RETRIES = 3;
 
+/** Whether a write changed exactly one row. */
+export const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
 export const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
 
 /** Limits are capped by the caller; this only keeps them a positive integer. */

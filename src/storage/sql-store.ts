@@ -1,12 +1,25 @@
 import { createHash } from 'node:crypto';
-import { sql, type ExpressionBuilder, type Kysely } from 'kysely';
+import { sql, type Kysely } from 'kysely';
 import * as E from '../errors.ts';
 import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
-import { COMPOSITION_ID, INTERVENTION_ID, blobsOf, clampLimit, countJobs, countStored, newId, orNull, pageOf, readBlobs } from './rows.ts';
+import {
+  COMPOSITION_ID,
+  INTERVENTION_ID,
+  blobsOf,
+  clampLimit,
+  countJobs,
+  countStored,
+  newId,
+  one,
+  orNull,
+  pageOf,
+  readBlobs,
+} from './rows.ts';
 import { COLUMNS, jsonText, toComposition, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
 import { Listeners } from './listeners.ts';
+import { JobQueue } from './job-queue.ts';
 
 /** The Store, once for both databases, over Kysely; what differs between them is a Dialect (dialect.ts). */
 
@@ -20,16 +33,17 @@ const TRANSACTION_ATTEMPTS = 3;
 
 const noTenant = (tenantId: string | null) => E.tenantNotFound({ id: String(tenantId) }, 'tenantId');
 const nameTaken = (name: string) => ({ unique: () => E.tenantNameTaken({ name }, 'name') });
-const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
 
 export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
   readonly jobListeners = new Listeners<[]>();
   private readonly db: Kysely<Tables>;
+  private readonly jobs: JobQueue;
   private closing: Promise<void> | null = null;
 
   constructor(private readonly d: Dialect) {
     this.db = d.db;
+    this.jobs = new JobQueue(d);
   }
 
   async createTenant(name: string): Promise<S.Tenant> {
@@ -277,7 +291,7 @@ export class SqlStore implements S.Store {
     const write = this.tx(async (tx) => {
       const values = { id, tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', createdAt: this.d.now() };
       const row = await tx.insertInto('jobs').values(values).returning(COLUMNS.job).executeTakeFirstOrThrow();
-      await this.addEvent(tx, id, 'status', { status: 'queued' });
+      await this.jobs.addEvent(tx, id, 'status', { status: 'queued' });
       await this.d.notify(tx, 'jobQueued', id);
       return row;
     });
@@ -307,64 +321,27 @@ export class SqlStore implements S.Store {
           .set({ cancelRequested: sql.lit(true) })
           .where('id', '=', id)
           .execute();
-      if (row.status === 'queued') await this.endJob(tx, id, { status: 'cancelled' });
+      if (row.status === 'queued') await this.jobs.end(tx, id, { status: 'cancelled' });
       return toJob(await tx.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id).executeTakeFirstOrThrow());
     });
   }
 
   async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: S.Job; lease: S.Lease } | null> {
-    // Read and taken in one write transaction, the row locked (SQLite: the database), so two
-    // workers in any processes never take the same job.
-    return this.tx(async (tx) => {
-      for (;;) {
-        const next = tx
-          .selectFrom('jobs')
-          .select(COLUMNS.job)
-          .where('status', 'in', ['queued', 'running'])
-          .where((eb) => eb.or([eb('status', '=', 'queued'), eb('leaseExpiresAt', '<=', this.d.leaseAt(0))]))
-          // Fair between tenants: the tenant served longest ago (or never) first, then the oldest job.
-          .orderBy(sql`(SELECT max(served.started_at) FROM jobs AS served WHERE served.tenant_id = jobs.tenant_id) ASC NULLS FIRST`)
-          .orderBy('seq')
-          .limit(1);
-        const row = await this.d.lock(next, 'skip').executeTakeFirst();
-        if (!row) return null;
-        // A cancel requested before its worker died wins over a retry.
-        if (row.cancelRequested) {
-          await this.endJob(tx, row.id, { status: 'cancelled' });
-          continue;
-        }
-        if (row.attempts >= maxAttempts) {
-          const error = `gave up after ${row.attempts} attempt(s): the worker stopped renewing its lease`;
-          await this.endJob(tx, row.id, { status: 'failed', error });
-          continue;
-        }
-        const claim = tx.updateTable('jobs').set((eb) => ({
-          status: 'running',
-          attempts: eb('attempts', '+', 1),
-          startedAt: eb.fn.coalesce('startedAt', sql<string>`${this.d.now()}`),
-          leaseWorker: workerId,
-          leaseExpiresAt: this.d.leaseAt(leaseMs),
-        }));
-        const columns = [...COLUMNS.job, 'leaseExpiresAt as expiresAt'] as const;
-        const { expiresAt, ...claimed } = await claim.where('id', '=', row.id).returning(columns).executeTakeFirstOrThrow();
-        await this.addEvent(tx, row.id, 'status', { status: 'running', attempt: claimed.attempts });
-        return { job: toJob(claimed), lease: { jobId: row.id, workerId, expiresAt: new Date(expiresAt!).getTime() } };
-      }
-    });
+    return this.tx((tx) => this.jobs.claim(tx, workerId, leaseMs, maxAttempts));
   }
 
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db.updateTable('jobs').set({ leaseExpiresAt: this.d.leaseAt(leaseMs) });
-    return one(await renew.where(this.leaseHeld(jobId, workerId)).executeTakeFirst());
+    return one(await renew.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
   }
 
   async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
     const update = this.db.updateTable('jobs').set({ progress: jsonText(progress) });
-    return one(await update.where(this.leaseHeld(jobId, workerId)).executeTakeFirst());
+    return one(await update.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
-    const row = await this.tx((tx) => this.addEvent(tx, jobId, type, data));
+    const row = await this.tx((tx) => this.jobs.addEvent(tx, jobId, type, data));
     if (!row) throw E.jobNotFound({ id: jobId }, 'jobId');
     return toEvent(row);
   }
@@ -379,7 +356,7 @@ export class SqlStore implements S.Store {
     let replaced: unknown[] = [];
     const saved = await this.withBlobs(jobId, ['ckpt'], [state], async (tx, staged) => {
       // Locked: the lease can't expire into another worker's hands before the commit.
-      if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where(this.leaseHeld(jobId, workerId)), 'row').executeTakeFirst()))
+      if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where(this.jobs.leaseHeld(jobId, workerId)), 'row').executeTakeFirst()))
         return false;
       replaced = await blobsOf(this.d.blobs, tx.selectFrom('checkpoints').where('jobId', '=', jobId), [column]);
       staged.promote();
@@ -406,7 +383,7 @@ export class SqlStore implements S.Store {
   async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
     const error = outcome.status === 'failed' ? outcome.error : null;
     const interventionId = outcome.status === 'succeeded' ? outcome.interventionId : null;
-    const write = this.tx((tx) => this.endJob(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
+    const write = this.tx((tx) => this.jobs.end(tx, jobId, { status: outcome.status, error, interventionId }, workerId));
     return this.named(write, { foreignKey: () => E.interventionNotFound({ id: String(interventionId) }, 'interventionId') });
   }
 
@@ -508,39 +485,5 @@ export class SqlStore implements S.Store {
   private byIdOrName(table: 'interventions' | 'compositions', tenantId: string | null, idOrName: string) {
     const match = this.visible(table, tenantId).where((eb) => eb.or([eb('id', '=', idOrName), eb('name', '=', idOrName)]));
     return match.orderBy(sql`id = ${idOrName} DESC, tenant_id IS NULL`).limit(1);
-  }
-
-  /** The guard of every worker write: the worker named holds an unexpired lease. */
-  private leaseHeld(jobId: string, workerId: string) {
-    const live = this.d.leaseAt(0);
-    return (eb: ExpressionBuilder<Tables, 'jobs'>) =>
-      eb.and([eb('id', '=', jobId), eb('status', '=', 'running'), eb('leaseWorker', '=', workerId), eb('leaseExpiresAt', '>', live)]);
-  }
-
-  /** Appends an event with the job's next number (the job's row locked, so concurrent appends never collide); undefined when there is no such job. */
-  private async addEvent(tx: Tx, jobId: string, type: string, data: unknown) {
-    if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where('id', '=', jobId), 'row').executeTakeFirst())) return undefined;
-    const seq = sql<number>`(SELECT coalesce(max(seq), 0) + 1 FROM job_events WHERE job_id = ${jobId})`;
-    const row = { jobId, seq, createdAt: this.d.now(), type, data: jsonText(data) };
-    return tx.insertInto('jobEvents').values(row).returning(COLUMNS.event).executeTakeFirstOrThrow();
-  }
-
-  /**
-   * Ends a job with its 'status' event: one `workerId` holds (finishJob), or whatever its lease
-   * (a queued cancel, a claim's give-up). False when the worker no longer holds it.
-   */
-  private async endJob(
-    tx: Tx,
-    id: string,
-    end: { status: S.JobStatus; error?: string | null; interventionId?: string | null },
-    workerId?: string,
-  ) {
-    const { status, error = null, interventionId = null } = end;
-    const set = { status, error, interventionId, finishedAt: this.d.now(), leaseWorker: null, leaseExpiresAt: null };
-    const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);
-    if (!one(await tx.updateTable('jobs').set(set).where(held).executeTakeFirst())) return false;
-    const event = { status, ...(error !== null && { error }), ...(interventionId !== null && { intervention_id: interventionId }) };
-    await this.addEvent(tx, id, 'status', event);
-    return true;
   }
 }
