@@ -23,15 +23,6 @@ const TEMP_PREFIX = 'tmp~';
 /** Final blob names: <row id>.<random>.<kind>; anything else in blobs/ is left alone. */
 const FINAL_NAME = /^(iv|file|job)_[0-9a-f]{24}\.[0-9a-f]{8}\.(config|weights|data|ckpt)$/;
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** The columns that name each row's blob files. */
 export const BLOB_FILE_COLUMNS: BlobColumns = { config: 'config_blob', weights: 'weights_blob', file: 'blob', checkpoint: 'blob' };
 
@@ -69,7 +60,9 @@ export class BlobFiles implements Blobs {
   }
 
   async read(names: unknown[]): Promise<Uint8Array[] | null> {
-    const data = await Promise.all((names as string[]).map((n) => this.readOne(n)));
+    const missing = (e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : Promise.reject(e));
+    const readOne = (name: string) => readFile(this.path(name)).then((b) => new Uint8Array(b.buffer, b.byteOffset, b.byteLength), missing);
+    const data = await Promise.all((names as string[]).map(readOne));
     return data.every((d) => d !== null) ? (data as Uint8Array[]) : null;
   }
 
@@ -122,17 +115,18 @@ export class BlobFiles implements Blobs {
     }
   }
 
-  private async readOne(name: string): Promise<Uint8Array | null> {
-    const missing = (e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : Promise.reject(e));
-    return readFile(this.path(name)).then((buf) => new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength), missing);
-  }
-
   private abandonedTemp(name: string, now: number): boolean {
     const stat = statSync(this.path(name), { throwIfNoEntry: false });
     if (!stat) return false;
     if (now - stat.mtimeMs > STALE_TEMP_MS) return true;
     const [, host, pid] = name.split('~');
     // A pid means something only on this host (and in this pid namespace, hence also the age rule).
-    return host === hostname() && !processAlive(Number(pid));
+    if (host !== hostname()) return false;
+    try {
+      process.kill(Number(pid), 0);
+      return false;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code !== 'EPERM'; // EPERM: alive, another user's
+    }
   }
 }

@@ -6,7 +6,7 @@ const RECONNECT_FIRST_MS = 100;
 const RECONNECT_MAX_MS = 2_000;
 /** The connection is pinged this often: a dead TCP peer may never send a reset. */
 const PING_MS = 15_000;
-const PING_TIMEOUT_MS = 5_000;
+const PING = { text: 'SELECT 1', query_timeout: 5_000 } as QueryConfig;
 
 export interface ListenerEvents {
   notification(msg: Notification): void;
@@ -26,7 +26,6 @@ export class Listener {
   private reconnectTimer: NodeJS.Timeout | null = null;
   private pingTimer: NodeJS.Timeout | null = null;
   private failures = 0;
-  private started = false;
   private closed = false;
 
   constructor(
@@ -38,14 +37,15 @@ export class Listener {
   /** Connects once; throws if that fails (the store then fails to open). */
   async start(): Promise<void> {
     await this.connect();
-    this.started = true;
-    this.pingTimer = setInterval(() => this.ping(), PING_MS).unref();
+    // A dead peer that never sent a reset leaves the socket open but silent: a ping finds out.
+    const ping = (client: Client) => client.query(PING).catch((e: Error) => this.lose(client, e));
+    this.pingTimer = setInterval(() => this.client && ping(this.client), PING_MS).unref();
   }
 
   async close(): Promise<void> {
     this.closed = true;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    if (this.pingTimer) clearInterval(this.pingTimer);
+    clearTimeout(this.reconnectTimer ?? undefined);
+    clearInterval(this.pingTimer ?? undefined);
     const client = this.client;
     this.client = null;
     await client?.end().catch(() => {});
@@ -74,7 +74,7 @@ export class Listener {
     if (client !== this.client) return;
     this.client = null;
     client.end().catch(() => {});
-    if (!this.started || this.closed || this.reconnectTimer) return;
+    if (!this.pingTimer || this.closed || this.reconnectTimer) return; // not started yet: start() throws
     if (this.failures === 0) this.events.lost(err);
     const cap = Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** this.failures++);
     // Jitter: processes that lost the same server don't all come back in the same millisecond.
@@ -84,19 +84,12 @@ export class Listener {
 
   private async reconnect(): Promise<void> {
     this.reconnectTimer = null;
-    try {
-      await this.connect();
-    } catch {
-      return; // lose() has scheduled the next attempt
-    }
-    if (this.closed) return;
+    const connected = await this.connect().then(
+      () => true,
+      () => false, // lose() has scheduled the next attempt
+    );
+    if (!connected || this.closed) return;
     this.failures = 0;
     this.events.reconnected();
-  }
-
-  /** A dead peer that never sent a reset leaves the socket open but silent: a ping finds out. */
-  private ping(): void {
-    const client = this.client;
-    if (client) client.query({ text: 'SELECT 1', query_timeout: PING_TIMEOUT_MS } as QueryConfig).catch((e: Error) => this.lose(client, e));
   }
 }

@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
+import { CamelCasePlugin, Kysely, PostgresDialect, PostgresDriver, sql, type DatabaseConnection, type Driver } from 'kysely';
 import { DatabaseError, Pool, TypeOverrides, type PoolConfig } from 'pg';
 import { ReftError, databaseUnavailable } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
-import { migrate, migrations, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
+import { migrate, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
 import type { AnySelect } from './dialect.ts';
 import type { Store } from './store.ts';
@@ -65,7 +65,16 @@ const TYPES: SqlTypes = {
       (t) => `ALTER TABLE ${t} DROP CONSTRAINT ${t}_tenant_id_fkey, ADD FOREIGN KEY (tenant_id) REFERENCES tenants (id) ON DELETE CASCADE;`,
     )
     .join('\n'),
+  migrationLock: `SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`,
   eventSeq: ', event_seq integer NOT NULL DEFAULT 0', // unused: events are numbered under the job's row lock (sql-store.ts)
+};
+
+/** Row locks: 'row' doesn't block foreign key checks ('share'), which 'delete' waits for and keeps out. */
+const LOCKS = {
+  row: (q: AnySelect) => q.forNoKeyUpdate(),
+  skip: (q: AnySelect) => q.forNoKeyUpdate().skipLocked(),
+  share: (q: AnySelect) => q.forKeyShare(),
+  delete: (q: AnySelect) => q.forUpdate(),
 };
 
 /** A deadlock or serialization failure: the transaction may succeed when run again. */
@@ -130,7 +139,7 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
   const ignore = () => {};
   pool.on('acquire', (client) => client.on('error', ignore));
   pool.on('release', (_, client) => client.off('error', ignore));
-  const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool) });
+  const db = new Kysely<Tables>({ dialect: new GuardedDialect(pool), plugins: [new CamelCasePlugin()] });
   // Sent with every NOTIFY, so this store skips the echoes of its own (it fired its listeners at commit).
   const sender = randomBytes(8).toString('hex');
   let listener: Listener | undefined;
@@ -138,16 +147,7 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     db,
     now: () => sql<string>`now()`,
     leaseAt: (ms) => sql<string>`now() + ${ms} * interval '1 millisecond'`,
-    lock: (query, mode) => {
-      const q = query as AnySelect;
-      const locks = {
-        row: () => q.forNoKeyUpdate(),
-        share: () => q.forKeyShare(),
-        skip: () => q.forNoKeyUpdate().skipLocked(),
-        delete: () => q.forUpdate(),
-      };
-      return locks[mode]() as typeof query;
-    },
+    lock: (query, mode) => LOCKS[mode](query) as typeof query,
     addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
       // One statement for the batch. Its tenants are locked FOR KEY SHARE (as a foreign key check
@@ -186,18 +186,8 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     },
   });
   try {
-    await migrate(
-      db,
-      migrations(TYPES, COLUMNS),
-      {
-        database: 'the database',
-        time: 'timestamptz NOT NULL DEFAULT now()',
-        // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
-        lock: async (tx) => void (await sql`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY})`.execute(tx)),
-        exec: async (tx, text) => void (await sql.raw(text).execute(tx)),
-      },
-      options.schemaVersion,
-    );
+    const exec = async (tx: Kysely<Tables>, text: string) => void (await sql.raw(text).execute(tx));
+    await migrate(db, { types: TYPES, blobs: COLUMNS, database: 'the database', exec }, options.schemaVersion);
     listener = new Listener(config, Object.values(CHANNELS), {
       notification: ({ channel, payload = '' }) => {
         const [from, id] = payload.split(' ');

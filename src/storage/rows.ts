@@ -16,7 +16,8 @@ export const COMPOSITION_ID = /^comp_[0-9a-f]{24}$/;
 /** Re-reads of a row whose blob vanished under us (replaced or deleted between two reads). */
 const BLOB_READ_RETRIES = 3;
 
-export const same = <T>(row: T): T => row;
+/** Whether a write changed exactly one row. */
+export const one = (r: { numUpdatedRows?: bigint; numDeletedRows?: bigint }): boolean => (r.numUpdatedRows ?? r.numDeletedRows) === 1n;
 export const orNull = <R, T>(row: R | null | undefined, map: (row: R) => T): T | null => (row ? map(row) : null);
 
 /** Limits are capped by the caller; this only keeps them a positive integer. */
@@ -50,10 +51,13 @@ export async function pageOf<T>(
   return { data: data.map(map), nextCursor: found.length > limit ? data[limit - 1].id : null };
 }
 
+/** Blob columns as b0, b1...: their names differ per dialect, and would be camelCased in results. */
+const aliased = (columns: string[]) => columns.map((c, i) => sql.ref(c).as(`b${i}`));
+
 /** The blob column values of the rows `from` finds, where they name files to release later (else none). */
 export async function blobsOf(blobs: Blobs, from: AnySelect, columns: string[]): Promise<unknown[]> {
   if (!blobs.external) return [];
-  return (await from.select(columns.map((c) => sql.ref(c).as(c))).execute()).flatMap((row) => columns.map((c) => row[c]));
+  return (await from.select(aliased(columns)).execute()).flatMap((row) => columns.map((_, i) => row[`b${i}`]));
 }
 
 /** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
@@ -64,10 +68,10 @@ export async function readBlobs(
   seen?: (row: Record<string, unknown>) => void,
 ): Promise<Uint8Array[] | null> {
   for (let attempt = 0; ; attempt++) {
-    const row = await from.select(columns.map((c) => sql.ref(c).as(c))).executeTakeFirst();
+    const row = await from.select(aliased(columns)).executeTakeFirst();
     if (!row) return null;
     seen?.(row);
-    const data = await blobs.read(columns.map((c) => row[c]));
+    const data = await blobs.read(columns.map((_, i) => row[`b${i}`]));
     if (data) return data;
     if (attempt >= BLOB_READ_RETRIES) throw storedFileMissing({ where: blobs.where });
   }
@@ -76,12 +80,12 @@ export async function readBlobs(
 /** What a tenant has stored: interventions, files and their bytes, and its unfinished jobs. */
 export async function countStored(db: Kysely<Tables>, tenantId: string): Promise<StoredUsage> {
   const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
-  const row = await db.selectFrom('interventions').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
-  const files = await db.selectFrom('files').select(totals).where('tenant_id', '=', tenantId).executeTakeFirstOrThrow();
+  const row = await db.selectFrom('interventions').select(totals).where('tenantId', '=', tenantId).executeTakeFirstOrThrow();
+  const files = await db.selectFrom('files').select(totals).where('tenantId', '=', tenantId).executeTakeFirstOrThrow();
   const jobs = await db
     .selectFrom('jobs')
     .select(sql<number>`count(*)`.as('n'))
-    .where('tenant_id', '=', tenantId)
+    .where('tenantId', '=', tenantId)
     .where('status', 'in', ['queued', 'running'])
     .executeTakeFirstOrThrow();
   const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);

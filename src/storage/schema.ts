@@ -1,9 +1,11 @@
 import type { Generated, Kysely } from 'kysely';
-import type { CompositionItem, InterventionMeta, JobStatus } from './store.ts';
+import type { Composition, InterventionMeta, Job, JobEvent, StoredFile, Tenant, ApiKey, UsageRecord } from './store.ts';
 
 /**
  * The schema, declared once for both dialects: the tables as the store's queries see them
- * (Tables) and the migrations that make them, with each dialect's column types spliced in.
+ * (Tables, derived from the records of store.ts) and the migrations that make them, with each
+ * dialect's column types spliced in. Queries name columns in camelCase (Kysely's CamelCasePlugin
+ * maps them to the tables' snake_case).
  *
  * Both drivers are set up to hand back the same values: timestamps as ISO 8601 text, JSON as
  * text, int8 as a JS number. Three kinds of column still differ and stay out of Tables: file
@@ -16,71 +18,28 @@ export type Json = string;
 
 export const jsonText = (value: unknown): Json => JSON.stringify(value ?? null);
 
-/** Every listed table has 'seq': it numbers rows in insert order (pages, the job queue); 'id' is the public key. */
+/** A record as a table stores it: the fields named `J` as JSON text. */
+type Stored<T, J extends keyof T = never> = { [K in keyof T]: K extends J ? Json : T[K] };
+/** A listed table's row: 'seq' numbers rows in insert order (pages, the job queue); 'id' is the public key. */
+type Listed<T, J extends keyof T = never> = Stored<T, J> & { seq: Generated<number> };
+
 export interface Tables {
-  tenants: { seq: Generated<number>; id: string; name: string; created_at: string };
-  api_keys: {
-    id: string;
-    tenant_id: string;
-    secret_hash: string;
-    prefix: string | null;
-    created_at: string;
-    revoked_at: string | null;
-    last_used_at: string | null;
-  };
-  interventions: {
-    seq: Generated<number>;
-    id: string;
-    tenant_id: string | null;
-    name: string;
-    description: string | null;
-    source: InterventionMeta['source'];
-    config: Json;
-    version: number;
-    bytes: number;
-    sha256: string;
-    created_at: string;
-    updated_at: string;
-  };
-  compositions: {
-    seq: Generated<number>;
-    id: string;
-    tenant_id: string | null;
-    name: string;
-    items: Json;
-    created_at: string;
-    updated_at: string;
-  };
-  composition_uses: { composition_id: string; intervention_id: string };
-  files: { seq: Generated<number>; id: string; tenant_id: string; filename: string; purpose: string; bytes: number; created_at: string };
-  jobs: {
-    seq: Generated<number>;
-    id: string;
-    tenant_id: string;
-    status: JobStatus;
-    spec: Json;
-    progress: Json;
-    error: string | null;
-    intervention_id: string | null;
+  tenants: Listed<Tenant>;
+  apiKeys: ApiKey & { secretHash: string };
+  interventions: Listed<InterventionMeta, 'config'>;
+  compositions: Listed<Composition, 'items'>;
+  compositionUses: { compositionId: string; interventionId: string };
+  files: Listed<StoredFile>;
+  jobs: Listed<Omit<Job, 'attempts' | 'cancelRequested'>, 'spec' | 'progress'> & {
     attempts: Generated<number>;
-    cancel_requested: Generated<boolean | number>;
-    created_at: string;
-    started_at: string | null;
-    finished_at: string | null;
-    lease_worker: string | null;
-    lease_expires_at: number | string | null;
+    cancelRequested: Generated<boolean | number>;
+    leaseWorker: string | null;
+    leaseExpiresAt: number | string | null;
   };
-  job_events: { job_id: string; seq: number; created_at: string; type: string; data: Json };
-  checkpoints: { job_id: string; step: number; bytes: number; created_at: string };
-  tenant_usage: {
-    tenant_id: string;
-    day: string;
-    requests: number;
-    prompt_tokens: number;
-    completion_tokens: number;
-    training_tokens: number;
-  };
-  schema_migrations: { version: number; name: string; applied_at: string };
+  jobEvents: Stored<JobEvent, 'data'>;
+  checkpoints: { jobId: string; step: number; bytes: number; createdAt: string };
+  tenantUsage: UsageRecord;
+  schemaMigrations: { version: number; name: string; appliedAt: string };
 }
 
 /** The columns holding (or naming) each table's file bytes. */
@@ -94,22 +53,18 @@ export interface BlobColumns {
 /**
  * A dialect's words for the schema, spliced into the migrations: column types (seq is the
  * primary key; nowDefault a default of the current time, or nothing), nameKey the unique key of
- * an intervention's name among its owner's (or the shared) ones, cascade
- * what makes deleting a tenant delete what it owns (where the database can add that to a foreign key), afterInitial what migration 1
- * ends with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its
- * events (or nothing).
+ * a name among its owner's (or the shared) ones, cascade what makes deleting a tenant delete what
+ * it owns (where the database can add that to a foreign key), afterInitial what migration 1 ends
+ * with, usageTable what follows tenant_usage's columns, eventSeq a job column numbering its events
+ * (or nothing), migrationLock what keeps other processes out of a migration (or nothing).
  */
 type SqlWord = 'cascade' | 'seq' | 'time' | 'nowDefault' | 'json' | 'flag' | 'falseValue' | 'big' | 'blob' | 'lease' | 'day';
-export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq', string>;
+export type SqlTypes = Record<SqlWord | 'nameKey' | 'afterInitial' | 'usageTable' | 'eventSeq' | 'migrationLock', string>;
 
-export interface Migration {
-  version: number;
-  name: string;
-  sql: string;
-}
+type Migration = { version: number; name: string; sql: string };
 
 /** The migrations, numbered from 1 (append-only: never edit a shipped one, add the next version). */
-export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
+function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
   const created = `created_at ${t.time} NOT NULL${t.nowDefault}`;
   const owned = (table: string) => `CREATE INDEX ${table}_tenant ON ${table} (tenant_id, seq);`;
   const initial = `
@@ -188,34 +143,24 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
   ];
 }
 
-// Rows as the store reads them: with the interface's names (COLUMNS aliases them), JSON and flags mapped.
-
-/** The columns each kind of row is read with (never the file bytes), in the interface's order. */
+/** The columns each kind of row is read with (never the file bytes). */
 export const COLUMNS = {
-  tenant: ['id', 'name', 'created_at as createdAt'],
-  key: ['id', 'tenant_id as tenantId', 'prefix', 'created_at as createdAt', 'revoked_at as revokedAt', 'last_used_at as lastUsedAt'],
-  intervention: [
-    ...['id', 'tenant_id as tenantId', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256'],
-    ...['created_at as createdAt', 'updated_at as updatedAt'],
-  ],
-  file: ['id', 'tenant_id as tenantId', 'filename', 'purpose', 'bytes', 'created_at as createdAt'],
+  tenant: ['id', 'name', 'createdAt'],
+  key: ['id', 'tenantId', 'prefix', 'createdAt', 'revokedAt', 'lastUsedAt'],
+  intervention: ['id', 'tenantId', 'name', 'description', 'source', 'config', 'version', 'bytes', 'sha256', 'createdAt', 'updatedAt'],
+  composition: ['id', 'tenantId', 'name', 'items', 'createdAt', 'updatedAt'],
+  file: ['id', 'tenantId', 'filename', 'purpose', 'bytes', 'createdAt'],
   job: [
-    ...['id', 'tenant_id as tenantId', 'status', 'spec', 'progress', 'error', 'intervention_id as interventionId', 'attempts'],
-    ...['cancel_requested as cancelRequested', 'created_at as createdAt', 'started_at as startedAt', 'finished_at as finishedAt'],
+    ...['id', 'tenantId', 'status', 'spec', 'progress', 'error', 'interventionId', 'attempts', 'cancelRequested'],
+    ...['createdAt', 'startedAt', 'finishedAt'],
   ],
-  composition: ['id', 'tenant_id as tenantId', 'name', 'items', 'created_at as createdAt', 'updated_at as updatedAt'],
-  event: ['seq', 'job_id as jobId', 'created_at as createdAt', 'type', 'data'],
-  usageDay: [
-    'day',
-    'requests',
-    'prompt_tokens as promptTokens',
-    'completion_tokens as completionTokens',
-    'training_tokens as trainingTokens',
-  ],
+  event: ['seq', 'jobId', 'createdAt', 'type', 'data'],
+  usageDay: ['day', 'requests', 'promptTokens', 'completionTokens', 'trainingTokens'],
 } as const;
 
+// Rows read with COLUMNS, as records: JSON parsed, flags made booleans.
 export const toIntervention = <R extends { config: Json }>(r: R) => ({ ...r, config: JSON.parse(r.config) as unknown });
-export const toComposition = <R extends { items: Json }>(r: R) => ({ ...r, items: JSON.parse(r.items) as CompositionItem[] });
+export const toComposition = <R extends { items: Json }>(r: R) => ({ ...r, items: JSON.parse(r.items) as Composition['items'] });
 export const toEvent = <R extends { data: Json }>(r: R) => ({ ...r, data: JSON.parse(r.data) as unknown });
 export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: unknown }>(r: R) => ({
   ...r,
@@ -225,40 +170,35 @@ export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: u
 });
 
 /**
- * How a dialect runs migrations: `lock` runs first in the transaction and keeps other processes
- * out until it commits (SQLite: BEGIN IMMEDIATE already does), `exec` runs several statements.
- */
-export interface MigrationRunner {
-  database: string; // names it in errors
-  time: string; // applied_at's type and default
-  lock(tx: Kysely<Tables>): Promise<void>;
-  exec(tx: Kysely<Tables>, sql: string): Promise<void>;
-}
-
-/**
  * Applies the migrations the database lacks, in order, recorded in schema_migrations, in one
- * transaction that keeps other processes out: a second process starting meanwhile waits, then
- * finds them applied. A database a newer server migrated is refused, not run on a schema this
- * server does not know.
+ * transaction that keeps other processes out (the dialect's migrationLock, or SQLite's BEGIN IMMEDIATE):
+ * a second process starting meanwhile waits, then finds them applied. A database a newer server
+ * migrated is refused, not run on a schema this server does not know. `exec` runs several statements;
+ * `database` names it in errors.
  */
-export async function migrate(db: Kysely<Tables>, all: readonly Migration[], run: MigrationRunner, upTo?: number): Promise<void> {
+export async function migrate(
+  db: Kysely<Tables>,
+  run: { types: SqlTypes; blobs: BlobColumns; database: string; exec(tx: Kysely<Tables>, sql: string): Promise<void> },
+  upTo?: number,
+): Promise<void> {
+  const all = migrations(run.types, run.blobs);
   // Only tests of an upgrade pass `upTo`, to get an older server's schema.
   if (upTo !== undefined && !all.some((m) => m.version === upTo)) throw new Error(`no schema version ${upTo}`);
-  const migrations = all.filter((m) => m.version <= (upTo ?? Infinity));
+  const wanted = all.filter((m) => m.version <= (upTo ?? Infinity));
+  const t = run.types;
   await db.transaction().execute(async (tx) => {
-    await run.lock(tx);
-    await run.exec(
-      tx,
-      `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at ${run.time})`,
-    );
-    const applied = new Set((await tx.selectFrom('schema_migrations').select('version').execute()).map((r) => r.version));
-    const newest = migrations[migrations.length - 1].version;
+    // First, before anything else: concurrent CREATE TABLE IF NOT EXISTS can itself collide.
+    if (t.migrationLock) await run.exec(tx, t.migrationLock);
+    const appliedAt = `applied_at ${t.time} NOT NULL${t.nowDefault}`;
+    await run.exec(tx, `CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, ${appliedAt})`);
+    const applied = new Set((await tx.selectFrom('schemaMigrations').select('version').execute()).map((r) => r.version));
+    const newest = wanted[wanted.length - 1].version;
     const unknown = Math.max(...applied);
     if (unknown > newest)
       throw new Error(`${run.database} has schema version ${unknown}, newer than this server's ${newest}: upgrade the server`);
-    for (const m of migrations.filter((m) => !applied.has(m.version))) {
+    for (const m of wanted.filter((m) => !applied.has(m.version))) {
       await run.exec(tx, m.sql);
-      await tx.insertInto('schema_migrations').values({ version: m.version, name: m.name, applied_at: new Date().toISOString() }).execute();
+      await tx.insertInto('schemaMigrations').values({ version: m.version, name: m.name, appliedAt: new Date().toISOString() }).execute();
     }
   });
 }

@@ -1,9 +1,9 @@
 import Database from 'better-sqlite3';
-import { CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, type SqliteDialectConfig } from 'kysely';
+import { CamelCasePlugin, CompiledQuery, Kysely, SqliteDialect, SqliteDriver, sql, type Driver, type SqliteDialectConfig } from 'kysely';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { BLOB_FILE_COLUMNS, BlobFiles, type FaultPoint } from './blob-files.ts';
-import { migrate, migrations, type SqlTypes, type Tables } from './schema.ts';
+import { migrate, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
 import type { Store } from './store.ts';
 
@@ -45,6 +45,7 @@ const TYPES: SqlTypes = {
   eventSeq: '',
   // SQLite can't alter a foreign key: deleteTenant deletes what a tenant owns itself.
   cascade: '',
+  migrationLock: '', // BEGIN IMMEDIATE already keeps other processes out
 };
 
 /** Kysely's SQLite dialect, with BEGIN IMMEDIATE for its transactions. */
@@ -65,16 +66,11 @@ export async function openSqliteStore(dataDir: string, options: SqliteStoreOptio
   const blobs = new BlobFiles(join(dataDir, 'blobs'), options.faultHook);
   mkdirSync(blobs.where, { recursive: true });
   const raw = new Database(join(dataDir, 'reft.db'), { timeout: BUSY_TIMEOUT_MS });
-  const db = new Kysely<Tables>({ dialect: new ImmediateDialect({ database: raw }) });
+  const db = new Kysely<Tables>({ dialect: new ImmediateDialect({ database: raw }), plugins: [new CamelCasePlugin()] });
   try {
     configure(raw);
-    const runner = {
-      database: raw.name,
-      time: 'TEXT NOT NULL',
-      lock: async () => {},
-      exec: async (_: unknown, text: string) => void raw.exec(text),
-    };
-    await migrate(db, migrations(TYPES, BLOB_FILE_COLUMNS), runner, options.schemaVersion);
+    const exec = async (_: unknown, text: string) => void raw.exec(text);
+    await migrate(db, { types: TYPES, blobs: BLOB_FILE_COLUMNS, database: raw.name, exec }, options.schemaVersion);
     sweep(raw, blobs);
   } catch (e) {
     await db.destroy().catch(() => {});

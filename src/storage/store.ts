@@ -4,9 +4,8 @@
  *
  * - Writes are all or nothing. Ids are opaque (prefix + random), safe in URLs and file names.
  * - Reads are tenant-scoped: another tenant's row reads as missing. `tenantId === null` means
- *   "shared only" for interventions, "any tenant" for `getJob` (workers). `readInterventionFiles`
- *   and `loadCheckpoint` are unscoped: callers find the row through a scoped method first.
- * - An intervention's `sha256` digests its config's bytes then its weights' (`bytes`: their sum).
+ *   "shared only" for interventions and compositions, "any tenant" for `getJob` (workers).
+ *   `readInterventionFiles` and `loadCheckpoint` are unscoped: callers find the row through a scoped method first.
  * - Pages (and the job queue) are in insertion order, exact within a millisecond; `listJobs`
  *   with order 'desc' is newest first. A cursor naming no visible row is invalid_request "after".
  * - A write naming a missing tenant, job or intervention is a not_found on that field (replacing
@@ -16,16 +15,11 @@
  *   out of attempts fails.
  * - `recordUsage` adds to each tenant's row per day, in one transaction, never losing an
  *   increment between processes; entries of missing tenants are skipped, all-zero ones make no
- *   row, an invalid one is an invalid_request naming it (nothing written). `getUsage` gives the
- *   days with a row in [from, to], ascending.
+ *   row, an invalid one is an invalid_request naming it (nothing written).
  * - Listeners fire in the writing process once, after its commit, and in others where the
  *   dialect can (PostgreSQL). Caches key on (id, version), read fresh by `findIntervention`.
  */
-export interface Tenant {
-  id: string;
-  name: string;
-  createdAt: string;
-}
+export type Tenant = { id: string; name: string; createdAt: string };
 
 export interface ApiKey {
   id: string;
@@ -51,16 +45,14 @@ export interface InterventionMeta {
   config: unknown;
   /** Bumped on every replacement: caches key on (id, version). */
   version: number;
+  /** The files' total bytes, and the digest of the config's bytes then the weights'. */
   bytes: number;
   sha256: string;
   createdAt: string;
   updatedAt: string;
 }
 
-export interface InterventionFiles {
-  config: Uint8Array;
-  weights: Uint8Array;
-}
+export type InterventionFiles = { config: Uint8Array; weights: Uint8Array };
 
 export interface NewIntervention {
   tenantId: string | null;
@@ -71,7 +63,7 @@ export interface NewIntervention {
   files: InterventionFiles;
 }
 
-/** One intervention of a composition, with how it is applied. */
+/** One intervention of a composition, and how it is applied. */
 export interface CompositionItem {
   /** A stored intervention's id (resolved before saving): deleting it is refused while a composition uses it. */
   intervention: string;
@@ -81,26 +73,18 @@ export interface CompositionItem {
 }
 
 /** Interventions saved to be applied together, scoped and named as interventions are. */
-export interface Composition {
+export type Composition = {
   id: string;
   tenantId: string | null;
   name: string;
   items: CompositionItem[];
   createdAt: string;
   updatedAt: string;
-}
+};
+export type NewComposition = Pick<Composition, 'tenantId' | 'name' | 'items'>;
 
-export interface NewComposition {
-  tenantId: string | null;
-  name: string;
-  items: CompositionItem[];
-}
-
-export interface Page<T> {
-  data: T[];
-  /** Pass as `after` to get the next page; null on the last page. */
-  nextCursor: string | null;
-}
+/** `nextCursor`: pass as `after` for the next page; null on the last page. */
+export type Page<T> = { data: T[]; nextCursor: string | null };
 
 export interface PageRequest {
   limit: number;
@@ -109,40 +93,21 @@ export interface PageRequest {
   order?: 'asc' | 'desc';
 }
 
-/** What a tenant has stored: its interventions, and their files' total bytes. */
-export interface StoredUsage {
-  interventions: number;
-  /** Bytes of the interventions' files. */
-  bytes: number;
-  /** Training data files, and their bytes. */
-  files: number;
-  fileBytes: number;
-  /** Training jobs queued or running (each will add an intervention when it succeeds). */
-  activeJobs: number;
-}
+/** What a tenant has stored: interventions and their files' bytes, training data files and theirs, jobs queued or running. */
+export type StoredUsage = { interventions: number; bytes: number; files: number; fileBytes: number; activeJobs: number };
 
-/** What a tenant used on one day (UTC): `recordUsage` adds these, `getUsage` returns the sums. */
-export interface UsageRecord {
+/** What a tenant used on one UTC day (YYYY-MM-DD): `recordUsage` adds these, `getUsage` returns the sums. */
+export type UsageRecord = {
   tenantId: string;
-  /** YYYY-MM-DD, UTC. */
   day: string;
   requests: number;
   promptTokens: number;
   completionTokens: number;
   trainingTokens: number;
-}
-
-/** One day of a tenant's usage, as `getUsage` returns it. */
+};
 export type UsageDay = Omit<UsageRecord, 'tenantId'>;
 
-export interface StoredFile {
-  id: string;
-  tenantId: string;
-  filename: string;
-  purpose: string;
-  bytes: number;
-  createdAt: string;
-}
+export type StoredFile = { id: string; tenantId: string; filename: string; purpose: string; bytes: number; createdAt: string };
 
 export const JOB_STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 export type JobStatus = (typeof JOB_STATUSES)[number];
@@ -164,28 +129,17 @@ export interface Job {
   finishedAt: string | null;
 }
 
-export interface JobEvent {
-  seq: number;
-  jobId: string;
-  createdAt: string;
-  /** 'status' | 'metrics' | 'log' ... */
-  type: string;
-  data: unknown;
-}
+/** `type`: 'status' | 'metrics' | 'log' ... */
+export type JobEvent = { seq: number; jobId: string; createdAt: string; type: string; data: unknown };
 
 /** How a worker ends a job it holds. */
 export type JobOutcome = { status: 'succeeded'; interventionId: string } | { status: 'failed'; error: string } | { status: 'cancelled' };
 
-export interface Lease {
-  jobId: string;
-  workerId: string;
-  /** Epoch ms when the lease expires unless renewed. */
-  expiresAt: number;
-}
+/** `expiresAt`: epoch ms when the lease expires unless renewed. */
+export type Lease = { jobId: string; workerId: string; expiresAt: number };
 
 export interface Store {
-  // tenants and keys
-  /** Names are unique: a taken one is a conflict on "name" (renameTenant too). */
+  // tenants and keys; names are unique: a taken one is a conflict on "name"
   createTenant(name: string): Promise<Tenant>;
   getTenant(id: string): Promise<Tenant | null>;
   listTenants(page: PageRequest): Promise<Page<Tenant>>;
@@ -205,22 +159,22 @@ export interface Store {
   // interventions
   /** Creates one; with `replaceId`, replaces that one's files in place (same id, version + 1). */
   putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta>;
-  /** An intervention the tenant can see (its own or shared), by id or by name. */
+  /** One the tenant can see (its own or shared), by id or by name (its own first). */
   findIntervention(tenantId: string | null, idOrName: string): Promise<InterventionMeta | null>;
   listInterventions(tenantId: string | null, page: PageRequest): Promise<Page<InterventionMeta>>;
   readInterventionFiles(id: string): Promise<InterventionFiles | null>;
-  /** Deletes the tenant's own intervention (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
+  /** Deletes the tenant's own (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
   deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
   storedUsage(tenantId: string): Promise<StoredUsage>;
 
-  // compositions: scoped, named, found and replaced as interventions are
+  // compositions, scoped, named, found and replaced as interventions are
   /** Every item's intervention must be one the tenant can see: else intervention_not_found on "items[i].intervention". */
   putComposition(c: NewComposition, replaceId?: string): Promise<Composition>;
   findComposition(tenantId: string | null, idOrName: string): Promise<Composition | null>;
   listCompositions(tenantId: string | null, page: PageRequest): Promise<Page<Composition>>;
   deleteComposition(tenantId: string | null, id: string): Promise<boolean>;
 
-  // usage accounting (per tenant and day)
+  // usage accounting (per tenant and day); getUsage gives the days with a row in [from, to], ascending
   recordUsage(entries: UsageRecord[]): Promise<void>;
   getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]>;
 
@@ -235,19 +189,18 @@ export interface Store {
   createJob(tenantId: string, spec: unknown): Promise<Job>;
   getJob(tenantId: string | null, id: string): Promise<Job | null>;
   listJobs(tenantId: string, page: PageRequest): Promise<Page<Job>>;
-  /** Marks a job for cancellation; a queued job is cancelled at once. Returns the job. */
+  /** Marks a job for cancellation; a queued job is cancelled at once. */
   requestCancel(tenantId: string, id: string): Promise<Job | null>;
   /** Atomically takes the oldest queued job (or one whose lease expired) for `workerId`. */
   claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: Job; lease: Lease } | null>;
-  /** Extends a lease; false if the worker no longer holds it (expired and re-claimed). */
+  /** Worker writes: false if the worker no longer holds the lease (expired and re-claimed). */
   renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean>;
   updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean>;
+  saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean>;
+  finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
   appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent>;
   listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<JobEvent[]>;
-  saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean>;
   loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
-  /** Ends a job held by `workerId`: succeeded (with its intervention), failed or cancelled. */
-  finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
   /** Jobs of every tenant, per status. */
   countJobs(): Promise<Record<JobStatus, number>>;
 
