@@ -6,7 +6,8 @@ import { expectedTensors, type Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { MODEL_WEIGHTS } from '../model/architecture.ts';
 import { readHeader, toFloat32, type SafetensorsFile, type TensorInfo } from '../model/safetensors.ts';
-import { BLOCK_SIZE, quantizeMatrix, type QuantScheme } from './blocks.ts';
+import { BLOCK_SIZE, type QuantScheme } from './blocks.ts';
+import { matrixQuantizer, quantizeThreads } from './parallel.ts';
 
 /**
  * A checkpoint quantized once and kept on disk beside the built graphs (the model folder may be
@@ -137,6 +138,8 @@ function metadataFor(key: string, scheme: QuantScheme, dataSha256 = '0'.repeat(6
 export interface QuantizeOptions {
   /** Called once the cache answers, with what it did (tests and the start-up log read it). */
   log?: (message: string) => void;
+  /** Worker threads to quantize with (0: this thread); by default every core for a large model. */
+  threads?: number;
 }
 
 /** The quantized checkpoint for `scheme`, from the cache or built (and cached) now. */
@@ -172,7 +175,8 @@ export async function quantizedCheckpoint(
       await rm(path, { force: true });
     } else outcome = 'built';
     await mkdir(dir, { recursive: true });
-    await writeQuantized(path, key, planned, entries, checkpoint, scheme);
+    const weights = planned.reduce((n, t) => n + (t.scheme ? t.shape[0] * t.shape[1] : 0), 0);
+    await writeQuantized(path, key, planned, entries, checkpoint, scheme, opts.threads ?? quantizeThreads(weights));
   }
   const dataStart = encodeHeader(entries, metadataFor(key, scheme)).byteLength;
   const result = describe(dir, file, key, scheme, planned, entries, dataStart, dataBytes, outcome, rebuildReason);
@@ -222,12 +226,14 @@ async function writeQuantized(
   entries: Record<string, HeaderEntry>,
   checkpoint: Checkpoint,
   scheme: QuantScheme,
+  threads: number,
 ): Promise<void> {
   const metadata = metadataFor(key, scheme);
   const placeholder = encodeHeader(entries, metadata);
   const tmp = `${path}.${process.pid}.${Date.now()}.tmp`;
   const out = await open(tmp, 'w');
   const sources = new Map<string, Awaited<ReturnType<typeof open>>>();
+  const quantizer = matrixQuantizer(threads);
   try {
     await out.write(placeholder, 0, placeholder.byteLength, 0);
     let at = placeholder.byteLength;
@@ -243,7 +249,7 @@ async function writeQuantized(
         await put(new Uint8Array(w.buffer, w.byteOffset, w.byteLength));
         continue;
       }
-      const q = quantizeMatrix(w, t.shape[0], t.shape[1], t.scheme);
+      const q = await quantizer.quantize(w, t.shape[0], t.shape[1], t.scheme);
       await put(q.data);
       await put(new Uint8Array(q.scales.buffer, q.scales.byteOffset, q.scales.byteLength));
       if (q.zeros) await put(q.zeros);
@@ -257,6 +263,7 @@ async function writeQuantized(
     throw e;
   } finally {
     for (const fh of sources.values()) await fh.close();
+    await quantizer.close();
   }
   await out.close();
   await rename(tmp, path); // atomic: a concurrent start sees no file or the whole one

@@ -30,6 +30,12 @@ export const ABLATED_SCHEMES: Record<string, QuantScheme> = {
   'q4 searched, all 4-bit': { id: 'q4-asym-search-all4', bits: 4, zeroPoints: true, quantizeBlock: asymmetricQuantizer(4, true) },
 };
 
+/** Every named scheme by id (with the vocabulary schemes they carry): a worker thread rebuilds a scheme from its id. */
+export function namedScheme(id: string): QuantScheme | undefined {
+  const all = [...Object.values(QUANT_SCHEMES), ...Object.values(ABLATED_SCHEMES)];
+  return [...all, ...all.flatMap((s) => (s.vocabulary ? [s.vocabulary] : []))].find((s) => s.id === id);
+}
+
 /** Checks a `--weights` value (commander checks the flag; this guards every other way in). */
 export function parseWeightsFlag(value: unknown, field = 'weights'): WeightsFlag {
   if (typeof value === 'string' && (WEIGHT_FORMATS as readonly string[]).includes(value)) return value as WeightsFlag;
