@@ -1,14 +1,16 @@
 /**
  * Block quantization of [rows, cols] matrices into com.microsoft MatMulNBits' layout: each row is
- * cut into blocks of 32 along the input (cols) dimension, the last one padded; a block stores
- * `bits`-bit codes q, one float scale s and a zero point z, and decodes to (q − z)·s. Without
- * stored zero points z is 2^(bits−1) (symmetric).
+ * cut into blocks of the scheme's size (32 unless it says otherwise) along the input (cols)
+ * dimension, the last one padded; a block stores `bits`-bit codes q, one float scale s and a zero
+ * point z, and decodes to (q − z)·s. Without stored zero points z is 2^(bits−1) (symmetric).
  *
- * Layout (ORT's contrib op spec): data [rows, blocks, 32·bits/8] (4-bit: element 2i in the low
+ * Layout (ORT's contrib op spec): data [rows, blocks, size·bits/8] (4-bit: element 2i in the low
  * nibble of byte i); scales [rows·blocks]; zero points (8-bit) [rows·blocks] bytes, (4-bit)
  * [rows·⌈blocks/2⌉] with block 2j in the low nibble.
  */
 export const BLOCK_SIZE = 32;
+/** The largest block a scheme may take (MatMulNBits takes 16 to 256). */
+const MAX_BLOCK_SIZE = 256;
 
 export interface BlockFit {
   scale: number;
@@ -16,7 +18,7 @@ export interface BlockFit {
 }
 
 /**
- * Fits one block: x[0..n) (n ≤ 32; the rest is padding the kernel never reads) into codes[0..n),
+ * Fits one block: x[0..n) (n ≤ the block size; the rest is padding the kernel never reads) into codes[0..n),
  * returning the block's scale and zero point.
  */
 export type BlockQuantizer = (x: Float32Array, n: number, codes: Uint8Array) => BlockFit;
@@ -27,6 +29,8 @@ export interface QuantScheme {
   bits: 4 | 8;
   /** Whether per-block zero points are stored (otherwise each block's is 2^(bits−1)). */
   zeroPoints: boolean;
+  /** Weights per block along the input dimension (a power of two, 16 to 256); 32 when absent. */
+  blockSize?: number;
   quantizeBlock: BlockQuantizer;
   /** The embedding table and the lm_head, when they take another scheme (llama.cpp's _M mixes do). */
   vocabulary?: QuantScheme;
@@ -36,6 +40,7 @@ export interface QuantizedMatrix {
   rows: number;
   cols: number;
   bits: 4 | 8;
+  blockSize: number;
   blocks: number;
   data: Uint8Array;
   scales: Float32Array;
@@ -143,8 +148,8 @@ export function symmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantizer
  */
 export function asymmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantizer {
   const maxq = (1 << bits) - 1;
-  const weight = new Float64Array(BLOCK_SIZE);
-  const rounded = new Float64Array(BLOCK_SIZE);
+  const weight = new Float64Array(MAX_BLOCK_SIZE);
+  const rounded = new Float64Array(MAX_BLOCK_SIZE);
   /** Weighted squared error of x[0..n) at (scale > 0, zero). */
   const error = (x: Float32Array, n: number, scale: number, zero: number): number => {
     const inv = 1 / scale;
@@ -215,21 +220,28 @@ export function asymmetricQuantizer(bits: 4 | 8, search: boolean): BlockQuantize
   };
 }
 
+/** A scheme's block size. */
+export const blockSizeOf = (scheme: QuantScheme): number => scheme.blockSize ?? BLOCK_SIZE;
+
 /** Quantizes a row-major [rows, cols] matrix block by block. */
 export function quantizeMatrix(w: Float32Array, rows: number, cols: number, scheme: QuantScheme): QuantizedMatrix {
   const { bits } = scheme;
-  const blocks = Math.ceil(cols / BLOCK_SIZE);
-  const blob = (BLOCK_SIZE * bits) / 8;
+  const size = blockSizeOf(scheme);
+  if (!(size >= 16 && size <= MAX_BLOCK_SIZE && (size & (size - 1)) === 0)) {
+    throw new Error(`quantizer ${scheme.id}: block size ${size} is not a power of two from 16 to ${MAX_BLOCK_SIZE}`);
+  }
+  const blocks = Math.ceil(cols / size);
+  const blob = (size * bits) / 8;
   const data = new Uint8Array(rows * blocks * blob);
   const scales = new Float32Array(rows * blocks);
   const zeroBytesPerRow = bits === 8 ? blocks : Math.ceil(blocks / 2);
   const zeros = scheme.zeroPoints ? new Uint8Array(rows * zeroBytesPerRow) : null;
-  const x = new Float32Array(BLOCK_SIZE);
-  const codes = new Uint8Array(BLOCK_SIZE);
+  const x = new Float32Array(size);
+  const codes = new Uint8Array(size);
   for (let r = 0; r < rows; r++) {
     for (let b = 0; b < blocks; b++) {
-      const start = b * BLOCK_SIZE;
-      const n = Math.min(BLOCK_SIZE, cols - start);
+      const start = b * size;
+      const n = Math.min(size, cols - start);
       x.set(w.subarray(r * cols + start, r * cols + start + n));
       const fit = scheme.quantizeBlock(x, n, codes);
       if (!scheme.zeroPoints && fit.zero !== 1 << (bits - 1)) {
@@ -240,27 +252,27 @@ export function quantizeMatrix(w: Float32Array, rows: number, cols: number, sche
       scales[i] = fit.scale;
       const out = i * blob;
       if (bits === 8) data.set(codes, out);
-      else for (let k = 0; k < BLOCK_SIZE; k += 2) data[out + k / 2] = codes[k] | (codes[k + 1] << 4);
+      else for (let k = 0; k < size; k += 2) data[out + k / 2] = codes[k] | (codes[k + 1] << 4);
       if (zeros) {
         if (bits === 8) zeros[i] = fit.zero;
         else zeros[r * zeroBytesPerRow + (b >> 1)] |= fit.zero << ((b & 1) * 4);
       }
     }
   }
-  return { rows, cols, bits, blocks, data, scales, zeros };
+  return { rows, cols, bits, blockSize: size, blocks, data, scales, zeros };
 }
 
 /** The float matrix a quantized one stands for (tests, and the training graph's reference). */
 export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
-  const { rows, cols, bits, blocks } = q;
+  const { rows, cols, bits, blocks, blockSize } = q;
   const out = new Float32Array(rows * cols);
-  const blob = (BLOCK_SIZE * bits) / 8;
+  const blob = (blockSize * bits) / 8;
   const zeroBytesPerRow = bits === 8 ? blocks : Math.ceil(blocks / 2);
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
-      const b = c >> 5;
+      const b = Math.floor(c / blockSize);
       const i = r * blocks + b;
-      const k = c & 31;
+      const k = c % blockSize;
       const byte = q.data[i * blob + (bits === 8 ? k : k >> 1)];
       const code = bits === 8 ? byte : (byte >> ((k & 1) * 4)) & 15;
       const zero = !q.zeros ? 1 << (bits - 1) : bits === 8 ? q.zeros[i] : (q.zeros[r * zeroBytesPerRow + (b >> 1)] >> ((b & 1) * 4)) & 15;

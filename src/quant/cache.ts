@@ -6,7 +6,7 @@ import { expectedTensors, type Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { MODEL_WEIGHTS } from '../model/architecture.ts';
 import { readHeader, toFloat32, type SafetensorsFile, type TensorInfo } from '../model/safetensors.ts';
-import { BLOCK_SIZE, type QuantScheme } from './blocks.ts';
+import { blockSizeOf, type QuantScheme } from './blocks.ts';
 import { matrixQuantizer, quantizeThreads } from './parallel.ts';
 
 /**
@@ -22,7 +22,7 @@ import { matrixQuantizer, quantizeThreads } from './parallel.ts';
  * moved into place whole; on open, a file whose header, size, key or data hash is off is deleted
  * and rebuilt.
  */
-export const QUANT_BUILDER_VERSION = 'quant-v1';
+export const QUANT_BUILDER_VERSION = 'quant-v2';
 const FORMAT = 'reft-quant/v1';
 
 export interface TensorSpan {
@@ -34,6 +34,7 @@ export interface TensorSpan {
 export interface QuantizedTensor {
   bits: 4 | 8;
   zeroPoints: boolean;
+  blockSize: number;
   rows: number;
   cols: number;
   blocks: number;
@@ -78,17 +79,18 @@ function plan(config: ModelConfig, scheme: QuantScheme): PlannedTensor[] {
     const table = t.name === MODEL_WEIGHTS.embed || t.name === MODEL_WEIGHTS.lmHead;
     const own = table ? (scheme.vocabulary ?? scheme) : scheme;
     out.push({ ...t, scheme: own });
-    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], own.bits)) out.push({ ...t, scheme: null });
+    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], own.bits, blockSizeOf(own))) out.push({ ...t, scheme: null });
   }
   return out;
 }
 
 /**
  * Whether GatherBlockQuantized can read the embedding's rows straight from the quantized table:
- * rows of whole blocks (d a multiple of 32), and for 4 bits whole bytes of packed zero points.
+ * rows of whole blocks (d a multiple of the block size), and for 4 bits whole bytes of packed
+ * zero points.
  */
-export function blockGatherable(cols: number, bits: 4 | 8): boolean {
-  return cols % BLOCK_SIZE === 0 && (bits === 8 || (cols / BLOCK_SIZE) % 2 === 0);
+export function blockGatherable(cols: number, bits: 4 | 8, blockSize: number): boolean {
+  return cols % blockSize === 0 && (bits === 8 || (cols / blockSize) % 2 === 0);
 }
 
 interface HeaderEntry {
@@ -112,8 +114,9 @@ function layout(planned: PlannedTensor[]) {
       continue;
     }
     const [rows, cols] = t.shape;
-    const blocks = Math.ceil(cols / BLOCK_SIZE);
-    add(`${t.name}#q`, 'U8', [rows, blocks, (BLOCK_SIZE * scheme.bits) / 8]);
+    const size = blockSizeOf(scheme);
+    const blocks = Math.ceil(cols / size);
+    add(`${t.name}#q`, 'U8', [rows, blocks, (size * scheme.bits) / 8]);
     add(`${t.name}#scales`, 'F32', [rows * blocks]);
     if (scheme.zeroPoints) add(`${t.name}#zeros`, 'U8', [rows * (scheme.bits === 8 ? blocks : Math.ceil(blocks / 2))]);
   }
@@ -156,7 +159,11 @@ export async function quantizedCheckpoint(
       JSON.stringify({
         version: QUANT_BUILDER_VERSION,
         weights: checkpoint.fingerprint,
-        planned: planned.map((t) => [t.name, t.shape, t.scheme && [t.scheme.id, t.scheme.bits, t.scheme.zeroPoints]]),
+        planned: planned.map((t) => [
+          t.name,
+          t.shape,
+          t.scheme && [t.scheme.id, t.scheme.bits, t.scheme.zeroPoints, blockSizeOf(t.scheme)],
+        ]),
       }),
     )
     .digest('hex')
@@ -313,9 +320,10 @@ function describe(
     matrices.set(t.name, {
       bits: t.scheme.bits,
       zeroPoints: t.scheme.zeroPoints,
+      blockSize: blockSizeOf(t.scheme),
       rows,
       cols,
-      blocks: Math.ceil(cols / BLOCK_SIZE),
+      blocks: Math.ceil(cols / blockSizeOf(t.scheme)),
       data: span(`${t.name}#q`),
       scales: span(`${t.name}#scales`),
       zeros: t.scheme.zeroPoints ? span(`${t.name}#zeros`) : null,

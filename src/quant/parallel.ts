@@ -55,11 +55,12 @@ function joinRows(parts: QuantizedMatrix[], rows: number, cols: number): Quantiz
     }
     return out;
   };
-  const { bits, blocks } = parts[0];
+  const { bits, blockSize, blocks } = parts[0];
   return {
     rows,
     cols,
     bits,
+    blockSize,
     blocks,
     data: join(
       (p) => p.data,
