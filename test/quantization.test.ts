@@ -226,6 +226,24 @@ describe('the quantization cache', () => {
     await fourth.close();
   });
 
+  it('quantizing over worker threads writes the same file as quantizing on one thread', async () => {
+    const files: Buffer[] = [];
+    for (const threads of [0, 2]) {
+      const q = await quantizedCheckpoint(
+        model.config,
+        model.checkpoint,
+        QUANT_SCHEMES.q4,
+        mkdtempSync(join(tmpdir(), 'reft-quant-threads-')),
+        {
+          threads,
+        },
+      );
+      expect(q.outcome).toBe('built');
+      files.push(readFileSync(join(q.dir, q.file)));
+    }
+    expect(files[1].equals(files[0])).toBe(true);
+  }, 120_000); // two worker threads start on a shared machine
+
   it('keys q8 and q4 apart, and f32 never touches it', async () => {
     const q8 = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q8' });
     expect(q8.weights.cache).toBe('built');

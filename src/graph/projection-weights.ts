@@ -1,5 +1,4 @@
 import type { Checkpoint } from '../model/checkpoint.ts';
-import { BLOCK_SIZE } from '../quant/blocks.ts';
 import { blockGatherable, type QuantizedCheckpoint, type TensorSpan } from '../quant/cache.ts';
 import { MS_DOMAIN, type ElemType, type GraphBuilder } from './onnx.ts';
 import { checkpointWeights } from './weights.ts';
@@ -24,7 +23,7 @@ export interface WeightSource {
 }
 
 /** Bumped when the quantized graph's operators change (it is part of the graph cache key). */
-export const QUANTIZED_GRAPH_VERSION = 'qgraph-v1';
+export const QUANTIZED_GRAPH_VERSION = 'qgraph-v2';
 
 /** MatMulNBits' accuracy_level 4: the CPU kernel quantizes activations to int8 per block. */
 const ACCURACY_LEVEL = 4;
@@ -72,8 +71,8 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
   };
   const project = (x: string, names: readonly string[], name?: string): string => {
     const parts = names.map(matrix);
-    const { cols, bits, zeroPoints } = parts[0];
-    if (parts.some((p) => p.cols !== cols || p.bits !== bits || p.zeroPoints !== zeroPoints)) {
+    const { cols, bits, zeroPoints, blockSize } = parts[0];
+    if (parts.some((p) => p.cols !== cols || p.bits !== bits || p.zeroPoints !== zeroPoints || p.blockSize !== blockSize)) {
       throw new Error(`graph builder: stacked matrices ${names.join(', ')} differ in input size or format`);
     }
     const stack = (pick: (n: string) => string) => (names.length === 1 ? pick(names[0]) : g.op('Concat', names.map(pick), { axis: 0 }));
@@ -83,7 +82,7 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
     return g.op(
       'MatMulNBits',
       inputs,
-      { K: cols, N, bits, block_size: BLOCK_SIZE, accuracy_level: ACCURACY_LEVEL },
+      { K: cols, N, bits, block_size: blockSize, accuracy_level: ACCURACY_LEVEL },
       { domain: MS_DOMAIN, name },
     );
   };
@@ -93,7 +92,7 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
     vocabProject: (x, w, name) => project(x, [w], name),
     gather: (name, ids) => {
       const m = q.matrices.get(name);
-      if (!m || !blockGatherable(m.cols, m.bits)) return g.op('Gather', [tensor(name), ids], { axis: 0 });
+      if (!m || !blockGatherable(m.cols, m.bits, m.blockSize)) return g.op('Gather', [tensor(name), ids], { axis: 0 });
       // the same bytes as the projection's blocks, declared with the row-major shapes the lookup reads
       const { bits } = m;
       const inputs = [
@@ -105,7 +104,7 @@ export function quantizedWeightSource(g: GraphBuilder, q: QuantizedCheckpoint): 
       return g.op(
         'GatherBlockQuantized',
         inputs,
-        { gather_axis: 0, quantize_axis: 1, block_size: BLOCK_SIZE, bits },
+        { gather_axis: 0, quantize_axis: 1, block_size: m.blockSize, bits },
         { domain: MS_DOMAIN },
       );
     },
@@ -128,7 +127,7 @@ export function dequantizedWeights(g: GraphBuilder, q: QuantizedCheckpoint): (na
     if (floatSpan) return ref(name, 'float32', floatSpan);
     const m = q.matrices.get(name);
     if (!m) throw new Error(`graph builder: the quantized checkpoint has no tensor ${name}`);
-    const { rows, cols, blocks, bits } = m;
+    const { rows, cols, blocks, bits, blockSize } = m;
     const toFloat = (x: string) => g.op('Cast', [x], { to: 1 });
     /** Packed nibbles [..., n] → codes [..., 2n], low nibble first. */
     const unpack = (x: string, dims: number[]) => {
@@ -140,7 +139,7 @@ export function dequantizedWeights(g: GraphBuilder, q: QuantizedCheckpoint): (na
       return g.op('Reshape', [pairs, g.int64s('unpacked', dims)]);
     };
     const data = ref(`${name}#q`, 'uint8', m.data);
-    const codes = toFloat(bits === 8 ? data : unpack(data, [rows, blocks, BLOCK_SIZE]));
+    const codes = toFloat(bits === 8 ? data : unpack(data, [rows, blocks, blockSize]));
     let zero: string;
     if (!m.zeros) zero = g.constant('zero_point', Float32Array.of(1 << (bits - 1)), []);
     else {
@@ -150,8 +149,8 @@ export function dequantizedWeights(g: GraphBuilder, q: QuantizedCheckpoint): (na
       zero = g.op('Unsqueeze', [toFloat(exact), g.int64s('axis', [-1])]);
     }
     const scale = g.op('Reshape', [ref(`${name}#scales`, 'float32', m.scales), g.int64s('scale_rows', [rows, blocks, 1])]);
-    const w = g.op('Reshape', [g.op('Mul', [g.op('Sub', [codes, zero]), scale]), g.int64s('rows', [rows, blocks * BLOCK_SIZE])]);
-    return cols === blocks * BLOCK_SIZE ? w : g.op('Slice', [w, g.int64s('from', [0]), g.int64s('to', [cols]), g.int64s('axis', [1])]);
+    const w = g.op('Reshape', [g.op('Mul', [g.op('Sub', [codes, zero]), scale]), g.int64s('rows', [rows, blocks * blockSize])]);
+    return cols === blocks * blockSize ? w : g.op('Slice', [w, g.int64s('from', [0]), g.int64s('to', [cols]), g.int64s('axis', [1])]);
   };
   return (name) => {
     let w = made.get(name);

@@ -5,6 +5,7 @@ import type { PyreftBaseModel, PyreftImportInput, PyreftImportResult } from '../
 import type { PromptInput } from '../server/protocol.ts';
 import type { Task, TaskResult } from './tasks.ts';
 import type { BaseModelShape, ReftConfig } from '../interventions/artifact.ts';
+import type { QuantizedMatrix } from '../quant/blocks.ts';
 
 /**
  * A small pool of worker threads for the server's CPU-heavy parsing (tokenization, training data,
@@ -49,6 +50,11 @@ export class OffloadPool {
   /** Validates an uploaded artifact completely for the base model (values included); returns its config. */
   checkArtifact(config: Uint8Array, weights: Uint8Array, base: BaseModelShape): Promise<ReftConfig> {
     return this.run({ kind: 'artifact', config, weights, base });
+  }
+
+  /** Quantizes the row-major [rows, cols] matrix `w` with the named scheme (src/quant/formats.ts). */
+  quantizeRows(scheme: string, w: Float32Array, rows: number, cols: number): Promise<QuantizedMatrix> {
+    return this.run({ kind: 'quantize', scheme, w, rows, cols });
   }
 
   close(): Promise<void> {

@@ -1,16 +1,17 @@
 import { ReftError, trainingCharsTooMany, type SerializedError } from '../errors.ts';
-import { importPyreft, type PyreftBaseModel, type PyreftImportInput, type PyreftImportResult } from '../interventions/pyreft/index.ts';
-import { parseInlineRows, parseJsonl, tokenizeTrainingRows, type ParsedRows } from '../jobs/data.ts';
-import { loadModelConfig } from '../model/load.ts';
-import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.ts';
-import { tokenize, type PromptInput } from '../server/protocol.ts';
+import type { PyreftBaseModel, PyreftImportInput, PyreftImportResult } from '../interventions/pyreft/index.ts';
+import type { ParsedRows } from '../jobs/data.ts';
+import type { TextTokenizer } from '../model/tokenizer.ts';
+import type { PromptInput } from '../server/protocol.ts';
 import { trainingChars } from './budgets.ts';
-import { parseArtifact, type BaseModelShape } from '../interventions/artifact.ts';
+import type { BaseModelShape } from '../interventions/artifact.ts';
 
 /**
  * The work the server moves off its event loop (see pool.ts): tokenizing prompts, checking
- * training data, parsing pyreft pickles and JSONL. Runs in a worker thread; errors come back as
- * serialized ReftErrors.
+ * training data, parsing pyreft pickles and JSONL; and the rows of a matrix to quantize, when
+ * a checkpoint is quantized over several threads (src/quant/parallel.ts). Runs in a worker thread; errors come back as
+ * serialized ReftErrors. Each kind imports its modules when first run, so a thread started to
+ * quantize loads none of the tokenizer's, training data's and pickle parser's.
  */
 export type Task =
   | { kind: 'tokenize'; modelDir: string; input: PromptInput }
@@ -23,7 +24,8 @@ export type Task =
     }
   | { kind: 'jsonl-rows'; bytes: Uint8Array; field: string; maxRows: number }
   | { kind: 'pyreft'; input: PyreftImportInput; base: PyreftBaseModel }
-  | { kind: 'artifact'; config: Uint8Array; weights: Uint8Array; base: BaseModelShape };
+  | { kind: 'artifact'; config: Uint8Array; weights: Uint8Array; base: BaseModelShape }
+  | { kind: 'quantize'; scheme: string; w: Float32Array; rows: number; cols: number };
 
 export type TaskResult = { ok: true; value: unknown } | { ok: false; error: SerializedError };
 
@@ -32,7 +34,11 @@ const tokenizers = new Map<string, Promise<{ tokenizer: TextTokenizer; maxPositi
 function model(dir: string) {
   let m = tokenizers.get(dir);
   if (!m) {
-    m = loadModelConfig(dir).then(async (config) => ({ tokenizer: await loadTokenizer(dir, config), maxPositions: config.maxPositions }));
+    m = (async () => {
+      const [{ loadModelConfig }, { loadTokenizer }] = await Promise.all([import('../model/load.ts'), import('../model/tokenizer.ts')]);
+      const config = await loadModelConfig(dir);
+      return { tokenizer: await loadTokenizer(dir, config), maxPositions: config.maxPositions };
+    })();
     tokenizers.set(dir, m);
   }
   return m;
@@ -48,11 +54,16 @@ export async function runTask(task: Task): Promise<TaskResult> {
 
 async function run(task: Task): Promise<unknown> {
   switch (task.kind) {
-    case 'tokenize':
+    case 'tokenize': {
+      const { tokenize } = await import('../server/protocol.ts');
       return tokenize(task.input, (await model(task.modelDir)).tokenizer);
-    case 'jsonl-rows':
+    }
+    case 'jsonl-rows': {
+      const { parseJsonl } = await import('../jobs/data.ts');
       return parseJsonl(task.bytes, task.field, task.maxRows).rows.length;
+    }
     case 'training-data': {
+      const { parseInlineRows, parseJsonl, tokenizeTrainingRows } = await import('../jobs/data.ts');
       const { tokenizer, maxPositions } = await model(task.modelDir);
       const field = 'jsonl' in task.data ? task.data.field : 'data';
       const parsed: ParsedRows =
@@ -62,9 +73,19 @@ async function run(task: Task): Promise<unknown> {
       const examples = tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
       return { rows: examples.length, longestTokens: examples.reduce((n, e) => Math.max(n, e.tokens.length), 0) };
     }
-    case 'artifact':
+    case 'artifact': {
+      const { parseArtifact } = await import('../interventions/artifact.ts');
       return parseArtifact(task.config, task.weights, task.base).config;
-    case 'pyreft':
+    }
+    case 'quantize': {
+      const [{ quantizeMatrix }, { namedScheme }] = await Promise.all([import('../quant/blocks.ts'), import('../quant/formats.ts')]);
+      const scheme = namedScheme(task.scheme);
+      if (!scheme) throw new Error(`quantizer: no scheme ${task.scheme}`);
+      return quantizeMatrix(task.w, task.rows, task.cols, scheme);
+    }
+    case 'pyreft': {
+      const { importPyreft } = await import('../interventions/pyreft/index.ts');
       return (await importPyreft(task.input, task.base)) satisfies PyreftImportResult;
+    }
   }
 }

@@ -6,7 +6,8 @@ import { expectedTensors, type Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { MODEL_WEIGHTS } from '../model/architecture.ts';
 import { readHeader, toFloat32, type SafetensorsFile, type TensorInfo } from '../model/safetensors.ts';
-import { BLOCK_SIZE, quantizeMatrix, type QuantScheme } from './blocks.ts';
+import { blockSizeOf, type QuantScheme } from './blocks.ts';
+import { matrixQuantizer, quantizeThreads } from './parallel.ts';
 
 /**
  * A checkpoint quantized once and kept on disk beside the built graphs (the model folder may be
@@ -21,7 +22,7 @@ import { BLOCK_SIZE, quantizeMatrix, type QuantScheme } from './blocks.ts';
  * moved into place whole; on open, a file whose header, size, key or data hash is off is deleted
  * and rebuilt.
  */
-export const QUANT_BUILDER_VERSION = 'quant-v1';
+export const QUANT_BUILDER_VERSION = 'quant-v2';
 const FORMAT = 'reft-quant/v1';
 
 export interface TensorSpan {
@@ -33,6 +34,7 @@ export interface TensorSpan {
 export interface QuantizedTensor {
   bits: 4 | 8;
   zeroPoints: boolean;
+  blockSize: number;
   rows: number;
   cols: number;
   blocks: number;
@@ -77,17 +79,18 @@ function plan(config: ModelConfig, scheme: QuantScheme): PlannedTensor[] {
     const table = t.name === MODEL_WEIGHTS.embed || t.name === MODEL_WEIGHTS.lmHead;
     const own = table ? (scheme.vocabulary ?? scheme) : scheme;
     out.push({ ...t, scheme: own });
-    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], own.bits)) out.push({ ...t, scheme: null });
+    if (t.name === MODEL_WEIGHTS.embed && !blockGatherable(t.shape[1], own.bits, blockSizeOf(own))) out.push({ ...t, scheme: null });
   }
   return out;
 }
 
 /**
  * Whether GatherBlockQuantized can read the embedding's rows straight from the quantized table:
- * rows of whole blocks (d a multiple of 32), and for 4 bits whole bytes of packed zero points.
+ * rows of whole blocks (d a multiple of the block size), and for 4 bits whole bytes of packed
+ * zero points.
  */
-export function blockGatherable(cols: number, bits: 4 | 8): boolean {
-  return cols % BLOCK_SIZE === 0 && (bits === 8 || (cols / BLOCK_SIZE) % 2 === 0);
+export function blockGatherable(cols: number, bits: 4 | 8, blockSize: number): boolean {
+  return cols % blockSize === 0 && (bits === 8 || (cols / blockSize) % 2 === 0);
 }
 
 interface HeaderEntry {
@@ -111,8 +114,9 @@ function layout(planned: PlannedTensor[]) {
       continue;
     }
     const [rows, cols] = t.shape;
-    const blocks = Math.ceil(cols / BLOCK_SIZE);
-    add(`${t.name}#q`, 'U8', [rows, blocks, (BLOCK_SIZE * scheme.bits) / 8]);
+    const size = blockSizeOf(scheme);
+    const blocks = Math.ceil(cols / size);
+    add(`${t.name}#q`, 'U8', [rows, blocks, (size * scheme.bits) / 8]);
     add(`${t.name}#scales`, 'F32', [rows * blocks]);
     if (scheme.zeroPoints) add(`${t.name}#zeros`, 'U8', [rows * (scheme.bits === 8 ? blocks : Math.ceil(blocks / 2))]);
   }
@@ -137,6 +141,8 @@ function metadataFor(key: string, scheme: QuantScheme, dataSha256 = '0'.repeat(6
 export interface QuantizeOptions {
   /** Called once the cache answers, with what it did (tests and the start-up log read it). */
   log?: (message: string) => void;
+  /** Worker threads to quantize with (0: this thread); by default every core for a large model. */
+  threads?: number;
 }
 
 /** The quantized checkpoint for `scheme`, from the cache or built (and cached) now. */
@@ -153,7 +159,11 @@ export async function quantizedCheckpoint(
       JSON.stringify({
         version: QUANT_BUILDER_VERSION,
         weights: checkpoint.fingerprint,
-        planned: planned.map((t) => [t.name, t.shape, t.scheme && [t.scheme.id, t.scheme.bits, t.scheme.zeroPoints]]),
+        planned: planned.map((t) => [
+          t.name,
+          t.shape,
+          t.scheme && [t.scheme.id, t.scheme.bits, t.scheme.zeroPoints, blockSizeOf(t.scheme)],
+        ]),
       }),
     )
     .digest('hex')
@@ -172,7 +182,8 @@ export async function quantizedCheckpoint(
       await rm(path, { force: true });
     } else outcome = 'built';
     await mkdir(dir, { recursive: true });
-    await writeQuantized(path, key, planned, entries, checkpoint, scheme);
+    const weights = planned.reduce((n, t) => n + (t.scheme ? t.shape[0] * t.shape[1] : 0), 0);
+    await writeQuantized(path, key, planned, entries, checkpoint, scheme, opts.threads ?? quantizeThreads(weights));
   }
   const dataStart = encodeHeader(entries, metadataFor(key, scheme)).byteLength;
   const result = describe(dir, file, key, scheme, planned, entries, dataStart, dataBytes, outcome, rebuildReason);
@@ -222,12 +233,14 @@ async function writeQuantized(
   entries: Record<string, HeaderEntry>,
   checkpoint: Checkpoint,
   scheme: QuantScheme,
+  threads: number,
 ): Promise<void> {
   const metadata = metadataFor(key, scheme);
   const placeholder = encodeHeader(entries, metadata);
   const tmp = `${path}.${process.pid}.${Date.now()}.tmp`;
   const out = await open(tmp, 'w');
   const sources = new Map<string, Awaited<ReturnType<typeof open>>>();
+  const quantizer = matrixQuantizer(threads);
   try {
     await out.write(placeholder, 0, placeholder.byteLength, 0);
     let at = placeholder.byteLength;
@@ -243,7 +256,7 @@ async function writeQuantized(
         await put(new Uint8Array(w.buffer, w.byteOffset, w.byteLength));
         continue;
       }
-      const q = quantizeMatrix(w, t.shape[0], t.shape[1], t.scheme);
+      const q = await quantizer.quantize(w, t.shape[0], t.shape[1], t.scheme);
       await put(q.data);
       await put(new Uint8Array(q.scales.buffer, q.scales.byteOffset, q.scales.byteLength));
       if (q.zeros) await put(q.zeros);
@@ -257,6 +270,7 @@ async function writeQuantized(
     throw e;
   } finally {
     for (const fh of sources.values()) await fh.close();
+    await quantizer.close();
   }
   await out.close();
   await rename(tmp, path); // atomic: a concurrent start sees no file or the whole one
@@ -306,9 +320,10 @@ function describe(
     matrices.set(t.name, {
       bits: t.scheme.bits,
       zeroPoints: t.scheme.zeroPoints,
+      blockSize: blockSizeOf(t.scheme),
       rows,
       cols,
-      blocks: Math.ceil(cols / BLOCK_SIZE),
+      blocks: Math.ceil(cols / blockSizeOf(t.scheme)),
       data: span(`${t.name}#q`),
       scales: span(`${t.name}#scales`),
       zeros: t.scheme.zeroPoints ? span(`${t.name}#zeros`) : null,
