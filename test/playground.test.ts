@@ -73,8 +73,15 @@ async function fillGenerate(page: Page, prompt = PROMPT, s = SAMPLING): Promise<
   await page.getByLabel('Seed (both sides)').fill(String(s.seed));
 }
 
-async function paneText(page: Page, pane: 'base' | 'steered'): Promise<string> {
-  await page.locator(`[data-testid=state-${pane}][data-state=done]`).waitFor({ timeout: 30_000 });
+/** Clicks a button that starts a generation; resolves with the run's number. */
+async function startRun(page: Page, button: 'Compare' | 'Generate'): Promise<number> {
+  const before = Number(await page.getByTestId('state-steered').getAttribute('data-run'));
+  await page.getByRole('button', { name: button, exact: true }).click();
+  return before + 1;
+}
+
+async function paneText(page: Page, pane: 'base' | 'steered', run: number): Promise<string> {
+  await page.locator(`[data-testid=state-${pane}][data-state=done][data-run="${run}"]`).waitFor({ timeout: 30_000 });
   return page.getByTestId(`text-${pane}`).innerText();
 }
 
@@ -128,8 +135,8 @@ describe('the web playground, single-tenant', () => {
     await page.goto(`${server.url}/#/generate`);
     await fillGenerate(page);
     await page.getByLabel('Intervention 1', { exact: true }).selectOption('alpha');
-    await page.getByRole('button', { name: 'Compare' }).click();
-    const [base, steered] = [await paneText(page, 'base'), await paneText(page, 'steered')];
+    const run = await startRun(page, 'Compare');
+    const [base, steered] = [await paneText(page, 'base', run), await paneText(page, 'steered', run)];
     const apiBase = await json(api, 'POST', '/v1/generate', { prompt: PROMPT, ...SAMPLING });
     const apiSteered = await json(api, 'POST', '/v1/generate', { prompt: PROMPT, adapter: 'alpha', ...SAMPLING });
     expect(apiBase.status).toBe(200);
@@ -137,7 +144,56 @@ describe('the web playground, single-tenant', () => {
     expect(steered).toBe(apiSteered.body.text);
     expect(steered).not.toBe(base);
     expect(base.length).toBeGreaterThan(0);
+
+    // the heat strip: ‖c(h)‖ of each applied intervention at each position it edited, as the API reports c(h)
+    const readout = await json(api, 'POST', '/v1/generate', {
+      prompt: PROMPT,
+      ...SAMPLING,
+      interventions: [{ intervention: 'alpha' }],
+      return_coefficients: true,
+    });
+    const edits: Array<{ layer: number; positions: number[]; coefficients: number[][] }> = readout.body.applied[0];
+    expect(edits.length).toBe(2);
+    const strip = page.getByTestId('heat-strip');
+    await strip.waitFor();
+    const rows = strip.locator('tbody tr');
+    expect(await rows.count()).toBe(edits.length);
+    for (const [i, edit] of edits.entries()) {
+      const cells = await rows.nth(i).locator('td').allInnerTexts();
+      expect(await rows.nth(i).locator('th').innerText()).toBe(`alpha · layer ${edit.layer}`);
+      const shown = edit.positions.map((p) => cells[p]);
+      expect(shown).toEqual(edit.coefficients.map((c) => Math.hypot(...c).toFixed(2)));
+      expect(cells.filter((c) => c === '–').length).toBe(cells.length - edit.positions.length);
+    }
+    const header = await strip.locator('thead th.token').allInnerTexts();
+    expect(header.length).toBe(readout.body.prompt_token_texts.length);
     await shoot(page, 'generate');
+    expect(tab.problems).toEqual([]);
+  });
+
+  it('a strength slider at 0 shows the base text on both sides; at 2, what the API gives at strength 2', async () => {
+    const { page } = tab;
+    await page.goto(`${server.url}/#/generate`);
+    await fillGenerate(page);
+    await page.getByLabel('Intervention 1', { exact: true }).selectOption('alpha');
+    const slider = page.getByRole('slider', { name: /^Strength/ });
+    await slider.fill('0');
+    expect(await page.locator('output').first().innerText()).toBe('0.0');
+    const run = await startRun(page, 'Compare');
+    const base = (await json(api, 'POST', '/v1/generate', { prompt: PROMPT, ...SAMPLING })).body.text;
+    expect(await paneText(page, 'base', run)).toBe(base);
+    expect(await paneText(page, 'steered', run)).toBe(base);
+
+    await slider.fill('2');
+    const again = await startRun(page, 'Compare');
+    const doubled = await json(api, 'POST', '/v1/generate', {
+      prompt: PROMPT,
+      ...SAMPLING,
+      interventions: [{ intervention: 'alpha', strength: 2 }],
+    });
+    expect(doubled.status).toBe(200);
+    expect(await paneText(page, 'steered', again)).toBe(doubled.body.text);
+    expect(doubled.body.text).not.toBe(base);
     expect(tab.problems).toEqual([]);
   });
 
@@ -215,8 +271,8 @@ describe('the web playground, single-tenant', () => {
     await page.waitForURL(/#\/generate\?intervention=frog-song/);
     expect(await page.getByLabel('Intervention 1', { exact: true }).inputValue()).toBe('frog-song');
     await fillGenerate(page, TRAIN_OPENINGS[10], { ...SAMPLING, temperature: 0, max_new_tokens: 16 });
-    await page.getByRole('button', { name: 'Generate', exact: true }).click();
-    expect(await paneText(page, 'steered')).toContain(NEW_SENTENCE.trim().slice(0, 26));
+    const run = await startRun(page, 'Generate');
+    expect(await paneText(page, 'steered', run)).toContain(NEW_SENTENCE.trim().slice(0, 26));
     expect(tab.problems).toEqual([]);
   });
 

@@ -144,13 +144,16 @@ export interface GenerateResult {
   token_ids: number[];
   finish_reason: string;
   usage: { prompt_tokens: number; completion_tokens: number };
+  /** With return_coefficients: per request item, per intervention, c(h) at its positions. */
   applied?: AppliedEdit[][];
+  /** The text of each prompt token: the columns `applied`'s positions index. */
+  prompt_token_texts?: string[];
 }
 
 export type GenerateEvent =
-  | ({ type: 'token'; text: string; applied?: AppliedEdit[][] } & Record<string, unknown>)
+  | { type: 'token'; text: string }
   | ({ type: 'done' } & GenerateResult)
-  | { type: 'applied'; applied: AppliedEdit[][] }
+  | { type: 'applied'; applied: AppliedEdit[][]; prompt_token_texts?: string[] }
   | { type: 'error'; error: Problem };
 
 export interface Job {

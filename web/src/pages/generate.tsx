@@ -87,6 +87,8 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
   const [shownPrompt, setShownPrompt] = useState('');
   const [applied, setApplied] = useState<{ edits: AppliedEdit[][]; tokens: string[]; names: string[] } | null>(null);
   const running = useRef<AbortController | null>(null);
+  /** Counts runs, so a reader can tell this run's output from the last one's. */
+  const [runs, setRuns] = useState(0);
   const fieldNames = [
     ...SAMPLING_FIELDS,
     ...rows.flatMap((_, i) => ['intervention', 'strength', 'layers', 'positions'].map((k) => `interventions.${i}.${k}`)),
@@ -112,13 +114,18 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
     body: Record<string, unknown>,
     set: (p: Pane) => void,
     signal: AbortSignal,
-    onApplied?: (a: AppliedEdit[][]) => void,
+    onApplied?: (a: AppliedEdit[][], tokens?: string[]) => void,
   ) {
     let text = '';
+    let readout = false;
     set({ text, state: 'running', note: 'streaming…' });
     try {
       for await (const e of stream<GenerateEvent>('POST', '/v1/generate', { ...body, stream: true }, signal)) {
-        if ('applied' in e && e.applied && onApplied) onApplied(e.applied);
+        // the readout comes once, before the first token (and again in `done`)
+        if ('applied' in e && e.applied && onApplied && !readout) {
+          readout = true;
+          onApplied(e.applied, e.prompt_token_texts);
+        }
         if (e.type === 'token') {
           text += e.text;
           set({ text, state: 'running', note: 'streaming…' });
@@ -150,10 +157,12 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
     const names = rows.filter((r) => r.intervention).map((r) => r.intervention);
     const common = { ...input(), ...sampling() };
     setShownPrompt(prompt);
+    setRuns((n) => n + 1);
     setApplied(null);
     setBase(IDLE);
     setSteered(IDLE);
-    const onApplied = (edits: AppliedEdit[][]) => {
+    const onApplied = (edits: AppliedEdit[][], tokens?: string[]) => {
+      if (tokens) return setApplied({ edits, tokens, names });
       call<{ token_strs: string[] }>('POST', '/tokenize', { ...input(), return_token_strs: true }).then(
         (t) => setApplied({ edits, tokens: t.token_strs, names }),
         () => setApplied({ edits, tokens: [], names }),
@@ -357,8 +366,8 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
       {applied && <HeatStrip edits={applied.edits} tokens={applied.tokens} names={applied.names} />}
 
       <div class="panes">
-        <OutputPane title="Base model" testId="base" prompt={shownPrompt} pane={base} />
-        <OutputPane title="With interventions" testId="steered" prompt={shownPrompt} pane={steered} />
+        <OutputPane title="Base model" testId="base" prompt={shownPrompt} pane={base} run={runs} />
+        <OutputPane title="With interventions" testId="steered" prompt={shownPrompt} pane={steered} run={runs} />
       </div>
     </>
   );
@@ -393,7 +402,7 @@ function NumberField(p: {
   );
 }
 
-function OutputPane({ title, testId, prompt, pane }: { title: string; testId: string; prompt: string; pane: Pane }) {
+function OutputPane({ title, testId, prompt, pane, run }: { title: string; testId: string; prompt: string; pane: Pane; run: number }) {
   return (
     <article class="pane" aria-labelledby={`pane-${testId}`}>
       <h3 id={`pane-${testId}`}>{title}</h3>
@@ -401,7 +410,13 @@ function OutputPane({ title, testId, prompt, pane }: { title: string; testId: st
         {pane.state !== 'idle' && <span class="prompt-echo">{prompt}</span>}
         <span data-testid={`text-${testId}`}>{pane.text}</span>
       </p>
-      <p class="muted" data-testid={`state-${testId}`} data-state={pane.state} role={pane.state === 'error' ? 'alert' : undefined}>
+      <p
+        class="muted"
+        data-testid={`state-${testId}`}
+        data-state={pane.state}
+        data-run={run}
+        role={pane.state === 'error' ? 'alert' : undefined}
+      >
         {pane.state === 'error' ? `Error: ${pane.note}` : pane.note}
       </p>
     </article>
