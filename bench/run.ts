@@ -7,11 +7,12 @@ import { benchEngine } from './engine.ts';
 import { describeMachine } from './machine.ts';
 import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
+import { benchSteer } from './steer.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
 import { benchWeights } from './weights.ts';
 
 /**
- * `npm run bench [-- engine server training soak weights] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
+ * `npm run bench [-- engine server steer training soak weights] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
  * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
  * stories260k. Writes bench/results/<date>.{json,md} with the machine's description.
  */
@@ -22,7 +23,7 @@ const args = process.argv.slice(2);
 const deviceAt = args.indexOf('--device');
 const deviceChoice = (deviceAt >= 0 ? args.splice(deviceAt, 2)[1] : 'auto') as DeviceChoice;
 if (!DEVICE_CHOICES.includes(deviceChoice)) throw new Error(`--device must be one of ${DEVICE_CHOICES.join(', ')}`);
-const sections = args.length ? args : ['engine', 'server', 'training', 'soak', 'weights'];
+const sections = args.length ? args : ['engine', 'server', 'steer', 'training', 'soak', 'weights'];
 
 const lines: string[] = [];
 const log = (s: string) => {
@@ -52,6 +53,7 @@ if (sections.includes('engine') || sections.includes('training')) {
 }
 if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
+if (sections.includes('steer')) results.steer = await benchSteer(dir, model.config, log);
 if (sections.includes('soak')) {
   // two servers and one worker on PostgreSQL (REFT_TEST_DATABASE_URL), on stories260k
   const { soakCluster } = await import('../test/support/cluster.ts');

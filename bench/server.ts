@@ -71,7 +71,7 @@ async function stream(url: string, body: unknown): Promise<StreamTiming> {
   return { tokens, start, firstToken, end: performance.now(), gaps };
 }
 
-async function load(url: string, bodies: unknown[]) {
+export async function load(url: string, bodies: unknown[]) {
   const t = performance.now();
   const runs = await Promise.all(bodies.map((b) => stream(url, b)));
   const seconds = (performance.now() - t) / 1000;
@@ -92,7 +92,7 @@ async function load(url: string, bodies: unknown[]) {
   };
 }
 
-async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
+export async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
   const proc = spawn(
     process.execPath,
     [
@@ -140,7 +140,7 @@ async function startServer(modelDir: string, dataDir: string): Promise<{ url: st
   };
 }
 
-async function upload(url: string, files: { config: string; weights: Uint8Array }, name: string): Promise<string> {
+export async function upload(url: string, files: { config: string; weights: Uint8Array }, name: string): Promise<string> {
   const form = new FormData();
   form.append('config', new Blob([files.config]), 'reft_config.json');
   form.append('weights', new Blob([files.weights]), 'reft_weights.safetensors');

@@ -71,7 +71,7 @@ describe('postgres: migrations', () => {
     await Promise.all(stores.map((s, i) => s.createTenant(`t${i}`)));
     expect((await stores[0].listTenants({ limit: 10 })).data).toHaveLength(6);
     const versions = await pgQuery(fx.location, 'SELECT version FROM schema_migrations ORDER BY version');
-    expect(versions.map((r) => r.version)).toEqual([1, 2, 3]);
+    expect(versions.map((r) => r.version)).toEqual([1, 2, 3, 4]);
   });
 });
 

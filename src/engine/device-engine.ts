@@ -16,7 +16,8 @@ import type { ModelConfig } from '../model/config.ts';
 import { DeviceKvCache, disposeSet, emptySet, setBytes, type KvSet } from './device-kv-cache.ts';
 import type { PrefillInput, PrefillOutput, SequenceId } from './engine.ts';
 import type { ExecutorOptions, StepExecutor, StepSample } from './executor.ts';
-import { interventionFeeds } from './intervention-feeds.ts';
+import { readoutFor, withApplied, type CoefficientReadout } from './coefficients.ts';
+import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
 import { DEFAULT_DEVICE_KV_BUDGET } from './protocol.ts';
 import { createSession } from './session.ts';
 import { concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds, checkPrompt } from './step-feeds.ts';
@@ -44,7 +45,14 @@ export class DeviceEngine implements StepExecutor {
   private nextId = 1;
   private readonly emptyInterventions: Record<string, ort.Tensor>;
   /** A long prompt prefilled a chunk at a time; its cache joins the batch after its last chunk. */
-  private pending: { id: SequenceId; input: PrefillInput; next: number; logits: Float32Array[]; kv: KvSet | null } | null = null;
+  private pending: {
+    id: SequenceId;
+    input: PrefillInput;
+    next: number;
+    logits: Float32Array[];
+    kv: KvSet | null;
+    readout: CoefficientReadout | null;
+  } | null = null;
   private readonly presents: string[] = [];
   /** The last step's traffic, for tests and metrics. */
   lastTransfer: StepTransfer = { uploaded: 0, downloaded: 0, pastLocations: [] };
@@ -139,9 +147,16 @@ export class DeviceEngine implements StepExecutor {
     const feeds = tokenFeeds(b, seq, { ids, positions, seqlens, total: seq, logitPairs: BigInt64Array.from(logitPairs) });
     this.setPast(feeds, emptySet(config, b));
     const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
-    setInterventions(feeds, interventionFeeds(rows, seq, config.numLayers, config.hiddenSize), config.hiddenSize);
+    const layerFeeds = interventionFeeds(rows, seq, config.numLayers, config.hiddenSize);
+    setInterventions(feeds, layerFeeds, config.hiddenSize);
+    const readouts = inputs.map(readoutFor);
+    const reporting = readouts.some((r) => r !== null);
 
-    const out = await this.run(feeds, logitPairs.length / 2);
+    const out = await this.run(feeds, logitPairs.length / 2, reporting ? layerFeeds : null);
+    if (reporting) {
+      const coefficients = this.coefficients(out);
+      readouts.forEach((r, row) => r?.record(row, layerFeeds, coefficients));
+    }
     await this.cache.append(
       this.presentsOf(out),
       inputs.map((x) => x.tokens.length),
@@ -155,7 +170,7 @@ export class DeviceEngine implements StepExecutor {
       const n = x.allLogits ? x.tokens.length : 1;
       const slice = logits.slice(at * vocab, (at + n) * vocab);
       at += n;
-      return { id: ids_[r], logits: slice };
+      return withApplied({ id: ids_[r], logits: slice }, readouts[r]);
     });
   }
 
@@ -163,7 +178,7 @@ export class DeviceEngine implements StepExecutor {
     checkPrompt(this.config, input.tokens, 'tokens');
     if (this.pending) throw new Error(`sequence ${this.pending.id} is still being prefilled`);
     const id = this.nextId++;
-    this.pending = { id, input, next: 0, logits: [], kv: null };
+    this.pending = { id, input, next: 0, logits: [], kv: null, readout: readoutFor(input) };
     return id;
   }
 
@@ -190,11 +205,12 @@ export class DeviceEngine implements StepExecutor {
     });
     this.setPast(feeds, p.kv ?? emptySet(config, 1));
     const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start };
-    setInterventions(feeds, interventionFeeds([row], seq, config.numLayers, config.hiddenSize), config.hiddenSize);
+    const layerFeeds = interventionFeeds([row], seq, config.numLayers, config.hiddenSize);
+    setInterventions(feeds, layerFeeds, config.hiddenSize);
 
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
-      out = await this.run(feeds, wanted);
+      out = await this.run(feeds, wanted, p.readout ? layerFeeds : null);
     } catch (err) {
       this.release(p.id);
       throw err;
@@ -207,13 +223,14 @@ export class DeviceEngine implements StepExecutor {
     disposeSet(p.kv);
     p.kv = presents;
     if (wanted) p.logits.push(out[OUT.logits].data as Float32Array);
+    p.readout?.record(0, layerFeeds, this.coefficients(out));
     p.next = end;
     if (end < n) return null;
     this.pending = null;
     await this.cache.append(presents, [n]);
     this.rowOf.set(p.id, this.idOf.length);
     this.idOf.push(p.id);
-    return { id: p.id, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) };
+    return withApplied({ id: p.id, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) }, p.readout);
   }
 
   async decode(tokens: ReadonlyMap<SequenceId, number>): Promise<Map<SequenceId, Float32Array>> {
@@ -247,7 +264,7 @@ export class DeviceEngine implements StepExecutor {
     };
     this.setPast(feeds, this.cache.past());
     const logits = this.idOf.some((id) => needLogits.has(id));
-    const out = await this.run(feeds, logits ? b : 0);
+    const out = await this.run(feeds, logits ? b : 0, null);
     this.cache.replace(this.presentsOf(out), 1);
 
     const result = new Map<SequenceId, StepSample>();
@@ -306,16 +323,29 @@ export class DeviceEngine implements StepExecutor {
     return this.presents.map((name) => out[name]);
   }
 
+  /** Each layer's coefficients output of a step run with its feeds to report. */
+  private coefficients(out: ort.InferenceSession.OnnxValueMapType): Float32Array[] {
+    return Array.from({ length: this.config.numLayers }, (_, l) => out[OUT.ivCoefficients(l)].data as Float32Array);
+  }
+
   /**
    * One decoder run: the presents stay on the device; the first `hostLogitRows` logit rows, the
-   * greedy tokens and their logprobs come back. Records the bytes that crossed. A device out of memory is a clear, retryable error, not a crash.
+   * greedy tokens and their logprobs come back, and the edits' coefficients when `report` (the
+   * step's intervention feeds) is given. Records the bytes that crossed. A device out of memory
+   * is a clear, retryable error, not a crash.
    */
-  private async run(feeds: Record<string, ort.Tensor>, hostLogitRows: number): Promise<ort.InferenceSession.OnnxValueMapType> {
+  private async run(
+    feeds: Record<string, ort.Tensor>,
+    hostLogitRows: number,
+    report: readonly LayerInterventionFeed[] | null,
+  ): Promise<ort.InferenceSession.OnnxValueMapType> {
     feeds[IN.hostLogitRows] = new ort.Tensor(
       'int64',
       BigInt64Array.from({ length: hostLogitRows }, (_, i) => BigInt(i)),
       [hostLogitRows],
     );
+    const coefficientRows = report ? Math.max(0, ...report.map((f) => f.k)) : 0;
+    feeds[IN.coefficientRows] = new ort.Tensor('int64', BigInt64Array.of(BigInt(coefficientRows)), [1]);
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
       out = await this.session.run(feeds);

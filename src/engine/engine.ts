@@ -11,9 +11,10 @@ import {
 import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';
 import { ropeTables, type RopeTables } from '../graph/rope.ts';
 import { cachedGraph } from '../graph/cache.ts';
-import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { AppliedEdit, RequestIntervention } from './generation.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';
+import { readoutFor, withApplied, type CoefficientReadout } from './coefficients.ts';
 import { interventionFeeds, type LayerInterventionFeed } from './intervention-feeds.ts';
 import { KvCache, type RowSource } from './kv-cache.ts';
 import { loadWeights, type WeightsChoice, type WeightsReport } from '../quant/load.ts';
@@ -31,7 +32,9 @@ export type SequenceId = number;
 
 export interface PrefillInput {
   tokens: readonly number[];
-  interventions?: readonly LowRankIntervention[];
+  interventions?: readonly RequestIntervention[];
+  /** Return what each intervention did (`applied`, as GenerationResult's). */
+  returnCoefficients?: boolean;
   /** Return logits for every prompt position instead of only the last. */
   allLogits?: boolean;
   /**
@@ -45,6 +48,8 @@ export interface PrefillOutput {
   id: SequenceId;
   /** [vocab] for the last position, or [n, vocab] with `allLogits`. */
   logits: Float32Array;
+  /** With `returnCoefficients`: per request item, per intervention, its coefficients. */
+  applied?: AppliedEdit[][];
 }
 
 export interface EngineOptions extends SessionOptions {
@@ -75,8 +80,16 @@ export class Engine implements StepExecutor {
    * A long prompt being prefilled a chunk at a time between decode steps. Its cache row is
    * always the last one, so a decode step's past (the first rows) leaves it out.
    */
-  private pending: { id: SequenceId; input: PrefillInput; next: number; logits: Float32Array[] } | null = null;
+  private pending: {
+    id: SequenceId;
+    input: PrefillInput;
+    next: number;
+    logits: Float32Array[];
+    readout: CoefficientReadout | null;
+  } | null = null;
   private readonly fetches: string[];
+  /** A prefill's fetches when some row reports its coefficients. */
+  private readonly readoutFetches: string[];
   /** Set for the packed layout, whose new keys come back unrotated. */
   private readonly rope: RopeTables | undefined;
 
@@ -97,6 +110,7 @@ export class Engine implements StepExecutor {
       else this.fetches.push(OUT.newKey(l), OUT.newValue(l));
     }
     this.rope = attention === 'packed' ? ropeTables(config) : undefined;
+    this.readoutFetches = [...this.fetches, ...Array.from({ length: config.numLayers }, (_, l) => OUT.ivCoefficients(l))];
   }
 
   static async create(config: ModelConfig, checkpoint: Checkpoint, opts: EngineOptions): Promise<Engine> {
@@ -174,7 +188,7 @@ export class Engine implements StepExecutor {
     if (this.pending) throw new Error(`sequence ${this.pending.id} is still being prefilled`);
     const id = this.addSequence();
     this.cache.reserve(this.cache.rows, input.tokens.length); // room for the whole prompt: one re-layout
-    this.pending = { id, input, next: 0, logits: [] };
+    this.pending = { id, input, next: 0, logits: [], readout: readoutFor(input) };
     return id;
   }
 
@@ -205,11 +219,12 @@ export class Engine implements StepExecutor {
       feeds[IN.pastValue(l)] = new ort.Tensor('float32', past.value, past.dims);
     }
     const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start };
-    this.setInterventions(feeds, interventionFeeds([row], seq, config.numLayers, config.hiddenSize));
+    const layerFeeds = interventionFeeds([row], seq, config.numLayers, config.hiddenSize);
+    this.setInterventions(feeds, layerFeeds);
 
     let out: ort.InferenceSession.OnnxValueMapType;
     try {
-      out = await this.session.run(feeds, this.fetches);
+      out = await this.session.run(feeds, p.readout ? this.readoutFetches : this.fetches);
     } catch (err) {
       this.release(p.id);
       throw err;
@@ -222,10 +237,11 @@ export class Engine implements StepExecutor {
     }
     this.cache.advance(r, seq);
     if (wanted) p.logits.push(out[OUT.logits].data as Float32Array);
+    p.readout?.record(0, layerFeeds, this.coefficients(out));
     p.next = end;
     if (end < n) return null;
     this.pending = null;
-    return { id: p.id, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) };
+    return withApplied({ id: p.id, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) }, p.readout);
   }
 
   /** The sequence being prefilled a chunk at a time, if any. */
@@ -253,9 +269,16 @@ export class Engine implements StepExecutor {
     const emptyPast = new ort.Tensor('float32', new Float32Array(0), [b, config.numKvHeads, 0, config.headDim]);
     for (let l = 0; l < config.numLayers; l++) feeds[IN.pastKey(l)] = feeds[IN.pastValue(l)] = emptyPast;
     const rows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
-    this.setInterventions(feeds, interventionFeeds(rows, seq, config.numLayers, config.hiddenSize));
+    const layerFeeds = interventionFeeds(rows, seq, config.numLayers, config.hiddenSize);
+    this.setInterventions(feeds, layerFeeds);
+    const readouts = inputs.map(readoutFor);
+    const reporting = readouts.some((r) => r !== null);
 
-    const out = await this.session.run(feeds, this.fetches);
+    const out = await this.session.run(feeds, reporting ? this.readoutFetches : this.fetches);
+    if (reporting) {
+      const coefficients = this.coefficients(out);
+      readouts.forEach((r, row) => r?.record(row, layerFeeds, coefficients));
+    }
 
     const cacheRows = inputs.map(() => this.addSequence());
     this.cache.reserve(this.cache.rows, seq);
@@ -272,8 +295,13 @@ export class Engine implements StepExecutor {
       const n = x.allLogits ? x.tokens.length : 1;
       const slice = logits.slice(at * vocab, (at + n) * vocab);
       at += n;
-      return { id: cacheRows[r], logits: slice };
+      return withApplied({ id: cacheRows[r], logits: slice }, readouts[r]);
     });
+  }
+
+  /** Each layer's coefficients output of a prefill step that fetched them. */
+  private coefficients(out: ort.InferenceSession.OnnxValueMapType): Float32Array[] {
+    return Array.from({ length: this.config.numLayers }, (_, l) => out[OUT.ivCoefficients(l)].data as Float32Array);
   }
 
   private setInterventions(feeds: Record<string, ort.Tensor>, layerFeeds: LayerInterventionFeed[]): void {

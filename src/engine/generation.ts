@@ -1,6 +1,18 @@
 import { promptTooLong } from '../errors.ts';
-import type { LowRankIntervention } from '../interventions/artifact.ts';
+import type { RequestIntervention } from '../interventions/steer.ts';
 import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
+
+export type { RequestIntervention } from '../interventions/steer.ts';
+
+/**
+ * What one intervention of a request did (REFT.md "Request-time control"): at each of its
+ * prompt positions, ascending, the coefficient vector c(h) (r values) before the strength.
+ */
+export interface AppliedEdit {
+  layer: number;
+  positions: number[];
+  coefficients: number[][];
+}
 
 /**
  * One request's generation: what to feed, how to pick tokens, and when to stop. The scheduler
@@ -11,7 +23,9 @@ export interface GenerationRequest {
   /** Whose request it is: tenants take turns for batch slots. */
   tenant?: string;
   tokens: number[];
-  interventions: readonly LowRankIntervention[];
+  interventions: readonly RequestIntervention[];
+  /** Report each intervention's coefficients (`applied`) in the result and the first token event. */
+  returnCoefficients?: boolean;
   sampling: SamplingParams;
   maxNewTokens: number;
   stop: string[];
@@ -34,6 +48,8 @@ export interface TokenEvent {
   /** Text that became final with this token (may be empty while a stop string could still match). */
   text: string;
   logprob?: TokenLogprob;
+  /** On the first token event only, with `returnCoefficients`: as GenerationResult.applied. */
+  applied?: AppliedEdit[][];
 }
 
 export interface GenerationResult {
@@ -44,6 +60,11 @@ export interface GenerationResult {
   logprobs?: TokenLogprob[];
   /** Name of the stop string or 'eos' when finishReason is 'stop'. */
   stoppedBy?: string;
+  /**
+   * With `returnCoefficients`: per request item (by `item`, in item order), per intervention of
+   * that item in the order given in `interventions`, what it did to the prompt.
+   */
+  applied?: AppliedEdit[][];
 }
 
 export interface StreamDecoder {
@@ -73,6 +94,8 @@ export class Generation {
   private pending = '';
   finishReason: FinishReason | null = null;
   stoppedBy: string | undefined;
+  /** What the prompt's interventions did, when the request asked (set by the prefill). */
+  private applied: AppliedEdit[][] | undefined;
 
   constructor(
     readonly request: GenerationRequest,
@@ -98,6 +121,11 @@ export class Generation {
     return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0;
   }
 
+  /** Records the prefill's readout; the first token event and the result carry it. */
+  setApplied(applied: AppliedEdit[][] | undefined): void {
+    if (this.request.returnCoefficients) this.applied = applied ?? [];
+  }
+
   /** Picks the next token from `logits`, records it, and decides whether generation ends. */
   accept(logits: Float32Array): TokenEvent {
     const token = this.sampler.next(logits);
@@ -113,10 +141,11 @@ export class Generation {
   private take(token: number, lp: TokenLogprob | undefined): TokenEvent {
     if (lp) this.logprobs.push(lp);
     this.tokens.push(token);
+    const applied = this.tokens.length === 1 && this.applied ? { applied: this.applied } : {};
     const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);
     if (isEos) {
       this.finish('stop', 'eos');
-      return { token, text: this.release(this.decoder.flush(), true), logprob: lp };
+      return { token, text: this.release(this.decoder.flush(), true), logprob: lp, ...applied };
     }
     let text = this.release(this.decoder.push(token), false);
     const outOfRoom =
@@ -125,7 +154,7 @@ export class Generation {
       this.finish('length');
       text += this.release(this.decoder.flush(), true);
     }
-    return { token, text, logprob: lp };
+    return { token, text, logprob: lp, ...applied };
   }
 
   /** Ends the generation early (client gone, server stopping). */
@@ -170,6 +199,7 @@ export class Generation {
       promptTokens: this.request.tokens.length,
       logprobs: this.request.logprobs ? this.logprobs : undefined,
       stoppedBy: this.stoppedBy,
+      ...(this.applied ? { applied: this.applied } : {}),
     };
   }
 }

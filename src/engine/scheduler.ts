@@ -1,5 +1,5 @@
 import { ReftError, deviceKvBudgetExceeded, queueFull, tokensInFlightExceeded } from '../errors.ts';
-import type { SequenceId } from './engine.ts';
+import type { PrefillInput, SequenceId } from './engine.ts';
 import type { StepExecutor, StepSample } from './executor.ts';
 import {
   Generation,
@@ -213,9 +213,7 @@ export class Scheduler {
   private async prefill(entries: Entry[]): Promise<void> {
     let outputs;
     try {
-      outputs = await this.engine.prefill(
-        entries.map((e) => ({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions })),
-      );
+      outputs = await this.engine.prefill(entries.map((e) => prefillInput(e.generation.request)));
     } catch (err) {
       for (const e of entries) this.fail(e, err);
       return;
@@ -224,13 +222,14 @@ export class Scheduler {
       const e = entries[i];
       e.seq = out.id;
       this.running.set(out.id, e);
+      e.generation.setApplied(out.applied);
       this.emit(e, out.logits);
     });
   }
 
   private beginLong(e: Entry): void {
     try {
-      e.seq = this.engine.beginPrefill({ tokens: e.generation.request.tokens, interventions: e.generation.request.interventions });
+      e.seq = this.engine.beginPrefill(prefillInput(e.generation.request));
       this.pending = e;
     } catch (err) {
       this.fail(e, err);
@@ -250,6 +249,7 @@ export class Scheduler {
     if (!out || this.pending !== e) return;
     this.pending = null;
     this.running.set(out.id, e);
+    e.generation.setApplied(out.applied);
     this.emit(e, out.logits);
   }
 
@@ -318,4 +318,9 @@ export class Scheduler {
     }
     this.byKey.delete(e.key);
   }
+}
+
+/** What the engine prefills for a request: its prompt, its interventions, whether it reports them. */
+function prefillInput(request: GenerationRequest): PrefillInput {
+  return { tokens: request.tokens, interventions: request.interventions, returnCoefficients: request.returnCoefficients };
 }

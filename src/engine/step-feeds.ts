@@ -54,6 +54,7 @@ export function emptyInterventionFeeds(config: ModelConfig): Record<string, ort.
     up: new Float32Array(0),
     k: 0,
     r: 0,
+    readout: [],
   };
   return {
     ...toTensors(

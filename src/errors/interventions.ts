@@ -97,6 +97,25 @@ export const interventionReplaceMissing = defineError(
   (p: { id: string }) => `no intervention "${p.id}" to replace`,
 );
 
+// saved compositions (interventions applied together, by stored id)
+export const compositionNotFound = defineError('composition_not_found', 'not_found', (p: { id: string }) => `no composition "${p.id}"`);
+export const compositionNameTaken = defineError(
+  'composition_name_taken',
+  'conflict',
+  (p: { name: string }) => `a composition named "${p.name}" already exists`,
+);
+export const compositionReplaceMissing = defineError(
+  'composition_replace_missing',
+  'not_found',
+  (p: { id: string }) => `no composition "${p.id}" to replace`,
+);
+export const interventionInUse = defineError(
+  'intervention_in_use',
+  'conflict',
+  (p: { id: string; compositions: readonly string[] }) =>
+    `intervention "${p.id}" is used by composition(s) ${p.compositions.map((c) => `"${c}"`).join(', ')}; delete or change them first`,
+);
+
 // pyreft imports (config.json + intkey_*.bin torch zips holding allowlisted pickles)
 export const pyreftConfigMissing = defineError(
   'pyreft_config_missing',
@@ -179,4 +198,28 @@ export const pyreftClassMismatch = defineError(
   'pyreft_class_mismatch',
   'invalid_intervention',
   (p: { file: string; problem: string }) => `${p.file}: ${p.problem}`,
+);
+
+// request-time control (REFT.md "Request-time control"): interventions lists and compositions
+export const interventionsWithAdapter = defineError(
+  'interventions_with_adapter',
+  'invalid_request',
+  (p: { other: string }) => `give \`${p.other}\` naming an intervention or \`interventions\`, not both`,
+);
+export const steerLayerNotInArtifact = defineError(
+  'steer_layer_not_in_artifact',
+  'invalid_request',
+  (p: { field: string; layer: number; layers: readonly number[] }) =>
+    `${p.field}: layer ${p.layer} is not one of the artifact's layers (${p.layers.join(', ')})`,
+);
+export const compositionNested = defineError(
+  'composition_nested',
+  'invalid_request',
+  (p: { field: string; name: string }) =>
+    `${p.field}: "${p.name}" is a composition; a list's items are interventions (list its items instead of nesting it)`,
+);
+export const quotaCompositions = defineError(
+  'quota_compositions',
+  'quota_exceeded',
+  (p: { stored: number; limit: number }) => `${p.stored} compositions stored; the limit is ${p.limit} (delete one first)`,
 );

@@ -41,11 +41,16 @@ import { offsetWeight } from './weights.ts';
  *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up
  * where `iv.L.index` [K, 2] lists the (row, position) pairs edited on layer L (unique),
  * down/bias/up stack the low-rank factors of every intervention on layer L in the batch (rank
- * R in total) and mask[k, j] = 1 when the intervention owning rank column j applies at pair k.
- * The block sits in an If on `has_interventions`, so a step without edits (every decode step)
- * skips it.
+ * R in total) and mask[k, j] is the strength with which the intervention owning rank column j
+ * applies at pair k (0 where it does not; 1 for a stored artifact as it is). The block sits in
+ * an If on `has_interventions`, so a step without edits (every decode step) skips it.
+ *
+ * The edit's coefficients before the mask, h[index]·downᵀ + bias [K, R], are the output
+ * `iv.L.coefficients` (empty on a step without edits), REFT.md's readout. Under a device cache
+ * only the first `coefficient_rows` of them come back (0 unless a row asked), so a step that
+ * edits but reports nothing downloads nothing more.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v5';
+export const DECODER_GRAPH_VERSION = 'decoder-v6';
 
 /**
  * Where the graph's caller keeps the KV cache:
@@ -69,6 +74,8 @@ export const decoderInputs = {
   logitIndex: 'logit_index',
   /** Device cache only: which logit rows come back to the host as `logits`. */
   hostLogitRows: 'host_logit_rows',
+  /** Device cache only: [1] int64, how many rows of each layer's coefficients come back. */
+  coefficientRows: 'coefficient_rows',
   pastKey: (l: number) => `past_key.${l}`,
   pastValue: (l: number) => `past_value.${l}`,
   ivIndex: (l: number) => `iv.${l}.index`,
@@ -87,6 +94,7 @@ export const decoderOutputs = {
   newKey: (l: number) => `new_key.${l}`,
   newValue: (l: number) => `new_value.${l}`,
   qkv: (l: number) => `qkv.${l}`,
+  ivCoefficients: (l: number) => `iv.${l}.coefficients`,
 };
 
 export type AttentionLayout = 'packed' | 'separate';
@@ -116,6 +124,7 @@ export function buildDecoderGraph(
     totalSeq: g.input(decoderInputs.totalSequenceLength, 'int32', []),
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
+    coefficientRows: cache === 'device' ? g.input(decoderInputs.coefficientRows, 'int64', [1]) : null,
   };
   const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
   const logits = decoderForward(inferenceOps(g, config, weights, layout, cache, inputs), config);
@@ -146,6 +155,8 @@ interface DecoderGraphInputs {
   totalSeq: string;
   logitIndex: string;
   hasInterventions: string;
+  /** Device cache: the coefficient rows to return; host: all of them. */
+  coefficientRows: string | null;
 }
 
 /** The inference graph's operators: ORT's fused contrib operators, attention over the KV cache. */
@@ -267,7 +278,18 @@ function inferenceOps(
           : g.op('FastGelu', [gatePre], {}, { domain: MS_DOMAIN });
       return g.op('Mul', [gate, up]);
     },
-    intervene: (h, l) => interventionBlock(g, h, l, d, inputs.hasInterventions),
+    intervene: (h, l) => {
+      const [edited, coefficients] = interventionBlock(g, h, l, d, inputs.hasInterventions);
+      const dims = [`coefficient_rows_${l}`, `coefficient_rank_${l}`];
+      if (!inputs.coefficientRows) {
+        g.output(coefficients, decoderOutputs.ivCoefficients(l), 'float32', dims);
+        return edited;
+      }
+      const zero = g.int64s('zero', [0]);
+      const returned = g.op('Slice', [coefficients, zero, inputs.coefficientRows, zero], {}, { name: decoderOutputs.ivCoefficients(l) });
+      g.output(returned, returned, 'float32', dims);
+      return edited;
+    },
     logitRows: (h) => g.op('GatherND', [h, inputs.logitIndex]),
     logits: (x, w, softcap) => {
       const name = cache === 'host' ? decoderOutputs.logits : undefined;
@@ -295,23 +317,30 @@ function softcapOp(g: GraphBuilder, x: string, cap: number, name?: string): stri
 
 /**
  * h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up on the [batch, seq, d] stream, inside an If so
- * that steps without interventions run none of it.
+ * that steps without interventions run none of it. Returns the edited stream and the
+ * coefficients h[index]·downᵀ + bias [K, R] (an empty [0, 0] without interventions).
  */
-function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, hasInterventions: string): string {
+function interventionBlock(g: GraphBuilder, h: string, l: number, d: number, hasInterventions: string): [string, string] {
   const index = g.input(decoderInputs.ivIndex(l), 'int64', [`iv_rows_${l}`, 2]);
   const mask = g.input(decoderInputs.ivMask(l), 'float32', [`iv_rows_${l}`, `iv_rank_${l}`]);
   const down = g.input(decoderInputs.ivDown(l), 'float32', [`iv_rank_${l}`, d]);
   const bias = g.input(decoderInputs.ivBias(l), 'float32', [`iv_rank_${l}`]);
   const up = g.input(decoderInputs.ivUp(l), 'float32', [`iv_rank_${l}`, d]);
+  const coefficientDims = [`coefficient_rows_${l}`, `coefficient_rank_${l}`];
   const edit = new GraphBuilder(`intervene_${l}`, `intervene_${l}/`);
   const selected = edit.op('GatherND', [h, index]);
-  const u = edit.op('Mul', [edit.op('Gemm', [selected, down, bias], { transB: 1 }), mask]);
+  const coefficients = edit.op('Gemm', [selected, down, bias], { transB: 1 });
+  const u = edit.op('Mul', [coefficients, mask]);
   const edited = edit.op('ScatterND', [h, index, edit.op('MatMul', [u, up])], { reduction: 'add' });
   edit.output(edited, edited, 'float32', ['batch', 'seq', d]);
+  edit.output(coefficients, coefficients, 'float32', coefficientDims);
   const keep = new GraphBuilder(`keep_${l}`, `keep_${l}/`);
   const same = keep.op('Identity', [h]);
   keep.output(same, same, 'float32', ['batch', 'seq', d]);
-  return g.op('If', [hasInterventions], { then_branch: subgraph(edit), else_branch: subgraph(keep) });
+  const none = keep.op('Identity', [keep.constant('no_coefficients', new Float32Array(0), [0, 0])]);
+  keep.output(none, none, 'float32', coefficientDims);
+  const [out, coefs] = g.opN('If', [hasInterventions], 2, { then_branch: subgraph(edit), else_branch: subgraph(keep) });
+  return [out, coefs];
 }
 
 /** cos/sin tables [max_positions, head_dim/2] for ORT's rotary kernels. */

@@ -14,6 +14,7 @@ import { generateRoutes } from './routes/generate.ts';
 import { healthRoutes } from './routes/health.ts';
 import { problemRoutes } from './routes/problems.ts';
 import { interventionRoutes } from './routes/interventions.ts';
+import { compositionRoutes } from './routes/compositions.ts';
 import { openaiRoutes } from './routes/openai.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
@@ -23,6 +24,7 @@ import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
 import { webUiRoutes } from './web-ui.ts';
 import { GenerationService } from './generation-service.ts';
+import { SteeringResolver } from './steering.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { TenantQueues } from './tenant-queue.ts';
@@ -135,7 +137,8 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const queues = new TenantQueues(opts.tenantLimits.maxConcurrentRequests, opts.tenantLimits.maxQueuedRequests);
   metrics.watchTenantQueues(() => queues.queued);
-  const service = new GenerationService(runtime, queues, metrics, usage, budgets);
+  const steering = new SteeringResolver(() => runtime().interventions, opts.store);
+  const service = new GenerationService(runtime, queues, metrics, usage, steering, budgets);
   healthRoutes(
     app,
     metrics,
@@ -157,6 +160,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
     offload: () => runtime().offload,
   };
   interventionRoutes(app, interventionDeps);
+  compositionRoutes(app, { store: opts.store, steering, limits: opts.tenantLimits });
   pyreftImportRoutes(app, { ...interventionDeps, model: () => runtime().config });
   fileRoutes(app, opts.store, {
     uploadLimit: opts.uploadLimit,

@@ -6,6 +6,7 @@ import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
 import { promptInput, toGenerationRequest, tokenize, type GenerateOptions, type OpenAISampling } from './protocol.ts';
 import type { ModelRuntime } from './runtime.ts';
+import type { SteeringResolver, SteerItem } from './steering.ts';
 import type { TenantQueues } from './tenant-queue.ts';
 import type { UsageMeter } from './usage.ts';
 
@@ -16,9 +17,17 @@ import type { UsageMeter } from './usage.ts';
  */
 export interface PreparedGeneration {
   id: string;
-  /** The intervention id used, or null for the base model. */
+  /** The intervention or composition id `adapter`/`model` named, or null (the base model, or a list). */
   interventionId: string | null;
   request: GenerationRequest;
+}
+
+/** What a request applies: an intervention or composition by name (`field` names it), or a list of items. */
+export interface SteeringInput {
+  name: string | null | undefined;
+  field: string;
+  items?: readonly SteerItem[];
+  returnCoefficients?: boolean;
 }
 
 /** Bounds on a prompt's text, checked before it is tokenized. */
@@ -39,6 +48,7 @@ export class GenerationService {
     private readonly queues: TenantQueues,
     private readonly metrics: ServerMetrics,
     private readonly usage: UsageMeter,
+    private readonly steering: SteeringResolver,
     private readonly budget: PromptBudget = { maxPromptChars: null },
   ) {}
 
@@ -62,16 +72,10 @@ export class GenerationService {
   }
 
   /**
-   * Resolves the intervention (none when null or the base model's name) and tokenizes the input
-   * in the offload pool, after checking its length. `field` is the request field that named the
-   * intervention, for a not-found error.
+   * Resolves what the request applies (nothing when the name is null or the base model's; see
+   * steering.ts) and tokenizes the input in the offload pool, after checking its length.
    */
-  async prepare(
-    tenant: Tenant,
-    intervention: { name: string | null | undefined; field: string },
-    input: GenerationInput,
-    idPrefix = 'gen',
-  ): Promise<PreparedGeneration> {
+  async prepare(tenant: Tenant, steering: SteeringInput, input: GenerationInput, idPrefix = 'gen'): Promise<PreparedGeneration> {
     const rt = this.runtime();
     const prompt = promptInput(input);
     const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
@@ -79,12 +83,16 @@ export class GenerationService {
     if (chars > maxChars) {
       throw promptTooManyChars({ chars, limit: maxChars }, 'prompt' in prompt ? 'prompt' : 'messages');
     }
-    const { name, field } = intervention;
-    const useBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
-    const resolved = useBase ? null : await rt.interventions.resolve(tenant.id, name, field);
+    const { name, field } = steering;
+    const isBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
+    const resolved = await this.steering.resolve(tenant.id, { name, field, isBase }, steering.items);
     const tokens = 'input_ids' in prompt ? tokenize(prompt, rt.tokenizer) : await rt.offload.tokenize(rt.modelDir, prompt);
-    const request = { tenant: tenant.id, ...toGenerationRequest(tokens, input, resolved?.interventions ?? [], rt.config.maxPositions) };
-    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved?.id ?? null, request };
+    const request: GenerationRequest = {
+      tenant: tenant.id,
+      ...toGenerationRequest(tokens, input, resolved.interventions, rt.config.maxPositions),
+      ...(steering.returnCoefficients ? { returnCoefficients: true } : {}),
+    };
+    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved.id, request };
   }
 
   /** Runs a prepared generation, recording metrics (inside `admitted`). */

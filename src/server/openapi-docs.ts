@@ -60,6 +60,13 @@ const REQUEST_EXAMPLES: Record<string, unknown> = {
     hyperparameters: { epochs: 30, learning_rate: 0.01 },
     name: 'frog-song',
   },
+  'POST /v1/compositions': {
+    name: 'calm-mix',
+    interventions: [
+      { intervention: 'polite', strength: 0.5 },
+      { intervention: 'happy', strength: -1, layers: [2], positions: 'l3' },
+    ],
+  },
   'POST /v1/admin/tenants': { name: 'acme' },
   'PATCH /v1/admin/tenants/{id}': { name: 'acme-eu' },
 };
@@ -75,6 +82,7 @@ const HEX = '0123456789abcdef01234567';
 /** An `id` example per collection, in the form the store makes them (prefix + 24 hex). */
 const ID_EXAMPLES: Array<[string, string]> = [
   ['/v1/interventions/', `iv_${HEX}`],
+  ['/v1/compositions/', `comp_${HEX}`],
   ['/v1/files/', `file_${HEX}`],
   ['/v1/training/jobs/', `job_${HEX}`],
   ['/v1/admin/tenants/', `ten_${HEX}`],

@@ -9,8 +9,11 @@ export interface Dialect {
   now(): Value<string>;
   /** `ms` from now, in the terms of jobs.lease_expires_at. */
   leaseAt(ms: number): Value<number | string>;
-  /** Locks the rows a select reads until the commit: 'skip' passes over rows others hold, 'share' is a foreign key check's lock. */
-  lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip' | 'share'): Q;
+  /**
+   * Locks the rows a select reads until the commit: 'skip' passes over rows others hold, 'share' is a foreign key check's
+   * lock, 'delete' a delete's (it waits for, and keeps out, 'share').
+   */
+  lock<Q extends AnySelect>(query: Q, mode: 'row' | 'skip' | 'share' | 'delete'): Q;
   /** Adds a usageBatch's rows (of tenants that exist) to the stored counts, in one transaction of its own. */
   addUsage(db: Kysely<Tables>, rows: UsageRecord[]): Promise<void>;
   /** Tells other processes, on commit (where the database can). */

@@ -5,6 +5,7 @@ import { ReftError, databaseUnavailable } from '../errors.ts';
 import { Listener } from './pg-listener.ts';
 import { migrate, migrations, type BlobColumns, type SqlTypes, type Tables } from './schema.ts';
 import { SqlStore } from './sql-store.ts';
+import type { AnySelect } from './dialect.ts';
 import type { Store } from './store.ts';
 
 /**
@@ -137,12 +138,16 @@ export async function openPostgresStore(url: string, options: PostgresStoreOptio
     db,
     now: () => sql<string>`now()`,
     leaseAt: (ms) => sql<string>`now() + ${ms} * interval '1 millisecond'`,
-    lock: (query, mode) =>
-      (mode === 'share'
-        ? query.forKeyShare()
-        : mode === 'skip'
-          ? query.forNoKeyUpdate().skipLocked()
-          : query.forNoKeyUpdate()) as typeof query,
+    lock: (query, mode) => {
+      const q = query as AnySelect;
+      const locks = {
+        row: () => q.forNoKeyUpdate(),
+        share: () => q.forKeyShare(),
+        skip: () => q.forNoKeyUpdate().skipLocked(),
+        delete: () => q.forUpdate(),
+      };
+      return locks[mode]() as typeof query;
+    },
     addUsage: async (db, rows) => {
       const column = <K extends keyof (typeof rows)[0]>(k: K) => rows.map((r) => r[k]);
       // One statement for the batch. Its tenants are locked FOR KEY SHARE (as a foreign key check

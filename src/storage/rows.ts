@@ -7,8 +7,9 @@ import type { Tables } from './schema.ts';
 import { JOB_STATUSES, type JobStatus, type Page, type PageRequest, type StoredUsage } from './store.ts';
 
 /** A prefix naming the kind of row, then 96 random bits: opaque, safe in URLs and file names (blob-files.ts). */
-export const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
+export const newId = (prefix: 'ten_' | 'key_' | 'iv_' | 'comp_' | 'file_' | 'job_'): string => prefix + randomBytes(12).toString('hex');
 export const INTERVENTION_ID = /^iv_[0-9a-f]{24}$/;
+export const COMPOSITION_ID = /^comp_[0-9a-f]{24}$/;
 
 /** Reading rows for the store (sql-store.ts): pages in insertion order, counts, and the file bytes rows hold or name. */
 

@@ -1,5 +1,5 @@
 import type { Generated, Kysely } from 'kysely';
-import type { InterventionMeta, JobStatus } from './store.ts';
+import type { CompositionItem, InterventionMeta, JobStatus } from './store.ts';
 
 /**
  * The schema, declared once for both dialects: the tables as the store's queries see them
@@ -42,6 +42,16 @@ export interface Tables {
     created_at: string;
     updated_at: string;
   };
+  compositions: {
+    seq: Generated<number>;
+    id: string;
+    tenant_id: string | null;
+    name: string;
+    items: Json;
+    created_at: string;
+    updated_at: string;
+  };
+  composition_uses: { composition_id: string; intervention_id: string };
   files: { seq: Generated<number>; id: string; tenant_id: string; filename: string; purpose: string; bytes: number; created_at: string };
   jobs: {
     seq: Generated<number>;
@@ -157,10 +167,24 @@ export function migrations(t: SqlTypes, b: BlobColumns): Migration[] {
     UPDATE tenants SET name = name || ' (' || id || ')' WHERE seq NOT IN (SELECT min(seq) FROM tenants GROUP BY name);
     CREATE UNIQUE INDEX tenants_name ON tenants (name);
     ${t.cascade}`;
+  const compositions = `
+    CREATE TABLE compositions (
+      seq ${t.seq}, id text NOT NULL UNIQUE, tenant_id text REFERENCES tenants (id), name text NOT NULL, items ${t.json} NOT NULL,
+      ${created}, updated_at ${t.time} NOT NULL${t.nowDefault}
+    );
+    CREATE UNIQUE INDEX compositions_name ON compositions ${t.nameKey};
+    ${owned('compositions')}
+    -- The interventions each composition uses: deleting one is refused (NO ACTION) while a composition does.
+    CREATE TABLE composition_uses (
+      intervention_id text NOT NULL REFERENCES interventions (id),
+      composition_id text NOT NULL REFERENCES compositions (id) ON DELETE CASCADE, PRIMARY KEY (intervention_id, composition_id)
+    );
+    CREATE INDEX composition_uses_composition ON composition_uses (composition_id);`;
   return [
     { version: 1, name: 'initial', sql: initial },
     { version: 2, name: 'tenant usage', sql: usage },
     { version: 3, name: 'tenant administration', sql: admin },
+    { version: 4, name: 'compositions', sql: compositions },
   ];
 }
 
@@ -179,6 +203,7 @@ export const COLUMNS = {
     ...['id', 'tenant_id as tenantId', 'status', 'spec', 'progress', 'error', 'intervention_id as interventionId', 'attempts'],
     ...['cancel_requested as cancelRequested', 'created_at as createdAt', 'started_at as startedAt', 'finished_at as finishedAt'],
   ],
+  composition: ['id', 'tenant_id as tenantId', 'name', 'items', 'created_at as createdAt', 'updated_at as updatedAt'],
   event: ['seq', 'job_id as jobId', 'created_at as createdAt', 'type', 'data'],
   usageDay: [
     'day',
@@ -190,6 +215,7 @@ export const COLUMNS = {
 } as const;
 
 export const toIntervention = <R extends { config: Json }>(r: R) => ({ ...r, config: JSON.parse(r.config) as unknown });
+export const toComposition = <R extends { items: Json }>(r: R) => ({ ...r, items: JSON.parse(r.items) as CompositionItem[] });
 export const toEvent = <R extends { data: Json }>(r: R) => ({ ...r, data: JSON.parse(r.data) as unknown });
 export const toJob = <R extends { spec: Json; progress: Json; cancelRequested: unknown }>(r: R) => ({
   ...r,

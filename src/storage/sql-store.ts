@@ -6,13 +6,28 @@ import {
   interventionNameTaken,
   interventionNotFound,
   interventionReplaceMissing,
+  interventionInUse,
+  compositionNameTaken,
+  compositionReplaceMissing,
   jobNotFound,
   tenantNameTaken,
   tenantNotFound,
 } from '../errors.ts';
-import type { BlobKind, Dialect, StagedBlobs } from './dialect.ts';
-import { INTERVENTION_ID, blobsOf, clampLimit, countJobs, countStored, newId, orNull, pageOf, readBlobs, same } from './rows.ts';
-import { COLUMNS, jsonText, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
+import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
+import {
+  COMPOSITION_ID,
+  INTERVENTION_ID,
+  blobsOf,
+  clampLimit,
+  countJobs,
+  countStored,
+  newId,
+  orNull,
+  pageOf,
+  readBlobs,
+  same,
+} from './rows.ts';
+import { COLUMNS, jsonText, toComposition, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
 import { Listeners } from './listeners.ts';
@@ -65,7 +80,7 @@ export class SqlStore implements S.Store {
         ...(await blobsOf(this.d.blobs, checkpoints, [checkpoint])),
       ];
       // What it owns first (jobs take their events and checkpoints along): SQLite's foreign keys don't cascade.
-      for (const table of ['api_keys', 'tenant_usage', 'jobs', 'files', 'interventions'] as const)
+      for (const table of ['api_keys', 'tenant_usage', 'jobs', 'files', 'compositions', 'interventions'] as const)
         await tx.deleteFrom(table).where('tenant_id', '=', id).execute();
       if (!one(await tx.deleteFrom('tenants').where('id', '=', id).executeTakeFirst())) return null;
       for (const iv of interventions) await this.d.notify(tx, 'interventionChanged', iv);
@@ -164,18 +179,14 @@ export class SqlStore implements S.Store {
   }
 
   async findIntervention(tenantId: string | null, idOrName: string): Promise<S.InterventionMeta | null> {
-    // An id match first, then the tenant's own name, then a shared name.
-    const row = await this.visible(tenantId)
-      .select(COLUMNS.intervention)
-      .where((eb) => eb.or([eb('id', '=', idOrName), eb('name', '=', idOrName)]))
-      .orderBy(sql`id = ${idOrName} DESC, tenant_id IS NULL`)
-      .limit(1)
-      .executeTakeFirst();
-    return orNull(row, toIntervention);
+    return orNull(
+      await this.byIdOrName('interventions', tenantId, idOrName).select(COLUMNS.intervention).executeTakeFirst(),
+      toIntervention,
+    );
   }
 
   async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
-    return pageOf(this.visible(tenantId), COLUMNS.intervention, page, toIntervention);
+    return pageOf(this.visible('interventions', tenantId), COLUMNS.intervention, page, toIntervention);
   }
 
   async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
@@ -189,6 +200,53 @@ export class SqlStore implements S.Store {
     const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights]);
     if (deleted) this.interventionListeners.emit(id);
     return deleted;
+  }
+
+  async putComposition(c: S.NewComposition, replaceId?: string): Promise<S.Composition> {
+    if (replaceId !== undefined && !COMPOSITION_ID.test(replaceId)) throw compositionReplaceMissing({ id: replaceId }, 'id');
+    const id = replaceId ?? newId('comp_');
+    const uses = [...new Set(c.items.map((item) => item.intervention))];
+    const write = this.tx(async (tx) => {
+      // Locked as a foreign key check locks them: none can be deleted before this commits.
+      const found = uses.length ? this.visible('interventions', c.tenantId, tx).select('id').where('id', 'in', uses) : undefined;
+      const seen = new Set(found ? (await this.d.lock(found, 'share').execute()).map((r) => r.id) : []);
+      const missing = c.items.findIndex((item) => !seen.has(item.intervention));
+      if (missing >= 0) throw interventionNotFound({ id: c.items[missing].intervention }, `items[${missing}].intervention`);
+      const now = this.d.now();
+      const values = { name: c.name, items: jsonText(c.items), updated_at: now };
+      const own = 'is not distinct from';
+      const write = replaceId
+        ? tx.updateTable('compositions').set(values).where('id', '=', id).where('tenant_id', own, c.tenantId).returning(COLUMNS.composition)
+        : tx
+            .insertInto('compositions')
+            .values({ ...values, id, tenant_id: c.tenantId, created_at: now })
+            .returning(COLUMNS.composition);
+      const row = await write.executeTakeFirst();
+      if (!row) throw compositionReplaceMissing({ id }, 'id');
+      await tx.deleteFrom('composition_uses').where('composition_id', '=', id).execute();
+      if (uses.length)
+        await tx
+          .insertInto('composition_uses')
+          .values(uses.map((u) => ({ composition_id: id, intervention_id: u })))
+          .execute();
+      return row;
+    });
+    const taken = () => compositionNameTaken({ name: c.name }, 'name');
+    return toComposition(await this.named(write, { unique: taken, foreignKey: () => noTenant(c.tenantId) }));
+  }
+
+  async findComposition(tenantId: string | null, idOrName: string): Promise<S.Composition | null> {
+    return orNull(await this.byIdOrName('compositions', tenantId, idOrName).select(COLUMNS.composition).executeTakeFirst(), toComposition);
+  }
+
+  async listCompositions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.Composition>> {
+    return pageOf(this.visible('compositions', tenantId), COLUMNS.composition, page, toComposition);
+  }
+
+  async deleteComposition(tenantId: string | null, id: string): Promise<boolean> {
+    return one(
+      await this.db.deleteFrom('compositions').where('id', '=', id).where('tenant_id', 'is not distinct from', tenantId).executeTakeFirst(),
+    );
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
@@ -435,7 +493,9 @@ export class SqlStore implements S.Store {
   private async deleteWithBlobs(table: 'interventions' | 'files', tenantId: string | null, id: string, columns: string[]) {
     const files = await this.tx(async (tx) => {
       const own = 'is not distinct from';
-      const files = await blobsOf(this.d.blobs, tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId), columns);
+      const row = tx.selectFrom(table).where('id', '=', id).where('tenant_id', own, tenantId);
+      if (table === 'interventions') await this.refuseInUse(tx, row);
+      const files = await blobsOf(this.d.blobs, row, columns);
       if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenant_id', own, tenantId).executeTakeFirst())) return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
@@ -449,9 +509,32 @@ export class SqlStore implements S.Store {
     return write.catch((e) => Promise.reject(as[this.d.violation(e)!]?.() ?? e));
   }
 
-  /** Interventions the tenant can see: its own and the shared ones (a null tenant: shared only). */
-  private visible(tenantId: string | null) {
-    return this.db.selectFrom('interventions').where((eb) => eb.or([eb('tenant_id', '=', tenantId), eb('tenant_id', 'is', null)]));
+  /** Interventions or compositions the tenant can see: its own and the shared ones (a null tenant: shared only). */
+  private visible(table: 'interventions' | 'compositions', tenantId: string | null, db: Tx = this.db) {
+    return db.selectFrom(table).where((eb) => eb.or([eb('tenant_id', '=', tenantId), eb('tenant_id', 'is', null)]));
+  }
+
+  /** The one a tenant means by `idOrName`: an id match first, then the tenant's own name, then a shared name. */
+  private byIdOrName(table: 'interventions' | 'compositions', tenantId: string | null, idOrName: string) {
+    const match = this.visible(table, tenantId).where((eb) => eb.or([eb('id', '=', idOrName), eb('name', '=', idOrName)]));
+    return match.orderBy(sql`id = ${idOrName} DESC, tenant_id IS NULL`).limit(1);
+  }
+
+  /**
+   * Refuses to delete an intervention a composition uses, naming them. The row is locked as a delete
+   * locks it, so a putComposition that read it first has committed; one that comes later waits, then finds it gone.
+   */
+  private async refuseInUse(tx: Tx, row: AnySelect): Promise<void> {
+    const id = (await this.d.lock(row.select('id'), 'delete').executeTakeFirst())?.id as string | undefined;
+    if (id === undefined) return;
+    const users = await tx
+      .selectFrom('composition_uses as u')
+      .innerJoin('compositions as c', 'c.id', 'u.composition_id')
+      .select('c.name')
+      .where('u.intervention_id', '=', id)
+      .orderBy('c.seq')
+      .execute();
+    if (users.length) throw interventionInUse({ id, compositions: users.map((u) => u.name) }, 'id');
   }
 
   private file(tenantId: string, id: string) {

@@ -71,6 +71,31 @@ export interface NewIntervention {
   files: InterventionFiles;
 }
 
+/** One intervention of a composition, with how it is applied. */
+export interface CompositionItem {
+  /** A stored intervention's id (resolved before saving): deleting it is refused while a composition uses it. */
+  intervention: string;
+  strength?: number;
+  layers?: number[];
+  positions?: string;
+}
+
+/** Interventions saved to be applied together, scoped and named as interventions are. */
+export interface Composition {
+  id: string;
+  tenantId: string | null;
+  name: string;
+  items: CompositionItem[];
+  createdAt: string;
+  updatedAt: string;
+}
+
+export interface NewComposition {
+  tenantId: string | null;
+  name: string;
+  items: CompositionItem[];
+}
+
 export interface Page<T> {
   data: T[];
   /** Pass as `after` to get the next page; null on the last page. */
@@ -165,7 +190,7 @@ export interface Store {
   getTenant(id: string): Promise<Tenant | null>;
   listTenants(page: PageRequest): Promise<Page<Tenant>>;
   renameTenant(id: string, name: string): Promise<Tenant | null>;
-  /** Deletes a tenant and all it owns (keys, interventions, files, jobs, usage); false if there is none. */
+  /** Deletes a tenant and all it owns (keys, interventions, compositions, files, jobs, usage); false if there is none. */
   deleteTenant(id: string): Promise<boolean>;
   /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
   createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<ApiKey>;
@@ -184,9 +209,16 @@ export interface Store {
   findIntervention(tenantId: string | null, idOrName: string): Promise<InterventionMeta | null>;
   listInterventions(tenantId: string | null, page: PageRequest): Promise<Page<InterventionMeta>>;
   readInterventionFiles(id: string): Promise<InterventionFiles | null>;
-  /** Deletes the tenant's own intervention (shared ones only with tenantId null). */
+  /** Deletes the tenant's own intervention (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
   deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
   storedUsage(tenantId: string): Promise<StoredUsage>;
+
+  // compositions: scoped, named, found and replaced as interventions are
+  /** Every item's intervention must be one the tenant can see: else intervention_not_found on "items[i].intervention". */
+  putComposition(c: NewComposition, replaceId?: string): Promise<Composition>;
+  findComposition(tenantId: string | null, idOrName: string): Promise<Composition | null>;
+  listCompositions(tenantId: string | null, page: PageRequest): Promise<Page<Composition>>;
+  deleteComposition(tenantId: string | null, id: string): Promise<boolean>;
 
   // usage accounting (per tenant and day)
   recordUsage(entries: UsageRecord[]): Promise<void>;

@@ -583,6 +583,168 @@ export function storeContract(backend: StoreBackend): void {
       });
     });
 
+    describe('compositions', () => {
+      /** A composition of the given interventions, each with a strength. */
+      const comp = (tenantId: string | null, name: string, ...ids: string[]) => ({
+        tenantId,
+        name,
+        items: ids.map((intervention, i) => ({ intervention, strength: i + 0.5, layers: [i], positions: 'l1' })),
+      });
+
+      it('saves, finds by id and by name, pages, replaces in place and deletes', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const [x, y] = [await store.putIntervention(newIv(t.id, 'x')), await store.putIntervention(newIv(t.id, 'y'))];
+        const c = await store.putComposition(comp(t.id, 'mix', x.id, y.id));
+        expect(c.id).toMatch(/^comp_[0-9a-f]{24}$/);
+        expect(c).toMatchObject({ tenantId: t.id, name: 'mix', items: comp(t.id, 'mix', x.id, y.id).items });
+        expect(new Date(c.createdAt).toISOString()).toBe(c.createdAt);
+        expect(c.updatedAt).toBe(c.createdAt);
+        expect(await store.findComposition(t.id, c.id)).toEqual(c);
+        expect(await store.findComposition(t.id, 'mix')).toEqual(c);
+        expect(await store.findComposition(t.id, 'other')).toBeNull();
+        expect(await store.findIntervention(t.id, c.id)).toBeNull(); // a composition id is never an intervention's
+
+        const made = [c.id];
+        for (let i = 0; i < 4; i++) made.push((await store.putComposition(comp(t.id, `c${i}`, y.id))).id);
+        for (const limit of [1, 2, 5, 100]) {
+          expect((await collect((after) => store.listCompositions(t.id, { limit, after }))).map((m) => m.id)).toEqual(made);
+        }
+        expect((await rejection(store.listCompositions(t.id, { limit: 2, after: 'comp_nope' }))).field).toBe('after');
+
+        await sleep(5);
+        const replaced = await store.putComposition(comp(t.id, 'mix 2', y.id), c.id);
+        expect(replaced).toMatchObject({ id: c.id, name: 'mix 2', createdAt: c.createdAt, items: comp(t.id, '', y.id).items });
+        expect(replaced.updatedAt > c.updatedAt).toBe(true);
+        expect(await store.findComposition(t.id, 'mix')).toBeNull();
+        expect(await store.findComposition(t.id, 'mix 2')).toEqual(replaced);
+        for (const taken of [store.putComposition(comp(t.id, 'c0', y.id)), store.putComposition(comp(t.id, 'c0', y.id), c.id)]) {
+          const e = await rejection(taken);
+          expect([e.code, e.category, e.field]).toEqual(['composition_name_taken', 'conflict', 'name']);
+        }
+        expect(await store.findComposition(t.id, c.id)).toEqual(replaced);
+        for (const missing of [`comp_${'0'.repeat(24)}`, '../../escape', x.id]) {
+          const e = await rejection(store.putComposition(comp(t.id, 'new', y.id), missing));
+          expect([e.code, e.field]).toEqual(['composition_replace_missing', 'id']);
+        }
+
+        expect(await store.deleteComposition(t.id, c.id)).toBe(true);
+        expect(await store.deleteComposition(t.id, c.id)).toBe(false);
+        expect(await store.findComposition(t.id, c.id)).toBeNull();
+        expect((await store.listCompositions(t.id, { limit: 10 })).data.map((m) => m.id)).toEqual(made.slice(1));
+        expect(await store.findIntervention(t.id, x.id)).toEqual(x);
+      });
+
+      it('keeps tenants apart, shares tenant-less ones, and uses only interventions the tenant can see', async () => {
+        const store = await open();
+        const [a, b] = [await store.createTenant('a'), await store.createTenant('b')];
+        const ofA = await store.putIntervention(newIv(a.id, 'x'));
+        const ofB = await store.putIntervention(newIv(b.id, 'x'));
+        const shared = await store.putIntervention({ ...newIv(null, 'common'), source: 'shared' });
+        const mine = await store.putComposition(comp(a.id, 'secret', ofA.id, shared.id));
+
+        expect(await store.findComposition(b.id, mine.id)).toBeNull();
+        expect(await store.findComposition(b.id, 'secret')).toBeNull();
+        expect(await store.findComposition(null, mine.id)).toBeNull();
+        expect((await store.listCompositions(b.id, { limit: 10 })).data).toEqual([]);
+        expect(await store.deleteComposition(b.id, mine.id)).toBe(false);
+        expect(await store.deleteComposition(null, mine.id)).toBe(false);
+        expect(await store.deleteIntervention(b.id, ofA.id)).toBe(false); // in use, but not b's to know
+        expect((await rejection(store.putComposition(comp(b.id, 'secret', ofB.id), mine.id))).code).toBe('composition_replace_missing');
+        expect((await rejection(store.listCompositions(b.id, { limit: 1, after: mine.id }))).code).toBe('cursor_unknown');
+
+        // Another tenant's intervention, or none, is not found on the item naming it; nothing is saved.
+        for (const [items, at] of [
+          [[shared.id, ofA.id], 1],
+          [['iv_missing'], 0],
+        ] as const) {
+          const e = await rejection(store.putComposition(comp(b.id, 'theirs', ...items)));
+          expect([e.code, e.field]).toEqual(['intervention_not_found', `items[${at}].intervention`]);
+        }
+        expect((await rejection(store.putComposition(comp('ten_ghost', 'x', shared.id)))).field).toBe('tenantId');
+        expect(await store.findComposition(b.id, 'theirs')).toBeNull();
+
+        // b may use the name too; a shared composition (of shared interventions only) is seen by all, a tenant's own name wins.
+        const ofBComp = await store.putComposition(comp(b.id, 'secret', ofB.id));
+        const common = await store.putComposition(comp(null, 'secret', shared.id));
+        expect((await rejection(store.putComposition(comp(null, 'with a tenant one', ofA.id)))).code).toBe('intervention_not_found');
+        expect((await store.findComposition(a.id, 'secret'))!.id).toBe(mine.id);
+        expect((await store.findComposition(b.id, 'secret'))!.id).toBe(ofBComp.id);
+        expect((await store.findComposition(a.id, common.id))!.id).toBe(common.id);
+        expect((await store.findComposition(null, 'secret'))!.id).toBe(common.id);
+        expect((await store.listCompositions(a.id, { limit: 10 })).data.map((c) => c.id)).toEqual([mine.id, common.id]);
+        expect((await store.listCompositions(null, { limit: 10 })).data.map((c) => c.id)).toEqual([common.id]);
+        expect(await store.deleteComposition(a.id, common.id)).toBe(false);
+        expect(await store.deleteComposition(null, common.id)).toBe(true);
+      });
+
+      it('refuses to delete an intervention a composition uses, naming the compositions; the intervention stays whole', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        const [x, y] = [await store.putIntervention(newIv(t.id, 'x')), await store.putIntervention(newIv(t.id, 'y'))];
+        const shared = await store.putIntervention({ ...newIv(null, 'common'), source: 'shared' });
+        const first = await store.putComposition(comp(t.id, 'first', x.id, y.id, x.id));
+        await store.putComposition(comp(t.id, 'second', x.id, shared.id));
+        const changed: string[] = [];
+        store.onInterventionChanged((id) => changed.push(id));
+        const blobs = await fx.blobs();
+
+        const e = await rejection(store.deleteIntervention(t.id, x.id));
+        expect([e.code, e.category, e.status, e.field]).toEqual(['intervention_in_use', 'conflict', 409, 'id']);
+        expect(e.message).toContain('"first", "second"');
+        expect((await rejection(store.deleteIntervention(null, shared.id))).message).toContain('"second"');
+        expect(await store.findIntervention(t.id, x.id)).toEqual(x);
+        expect(Buffer.from((await store.readInterventionFiles(x.id))!.weights).length).toBe(64);
+        expect(await fx.blobs()).toEqual(blobs);
+        expect(changed).toEqual([]);
+
+        // Once no composition uses it (replaced without it, or deleted), it can go.
+        await store.putComposition(comp(t.id, 'first', y.id), first.id);
+        expect((await rejection(store.deleteIntervention(t.id, x.id))).message).not.toContain('"first"');
+        expect(await store.deleteComposition(t.id, (await store.findComposition(t.id, 'second'))!.id)).toBe(true);
+        expect(await store.deleteIntervention(t.id, x.id)).toBe(true);
+        expect(await store.deleteIntervention(null, shared.id)).toBe(true);
+        expect((await rejection(store.deleteIntervention(t.id, y.id))).code).toBe('intervention_in_use');
+        expect(changed).toEqual([x.id, shared.id]);
+      });
+
+      it('never lets a delete and a composition using the same intervention both succeed', async () => {
+        const store = await open();
+        const t = await store.createTenant('a');
+        for (let round = 0; round < 10; round++) {
+          const iv = await store.putIntervention(newIv(t.id, `iv${round}`));
+          const [put, del] = await Promise.allSettled([
+            store.putComposition(comp(t.id, `c${round}`, iv.id)),
+            store.deleteIntervention(t.id, iv.id),
+          ]);
+          const found = await store.findIntervention(t.id, iv.id);
+          if (put.status === 'fulfilled') {
+            expect(del.status === 'rejected' && (del.reason as ReftError).code).toBe('intervention_in_use');
+            expect(found).toEqual(iv);
+          } else {
+            expect((put.reason as ReftError).code).toBe('intervention_not_found');
+            expect(del).toEqual({ status: 'fulfilled', value: true });
+            expect(found).toBeNull();
+          }
+        }
+      });
+
+      it("goes with its tenant: deleting a tenant deletes its compositions, not another's", async () => {
+        const store = await open();
+        const [t, other] = [await store.createTenant('doomed'), await store.createTenant('kept')];
+        const shared = await store.putIntervention({ ...newIv(null, 'common'), source: 'shared' });
+        const gone = await store.putComposition(comp(t.id, 'doomed mix', (await store.putIntervention(newIv(t.id, 'x'))).id, shared.id));
+        const kept = await store.putComposition(comp(other.id, 'mix', shared.id));
+        expect(await store.deleteTenant(t.id)).toBe(true);
+        expect(await store.findComposition(t.id, gone.id)).toBeNull();
+        expect(await store.findComposition(other.id, 'mix')).toEqual(kept);
+        const inUse = (await rejection(store.deleteIntervention(null, shared.id))).message;
+        expect([inUse.includes('"mix"'), inUse.includes('doomed')]).toEqual([true, false]);
+        expect(await store.deleteComposition(other.id, kept.id)).toBe(true);
+        expect(await store.deleteIntervention(null, shared.id)).toBe(true); // nothing uses it any more
+      });
+    });
+
     describe('training data files', () => {
       it('stores, reads, pages and deletes files per tenant', async () => {
         const store = await open();
@@ -1012,7 +1174,7 @@ export function storeContract(backend: StoreBackend): void {
         await old.close();
 
         const store = await open();
-        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3]);
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3, 4]);
         expect(await store.getTenant(t.id)).toEqual(t);
         expect(await store.findIntervention(t.id, 'old')).toEqual(iv);
         expect(await store.getJob(t.id, job.id)).toEqual(job);
@@ -1021,8 +1183,8 @@ export function storeContract(backend: StoreBackend): void {
         await store.close();
         // Opening again changes nothing; a server that only knows version 1 now refuses it.
         await open();
-        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3]);
-        await expect(backend.openAt(fx.location, 1)).rejects.toThrow(/schema version 3, newer than this server's 1/);
+        expect(await backend.schemaVersions(fx.location)).toEqual([1, 2, 3, 4]);
+        await expect(backend.openAt(fx.location, 1)).rejects.toThrow(/schema version 4, newer than this server's 1/);
       });
     });
 

@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import type { GenerationResult } from '../../engine/generation.ts';
+import type { AppliedEdit, GenerationResult } from '../../engine/generation.ts';
 import { inputFields, samplingFields } from '../protocol.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
@@ -9,6 +9,7 @@ import type { GenerationService, PreparedGeneration } from '../generation-servic
 import { SseStream } from '../sse.ts';
 import { logprobPieces } from '../logprob-pieces.ts';
 import { problemSchema } from './schemas.ts';
+import { appliedSchema, promptTokenTextsSchema, returnCoefficientsField, steerListSchema } from './steer-schemas.ts';
 
 const generateBody = z.strictObject({
   adapter: z
@@ -17,7 +18,11 @@ const generateBody = z.strictObject({
     .max(200)
     .nullable()
     .optional()
-    .describe('intervention id or name; omit (or the base model name) for the base model'),
+    .describe('an intervention or saved composition, by id or name; omit (or the base model name) for the base model'),
+  interventions: steerListSchema
+    .optional()
+    .describe('stored interventions applied together, each with its own settings; not with `adapter`'),
+  return_coefficients: returnCoefficientsField,
   ...inputFields,
   ...samplingFields,
   stream: z.boolean().default(false).describe('stream tokens as server-sent events'),
@@ -39,7 +44,20 @@ const generateResponse = z.object({
   stop_reason: z.string().nullable(),
   usage: z.object({ prompt_tokens: z.number().int(), completion_tokens: z.number().int(), total_tokens: z.number().int() }),
   logprobs: z.array(logprobSchema).optional(),
+  applied: appliedSchema.optional(),
+  prompt_token_texts: promptTokenTextsSchema.optional(),
 });
+
+/** With return_coefficients: what each intervention did, and the prompt tokens its positions index. */
+export function appliedFields(p: PreparedGeneration, applied: AppliedEdit[][] | undefined, tokenizer: TextTokenizer) {
+  if (!p.request.returnCoefficients) return {};
+  const tokens = p.request.tokens;
+  return {
+    applied: applied ?? [],
+    // a special token (BOS) decodes to nothing: its name says which row it is
+    prompt_token_texts: tokens.map((t, i) => tokenizer.piece(t, i ? tokens[i - 1] : undefined).text || (tokenizer.tokenString(t) ?? '')),
+  };
+}
 
 export function generateResponseBody(
   p: PreparedGeneration,
@@ -64,6 +82,7 @@ export function generateResponseBody(
           })),
         }
       : {}),
+    ...appliedFields(p, r.applied, tokenizer),
   };
 }
 
@@ -89,8 +108,9 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
     },
     async (request, reply) =>
       service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
-        const { adapter, stream, ...input } = request.body;
-        const prepared = await service.prepare(request.tenant, { name: adapter, field: 'adapter' }, input);
+        const { adapter, interventions, return_coefficients, stream, ...input } = request.body;
+        const steering = { name: adapter, field: 'adapter', items: interventions, returnCoefficients: return_coefficients };
+        const prepared = await service.prepare(request.tenant, steering, input);
         const tokenizer = service.model.tokenizer;
         if (!stream) {
           const result = await service.run(request.tenant, prepared, { signal: disconnected });
@@ -100,8 +120,11 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
         try {
           const result = await service.run(request.tenant, prepared, {
             signal: sse.signal,
-            onToken: (e) =>
-              sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) }),
+            onToken: (e) => {
+              // the readout comes once, as its own event, before the first token
+              if (e.applied) sse.send({ type: 'applied', ...appliedFields(prepared, e.applied, tokenizer) });
+              sse.send({ type: 'token', token_id: e.token, text: e.text, ...(e.logprob ? { logprob: e.logprob.logprob } : {}) });
+            },
           });
           sse.send({ type: 'done', ...generateResponseBody(prepared, result, tokenizer) });
         } catch (err) {

@@ -113,6 +113,9 @@ export async function storeArtifact(
   const existing = await deps.store.findIntervention(tenantId, name);
   const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
   if (replaceId && !opts.replace) throw interventionNameTaken({ name, hint: 'pass replace=true to replace it' }, 'name');
+  // a composition of this name would be shadowed wherever a request names it
+  if (await deps.store.findComposition(tenantId, name))
+    throw interventionNameTaken({ name, hint: 'a composition has it; an intervention cannot take its name' }, 'name');
   const usage = await deps.store.storedUsage(tenantId);
   const bytes = files.config.byteLength + files.weights.byteLength;
   const freed = replaceId ? existing!.bytes : 0;

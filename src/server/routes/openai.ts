@@ -12,14 +12,15 @@ import {
   topLogprobsWithoutLogprobs,
 } from '../../errors.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
-import type { InterventionMeta, Store, Tenant } from '../../storage/store.ts';
+import type { Composition, InterventionMeta, Store, Tenant } from '../../storage/store.ts';
 import type { GenerationInput, GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { logprobPieces, type Piece } from '../logprob-pieces.ts';
 import { openaiErrorOf, openaiErrorSchema } from '../openai-error.ts';
 import { toReftError } from '../problem.ts';
 import { messageSchema, samplingFields } from '../protocol.ts';
 import { SseStream } from '../sse.ts';
-import { disconnectSignal } from './generate.ts';
+import { appliedFields, disconnectSignal } from './generate.ts';
+import { returnCoefficientsField, steerListSchema } from './steer-schemas.ts';
 
 /**
  * OpenAI-compatible completions, chat completions and model listing, so existing clients
@@ -35,7 +36,7 @@ const MAX_LOGIT_BIAS = 1024;
 const notSupported = z.unknown().optional().describe('not supported: refused unless null');
 
 const common = {
-  model: z.string().min(1).max(200).describe('the base model, or an intervention by name or id (see /v1/models)'),
+  model: z.string().min(1).max(200).describe('the base model, or an intervention or saved composition by name or id (see /v1/models)'),
   max_tokens: z
     .number()
     .int()
@@ -61,6 +62,12 @@ const common = {
   top_k: samplingFields.top_k.optional(),
   repetition_penalty: samplingFields.repetition_penalty.optional(),
   ignore_eos: samplingFields.ignore_eos.optional(),
+  interventions: steerListSchema
+    .optional()
+    .describe("extension (the clients' extra body): stored interventions applied together; `model` is then the base model"),
+  return_coefficients: returnCoefficientsField
+    .optional()
+    .describe("extension: add `applied` (and `prompt_token_texts`) to each choice, on a stream to each choice's first chunk"),
 };
 
 const tokenIds = z.array(z.number().int().min(0)).min(1).max(1_000_000);
@@ -204,6 +211,11 @@ function checkMaxTokens(
   }
 }
 
+/** What a request applies: `model` (an intervention, a composition or the base model) or `interventions`. */
+function steeringOf(b: Common) {
+  return { name: b.model, field: 'model', items: b.interventions, returnCoefficients: b.return_coefficients ?? false };
+}
+
 /** The rows of a request: each prompt `n` times, choice i of a prompt sampling with seed + i. */
 function choicesOf(prompts: PreparedGeneration[], n: number): PreparedGeneration[] {
   return prompts.flatMap((p) =>
@@ -254,14 +266,18 @@ async function streamOpenAI(
   request: FastifyRequest,
   reply: FastifyReply,
   rows: PreparedGeneration[],
-  chunk: (index: number, text: string, finish: string | null) => unknown,
+  chunk: (index: number, text: string, finish: string | null, applied?: object) => unknown,
   usageChunk: ((results: GenerationResult[]) => unknown) | null,
 ): Promise<void> {
   const sse = new SseStream(request, reply);
+  const tokenizer = service.model.tokenizer;
   try {
     const results = await service.runAll(request.tenant, rows, {
       signal: sse.signal,
-      onToken: (i, e) => e.text && sse.send(chunk(i, e.text, null)),
+      onToken: (i, e) => {
+        if (e.applied) sse.send(chunk(i, e.text, null, appliedFields(rows[i], e.applied, tokenizer)));
+        else if (e.text) sse.send(chunk(i, e.text, null));
+      },
     });
     results.forEach((r, i) => sse.send(chunk(i, '', finishOf(r))));
     if (usageChunk) sse.send(usageChunk(results));
@@ -316,7 +332,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
         for (const p of prompts) {
           const one = await service.prepare(
             request.tenant,
-            { name: b.model, field: 'model' },
+            steeringOf(b),
             { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) },
             'cmpl',
           );
@@ -336,13 +352,13 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             request,
             reply,
             rows,
-            (index, text, finish) => {
+            (index, text, finish, applied) => {
               // the echoed prompt leads each choice's first chunk
               if (!started.has(index)) {
                 started.add(index);
                 text = echo(index) + text;
               }
-              return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish }] };
+              return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish, ...applied }] };
             },
             b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null,
           );
@@ -355,6 +371,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             text: echo(index) + result.text,
             logprobs: completionLogprobs(result.logprobs, rows[index].request.tokens, tokenizer),
             finish_reason: finishOf(result),
+            ...appliedFields(rows[index], result.applied, tokenizer),
           })),
           usage: usageOf(results, n),
         };
@@ -401,7 +418,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             : { value: b.max_tokens, field: 'max_tokens' };
         const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
         if (b.logprobs) input.logprobs = true;
-        const prepared = await service.prepare(request.tenant, { name: b.model, field: 'model' }, input, 'chatcmpl');
+        const prepared = await service.prepare(request.tenant, steeringOf(b), input, 'chatcmpl');
         checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
         const rows = choicesOf([prepared], n);
         const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
@@ -412,10 +429,11 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             request,
             reply,
             rows,
-            (index, text, finish) => {
+            (index, text, finish, applied) => {
               const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
               started.add(index);
-              return { ...base, object: 'chat.completion.chunk', choices: [{ index, delta, logprobs: null, finish_reason: finish }] };
+              const choice = { index, delta, logprobs: null, finish_reason: finish, ...applied };
+              return { ...base, object: 'chat.completion.chunk', choices: [choice] };
             },
             b.stream_options?.include_usage
               ? (res) => ({ ...base, object: 'chat.completion.chunk', choices: [], usage: usageOf(res, n) })
@@ -430,6 +448,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             message: { role: 'assistant' as const, content: result.text },
             logprobs: chatLogprobs(result.logprobs, prepared.request.tokens, tokenizer),
             finish_reason: finishOf(result),
+            ...appliedFields(prepared, result.applied, tokenizer),
           })),
           usage: usageOf(results, n),
         };
@@ -458,12 +477,21 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     parent: service.model.name,
   });
 
+  const compositionModel = (c: Composition): z.infer<typeof modelSchema> => ({
+    id: c.name,
+    object: 'model',
+    created: Math.floor(Date.parse(c.createdAt) / 1000),
+    owned_by: 'tenant',
+    root: c.id,
+    parent: service.model.name,
+  });
+
   r.get(
     '/v1/models',
     {
       config,
       schema: {
-        summary: 'The base model and the interventions the caller can use, by name',
+        summary: 'The base model, then the interventions and compositions the caller can use, by name',
         tags: ['openai'],
         response: { 200: modelList, ...errors },
       },
@@ -476,6 +504,12 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
         data.push(...page.data.map(interventionModel));
         after = page.nextCursor ?? undefined;
       } while (after && data.length < 10_000);
+      let next: string | undefined;
+      do {
+        const page = await store.listCompositions(request.tenant.id, { limit: 100, after: next });
+        data.push(...page.data.map(compositionModel));
+        next = page.nextCursor ?? undefined;
+      } while (next && data.length < 20_000);
       return { object: 'list' as const, data };
     },
   );
@@ -486,7 +520,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
     {
       config,
       schema: {
-        summary: 'One model: the base model, or an intervention by name or id',
+        summary: 'One model: the base model, or an intervention or composition by name or id',
         tags: ['openai'],
         params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
         response: { 200: modelSchema, ...errors },
@@ -498,7 +532,9 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
   async function modelByName(name: string, tenant: Tenant): Promise<z.infer<typeof modelSchema>> {
     if (name === service.model.name) return baseModel();
     const iv = await store.findIntervention(tenant.id, name);
-    if (!iv) throw modelNotFound({ id: name }, 'model');
-    return interventionModel(iv);
+    if (iv) return interventionModel(iv);
+    const composition = await store.findComposition(tenant.id, name);
+    if (!composition) throw modelNotFound({ id: name }, 'model');
+    return compositionModel(composition);
   }
 }

@@ -45,10 +45,11 @@ const config = { errorShape: 'openai' as const };
 export function tokenizeRoutes(app: FastifyInstance, service: GenerationService, store: Store): void {
   const r = app.withTypeProvider<ZodTypeProvider>();
 
-  /** `model` may name the base model or an intervention the caller can use (tokenization is the same). */
+  /** `model` may name the base model, or an intervention or composition the caller can use (tokenization is the same). */
   async function checkModel(tenant: Tenant, model: string | undefined): Promise<void> {
     if (model === undefined || model === service.model.name) return;
-    if (!(await store.findIntervention(tenant.id, model))) throw modelNotFound({ id: model }, 'model');
+    if (!(await store.findIntervention(tenant.id, model)) && !(await store.findComposition(tenant.id, model)))
+      throw modelNotFound({ id: model }, 'model');
   }
 
   r.post(

@@ -1,0 +1,92 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Rng } from '../src/rng.ts';
+import type { ModelConfig } from '../src/model/config.ts';
+import { inPairs, median, pairRatios, round } from './machine.ts';
+import { load, loreftArtifact, startServer, upload } from './server.ts';
+
+/**
+ * Issue 16's benchmark: 32 concurrent streams, each with its own composition of 2–3 stored
+ * artifacts at different strengths (and some with their own layers or positions), against 32
+ * plain streams, on the 135M-shape model over HTTP. Aggregate tokens/s of the steered load over
+ * the plain one is the median of paired loads (the order alternating), as the server bench does.
+ */
+const STREAMS = 32;
+const ARTIFACTS = 8;
+
+export async function benchSteer(modelDir: string, config: ModelConfig, log: (s: string) => void) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'reft-bench-steer-'));
+  const server = await startServer(modelDir, dataDir);
+  try {
+    const rng = new Rng(16);
+    const promptOf = () => Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * 500));
+    const last = config.numLayers - 1;
+    // artifacts on different layers, as users' would be: 2 layers each, rank 4, f3+l3 or l5
+    const artifacts: string[] = [];
+    for (let i = 0; i < ARTIFACTS; i++) {
+      const layers = [(3 * i) % (last + 1), (3 * i + 7) % (last + 1)].sort((a, b) => a - b);
+      const files = loreftArtifact(900 + i, config, [...new Set(layers)], 4, i % 2 ? 'l5' : 'f3+l3');
+      artifacts.push(await upload(server.url, files, `steer-${i}`));
+    }
+    // 32 different compositions: 2 or 3 distinct artifacts, strengths in [-2, 2]
+    const compositions = Array.from({ length: STREAMS }, (_, s) => {
+      const count = 2 + (s % 2);
+      const picked = new Set<number>();
+      while (picked.size < count) picked.add(Math.floor(rng.next() * ARTIFACTS));
+      return [...picked].map((a, k) => ({
+        intervention: artifacts[a],
+        strength: round(-2 + 4 * rng.next(), 2),
+        ...(k === 2 && s % 4 === 1 ? { positions: 'l2' } : {}),
+      }));
+    });
+    const maxNew = 64;
+    const body = (interventions?: unknown) => ({
+      input_ids: promptOf(),
+      max_new_tokens: maxNew,
+      ignore_eos: true,
+      ...(interventions ? { interventions } : {}),
+    });
+    await load(server.url, [body()]); // warm up
+    await load(
+      server.url,
+      compositions.map((c) => body(c)),
+    ); // every artifact cached once
+    const loads = await inPairs(
+      7,
+      () =>
+        load(
+          server.url,
+          compositions.map(() => body()),
+        ),
+      () =>
+        load(
+          server.url,
+          compositions.map((c) => body(c)),
+        ),
+    );
+    const aggregate = pairRatios({ a: loads.a.map((x) => x.aggregate_tokens_s), b: loads.b.map((x) => x.aggregate_tokens_s) });
+    const decode = pairRatios({ a: loads.a.map((x) => x.decode_tokens_s), b: loads.b.map((x) => x.decode_tokens_s) });
+    const middle = (runs: typeof loads.a) => [...runs].sort((x, y) => x.aggregate_tokens_s - y.aggregate_tokens_s)[runs.length >> 1];
+    const p = middle(loads.a);
+    const v = middle(loads.b);
+    log(
+      `32 plain streams: ${p.aggregate_tokens_s} tokens/s; 32 streams each with its own composition of 2-3 of ${ARTIFACTS} artifacts: ${v.aggregate_tokens_s} tokens/s (ratio ${round(median(aggregate), 3)}, median of ${aggregate.length} pairs; decode-only ratio ${round(median(decode), 3)})`,
+    );
+    log(
+      `32 composed streams: TTFT p50 ${v.ttft_ms.p50} ms p99 ${v.ttft_ms.p99} ms; inter-token p50 ${v.itl_ms.p50} ms p99 ${v.itl_ms.p99} ms (plain: TTFT p50 ${p.ttft_ms.p50} ms, inter-token p50 ${p.itl_ms.p50} ms)`,
+    );
+    return {
+      streams32_plain: p,
+      streams32_composed: v,
+      composed_vs_plain: round(median(aggregate), 3),
+      composed_vs_plain_pairs: aggregate.map((r) => round(r, 3)),
+      composed_vs_plain_decode: round(median(decode), 3),
+      all_runs: { plain: loads.a.map((r) => r.aggregate_tokens_s), composed: loads.b.map((r) => r.aggregate_tokens_s) },
+      compositions,
+    };
+  } finally {
+    await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
