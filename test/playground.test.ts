@@ -1,4 +1,5 @@
-import { mkdirSync, readFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium, type Browser, type BrowserContext, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -91,7 +92,10 @@ describe('the web playground, single-tenant', () => {
   let tab: Tab;
 
   beforeAll(async () => {
-    server = await startServerProcess({ args: ['--poll-ms', '100', '--usage-flush-ms', '200'] });
+    // a shared intervention, as an operator places one
+    const shared = mkdtempSync(join(tmpdir(), 'reft-shared-'));
+    cpSync(join(ARTIFACTS, 'gamma'), join(shared, 'gamma'), { recursive: true });
+    server = await startServerProcess({ args: ['--poll-ms', '100', '--usage-flush-ms', '200', '--interventions-dir', shared] });
     api = { url: server.url };
     expect((await upload(api, artifactFiles('alpha'), { name: 'alpha' })).status).toBe(201);
     tab = await openTab(server.url);
@@ -210,7 +214,20 @@ describe('the web playground, single-tenant', () => {
     await expect.poll(() => row.innerText()).toMatch(/yours\s+direft\s+3\s+2\s+l3/);
     expect(await page.getByTestId('iv-status').innerText()).toContain('Stored beta-upload (version 1)');
     expect((await json(api, 'GET', '/v1/interventions/beta-upload')).status).toBe(200);
+    // the shared one is listed as such, with no way to delete or replace it
+    const shared = page.locator('tr[data-name="gamma"]');
+    expect(await shared.locator('td').nth(0).innerText()).toBe('shared (read-only)');
+    expect(await shared.getByRole('button').allInnerTexts()).toEqual(['config', 'weights']);
+    expect(await row.getByRole('button').allInnerTexts()).toEqual(['config', 'weights', 'replace', 'delete']);
     await shoot(page, 'interventions');
+
+    // downloads come back byte-identical
+    const [saved] = await Promise.all([
+      page.waitForEvent('download'),
+      row.getByRole('button', { name: "Download beta-upload's weights" }).click(),
+    ]);
+    expect(saved.suggestedFilename()).toBe('beta-upload.reft_weights.safetensors');
+    expect(readFileSync(await saved.path())).toEqual(readFileSync(join(dir, 'reft_weights.safetensors')));
 
     await row.getByRole('button', { name: 'Delete beta-upload' }).click();
     await row.getByRole('button', { name: 'Confirm delete beta-upload' }).click();
@@ -273,8 +290,19 @@ describe('the web playground, single-tenant', () => {
     await fillGenerate(page, TRAIN_OPENINGS[10], { ...SAMPLING, temperature: 0, max_new_tokens: 16 });
     const run = await startRun(page, 'Generate');
     expect(await paneText(page, 'steered', run)).toContain(NEW_SENTENCE.trim().slice(0, 26));
+
+    // a long job, cancelled from the page once it runs
+    await page.goto(`${server.url}/#/training`);
+    await page.getByLabel('Name of the result').fill('long-run');
+    await page.getByLabel('Epochs', { exact: true }).fill('500');
+    await page.getByRole('button', { name: 'Start training' }).click();
+    await page.locator('[data-testid=job-status][data-status=running]').waitFor({ timeout: 60_000 });
+    await page.getByRole('button', { name: 'Cancel the job' }).click();
+    await page.locator('[data-testid=job-status][data-status=cancelled]').waitFor({ timeout: 30_000 });
+    const jobs = await json(api, 'GET', '/v1/training/jobs?limit=1');
+    expect(jobs.body.data[0]).toMatchObject({ name: 'long-run', status: 'cancelled' });
     expect(tab.problems).toEqual([]);
-  });
+  }, 300_000);
 
   it('shows the usage by day', async () => {
     const { page } = tab;
