@@ -11,7 +11,6 @@ export interface ChartSeries {
   label: string;
   stroke: string;
   dash?: number[];
-  scale?: string;
 }
 
 export interface ChartProps {
@@ -33,10 +32,14 @@ export function Chart({ title, xLabel, yLabel, data, series, time = false, bars 
 
   useEffect(() => {
     const width = Math.max(320, box.current!.clientWidth || 640);
+    // keys left out, not set to undefined: uPlot's defaults are overwritten by any key given
     const opts: uPlot.Options = {
       width,
       height: 260,
-      scales: { x: { time } },
+      scales: {
+        // one day (or one step) alone still gets an x range around it
+        x: { time, range: (_u, min, max) => (min === max ? [min - (time ? 86_400 : 1), max + (time ? 86_400 : 1)] : [min, max]) },
+      },
       axes: [{ label: xLabel }, { label: yLabel }],
       series: [
         { label: xLabel },
@@ -44,8 +47,7 @@ export function Chart({ title, xLabel, yLabel, data, series, time = false, bars 
           label: s.label,
           stroke: s.stroke,
           width: 2,
-          dash: s.dash,
-          scale: s.scale,
+          ...(s.dash ? { dash: s.dash } : {}),
           points: { show: true, size: 5 },
           ...(bars ? { paths: uPlot.paths.bars!({ size: [0.6, 40] }), fill: s.stroke + '55' } : {}),
         })),

@@ -19,6 +19,12 @@ interface Usage {
 
 const seconds = (day: string) => Date.parse(`${day}T00:00:00Z`) / 1000;
 
+function everyDay(from: string, to: string): string[] {
+  const out: string[] = [];
+  for (let t = seconds(from); t <= seconds(to) && out.length < 400; t += 86_400) out.push(new Date(t * 1000).toISOString().slice(0, 10));
+  return out;
+}
+
 export function UsagePage({ active }: { active: boolean }) {
   const [usage, setUsage] = useState<Usage | null>(null);
   const [error, setError] = useState<string | null>(null);
@@ -28,7 +34,11 @@ export function UsagePage({ active }: { active: boolean }) {
   }, [active]);
 
   const days = usage?.data ?? [];
-  const x = days.map((d) => seconds(d.day));
+  // every day of the period on the chart, the days without use at 0
+  const period = usage ? everyDay(usage.from, usage.to) : [];
+  const byDay = new Map(days.map((d) => [d.day, d]));
+  const series = (k: keyof Omit<Day, 'day'>) => period.map((day) => byDay.get(day)?.[k] ?? 0);
+  const x = period.map(seconds);
   return (
     <>
       <h2 id="usage-title">Usage</h2>
@@ -50,7 +60,7 @@ export function UsagePage({ active }: { active: boolean }) {
                 yLabel="requests"
                 time
                 bars
-                data={[x, days.map((d) => d.requests)]}
+                data={[x, series('requests')]}
                 series={[{ label: 'requests', stroke: '#1d4ed8' }]}
               />
               <Chart
@@ -58,7 +68,7 @@ export function UsagePage({ active }: { active: boolean }) {
                 xLabel="day"
                 yLabel="tokens"
                 time
-                data={[x, days.map((d) => d.prompt_tokens), days.map((d) => d.completion_tokens), days.map((d) => d.training_tokens)]}
+                data={[x, series('prompt_tokens'), series('completion_tokens'), series('training_tokens')]}
                 series={[
                   { label: 'prompt', stroke: '#1d4ed8' },
                   { label: 'completion', stroke: '#b45309', dash: [8, 4] },
