@@ -4,23 +4,13 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel } from '../src/model/load.ts';
 import type { TextTokenizer } from '../src/model/tokenizer.ts';
-import { FIXTURES, STORIES } from './support/fixtures.ts';
+import { STORIES } from './support/fixtures.ts';
+import { STEER, appliedError, steerCases, type SteerCase } from './support/steer.ts';
 import { json, sse, upload, type Api } from './support/http.ts';
 import { runCli, startServerProcess, type ServerProcess } from './support/server.ts';
 
 /** Issue 16: request-time control (REFT.md "Request-time control") over real HTTP, on fixtures/steer. */
-const STEER = join(FIXTURES, 'steer');
-
-interface SteerCase {
-  name: string;
-  input_ids: number[];
-  request: Array<{ intervention: string; strength?: number; layers?: number[]; positions?: string }>;
-  greedy_ids: number[];
-  last_logits_top5: number[];
-  applied: Array<Array<{ layer: number; positions: number[]; coefficients: number[][] }>>;
-}
-
-const CASES = (JSON.parse(readFileSync(join(STEER, 'cases.json'), 'utf8')) as { cases: SteerCase[] }).cases;
+const CASES = steerCases;
 const ARTIFACTS = ['alpha', 'beta', 'gamma'];
 const artifactDir = (name: string) => join(STEER, 'artifacts', name);
 const artifactFiles = (name: string) => ({
@@ -39,19 +29,7 @@ const caseBody = (c: SteerCase) => ({
 });
 
 function expectApplied(actual: SteerCase['applied'], expected: SteerCase['applied'], name: string): void {
-  expect(
-    actual.map((item) => item.map((e) => [e.layer, e.positions])),
-    name,
-  ).toEqual(expected.map((item) => item.map((e) => [e.layer, e.positions])));
-  let worst = 0;
-  expected.forEach((item, i) =>
-    item.forEach((edit, k) =>
-      edit.coefficients.forEach((row, p) =>
-        row.forEach((v, r) => (worst = Math.max(worst, Math.abs(actual[i][k].coefficients[p][r] - v)))),
-      ),
-    ),
-  );
-  expect(worst, `${name}: largest coefficient difference`).toBeLessThan(1e-4);
+  expect(appliedError(actual, expected), `${name}: largest coefficient difference`).toBeLessThan(1e-4);
 }
 
 /** A /v1/generate response checked against its case: greedy ids, top-5 at the last prompt position, coefficients. */
@@ -231,8 +209,11 @@ describe('request-time control over HTTP', () => {
       const used = await json(a, 'POST', '/v1/generate', { ...caseBody(other), interventions: undefined, adapter: 'mix' });
       expectCase(used.body, other);
 
+      // names are shared with interventions both ways: a request naming one must find one thing
       const shadow = await json(a, 'POST', '/v1/compositions', { name: 'alpha', interventions: other.request });
-      expect(shadow.status).toBe(409);
+      expect(shadow.body).toMatchObject({ status: 409, code: 'intervention_name_taken', field: 'name' });
+      const shadowed = await upload(a, artifactFiles('gamma'), { name: 'mix' });
+      expect(shadowed.body).toMatchObject({ status: 409, code: 'intervention_name_taken', field: 'name' });
       const nested = await json(a, 'POST', '/v1/compositions', { name: 'outer', interventions: [{ intervention: 'mix' }] });
       expect(nested.status).toBe(400);
       expect(nested.body).toMatchObject({ code: 'composition_nested', field: 'interventions.0.intervention' });
@@ -301,21 +282,20 @@ describe('request-time control over HTTP', () => {
       ],
     });
     const args = ['generate', '--model', STORIES, '--prompt', prompt, '--max-new-tokens', '16'];
-    const cli = await runCli([
-      ...args,
-      '--intervention',
-      `${artifactDir('alpha')}:0.7`,
-      '--layers',
-      '3',
-      '--intervention',
-      `${artifactDir('gamma')}:1.5`,
-      '--positions',
-      'f3',
+    const steered = [
+      ...['--intervention', `${artifactDir('alpha')}:0.7`, '--layers', '3'],
+      ...['--intervention', `${artifactDir('gamma')}:1.5`, '--positions', 'f3'],
+    ];
+    // two processes at once: each spends its time loading
+    const [cli, bad] = await Promise.all([
+      runCli([...args, ...steered]),
+      runCli([...args, '--intervention', artifactDir('alpha'), '--layers', '2']),
     ]);
     expect(cli.stderr).toBe('');
     expect(cli.stdout).toBe(`${server.body.text}\n`);
-    const bad = await runCli([...args, '--intervention', artifactDir('alpha'), '--layers', '2']);
+    const base = await json(a, 'POST', '/v1/generate', { prompt, max_new_tokens: 16 });
+    expect(server.body.text, 'the list steers').not.toBe(base.body.text);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/--layers of .*alpha: layer 2 is not one of the artifact's layers \(1, 3\)/);
-  });
+  }, 120_000);
 });

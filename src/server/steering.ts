@@ -33,12 +33,11 @@ export interface CompositionLookup {
 export interface Steering {
   /** The intervention or composition id the request named by `adapter`/`model`; null for a list or the base model. */
   id: string | null;
+  /** Each tagged with its request item (`applied` is grouped by item): 0 for `adapter`. */
   interventions: RequestIntervention[];
-  /** Request items in order (one for an `adapter`), for `applied`. */
-  items: number;
 }
 
-const BASE: Steering = { id: null, interventions: [], items: 0 };
+const BASE: Steering = { id: null, interventions: [] };
 
 /** Names an item's field in errors: `interventions.1.layers` for a listed item. */
 export type ItemField = (key: keyof SteerItem) => string;
@@ -84,7 +83,7 @@ export class SteeringResolver {
     const name = named.name!;
     try {
       const artifact = await this.cache().resolve(tenantId, name, named.field);
-      return { id: artifact.id, interventions: steerItem(artifact.interventions, {}, 0, () => named.field), items: 1 };
+      return { id: artifact.id, interventions: steerItem(artifact.interventions, {}, 0, () => named.field) };
     } catch (err) {
       if (!(err instanceof ReftError) || err.code !== 'intervention_not_found') throw err;
       const composition = await this.compositions.findComposition(tenantId, name);
@@ -99,7 +98,7 @@ export class SteeringResolver {
     tenantId: string,
     items: readonly SteerItem[],
     field: (i: number) => ItemField,
-  ): Promise<{ interventions: RequestIntervention[]; items: number; ids: string[] }> {
+  ): Promise<{ interventions: RequestIntervention[]; ids: string[] }> {
     const interventions: RequestIntervention[] = [];
     const ids: string[] = [];
     for (const [i, item] of items.entries()) {
@@ -107,7 +106,7 @@ export class SteeringResolver {
       ids.push(artifact.id);
       interventions.push(...steerItem(artifact.interventions, item, i, field(i)));
     }
-    return { interventions, items: items.length, ids };
+    return { interventions, ids };
   }
 
   /** A stored artifact by id or name; a composition there is a 400, nothing a 404 on `field`. */
