@@ -22,6 +22,7 @@ import { tokenizeRoutes } from './routes/tokenize.ts';
 import { trainingRoutes } from './routes/training.ts';
 import { usageRoutes } from './routes/usage.ts';
 import { UsageMeter } from './usage.ts';
+import { webUiRoutes } from './web-ui.ts';
 import { GenerationService } from './generation-service.ts';
 import { SteeringResolver } from './steering.ts';
 import { notReady, type ModelRuntime } from './runtime.ts';
@@ -56,6 +57,8 @@ export interface AppOptions {
   notReadyReason: () => string | null;
   /** How often metered usage is written to the store. */
   usageFlushMs?: number;
+  /** The built web playground served at / and /ui/ (default dist/web); null: none. */
+  webUiDir?: string | null;
 }
 
 export interface InputBudgets {
@@ -168,5 +171,6 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   trainingRoutes(app, opts.store, runtime, budgets, opts.tenantLimits);
   usageRoutes(app, opts.store);
   adminRoutes(app, opts.store);
+  if (opts.webUiDir !== null) await webUiRoutes(app, opts.webUiDir);
   return { app, metrics };
 }
