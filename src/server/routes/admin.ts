@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { keyNotFound, tenantNotFound } from '../../errors.ts';
 import type { Store, Tenant } from '../../storage/store.ts';
 import { hashSecret, newApiKeySecret } from '../auth.ts';
-import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { usageQuery, usageReport, usageSchema } from './usage.ts';
 
 /** Tenant and key management, behind the admin key. */
@@ -58,12 +58,7 @@ export function adminRoutes(app: FastifyInstance, store: Store): void {
     },
     async (request) => {
       const page = await store.listTenants(request.query);
-      return {
-        object: 'list' as const,
-        data: page.data.map(tenantJson),
-        has_more: page.nextCursor !== null,
-        next_cursor: page.nextCursor,
-      };
+      return pageBody(page, tenantJson);
     },
   );
 

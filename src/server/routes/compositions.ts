@@ -5,7 +5,7 @@ import { compositionNameTaken, compositionNotFound, interventionNameTaken, quota
 import type { Composition, Store } from '../../storage/store.ts';
 import type { SteeringResolver } from '../steering.ts';
 import type { TenantLimits } from '../tenant-limits.ts';
-import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { steerItemSchema, steerListSchema } from './steer-schemas.ts';
 
 /**
@@ -111,12 +111,7 @@ export function compositionRoutes(app: FastifyInstance, deps: CompositionRouteDe
     },
     async (request) => {
       const page = await store.listCompositions(request.tenant.id, request.query);
-      return {
-        object: 'list' as const,
-        data: page.data.map(compositionView),
-        has_more: page.nextCursor !== null,
-        next_cursor: page.nextCursor,
-      };
+      return pageBody(page, compositionView);
     },
   );
 

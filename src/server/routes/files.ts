@@ -5,7 +5,7 @@ import { fileNotFound, filePartCount, filePurposeInvalid, quotaFileBytes } from 
 import type { ModelRuntime } from '../runtime.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
 import { TEXT_FIELDS, readMultipart } from './multipart.ts';
-import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 
 /** Training data files (JSONL), validated row by row when uploaded. */
 export const fileSchema = z.object({
@@ -80,12 +80,7 @@ export function fileRoutes(
     },
     async (request) => {
       const page = await store.listFiles(request.tenant.id, request.query);
-      return {
-        object: 'list' as const,
-        data: page.data.map((f) => fileBody(f)),
-        has_more: page.nextCursor !== null,
-        next_cursor: page.nextCursor,
-      };
+      return pageBody(page, (f) => fileBody(f));
     },
   );
 

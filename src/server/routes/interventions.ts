@@ -17,7 +17,7 @@ import type { BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
 import type { TenantLimits } from '../tenant-limits.ts';
-import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart, type UploadParts } from './multipart.ts';
 import type { OffloadPool } from '../../offload/pool.ts';
 
@@ -188,12 +188,7 @@ export function interventionRoutes(app: FastifyInstance, deps: InterventionRoute
     },
     async (request) => {
       const page = await store.listInterventions(request.tenant.id, request.query);
-      return {
-        object: 'list' as const,
-        data: page.data.map(interventionBody),
-        has_more: page.nextCursor !== null,
-        next_cursor: page.nextCursor,
-      };
+      return pageBody(page, interventionBody);
     },
   );
 

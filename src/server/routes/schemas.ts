@@ -26,3 +26,8 @@ export const pageQuery = z.strictObject({
 export function pageSchema<T extends z.ZodType>(item: T) {
   return z.object({ object: z.literal('list'), data: z.array(item), has_more: z.boolean(), next_cursor: z.string().nullable() });
 }
+
+/** A store page as the list body pageSchema describes. */
+export function pageBody<T, V>(page: { data: T[]; nextCursor: string | null }, view: (item: T) => V) {
+  return { object: 'list' as const, data: page.data.map(view), has_more: page.nextCursor !== null, next_cursor: page.nextCursor };
+}

@@ -7,7 +7,7 @@ import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
 import { SseStream } from '../sse.ts';
-import { idParam, pageQuery, pageSchema, problemSchema } from './schemas.ts';
+import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { ConcurrencyLimiter, type TenantLimits } from '../tenant-limits.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET, checkRowFits } from '../../training/memory.ts';
 
@@ -140,7 +140,7 @@ export function trainingRoutes(
     },
     async (request) => {
       const page = await store.listJobs(request.tenant.id, { ...request.query, order: 'desc' });
-      return { object: 'list' as const, data: page.data.map(jobBody), has_more: page.nextCursor !== null, next_cursor: page.nextCursor };
+      return pageBody(page, jobBody);
     },
   );
 

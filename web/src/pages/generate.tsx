@@ -2,6 +2,7 @@ import { useEffect, useRef, useState } from 'preact/hooks';
 import { ApiError, call, listAll, stream, type AppliedEdit, type GenerateEvent, type Intervention } from '../api.ts';
 import { FORM, FieldError, describedBy, useFieldErrors } from '../components/field-errors.tsx';
 import { HeatStrip } from '../components/heat-strip.tsx';
+import { NumberField } from '../components/number-field.tsx';
 import { features, type Features } from '../features.ts';
 
 /**
@@ -226,6 +227,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
         <fieldset class="grid">
           <legend>Sampling</legend>
           <NumberField
+            form="gen"
             id="gen-max"
             label="Max new tokens"
             field="max_new_tokens"
@@ -237,6 +239,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
             errors={errs}
           />
           <NumberField
+            form="gen"
             id="gen-temp"
             label="Temperature (0 = greedy)"
             field="temperature"
@@ -247,8 +250,20 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
             step={0.1}
             errors={errs}
           />
-          <NumberField id="gen-top-p" label="Top p" field="top_p" value={topP} set={setTopP} min={0.01} max={1} step={0.01} errors={errs} />
           <NumberField
+            form="gen"
+            id="gen-top-p"
+            label="Top p"
+            field="top_p"
+            value={topP}
+            set={setTopP}
+            min={0.01}
+            max={1}
+            step={0.01}
+            errors={errs}
+          />
+          <NumberField
+            form="gen"
             id="gen-top-k"
             label="Top k (0 = off)"
             field="top_k"
@@ -260,6 +275,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
             errors={errs}
           />
           <NumberField
+            form="gen"
             id="gen-seed"
             label="Seed (both sides)"
             field="seed"
@@ -370,35 +386,6 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
         <OutputPane title="With interventions" testId="steered" prompt={shownPrompt} pane={steered} run={runs} />
       </div>
     </>
-  );
-}
-
-function NumberField(p: {
-  id: string;
-  label: string;
-  field: string;
-  value: number;
-  set: (v: number) => void;
-  min: number;
-  max: number;
-  step: number;
-  errors: Record<string, string>;
-}) {
-  return (
-    <div class="stack">
-      <label for={p.id}>{p.label}</label>
-      <input
-        id={p.id}
-        type="number"
-        min={p.min}
-        max={p.max}
-        step={p.step}
-        value={p.value}
-        onInput={(e) => p.set(Number(e.currentTarget.value))}
-        {...describedBy('gen', p.field, p.errors)}
-      />
-      <FieldError form="gen" field={p.field} errors={p.errors} />
-    </div>
   );
 }
 

@@ -1,6 +1,7 @@
 import { useRef, useState } from 'preact/hooks';
 import { ApiError, call, stream, type Job, type JobEvent } from '../api.ts';
 import { Chart } from '../components/chart.tsx';
+import { NumberField } from '../components/number-field.tsx';
 import { FORM, FieldError, describedBy, useFieldErrors } from '../components/field-errors.tsx';
 
 /**
@@ -266,7 +267,17 @@ export function TrainingPage({ onTrained, onGenerate }: { onTrained: () => void;
               </select>
               <FieldError form="train" field="intervention.kind" errors={errs} />
             </div>
-            <Num id="train-rank" label="Rank" field="intervention.rank" value={rank} set={setRank} step={1} errors={errs} />
+            <NumberField
+              form="train"
+              min={0}
+              id="train-rank"
+              label="Rank"
+              field="intervention.rank"
+              value={rank}
+              set={setRank}
+              step={1}
+              errors={errs}
+            />
             <div class="stack">
               <label for="train-layers">Layers ("all" or e.g. 0,2,4)</label>
               <input
@@ -287,8 +298,20 @@ export function TrainingPage({ onTrained, onGenerate }: { onTrained: () => void;
               />
               <FieldError form="train" field="intervention.positions" errors={errs} />
             </div>
-            <Num id="train-epochs" label="Epochs" field="hyperparameters.epochs" value={epochs} set={setEpochs} step={1} errors={errs} />
-            <Num
+            <NumberField
+              form="train"
+              min={0}
+              id="train-epochs"
+              label="Epochs"
+              field="hyperparameters.epochs"
+              value={epochs}
+              set={setEpochs}
+              step={1}
+              errors={errs}
+            />
+            <NumberField
+              form="train"
+              min={0}
               id="train-lr"
               label="Learning rate"
               field="hyperparameters.learning_rate"
@@ -342,31 +365,5 @@ export function TrainingPage({ onTrained, onGenerate }: { onTrained: () => void;
         )}
       </div>
     </>
-  );
-}
-
-function Num(p: {
-  id: string;
-  label: string;
-  field: string;
-  value: number;
-  set: (v: number) => void;
-  step: number;
-  errors: Record<string, string>;
-}) {
-  return (
-    <div class="stack">
-      <label for={p.id}>{p.label}</label>
-      <input
-        id={p.id}
-        type="number"
-        min={0}
-        step={p.step}
-        value={p.value}
-        onInput={(e) => p.set(Number(e.currentTarget.value))}
-        {...describedBy('train', p.field, p.errors)}
-      />
-      <FieldError form="train" field={p.field} errors={p.errors} />
-    </div>
   );
 }
