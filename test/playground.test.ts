@@ -277,10 +277,11 @@ describe('the web playground, single-tenant', () => {
       expect(Date.now()).toBeLessThan(until);
       await new Promise((r) => setTimeout(r, 100));
     }
-    // the curve gained points while the job ran, and holds the whole run at the end
-    expect([...seenWhileRunning].filter((n) => n > 0).length).toBeGreaterThanOrEqual(2);
+    // the curve holds the run at the end (a fast machine may finish 160 steps between two events,
+    // so the points gained while running are checked on the long job below)
     const final = Number(await chart.getAttribute('data-points'));
-    expect(final).toBeGreaterThan(Math.max(...seenWhileRunning) - 1);
+    expect(final).toBeGreaterThan(0);
+    expect(final).toBeGreaterThanOrEqual(Math.max(0, ...seenWhileRunning));
     expect(await status.innerText()).toMatch(/step 160 of 160 · loss \d\.\d{4} · \d+ tokens\/s/);
     await shoot(page, 'training');
 
@@ -291,12 +292,21 @@ describe('the web playground, single-tenant', () => {
     const run = await startRun(page, 'Generate');
     expect(await paneText(page, 'steered', run)).toContain(NEW_SENTENCE.trim().slice(0, 26));
 
-    // a long job, cancelled from the page once it runs
+    // a long job: its curve gains points while it runs; then it is cancelled from the page
     await page.goto(`${server.url}/#/training`);
     await page.getByLabel('Name of the result').fill('long-run');
     await page.getByLabel('Epochs', { exact: true }).fill('500');
     await page.getByRole('button', { name: 'Start training' }).click();
     await page.locator('[data-testid=job-status][data-status=running]').waitFor({ timeout: 60_000 });
+    const growing = new Set<number>();
+    const growUntil = Date.now() + 120_000;
+    while (growing.size < 2) {
+      const [state, points] = await Promise.all([status.getAttribute('data-status'), chart.getAttribute('data-points')]);
+      expect(state).toBe('running');
+      if (Number(points) > 0) growing.add(Number(points));
+      expect(Date.now()).toBeLessThan(growUntil);
+      await new Promise((r) => setTimeout(r, 100));
+    }
     await page.getByRole('button', { name: 'Cancel the job' }).click();
     await page.locator('[data-testid=job-status][data-status=cancelled]').waitFor({ timeout: 30_000 });
     const jobs = await json(api, 'GET', '/v1/training/jobs?limit=1');
