@@ -287,7 +287,8 @@ describe('the web playground, single-tenant', () => {
 
     await page.getByRole('button', { name: 'Generate with frog-song' }).click();
     await page.waitForURL(/#\/generate\?intervention=frog-song/);
-    expect(await page.getByLabel('Intervention 1', { exact: true }).inputValue()).toBe('frog-song');
+    // the page selects it once its list of interventions has loaded
+    await expect.poll(() => page.getByLabel('Intervention 1', { exact: true }).inputValue(), { timeout: 10_000 }).toBe('frog-song');
     await fillGenerate(page, TRAIN_OPENINGS[10], { ...SAMPLING, temperature: 0, max_new_tokens: 16 });
     const run = await startRun(page, 'Generate');
     expect(await paneText(page, 'steered', run)).toContain(NEW_SENTENCE.trim().slice(0, 26));
