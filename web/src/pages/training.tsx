@@ -2,6 +2,7 @@ import { useRef, useState } from 'preact/hooks';
 import { ApiError, call, stream, type Job, type JobEvent } from '../api.ts';
 import { Chart } from '../components/chart.tsx';
 import { NumberField } from '../components/number-field.tsx';
+import { TextField } from '../components/text-field.tsx';
 import { FORM, FieldError, describedBy, useFieldErrors } from '../components/field-errors.tsx';
 
 /**
@@ -278,26 +279,24 @@ export function TrainingPage({ onTrained, onGenerate }: { onTrained: () => void;
               step={1}
               errors={errs}
             />
-            <div class="stack">
-              <label for="train-layers">Layers ("all" or e.g. 0,2,4)</label>
-              <input
-                id="train-layers"
-                value={layers}
-                onInput={(e) => setLayers(e.currentTarget.value)}
-                {...describedBy('train', 'intervention.layers', errs)}
-              />
-              <FieldError form="train" field="intervention.layers" errors={errs} />
-            </div>
-            <div class="stack">
-              <label for="train-positions">Positions (fN, lN or fN+lN)</label>
-              <input
-                id="train-positions"
-                value={positions}
-                onInput={(e) => setPositions(e.currentTarget.value)}
-                {...describedBy('train', 'intervention.positions', errs)}
-              />
-              <FieldError form="train" field="intervention.positions" errors={errs} />
-            </div>
+            <TextField
+              form="train"
+              id="train-layers"
+              label={'Layers ("all" or e.g. 0,2,4)'}
+              field="intervention.layers"
+              value={layers}
+              set={setLayers}
+              errors={errs}
+            />
+            <TextField
+              form="train"
+              id="train-positions"
+              label={'Positions (fN, lN or fN+lN)'}
+              field="intervention.positions"
+              value={positions}
+              set={setPositions}
+              errors={errs}
+            />
             <NumberField
               form="train"
               min={0}
