@@ -28,11 +28,16 @@ interface Context {
 }
 interface Model {
   readonly size: number;
+  /** Layers offloaded to the GPU (0 on the CPU build). */
+  readonly gpuLayers: number;
   createContext(opts: { contextSize: number; sequences: number; batchSize: number; threads: number }): Promise<Context>;
   dispose(): Promise<void>;
 }
 interface Llama {
   readonly llamaCppRelease: { repo: string; release: string };
+  /** The GPU backend in use, false on the CPU build. */
+  readonly gpu: string | false;
+  getGpuDeviceNames(): Promise<string[]>;
   loadModel(opts: { modelPath: string }): Promise<Model>;
   dispose(): Promise<void>;
 }
@@ -40,15 +45,31 @@ interface NodeLlamaCpp {
   getLlama(opts: Record<string, unknown>): Promise<Llama>;
 }
 
-/** node-llama-cpp in `dir`, installed there first if missing (prebuilt binary only: no scripts, no compiling). */
-export async function nodeLlamaCpp(dir: string, threads: number): Promise<Llama> {
+/** Which of node-llama-cpp's prebuilt binaries: the CPU build, or the Vulkan one for a GPU. */
+export type LlamaCppBuild = 'cpu' | 'vulkan';
+
+/** The npm package of `build`'s prebuilt binary for this platform. */
+function prebuiltPackage(build: LlamaCppBuild): string {
+  const platform = { darwin: 'mac', win32: 'win' }[process.platform as string] ?? process.platform;
+  return `@node-llama-cpp/${platform}-${process.arch}${build === 'vulkan' ? '-vulkan' : ''}`;
+}
+
+/**
+ * node-llama-cpp in `dir`, installed there first if missing (prebuilt binary only: no scripts,
+ * no compiling). A folder carried to a machine without a registry (the GPU machine) is used as
+ * it is when it holds the version and the build.
+ */
+export async function nodeLlamaCpp(dir: string, threads: number, build: LlamaCppBuild = 'cpu'): Promise<Llama> {
   const pkg = join(dir, 'node_modules', 'node-llama-cpp', 'package.json');
-  const installed = existsSync(pkg) && JSON.parse(readFileSync(pkg, 'utf8')).version === NODE_LLAMA_CPP_VERSION;
+  const prebuilt = prebuiltPackage(build);
+  const installed =
+    existsSync(pkg) &&
+    JSON.parse(readFileSync(pkg, 'utf8')).version === NODE_LLAMA_CPP_VERSION &&
+    existsSync(join(dir, 'node_modules', prebuilt, 'package.json'));
   if (!installed) {
     await mkdir(dir, { recursive: true });
     if (!existsSync(join(dir, 'package.json'))) await writeFile(join(dir, 'package.json'), '{"name":"llama-cpp-bench","private":true}\n');
-    // only this platform's CPU build of the optional prebuilt binaries (the CUDA ones are large)
-    const prebuilt = `@node-llama-cpp/${{ darwin: 'mac', win32: 'win' }[process.platform as string] ?? process.platform}-${process.arch}`;
+    // only this platform's build of the optional prebuilt binaries (the CUDA ones are large)
     const v = NODE_LLAMA_CPP_VERSION;
     const args = [
       'install',
@@ -65,7 +86,14 @@ export async function nodeLlamaCpp(dir: string, threads: number): Promise<Llama>
     if (r.status !== 0) throw new Error(`npm ${args.join(' ')} failed: ${r.stderr}`);
   }
   const lib = (await import(pathToFileURL(join(dir, 'node_modules', 'node-llama-cpp', 'dist', 'index.js')).href)) as NodeLlamaCpp;
-  return lib.getLlama({ gpu: false, build: 'never', skipDownload: true, maxThreads: threads, logLevel: 'error', progressLogs: false });
+  return lib.getLlama({
+    gpu: build === 'cpu' ? false : build,
+    build: 'never',
+    skipDownload: true,
+    maxThreads: threads,
+    logLevel: 'error',
+    progressLogs: false,
+  });
 }
 
 /** `modelDir` as GGUF of `type`, converted once into `dir` (again when the checkpoint is newer). */

@@ -26,6 +26,30 @@ export const SMOL_135M_CONFIG = {
   torch_dtype: 'float32',
 };
 
+/**
+ * Llama-3.2-1B's shapes (meta-llama/Llama-3.2-1B config.json) without its llama3 rope scaling,
+ * which ../shared/tools/hf_to_gguf.py refuses and which changes constants, not work.
+ */
+export const LLAMA_1B_CONFIG = {
+  architectures: ['LlamaForCausalLM'],
+  model_type: 'llama',
+  hidden_size: 2048,
+  intermediate_size: 8192,
+  num_hidden_layers: 16,
+  num_attention_heads: 32,
+  num_key_value_heads: 8,
+  head_dim: 64,
+  vocab_size: 128256,
+  max_position_embeddings: 131072,
+  rms_norm_eps: 1e-5,
+  rope_theta: 500000,
+  hidden_act: 'silu',
+  tie_word_embeddings: true,
+  bos_token_id: 128000,
+  eos_token_id: 128001,
+  torch_dtype: 'float32',
+};
+
 export type WeightDType = 'F32' | 'F16' | 'BF16';
 
 function f32ToF16(x: number): number {

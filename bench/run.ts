@@ -5,7 +5,8 @@ import { Engine } from '../src/engine/engine.ts';
 import { loadModel } from '../src/model/load.ts';
 import { benchEngine } from './engine.ts';
 import { describeMachine } from './machine.ts';
-import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
+import { benchGpu } from './gpu.ts';
+import { LLAMA_1B_CONFIG, SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
 import { benchSteer } from './steer.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
@@ -14,7 +15,9 @@ import { benchWeights } from './weights.ts';
 /**
  * `npm run bench [-- engine server steer training soak weights] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
  * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
- * stories260k. Writes bench/results/<date>.{json,md} with the machine's description.
+ * stories260k. `npm run bench -- gpu --device webgpu` (not in the default set: it needs a GPU
+ * and llama.cpp's Vulkan build) runs issue 14's GPU comparison on the 135M shapes, or on
+ * Llama-3.2-1B's with BENCH_GPU_MODEL=llama1b. Writes bench/results/<date>.{json,md} with the machine's description.
  */
 const ROOT = join(import.meta.dirname, '..');
 const STORIES = join(ROOT, '..', 'shared', 'models', 'stories260k');
@@ -50,6 +53,17 @@ if (sections.includes('engine') || sections.includes('training')) {
     };
   }
   await engine.close();
+}
+if (sections.includes('gpu')) {
+  // BENCH_GPU_MODEL: smol135m (default), llama1b, or stories260k (a quick check of the bench itself)
+  const which = process.env.BENCH_GPU_MODEL ?? 'smol135m';
+  const gpuModel =
+    which === 'llama1b'
+      ? await loadModel(await randomCheckpoint(join(ROOT, 'bench', '.work', 'llama1b-f32'), STORIES, LLAMA_1B_CONFIG))
+      : which === 'stories260k'
+        ? await loadModel(STORIES)
+        : model;
+  results.gpu = await benchGpu(gpuModel, { placement, cacheDir, cpu: which !== 'llama1b' }, log);
 }
 if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
