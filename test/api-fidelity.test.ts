@@ -112,7 +112,7 @@ describe('API fidelity (single-tenant server)', () => {
   describe("OpenAI routes answer errors in OpenAI's shape", () => {
     it('the official client sees message, type, param and code', async () => {
       const missing = await failure(client.completions.create({ model: 'nope', prompt: 'x' }));
-      expect(missing).toMatchObject({ status: 404, code: 'intervention_not_found', param: 'model', type: 'not_found_error' });
+      expect(missing).toMatchObject({ status: 404, code: 'model_not_found', param: 'model', type: 'not_found_error' });
       expect(missing.message).toMatch(/nope/); // the client shows the body's message (not "no body")
       const invalid = await failure(
         client.chat.completions.create({ model: base, messages: [{ role: 'user', content: 'hi' }], temperature: 5 }),

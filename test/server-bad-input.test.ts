@@ -100,7 +100,7 @@ describe.each(BACKENDS)('on %s', (backend) => {
     });
     it('an unknown adapter', async () => {
       expectProblem(await json(api, 'POST', '/v1/generate', { adapter: 'nope', prompt: 'x' }), 404, 'intervention_not_found', 'adapter');
-      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, 'intervention_not_found', 'model');
+      expectOpenAIError(await json(api, 'POST', '/v1/completions', { model: 'nope', prompt: 'x' }), 404, 'model_not_found', 'model');
     });
     it('a path-traversal id', async () => {
       expectProblem(await json(api, 'GET', '/v1/interventions/..%2F..%2Fetc%2Fpasswd'), 400, 'body_invalid');

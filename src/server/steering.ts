@@ -1,4 +1,4 @@
-import { ReftError, compositionNested, interventionsWithAdapter, steerLayerNotInArtifact } from '../errors.ts';
+import { ReftError, compositionNested, interventionsWithAdapter, modelNotFound, steerLayerNotInArtifact } from '../errors.ts';
 import type { LowRankIntervention } from '../interventions/artifact.ts';
 import type { InterventionCache } from '../interventions/cache.ts';
 import { parsePositions } from '../interventions/positions.ts';
@@ -87,7 +87,8 @@ export class SteeringResolver {
     } catch (err) {
       if (!(err instanceof ReftError) || err.code !== 'intervention_not_found') throw err;
       const composition = await this.compositions.findComposition(tenantId, name);
-      if (!composition) throw err;
+      // an OpenAI `model` names the base model, an intervention or a composition: none is an unknown model
+      if (!composition) throw named.field === 'model' ? modelNotFound({ id: name }, 'model') : err;
       // the composition's artifacts were checked when it was saved; one replaced since is checked again here
       return { id: composition.id, ...(await this.resolveItems(tenantId, composition.items, () => () => named.field)) };
     }
