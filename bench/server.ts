@@ -92,6 +92,32 @@ export async function load(url: string, bodies: unknown[]) {
   };
 }
 
+type Load = Awaited<ReturnType<typeof load>>;
+type LoadMetric = 'aggregate_tokens_s' | 'decode_tokens_s';
+
+/**
+ * A load of `plain()`'s request bodies and one of `steered()`'s, back to back `pairs` times with
+ * the order alternating, after a warm-up (one plain request, then every steered body once, so
+ * each intervention is cached). A metric's ratio is the median of the pairs' ratios, since the
+ * machine's speed drifts between pairs more than the effect.
+ */
+export async function pairedLoads(url: string, pairs: number, plain: () => unknown[], steered: () => unknown[]) {
+  await load(url, plain().slice(0, 1));
+  await load(url, steered());
+  const loads = await inPairs(
+    pairs,
+    () => load(url, plain()),
+    () => load(url, steered()),
+  );
+  return {
+    plain: loads.a,
+    steered: loads.b,
+    ratios: (metric: LoadMetric) => pairRatios({ a: loads.a.map((x) => x[metric]), b: loads.b.map((x) => x[metric]) }),
+    /** The run with the median `metric` of `runs`. */
+    middle: (runs: Load[], metric: LoadMetric) => [...runs].sort((x, y) => x[metric] - y[metric])[runs.length >> 1],
+  };
+}
+
 export async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
   const proc = spawn(
     process.execPath,
@@ -204,34 +230,18 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
       ignore_eos: true,
       ...(adapter ? { adapter } : {}),
     });
-    await load(server.url, [body()]); // warm up
-    await load(
+    const paired = await pairedLoads(
       server.url,
-      adapters.map((a) => body(a)),
-    ); // every adapter cached once
-    const single = await load(server.url, [body()]);
-    // plain and intervened loads back to back, the order alternating; the ratio is the median of
-    // the pairs' ratios, since the machine's speed drifts between pairs more than the effect
-    type Load = Awaited<ReturnType<typeof load>>;
-    const loads = await inPairs(
       7,
-      () =>
-        load(
-          server.url,
-          adapters.map(() => body()),
-        ),
-      () =>
-        load(
-          server.url,
-          adapters.map((a) => body(a)),
-        ),
+      () => adapters.map(() => body()),
+      () => adapters.map((a) => body(a)),
     );
-    const plain = loads.a;
-    const withIv = loads.b;
-    const ratios = pairRatios({ a: plain.map((x) => x.decode_tokens_s), b: withIv.map((x) => x.decode_tokens_s) });
-    const middle = (runs: Load[]) => [...runs].sort((x, y) => x.decode_tokens_s - y.decode_tokens_s)[runs.length >> 1];
-    const p = middle(plain);
-    const v = middle(withIv);
+    const single = await load(server.url, [body()]);
+    const plain = paired.plain;
+    const withIv = paired.steered;
+    const ratios = paired.ratios('decode_tokens_s');
+    const p = paired.middle(plain, 'decode_tokens_s');
+    const v = paired.middle(withIv, 'decode_tokens_s');
     const ratio = median(ratios);
     log(
       `one stream: ${single.decode_tokens_s} tokens/s; 32 streams plain: ${p.decode_tokens_s}; 32 streams over 32 interventions: ${v.decode_tokens_s} (ratio ${round(ratio, 3)}, median of ${ratios.length} pairs; ${round(v.decode_tokens_s / single.decode_tokens_s, 2)}x one stream)`,

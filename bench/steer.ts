@@ -3,8 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Rng } from '../src/rng.ts';
 import type { ModelConfig } from '../src/model/config.ts';
-import { inPairs, median, pairRatios, round } from './machine.ts';
-import { load, loreftArtifact, startServer, upload } from './server.ts';
+import { median, round } from './machine.ts';
+import { loreftArtifact, pairedLoads, startServer, upload } from './server.ts';
 
 /**
  * Issue 16's benchmark: 32 concurrent streams, each with its own composition of 2–3 stored
@@ -50,29 +50,17 @@ export async function benchSteer(modelDir: string, config: ModelConfig, log: (s:
       ignore_eos: true,
       ...(interventions ? { interventions } : {}),
     });
-    await load(server.url, [body()]); // warm up
-    await load(
+    const paired = await pairedLoads(
       server.url,
-      compositions.map((c) => body(c)),
-    ); // every artifact cached once
-    const loads = await inPairs(
       PAIRS,
-      () =>
-        load(
-          server.url,
-          compositions.map(() => body()),
-        ),
-      () =>
-        load(
-          server.url,
-          compositions.map((c) => body(c)),
-        ),
+      () => compositions.map(() => body()),
+      () => compositions.map((c) => body(c)),
     );
-    const aggregate = pairRatios({ a: loads.a.map((x) => x.aggregate_tokens_s), b: loads.b.map((x) => x.aggregate_tokens_s) });
-    const decode = pairRatios({ a: loads.a.map((x) => x.decode_tokens_s), b: loads.b.map((x) => x.decode_tokens_s) });
-    const middle = (runs: typeof loads.a) => [...runs].sort((x, y) => x.aggregate_tokens_s - y.aggregate_tokens_s)[runs.length >> 1];
-    const p = middle(loads.a);
-    const v = middle(loads.b);
+    const loads = { a: paired.plain, b: paired.steered };
+    const aggregate = paired.ratios('aggregate_tokens_s');
+    const decode = paired.ratios('decode_tokens_s');
+    const p = paired.middle(loads.a, 'aggregate_tokens_s');
+    const v = paired.middle(loads.b, 'aggregate_tokens_s');
     log(
       `32 plain streams: ${p.aggregate_tokens_s} tokens/s; 32 streams each with its own composition of 2-3 of ${ARTIFACTS} artifacts: ${v.aggregate_tokens_s} tokens/s (ratio ${round(median(aggregate), 3)}, median of ${aggregate.length} pairs; decode-only ratio ${round(median(decode), 3)})`,
     );
