@@ -1,4 +1,4 @@
-import { cpSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium, type Browser, type BrowserContext, type Page } from 'playwright-core';
@@ -247,6 +247,66 @@ describe('the web playground, single-tenant', () => {
     expect(await error.innerText()).toContain(expected.detail);
     expect(await page.getByLabel('reft_weights.safetensors', { exact: true }).getAttribute('aria-describedby')).toBe('up-weights-error');
     expect(await page.getByLabel('reft_weights.safetensors', { exact: true }).getAttribute('aria-invalid')).toBe('true');
+    expect(tab.problems).toEqual([]);
+  });
+
+  it("takes a dropped pyreft folder's files and imports them as the API does; a row's replace stores version 2", async () => {
+    const { page } = tab;
+    await page.goto(`${server.url}/#/interventions`);
+    // what a dropped folder yields once its entries are read: the folder's files
+    const folder = join(FIXTURES, 'pyreft', 'loreft_bf16');
+    const names = readdirSync(folder).filter((n) => n === 'config.json' || n.startsWith('intkey_'));
+    const files = names.map((n) => ({ name: n, base64: readFileSync(join(folder, n)).toString('base64') }));
+    const dataTransfer = await page.evaluateHandle((fs) => {
+      // the page's DOM types (this file is type-checked without the DOM library)
+      const dom = globalThis as unknown as {
+        DataTransfer: new () => { items: { add(file: unknown): void } };
+        File: new (parts: Uint8Array[], name: string) => unknown;
+      };
+      const dt = new dom.DataTransfer();
+      for (const f of fs) dt.items.add(new dom.File([Uint8Array.from(atob(f.base64), (c) => c.charCodeAt(0))], f.name));
+      return dt;
+    }, files);
+    const form = page.getByRole('form', { name: 'Upload an intervention' });
+    await form.dispatchEvent('dragover', { dataTransfer });
+    await form.dispatchEvent('drop', { dataTransfer });
+    await expect.poll(() => page.getByLabel('pyreft folder').isChecked()).toBe(true);
+    const bins = names.filter((n) => n.startsWith('intkey_'));
+    expect(await page.getByText(`chosen: ${bins.join(', ')}`).count()).toBe(1);
+    await page.getByLabel('Trained with share_weights=True').check();
+    await page.getByLabel('Name (optional').fill('dropped-pyreft');
+    await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.locator('tr[data-name="dropped-pyreft"]').waitFor();
+    expect(await page.getByTestId('iv-status').innerText()).toContain('Stored dropped-pyreft (version 1)');
+
+    // the API's import of the same folder stores the same artifact
+    const viaApi = new FormData();
+    for (const n of names) viaApi.append(n === 'config.json' ? 'config' : 'files', new Blob([readFileSync(join(folder, n))]), n);
+    viaApi.append('positions', 'f1+l1');
+    viaApi.append('share_weights', 'true');
+    viaApi.append('name', 'api-pyreft');
+    const imported = await fetch(`${server.url}/v1/interventions/import/pyreft`, { method: 'POST', body: viaApi });
+    expect(imported.status).toBe(201);
+    const file = async (name: string, f: string) =>
+      Buffer.from(await (await fetch(`${server.url}/v1/interventions/${name}/files/${f}`)).arrayBuffer());
+    expect(await file('dropped-pyreft', 'reft_weights.safetensors')).toEqual(await file('api-pyreft', 'reft_weights.safetensors'));
+    const config = async (name: string) => {
+      const { name: _, ...rest } = JSON.parse((await file(name, 'reft_config.json')).toString());
+      return rest;
+    };
+    expect(await config('dropped-pyreft')).toEqual(await config('api-pyreft'));
+
+    // replace from alpha's row: same name, version + 1
+    const alpha = page.locator('tr[data-name="alpha"]');
+    await alpha.getByRole('button', { name: 'Replace alpha' }).click();
+    expect(await page.getByLabel('reft/v1 artifact').isChecked()).toBe(true);
+    expect(await page.getByLabel('Name (optional').inputValue()).toBe('alpha');
+    expect(await page.getByLabel('Replace the intervention of this name (version + 1)').isChecked()).toBe(true);
+    await page.getByLabel('reft_config.json', { exact: true }).setInputFiles(join(ARTIFACTS, 'alpha', 'reft_config.json'));
+    await page.getByLabel('reft_weights.safetensors', { exact: true }).setInputFiles(join(ARTIFACTS, 'alpha', 'reft_weights.safetensors'));
+    await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await expect.poll(() => page.getByTestId('iv-status').innerText()).toContain('Stored alpha (version 2)');
+    expect((await json(api, 'GET', '/v1/interventions/alpha')).body).toMatchObject({ name: 'alpha', version: 2 });
     expect(tab.problems).toEqual([]);
   });
 
