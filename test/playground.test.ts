@@ -375,6 +375,38 @@ describe('the web playground, single-tenant', () => {
     expect(tab.problems).toEqual([]);
   }, 300_000);
 
+  it('trains from the table: added and removed rows are what the job gets', async () => {
+    const { page } = tab;
+    await page.goto(`${server.url}/#/training`);
+    await page.getByLabel('Table').check();
+    const rows = [
+      { prompt: 'Once upon a time', completion: ' a frog sang.' },
+      { prompt: 'dropped row', completion: ' never sent' },
+      { prompt: 'The cat', completion: ' sat on a mat.' },
+      { prompt: 'Lily said', completion: ' hello.' },
+    ];
+    await page.getByRole('button', { name: 'Add a row' }).click();
+    for (const [i, r] of rows.entries()) {
+      await page.getByLabel(`Prompt ${i + 1}`, { exact: true }).fill(r.prompt);
+      await page.getByLabel(`Completion ${i + 1}`, { exact: true }).fill(r.completion);
+    }
+    expect(await page.getByTestId('train-rows').innerText()).toBe('4 rows');
+    await page.getByRole('button', { name: 'Remove row 2' }).click();
+    expect(await page.getByTestId('train-rows').innerText()).toBe('3 rows');
+    await page.getByLabel('Name of the result').fill('from-table');
+    await page.getByLabel('Epochs', { exact: true }).fill('1');
+    await page.getByRole('button', { name: 'Start training' }).click();
+
+    let job: any;
+    await expect
+      .poll(async () => (job = ((await json(api, 'GET', '/v1/training/jobs')).body.data as any[]).find((j) => j.name === 'from-table')))
+      .toBeTruthy();
+    const sent = [rows[0], rows[2], rows[3]].map((r) => JSON.stringify(r)).join('\n') + '\n';
+    expect((await json(api, 'GET', `/v1/files/${job.training_file}`)).body).toMatchObject({ bytes: Buffer.byteLength(sent) });
+    await page.locator('[data-testid=job-status][data-status=succeeded]').waitFor({ timeout: 60_000 });
+    expect(tab.problems).toEqual([]);
+  });
+
   it('shows the usage by day', async () => {
     const { page } = tab;
     const usage = await json(api, 'GET', '/v1/usage');
