@@ -87,13 +87,9 @@ export class SqlStore {
 
   /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
   async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
-    const row = await this.db
-      .selectFrom('apiKeys as k')
-      .innerJoin('tenants as t', 't.id', 'k.tenantId')
-      .select(['t.name', 't.createdAt as tenantCreatedAt', ...COLUMNS.key.map((c) => `k.${c}` as const)])
-      .where('k.secretHash', '=', secretHash)
-      .where('k.revokedAt', 'is', null)
-      .executeTakeFirst();
+    const keys = this.db.selectFrom('apiKeys as k').innerJoin('tenants as t', 't.id', 'k.tenantId');
+    const columns = ['t.name', 't.createdAt as tenantCreatedAt', ...COLUMNS.key.map((c) => `k.${c}` as const)] as const;
+    const row = await keys.select(columns).where('k.secretHash', '=', secretHash).where('k.revokedAt', 'is', null).executeTakeFirst();
     return R.orNull(row, ({ name, tenantCreatedAt, ...key }) => ({ key, tenant: { id: key.tenantId, name, createdAt: tenantCreatedAt } }));
   }
 
@@ -435,14 +431,9 @@ export class SqlStore {
   private async refuseInUse(tx: Tx, row: AnySelect): Promise<void> {
     const id = (await this.d.lock(row.select('id'), 'delete').executeTakeFirst())?.id as string | undefined;
     if (id === undefined) return;
-    const users = await tx
-      .selectFrom('compositionUses as u')
-      .innerJoin('compositions as c', 'c.id', 'u.compositionId')
-      .select('c.name')
-      .where('u.interventionId', '=', id)
-      .orderBy('c.seq')
-      .execute();
-    if (users.length) throw E.interventionInUse({ id, compositions: users.map((u) => u.name) }, 'id');
+    const users = tx.selectFrom('compositionUses as u').innerJoin('compositions as c', 'c.id', 'u.compositionId').select('c.name');
+    const names = (await users.where('u.interventionId', '=', id).orderBy('c.seq').execute()).map((u) => u.name);
+    if (names.length) throw E.interventionInUse({ id, compositions: names }, 'id');
   }
 
   /** Waits for a write, turning a constraint violation into the ReftError callers see. */
