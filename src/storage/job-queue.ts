@@ -4,6 +4,9 @@ import { one } from './rows.ts';
 import { COLUMNS, jsonText, toJob, type Tables } from './schema.ts';
 import type { Job, JobStatus, Lease } from './store.ts';
 
+/** How a job ends: the status, and for a failure its error, for a success the intervention made. */
+type Ending = { status: JobStatus; error?: string | null; interventionId?: string | null };
+
 /** The job queue's writes, inside a store's transaction: claims, lease guards, numbered events, endings. */
 export class JobQueue {
   constructor(private readonly d: Dialect) {}
@@ -67,12 +70,7 @@ export class JobQueue {
    * Ends a job with its 'status' event: one `workerId` holds (finishJob), or whatever its lease
    * (a queued cancel, a claim's give-up). False when the worker no longer holds it.
    */
-  async end(
-    tx: Kysely<Tables>,
-    id: string,
-    end: { status: JobStatus; error?: string | null; interventionId?: string | null },
-    workerId?: string,
-  ) {
+  async end(tx: Kysely<Tables>, id: string, end: Ending, workerId?: string) {
     const { status, error = null, interventionId = null } = end;
     const set = { status, error, interventionId, finishedAt: this.d.now(), leaseWorker: null, leaseExpiresAt: null };
     const held = workerId === undefined ? (eb: ExpressionBuilder<Tables, 'jobs'>) => eb('id', '=', id) : this.leaseHeld(id, workerId);

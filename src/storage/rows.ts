@@ -60,44 +60,35 @@ export async function blobsOf(blobs: Blobs, from: AnySelect, columns: string[]):
   return (await from.select(aliased(columns)).execute()).flatMap((row) => columns.map((_, i) => row[`b${i}`]));
 }
 
-/** Reads a row's blobs; one that vanished between reading the row and the file means: read the row again. */
+/** Reads a row's blobs (and what else `from` selects); one that vanished between reading the row and the file means: read the row again. */
 export async function readBlobs(
   blobs: Blobs,
   from: AnySelect,
   columns: string[],
-  seen?: (row: Record<string, unknown>) => void,
-): Promise<Uint8Array[] | null> {
+): Promise<{ row: Record<string, unknown>; data: Uint8Array[] } | null> {
   for (let attempt = 0; ; attempt++) {
     const row = await from.select(aliased(columns)).executeTakeFirst();
     if (!row) return null;
-    seen?.(row);
     const data = await blobs.read(columns.map((_, i) => row[`b${i}`]));
-    if (data) return data;
+    if (data) return { row, data };
     if (attempt >= BLOB_READ_RETRIES) throw storedFileMissing({ where: blobs.where });
   }
 }
 
 /** What a tenant has stored: interventions, files and their bytes, and its unfinished jobs. */
 export async function countStored(db: Kysely<Tables>, tenantId: string): Promise<StoredUsage> {
-  const totals = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
-  const row = await db.selectFrom('interventions').select(totals).where('tenantId', '=', tenantId).executeTakeFirstOrThrow();
-  const files = await db.selectFrom('files').select(totals).where('tenantId', '=', tenantId).executeTakeFirstOrThrow();
-  const jobs = await db
-    .selectFrom('jobs')
-    .select(sql<number>`count(*)`.as('n'))
-    .where('tenantId', '=', tenantId)
-    .where('status', 'in', ['queued', 'running'])
-    .executeTakeFirstOrThrow();
+  const [n, sum] = [sql<number>`count(*)`.as('n'), sql<number>`cast(coalesce(sum(bytes), 0) as bigint)`.as('bytes')];
+  const owned = (table: 'interventions' | 'files' | 'jobs') => db.selectFrom(table).select(n).where('tenantId', '=', tenantId);
+  const sized = (table: 'interventions' | 'files') => owned(table).select(sum).executeTakeFirstOrThrow();
+  const [row, files] = [await sized('interventions'), await sized('files')];
+  const jobs = await owned('jobs').where('status', 'in', ['queued', 'running']).executeTakeFirstOrThrow();
   const [interventions, bytes, fileCount, fileBytes] = [row.n, row.bytes, files.n, files.bytes].map(Number);
   return { interventions, bytes, files: fileCount, fileBytes, activeJobs: Number(jobs.n) };
 }
 
 /** Jobs of every tenant per status, every status named. */
 export async function countJobs(db: Kysely<Tables>): Promise<Record<JobStatus, number>> {
-  const rows = await db
-    .selectFrom('jobs')
-    .select(['status', sql<number>`count(*)`.as('n')])
-    .groupBy('status')
-    .execute();
+  const perStatus = db.selectFrom('jobs').select(['status', sql<number>`count(*)`.as('n')]);
+  const rows = await perStatus.groupBy('status').execute();
   return Object.fromEntries(JOB_STATUSES.map((s) => [s, Number(rows.find((r) => r.status === s)?.n ?? 0)])) as Record<JobStatus, number>;
 }

@@ -2,19 +2,7 @@ import { createHash } from 'node:crypto';
 import { sql, type Kysely } from 'kysely';
 import * as E from '../errors.ts';
 import type { AnySelect, BlobKind, Dialect, StagedBlobs } from './dialect.ts';
-import {
-  COMPOSITION_ID,
-  INTERVENTION_ID,
-  blobsOf,
-  clampLimit,
-  countJobs,
-  countStored,
-  newId,
-  one,
-  orNull,
-  pageOf,
-  readBlobs,
-} from './rows.ts';
+import * as R from './rows.ts';
 import { COLUMNS, jsonText, toComposition, toEvent, toIntervention, toJob, type Tables } from './schema.ts';
 import * as S from './store.ts';
 import { checkUsageRange, usageBatch } from './usage.ts';
@@ -34,7 +22,7 @@ const TRANSACTION_ATTEMPTS = 3;
 const noTenant = (tenantId: string | null) => E.tenantNotFound({ id: String(tenantId) }, 'tenantId');
 const nameTaken = (name: string) => ({ unique: () => E.tenantNameTaken({ name }, 'name') });
 
-export class SqlStore implements S.Store {
+export class SqlStore {
   readonly interventionListeners = new Listeners<[id: string]>();
   readonly jobListeners = new Listeners<[]>();
   private readonly db: Kysely<Tables>;
@@ -47,7 +35,7 @@ export class SqlStore implements S.Store {
   }
 
   async createTenant(name: string): Promise<S.Tenant> {
-    const insert = this.db.insertInto('tenants').values({ id: newId('ten_'), name, createdAt: this.d.now() });
+    const insert = this.db.insertInto('tenants').values({ id: R.newId('ten_'), name, createdAt: this.d.now() });
     return this.named(insert.returning(COLUMNS.tenant).executeTakeFirstOrThrow(), nameTaken(name));
   }
 
@@ -56,6 +44,7 @@ export class SqlStore implements S.Store {
     return (await this.named(rename.executeTakeFirst(), nameTaken(name))) ?? null;
   }
 
+  /** Deletes a tenant and all it owns (keys, interventions, compositions, files, jobs, usage); false if there is none. */
   async deleteTenant(id: string): Promise<boolean> {
     const { config, weights, file, checkpoint } = this.d.blobs.columns;
     let interventions: string[] = [];
@@ -64,14 +53,14 @@ export class SqlStore implements S.Store {
       interventions = (await owned('interventions').select('id').execute()).map((r) => r.id);
       const checkpoints = tx.selectFrom('checkpoints').where('jobId', 'in', owned('jobs').select('id'));
       const blobs = [
-        ...(await blobsOf(this.d.blobs, owned('interventions'), [config, weights])),
-        ...(await blobsOf(this.d.blobs, owned('files'), [file])),
-        ...(await blobsOf(this.d.blobs, checkpoints, [checkpoint])),
+        ...(await R.blobsOf(this.d.blobs, owned('interventions'), [config, weights])),
+        ...(await R.blobsOf(this.d.blobs, owned('files'), [file])),
+        ...(await R.blobsOf(this.d.blobs, checkpoints, [checkpoint])),
       ];
       // What it owns first (jobs take their events and checkpoints along, compositions their uses): SQLite's foreign keys don't cascade.
       for (const table of ['apiKeys', 'tenantUsage', 'jobs', 'files', 'compositions', 'interventions'] as const)
         await tx.deleteFrom(table).where('tenantId', '=', id).execute();
-      if (!one(await tx.deleteFrom('tenants').where('id', '=', id).executeTakeFirst())) return null;
+      if (!R.one(await tx.deleteFrom('tenants').where('id', '=', id).executeTakeFirst())) return null;
       for (const iv of interventions) await this.d.notify(tx, 'interventionChanged', iv);
       return blobs;
     });
@@ -86,26 +75,25 @@ export class SqlStore implements S.Store {
   }
 
   async listTenants(page: S.PageRequest): Promise<S.Page<S.Tenant>> {
-    return pageOf(this.db.selectFrom('tenants'), COLUMNS.tenant, page, (r: S.Tenant) => r);
+    return R.pageOf(this.db.selectFrom('tenants'), COLUMNS.tenant, page, (r: S.Tenant) => r);
   }
 
+  /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
   async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
-    const insert = this.db.insertInto('apiKeys').values({ id: newId('key_'), tenantId, secretHash, prefix, createdAt: this.d.now() });
+    const insert = this.db.insertInto('apiKeys').values({ id: R.newId('key_'), tenantId, secretHash, prefix, createdAt: this.d.now() });
     const taken = () => E.apiKeyTaken('secretHash');
     return this.named(insert.returning(COLUMNS.key).executeTakeFirstOrThrow(), { foreignKey: () => noTenant(tenantId), unique: taken });
   }
 
+  /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
   async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
-    const row = await this.db
-      .selectFrom('apiKeys as k')
-      .innerJoin('tenants as t', 't.id', 'k.tenantId')
-      .select(['t.name', 't.createdAt as tenantCreatedAt', ...COLUMNS.key.map((c) => `k.${c}` as const)])
-      .where('k.secretHash', '=', secretHash)
-      .where('k.revokedAt', 'is', null)
-      .executeTakeFirst();
-    return orNull(row, ({ name, tenantCreatedAt, ...key }) => ({ key, tenant: { id: key.tenantId, name, createdAt: tenantCreatedAt } }));
+    const keys = this.db.selectFrom('apiKeys as k').innerJoin('tenants as t', 't.id', 'k.tenantId');
+    const columns = ['t.name', 't.createdAt as tenantCreatedAt', ...COLUMNS.key.map((c) => `k.${c}` as const)] as const;
+    const row = await keys.select(columns).where('k.secretHash', '=', secretHash).where('k.revokedAt', 'is', null).executeTakeFirst();
+    return R.orNull(row, ({ name, tenantCreatedAt, ...key }) => ({ key, tenant: { id: key.tenantId, name, createdAt: tenantCreatedAt } }));
   }
 
+  /** A tenant's keys, revoked ones too, oldest first. */
   async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
     const keys = this.db.selectFrom('apiKeys').select(COLUMNS.key).where('tenantId', '=', tenantId);
     return keys.orderBy('createdAt').orderBy('id').execute();
@@ -115,16 +103,18 @@ export class SqlStore implements S.Store {
     await this.db.updateTable('apiKeys').set({ lastUsedAt: this.d.now() }).where('id', '=', id).execute();
   }
 
+  /** True only when it revoked a live key. */
   async revokeApiKey(id: string): Promise<boolean> {
     const revoke = this.db.updateTable('apiKeys').set({ revokedAt: this.d.now() }).where('id', '=', id).where('revokedAt', 'is', null);
-    return one(await revoke.executeTakeFirst());
+    return R.one(await revoke.executeTakeFirst());
   }
 
+  /** Creates one; with `replaceId`, replaces that one's files in place (same id, version + 1). */
   async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
     const noneToReplace = () => E.interventionReplaceMissing({ id: String(replaceId) }, 'id');
     // An id the store could not have made names no row, and must never reach a blob file name.
-    if (replaceId !== undefined && !INTERVENTION_ID.test(replaceId)) throw noneToReplace();
-    const id = replaceId ?? newId('iv_');
+    if (replaceId !== undefined && !R.INTERVENTION_ID.test(replaceId)) throw noneToReplace();
+    const id = replaceId ?? R.newId('iv_');
     const { config, weights } = iv.files;
     const sha256 = createHash('sha256').update(config).update(weights).digest('hex');
     const bytes = config.byteLength + weights.byteLength;
@@ -141,7 +131,7 @@ export class SqlStore implements S.Store {
       }
       const own = this.own(tx, 'interventions', iv.tenantId, id);
       if (!(await this.d.lock(own.select('id'), 'row').executeTakeFirst())) throw noneToReplace();
-      replaced = await blobsOf(this.d.blobs, own, [columns.config, columns.weights]);
+      replaced = await R.blobsOf(this.d.blobs, own, [columns.config, columns.weights]);
       staged.promote();
       const update = tx.updateTable('interventions').set((eb) => ({ ...values, ...files, version: eb('version', '+', 1), updatedAt: now }));
       const row = await update.where('id', '=', id).returning(COLUMNS.intervention).executeTakeFirstOrThrow();
@@ -158,23 +148,23 @@ export class SqlStore implements S.Store {
     return toIntervention(row);
   }
 
+  /** One the tenant can see (its own or shared), by id or by name (its own first). */
   async findIntervention(tenantId: string | null, idOrName: string): Promise<S.InterventionMeta | null> {
-    return orNull(
-      await this.byIdOrName('interventions', tenantId, idOrName).select(COLUMNS.intervention).executeTakeFirst(),
-      toIntervention,
-    );
+    const found = this.byIdOrName('interventions', tenantId, idOrName).select(COLUMNS.intervention);
+    return R.orNull(await found.executeTakeFirst(), toIntervention);
   }
 
   async listInterventions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.InterventionMeta>> {
-    return pageOf(this.visible('interventions', tenantId), COLUMNS.intervention, page, toIntervention);
+    return R.pageOf(this.visible('interventions', tenantId), COLUMNS.intervention, page, toIntervention);
   }
 
   async readInterventionFiles(id: string): Promise<S.InterventionFiles | null> {
     const { config, weights } = this.d.blobs.columns;
-    const found = await readBlobs(this.d.blobs, this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
-    return orNull(found, ([c, w]) => ({ config: c, weights: w }));
+    const found = await R.readBlobs(this.d.blobs, this.db.selectFrom('interventions').where('id', '=', id), [config, weights]);
+    return R.orNull(found, ({ data: [c, w] }) => ({ config: c, weights: w }));
   }
 
+  /** Deletes the tenant's own (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
   async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
     const { config, weights } = this.d.blobs.columns;
     const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights]);
@@ -183,43 +173,31 @@ export class SqlStore implements S.Store {
   }
 
   async storedUsage(tenantId: string): Promise<S.StoredUsage> {
-    return countStored(this.db, tenantId);
+    return R.countStored(this.db, tenantId);
   }
 
+  /** Every item's intervention must be one the tenant can see: else intervention_not_found on "items[i].intervention". */
   async putComposition(c: S.NewComposition, replaceId?: string): Promise<S.Composition> {
     const noneToReplace = () => E.compositionReplaceMissing({ id: String(replaceId) }, 'id');
-    if (replaceId !== undefined && !COMPOSITION_ID.test(replaceId)) throw noneToReplace();
-    const id = replaceId ?? newId('comp_');
+    if (replaceId !== undefined && !R.COMPOSITION_ID.test(replaceId)) throw noneToReplace();
+    const id = replaceId ?? R.newId('comp_');
     const uses = [...new Set(c.items.map((item) => item.intervention))];
     const write = this.tx(async (tx) => {
       // Locked as a foreign key check locks them: none can be deleted before this commits.
-      const found = uses.length
-        ? await this.d.lock(this.visible('interventions', c.tenantId, tx).select('id').where('id', 'in', uses), 'share').execute()
-        : [];
+      const visible = this.visible('interventions', c.tenantId, tx).select('id').where('id', 'in', uses);
+      const found = uses.length ? await this.d.lock(visible, 'share').execute() : [];
       const missing = c.items.findIndex((item) => !found.some((r) => r.id === item.intervention));
       if (missing >= 0) throw E.interventionNotFound({ id: c.items[missing].intervention }, `items[${missing}].intervention`);
       const now = this.d.now();
       const values = { name: c.name, items: jsonText(c.items), updatedAt: now };
-      const row = await (
-        replaceId === undefined
-          ? tx
-              .insertInto('compositions')
-              .values({ ...values, id, tenantId: c.tenantId, createdAt: now })
-              .returning(COLUMNS.composition)
-          : tx
-              .updateTable('compositions')
-              .set(values)
-              .where('id', '=', id)
-              .where('tenantId', 'is not distinct from', c.tenantId)
-              .returning(COLUMNS.composition)
-      ).executeTakeFirst();
+      const update = tx.updateTable('compositions').set(values).where('id', '=', id).where('tenantId', 'is not distinct from', c.tenantId);
+      const insert = tx.insertInto('compositions').values({ ...values, id, tenantId: c.tenantId, createdAt: now });
+      const written = replaceId === undefined ? insert.returning(COLUMNS.composition) : update.returning(COLUMNS.composition);
+      const row = await written.executeTakeFirst();
       if (!row) throw noneToReplace();
       await tx.deleteFrom('compositionUses').where('compositionId', '=', id).execute();
-      if (uses.length)
-        await tx
-          .insertInto('compositionUses')
-          .values(uses.map((u) => ({ compositionId: id, interventionId: u })))
-          .execute();
+      const used = uses.map((interventionId) => ({ compositionId: id, interventionId }));
+      if (used.length) await tx.insertInto('compositionUses').values(used).execute();
       return row;
     });
     const taken = () => E.compositionNameTaken({ name: c.name }, 'name');
@@ -227,17 +205,19 @@ export class SqlStore implements S.Store {
   }
 
   async findComposition(tenantId: string | null, idOrName: string): Promise<S.Composition | null> {
-    return orNull(await this.byIdOrName('compositions', tenantId, idOrName).select(COLUMNS.composition).executeTakeFirst(), toComposition);
+    return R.orNull(
+      await this.byIdOrName('compositions', tenantId, idOrName).select(COLUMNS.composition).executeTakeFirst(),
+      toComposition,
+    );
   }
 
   async listCompositions(tenantId: string | null, page: S.PageRequest): Promise<S.Page<S.Composition>> {
-    return pageOf(this.visible('compositions', tenantId), COLUMNS.composition, page, toComposition);
+    return R.pageOf(this.visible('compositions', tenantId), COLUMNS.composition, page, toComposition);
   }
 
   async deleteComposition(tenantId: string | null, id: string): Promise<boolean> {
-    return one(
-      await this.db.deleteFrom('compositions').where('id', '=', id).where('tenantId', 'is not distinct from', tenantId).executeTakeFirst(),
-    );
+    const own = this.db.deleteFrom('compositions').where('id', '=', id);
+    return R.one(await own.where('tenantId', 'is not distinct from', tenantId).executeTakeFirst());
   }
 
   async recordUsage(entries: S.UsageRecord[]): Promise<void> {
@@ -245,6 +225,7 @@ export class SqlStore implements S.Store {
     if (rows.length > 0) await this.retried(() => this.d.addUsage(this.db, rows));
   }
 
+  /** The days with a row in [from, to], ascending. */
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
     checkUsageRange(from, to);
     const days = this.db.selectFrom('tenantUsage').select(COLUMNS.usageDay).where('tenantId', '=', tenantId);
@@ -252,7 +233,7 @@ export class SqlStore implements S.Store {
   }
 
   async putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<S.StoredFile> {
-    const id = newId('file_');
+    const id = R.newId('file_');
     const write = this.withBlobs(id, ['data'], [bytes], (tx, staged) => {
       staged.promote();
       const row = {
@@ -274,12 +255,12 @@ export class SqlStore implements S.Store {
   }
 
   async readFile(tenantId: string, id: string): Promise<Uint8Array | null> {
-    const found = await readBlobs(this.d.blobs, this.file(tenantId, id), [this.d.blobs.columns.file]);
-    return orNull(found, ([data]) => data);
+    const found = await R.readBlobs(this.d.blobs, this.file(tenantId, id), [this.d.blobs.columns.file]);
+    return R.orNull(found, ({ data: [data] }) => data);
   }
 
   async listFiles(tenantId: string, page: S.PageRequest): Promise<S.Page<S.StoredFile>> {
-    return pageOf(this.db.selectFrom('files').where('tenantId', '=', tenantId), COLUMNS.file, page, (r: S.StoredFile) => r);
+    return R.pageOf(this.db.selectFrom('files').where('tenantId', '=', tenantId), COLUMNS.file, page, (r: S.StoredFile) => r);
   }
 
   async deleteFile(tenantId: string, id: string): Promise<boolean> {
@@ -287,7 +268,7 @@ export class SqlStore implements S.Store {
   }
 
   async createJob(tenantId: string, spec: unknown): Promise<S.Job> {
-    const id = newId('job_');
+    const id = R.newId('job_');
     const write = this.tx(async (tx) => {
       const values = { id, tenantId, status: 'queued' as const, spec: jsonText(spec), progress: 'null', createdAt: this.d.now() };
       const row = await tx.insertInto('jobs').values(values).returning(COLUMNS.job).executeTakeFirstOrThrow();
@@ -302,42 +283,41 @@ export class SqlStore implements S.Store {
 
   async getJob(tenantId: string | null, id: string): Promise<S.Job | null> {
     const job = this.db.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id);
-    return orNull(await (tenantId === null ? job : job.where('tenantId', '=', tenantId)).executeTakeFirst(), toJob);
+    return R.orNull(await (tenantId === null ? job : job.where('tenantId', '=', tenantId)).executeTakeFirst(), toJob);
   }
 
   async listJobs(tenantId: string, page: S.PageRequest): Promise<S.Page<S.Job>> {
-    return pageOf(this.db.selectFrom('jobs').where('tenantId', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
+    return R.pageOf(this.db.selectFrom('jobs').where('tenantId', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
   }
 
+  /** Marks a job for cancellation; a queued job is cancelled at once. */
   async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
     return this.tx(async (tx) => {
       // Locked: a claimer skips the row until we commit, so a queued job can't start meanwhile.
       const row = await this.d.lock(this.own(tx, 'jobs', tenantId, id).select('status'), 'row').executeTakeFirst();
       if (!row) return null;
       // A running job's worker sees cancelRequested when it next reads the job, and finishes it as cancelled.
-      if (row.status === 'queued' || row.status === 'running')
-        await tx
-          .updateTable('jobs')
-          .set({ cancelRequested: sql.lit(true) })
-          .where('id', '=', id)
-          .execute();
+      const flag = tx.updateTable('jobs').set({ cancelRequested: sql.lit(true) });
+      if (row.status === 'queued' || row.status === 'running') await flag.where('id', '=', id).execute();
       if (row.status === 'queued') await this.jobs.end(tx, id, { status: 'cancelled' });
       return toJob(await tx.selectFrom('jobs').select(COLUMNS.job).where('id', '=', id).executeTakeFirstOrThrow());
     });
   }
 
+  /** Atomically takes the next queued job (or one whose lease expired) for `workerId`. */
   async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: S.Job; lease: S.Lease } | null> {
     return this.tx((tx) => this.jobs.claim(tx, workerId, leaseMs, maxAttempts));
   }
 
+  /** Worker writes (renewLease, updateProgress, saveCheckpoint, finishJob): false if the worker no longer holds the lease (expired and re-claimed). */
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db.updateTable('jobs').set({ leaseExpiresAt: this.d.leaseAt(leaseMs) });
-    return one(await renew.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
+    return R.one(await renew.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
   }
 
   async updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean> {
     const update = this.db.updateTable('jobs').set({ progress: jsonText(progress) });
-    return one(await update.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
+    return R.one(await update.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
   }
 
   async appendJobEvent(jobId: string, type: string, data: unknown): Promise<S.JobEvent> {
@@ -348,7 +328,7 @@ export class SqlStore implements S.Store {
 
   async listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<S.JobEvent[]> {
     const events = this.db.selectFrom('jobEvents').select(COLUMNS.event).where('jobId', '=', jobId).where('seq', '>', afterSeq);
-    return (await events.orderBy('seq').limit(clampLimit(limit)).execute()).map(toEvent);
+    return (await events.orderBy('seq').limit(R.clampLimit(limit)).execute()).map(toEvent);
   }
 
   async saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean> {
@@ -358,15 +338,12 @@ export class SqlStore implements S.Store {
       // Locked: the lease can't expire into another worker's hands before the commit.
       if (!(await this.d.lock(tx.selectFrom('jobs').select('id').where(this.jobs.leaseHeld(jobId, workerId)), 'row').executeTakeFirst()))
         return false;
-      replaced = await blobsOf(this.d.blobs, tx.selectFrom('checkpoints').where('jobId', '=', jobId), [column]);
+      replaced = await R.blobsOf(this.d.blobs, tx.selectFrom('checkpoints').where('jobId', '=', jobId), [column]);
       staged.promote();
       const row = { jobId, step, bytes: state.byteLength, createdAt: this.d.now(), [column]: staged.values[0] };
       const excluded = Object.fromEntries(['step', 'bytes', 'createdAt', column].map((c) => [c, sql.ref(`excluded.${c}`)]));
-      await tx
-        .insertInto('checkpoints')
-        .values(row)
-        .onConflict((oc) => oc.column('jobId').doUpdateSet(excluded))
-        .execute();
+      const upsert = tx.insertInto('checkpoints').values(row);
+      await upsert.onConflict((oc) => oc.column('jobId').doUpdateSet(excluded)).execute();
       return true;
     });
     await this.d.blobs.release(replaced);
@@ -374,10 +351,9 @@ export class SqlStore implements S.Store {
   }
 
   async loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null> {
-    let step = 0;
-    const row = this.db.selectFrom('checkpoints').where('jobId', '=', jobId).select('step');
-    const found = await readBlobs(this.d.blobs, row, [this.d.blobs.columns.checkpoint], (r) => (step = r.step as number));
-    return orNull(found, ([state]) => ({ step, state }));
+    const checkpoint = this.db.selectFrom('checkpoints').where('jobId', '=', jobId).select('step');
+    const found = await R.readBlobs(this.d.blobs, checkpoint, [this.d.blobs.columns.checkpoint]);
+    return R.orNull(found, ({ row, data: [state] }) => ({ step: row.step as number, state }));
   }
 
   async finishJob(jobId: string, workerId: string, outcome: S.JobOutcome): Promise<boolean> {
@@ -387,14 +363,17 @@ export class SqlStore implements S.Store {
     return this.named(write, { foreignKey: () => E.interventionNotFound({ id: String(interventionId) }, 'interventionId') });
   }
 
+  /** Jobs of every tenant, per status. */
   async countJobs(): Promise<Record<S.JobStatus, number>> {
-    return countJobs(this.db);
+    return R.countJobs(this.db);
   }
 
+  /** Called when an intervention is deleted or replaced (by any process sharing the store). */
   onInterventionChanged(listener: (id: string) => void): () => void {
     return this.interventionListeners.add(listener);
   }
 
+  /** Called when a job is queued (wakes idle workers). */
   onJobQueued(listener: () => void): () => void {
     return this.jobListeners.add(listener);
   }
@@ -435,8 +414,8 @@ export class SqlStore implements S.Store {
     const files = await this.tx(async (tx) => {
       const row = this.own(tx, table, tenantId, id);
       if (table === 'interventions') await this.refuseInUse(tx, row);
-      const files = await blobsOf(this.d.blobs, row, columns);
-      if (!one(await tx.deleteFrom(table).where('id', '=', id).where('tenantId', 'is not distinct from', tenantId).executeTakeFirst()))
+      const files = await R.blobsOf(this.d.blobs, row, columns);
+      if (!R.one(await tx.deleteFrom(table).where('id', '=', id).where('tenantId', 'is not distinct from', tenantId).executeTakeFirst()))
         return null;
       if (table === 'interventions') await this.d.notify(tx, 'interventionChanged', id);
       return files;
@@ -452,14 +431,9 @@ export class SqlStore implements S.Store {
   private async refuseInUse(tx: Tx, row: AnySelect): Promise<void> {
     const id = (await this.d.lock(row.select('id'), 'delete').executeTakeFirst())?.id as string | undefined;
     if (id === undefined) return;
-    const users = await tx
-      .selectFrom('compositionUses as u')
-      .innerJoin('compositions as c', 'c.id', 'u.compositionId')
-      .select('c.name')
-      .where('u.interventionId', '=', id)
-      .orderBy('c.seq')
-      .execute();
-    if (users.length) throw E.interventionInUse({ id, compositions: users.map((u) => u.name) }, 'id');
+    const users = tx.selectFrom('compositionUses as u').innerJoin('compositions as c', 'c.id', 'u.compositionId').select('c.name');
+    const names = (await users.where('u.interventionId', '=', id).orderBy('c.seq').execute()).map((u) => u.name);
+    if (names.length) throw E.interventionInUse({ id, compositions: names }, 'id');
   }
 
   /** Waits for a write, turning a constraint violation into the ReftError callers see. */
