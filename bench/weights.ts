@@ -56,7 +56,10 @@ function loadInChild(modelDir: string, cacheDir: string, format: WeightFormat): 
   return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
 }
 
-export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s: string) => void, rounds = 5) {
+/** BENCH_WEIGHTS_ROUNDS: more rounds narrow the medians (one round's b8 decode is 12 steps, a fraction of a second). */
+const ROUNDS = Number(process.env.BENCH_WEIGHTS_ROUNDS ?? 5);
+
+export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s: string) => void, rounds = ROUNDS) {
   const vocab = model.config.vocabSize;
   // one cache per format, so the speed rounds' engines find the quantization the load measured
   const formatCache = (format: WeightFormat) => join(cacheDir, 'weights', format);
@@ -121,6 +124,7 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
   const speed: Record<string, unknown> = {};
   const llamaFormats: Record<string, unknown> = {};
   const ratios: Record<string, unknown> = {};
+  const roundRatios: Record<string, unknown> = {};
   // each round's pair: ours/llama.cpp tokens per second (for prefill, their ms over ours)
   const pairRatio = (a: number[], b: number[], inverse = false) => round(median(a.map((x, i) => (inverse ? b[i] / x : x / b[i]))));
   for (const format of FORMATS) {
@@ -148,6 +152,13 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
       prefill_512: pairRatio(s.prefill, t.prefill, true),
     };
     ratios[`${format}/${gguf}`] = ratio;
+    // each round's pair, so a report shows the spread behind its medians
+    const pairs = (a: number[], b: number[], inverse = false) => a.map((x, i) => round(inverse ? b[i] / x : x / b[i]));
+    roundRatios[`${format}/${gguf}`] = {
+      decode_b1: pairs(s.b1, t.b1),
+      decode_b8: pairs(s.b8, t.b8),
+      prefill_512: pairs(s.prefill, t.prefill, true),
+    };
     log(
       `weights ${format}: ${round(e.weights.bytes / 2 ** 20)} MiB of weights; decode ${round(median(s.b1))} tok/s at batch 1, ${round(median(s.b8))} tok/s at batch 8; prefill of 512 tokens ${round(median(s.prefill))} ms (medians of ${rounds} interleaved rounds)`,
     );
@@ -155,7 +166,7 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
       `llama.cpp ${gguf}: ${round(l.model.size / 2 ** 20)} MiB; decode ${round(median(t.b1))} tok/s at batch 1, ${round(median(t.b8))} tok/s at batch 8; prefill of 512 tokens ${round(median(t.prefill))} ms`,
     );
     log(
-      `ours/llama.cpp ${format}/${gguf}: decode ${ratio.decode_b1}x at batch 1, ${ratio.decode_b8}x at batch 8, prefill ${ratio.prefill_512}x (medians of the rounds' ratios)`,
+      `ours/llama.cpp ${format}/${gguf}: decode ${ratio.decode_b1}x at batch 1, ${ratio.decode_b8}x at batch 8, prefill ${ratio.prefill_512}x (medians of the rounds' ratios; b8 by round ${pairs(s.b8, t.b8).join(' ')})`,
     );
     await e.close();
     await l.close();
@@ -171,6 +182,7 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
       flash_attention: flashAttention,
       formats: llamaFormats,
       ratios_ours_over_llama_cpp: ratios,
+      round_ratios: roundRatios,
       load_average_1m: { before_rounds: round(loadBefore), after_rounds: round(loadAfter) },
     },
   };
