@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { json, type Api } from './support/http.ts';
 import { expectHealthzResponsive, expectProblem, stillGenerates, whileProbing } from './support/probe.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
+import { OFFLOAD_JSON_BYTES } from '../src/server/json-body.ts';
 
 /**
  * Issue 11, findings 4, 9, 10 (model name, job errors) and 11 (streaming over the concurrency limit), scaled
@@ -43,6 +44,17 @@ describe('finding 4: prompts and training data are bounded before tokenizing, an
     expectProblem(probe.result, 413, 'prompt_too_many_chars', 'prompt');
     expectHealthzResponsive(probe);
     expect(probe.rssGrowthMb).toBeLessThan(150);
+    await stillGenerates(api);
+  });
+
+  it('a large body, parsed off the event loop, gets the answers a small one gets', async () => {
+    const pad = 'y'.repeat(OFFLOAD_JSON_BYTES);
+    expectProblem(await json(api, 'POST', '/v1/generate', `{"prompt": "${pad}",`), 400, 'body_not_json', 'body');
+    const poisoned = await json(api, 'POST', '/v1/generate', `{"prompt": "${pad}", "__proto__": {"x": 1}}`);
+    expectProblem(poisoned, 400, 'body_not_json', 'body');
+    expect(poisoned.body.detail).toMatch(/prototype/);
+    // parsed into the same object: the handler reads the prompt's length from it
+    expectProblem(await json(api, 'POST', '/v1/generate', { prompt: pad, max_new_tokens: 1 }), 413, 'prompt_too_many_chars', 'prompt');
     await stillGenerates(api);
   });
 

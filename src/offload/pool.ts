@@ -8,8 +8,8 @@ import type { BaseModelShape, ReftConfig } from '../interventions/artifact.ts';
 import type { QuantizedMatrix } from '../quant/blocks.ts';
 
 /**
- * A small pool of worker threads for the server's CPU-heavy parsing (tokenization, training data,
- * pyreft pickles), so none of it stalls the event loop: /healthz and every other tenant keep
+ * A small pool of worker threads for the server's CPU-heavy parsing (large JSON bodies,
+ * tokenization, training data, pyreft pickles), so none of it stalls the event loop: /healthz and every other tenant keep
  * being answered while it runs. Inputs are bounded before they are sent here.
  */
 export class OffloadPool {
@@ -19,10 +19,19 @@ export class OffloadPool {
     this.pool = new Piscina({ filename: join(import.meta.dirname, 'entry.mjs'), minThreads: 1, maxThreads: threads, idleTimeout: 60_000 });
   }
 
-  private async run<T>(task: Task): Promise<T> {
-    const r = (await this.pool.run(task)) as TaskResult;
+  private async run<T>(task: Task, transferList: ArrayBuffer[] = []): Promise<T> {
+    const r = (await this.pool.run(task, { transferList })) as TaskResult;
     if (!r.ok) throw ReftError.fromJSON(r.error);
     return r.value as T;
+  }
+
+  /**
+   * A JSON request body, decoded and parsed as the server's parser does (src/server/json-body.ts).
+   * Bytes that own their whole buffer are moved to the thread rather than copied.
+   */
+  parseJson(bytes: Uint8Array): Promise<unknown> {
+    const owned = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
+    return this.run({ kind: 'json', bytes }, owned ? [bytes.buffer as ArrayBuffer] : []);
   }
 
   tokenize(modelDir: string, input: PromptInput): Promise<number[]> {

@@ -7,13 +7,14 @@ import { trainingChars } from './budgets.ts';
 import type { BaseModelShape } from '../interventions/artifact.ts';
 
 /**
- * The work the server moves off its event loop (see pool.ts): tokenizing prompts, checking
+ * The work the server moves off its event loop (see pool.ts): parsing large JSON bodies, tokenizing prompts, checking
  * training data, parsing pyreft pickles and JSONL; and the rows of a matrix to quantize, when
  * a checkpoint is quantized over several threads (src/quant/parallel.ts). Runs in a worker thread; errors come back as
  * serialized ReftErrors. Each kind imports its modules when first run, so a thread started to
  * quantize loads none of the tokenizer's, training data's and pickle parser's.
  */
 export type Task =
+  | { kind: 'json'; bytes: Uint8Array }
   | { kind: 'tokenize'; modelDir: string; input: PromptInput }
   | {
       kind: 'training-data';
@@ -54,6 +55,10 @@ export async function runTask(task: Task): Promise<TaskResult> {
 
 async function run(task: Task): Promise<unknown> {
   switch (task.kind) {
+    case 'json': {
+      const { parseJsonBody } = await import('../server/json-body.ts');
+      return parseJsonBody(Buffer.from(task.bytes.buffer, task.bytes.byteOffset, task.bytes.byteLength).toString('utf8'));
+    }
     case 'tokenize': {
       const { tokenize } = await import('../server/protocol.ts');
       return tokenize(task.input, (await model(task.modelDir)).tokenizer);

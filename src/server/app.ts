@@ -29,6 +29,7 @@ import { notReady, type ModelRuntime } from './runtime.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { TenantQueues } from './tenant-queue.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
+import { registerJsonBodyParser } from './json-body.ts';
 import { bodyTooDeep } from '../errors.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 
@@ -120,6 +121,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   await app.register(multipart, { limits: { fileSize: opts.uploadLimit, files: 1, fields: 8, fieldSize: 1024 * 1024, parts: 9 } });
 
   registerProblemHandlers(app);
+  registerJsonBodyParser(app, () => opts.runtime()?.offload ?? null);
   app.addHook('preValidation', async (request) => {
     if (request.body !== null && typeof request.body === 'object' && jsonDepth(request.body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
       throw bodyTooDeep({ limit: MAX_JSON_DEPTH }, 'body');
