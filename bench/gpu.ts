@@ -123,20 +123,22 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
     );
   await prefillMs(gpu, long);
   await decodeRate(gpu, steered32, 2);
+  /** One engine's decode at each batch size and its 512-token prefill, into `samples`. */
+  const measure = async (engine: StepExecutor, samples: Samples) => {
+    for (const b of GPU_BATCHES)
+      push(
+        samples,
+        `decode_b${b}`,
+        await decodeRate(
+          engine,
+          prompts(b, vocab).map((tokens) => ({ tokens })),
+          stepsFor(b),
+        ),
+      );
+    push(samples, 'prefill_512_ms', await prefillMs(engine, long));
+  };
   for (let r = 0; r < rounds; r++) {
-    const runOurs = async () => {
-      for (const b of GPU_BATCHES)
-        push(
-          ours,
-          `decode_b${b}`,
-          await decodeRate(
-            gpu,
-            prompts(b, vocab).map((tokens) => ({ tokens })),
-            stepsFor(b),
-          ),
-        );
-      push(ours, 'prefill_512_ms', await prefillMs(gpu, long));
-    };
+    const runOurs = () => measure(gpu, ours);
     const runTheirs = async () => {
       if (!runner) return;
       for (const b of GPU_BATCHES) push(theirs, `decode_b${b}`, await runner.decodeRate(prompts(b, vocab), stepsFor(b)));
@@ -150,19 +152,7 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
       async () => push(steering, 'steered_b32', await decodeRate(gpu, steered32, 16)),
     ];
     for (const f of r % 2 ? pair.reverse() : pair) await f();
-    if (cpu) {
-      for (const b of GPU_BATCHES)
-        push(
-          onCpu,
-          `decode_b${b}`,
-          await decodeRate(
-            cpu,
-            prompts(b, vocab).map((tokens) => ({ tokens })),
-            stepsFor(b),
-          ),
-        );
-      push(onCpu, 'prefill_512_ms', await prefillMs(cpu, long));
-    }
+    if (cpu) await measure(cpu, onCpu);
     const last = (x: Samples) => GPU_BATCHES.map((b) => round(x[`decode_b${b}`]?.at(-1) ?? NaN)).join(' / ');
     log(
       `gpu: round ${r + 1}/${rounds}: decode tok/s at batch ${GPU_BATCHES.join('/')}: ours ${last(ours)}, llama.cpp ${last(theirs)}` +
