@@ -92,6 +92,17 @@ export async function load(url: string, bodies: unknown[]) {
   };
 }
 
+/** 16 random token ids, as a client's prompt. */
+export const randomPrompt = (rng: Rng) => Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * 500));
+
+/** A streamed request of `maxNew` tokens over a random prompt, with `extra` fields (an adapter, interventions). */
+export const streamBody = (rng: Rng, maxNew: number, extra: Record<string, unknown> = {}) => ({
+  input_ids: randomPrompt(rng),
+  max_new_tokens: maxNew,
+  ignore_eos: true,
+  ...extra,
+});
+
 type Load = Awaited<ReturnType<typeof load>>;
 type LoadMetric = 'aggregate_tokens_s' | 'decode_tokens_s';
 
@@ -219,17 +230,10 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
   const server = await startServer(modelDir, dataDir);
   try {
     const rng = new Rng(5);
-    const promptOf = () => Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * 500));
     const layers = [3, 10, 17, 24].map((l) => Math.min(l, config.numLayers - 1));
     const adapters: string[] = [];
     for (let i = 0; i < 32; i++) adapters.push(await upload(server.url, loreftArtifact(i, config, layers, 4, 'f3+l3'), `bench-${i}`));
-    const maxNew = 64;
-    const body = (adapter?: string) => ({
-      input_ids: promptOf(),
-      max_new_tokens: maxNew,
-      ignore_eos: true,
-      ...(adapter ? { adapter } : {}),
-    });
+    const body = (adapter?: string) => streamBody(rng, 64, adapter ? { adapter } : {});
     const paired = await pairedLoads(
       server.url,
       7,
@@ -263,7 +267,7 @@ export async function benchServer(modelDir: string, config: ModelConfig, log: (s
     };
     for (let i = 0; i < 20; i++) {
       const id = await upload(server.url, loreftArtifact(500 + i, config, all, 8, 'f7+l7'), `fresh-${i}`);
-      const b = { input_ids: promptOf(), max_new_tokens: 1, adapter: id };
+      const b = { input_ids: randomPrompt(rng), max_new_tokens: 1, adapter: id };
       const first = await timedRequest(b);
       extra.push(first - (await timedRequest(b)));
     }

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Rng } from '../src/rng.ts';
 import type { ModelConfig } from '../src/model/config.ts';
 import { median, round } from './machine.ts';
-import { loreftArtifact, pairedLoads, startServer, upload } from './server.ts';
+import { loreftArtifact, pairedLoads, startServer, streamBody, upload } from './server.ts';
 
 /**
  * Issue 16's benchmark: 32 concurrent streams, each with its own composition of 2–3 stored
@@ -23,7 +23,6 @@ export async function benchSteer(modelDir: string, config: ModelConfig, log: (s:
   const server = await startServer(modelDir, dataDir);
   try {
     const rng = new Rng(16);
-    const promptOf = () => Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * 500));
     const last = config.numLayers - 1;
     // artifacts on different layers, as users' would be: 2 layers each, rank 4, f3+l3 or l5
     const artifacts: string[] = [];
@@ -43,13 +42,7 @@ export async function benchSteer(modelDir: string, config: ModelConfig, log: (s:
         ...(k === 2 && s % 4 === 1 ? { positions: 'l2' } : {}),
       }));
     });
-    const maxNew = MAX_NEW;
-    const body = (interventions?: unknown) => ({
-      input_ids: promptOf(),
-      max_new_tokens: maxNew,
-      ignore_eos: true,
-      ...(interventions ? { interventions } : {}),
-    });
+    const body = (interventions?: unknown) => streamBody(rng, MAX_NEW, interventions ? { interventions } : {});
     const paired = await pairedLoads(
       server.url,
       PAIRS,

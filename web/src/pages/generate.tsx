@@ -28,7 +28,19 @@ const IDLE: Pane = { text: '', state: 'idle', note: '' };
 let nextKey = 1;
 const newRow = (intervention = ''): Row => ({ key: nextKey++, intervention, strength: 1, layers: '', positions: '' });
 
-const SAMPLING_FIELDS = ['prompt', 'messages', 'max_new_tokens', 'temperature', 'top_p', 'top_k', 'seed'];
+/** The sampling settings, named as the request's fields. */
+type Sampling = { max_new_tokens: number; temperature: number; top_p: number; top_k: number; seed: number };
+
+/** One number input per sampling setting, in the form's order. */
+const SAMPLING_INPUTS: Array<{ field: keyof Sampling; id: string; label: string; min: number; max: number; step: number }> = [
+  { field: 'max_new_tokens', id: 'gen-max', label: 'Max new tokens', min: 1, max: 4096, step: 1 },
+  { field: 'temperature', id: 'gen-temp', label: 'Temperature (0 = greedy)', min: 0, max: 10, step: 0.1 },
+  { field: 'top_p', id: 'gen-top-p', label: 'Top p', min: 0.01, max: 1, step: 0.01 },
+  { field: 'top_k', id: 'gen-top-k', label: 'Top k (0 = off)', min: 0, max: 100000, step: 1 },
+  { field: 'seed', id: 'gen-seed', label: 'Seed (both sides)', min: 0, max: 2 ** 32 - 1, step: 1 },
+];
+
+const SAMPLING_FIELDS = ['prompt', 'messages', ...SAMPLING_INPUTS.map((i) => i.field)];
 
 class LocalError extends ApiError {
   constructor(field: string, detail: string) {
@@ -77,11 +89,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
   const [list, setList] = useState<Intervention[]>([]);
   const [prompt, setPrompt] = useState('Once upon a time');
   const [chat, setChat] = useState(false);
-  const [maxNew, setMaxNew] = useState(24);
-  const [temperature, setTemperature] = useState(0);
-  const [topP, setTopP] = useState(1);
-  const [topK, setTopK] = useState(0);
-  const [seed, setSeed] = useState(1);
+  const [sampling, setSampling] = useState<Sampling>({ max_new_tokens: 24, temperature: 0, top_p: 1, top_k: 0, seed: 1 });
   const [rows, setRows] = useState<Row[]>([newRow()]);
   const [base, setBase] = useState<Pane>(IDLE);
   const [steered, setSteered] = useState<Pane>(IDLE);
@@ -109,7 +117,6 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
   const update = (key: number, patch: Partial<Row>) => setRows((rs) => rs.map((r) => (r.key === key ? { ...r, ...patch } : r)));
 
   const input = () => (chat ? { messages: [{ role: 'user', content: prompt }] } : { prompt });
-  const sampling = () => ({ max_new_tokens: maxNew, temperature, top_p: topP, top_k: topK, seed });
 
   async function runPane(
     body: Record<string, unknown>,
@@ -156,7 +163,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
       return;
     }
     const names = rows.filter((r) => r.intervention).map((r) => r.intervention);
-    const common = { ...input(), ...sampling() };
+    const common = { ...input(), ...sampling };
     setShownPrompt(prompt);
     setRuns((n) => n + 1);
     setApplied(null);
@@ -226,66 +233,16 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
 
         <fieldset class="grid">
           <legend>Sampling</legend>
-          <NumberField
-            form="gen"
-            id="gen-max"
-            label="Max new tokens"
-            field="max_new_tokens"
-            value={maxNew}
-            set={setMaxNew}
-            min={1}
-            max={4096}
-            step={1}
-            errors={errs}
-          />
-          <NumberField
-            form="gen"
-            id="gen-temp"
-            label="Temperature (0 = greedy)"
-            field="temperature"
-            value={temperature}
-            set={setTemperature}
-            min={0}
-            max={10}
-            step={0.1}
-            errors={errs}
-          />
-          <NumberField
-            form="gen"
-            id="gen-top-p"
-            label="Top p"
-            field="top_p"
-            value={topP}
-            set={setTopP}
-            min={0.01}
-            max={1}
-            step={0.01}
-            errors={errs}
-          />
-          <NumberField
-            form="gen"
-            id="gen-top-k"
-            label="Top k (0 = off)"
-            field="top_k"
-            value={topK}
-            set={setTopK}
-            min={0}
-            max={100000}
-            step={1}
-            errors={errs}
-          />
-          <NumberField
-            form="gen"
-            id="gen-seed"
-            label="Seed (both sides)"
-            field="seed"
-            value={seed}
-            set={setSeed}
-            min={0}
-            max={2 ** 32 - 1}
-            step={1}
-            errors={errs}
-          />
+          {SAMPLING_INPUTS.map((f) => (
+            <NumberField
+              key={f.field}
+              form="gen"
+              {...f}
+              value={sampling[f.field]}
+              set={(v) => setSampling((s) => ({ ...s, [f.field]: v }))}
+              errors={errs}
+            />
+          ))}
         </fieldset>
 
         <fieldset>

@@ -1,6 +1,7 @@
+import type { Ref } from 'preact';
 import { useEffect, useRef, useState } from 'preact/hooks';
 import { call, download, listAll, type Intervention } from '../api.ts';
-import { FORM, FieldError, describedBy, useFieldErrors } from '../components/field-errors.tsx';
+import { FORM, FieldError, describedBy, useFieldErrors, type FieldErrors } from '../components/field-errors.tsx';
 
 /**
  * Interventions: the tenant's and the shared ones, with what each does (kind, rank, layers,
@@ -52,6 +53,33 @@ async function droppedFiles(dt: DataTransfer): Promise<File[]> {
   };
   for (const e of entries) await visit(e, 0);
   return out;
+}
+
+/** One file of the upload form (`up-<field>`), what was chosen, and the server's error for it. */
+function FileField(p: {
+  field: string;
+  label: string;
+  accept: string;
+  file: File | null;
+  set: (f: File | null) => void;
+  errors: FieldErrors;
+  inputRef?: Ref<HTMLInputElement>;
+}) {
+  return (
+    <>
+      <label for={`up-${p.field}`}>{p.label}</label>
+      <input
+        id={`up-${p.field}`}
+        ref={p.inputRef}
+        type="file"
+        accept={p.accept}
+        onChange={(e) => p.set(e.currentTarget.files?.[0] ?? null)}
+        {...describedBy('up', p.field, p.errors)}
+      />
+      <span class="muted">{p.file ? `chosen: ${p.file.name} (${size(p.file.size)})` : 'none chosen'}</span>
+      <FieldError form="up" field={p.field} errors={p.errors} />
+    </>
+  );
 }
 
 export function InterventionsPage({ active, revision, onChange }: { active: boolean; revision: number; onChange: () => void }) {
@@ -169,7 +197,6 @@ export function InterventionsPage({ active, revision, onChange }: { active: bool
   }
 
   const errs = fe.errors;
-  const fileLabel = (f: File | null) => (f ? `chosen: ${f.name} (${size(f.size)})` : 'none chosen');
 
   return (
     <>
@@ -303,30 +330,26 @@ export function InterventionsPage({ active, revision, onChange }: { active: bool
           </label>
         </fieldset>
 
-        <label for="up-config">{format === 'reft' ? 'reft_config.json' : "pyreft's config.json"}</label>
-        <input
-          id="up-config"
-          ref={configInput}
-          type="file"
+        <FileField
+          field="config"
+          label={format === 'reft' ? 'reft_config.json' : "pyreft's config.json"}
           accept=".json,application/json"
-          onChange={(e) => setConfig(e.currentTarget.files?.[0] ?? null)}
-          {...describedBy('up', 'config', errs)}
+          file={config}
+          set={setConfig}
+          errors={errs}
+          inputRef={configInput}
         />
-        <span class="muted">{fileLabel(config)}</span>
-        <FieldError form="up" field="config" errors={errs} />
 
         {format === 'reft' ? (
           <>
-            <label for="up-weights">reft_weights.safetensors</label>
-            <input
-              id="up-weights"
-              type="file"
+            <FileField
+              field="weights"
+              label="reft_weights.safetensors"
               accept=".safetensors"
-              onChange={(e) => setWeights(e.currentTarget.files?.[0] ?? null)}
-              {...describedBy('up', 'weights', errs)}
+              file={weights}
+              set={setWeights}
+              errors={errs}
             />
-            <span class="muted">{fileLabel(weights)}</span>
-            <FieldError form="up" field="weights" errors={errs} />
           </>
         ) : (
           <>
