@@ -1,5 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Engine, type PrefillInput } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { PrefillInput } from '../src/engine/step-plan.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { Rng } from '../src/rng.ts';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
@@ -42,7 +43,7 @@ function prompt(seed: number, n: number, vocab: number): number[] {
 }
 
 /** tokens/s of `steps` decode steps over a fresh batch. */
-async function decodeRate(engine: Engine, inputs: PrefillInput[], steps: number): Promise<number> {
+async function decodeRate(engine: StepRunner, inputs: PrefillInput[], steps: number): Promise<number> {
   const outs = await engine.prefill(inputs);
   let tokens = new Map(outs.map((o) => [o.id, argmax(o.logits)]));
   for (let i = 0; i < 3; i++) tokens = new Map([...(await engine.decode(tokens))].map(([k, v]) => [k, argmax(v)]));
@@ -68,7 +69,13 @@ const STEPS_PER_PROBE = 3;
  * Alternates one bandwidth probe run, one run of the single-GEMV probe and a few timed batch-1
  * decode steps, `samples` times.
  */
-async function decodeAgainstBandwidth(engine: Engine, probe: Probe, gemv: Probe, vocab: number, samples: number): Promise<PairedSamples> {
+async function decodeAgainstBandwidth(
+  engine: StepRunner,
+  probe: Probe,
+  gemv: Probe,
+  vocab: number,
+  samples: number,
+): Promise<PairedSamples> {
   const bandwidths: number[] = [];
   const gemvRates: number[] = [];
   const stepMs: number[] = [];
@@ -106,7 +113,7 @@ function quartersOf(p: PairedSamples, weightBytes: number): Array<{ decode: numb
 }
 
 /** Times of `steps` decode steps (ms each) after prefilling `input` alone. */
-async function decodeSteps(engine: Engine, input: PrefillInput, steps: number): Promise<number[]> {
+async function decodeSteps(engine: StepRunner, input: PrefillInput, steps: number): Promise<number[]> {
   const [out] = await engine.prefill([input]);
   let token = argmax(out.logits);
   const times: number[] = [];
@@ -119,7 +126,7 @@ async function decodeSteps(engine: Engine, input: PrefillInput, steps: number): 
   return times;
 }
 
-async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<number> {
+async function prefillSeconds(engine: StepRunner, input: PrefillInput): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([input]);
   const seconds = (performance.now() - t) / 1000;
@@ -127,7 +134,7 @@ async function prefillSeconds(engine: Engine, input: PrefillInput): Promise<numb
   return seconds;
 }
 
-export async function benchEngine(model: LoadedModel, engine: Engine, workDir: string, log: (s: string) => void) {
+export async function benchEngine(model: LoadedModel, engine: StepRunner, workDir: string, log: (s: string) => void) {
   const { config } = model;
   const d = config.hiddenSize;
   const weightBytes = weightBytesPerStep(model);

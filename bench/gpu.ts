@@ -1,8 +1,8 @@
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import type { Placement } from '../src/engine/device.ts';
-import type { PrefillInput, SequenceId } from '../src/engine/engine.ts';
-import { createEngine, type StepExecutor } from '../src/engine/executor.ts';
+import type { PrefillInput, SequenceId } from '../src/engine/step-plan.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { lowRank } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
@@ -51,7 +51,7 @@ function intervention(seed: number, model: LoadedModel) {
 }
 
 /** Tokens/s of greedy decoding of `inputs` together: prefill, 2 steps unmeasured, `steps` timed. */
-async function decodeRate(engine: StepExecutor, inputs: PrefillInput[], steps: number): Promise<number> {
+async function decodeRate(engine: StepRunner, inputs: PrefillInput[], steps: number): Promise<number> {
   const outs = await engine.prefill(inputs);
   let next = new Map(outs.map((o) => [o.id, argmax(o.logits)]));
   const step = async () => {
@@ -66,7 +66,7 @@ async function decodeRate(engine: StepExecutor, inputs: PrefillInput[], steps: n
   return (steps * inputs.length) / seconds;
 }
 
-async function prefillMs(engine: StepExecutor, tokens: number[]): Promise<number> {
+async function prefillMs(engine: StepRunner, tokens: number[]): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([{ tokens }]);
   const ms = performance.now() - t;
@@ -95,10 +95,10 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
   const threads = availableParallelism();
 
   const t = performance.now();
-  const gpu = await createEngine(config, checkpoint, { cacheDir: opts.cacheDir, device: 'webgpu', deviceKvBudget: 8 * 2 ** 30 });
+  const gpu = await StepRunner.create(config, checkpoint, { cacheDir: opts.cacheDir, device: 'webgpu', deviceKvBudget: 8 * 2 ** 30 });
   const gpuLoadMs = performance.now() - t;
   log(`gpu: ours on ${opts.placement.device} (${opts.placement.adapter}), engine created in ${round(gpuLoadMs)} ms`);
-  const cpu = opts.cpu ? await createEngine(config, checkpoint, { cacheDir: opts.cacheDir, device: 'cpu' }) : null;
+  const cpu = opts.cpu ? await StepRunner.create(config, checkpoint, { cacheDir: opts.cacheDir, device: 'cpu' }) : null;
 
   // llama.cpp's side may fail where ours runs (no Vulkan device for it): ours is still measured
   const side = await openLlamaCpp(model, threads, work, log).catch((e: Error) => {
@@ -124,7 +124,7 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
   await prefillMs(gpu, long);
   await decodeRate(gpu, steered32, 2);
   /** One engine's decode at each batch size and its 512-token prefill, into `samples`. */
-  const measure = async (engine: StepExecutor, samples: Samples) => {
+  const measure = async (engine: StepRunner, samples: Samples) => {
     for (const b of GPU_BATCHES)
       push(
         samples,

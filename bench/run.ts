@@ -1,7 +1,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/engine/device.ts';
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { loadModel } from '../src/model/load.ts';
 import { benchEngine } from './engine.ts';
 import { describeMachine } from './machine.ts';
@@ -44,7 +44,7 @@ const cacheDir = join(ROOT, 'bench', '.work', 'cache');
 const results: Record<string, unknown> = { machine, device: placement };
 
 if (sections.includes('engine') || sections.includes('training')) {
-  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
+  const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
   if (sections.includes('engine')) results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
   if (sections.includes('training')) {
     results.training = {

@@ -1,4 +1,4 @@
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import type { Device } from '../src/engine/session.ts';
 import { Rng } from '../src/rng.ts';
 import type { LoadedModel } from '../src/model/load.ts';
@@ -47,7 +47,7 @@ export async function benchRecipeA(stories: LoadedModel, log: (s: string) => voi
   };
 }
 
-export async function benchTrainingStep(model: LoadedModel, engine: Engine, log: (s: string) => void) {
+export async function benchTrainingStep(model: LoadedModel, engine: StepRunner, log: (s: string) => void) {
   const rng = new Rng(3);
   const examples: TrainingExample[] = Array.from({ length: 8 }, () => ({
     tokens: Array.from({ length: 128 }, () => 1 + Math.floor(rng.next() * (model.config.vocabSize - 1))),

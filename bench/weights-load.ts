@@ -1,4 +1,4 @@
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { loadModel } from '../src/model/load.ts';
 import type { WeightFormat } from '../src/quant/formats.ts';
 
@@ -6,7 +6,7 @@ import type { WeightFormat } from '../src/quant/formats.ts';
 const [dir, cacheDir, format] = process.argv.slice(2);
 const started = performance.now();
 const model = await loadModel(dir);
-const engine = await Engine.create(model.config, model.checkpoint, { cacheDir, weights: format as WeightFormat });
+const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir, weights: format as WeightFormat });
 const loadMs = performance.now() - started;
 const [out] = await engine.prefill([{ tokens: [1, 2, 3] }]); // one step: the session's buffers allocated
 engine.release(out.id);

@@ -2,7 +2,7 @@ import { spawnSync } from 'node:child_process';
 import { rm } from 'node:fs/promises';
 import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import type { WeightFormat } from '../src/quant/formats.ts';
@@ -27,7 +27,7 @@ function prompt(seed: number, n: number, vocab: number): number[] {
 
 const prompts = (batch: number, vocab: number) => Array.from({ length: batch }, (_, i) => prompt(i, 16, vocab));
 
-async function decodeRate(engine: Engine, batch: number, steps: number, vocab: number): Promise<number> {
+async function decodeRate(engine: StepRunner, batch: number, steps: number, vocab: number): Promise<number> {
   const outs = await engine.prefill(prompts(batch, vocab).map((tokens) => ({ tokens })));
   let tokens = new Map(outs.map((o) => [o.id, argmax(o.logits)]));
   for (let i = 0; i < 2; i++) tokens = new Map([...(await engine.decode(tokens))].map(([k, v]) => [k, argmax(v)]));
@@ -38,7 +38,7 @@ async function decodeRate(engine: Engine, batch: number, steps: number, vocab: n
   return (steps * batch) / seconds;
 }
 
-async function prefillMs(engine: Engine, n: number, vocab: number): Promise<number> {
+async function prefillMs(engine: StepRunner, n: number, vocab: number): Promise<number> {
   const t = performance.now();
   const [out] = await engine.prefill([{ tokens: prompt(99, n, vocab) }]);
   const ms = performance.now() - t;
@@ -83,9 +83,9 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
       `weights ${format}: load ${round(first.loadMs)} ms (empty quantization cache), ${round(cached.loadMs)} ms (cached: ${cached.cache ?? 'n/a'}), RSS once loaded ${round(cached.rssBytes / 2 ** 20)} MiB`,
     );
   }
-  const engines = new Map<WeightFormat, Engine>();
+  const engines = new Map<WeightFormat, StepRunner>();
   for (const format of FORMATS)
-    engines.set(format, await Engine.create(model.config, model.checkpoint, { cacheDir: formatCache(format), weights: format }));
+    engines.set(format, await StepRunner.create(model.config, model.checkpoint, { cacheDir: formatCache(format), weights: format }));
 
   const runners = new Map<WeightFormat, LlamaCppRunner>();
   for (const format of FORMATS)

@@ -2,7 +2,8 @@ import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { Engine, type PrefillInput } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { PrefillInput } from '../src/engine/step-plan.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import { positionsFor } from '../src/interventions/positions.ts';
@@ -323,7 +324,7 @@ const asRefEdit = (iv: LowRankIntervention, promptLength: number): RefEdit => ({
   positions: positionsFor(iv.positions, promptLength),
 });
 
-const engines: Engine[] = [];
+const engines: StepRunner[] = [];
 const graphs: StepSession[] = [];
 afterAll(async () => {
   for (const e of engines) await e.close();
@@ -353,7 +354,7 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
 
     for (const { attention, chunk } of runs) {
       it(`${attention} attention${chunk ? `, prefill in chunks of ${chunk}` : ''}: prefill logits, an intervention, KV-cached decoding equal to recomputation`, async () => {
-        const engine = await Engine.create(model.config, model.checkpoint, {
+        const engine = await StepRunner.create(model.config, model.checkpoint, {
           cacheDir: testCacheDir,
           attention,
           prefillChunkTokens: chunk,
@@ -398,7 +399,7 @@ for (const arch of ['qwen3', 'gemma2'] as const) {
       const V = ref.dims.vocab;
       for (const weights of ['q8', 'q4'] as const) {
         for (const { attention } of runs.filter((r) => !r.chunk)) {
-          const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention, weights });
+          const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, attention, weights });
           engines.push(engine);
           const iv = randomEdit(new Rng(5), 1, 2, ref.dims.d, 'f2+l2');
           const [out] = await engine.prefill([{ tokens: PROMPTS[0], interventions: [iv], allLogits: true }]);

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { randomCheckpoint, type WeightDType } from '../bench/random-checkpoint.ts';
-import { Engine, type PrefillInput } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { PrefillInput } from '../src/engine/step-plan.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { artifact, randomLoreft } from './support/artifacts.ts';
@@ -43,7 +44,7 @@ const MODELS: Record<string, Record<string, unknown>> = {
   },
 };
 
-const engines: Engine[] = [];
+const engines: StepRunner[] = [];
 afterAll(async () => {
   for (const e of engines) await e.close();
 });
@@ -53,8 +54,8 @@ async function model(name: string, dtype: WeightDType = 'F32', roundTo?: 'F16' |
   return loadModel(dir);
 }
 
-async function engine(m: LoadedModel, attention: 'packed' | 'separate', prefillChunkTokens?: number): Promise<Engine> {
-  const e = await Engine.create(m.config, m.checkpoint, { cacheDir: testCacheDir, attention, prefillChunkTokens });
+async function engine(m: LoadedModel, attention: 'packed' | 'separate', prefillChunkTokens?: number): Promise<StepRunner> {
+  const e = await StepRunner.create(m.config, m.checkpoint, { cacheDir: testCacheDir, attention, prefillChunkTokens });
   engines.push(e);
   return e;
 }
@@ -74,7 +75,10 @@ function batch(m: LoadedModel): PrefillInput[] {
 }
 
 /** Prefill logits at every position, then 12 greedy steps decoded together; all logits collected. */
-async function run(e: Engine, inputs: PrefillInput[]): Promise<{ prefill: Float32Array[]; decode: Float32Array[][]; tokens: number[][] }> {
+async function run(
+  e: StepRunner,
+  inputs: PrefillInput[],
+): Promise<{ prefill: Float32Array[]; decode: Float32Array[][]; tokens: number[][] }> {
   const outs = await e.prefill(inputs.map((x) => ({ ...x, allLogits: true })));
   const vocab = e.config.vocabSize;
   const tokens = outs.map((o) => [argmax(o.logits.subarray(o.logits.length - vocab))]);

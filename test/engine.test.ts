@@ -1,11 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { inferenceCases } from './support/fixtures.ts';
 import { greedyBatch as greedyRows, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 
-let engine: Engine;
+let engine: StepRunner;
 let model: LoadedModel;
 const cases = inferenceCases();
 const VOCAB = 512;
@@ -116,11 +116,11 @@ describe('decoder engine on stories260k against the PyTorch reference', () => {
 });
 
 describe('prompts longer than the prefill chunk run chunk by chunk', () => {
-  let chunked: Engine;
+  let chunked: StepRunner;
   beforeAll(async () => {
     // chunks of 3 tokens: every fixture prompt spans several, and intervened positions fall on
     // both sides of chunk boundaries
-    chunked = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 3 });
+    chunked = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 3 });
   });
   afterAll(() => chunked?.close());
 

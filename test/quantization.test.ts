@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { ReftError } from '../src/errors.ts';
 import { GraphBuilder, MS_DOMAIN } from '../src/graph/onnx.ts';
@@ -28,7 +28,7 @@ import { Trainer } from '../src/training/trainer.ts';
  * accuracy on text the float model samples itself, the fixture cases' greedy continuations, the
  * quantization cache, and bad input.
  */
-let f32: Engine;
+let f32: StepRunner;
 let model: LoadedModel;
 const VOCAB = 512;
 
@@ -62,8 +62,8 @@ const GGML_Q4_0: QuantScheme = {
   },
 };
 
-async function quantizedEngine(weights: WeightsChoice, cacheDir = testCacheDir): Promise<Engine> {
-  return Engine.create(model.config, model.checkpoint, { cacheDir, weights });
+async function quantizedEngine(weights: WeightsChoice, cacheDir = testCacheDir): Promise<StepRunner> {
+  return StepRunner.create(model.config, model.checkpoint, { cacheDir, weights });
 }
 
 describe('accuracy against the float model, teacher-forced on text it generates itself', () => {
@@ -128,7 +128,7 @@ describe('accuracy against the float model, teacher-forced on text it generates 
 });
 
 describe('q8 keeps what the fixtures expect', () => {
-  let q8: Engine;
+  let q8: StepRunner;
   const cases = inferenceCases();
   beforeAll(async () => {
     q8 = await quantizedEngine('q8');
@@ -186,7 +186,7 @@ describe('the quantization cache', () => {
     expect(files).toHaveLength(1);
     return join(dir, 'quantized', files[0]);
   };
-  const logitsOf = async (engine: Engine) => {
+  const logitsOf = async (engine: StepRunner) => {
     const [o] = await engine.prefill([{ tokens: inferenceCases()[0].prompt, allLogits: true }]);
     engine.release(o.id);
     return o.logits;
@@ -194,13 +194,13 @@ describe('the quantization cache', () => {
 
   it('is built on the first start, read on the second, and rebuilt when truncated or corrupted', async () => {
     const log: string[] = [];
-    const first = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
+    const first = await StepRunner.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
     expect(first.weights).toMatchObject({ format: 'q4', cache: 'built' });
     expect(log[0]).toMatch(/quantized weights \(q4-asym-search\) built into/);
     const expected = await logitsOf(first);
     await first.close();
 
-    const second = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
+    const second = await StepRunner.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
     expect(second.weights.cache).toBe('hit');
     expect(log[1]).toMatch(/loaded from cache/);
     expect(maxAbsDiff(await logitsOf(second), expected)).toBe(0);
@@ -209,7 +209,7 @@ describe('the quantization cache', () => {
     const path = cacheFile();
     const size = statSync(path).size;
     truncateSync(path, size - 1000);
-    const third = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
+    const third = await StepRunner.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
     expect(third.weights.cache).toBe('rebuilt');
     expect(log[2]).toMatch(/unusable \(bad header: .*runs past the end/);
     expect(statSync(path).size).toBe(size);
@@ -219,7 +219,7 @@ describe('the quantization cache', () => {
     const bytes = readFileSync(path);
     bytes[size - 5000] ^= 0x5a; // one byte inside the blocks: the header still parses
     writeFileSync(path, bytes);
-    const fourth = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
+    const fourth = await StepRunner.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q4', log: (m) => log.push(m) });
     expect(fourth.weights.cache).toBe('rebuilt');
     expect(log[3]).toMatch(/unusable \(data hash mismatch\)/);
     expect(maxAbsDiff(await logitsOf(fourth), expected)).toBe(0);
@@ -245,7 +245,7 @@ describe('the quantization cache', () => {
   }, 120_000); // two worker threads start on a shared machine
 
   it('keys q8 and q4 apart, and f32 never touches it', async () => {
-    const q8 = await Engine.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q8' });
+    const q8 = await StepRunner.create(model.config, model.checkpoint, { cacheDir: dir, weights: 'q8' });
     expect(q8.weights.cache).toBe('built');
     await q8.close();
     expect(readdirSync(join(dir, 'quantized')).filter((f) => f.endsWith('.safetensors'))).toHaveLength(2);

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Engine } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import type { GenerationRequest, GenerationResult } from '../src/engine/generation.ts';
 import { GREEDY } from '../src/engine/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
@@ -13,13 +13,13 @@ import { STORIES, inferenceCases } from './support/fixtures.ts';
  * sequences keep decoding, and everyone must still get what they get alone.
  */
 let model: LoadedModel;
-let engine: Engine;
+let engine: StepRunner;
 let scheduler: Scheduler;
 const cases = inferenceCases();
 
 beforeAll(async () => {
   model = await loadModel(STORIES);
-  engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 8 });
+  engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 8 });
   scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), DEFAULT_LIMITS);
 });
 afterAll(() => engine?.close());

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Engine, type PrefillInput } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { PrefillInput } from '../src/engine/step-plan.ts';
 import type { AppliedEdit, GenerationRequest, GenerationResult, TokenEvent } from '../src/engine/generation.ts';
 import { GREEDY } from '../src/engine/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
@@ -25,7 +26,7 @@ import {
  * coefficients readout, against the reference cases on stories260k, on the host-cache engine.
  */
 let model: LoadedModel;
-let engine: Engine;
+let engine: StepRunner;
 let artifacts: Map<string, LowRankIntervention[]>;
 const STEPS = 20;
 const TOLERANCE = 1e-4;
@@ -130,7 +131,7 @@ describe('steering at request time on the host-cache engine', () => {
   });
 
   it('a prompt prefilled in chunks reports every coefficient, gathered across its chunks', async () => {
-    const chunked = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 4 });
+    const chunked = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefillChunkTokens: 4 });
     try {
       const runs = await steeredRuns(chunked, steerCases.map(row), STEPS);
       steerCases.forEach((c, i) => expectCase(c, runs[i]));

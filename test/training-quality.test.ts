@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Engine } from '../src/engine/engine.ts';
+import type { StepRunner } from '../src/engine/step-runner.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import type { RecipeInput } from '../src/training/recipe.ts';
@@ -13,7 +13,7 @@ import { HELD_OUT_OPENINGS, NEW_SENTENCE, TRAIN_OPENINGS } from './support/train
  * only), so it checks the trainer, the artifact and the engine agreeing with each other.
  * A PyTorch reference reached 95–100% held-out over 6 seeds on (a).
  */
-let engine: Engine;
+let engine: StepRunner;
 let model: LoadedModel;
 
 beforeAll(async () => {

@@ -1,12 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DeviceEngine } from '../src/engine/device-engine.ts';
-import type { SequenceId } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { SequenceId } from '../src/engine/step-plan.ts';
 import { argmax, logSumExp } from '../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { STORIES, inferenceCases } from './support/fixtures.ts';
-import type { Engine } from '../src/engine/engine.ts';
-import { joinGraph, selectGraph } from '../src/engine/device-kv-cache.ts';
+import { joinGraph, selectGraph } from '../src/engine/device-kv-store.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
 import { cpuComputeNodes, nodePlacement } from './support/placement.ts';
 
@@ -17,13 +16,13 @@ import { cpuComputeNodes, nodePlacement } from './support/placement.ts';
  * engine (host cache) is the reference.
  */
 let model: LoadedModel;
-let device: DeviceEngine;
-let cpu: Engine;
+let device: StepRunner;
+let cpu: StepRunner;
 const cases = inferenceCases();
 
 beforeAll(async () => {
   model = await loadModel(STORIES);
-  device = await DeviceEngine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu', prefillChunkTokens: 8 });
+  device = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu', prefillChunkTokens: 8 });
   cpu = (await storiesEngine()).engine;
 }, 600_000);
 afterAll(async () => {

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Engine, type PrefillInput } from '../src/engine/engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
+import type { PrefillInput } from '../src/engine/step-plan.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { ReftError } from '../src/errors.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
@@ -16,13 +17,13 @@ import { cpuComputeNodes, nodePlacement } from './support/placement.ts';
 const cases = inferenceCases();
 const TOLERANCE = 1e-3;
 let model: LoadedModel;
-let gpu: Engine;
-let cpu: Engine;
+let gpu: StepRunner;
+let cpu: StepRunner;
 
 beforeAll(async () => {
   model = await loadModel(STORIES);
-  cpu = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir });
-  gpu = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu' });
+  cpu = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir });
+  gpu = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu', kvCache: 'host' });
 }, 300_000);
 afterAll(async () => {
   await gpu?.close();
@@ -109,7 +110,7 @@ describe('decoding on WebGPU equals the CPU and the PyTorch reference', () => {
 });
 
 describe('bad inputs get the same typed error on WebGPU as on the CPU', () => {
-  const refusal = async (engine: Engine, run: (e: Engine) => Promise<unknown>) => {
+  const refusal = async (engine: StepRunner, run: (e: StepRunner) => Promise<unknown>) => {
     const err = await run(engine).then(
       () => null,
       (e: unknown) => e,
@@ -118,7 +119,7 @@ describe('bad inputs get the same typed error on WebGPU as on the CPU', () => {
     const { code, field, message } = err as ReftError;
     return { code, field, message };
   };
-  const same = async (run: (e: Engine) => Promise<unknown>) => {
+  const same = async (run: (e: StepRunner) => Promise<unknown>) => {
     const onCpu = await refusal(cpu, run);
     expect(await refusal(gpu, run)).toEqual(onCpu);
     return onCpu;
@@ -141,7 +142,7 @@ describe('bad inputs get the same typed error on WebGPU as on the CPU', () => {
   });
 
   it('decoding past the context', async () => {
-    const decodePast = async (e: Engine) => {
+    const decodePast = async (e: StepRunner) => {
       const [out] = await e.prefill([{ tokens: new Array(model.config.maxPositions).fill(1) }]);
       try {
         await e.decode(new Map([[out.id, argmax(out.logits)]]));

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DeviceEngine } from '../src/engine/device-engine.ts';
+import { StepRunner } from '../src/engine/step-runner.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { STORIES } from './support/fixtures.ts';
@@ -12,14 +12,14 @@ import { appliedError, requestInterventions, steerArtifacts, steerCases, steered
  * 12 tokens) to be prefilled in chunks. The coefficients come back only for rows that ask.
  */
 let model: LoadedModel;
-let device: DeviceEngine;
+let device: StepRunner;
 let artifacts: Map<string, LowRankIntervention[]>;
 const chosen = ['case7', 'case9', 'case8'].map((name) => steerCases.find((c) => c.name === name)!);
 
 beforeAll(async () => {
   model = await loadModel(STORIES);
   artifacts = await steerArtifacts(model.config);
-  device = await DeviceEngine.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu', prefillChunkTokens: 12 });
+  device = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, device: 'webgpu', prefillChunkTokens: 12 });
 }, 600_000);
 afterAll(async () => {
   await device?.close();

@@ -4,7 +4,7 @@ import * as ort from 'onnxruntime-node';
 import onnxProto from 'onnx-proto';
 import type { onnx as OnnxTypes } from 'onnx-proto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Engine } from '../src/engine/engine.ts';
+import type { StepRunner } from '../src/engine/step-runner.ts';
 import { buildTrainingGraph } from '../src/graph/training-graph.ts';
 import type { InterventionSpec } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
@@ -32,7 +32,7 @@ const D = 64;
 const LAYERS = [0, 1, 2, 3, 4];
 
 let model: LoadedModel;
-let engine: Engine;
+let engine: StepRunner;
 let cpu: StepSession;
 let gpu: StepSession;
 

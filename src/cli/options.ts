@@ -12,6 +12,30 @@ export const intArg =
     return n;
   };
 
+const BYTE_UNITS: Record<string, number> = {
+  '': 1,
+  b: 1,
+  kb: 1e3,
+  mb: 1e6,
+  gb: 1e9,
+  tb: 1e12,
+  kib: 2 ** 10,
+  mib: 2 ** 20,
+  gib: 2 ** 30,
+  tib: 2 ** 40,
+};
+
+/** A byte count: a plain integer, or a number with a unit (KB/MB/GB decimal, KiB/MiB/GiB binary). */
+export const bytesArg =
+  (name: string, min = 1) =>
+  (v: string) => {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$/i.exec(v);
+    const n = m ? Math.floor(Number(m[1]) * BYTE_UNITS[(m[2] ?? '').toLowerCase()]) : NaN;
+    if (!Number.isSafeInteger(n) || n < min)
+      throw new InvalidArgumentError(`${name} must be a byte count ≥ ${min} (e.g. 1073741824, 1GiB, 512MiB)`);
+    return n;
+  };
+
 export const numberArg = (name: string) => (v: string) => {
   const n = Number(v);
   if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number`);

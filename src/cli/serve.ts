@@ -5,13 +5,13 @@ import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { WorkerSupervisor } from '../jobs/supervisor.ts';
 import { startServer } from '../server/serve.ts';
 import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
-import { DEFAULT_DEVICE_KV_BUDGET } from '../engine/protocol.ts';
+import { DEFAULT_KV_BUDGET } from '../engine/step-runner.ts';
 import { resolveWeightFormat } from '../quant/formats.ts';
 import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
+import { bytesArg, envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
 
 const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
 
@@ -43,6 +43,7 @@ interface ServeFlags extends WorkerFlags {
   usageFlushMs: number;
   threads?: number;
   logLevel: string;
+  kvBudget?: number;
   deviceKvBudget: number;
 }
 
@@ -208,11 +209,19 @@ export function serveCommand(): Command {
     .addOption(opt('--threads <n>', 'ORT intra-op threads (default: every core)', 'REFT_THREADS', int('--threads', 1)))
     .addOption(
       opt(
+        '--kv-budget <bytes>',
+        "bytes the KV cache may hold in host memory at a step's peak (e.g. 4GiB; default: half the machine's memory beyond the weights); requests beyond it wait in the queue",
+        'REFT_KV_BUDGET',
+        bytesArg('--kv-budget'),
+      ),
+    )
+    .addOption(
+      opt(
         '--device-kv-budget <bytes>',
-        'bytes the KV cache may hold on a GPU (--device webgpu); requests beyond it wait in the queue',
+        "bytes the KV cache may hold on a GPU (--device webgpu) at a step's peak; requests beyond it wait in the queue",
         'REFT_DEVICE_KV_BUDGET',
-        int('--device-kv-budget', 1),
-        DEFAULT_DEVICE_KV_BUDGET,
+        bytesArg('--device-kv-budget'),
+        DEFAULT_KV_BUDGET,
       ),
     )
     .addOption(opt('--log-level <level>', 'pino log level', 'REFT_LOG_LEVEL', undefined, 'info'))
@@ -283,6 +292,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     logLevel: f.logLevel,
     threads: f.threads,
     device: f.device,
+    kvBudget: f.kvBudget,
     deviceKvBudget: f.deviceKvBudget,
     weights,
   });

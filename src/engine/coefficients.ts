@@ -1,6 +1,6 @@
 import { positionsFor } from '../interventions/positions.ts';
 import type { RequestIntervention } from '../interventions/steer.ts';
-import type { PrefillInput, PrefillOutput } from './engine.ts';
+import type { PrefillInput, PrefillOutput } from './step-plan.ts';
 import type { AppliedEdit } from './generation.ts';
 import type { LayerInterventionFeed } from './intervention-feeds.ts';
 

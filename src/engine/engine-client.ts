@@ -3,7 +3,8 @@ import { Worker } from 'node:worker_threads';
 import { ReftError, engineCrashed, engineStopping } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { WeightsReport } from '../quant/load.ts';
-import type { EngineStats, FromWorker, ToWorker, WorkerInit } from './protocol.ts';
+import type { KvBudget } from './step-plan.ts';
+import type { EngineStats, FromWorker, ToWorker, WorkerInit } from './worker-messages.ts';
 
 /**
  * The main thread's handle on the engine worker: `generate` posts a request and resolves with
@@ -37,6 +38,8 @@ export class EngineClient {
     private readonly worker: Worker,
     /** What the engine's weights are held as, and their bytes. */
     readonly weights: WeightsReport,
+    /** The KV cache's budget, and whether it is on the device. */
+    readonly kvBudget: KvBudget,
     /** What the engine said while loading (the quantization cache's outcome). */
     readonly startupLog: readonly string[],
   ) {
@@ -78,7 +81,7 @@ export class EngineClient {
       const onMessage = (m: FromWorker) => {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
-          resolve(new EngineClient(worker, m.weights, m.log));
+          resolve(new EngineClient(worker, m.weights, m.kvBudget, m.log));
         } else if (m.type === 'fatal') {
           void worker.terminate();
           reject(ReftError.fromJSON(m.error));

@@ -1,13 +1,13 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { ReftError } from '../errors.ts';
 import { loadModel } from '../model/load.ts';
-import { createEngine } from './executor.ts';
-import type { FromWorker, ToWorker, WorkerInit } from './protocol.ts';
+import type { FromWorker, ToWorker, WorkerInit } from './worker-messages.ts';
 import { Scheduler } from './scheduler.ts';
+import { StepRunner } from './step-runner.ts';
 
 /**
  * The engine's thread: ORT's session.run blocks the thread it runs on, so the model, the
- * engine and the scheduler live here and the main thread only exchanges messages.
+ * runner and the scheduler live here and the main thread only exchanges messages.
  */
 const port = parentPort!;
 const send = (m: FromWorker) => port.postMessage(m);
@@ -16,15 +16,16 @@ const serialize = (e: unknown) => ReftError.from(e).toJSON();
 async function main(init: WorkerInit): Promise<void> {
   const model = await loadModel(init.modelDir);
   const log: string[] = [];
-  const engine = await createEngine(model.config, model.checkpoint, {
+  const runner = await StepRunner.create(model.config, model.checkpoint, {
     cacheDir: init.cacheDir,
     threads: init.threads,
     device: init.device,
+    kvBudget: init.kvBudget,
     deviceKvBudget: init.deviceKvBudget,
     weights: init.weights,
     log: (message) => log.push(message),
   });
-  const scheduler = new Scheduler(engine, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
+  const scheduler = new Scheduler(runner, model.tokenizer, new Set(model.tokenizer.eosTokenIds), init.limits);
   port.on('message', (msg: ToWorker) => {
     switch (msg.type) {
       case 'generate':
@@ -45,18 +46,18 @@ async function main(init: WorkerInit): Promise<void> {
         send({
           type: 'stats',
           id: msg.id,
-          stats: { ...scheduler.stats(), kvBytes: engine.kvBytes, weightsFormat: engine.weights.format, weightBytes: engine.weights.bytes },
+          stats: { ...scheduler.stats(), kvBytes: runner.kvBytes, weightsFormat: runner.weights.format, weightBytes: runner.weights.bytes },
         });
         break;
       case 'shutdown':
         void scheduler
           .idle()
-          .then(() => engine.close())
+          .then(() => runner.close())
           .then(() => process.exit(0));
         break;
     }
   });
-  send({ type: 'ready', weights: engine.weights, log });
+  send({ type: 'ready', weights: runner.weights, kvBudget: runner.kvBudget, log });
 }
 
 main(workerData as WorkerInit).catch((e) => send({ type: 'fatal', error: serialize(e) }));

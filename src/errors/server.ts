@@ -50,6 +50,12 @@ export const deviceKvBudgetExceeded = defineError(
   'invalid_request',
   (p: { budget: number }) => `prompt plus max_new_tokens (${p.budget}) alone would exceed the device's KV cache budget`,
 );
+export const kvBudgetExceeded = defineError(
+  'kv_budget_exceeded',
+  'invalid_request',
+  (p: { budget: number; bytes: number; limit: number }) =>
+    `prompt plus max_new_tokens (${p.budget} tokens, ${mib(p.bytes)} MiB of KV cache at a step's peak) alone would exceed the KV cache budget (--kv-budget, ${mib(p.limit)} MiB)`,
+);
 export const weightsFormatUnknown = defineError(
   'weights_format_unknown',
   'invalid_request',
@@ -61,3 +67,7 @@ export const weightsFormatUnsupported = defineError(
   (p: { format: string; device: string }) =>
     `--weights ${p.format} is not supported on the ${p.device} device: the graphs compute in float32 (on the CPU, ORT would convert half weights back to float32 at load); use f32, q8 or q4`,
 );
+
+function mib(bytes: number): string {
+  return (bytes / 2 ** 20).toFixed(1);
+}

@@ -3,7 +3,7 @@ import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
-import type { EngineStats } from '../engine/protocol.ts';
+import type { EngineStats } from '../engine/worker-messages.ts';
 import type { Store, Tenant } from '../storage/store.ts';
 import { registerAuth } from './auth.ts';
 import { ServerMetrics } from './metrics.ts';

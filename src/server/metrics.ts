@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { EngineStats } from '../engine/protocol.ts';
+import type { EngineStats } from '../engine/worker-messages.ts';
 
 /** Prometheus metrics of one server process. */
 export class ServerMetrics {

@@ -53,7 +53,8 @@ export interface ServeSettings {
   threads?: number;
   /** Where the engine runs (default auto: CUDA, else a hardware GPU through WebGPU, else the CPU). */
   device?: DeviceChoice;
-  /** Bytes the KV cache may hold on the device (WebGPU). */
+  /** Bytes the KV cache may hold at a step's peak in host memory (default: from the machine's memory) and on the device (WebGPU). */
+  kvBudget?: number;
   deviceKvBudget?: number;
   /** The base model's weights: f32, or q8/q4 quantized at load (cached under cacheDir). */
   weights?: WeightFormat;
@@ -118,6 +119,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       limits: s.engineLimits,
       threads: s.threads,
       device: placement.device,
+      kvBudget: s.kvBudget,
       deviceKvBudget: s.deviceKvBudget,
       weights: s.weights,
     });
@@ -157,6 +159,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
         weights: engine.weights.format,
         weightBytes: engine.weights.bytes,
         quantizationCache: engine.weights.cache,
+        kvCache: engine.kvBudget.onDevice ? 'device' : 'host',
+        kvBudgetBytes: engine.kvBudget.bytes,
         ...describeHugePages(),
       },
       'model ready',

@@ -1,8 +1,8 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Engine, type PrefillInput } from '../../src/engine/engine.ts';
-import type { StepExecutor } from '../../src/engine/executor.ts';
+import { StepRunner } from '../../src/engine/step-runner.ts';
+import type { PrefillInput } from '../../src/engine/step-plan.ts';
 import { argmax } from '../../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../../src/model/load.ts';
 import { STORIES } from './fixtures.ts';
@@ -10,9 +10,9 @@ import { STORIES } from './fixtures.ts';
 /** A fresh graph cache per test process: the model folder is read-only. */
 export const testCacheDir = mkdtempSync(join(tmpdir(), 'reft-test-cache-'));
 
-export async function storiesEngine(): Promise<{ model: LoadedModel; engine: Engine }> {
+export async function storiesEngine(): Promise<{ model: LoadedModel; engine: StepRunner }> {
   const model = await loadModel(STORIES);
-  const engine = await Engine.create(model.config, model.checkpoint, { cacheDir: testCacheDir });
+  const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir });
   return { model, engine };
 }
 
@@ -24,7 +24,7 @@ export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 }
 
 /** Greedy continuations of every row, decoded together with the KV cache. */
-export async function greedyBatch(engine: StepExecutor, rows: readonly PrefillInput[], steps: number): Promise<number[][]> {
+export async function greedyBatch(engine: StepRunner, rows: readonly PrefillInput[], steps: number): Promise<number[][]> {
   const outs = await engine.prefill(rows);
   const gens = outs.map((o) => [argmax(o.logits)]);
   for (let s = 1; s < steps; s++) {

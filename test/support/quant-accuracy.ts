@@ -1,4 +1,4 @@
-import type { Engine } from '../../src/engine/engine.ts';
+import type { StepRunner } from '../../src/engine/step-runner.ts';
 import { Sampler } from '../../src/engine/sampler.ts';
 
 /**
@@ -8,7 +8,12 @@ import { Sampler } from '../../src/engine/sampler.ts';
  */
 
 /** Samples (temperature 1, seeded) `tokens` new tokens after each prompt on the float engine. */
-export async function selfGeneratedText(engine: Engine, prompts: readonly number[][], tokens: number, seed: number): Promise<number[][]> {
+export async function selfGeneratedText(
+  engine: StepRunner,
+  prompts: readonly number[][],
+  tokens: number,
+  seed: number,
+): Promise<number[][]> {
   const out: number[][] = [];
   for (const [i, prompt] of prompts.entries()) {
     const sampler = new Sampler({ temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1, seed: seed + i }, prompt);
@@ -25,7 +30,7 @@ export async function selfGeneratedText(engine: Engine, prompts: readonly number
 }
 
 /** The logits of every position of each sequence, [n, vocab] per sequence. */
-export async function teacherForced(engine: Engine, seqs: readonly number[][]): Promise<Float32Array[]> {
+export async function teacherForced(engine: StepRunner, seqs: readonly number[][]): Promise<Float32Array[]> {
   const out: Float32Array[] = [];
   for (const tokens of seqs) {
     const [o] = await engine.prefill([{ tokens, allLogits: true }]);

@@ -3,8 +3,8 @@ import { join } from 'node:path';
 import type { LowRankIntervention } from '../../src/interventions/artifact.ts';
 import { readArtifactDir } from '../../src/interventions/directory.ts';
 import { steer, type RequestIntervention } from '../../src/interventions/steer.ts';
-import type { PrefillInput } from '../../src/engine/engine.ts';
-import type { StepExecutor } from '../../src/engine/executor.ts';
+import type { PrefillInput } from '../../src/engine/step-plan.ts';
+import type { StepRunner } from '../../src/engine/step-runner.ts';
 import type { AppliedEdit } from '../../src/engine/generation.ts';
 import { argmax } from '../../src/engine/sampler.ts';
 import type { ModelConfig } from '../../src/model/config.ts';
@@ -88,7 +88,7 @@ export interface SteeredRun {
 }
 
 /** Prefills `rows` together, then decodes them greedily together for `steps` tokens in all. */
-export async function steeredRuns(engine: StepExecutor, rows: readonly PrefillInput[], steps: number): Promise<SteeredRun[]> {
+export async function steeredRuns(engine: StepRunner, rows: readonly PrefillInput[], steps: number): Promise<SteeredRun[]> {
   const outs = await engine.prefill(rows);
   const runs = outs.map((o) => ({ greedy: [argmax(o.logits)], logits: o.logits, applied: o.applied }));
   for (let s = 1; s < steps; s++) {

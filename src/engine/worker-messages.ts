@@ -1,12 +1,10 @@
 import type { SerializedError } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { SchedulerLimits, SchedulerStats } from './scheduler.ts';
+import type { KvBudget } from './step-plan.ts';
 import type { Device } from './session.ts';
 import type { WeightFormat } from '../quant/formats.ts';
 import type { WeightsReport } from '../quant/load.ts';
-
-/** Bytes the device KV cache may hold unless told otherwise (--device-kv-budget). */
-export const DEFAULT_DEVICE_KV_BUDGET = 1 << 30;
 
 /** Messages between the main thread (EngineClient) and the engine's worker thread. */
 export interface WorkerInit {
@@ -15,7 +13,8 @@ export interface WorkerInit {
   limits: SchedulerLimits;
   threads?: number;
   device?: Device;
-  /** Bytes the KV cache may hold on the device (WebGPU). */
+  /** Bytes the KV cache may hold at a step's peak, in host memory (--kv-budget) and on the device (--device-kv-budget). */
+  kvBudget?: number;
   deviceKvBudget?: number;
   /** The weights' format (default f32); q8/q4 are quantized at load, cached under cacheDir. */
   weights?: WeightFormat;
@@ -28,7 +27,7 @@ export type ToWorker =
   | { type: 'shutdown' };
 
 export type FromWorker =
-  | { type: 'ready'; weights: WeightsReport; log: string[] }
+  | { type: 'ready'; weights: WeightsReport; kvBudget: KvBudget; log: string[] }
   | { type: 'fatal'; error: SerializedError }
   | { type: 'token'; key: string; event: TokenEvent }
   | { type: 'done'; key: string; result: GenerationResult }

@@ -1,0 +1,216 @@
+import * as ort from 'onnxruntime-node';
+import { decoderInputs as IN, decoderOutputs as OUT } from '../graph/decoder.ts';
+import { GraphBuilder } from '../graph/onnx.ts';
+import type { ModelConfig } from '../model/config.ts';
+import { kvBytesPerToken, type KvPlacement, type KvShape, type KvStore, type StepOutput } from './kv-store.ts';
+import { createSession, type SessionOptions } from './session.ts';
+
+/**
+ * The KV cache on the device (ORT's WebGPU provider).
+ *
+ * A store holds, per layer, a key and a value tensor [rows, kv_heads, length, head_dim] (BNSH,
+ * what GroupQueryAttention reads as past and returns as present); row r is valid up to its own
+ * `lengths[r]`, the rest is padding GroupQueryAttention never reads (it overwrites it as the
+ * row grows). The decoder's presents replace the tensors after each step; rows join and leave
+ * through two small graphs run on the device (`join`: Pad + Concat, `select`: Gather + Slice),
+ * so the past never crosses to the host. Superseded tensors are disposed here: the device frees
+ * a buffer only when asked.
+ */
+type KvSet = ort.Tensor[]; // keys of layers 0..L-1, then values of layers 0..L-1
+
+export class DeviceKvPlacement implements KvPlacement {
+  readonly side = 'device' as const;
+  readonly outputLocations: Record<string, 'gpu-buffer'> = {};
+  readonly fetches = null;
+
+  private constructor(
+    private readonly config: ModelConfig,
+    private readonly joinSession: ort.InferenceSession,
+    private readonly selectSession: ort.InferenceSession,
+  ) {
+    // Only the presents are named: naming host outputs 'cpu' too makes the binding pre-allocate
+    // them at their last shape, which fails when a run's shape differs (ORT 1.30, measured).
+    for (let l = 0; l < config.numLayers; l++) {
+      this.outputLocations[OUT.presentKey(l)] = this.outputLocations[OUT.presentValue(l)] = 'gpu-buffer';
+    }
+  }
+
+  static async create(config: ModelConfig, opts: SessionOptions): Promise<DeviceKvPlacement> {
+    const n = 2 * config.numLayers;
+    const onDevice = {
+      ...opts,
+      outputLocations: Object.fromEntries(Array.from({ length: n }, (_, i) => [`y.${i}`, 'gpu-buffer' as const])),
+    };
+    const [join, select] = await Promise.all([
+      createSession(joinGraph(config, n), '.', onDevice),
+      createSession(selectGraph(config, n), '.', onDevice),
+    ]);
+    return new DeviceKvPlacement(config, join, select);
+  }
+
+  createStore(rows: number): DeviceKvStore {
+    return new DeviceKvStore(this.config, rows, this.joinSession, this.selectSession);
+  }
+
+  /** The cache is padded to its longest row, and a step holds its past and its presents at once. */
+  stepBytes(rows: number, tokens: number): number {
+    return 2 * rows * tokens * kvBytesPerToken(this.config);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([this.joinSession.release(), this.selectSession.release()]);
+  }
+}
+
+export class DeviceKvStore implements KvStore {
+  /** The rows' tensors, or null while no step has written them. */
+  private set: KvSet | null = null;
+  readonly lengths: number[];
+  /** Which row of the device tensors each row is, until `settle` rearranges them. */
+  private order: number[];
+
+  constructor(
+    private readonly shape: KvShape,
+    rows: number,
+    private readonly joinSession: ort.InferenceSession,
+    private readonly selectSession: ort.InferenceSession,
+  ) {
+    this.lengths = new Array<number>(rows).fill(0);
+    this.order = this.lengths.map((_, i) => i);
+  }
+
+  get byteSize(): number {
+    return this.set ? this.set.reduce((n, t) => n + t.dims.reduce((a, b) => a * b, 1) * 4, 0) : 0;
+  }
+
+  async feedPast(feeds: Record<string, ort.Tensor>): Promise<void> {
+    await this.settle();
+    const L = this.shape.numLayers;
+    const past = this.set ?? emptySet(this.shape, this.lengths.length);
+    for (let l = 0; l < L; l++) {
+      feeds[IN.pastKey(l)] = past[l];
+      feeds[IN.pastValue(l)] = past[L + l];
+    }
+  }
+
+  /** The step's presents become the rows' tensors. */
+  keep(out: StepOutput, _seq: number, grew: readonly number[]): void {
+    const L = this.shape.numLayers;
+    const presents = [
+      ...Array.from({ length: L }, (_, l) => out[OUT.presentKey(l)]),
+      ...Array.from({ length: L }, (_, l) => out[OUT.presentValue(l)]),
+    ];
+    disposeSet(this.set);
+    this.set = presents;
+    grew.forEach((n, r) => (this.lengths[r] += n));
+  }
+
+  async adopt(other: KvStore): Promise<void> {
+    if (!(other instanceof DeviceKvStore)) throw new Error('a device KV store adopts only device rows');
+    await Promise.all([this.settle(), other.settle()]);
+    if (!this.set) {
+      this.set = other.set;
+    } else if (other.set) {
+      const pad = (t: ort.Tensor, to: number) => padsTensor(to - t.dims[2]);
+      const length = Math.max(this.set[0].dims[2], other.set[0].dims[2]);
+      const feeds: Record<string, ort.Tensor> = { pad_a: pad(this.set[0], length), pad_b: pad(other.set[0], length) };
+      this.set.forEach((t, i) => (feeds[`a.${i}`] = t));
+      other.set.forEach((t, i) => (feeds[`b.${i}`] = t));
+      const joined = outputsOf(await this.joinSession.run(feeds), this.set.length);
+      disposeSet(this.set);
+      disposeSet(other.set);
+      this.set = joined;
+    }
+    for (const n of other.lengths) {
+      this.order.push(this.lengths.length);
+      this.lengths.push(n);
+    }
+    other.set = null;
+    other.lengths.length = 0;
+    other.order = [];
+  }
+
+  /** The device tensors are rearranged by the next `settle`, so rows leaving between two steps cost one small graph run together. */
+  removeRow(r: number): number {
+    const last = this.lengths.length - 1;
+    if (r !== last) {
+      this.lengths[r] = this.lengths[last];
+      this.order[r] = this.order[last];
+    }
+    this.lengths.pop();
+    this.order.pop();
+    if (this.lengths.length === 0) this.clear();
+    return r === last ? -1 : last;
+  }
+
+  /** Applies the removals since the last step: picks the rows still live, cut to the longest. */
+  private async settle(): Promise<void> {
+    if (!this.set || (this.order.length === this.set[0].dims[0] && this.order.every((p, i) => p === i))) return;
+    const length = Math.max(...this.lengths);
+    const feeds: Record<string, ort.Tensor> = {
+      rows: new ort.Tensor('int64', BigInt64Array.from(this.order, BigInt), [this.order.length]),
+      length: new ort.Tensor('int64', BigInt64Array.of(BigInt(length)), [1]),
+    };
+    this.set.forEach((t, i) => (feeds[`x.${i}`] = t));
+    const selected = outputsOf(await this.selectSession.run(feeds), this.set.length);
+    disposeSet(this.set);
+    this.set = selected;
+    this.order = this.lengths.map((_, i) => i);
+  }
+
+  clear(): void {
+    disposeSet(this.set);
+    this.set = null;
+    this.lengths.length = 0;
+    this.order = [];
+  }
+}
+
+function disposeSet(set: KvSet | null): void {
+  for (const t of set ?? []) if (t.location === 'gpu-buffer') t.dispose();
+}
+
+function emptySet(shape: KvShape, rows: number): KvSet {
+  const empty = new ort.Tensor('float32', new Float32Array(0), [rows, shape.numKvHeads, 0, shape.headDim]);
+  return Array.from({ length: 2 * shape.numLayers }, () => empty);
+}
+
+function outputsOf(out: StepOutput, n: number): KvSet {
+  return Array.from({ length: n }, (_, i) => out[`y.${i}`]);
+}
+
+/** Pad's pads for a BNSH tensor: `extra` positions at the end of the length axis. */
+function padsTensor(extra: number): ort.Tensor {
+  return new ort.Tensor('int64', BigInt64Array.of(0n, 0n, 0n, 0n, 0n, 0n, BigInt(extra), 0n), [8]);
+}
+
+/** y.i = Concat(Pad(a.i, pad_a), Pad(b.i, pad_b)) along rows: two sets' rows, one length. */
+export function joinGraph(shape: KvShape, n: number): Uint8Array {
+  const g = new GraphBuilder('kv_join');
+  const dims = (rows: string, length: string) => [rows, shape.numKvHeads, length, shape.headDim];
+  const padA = g.input('pad_a', 'int64', [8]);
+  const padB = g.input('pad_b', 'int64', [8]);
+  for (let i = 0; i < n; i++) {
+    const a = g.op('Pad', [g.input(`a.${i}`, 'float32', dims('rows_a', 'length_a')), padA]);
+    const b = g.op('Pad', [g.input(`b.${i}`, 'float32', dims('rows_b', 'length_b')), padB]);
+    const y = g.op('Concat', [a, b], { axis: 0 }, { name: `y.${i}` });
+    g.output(y, y, 'float32', dims('rows', 'length'));
+  }
+  return g.encode({ '': 21 });
+}
+
+/** y.i = x.i[rows, :, :length]: picks, orders and trims rows. */
+export function selectGraph(shape: KvShape, n: number): Uint8Array {
+  const g = new GraphBuilder('kv_select');
+  const dims = (rows: string, length: string) => [rows, shape.numKvHeads, length, shape.headDim];
+  const rows = g.input('rows', 'int64', ['kept']);
+  const length = g.input('length', 'int64', [1]);
+  const zero = g.int64s('zero', [0]);
+  const axis = g.int64s('length_axis', [2]);
+  for (let i = 0; i < n; i++) {
+    const picked = g.op('Gather', [g.input(`x.${i}`, 'float32', dims('rows', 'length_in')), rows], { axis: 0 });
+    const y = g.op('Slice', [picked, zero, length, axis], {}, { name: `y.${i}` });
+    g.output(y, y, 'float32', dims('kept', 'length'));
+  }
+  return g.encode({ '': 21 });
+}
