@@ -99,6 +99,25 @@ describe('KV cache on the WebGPU device', () => {
     expect(device.kvBytes).toBe(0);
   });
 
+  it('in a mixed batch only the rows that sample on the host download their logits', async () => {
+    const rows = [cases[0], cases[1], cases[2]].map((c) => ({ tokens: c.prompt, interventions: c.interventions }));
+    const outs = await device.prefill(rows);
+    const refs = await cpu.prefill(rows);
+    const tokens = outs.map((o) => argmax(o.logits));
+    const sampling = outs[1].id; // the middle row: its logits must be its own, not the first row's
+    const step = await device.decodeStep(new Map(outs.map((o, i) => [o.id, tokens[i]])), new Set([sampling]));
+    const transfer = device.lastTransfer;
+    const cpuStep = await cpu.decode(new Map(refs.map((o, i) => [o.id, tokens[i]])));
+    outs.forEach((o) => device.release(o.id));
+    refs.forEach((o) => cpu.release(o.id));
+
+    const vocab = model.config.vocabSize;
+    expect(transfer.downloaded).toBe(vocab * 4 + rows.length * (8 + 4)); // one row of logits; every row's token and logprob
+    const logits = step.get(sampling)!;
+    expect('logits' in logits && maxAbsDiff(logits.logits, cpuStep.get(refs[1].id)!)).toBeLessThan(1e-3);
+    for (const i of [0, 2]) expect(step.get(outs[i].id)).toMatchObject({ token: argmax(cpuStep.get(refs[i].id)!) });
+  });
+
   it('cached decoding equals recomputing the whole sequence at each step (edit on the prompt only)', async () => {
     const c = cases[3];
     const [first] = await device.prefill([{ tokens: c.prompt, interventions: c.interventions }]);

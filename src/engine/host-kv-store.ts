@@ -11,9 +11,8 @@ import { kvBytesPerToken, type KvPlacement, type KvStore, type StepOutput } from
  * (BNSH, what GroupQueryAttention reads as `past_key`), so a step's past over every row is a
  * zero-copy view. The host graph returns only the new keys and values (or the packed q/k/v
  * projection, whose keys come back unrotated and are rotated here); `keep` appends them.
- * The slabs are sized to what the rows hold (rows in blocks of 4, tokens in blocks of 64) and
- * re-laid out when that changes, so memory follows the rows that are live, which is what the
- * KV budget counts.
+ * The slabs are sized to what the rows hold (see `fit`), so memory follows the rows that are
+ * live, which is what the KV budget counts.
  */
 const TOKEN_BLOCK = 64;
 const ROW_BLOCK = 4;
@@ -52,9 +51,9 @@ export class HostKvPlacement implements KvPlacement {
     return store;
   }
 
-  /** The slabs (padded to the longest row) and attention's present, a copy of them. */
+  /** The rows' slabs (padded to the longest row) and attention's present, a copy of them. */
   stepBytes(rows: number, tokens: number): number {
-    return 2 * roundUp(rows, ROW_BLOCK) * roundUp(tokens, TOKEN_BLOCK) * kvBytesPerToken(this.config);
+    return 2 * rows * roundUp(tokens, TOKEN_BLOCK) * kvBytesPerToken(this.config);
   }
 
   async close(): Promise<void> {}
@@ -107,22 +106,27 @@ export class HostKvStore implements KvStore {
   }
 
   /**
-   * Re-lays out the slabs to hold the rows with room for `tokens` tokens each (rows in blocks
-   * of 4, tokens in blocks of 64), growing or shrinking them; nothing happens when they fit.
+   * Sizes the slabs for the rows and `tokens` tokens each. They grow to whole blocks (4 rows, 64
+   * tokens) and shrink once a block or more (rows) or two blocks (tokens) are spare, so rows
+   * joining and leaving seldom re-lay them out, and what they hold stays within a few rows and
+   * 127 tokens of what the rows need. A store made with its rows (a prompt's) holds exactly those.
    */
   private fit(tokens: number): void {
-    const rowCapacity = roundUp(this.lengths.length, ROW_BLOCK);
-    const capacity = roundUp(tokens, TOKEN_BLOCK);
+    const rows = this.lengths.length;
+    let { rowCapacity, capacity } = this;
+    if (rows === 0 || rows > rowCapacity || rowCapacity - rows >= ROW_BLOCK) rowCapacity = this.rowCapacity === 0 ? rows : roundUp(rows, ROW_BLOCK);
+    if (tokens > capacity || capacity - tokens >= 2 * TOKEN_BLOCK) capacity = roundUp(tokens, TOKEN_BLOCK);
     if (rowCapacity === this.rowCapacity && capacity === this.capacity) return;
     if (rowCapacity === 0 || capacity === 0) {
       [this.keys, this.values] = [[], []];
+      [rowCapacity, capacity] = [0, 0];
     } else {
       const { numKvHeads, headDim, numLayers } = this.config;
       const relayout = (old: Float32Array | undefined) => {
         const next = new Float32Array(rowCapacity * numKvHeads * capacity * headDim);
         if (old) {
-          for (let r = 0; r < this.lengths.length; r++) {
-            const n = Math.min(this.lengths[r], capacity) * headDim;
+          for (let r = 0; r < rows; r++) {
+            const n = this.lengths[r] * headDim;
             for (let h = 0; h < numKvHeads; h++) {
               const from = (r * numKvHeads + h) * this.capacity * headDim;
               next.set(old.subarray(from, from + n), (r * numKvHeads + h) * capacity * headDim);

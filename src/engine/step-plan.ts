@@ -1,4 +1,3 @@
-import type { ModelConfig } from '../model/config.ts';
 import type { AppliedEdit, RequestIntervention } from './generation.ts';
 
 /**
@@ -67,7 +66,7 @@ export interface KvBudget {
 
 /** What the scheduler needs of a runner. */
 export interface StepExecutor {
-  readonly config: ModelConfig;
+  readonly config: { readonly maxPositions: number };
   /** Prompts longer than this are prefilled a chunk of this many tokens per step. */
   readonly prefillChunkTokens: number;
   readonly kvBudget: KvBudget;
