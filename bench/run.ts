@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/engine/device.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import { loadModel } from '../src/model/load.ts';
+import { benchAgainstRevision } from './against-revision.ts';
 import { benchEngine } from './engine.ts';
 import { describeMachine } from './machine.ts';
 import { benchGpu } from './gpu.ts';
@@ -26,6 +27,9 @@ const args = process.argv.slice(2);
 const deviceAt = args.indexOf('--device');
 const deviceChoice = (deviceAt >= 0 ? args.splice(deviceAt, 2)[1] : 'auto') as DeviceChoice;
 if (!DEVICE_CHOICES.includes(deviceChoice)) throw new Error(`--device must be one of ${DEVICE_CHOICES.join(', ')}`);
+// --baseline <rev> compares the engine section against that revision of this repository, in the same run
+const baselineAt = args.indexOf('--baseline');
+const baselineRev = baselineAt >= 0 ? args.splice(baselineAt, 2)[1] : undefined;
 const sections = args.length ? args : ['engine', 'server', 'steer', 'training', 'soak', 'weights'];
 
 const lines: string[] = [];
@@ -45,7 +49,11 @@ const results: Record<string, unknown> = { machine, device: placement };
 
 if (sections.includes('engine') || sections.includes('training')) {
   const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
-  if (sections.includes('engine')) results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
+  if (sections.includes('engine')) {
+    results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
+    if (baselineRev)
+      results.against_revision = await benchAgainstRevision(dir, model.config, engine, baselineRev, join(ROOT, 'bench', '.work'), log);
+  }
   if (sections.includes('training')) {
     results.training = {
       recipe_a: await benchRecipeA(await loadModel(STORIES), log),

@@ -129,11 +129,18 @@ export async function pairedLoads(url: string, pairs: number, plain: () => unkno
   };
 }
 
-export async function startServer(modelDir: string, dataDir: string): Promise<{ url: string; stop: () => Promise<void> }> {
+export interface BenchServer {
+  url: string;
+  pid: number;
+  stop: () => Promise<void>;
+}
+
+/** A server process on `modelDir`; `tree` runs another checkout's server (a baseline revision), `args` adds flags. */
+export async function startServer(modelDir: string, dataDir: string, opts: { tree?: string; args?: string[] } = {}): Promise<BenchServer> {
   const proc = spawn(
     process.execPath,
     [
-      BIN,
+      opts.tree ? join(opts.tree, 'bin', 'reft-server.js') : BIN,
       'serve',
       '--model',
       modelDir,
@@ -148,6 +155,7 @@ export async function startServer(modelDir: string, dataDir: string): Promise<{ 
       '32',
       '--log-level',
       'info',
+      ...(opts.args ?? []),
     ],
     {
       env: { ...process.env, REFT_LOG_LEVEL: 'info' },
@@ -169,6 +177,7 @@ export async function startServer(modelDir: string, dataDir: string): Promise<{ 
   });
   return {
     url,
+    pid: proc.pid!,
     stop: () =>
       new Promise<void>((resolve) => {
         proc.once('exit', () => resolve());

@@ -1,0 +1,133 @@
+import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { argmax } from '../src/engine/sampler.ts';
+import type { ModelConfig } from '../src/model/config.ts';
+import { Rng } from '../src/rng.ts';
+import { inPairs, median, pairRatios, round } from './machine.ts';
+import { revisionRunner, revisionTree, type DecodeRunner } from './revision.ts';
+import { load, startServer } from './server.ts';
+
+/**
+ * Today's engine against a revision's (`npm run bench -- engine --baseline <rev>`), in the same
+ * run: decode at batch 1 and 8 as paired, interleaved bursts (the median of each pair's ratio,
+ * today / baseline), and issue 23's mixed load through a server process (24 greedy streams of
+ * 200 tokens, one with a 3,000-token prompt, 23 with 16-token prompts): its throughput and the
+ * server's peak memory over idle, for the baseline and for today's with and without a KV budget.
+ */
+const BURST_STEPS = 8;
+
+async function burst(runner: DecodeRunner, rows: number, vocab: number, seed: number): Promise<number> {
+  const rng = new Rng(seed);
+  const inputs = Array.from({ length: rows }, () => ({
+    tokens: Array.from({ length: 16 }, () => 1 + Math.floor(rng.next() * (vocab - 1))),
+  }));
+  const outs = await runner.prefill(inputs);
+  let tokens = new Map(outs.map((o) => [o.id, argmax(o.logits)]));
+  tokens = new Map([...(await runner.decode(tokens))].map(([k, v]) => [k, argmax(v)]));
+  const t = performance.now();
+  for (let i = 0; i < BURST_STEPS; i++) tokens = new Map([...(await runner.decode(tokens))].map(([k, v]) => [k, argmax(v)]));
+  const seconds = (performance.now() - t) / 1000;
+  for (const o of outs) runner.release(o.id);
+  await sleep(40); // ORT's pool threads spin after a run: let them sleep before the other engine's burst
+  return (BURST_STEPS * rows) / seconds;
+}
+
+/** RSS of a process and its descendants, bytes (Linux /proc). */
+function treeRss(pid: number): number {
+  const children = (() => {
+    try {
+      return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+    } catch {
+      return [];
+    }
+  })();
+  let rss = 0;
+  try {
+    rss = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024;
+  } catch {
+    /* gone */
+  }
+  return rss + children.reduce((s, c) => s + treeRss(c), 0);
+}
+
+async function mixedLoad(modelDir: string, opts: { tree?: string; args?: string[] }) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'reft-bench-mixed-'));
+  const server = await startServer(modelDir, dataDir, opts);
+  try {
+    const rng = new Rng(23);
+    const prompt = (n: number) => Array.from({ length: n }, () => 1 + Math.floor(rng.next() * 500));
+    await load(server.url, [{ input_ids: prompt(16), max_new_tokens: 8, ignore_eos: true }]); // weights paged in
+    await sleep(500);
+    const idle = treeRss(server.pid);
+    let peak = idle;
+    let sampling = true;
+    const sampler = (async () => {
+      while (sampling) {
+        peak = Math.max(peak, treeRss(server.pid));
+        await sleep(50);
+      }
+    })();
+    const bodies = [prompt(3000), ...Array.from({ length: 23 }, () => prompt(16))].map((input_ids) => ({
+      input_ids,
+      max_new_tokens: 200,
+      ignore_eos: true,
+    }));
+    const result = await load(server.url, bodies);
+    sampling = false;
+    await sampler;
+    return { ...result, idle_rss_mb: round(idle / 2 ** 20, 0), peak_over_idle_mb: round((peak - idle) / 2 ** 20, 0) };
+  } finally {
+    await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+export async function benchAgainstRevision(
+  modelDir: string,
+  config: ModelConfig,
+  today: DecodeRunner,
+  rev: string,
+  workDir: string,
+  log: (s: string) => void,
+) {
+  const { dir, sha } = revisionTree(rev);
+  const baseline = await revisionRunner(dir, modelDir, join(workDir, `cache-rev-${sha.slice(0, 12)}`));
+  const decode: Record<string, unknown> = {};
+  for (const rows of [1, 8]) {
+    await burst(today, rows, config.vocabSize, 0);
+    await burst(baseline, rows, config.vocabSize, 0);
+    const pairs = await inPairs(
+      rows === 1 ? 30 : 12,
+      () => burst(baseline, rows, config.vocabSize, 1),
+      () => burst(today, rows, config.vocabSize, 1),
+    );
+    const ratios = pairRatios(pairs);
+    decode[`batch${rows}`] = {
+      baseline_tokens_s: round(median(pairs.a), 1),
+      today_tokens_s: round(median(pairs.b), 1),
+      ratio: round(median(ratios), 3),
+      pairs: ratios.map((r) => round(r, 3)),
+    };
+    log(
+      `decode batch ${rows}, today vs ${sha.slice(0, 8)}: ${round(median(pairs.b), 1)} vs ${round(median(pairs.a), 1)} tokens/s, ratio ${round(median(ratios), 3)} (median of ${ratios.length} interleaved pairs)`,
+    );
+  }
+  await baseline.close();
+
+  const mixed: Record<string, unknown> = {};
+  const loads: Array<[string, { tree?: string; args?: string[] }]> = [
+    [`baseline ${sha.slice(0, 8)}`, { tree: dir }],
+    ['today, default budget', {}],
+    ['today, --kv-budget 1GiB', { args: ['--kv-budget', '1GiB'] }],
+  ];
+  for (const [name, opts] of loads) {
+    const r = await mixedLoad(modelDir, opts);
+    mixed[name] = r;
+    log(
+      `mixed load (${name}): ${r.aggregate_tokens_s} tokens/s over ${r.wall_seconds} s, TTFT p50 ${r.ttft_ms.p50} ms p99 ${r.ttft_ms.p99} ms; server memory idle ${r.idle_rss_mb} MB, peak +${r.peak_over_idle_mb} MB`,
+    );
+  }
+  return { baseline: sha, decode, mixed_load: mixed };
+}
