@@ -114,7 +114,8 @@ export class HostKvStore implements KvStore {
   private fit(tokens: number): void {
     const rows = this.lengths.length;
     let { rowCapacity, capacity } = this;
-    if (rows === 0 || rows > rowCapacity || rowCapacity - rows >= ROW_BLOCK) rowCapacity = this.rowCapacity === 0 ? rows : roundUp(rows, ROW_BLOCK);
+    if (rows === 0 || rows > rowCapacity || rowCapacity - rows >= ROW_BLOCK)
+      rowCapacity = this.rowCapacity === 0 ? rows : roundUp(rows, ROW_BLOCK);
     if (tokens > capacity || capacity - tokens >= 2 * TOKEN_BLOCK) capacity = roundUp(tokens, TOKEN_BLOCK);
     if (rowCapacity === this.rowCapacity && capacity === this.capacity) return;
     if (rowCapacity === 0 || capacity === 0) {
