@@ -15,7 +15,7 @@ import { healthRoutes } from './routes/health.ts';
 import { problemRoutes } from './routes/problems.ts';
 import { interventionRoutes } from './routes/interventions.ts';
 import { compositionRoutes } from './routes/compositions.ts';
-import { openaiRoutes } from './routes/openai.ts';
+import { openaiRoutes } from './routes/openai/index.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
 import { tokenizeRoutes } from './routes/tokenize.ts';
