@@ -1,6 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import type { Placement } from '../src/engine/device.ts';
+import type { Placement } from '../src/runtime/device.ts';
 import type { PrefillInput, SequenceId } from '../src/engine/engine.ts';
 import { createEngine, type StepExecutor } from '../src/engine/executor.ts';
 import { argmax } from '../src/engine/sampler.ts';

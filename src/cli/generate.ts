@@ -7,7 +7,7 @@ import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
 import { deviceOption, intArg, numberArg, weightsOption } from './options.ts';
 import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 import { MAX_STEER_ITEMS, steerItemSchema } from '../server/routes/steer-schemas.ts';

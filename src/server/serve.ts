@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
-import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { WeightFormat } from '../quant/formats.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
