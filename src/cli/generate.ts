@@ -1,6 +1,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
-import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../server/protocol.ts';
+import { promptInput, tokenize } from '../prompts/prompt-input.ts';
+import { generateOptionsSchema, toGenerationRequest } from '../server/generation-request.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { cliOptionInvalid, firstIssue } from '../errors.ts';
 import { readArtifactDir } from '../interventions/directory.ts';

@@ -31,7 +31,7 @@ import { TenantQueues } from './tenant-queue.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
 import { registerJsonBodyParser } from './json-body.ts';
 import { bodyTooDeep } from '../errors.ts';
-import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
+import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../jobs/data.ts';
 
 /**
  * The HTTP application: plugins and routes over the store and the model runtime. The runtime

@@ -45,7 +45,7 @@ export interface ServeSettings {
   interventionCacheBytes: number;
   bodyLimit: number;
   uploadLimit: number;
-  /** Text bounds checked before tokenizing (see offload/budgets.ts). */
+  /** Text bounds checked before tokenizing (see jobs/data.ts and prompts/prompt-input.ts). */
   inputBudgets: InputBudgets;
   shutdownTimeoutMs: number;
   usageFlushMs: number;

@@ -13,7 +13,7 @@ import {
   quotaInterventionBytes,
   quotaInterventions,
 } from '../../errors.ts';
-import type { BaseModelShape } from '../../interventions/artifact.ts';
+import { CHECK_ARTIFACT, type BaseModelShape } from '../../interventions/artifact.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
 import type { InterventionMeta, Store } from '../../storage/store.ts';
 import type { TenantLimits } from '../tenant-limits.ts';
@@ -107,7 +107,11 @@ export async function storeArtifact(
   // checking every value (orthonormal rows, finite) costs rank²·d: off the event loop
   const base = deps.base();
   const artifact = {
-    config: await deps.offload().checkArtifact(files.config, files.weights, { hiddenSize: base.hiddenSize, numLayers: base.numLayers }),
+    config: await deps.offload().run(CHECK_ARTIFACT, {
+      config: files.config,
+      weights: files.weights,
+      base: { hiddenSize: base.hiddenSize, numLayers: base.numLayers },
+    }),
   };
   const name = parseName(opts.name, artifact.config.name);
   const existing = await deps.store.findIntervention(tenantId, name);

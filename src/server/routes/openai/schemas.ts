@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { openaiErrorSchema } from '../../openai-error.ts';
-import { messageSchema, samplingFields } from '../../protocol.ts';
+import { messageSchema } from '../../../prompts/prompt-input.ts';
+import { samplingFields } from '../../generation-request.ts';
 import { returnCoefficientsField, steerListSchema } from '../steer-schemas.ts';
 
 /** The OpenAI routes' request and response bodies, as the OpenAPI document shows them. */
