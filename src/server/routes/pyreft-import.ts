@@ -3,7 +3,8 @@ import { importReplacedExisting, pyreftConfigMissing, pyreftFileDuplicate, pyref
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
-import { interventionBody, interventionSchema, parseBool, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import { storeArtifact } from '../intervention-service.ts';
+import { interventionBody, interventionSchema, parseBool, type InterventionRouteDeps } from './interventions.ts';
 import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart } from './multipart.ts';
 import { IMPORT_PYREFT } from '../../interventions/pyreft/index.ts';
 import { stateDictElementLimit } from '../../interventions/pyreft/convert.ts';
