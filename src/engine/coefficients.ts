@@ -1,6 +1,5 @@
 import { positionsFor } from '../interventions/positions.ts';
 import type { RequestIntervention } from '../interventions/steer.ts';
-import type { PrefillInput, PrefillOutput } from './engine.ts';
 import type { AppliedEdit } from './generation.ts';
 import type { LayerInterventionFeed } from './intervention-feeds.ts';
 
@@ -45,13 +44,21 @@ export class CoefficientReadout {
   }
 }
 
+/** What a readout needs of a prefill's input: engine.ts's PrefillInput (engine.ts imports this file, so not named here). */
+interface ReadoutRequest {
+  tokens: readonly number[];
+  interventions?: readonly RequestIntervention[];
+  returnCoefficients?: boolean;
+  promptLength?: number;
+}
+
 /** A readout for a prompt that asked for its coefficients. */
-export function readoutFor(input: PrefillInput): CoefficientReadout | null {
+export function readoutFor(input: ReadoutRequest): CoefficientReadout | null {
   if (!input.returnCoefficients) return null;
   return new CoefficientReadout(input.interventions ?? [], input.promptLength ?? input.tokens.length);
 }
 
 /** The output with `applied` when its prompt asked for it. */
-export function withApplied(output: PrefillOutput, readout: CoefficientReadout | null): PrefillOutput {
+export function withApplied<O extends object>(output: O, readout: CoefficientReadout | null): O & { applied?: AppliedEdit[][] } {
   return readout ? { ...output, applied: readout.applied() } : output;
 }
