@@ -8,7 +8,7 @@ import { logprobPieces, type Piece } from '../../logprob-pieces.ts';
 import { appliedFields, disconnectSignal } from '../generate.ts';
 import { checkMaxTokens, choicesOf, generationInput, refuseUnsupported, steeringOf } from './request.ts';
 import { created, finishOf, streamOpenAI, usageOf } from './response.ts';
-import { chatBody, chatResponse, errorResponses, routeConfig } from './schemas.ts';
+import { chatBody, chatResponse, openaiRoute } from './schemas.ts';
 
 function chatLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
@@ -22,15 +22,7 @@ export function chatCompletionsRoute(app: FastifyInstance, service: GenerationSe
 
   r.post(
     '/v1/chat/completions',
-    {
-      config: routeConfig,
-      schema: {
-        summary: 'OpenAI-compatible chat completion',
-        tags: ['openai'],
-        body: chatBody,
-        response: { 200: chatResponse, ...errorResponses },
-      },
-    },
+    openaiRoute('OpenAI-compatible chat completion', chatResponse, { body: chatBody }),
     async (request, reply) =>
       service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
         const b = request.body;

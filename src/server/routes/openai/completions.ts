@@ -8,7 +8,7 @@ import { logprobPieces } from '../../logprob-pieces.ts';
 import { appliedFields, disconnectSignal } from '../generate.ts';
 import { checkMaxTokens, choicesOf, generationInput, refuseUnsupported, steeringOf } from './request.ts';
 import { created, finishOf, streamOpenAI, usageOf } from './response.ts';
-import { MAX_CHOICES, completionBody, completionResponse, errorResponses, routeConfig, type CompletionPrompt } from './schemas.ts';
+import { MAX_CHOICES, completionBody, completionResponse, openaiRoute, type CompletionPrompt } from './schemas.ts';
 
 function completionLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
@@ -40,15 +40,7 @@ export function completionsRoute(app: FastifyInstance, service: GenerationServic
 
   r.post(
     '/v1/completions',
-    {
-      config: routeConfig,
-      schema: {
-        summary: 'OpenAI-compatible text completion',
-        tags: ['openai'],
-        body: completionBody,
-        response: { 200: completionResponse, ...errorResponses },
-      },
-    },
+    openaiRoute('OpenAI-compatible text completion', completionResponse, { body: completionBody }),
     async (request, reply) =>
       service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
         const b = request.body;

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { modelNotFound } from '../../../errors.ts';
 import type { Composition, InterventionMeta, Store, Tenant } from '../../../storage/store.ts';
 import type { GenerationService } from '../../generation-service.ts';
-import { errorResponses, modelList, modelSchema, routeConfig, type ModelEntry } from './schemas.ts';
+import { modelList, modelSchema, openaiRoute, type ModelEntry } from './schemas.ts';
 
 /** GET /v1/models and /v1/models/{name}: the base model, then the interventions and compositions the caller can use. */
 export function modelsRoutes(app: FastifyInstance, service: GenerationService, store: Store): void {
@@ -43,14 +43,7 @@ export function modelsRoutes(app: FastifyInstance, service: GenerationService, s
 
   r.get(
     '/v1/models',
-    {
-      config: routeConfig,
-      schema: {
-        summary: 'The base model, then the interventions and compositions the caller can use, by name',
-        tags: ['openai'],
-        response: { 200: modelList, ...errorResponses },
-      },
-    },
+    openaiRoute('The base model, then the interventions and compositions the caller can use, by name', modelList, {}),
     async (request) => {
       const data = [baseModel()];
       let after: string | undefined;
@@ -72,15 +65,9 @@ export function modelsRoutes(app: FastifyInstance, service: GenerationService, s
   // the base model's name may hold slashes (a hub repo id), hence the wildcard
   r.get(
     '/v1/models/*',
-    {
-      config: routeConfig,
-      schema: {
-        summary: 'One model: the base model, or an intervention or composition by name or id',
-        tags: ['openai'],
-        params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
-        response: { 200: modelSchema, ...errorResponses },
-      },
-    },
+    openaiRoute('One model: the base model, or an intervention or composition by name or id', modelSchema, {
+      params: z.object({ '*': z.string().min(1).max(400).describe('model name') }),
+    }),
     async (request) => modelByName(request.params['*'], request.tenant),
   );
 

@@ -123,10 +123,20 @@ export const modelSchema = z.looseObject({
 });
 export const modelList = z.object({ object: z.literal('list'), data: z.array(modelSchema) });
 
-/** The routes' error responses, in OpenAI's shape. */
-export const errorResponses = { '4xx': openaiErrorSchema, '5xx': openaiErrorSchema };
-/** Tells the problem handler to answer these routes' errors in OpenAI's shape. */
-export const routeConfig = { errorShape: 'openai' as const };
+/**
+ * A route's options: its errors in OpenAI's shape (the problem handler reads `errorShape`, the
+ * document shows openaiErrorSchema), the openai tag, its request `parts` and its 200 response.
+ */
+export function openaiRoute<P extends { body?: z.ZodType; params?: z.ZodType }, R extends z.ZodType>(
+  summary: string,
+  response: R,
+  parts: P,
+) {
+  return {
+    config: { errorShape: 'openai' as const },
+    schema: { summary, tags: ['openai'], ...parts, response: { 200: response, '4xx': openaiErrorSchema, '5xx': openaiErrorSchema } },
+  };
+}
 
 /** The fields completions and chat completions share, as a handler sees them. */
 export type Common = { [K in keyof typeof common]?: z.infer<(typeof common)[K]> };
