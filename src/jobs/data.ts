@@ -78,7 +78,7 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows =
   return { rows, origin: { kind: 'file', lines } };
 }
 
-export function parseInlineRows(data: unknown[]): ParsedRows {
+function parseInlineRows(data: unknown[]): ParsedRows {
   const rows = data.map((json, i) => {
     const row = trainingRowSchema.safeParse(json);
     if (!row.success) throw trainingRowInvalid({ at: `data.${i}`, problem: describeRowError(row.error) }, `data.${i}`);
@@ -155,7 +155,7 @@ export async function jobRows(store: Store, tenantId: string, data: { file: stri
 }
 
 /** Characters the rows hold, counted without copying them. */
-export function trainingChars(rows: readonly TrainingRow[]): number {
+function trainingChars(rows: readonly TrainingRow[]): number {
   let n = 0;
   for (const row of rows) {
     if ('messages' in row) for (const m of row.messages) n += m.content.length;

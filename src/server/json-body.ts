@@ -12,7 +12,7 @@ import { offloadTask } from '../offload/task.ts';
 export const OFFLOAD_JSON_BYTES = 256 * 1024;
 
 /** A JSON body as fastify's own parser reads it (prototype poisoning refused), or body_not_json. */
-export function parseJsonBody(text: string): unknown {
+function parseJsonBody(text: string): unknown {
   try {
     return sjson.parse(text, undefined, { protoAction: 'error', constructorAction: 'error' });
   } catch (e) {
