@@ -27,7 +27,7 @@ lscpu | grep -E 'Model name|^CPU\(s\)'
 
 stage adapter
 VK_LOADER_DEBUG=driver timeout -k 5 60 node --import tsx --input-type=module \
-  -e "const d = await import('./src/engine/device.ts'); console.log(JSON.stringify(await d.resolveDevice('auto')), JSON.stringify(await d.resolveDevice('webgpu')))" \
+  -e "const d = await import('./src/runtime/device.ts'); console.log(JSON.stringify(await d.resolveDevice('auto')), JSON.stringify(await d.resolveDevice('webgpu')))" \
   >"$OUT/adapter.log" 2>&1
 tail -3 "$OUT/adapter.log"
 

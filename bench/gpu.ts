@@ -1,6 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import type { Placement } from '../src/engine/device.ts';
+import type { Placement } from '../src/runtime/device.ts';
 import type { PrefillInput, SequenceId } from '../src/engine/step-plan.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import { argmax } from '../src/engine/sampler.ts';

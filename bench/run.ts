@@ -1,6 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/engine/device.ts';
+import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/runtime/device.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import { loadModel } from '../src/model/load.ts';
 import { benchAgainstRevision } from './against-revision.ts';

@@ -1,5 +1,5 @@
 import { StepRunner } from '../src/engine/step-runner.ts';
-import type { Device } from '../src/engine/session.ts';
+import type { Device } from '../src/runtime/session.ts';
 import { Rng } from '../src/rng.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { Trainer, type TrainingExample } from '../src/training/index.ts';

@@ -64,7 +64,7 @@ export async function benchWeights(model: LoadedModel, cacheDir: string, log: (s
   // one cache per format, so the speed rounds' engines find the quantization the load measured
   const formatCache = (format: WeightFormat) => join(cacheDir, 'weights', format);
   // llama.cpp's side first, so a failed install or conversion stops the bench before the long loads
-  const threads = availableParallelism(); // what our CPU sessions use (src/engine/session.ts)
+  const threads = availableParallelism(); // what our CPU sessions use (src/runtime/session.ts)
   const work = join(import.meta.dirname, '.work');
   const llama = await nodeLlamaCpp(join(work, 'llama'), threads);
   const ggufs = new Map<WeightFormat, string>();

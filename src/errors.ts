@@ -1,5 +1,4 @@
 import type { ZodError } from 'zod';
-import { ReftError } from './errors/reft-error.ts';
 import './errors/catalogue.ts'; // every declaration registered before the first error is built
 
 /**
@@ -23,16 +22,6 @@ export * from './errors/training.ts';
 export * from './errors/tenants.ts';
 export * from './errors/storage.ts';
 export * from './errors/server.ts';
-
-// The generic factories, kept for code written before the catalogue: each builds its category's
-// generic entry (code = category). New code uses a specific entry instead.
-export const invalidRequest = (message: string, field?: string) => new ReftError('invalid_request', message, field);
-export const invalidIntervention = (message: string, field?: string) => new ReftError('invalid_intervention', message, field);
-export const invalidCheckpoint = (message: string, field?: string) => new ReftError('invalid_checkpoint', message, field);
-export const unsupportedModel = (message: string, field?: string) => new ReftError('unsupported_model', message, field);
-export const notFound = (message: string, field?: string) => new ReftError('not_found', message, field);
-/** The 404 of every lookup: the same words whether the thing is missing or another tenant's. */
-export const noSuch = (kind: string, id: string, field = 'id') => new ReftError('not_found', `no ${kind} "${id}"`, field);
 
 /**
  * The first problem zod found, with the field it is about as a dotted path under `prefix`

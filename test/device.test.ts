@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseAdapter, resolveDevice, webgpuAdapter } from '../src/engine/device.ts';
+import { parseAdapter, resolveDevice, webgpuAdapter } from '../src/runtime/device.ts';
 import { STORIES } from './support/fixtures.ts';
 import { json, type Api } from './support/http.ts';
 import { runCli, startServerProcess, type ServerProcess } from './support/server.ts';

@@ -7,7 +7,7 @@ import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
 import { GREEDY } from '../src/engine/sampler.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
-import { toGenerationRequest } from '../src/server/protocol.ts';
+import { toGenerationRequest } from '../src/server/generation-request.ts';
 import { copyOfStories, editConfig, editHeader, loadError } from './support/model-copies.ts';
 import { storiesEngine } from './support/engine.ts';
 import { thrownBy } from './support/errors.ts';

@@ -12,7 +12,7 @@ import { dequantizeMatrix, quantizeMatrix, type QuantScheme } from '../src/quant
 import { ABLATED_SCHEMES, QUANT_SCHEMES, parseWeightsFlag, resolveWeightFormat } from '../src/quant/formats.ts';
 import { quantizedCheckpoint } from '../src/quant/cache.ts';
 import { dequantizedWeights } from '../src/graph/projection-weights.ts';
-import { createSession } from '../src/engine/session.ts';
+import { createSession } from '../src/runtime/session.ts';
 import { toFloat32 } from '../src/model/safetensors.ts';
 import type { WeightsChoice } from '../src/quant/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';

@@ -1,7 +1,7 @@
 import { tmpdir } from 'node:os';
 import * as ort from 'onnxruntime-node';
 import { describe, expect, it } from 'vitest';
-import { createSession } from '../src/engine/session.ts';
+import { createSession } from '../src/runtime/session.ts';
 import { Tape } from '../src/graph/autodiff/index.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
 import { trainingOperators } from '../src/graph/training-operators.ts';

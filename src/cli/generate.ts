@@ -1,13 +1,14 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { EngineClient } from '../engine/engine-client.ts';
-import { generateOptionsSchema, promptInput, toGenerationRequest, tokenize } from '../server/protocol.ts';
+import { promptInput, tokenize } from '../prompts/prompt-input.ts';
+import { generateOptionsSchema, toGenerationRequest } from '../server/generation-request.ts';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
 import { cliOptionInvalid, firstIssue } from '../errors.ts';
 import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
 import { deviceOption, intArg, numberArg, weightsOption } from './options.ts';
 import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 import { MAX_STEER_ITEMS, steerItemSchema } from '../server/routes/steer-schemas.ts';

@@ -1,5 +1,5 @@
 import { InvalidArgumentError, Option } from 'commander';
-import { DEVICE_CHOICES, type DeviceChoice } from '../engine/device.ts';
+import { DEVICE_CHOICES, type DeviceChoice } from '../runtime/device.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
 import { WEIGHT_FORMATS, type WeightsFlag } from '../quant/formats.ts';
 

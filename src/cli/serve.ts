@@ -8,7 +8,7 @@ import { DEFAULT_TENANT_LIMITS } from '../server/tenant-limits.ts';
 import { DEFAULT_KV_BUDGET } from '../engine/step-runner.ts';
 import { resolveWeightFormat } from '../quant/formats.ts';
 import { cacheDir } from '../settings.ts';
-import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
+import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../jobs/data.ts';
 import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { bytesArg, envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';

@@ -10,7 +10,7 @@ import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
 import { deviceOption, intArg, numberArg, trainMemoryBudgetOption, weightsOption } from './options.ts';
 import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import pino from 'pino';
-import { resolveDevice } from '../engine/device.ts';
+import { resolveDevice } from '../runtime/device.ts';
 import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';

@@ -1,8 +1,8 @@
 import { positionsFor } from '../interventions/positions.ts';
 import type { RequestIntervention } from '../interventions/steer.ts';
-import type { PrefillInput, PrefillOutput } from './step-plan.ts';
 import type { AppliedEdit } from './generation.ts';
 import type { LayerInterventionFeed } from './intervention-feeds.ts';
+import type { PrefillInput, PrefillOutput } from './step-plan.ts';
 
 /**
  * One prompt's readout (REFT.md "Request-time control"): each of its interventions'

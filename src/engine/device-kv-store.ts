@@ -3,7 +3,7 @@ import { decoderInputs as IN, decoderOutputs as OUT } from '../graph/decoder.ts'
 import { GraphBuilder } from '../graph/onnx.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { kvBytesPerToken, type KvPlacement, type KvShape, type KvStore, type StepOutput } from './kv-store.ts';
-import { createSession, type SessionOptions } from './session.ts';
+import { createSession, type SessionOptions } from '../runtime/session.ts';
 
 /**
  * The KV cache on the device (ORT's WebGPU provider).

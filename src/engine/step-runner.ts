@@ -19,7 +19,7 @@ import { DeviceKvPlacement } from './device-kv-store.ts';
 import { HostKvPlacement } from './host-kv-store.ts';
 import { interventionFeeds, type LayerInterventionFeed, type PrefillRow } from './intervention-feeds.ts';
 import type { KvPlacement, KvStore, StepOutput } from './kv-store.ts';
-import { createSession, type SessionOptions } from './session.ts';
+import { createSession, type SessionOptions } from '../runtime/session.ts';
 import { checkPrompt, concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
 import type { KvBudget, PrefillInput, PrefillOutput, SequenceId, StepExecutor, StepOutputs, StepPlan, StepSample } from './step-plan.ts';
 

@@ -2,7 +2,7 @@ import type { SerializedError } from '../errors.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { SchedulerLimits, SchedulerStats } from './scheduler.ts';
 import type { KvBudget } from './step-plan.ts';
-import type { Device } from './session.ts';
+import type { Device } from '../runtime/session.ts';
 import type { WeightFormat } from '../quant/formats.ts';
 import type { WeightsReport } from '../quant/load.ts';
 

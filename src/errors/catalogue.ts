@@ -8,6 +8,8 @@ import * as server from './server.ts';
 import { GENERIC } from './generic.ts';
 import { declared, type ErrorDeclaration } from './reft-error.ts';
 
+export type { ErrorCode } from './reft-error.ts';
+
 /**
  * The error catalogue: every error the server can answer with, one declaration each (code,
  * category, status, message template, problem type), grouped by area in this folder.
@@ -17,8 +19,10 @@ export const AREAS = { request, model, interventions, training, tenants, storage
 type Specific = (typeof AREAS)[keyof typeof AREAS];
 type CodeOf<M> = M extends unknown ? { [K in keyof M]: M[K] extends { code: infer C extends string } ? C : never }[keyof M] : never;
 
-/** A specific code, or a category's generic one. */
-export type ErrorCode = CodeOf<Specific> | keyof typeof GENERIC;
+declare module './reft-error.ts' {
+  // ReftError's `code` is one of these: every area's specific codes and the generic ones
+  interface DeclaredCodes extends Record<CodeOf<Specific> | keyof typeof GENERIC, true> {}
+}
 
 /** Every declaration, areas first (in the order above), then the generic ones. */
 export const catalogue = (): readonly ErrorDeclaration[] => declared();

@@ -1,5 +1,3 @@
-import type { ErrorCode } from './catalogue.ts';
-
 /**
  * The general kind of an error: what the HTTP status, the OpenAI error `type` and clients that
  * only tell "bad input" from "not found" key on. Every catalogue entry has one.
@@ -43,6 +41,15 @@ export const CATEGORY_STATUS: Record<Category, number> = {
   unavailable: 503,
   internal: 500,
 };
+
+/**
+ * Every code the catalogue declares, as keys. Empty here: catalogue.ts adds them (declaration
+ * merging), so this file, which every area's declarations import, need not import the catalogue.
+ */
+export interface DeclaredCodes {}
+
+/** A specific code, or a category's generic one. */
+export type ErrorCode = keyof DeclaredCodes;
 
 /** Where a problem type is documented: served by the server itself (GET /problems/{code}). */
 export const problemTypeOf = (code: string) => `/problems/${code}`;

@@ -1,4 +1,4 @@
-import type { Device } from '../engine/session.ts';
+import type { Device } from '../runtime/session.ts';
 import type { LayerSpec, LinearWeights } from '../model/architecture.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
 import type { ModelConfig } from '../model/config.ts';

@@ -2,7 +2,7 @@ import type { Checkpoint } from '../model/checkpoint.ts';
 import { blockGatherable, type QuantizedCheckpoint, type TensorSpan } from '../quant/cache.ts';
 import { MS_DOMAIN, type ElemType, type GraphBuilder } from './onnx.ts';
 import { checkpointWeights } from './weights.ts';
-import type { Device } from '../engine/session.ts';
+import type { Device } from '../runtime/session.ts';
 
 /**
  * Where the inference graph's weights come from, and so which operators read them: the one place

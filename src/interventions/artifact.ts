@@ -3,6 +3,7 @@ import { ReftError, artifactConfigInvalid, artifactConfigNotJson, artifactConfig
 import { parseSafetensors, plainFloats, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
 import { parsePositions, type PositionSpec } from './positions.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
+import { offloadTask } from '../offload/task.ts';
 
 /**
  * The reft/v1 artifact (REFT.md "The intervention artifact"): reft_config.json plus
@@ -189,6 +190,13 @@ function firstNonFinite(data: Float32Array): number {
   for (let k = 0; k < data.length; k++) if (!Number.isFinite(data[k])) return k;
   return -1;
 }
+
+/** In an offload pool thread (checking every value costs rank²·d): `parseArtifact` with every value verified; returns the config. */
+export function checkArtifact({ config, weights, base }: { config: Uint8Array; weights: Uint8Array; base: BaseModelShape }): ReftConfig {
+  return parseArtifact(config, weights, base).config;
+}
+
+export const CHECK_ARTIFACT = offloadTask(import.meta.url, { checkArtifact });
 
 /** max |R·Rᵀ − I| over the entries. */
 export function orthonormalityError(r: Float32Array, rank: number, d: number): number {

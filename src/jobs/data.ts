@@ -6,10 +6,13 @@ import {
   trainingFileNotUtf8,
   trainingLineNotJson,
   trainingRowInvalid,
+  trainingCharsTooMany,
   trainingRowsTooMany,
 } from '../errors.ts';
-import { messageSchema } from '../server/protocol.ts';
+import { cachedTokenizer } from '../model/load.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
+import { offloadTask } from '../offload/task.ts';
+import { messageSchema } from '../prompts/prompt-input.ts';
 import type { Store } from '../storage/store.ts';
 import { tokenizeRows, type TrainingExample, type TrainingRow } from '../training/index.ts';
 
@@ -18,6 +21,14 @@ import { tokenizeRows, type TrainingExample, type TrainingRow } from '../trainin
  * `{messages: [...]}`. Errors name the line (files) or the index (inline rows).
  */
 const MAX_TRAINING_ROWS = 100_000;
+
+/**
+ * The server's default bounds on one training file or job, checked before anything is tokenized
+ * (tokenizing costs tens of µs a character with the JS tokenizer): characters of training text
+ * (prompt + completion / message contents, all rows), and rows.
+ */
+export const DEFAULT_MAX_TRAINING_CHARS = 4_000_000;
+export const DEFAULT_MAX_TRAINING_ROWS = 10_000;
 
 const trainingRowSchema = z.union([
   z.strictObject({ prompt: z.string().min(1).max(1_000_000), completion: z.string().min(1).max(1_000_000) }),
@@ -67,7 +78,7 @@ export function parseJsonl(bytes: Uint8Array, field = 'training_file', maxRows =
   return { rows, origin: { kind: 'file', lines } };
 }
 
-export function parseInlineRows(data: unknown[]): ParsedRows {
+function parseInlineRows(data: unknown[]): ParsedRows {
   const rows = data.map((json, i) => {
     const row = trainingRowSchema.safeParse(json);
     if (!row.success) throw trainingRowInvalid({ at: `data.${i}`, problem: describeRowError(row.error) }, `data.${i}`);
@@ -142,3 +153,41 @@ export async function jobRows(store: Store, tenantId: string, data: { file: stri
   if ('rows' in data) return parseInlineRows(data.rows);
   return parseJsonl(await fileBytes(store, tenantId, data.file), 'training_file');
 }
+
+/** Characters the rows hold, counted without copying them. */
+function trainingChars(rows: readonly TrainingRow[]): number {
+  let n = 0;
+  for (const row of rows) {
+    if ('messages' in row) for (const m of row.messages) n += m.content.length;
+    else n += row.prompt.length + row.completion.length;
+  }
+  return n;
+}
+
+/**
+ * In an offload pool thread: parses and tokenizes a job's rows (as the worker will), within the
+ * text budgets, so a bad row is refused when the job is created. Returns the row count and the
+ * longest row's tokens.
+ */
+export async function checkTrainingData(task: {
+  modelDir: string;
+  data: { jsonl: Uint8Array; field: string } | { rows: unknown[] };
+  maxChars: number;
+  maxRows: number;
+}): Promise<{ rows: number; longestTokens: number }> {
+  const { tokenizer, maxPositions } = await cachedTokenizer(task.modelDir);
+  const field = 'jsonl' in task.data ? task.data.field : 'data';
+  const parsed = 'jsonl' in task.data ? parseJsonl(task.data.jsonl, task.data.field, task.maxRows) : parseInlineRows(task.data.rows);
+  const chars = trainingChars(parsed.rows);
+  if (chars > task.maxChars) throw trainingCharsTooMany({ field, chars, limit: task.maxChars }, field);
+  const examples = tokenizeTrainingRows(parsed, tokenizer, maxPositions, field);
+  return { rows: examples.length, longestTokens: examples.reduce((n, e) => Math.max(n, e.tokens.length), 0) };
+}
+
+/** In an offload pool thread: validates an uploaded JSONL file; returns its row count. */
+export function countJsonlRows({ bytes, field, maxRows }: { bytes: Uint8Array; field: string; maxRows: number }): number {
+  return parseJsonl(bytes, field, maxRows).rows.length;
+}
+
+export const CHECK_TRAINING_DATA = offloadTask(import.meta.url, { checkTrainingData });
+export const COUNT_JSONL_ROWS = offloadTask(import.meta.url, { countJsonlRows });

@@ -4,7 +4,7 @@ import { hostname } from 'node:os';
 import type { Logger } from 'pino';
 import { ReftError, interventionNameTaken, jobStepBudgetExceeded, jobTimeBudgetExceeded } from '../errors.ts';
 import type { LoadedModel } from '../model/load.ts';
-import type { Device } from '../engine/session.ts';
+import type { Device } from '../runtime/session.ts';
 import type { Job, Lease, Store } from '../storage/store.ts';
 import { utcDay } from '../storage/usage.ts';
 import { Trainer, decodeCheckpoint, encodeCheckpoint, type TrainingProgress } from '../training/index.ts';

@@ -39,3 +39,27 @@ export async function loadModel(dir: string): Promise<LoadedModel> {
   const tokenizer = await loadTokenizer(dir, config);
   return { dir, config, checkpoint, tokenizer };
 }
+
+/** What tokenizing for a model needs: its tokenizer and its context length. */
+export interface ModelTokenizer {
+  tokenizer: TextTokenizer;
+  maxPositions: number;
+}
+
+const tokenizers = new Map<string, Promise<ModelTokenizer>>();
+
+/**
+ * A model folder's tokenizer, loaded once per thread: the offload pool's threads tokenize many
+ * inputs (prompts, training rows) for the one model a server runs.
+ */
+export function cachedTokenizer(dir: string): Promise<ModelTokenizer> {
+  let m = tokenizers.get(dir);
+  if (!m) {
+    m = (async () => {
+      const config = await loadModelConfig(dir);
+      return { tokenizer: await loadTokenizer(dir, config), maxPositions: config.maxPositions };
+    })();
+    tokenizers.set(dir, m);
+  }
+  return m;
+}

@@ -3,5 +3,5 @@
 import { register } from 'tsx/esm/api';
 
 register();
-const tasks = await import('./tasks.ts');
-export default tasks.runTask;
+const { runTask } = await import('./thread.ts');
+export default runTask;

@@ -2,6 +2,7 @@ import { availableParallelism } from 'node:os';
 import { OffloadPool } from '../offload/pool.ts';
 import { quantizeMatrix, type QuantizedMatrix, type QuantScheme } from './blocks.ts';
 import { namedScheme } from './formats.ts';
+import { QUANTIZE_ROWS } from './quantize-task.ts';
 
 /**
  * Quantizes matrices over worker threads (the offload pool's): each matrix is cut into runs of
@@ -35,7 +36,7 @@ export function matrixQuantizer(threads: number): MatrixQuantizer {
       const parts: Promise<QuantizedMatrix>[] = [];
       for (let r = 0; r < rows; r += step) {
         const n = Math.min(step, rows - r);
-        parts.push(pool.quantizeRows(scheme.id, w.slice(r * cols, (r + n) * cols), n, cols));
+        parts.push(pool.run(QUANTIZE_ROWS, { scheme: scheme.id, w: w.slice(r * cols, (r + n) * cols), rows: n, cols }));
       }
       return joinRows(await Promise.all(parts), rows, cols);
     },

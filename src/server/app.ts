@@ -15,7 +15,7 @@ import { healthRoutes } from './routes/health.ts';
 import { problemRoutes } from './routes/problems.ts';
 import { interventionRoutes } from './routes/interventions.ts';
 import { compositionRoutes } from './routes/compositions.ts';
-import { openaiRoutes } from './routes/openai.ts';
+import { openaiRoutes } from './routes/openai/index.ts';
 import { pyreftImportRoutes } from './routes/pyreft-import.ts';
 import { fileRoutes } from './routes/files.ts';
 import { tokenizeRoutes } from './routes/tokenize.ts';
@@ -31,7 +31,7 @@ import { TenantQueues } from './tenant-queue.ts';
 import { MAX_JSON_DEPTH, jsonDepth } from '../limits/json-depth.ts';
 import { registerJsonBodyParser } from './json-body.ts';
 import { bodyTooDeep } from '../errors.ts';
-import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
+import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../jobs/data.ts';
 
 /**
  * The HTTP application: plugins and routes over the store and the model runtime. The runtime

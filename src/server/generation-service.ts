@@ -1,10 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import { promptTooManyChars } from '../errors.ts';
-import { DEFAULT_CHARS_PER_CONTEXT_TOKEN, promptChars } from '../offload/budgets.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../engine/generation.ts';
 import type { Tenant } from '../storage/store.ts';
 import type { ServerMetrics } from './metrics.ts';
-import { promptInput, toGenerationRequest, tokenize, type GenerateOptions, type OpenAISampling } from './protocol.ts';
+import { DEFAULT_CHARS_PER_CONTEXT_TOKEN, TOKENIZE_PROMPT, promptChars, promptInput, tokenize } from '../prompts/prompt-input.ts';
+import { toGenerationRequest, type GenerateOptions, type OpenAISampling } from './generation-request.ts';
 import type { ModelRuntime } from './runtime.ts';
 import type { SteeringResolver, SteerItem } from './steering.ts';
 import type { TenantQueues } from './tenant-queue.ts';
@@ -86,7 +86,10 @@ export class GenerationService {
     const { name, field } = steering;
     const isBase = name === undefined || name === null || name === rt.name || rt.aliases.includes(name);
     const resolved = await this.steering.resolve(tenant.id, { name, field, isBase }, steering.items);
-    const tokens = 'input_ids' in prompt ? tokenize(prompt, rt.tokenizer) : await rt.offload.tokenize(rt.modelDir, prompt);
+    const tokens =
+      'input_ids' in prompt
+        ? tokenize(prompt, rt.tokenizer)
+        : await rt.offload.run(TOKENIZE_PROMPT, { modelDir: rt.modelDir, input: prompt });
     const request: GenerationRequest = {
       tenant: tenant.id,
       ...toGenerationRequest(tokens, input, resolved.interventions, rt.config.maxPositions),

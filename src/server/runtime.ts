@@ -1,4 +1,4 @@
-import type { Placement } from '../engine/device.ts';
+import type { Placement } from '../runtime/device.ts';
 import type { EngineClient } from '../engine/engine-client.ts';
 import { ReftError, modelLoading } from '../errors.ts';
 import type { InterventionCache } from '../interventions/cache.ts';

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import pino, { type Logger } from 'pino';
 import type { WorkerSupervisor } from '../jobs/supervisor.ts';
-import { resolveDevice, type DeviceChoice } from '../engine/device.ts';
+import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
 import { EngineClient } from '../engine/engine-client.ts';
 import type { WeightFormat } from '../quant/formats.ts';
 import type { SchedulerLimits } from '../engine/scheduler.ts';
@@ -45,7 +45,7 @@ export interface ServeSettings {
   interventionCacheBytes: number;
   bodyLimit: number;
   uploadLimit: number;
-  /** Text bounds checked before tokenizing (see offload/budgets.ts). */
+  /** Text bounds checked before tokenizing (see jobs/data.ts and prompts/prompt-input.ts). */
   inputBudgets: InputBudgets;
   shutdownTimeoutMs: number;
   usageFlushMs: number;

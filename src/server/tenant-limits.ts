@@ -1,4 +1,4 @@
-import { ReftError, tenantConcurrencyLimited } from '../errors.ts';
+import { tenantConcurrencyLimited } from '../errors.ts';
 
 /**
  * Per-tenant bounds a shared server enforces: generations over the concurrency limit wait in the
@@ -24,9 +24,6 @@ export const DEFAULT_TENANT_LIMITS: TenantLimits = {
   maxFileBytes: 1024 ** 3,
   maxActiveJobs: 20,
 };
-
-/** The generic quota error, kept for code written before the catalogue (use a quota* entry). */
-export const quotaExceeded = (message: string, field: string) => new ReftError('quota_exceeded', message, field);
 
 /** Counts a tenant's generations in flight on this server process. */
 export class ConcurrencyLimiter {

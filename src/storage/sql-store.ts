@@ -22,7 +22,7 @@ const TRANSACTION_ATTEMPTS = 3;
 const noTenant = (tenantId: string | null) => E.tenantNotFound({ id: String(tenantId) }, 'tenantId');
 const nameTaken = (name: string) => ({ unique: () => E.tenantNameTaken({ name }, 'name') });
 
-export class SqlStore {
+export class SqlStore implements S.Store {
   readonly interventionListeners = new Listeners<[id: string]>();
   readonly jobListeners = new Listeners<[]>();
   private readonly db: Kysely<Tables>;
@@ -44,7 +44,6 @@ export class SqlStore {
     return (await this.named(rename.executeTakeFirst(), nameTaken(name))) ?? null;
   }
 
-  /** Deletes a tenant and all it owns (keys, interventions, compositions, files, jobs, usage); false if there is none. */
   async deleteTenant(id: string): Promise<boolean> {
     const { config, weights, file, checkpoint } = this.d.blobs.columns;
     let interventions: string[] = [];
@@ -78,14 +77,12 @@ export class SqlStore {
     return R.pageOf(this.db.selectFrom('tenants'), COLUMNS.tenant, page, (r: S.Tenant) => r);
   }
 
-  /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
   async createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<S.ApiKey> {
     const insert = this.db.insertInto('apiKeys').values({ id: R.newId('key_'), tenantId, secretHash, prefix, createdAt: this.d.now() });
     const taken = () => E.apiKeyTaken('secretHash');
     return this.named(insert.returning(COLUMNS.key).executeTakeFirstOrThrow(), { foreignKey: () => noTenant(tenantId), unique: taken });
   }
 
-  /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
   async findApiKey(secretHash: string): Promise<{ key: S.ApiKey; tenant: S.Tenant } | null> {
     const keys = this.db.selectFrom('apiKeys as k').innerJoin('tenants as t', 't.id', 'k.tenantId');
     const columns = ['t.name', 't.createdAt as tenantCreatedAt', ...COLUMNS.key.map((c) => `k.${c}` as const)] as const;
@@ -93,7 +90,6 @@ export class SqlStore {
     return R.orNull(row, ({ name, tenantCreatedAt, ...key }) => ({ key, tenant: { id: key.tenantId, name, createdAt: tenantCreatedAt } }));
   }
 
-  /** A tenant's keys, revoked ones too, oldest first. */
   async listApiKeys(tenantId: string): Promise<S.ApiKey[]> {
     const keys = this.db.selectFrom('apiKeys').select(COLUMNS.key).where('tenantId', '=', tenantId);
     return keys.orderBy('createdAt').orderBy('id').execute();
@@ -103,13 +99,11 @@ export class SqlStore {
     await this.db.updateTable('apiKeys').set({ lastUsedAt: this.d.now() }).where('id', '=', id).execute();
   }
 
-  /** True only when it revoked a live key. */
   async revokeApiKey(id: string): Promise<boolean> {
     const revoke = this.db.updateTable('apiKeys').set({ revokedAt: this.d.now() }).where('id', '=', id).where('revokedAt', 'is', null);
     return R.one(await revoke.executeTakeFirst());
   }
 
-  /** Creates one; with `replaceId`, replaces that one's files in place (same id, version + 1). */
   async putIntervention(iv: S.NewIntervention, replaceId?: string): Promise<S.InterventionMeta> {
     const noneToReplace = () => E.interventionReplaceMissing({ id: String(replaceId) }, 'id');
     // An id the store could not have made names no row, and must never reach a blob file name.
@@ -148,7 +142,6 @@ export class SqlStore {
     return toIntervention(row);
   }
 
-  /** One the tenant can see (its own or shared), by id or by name (its own first). */
   async findIntervention(tenantId: string | null, idOrName: string): Promise<S.InterventionMeta | null> {
     const found = this.byIdOrName('interventions', tenantId, idOrName).select(COLUMNS.intervention);
     return R.orNull(await found.executeTakeFirst(), toIntervention);
@@ -164,7 +157,6 @@ export class SqlStore {
     return R.orNull(found, ({ data: [c, w] }) => ({ config: c, weights: w }));
   }
 
-  /** Deletes the tenant's own (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
   async deleteIntervention(tenantId: string | null, id: string): Promise<boolean> {
     const { config, weights } = this.d.blobs.columns;
     const deleted = await this.deleteWithBlobs('interventions', tenantId, id, [config, weights]);
@@ -176,7 +168,6 @@ export class SqlStore {
     return R.countStored(this.db, tenantId);
   }
 
-  /** Every item's intervention must be one the tenant can see: else intervention_not_found on "items[i].intervention". */
   async putComposition(c: S.NewComposition, replaceId?: string): Promise<S.Composition> {
     const noneToReplace = () => E.compositionReplaceMissing({ id: String(replaceId) }, 'id');
     if (replaceId !== undefined && !R.COMPOSITION_ID.test(replaceId)) throw noneToReplace();
@@ -225,7 +216,6 @@ export class SqlStore {
     if (rows.length > 0) await this.retried(() => this.d.addUsage(this.db, rows));
   }
 
-  /** The days with a row in [from, to], ascending. */
   async getUsage(tenantId: string, from: string, to: string): Promise<S.UsageDay[]> {
     checkUsageRange(from, to);
     const days = this.db.selectFrom('tenantUsage').select(COLUMNS.usageDay).where('tenantId', '=', tenantId);
@@ -290,7 +280,6 @@ export class SqlStore {
     return R.pageOf(this.db.selectFrom('jobs').where('tenantId', '=', tenantId), COLUMNS.job, page, toJob, page.order === 'desc');
   }
 
-  /** Marks a job for cancellation; a queued job is cancelled at once. */
   async requestCancel(tenantId: string, id: string): Promise<S.Job | null> {
     return this.tx(async (tx) => {
       // Locked: a claimer skips the row until we commit, so a queued job can't start meanwhile.
@@ -304,12 +293,10 @@ export class SqlStore {
     });
   }
 
-  /** Atomically takes the next queued job (or one whose lease expired) for `workerId`. */
   async claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: S.Job; lease: S.Lease } | null> {
     return this.tx((tx) => this.jobs.claim(tx, workerId, leaseMs, maxAttempts));
   }
 
-  /** Worker writes (renewLease, updateProgress, saveCheckpoint, finishJob): false if the worker no longer holds the lease (expired and re-claimed). */
   async renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean> {
     const renew = this.db.updateTable('jobs').set({ leaseExpiresAt: this.d.leaseAt(leaseMs) });
     return R.one(await renew.where(this.jobs.leaseHeld(jobId, workerId)).executeTakeFirst());
@@ -363,17 +350,14 @@ export class SqlStore {
     return this.named(write, { foreignKey: () => E.interventionNotFound({ id: String(interventionId) }, 'interventionId') });
   }
 
-  /** Jobs of every tenant, per status. */
   async countJobs(): Promise<Record<S.JobStatus, number>> {
     return R.countJobs(this.db);
   }
 
-  /** Called when an intervention is deleted or replaced (by any process sharing the store). */
   onInterventionChanged(listener: (id: string) => void): () => void {
     return this.interventionListeners.add(listener);
   }
 
-  /** Called when a job is queued (wakes idle workers). */
   onJobQueued(listener: () => void): () => void {
     return this.jobListeners.add(listener);
   }

@@ -1,5 +1,3 @@
-import type { SqlStore } from './sql-store.ts';
-
 /**
  * The storage every process shares (servers, training workers), and its contract
  * (test/support/store-contract.ts). One implementation over Kysely (sql-store.ts), two dialects.
@@ -140,5 +138,65 @@ export type JobOutcome = { status: 'succeeded'; interventionId: string } | { sta
 /** `expiresAt`: epoch ms when the lease expires unless renewed. */
 export type Lease = { jobId: string; workerId: string; expiresAt: number };
 
-/** The store's surface: SqlStore's public methods (the listener sets its dialects fire stay inside storage). */
-export type Store = Omit<SqlStore, 'interventionListeners' | 'jobListeners'>;
+/** The store's surface, whose contract is above; SqlStore (sql-store.ts) implements it. */
+export interface Store {
+  createTenant(name: string): Promise<Tenant>;
+  renameTenant(id: string, name: string): Promise<Tenant | null>;
+  /** Deletes a tenant and all it owns (keys, interventions, compositions, files, jobs, usage); false if there is none. */
+  deleteTenant(id: string): Promise<boolean>;
+  getTenant(id: string): Promise<Tenant | null>;
+  listTenants(page: PageRequest): Promise<Page<Tenant>>;
+  /** Stores a key by the hash of its secret (and its prefix); the secret itself is never stored. */
+  createApiKey(tenantId: string, secretHash: string, prefix?: string): Promise<ApiKey>;
+  /** The live key and its tenant for a secret's hash, or null (unknown or revoked). */
+  findApiKey(secretHash: string): Promise<{ key: ApiKey; tenant: Tenant } | null>;
+  /** A tenant's keys, revoked ones too, oldest first. */
+  listApiKeys(tenantId: string): Promise<ApiKey[]>;
+  touchApiKey(id: string): Promise<void>;
+  /** True only when it revoked a live key. */
+  revokeApiKey(id: string): Promise<boolean>;
+  /** Creates one; with `replaceId`, replaces that one's files in place (same id, version + 1). */
+  putIntervention(iv: NewIntervention, replaceId?: string): Promise<InterventionMeta>;
+  /** One the tenant can see (its own or shared), by id or by name (its own first). */
+  findIntervention(tenantId: string | null, idOrName: string): Promise<InterventionMeta | null>;
+  listInterventions(tenantId: string | null, page: PageRequest): Promise<Page<InterventionMeta>>;
+  readInterventionFiles(id: string): Promise<InterventionFiles | null>;
+  /** Deletes the tenant's own (shared ones only with tenantId null); one a composition uses is intervention_in_use. */
+  deleteIntervention(tenantId: string | null, id: string): Promise<boolean>;
+  storedUsage(tenantId: string): Promise<StoredUsage>;
+  /** Every item's intervention must be one the tenant can see: else intervention_not_found on "items[i].intervention". */
+  putComposition(c: NewComposition, replaceId?: string): Promise<Composition>;
+  findComposition(tenantId: string | null, idOrName: string): Promise<Composition | null>;
+  listCompositions(tenantId: string | null, page: PageRequest): Promise<Page<Composition>>;
+  deleteComposition(tenantId: string | null, id: string): Promise<boolean>;
+  recordUsage(entries: UsageRecord[]): Promise<void>;
+  /** The days with a row in [from, to], ascending. */
+  getUsage(tenantId: string, from: string, to: string): Promise<UsageDay[]>;
+  putFile(tenantId: string, filename: string, purpose: string, bytes: Uint8Array): Promise<StoredFile>;
+  getFile(tenantId: string, id: string): Promise<StoredFile | null>;
+  readFile(tenantId: string, id: string): Promise<Uint8Array | null>;
+  listFiles(tenantId: string, page: PageRequest): Promise<Page<StoredFile>>;
+  deleteFile(tenantId: string, id: string): Promise<boolean>;
+  createJob(tenantId: string, spec: unknown): Promise<Job>;
+  getJob(tenantId: string | null, id: string): Promise<Job | null>;
+  listJobs(tenantId: string, page: PageRequest): Promise<Page<Job>>;
+  /** Marks a job for cancellation; a queued job is cancelled at once. */
+  requestCancel(tenantId: string, id: string): Promise<Job | null>;
+  /** Atomically takes the next queued job (or one whose lease expired) for `workerId`. */
+  claimJob(workerId: string, leaseMs: number, maxAttempts: number): Promise<{ job: Job; lease: Lease } | null>;
+  /** Worker writes (renewLease, updateProgress, saveCheckpoint, finishJob): false if the worker no longer holds the lease (expired and re-claimed). */
+  renewLease(jobId: string, workerId: string, leaseMs: number): Promise<boolean>;
+  updateProgress(jobId: string, workerId: string, progress: unknown): Promise<boolean>;
+  appendJobEvent(jobId: string, type: string, data: unknown): Promise<JobEvent>;
+  listJobEvents(jobId: string, afterSeq: number, limit: number): Promise<JobEvent[]>;
+  saveCheckpoint(jobId: string, workerId: string, step: number, state: Uint8Array): Promise<boolean>;
+  loadCheckpoint(jobId: string): Promise<{ step: number; state: Uint8Array } | null>;
+  finishJob(jobId: string, workerId: string, outcome: JobOutcome): Promise<boolean>;
+  /** Jobs of every tenant, per status. */
+  countJobs(): Promise<Record<JobStatus, number>>;
+  /** Called when an intervention is deleted or replaced (by any process sharing the store). */
+  onInterventionChanged(listener: (id: string) => void): () => void;
+  /** Called when a job is queued (wakes idle workers). */
+  onJobQueued(listener: () => void): () => void;
+  close(): Promise<void>;
+}

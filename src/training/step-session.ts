@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node';
-import { createSession, type SessionOptions } from '../engine/session.ts';
+import { createSession, type SessionOptions } from '../runtime/session.ts';
 import { cachedGraph } from '../graph/cache.ts';
 import { trainingOperators } from '../graph/training-operators.ts';
 import { QUANTIZED_GRAPH_VERSION } from '../graph/projection-weights.ts';

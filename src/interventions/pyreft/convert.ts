@@ -1,5 +1,6 @@
 import { pyreftDimensionMismatch, pyreftFileMissing, pyreftFileUnexpected, pyreftShareWeightsOdd } from '../../errors.ts';
 import { encodeSafetensors } from '../../model/safetensors.ts';
+import { offloadTask } from '../../offload/task.ts';
 import { parseArtifact, type ReftConfig } from '../artifact.ts';
 import { formatPositions, parsePositions } from '../positions.ts';
 import { convertStateDict, type ConvertedIntervention } from './class-mapping.ts';
@@ -49,6 +50,13 @@ export async function importPyreft(input: PyreftImportInput, base: PyreftBaseMod
   parseArtifact(configBytes, weightBytes, base); // whatever leaves here is valid for the base model
   return { config, configBytes, weightBytes };
 }
+
+/** `importPyreft` in an offload pool thread (a task takes one argument). */
+export function importPyreftUpload({ input, base }: { input: PyreftImportInput; base: PyreftBaseModel }): Promise<PyreftImportResult> {
+  return importPyreft(input, base);
+}
+
+export const IMPORT_PYREFT = offloadTask(import.meta.url, { importPyreftUpload });
 
 /** Every file sorted_keys names is there, and nothing else is. */
 function checkFilesMatch(saved: SavedIntervention[], files: Map<string, Uint8Array>): void {

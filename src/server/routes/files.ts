@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { fileNotFound, filePartCount, filePurposeInvalid, quotaFileBytes } from '../../errors.ts';
+import { COUNT_JSONL_ROWS } from '../../jobs/data.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Store, StoredFile } from '../../storage/store.ts';
 import { TEXT_FIELDS, readMultipart } from './multipart.ts';
@@ -60,7 +61,7 @@ export function fileRoutes(
       if (held + files[0].bytes.byteLength > o.maxFileBytes) {
         throw quotaFileBytes({ bytes: files[0].bytes.byteLength, limit: o.maxFileBytes }, 'file');
       }
-      const rows = await o.runtime().offload.countJsonlRows(files[0].bytes, 'file', o.maxRows);
+      const rows = await o.runtime().offload.run(COUNT_JSONL_ROWS, { bytes: files[0].bytes, field: 'file', maxRows: o.maxRows });
       const filename = files[0].filename.replace(/[^\w.-]/g, '_').slice(0, 200) || 'data.jsonl';
       const stored = await store.putFile(request.tenant.id, filename, purpose, files[0].bytes);
       request.log.info({ file: stored.id, tenant: request.tenant.id, rows }, 'training file stored');

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { AppliedEdit, GenerationResult } from '../../engine/generation.ts';
-import { inputFields, samplingFields } from '../protocol.ts';
+import { inputFields, samplingFields } from '../generation-request.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
 import type { GenerationService, PreparedGeneration } from '../generation-service.ts';

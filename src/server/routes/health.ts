@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { metricsKeyRequired } from '../../errors.ts';
 import { sameSecret } from '../auth.ts';
-import type { Placement } from '../../engine/device.ts';
+import type { Placement } from '../../runtime/device.ts';
 import type { ServerMetrics } from '../metrics.ts';
 
 /** Liveness, readiness (model loaded, not draining) and Prometheus metrics; no auth. */

@@ -2,24 +2,12 @@ import { createHash } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import {
-  flagInvalid,
-  interventionNameTaken,
-  interventionNotFound,
-  interventionShared,
-  multipartPartMissing,
-  multipartPartRepeated,
-  nameInvalid,
-  quotaInterventionBytes,
-  quotaInterventions,
-} from '../../errors.ts';
-import type { BaseModelShape } from '../../interventions/artifact.ts';
+import { flagInvalid, interventionNotFound, interventionShared, multipartPartMissing, multipartPartRepeated } from '../../errors.ts';
 import { CONFIG_FILE, WEIGHTS_FILE } from '../../interventions/directory.ts';
-import type { InterventionMeta, Store } from '../../storage/store.ts';
-import type { TenantLimits } from '../tenant-limits.ts';
+import type { InterventionMeta } from '../../storage/store.ts';
+import { storeArtifact, type InterventionServiceDeps } from '../intervention-service.ts';
 import { idParam, pageBody, pageQuery, pageSchema, problemSchema } from './schemas.ts';
 import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart, type UploadParts } from './multipart.ts';
-import type { OffloadPool } from '../../offload/pool.ts';
 
 /**
  * Upload, list, read, download and delete interventions. An upload is validated completely
@@ -57,8 +45,6 @@ export function interventionBody(m: InterventionMeta): z.infer<typeof interventi
   };
 }
 
-export const nameSchema = idParam.describe('intervention name: letters, digits, "_", "." or "-"');
-
 /** A part given either as a file or as a plain field. */
 function onePart(parts: UploadParts, name: string, required: true): Uint8Array;
 function onePart(parts: UploadParts, name: string, required: false): Uint8Array | undefined;
@@ -72,13 +58,6 @@ function onePart(parts: UploadParts, name: string, required: boolean): Uint8Arra
   return undefined;
 }
 
-export function parseName(raw: string | undefined, fallback: string | undefined, field = 'name'): string {
-  const name = raw ?? fallback ?? `intervention-${Date.now().toString(36)}`;
-  const ok = nameSchema.safeParse(name);
-  if (!ok.success) throw nameInvalid({ field, problem: ok.error.issues[0].message }, field);
-  return name;
-}
-
 export function parseBool(raw: string | undefined, field: string, fallback: boolean): boolean {
   if (raw === undefined) return fallback;
   if (raw === 'true') return true;
@@ -86,57 +65,10 @@ export function parseBool(raw: string | undefined, field: string, fallback: bool
   throw flagInvalid({ field }, field);
 }
 
-/** reft_config.json and pyreft's config.json: a few KB in practice. */
-
-export interface InterventionRouteDeps {
-  store: Store;
-  offload: () => OffloadPool;
+/** What the intervention routes need: the service's dependencies and the upload limit. */
+export interface InterventionRouteDeps extends InterventionServiceDeps {
   /** Largest uploaded file (bytes). */
   uploadLimit: number;
-  base: () => BaseModelShape;
-  limits: TenantLimits;
-}
-
-/** Stores a validated artifact for a tenant: quota checks, name conflicts, replacement. */
-export async function storeArtifact(
-  deps: InterventionRouteDeps,
-  tenantId: string,
-  files: { config: Uint8Array; weights: Uint8Array },
-  opts: { name?: string; description?: string; replace: boolean; source: 'upload' | 'import' },
-): Promise<{ meta: InterventionMeta; created: boolean }> {
-  // checking every value (orthonormal rows, finite) costs rank²·d: off the event loop
-  const base = deps.base();
-  const artifact = {
-    config: await deps.offload().checkArtifact(files.config, files.weights, { hiddenSize: base.hiddenSize, numLayers: base.numLayers }),
-  };
-  const name = parseName(opts.name, artifact.config.name);
-  const existing = await deps.store.findIntervention(tenantId, name);
-  const replaceId = existing && existing.tenantId === tenantId && existing.name === name ? existing.id : undefined;
-  if (replaceId && !opts.replace) throw interventionNameTaken({ name, hint: 'pass replace=true to replace it' }, 'name');
-  // a composition of this name would be shadowed wherever a request names it
-  if (await deps.store.findComposition(tenantId, name))
-    throw interventionNameTaken({ name, hint: 'a composition has it; an intervention cannot take its name' }, 'name');
-  const usage = await deps.store.storedUsage(tenantId);
-  const bytes = files.config.byteLength + files.weights.byteLength;
-  const freed = replaceId ? existing!.bytes : 0;
-  if (!replaceId && usage.interventions >= deps.limits.maxInterventions) {
-    throw quotaInterventions({ stored: usage.interventions, limit: deps.limits.maxInterventions }, 'weights');
-  }
-  if (usage.bytes - freed + bytes > deps.limits.maxInterventionBytes) {
-    throw quotaInterventionBytes({ bytes, limit: deps.limits.maxInterventionBytes }, 'weights');
-  }
-  const meta = await deps.store.putIntervention(
-    {
-      tenantId,
-      name,
-      description: opts.description ?? artifact.config.description ?? null,
-      source: opts.source,
-      config: artifact.config,
-      files,
-    },
-    replaceId,
-  );
-  return { meta, created: !replaceId };
 }
 
 export function interventionRoutes(app: FastifyInstance, deps: InterventionRouteDeps): void {

@@ -3,8 +3,10 @@ import { importReplacedExisting, pyreftConfigMissing, pyreftFileDuplicate, pyref
 import { parsePositions } from '../../interventions/positions.ts';
 import type { ModelConfig } from '../../model/config.ts';
 import { problemSchema } from './schemas.ts';
-import { interventionBody, interventionSchema, parseBool, storeArtifact, type InterventionRouteDeps } from './interventions.ts';
+import { storeArtifact } from '../intervention-service.ts';
+import { interventionBody, interventionSchema, parseBool, type InterventionRouteDeps } from './interventions.ts';
 import { MAX_CONFIG_BYTES, TEXT_FIELDS, readMultipart } from './multipart.ts';
+import { IMPORT_PYREFT } from '../../interventions/pyreft/index.ts';
 import { stateDictElementLimit } from '../../interventions/pyreft/convert.ts';
 import { PICKLE_LIMITS } from '../../interventions/pyreft/pickle.ts';
 
@@ -51,12 +53,10 @@ export function pyreftImportRoutes(app: FastifyInstance, deps: InterventionRoute
         if (files.has(f.filename)) throw pyreftFileDuplicate({ file: f.filename }, 'files');
         files.set(f.filename, f.bytes);
       }
-      const converted = await deps
-        .offload()
-        .importPyreft(
-          { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
-          { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
-        );
+      const converted = await deps.offload().run(IMPORT_PYREFT, {
+        input: { config, files, positions, shareWeights: parseBool(parts.fields.get('share_weights'), 'share_weights', false) },
+        base: { hiddenSize: model.hiddenSize, numLayers: model.numLayers, architecture: model.architecture },
+      });
       const { meta, created } = await storeArtifact(
         deps,
         request.tenant.id,

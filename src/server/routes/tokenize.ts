@@ -5,7 +5,7 @@ import { modelNotFound, tokenOutOfVocabulary } from '../../errors.ts';
 import type { Store, Tenant } from '../../storage/store.ts';
 import type { GenerationService } from '../generation-service.ts';
 import { openaiErrorSchema } from '../openai-error.ts';
-import { messageSchema } from '../protocol.ts';
+import { messageSchema } from '../../prompts/prompt-input.ts';
 
 /**
  * vLLM's /tokenize and /detokenize: the ids a prompt (or chat, template applied) becomes, and

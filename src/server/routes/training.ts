@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { interventionNameTaken, jobAlreadyFinished, jobNotFound, quotaActiveJobs, quotaInterventions } from '../../errors.ts';
-import { fileBytes } from '../../jobs/data.ts';
+import { CHECK_TRAINING_DATA, fileBytes } from '../../jobs/data.ts';
 import { jobRequestSchema, jobSpec, type JobSpec } from '../../jobs/spec.ts';
 import type { ModelRuntime } from '../runtime.ts';
 import type { Job, JobEvent, Store } from '../../storage/store.ts';
@@ -108,7 +108,9 @@ export function trainingRoutes(
         'rows' in spec.data
           ? { rows: spec.data.rows }
           : { jsonl: await fileBytes(store, request.tenant.id, spec.data.file), field: 'training_file' };
-      const { rows, longestTokens } = await rt.offload.checkTrainingData(rt.modelDir, data, {
+      const { rows, longestTokens } = await rt.offload.run(CHECK_TRAINING_DATA, {
+        modelDir: rt.modelDir,
+        data,
         maxChars: budgets.maxTrainingChars,
         maxRows: budgets.maxTrainingRows,
       });

@@ -1,19 +1,15 @@
 import { z } from 'zod';
-import { promptEmpty, promptInputAmbiguous, tokenOutOfVocabulary } from '../errors.ts';
-import type { LowRankIntervention } from '../interventions/artifact.ts';
-import type { ChatMessage, TextTokenizer } from '../model/tokenizer.ts';
 import { checkPromptFits, type GenerationRequest } from '../engine/generation.ts';
+import { promptEmpty } from '../errors.ts';
+import type { LowRankIntervention } from '../interventions/artifact.ts';
+import { messageSchema } from '../prompts/prompt-input.ts';
 
 /**
- * What a caller may ask of a generation, shared by the HTTP API and the CLI, with the defaults
- * and limits a public server needs.
+ * What a caller may ask of a generation (the request fields, with the defaults and limits a
+ * public server needs) and the engine's GenerationRequest made from it. Shared by the HTTP API
+ * and the CLI.
  */
 const MAX_STOP_STRINGS = 8;
-
-export const messageSchema = z.strictObject({
-  role: z.enum(['system', 'user', 'assistant', 'tool']),
-  content: z.string().max(1_000_000),
-});
 
 export const samplingFields = {
   max_new_tokens: z.number().int().min(1).max(32768).default(128),
@@ -41,28 +37,6 @@ export const inputFields = {
 
 export const generateOptionsSchema = z.strictObject({ ...inputFields, ...samplingFields });
 export type GenerateOptions = z.infer<typeof generateOptionsSchema>;
-
-export type PromptInput = { prompt: string } | { messages: ChatMessage[] } | { input_ids: number[] };
-
-/** Exactly one of prompt, messages and input_ids. */
-export function promptInput(o: { prompt?: string; messages?: ChatMessage[]; input_ids?: number[] }): PromptInput {
-  const given = (['prompt', 'messages', 'input_ids'] as const).filter((k) => o[k] !== undefined);
-  if (given.length !== 1) {
-    throw promptInputAmbiguous({ given }, given[1] ?? 'prompt');
-  }
-  const k = given[0];
-  return k === 'prompt' ? { prompt: o.prompt! } : k === 'messages' ? { messages: o.messages! } : { input_ids: o.input_ids! };
-}
-
-export function tokenize(input: PromptInput, tokenizer: TextTokenizer): number[] {
-  if ('prompt' in input) return tokenizer.encode(input.prompt);
-  if ('messages' in input) return tokenizer.encodeChat(input.messages, { addGenerationPrompt: true });
-  for (const [i, id] of input.input_ids.entries()) {
-    if (id >= tokenizer.vocabSize)
-      throw tokenOutOfVocabulary({ field: `input_ids.${i}`, id, vocabSize: tokenizer.vocabSize }, `input_ids.${i}`);
-  }
-  return input.input_ids;
-}
 
 /** OpenAI's sampling adjustments, which only the OpenAI routes take. */
 export interface OpenAISampling {

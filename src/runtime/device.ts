@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { cudaUnavailable, webgpuUnavailable } from '../errors.ts';
-import { GraphBuilder } from '../graph/onnx.ts';
+import { probeModel } from './probe-model.ts';
 import { cudaAvailable, type Device } from './session.ts';
 
 /** What `--device` accepts: a device, or `auto` to take the best one this machine has. */
@@ -64,8 +64,6 @@ export function describeAdapter(a: Adapter): string {
  * will. Takes about a second.
  */
 export async function webgpuAdapter(env: NodeJS.ProcessEnv = process.env): Promise<Adapter | null> {
-  const g = new GraphBuilder('adapter_probe');
-  g.output(g.op('Relu', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
   const script = `
     const ort = require(process.argv[1]);
     ort.InferenceSession.create(Buffer.from(process.argv[2], 'base64'), { executionProviders: [{ name: 'webgpu' }] })
@@ -73,7 +71,7 @@ export async function webgpuAdapter(env: NodeJS.ProcessEnv = process.env): Promi
       .then(() => process.stdout.write('probe: session created'), (e) => { process.stdout.write('probe failed: ' + e.message); process.exitCode = 3; });
   `;
   const ortEntry = createRequire(import.meta.url).resolve('onnxruntime-node');
-  const graph = Buffer.from(g.encode({ '': 21 })).toString('base64');
+  const graph = Buffer.from(probeModel('Relu')).toString('base64');
   const { stdout, stderr } = await promisify(execFile)(process.execPath, ['-e', script, ortEntry, graph], {
     env: { ...env, VK_LOADER_DEBUG: 'driver' },
     timeout: 120_000,

@@ -3,6 +3,7 @@ import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
+import { probeModel } from './probe-model.ts';
 
 export type Device = 'cpu' | 'cuda' | 'webgpu';
 
@@ -58,11 +59,8 @@ export async function cudaAvailable(): Promise<boolean> {
   const library = (name: string) => (process.platform === 'win32' ? `${name}.dll` : `lib${name}.so`);
   const providers = ['onnxruntime_providers_shared', 'onnxruntime_providers_cuda'].map(library);
   if (!providers.every((f) => existsSync(join(bindingDir(), f)))) return false;
-  const { GraphBuilder } = await import('../graph/onnx.ts');
-  const g = new GraphBuilder('probe');
-  g.output(g.op('Identity', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
   try {
-    const session = await ort.InferenceSession.create(g.encode({ '': 21 }), { executionProviders: ['cuda'], logSeverityLevel: 4 });
+    const session = await ort.InferenceSession.create(probeModel('Identity'), { executionProviders: ['cuda'], logSeverityLevel: 4 });
     await session.release();
     return true;
   } catch {
