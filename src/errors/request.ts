@@ -184,3 +184,8 @@ export const grammarCompileTimeout = defineError(
   'invalid_request',
   (p: { what: string; limit: number }) => `the ${p.what} took longer than ${p.limit} ms to compile (the compile-time limit)`,
 );
+export const structuredOutputAmbiguous = defineError('structured_output_ambiguous', 'invalid_request', (p: { given: string[] }) =>
+  p.given.length
+    ? `give one way to constrain the output, not ${p.given.join(' and ')}`
+    : 'structured_outputs names no constraint (json, choice, grammar or json_object)',
+);

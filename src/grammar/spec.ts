@@ -38,6 +38,29 @@ export const DEFAULT_GRAMMAR_BUDGETS: GrammarBudgets = { maxBytes: 64 * 1024, ma
  */
 export const JSON_LAYOUT = { anyWhitespace: false, indent: -1, separators: [',', ':'] as [string, string] };
 
+/**
+ * "Any JSON object" (response_format json_object), bounded so that a sampled model always closes
+ * it: an object of at most 8 members, nested at most 3 objects or arrays deep, arrays of at most
+ * 8 items, strings (keys too) of at most 64 characters, numbers of at most 12 digits. Unbounded,
+ * a small sampled model writes one string until it runs out of tokens. Compact, like JSON_LAYOUT.
+ */
+export const JSON_OBJECT_EBNF = String.raw`root ::= object2
+object2 ::= "{" (member2 ("," member2){0,7})? "}"
+member2 ::= string ":" value1
+value1 ::= scalar | object1 | array1
+object1 ::= "{" (member1 ("," member1){0,7})? "}"
+member1 ::= string ":" value0
+array1 ::= "[" (value0 ("," value0){0,7})? "]"
+value0 ::= scalar | object0 | array0
+object0 ::= "{" (member0 ("," member0){0,7})? "}"
+member0 ::= string ":" scalar
+array0 ::= "[" (scalar ("," scalar){0,7})? "]"
+scalar ::= string | number | "true" | "false" | "null"
+string ::= "\"" char{0,64} "\""
+char ::= [^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [0-9a-fA-F]{4})
+number ::= "-"? ("0" | [1-9] [0-9]{0,11}) ("." [0-9]{1,6})? ([eE] [+-]? [1-9] [0-9]?)?
+`;
+
 /** What a grammar thread compiles: the kind and the canonical text (the cache key's source). */
 export interface CompileJob {
   kind: 'json_schema' | 'json_object' | 'grammar';
@@ -86,7 +109,7 @@ export function canonicalGrammar(spec: GrammarSpec, budgets: GrammarBudgets): Ca
       break;
     }
     case 'json_object':
-      job = { kind: 'json_object', text: '{"type":"object"}', strict: false };
+      job = { kind: 'grammar', text: JSON_OBJECT_EBNF, strict: false };
       break;
     case 'choice': {
       const bytes = spec.choices.reduce((n, c) => n + byteLength(c), 0);

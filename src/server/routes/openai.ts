@@ -19,6 +19,7 @@ import { openaiErrorOf, openaiErrorSchema } from '../openai-error.ts';
 import { toReftError } from '../problem.ts';
 import { messageSchema, samplingFields } from '../protocol.ts';
 import { SseStream } from '../sse.ts';
+import { grammarSpecOf, structuredOutputFields } from '../structured-output.ts';
 import { appliedFields, disconnectSignal } from './generate.ts';
 import { returnCoefficientsField, steerListSchema } from './steer-schemas.ts';
 
@@ -68,6 +69,7 @@ const common = {
   return_coefficients: returnCoefficientsField
     .optional()
     .describe("extension: add `applied` (and `prompt_token_texts`) to each choice, on a stream to each choice's first chunk"),
+  ...structuredOutputFields,
 };
 
 const tokenIds = z.array(z.number().int().min(0)).min(1).max(1_000_000);
@@ -98,7 +100,6 @@ const chatBody = z.strictObject({
   functions: notSupported,
   function_call: notSupported,
   parallel_tool_calls: notSupported,
-  response_format: notSupported,
   audio: notSupported,
   modalities: notSupported,
   prediction: notSupported,
@@ -328,6 +329,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
         const tokenizer = service.model.tokenizer;
         const context = service.model.config.maxPositions;
         const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
+        const grammar = grammarSpecOf(b);
         const prepared: PreparedGeneration[] = [];
         for (const p of prompts) {
           const one = await service.prepare(
@@ -335,6 +337,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             steeringOf(b),
             { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) },
             'cmpl',
+            grammar,
           );
           checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
           prepared.push(one);
@@ -398,7 +401,6 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
           'functions',
           'function_call',
           'parallel_tool_calls',
-          'response_format',
           'audio',
           'modalities',
           'prediction',
@@ -418,7 +420,7 @@ export function openaiRoutes(app: FastifyInstance, service: GenerationService, s
             : { value: b.max_tokens, field: 'max_tokens' };
         const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
         if (b.logprobs) input.logprobs = true;
-        const prepared = await service.prepare(request.tenant, steeringOf(b), input, 'chatcmpl');
+        const prepared = await service.prepare(request.tenant, steeringOf(b), input, 'chatcmpl', grammarSpecOf(b));
         checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
         const rows = choicesOf([prepared], n);
         const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
