@@ -40,23 +40,19 @@ export const JSON_LAYOUT = { anyWhitespace: false, indent: -1, separators: [',',
 
 /**
  * "Any JSON object" (response_format json_object), bounded so that a sampled model always closes
- * it: an object of at most 8 members, nested at most 3 objects or arrays deep, arrays of at most
- * 8 items, strings (keys too) of at most 64 characters, numbers of at most 12 digits. Unbounded,
+ * it: an object of at most 6 members whose values are scalars or objects or arrays of at most 6
+ * scalars, strings (keys too) of at most 32 characters, numbers of at most 12 digits (6 decimals). Unbounded,
  * a small sampled model writes one string until it runs out of tokens. Compact, like JSON_LAYOUT.
  */
-export const JSON_OBJECT_EBNF = String.raw`root ::= object2
-object2 ::= "{" (member2 ("," member2){0,7})? "}"
-member2 ::= string ":" value1
-value1 ::= scalar | object1 | array1
-object1 ::= "{" (member1 ("," member1){0,7})? "}"
+export const JSON_OBJECT_EBNF = String.raw`root ::= object1
+object1 ::= "{" (member1 ("," member1){0,5})? "}"
 member1 ::= string ":" value0
-array1 ::= "[" (value0 ("," value0){0,7})? "]"
 value0 ::= scalar | object0 | array0
-object0 ::= "{" (member0 ("," member0){0,7})? "}"
+object0 ::= "{" (member0 ("," member0){0,5})? "}"
 member0 ::= string ":" scalar
-array0 ::= "[" (scalar ("," scalar){0,7})? "]"
+array0 ::= "[" (scalar ("," scalar){0,5})? "]"
 scalar ::= string | number | "true" | "false" | "null"
-string ::= "\"" char{0,64} "\""
+string ::= "\"" char{0,32} "\""
 char ::= [^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [0-9a-fA-F]{4})
 number ::= "-"? ("0" | [1-9] [0-9]{0,11}) ("." [0-9]{1,6})? ([eE] [+-]? [1-9] [0-9]?)?
 `;
