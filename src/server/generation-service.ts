@@ -11,7 +11,7 @@ import type { TenantQueues } from './tenant-queue.ts';
 import type { UsageMeter } from './usage.ts';
 import type { PreparedGrammar } from '../grammar/service.ts';
 import type { GrammarSpec } from '../grammar/spec.ts';
-import { ReftError } from '../errors.ts';
+import { grammarThreadFailed } from '../errors.ts';
 
 /**
  * Turns a route's validated request into an engine request (intervention resolved, input
@@ -170,7 +170,7 @@ export class GenerationService {
       })
       .finally(() => row && grammars.release(row));
     if (result.finishReason === 'cancelled' && result.stoppedBy === 'grammar') {
-      throw new ReftError('internal', 'structured output: the grammar thread of this row stopped answering');
+      throw grammarThreadFailed();
     }
     this.metrics.promptTokens.inc(result.promptTokens);
     this.metrics.generatedTokens.inc(result.tokens.length);
