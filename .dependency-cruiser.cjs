@@ -17,6 +17,7 @@ const LAYERS = [
   ['runtime', '^src/runtime/'], // ONNX Runtime sessions and devices
   ['model', '^src/model/'],
   ['prompts', '^src/prompts/'],
+  ['grammar', '^src/grammar/'], // structured output: xgrammar's compiler and the rows' matchers
   ['storage', '^src/storage/'],
   ['quant', '^src/quant/'],
   ['interventions', '^src/interventions/'],

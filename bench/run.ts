@@ -10,11 +10,12 @@ import { benchGpu } from './gpu.ts';
 import { LLAMA_1B_CONFIG, SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
 import { benchSteer } from './steer.ts';
+import { benchStructured } from './structured.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
 import { benchWeights } from './weights.ts';
 
 /**
- * `npm run bench [-- engine server steer training soak weights] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
+ * `npm run bench [-- engine server steer training soak weights structured] [--device auto|cpu|webgpu|cuda]`: the speed targets of the issues, measured on a
  * random-weight checkpoint with SmolLM2-135M's shapes (generated once under bench/.work) and on
  * stories260k. `npm run bench -- gpu --device webgpu` (not in the default set: it needs a GPU
  * and llama.cpp's Vulkan build) runs issue 14's GPU comparison on the 135M shapes, or on
@@ -73,6 +74,7 @@ if (sections.includes('gpu')) {
         : model;
   results.gpu = await benchGpu(gpuModel, { placement, cacheDir, cpu: which !== 'llama1b' }, log);
 }
+if (sections.includes('structured')) results.structured = await benchStructured(ROOT, log);
 if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
 if (sections.includes('steer')) results.steer = await benchSteer(dir, model.config, log);

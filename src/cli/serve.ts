@@ -1,4 +1,5 @@
 import { existsSync } from 'node:fs';
+import { DEFAULT_GRAMMAR_BUDGETS } from '../grammar/spec.ts';
 import { basename, isAbsolute, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { DEFAULT_LIMITS } from '../engine/scheduler.ts';
@@ -36,6 +37,9 @@ interface ServeFlags extends WorkerFlags {
   maxBodyBytes: number;
   maxUploadBytes: number;
   maxPromptChars?: number;
+  grammarMaxBytes: number;
+  grammarMaxDepth: number;
+  grammarCompileTimeout: number;
   maxTrainingChars: number;
   maxTrainingRows: number;
   servedModelName?: string;
@@ -165,6 +169,33 @@ export function serveCommand(): Command {
     )
     .addOption(
       opt(
+        '--grammar-max-bytes <n>',
+        'structured output: bytes of a JSON schema (as compact JSON), an EBNF grammar, or a choice list',
+        'REFT_GRAMMAR_MAX_BYTES',
+        int('--grammar-max-bytes', 1),
+        DEFAULT_GRAMMAR_BUDGETS.maxBytes,
+      ),
+    )
+    .addOption(
+      opt(
+        '--grammar-max-depth <n>',
+        'structured output: nesting depth of a JSON schema',
+        'REFT_GRAMMAR_MAX_DEPTH',
+        int('--grammar-max-depth', 1),
+        DEFAULT_GRAMMAR_BUDGETS.maxDepth,
+      ),
+    )
+    .addOption(
+      opt(
+        '--grammar-compile-timeout <ms>',
+        'structured output: milliseconds a schema or grammar may take to compile (past it: a 400, and the compilation is stopped)',
+        'REFT_GRAMMAR_COMPILE_TIMEOUT',
+        int('--grammar-compile-timeout', 1),
+        DEFAULT_GRAMMAR_BUDGETS.compileTimeoutMs,
+      ),
+    )
+    .addOption(
+      opt(
         '--max-training-chars <n>',
         'characters of training text per file or job, checked before tokenizing',
         'REFT_MAX_TRAINING_CHARS',
@@ -287,6 +318,7 @@ async function runServe(f: ServeFlags): Promise<void> {
       maxTrainingRows: f.maxTrainingRows,
       trainMemoryBudget: f.trainMemoryBudget,
     },
+    grammarBudgets: { maxBytes: f.grammarMaxBytes, maxDepth: f.grammarMaxDepth, compileTimeoutMs: f.grammarCompileTimeout },
     shutdownTimeoutMs: f.shutdownTimeout,
     usageFlushMs: f.usageFlushMs,
     logLevel: f.logLevel,

@@ -1,5 +1,6 @@
 import { promptTooLong } from '../errors.ts';
 import type { RequestIntervention } from '../interventions/steer.ts';
+import { RowMatcher, type RowGrammar } from '../grammar/row.ts';
 import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
 
 export type { RequestIntervention } from '../interventions/steer.ts';
@@ -32,6 +33,11 @@ export interface GenerationRequest {
   ignoreEos: boolean;
   logprobs: boolean;
   topLogprobs: number;
+  /**
+   * Structured output: this row's channel to its grammar matcher (src/grammar/row.ts). Every token
+   * is picked under the matcher's mask; the row ends ("stop") when the grammar is complete.
+   */
+  grammar?: RowGrammar;
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled';
@@ -58,7 +64,7 @@ export interface GenerationResult {
   finishReason: FinishReason;
   promptTokens: number;
   logprobs?: TokenLogprob[];
-  /** Name of the stop string or 'eos' when finishReason is 'stop'. */
+  /** Name of the stop string or 'eos' when finishReason is 'stop'; 'grammar' when a constrained row's matcher failed (finishReason 'cancelled'). */
   stoppedBy?: string;
   /**
    * With `returnCoefficients`: per request item (by `item`, in item order), per intervention of
@@ -96,6 +102,8 @@ export class Generation {
   stoppedBy: string | undefined;
   /** What the prompt's interventions did, when the request asked (set by the prefill). */
   private applied: AppliedEdit[][] | undefined;
+  /** Structured output: the row's matcher (on a grammar thread, reached through shared memory). */
+  private readonly matcher: RowMatcher | null;
 
   constructor(
     readonly request: GenerationRequest,
@@ -105,6 +113,7 @@ export class Generation {
   ) {
     this.sampler = new Sampler(request.sampling, request.tokens);
     this.decoder = detokenizer.createStreamDecoder(request.tokens);
+    this.matcher = request.grammar ? new RowMatcher(request.grammar) : null;
   }
 
   get done(): boolean {
@@ -118,7 +127,7 @@ export class Generation {
   get samplesGreedily(): boolean {
     const p = this.request.sampling;
     const adjusted = p.repetitionPenalty !== 1 || !!p.frequencyPenalty || !!p.presencePenalty || !!p.logitBias?.length;
-    return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0;
+    return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0 && !this.matcher;
   }
 
   /** Records the prefill's readout; the first token event and the result carry it. */
@@ -128,7 +137,15 @@ export class Generation {
 
   /** Picks the next token from `logits`, records it, and decides whether generation ends. */
   accept(logits: Float32Array): TokenEvent {
-    const token = this.sampler.next(logits);
+    const m = this.matcher;
+    if (m && !m.waitMask()) {
+      // the grammar thread is gone: the row can't go on (the service reports it as an error)
+      const token = this.sampler.next(logits);
+      this.finish('cancelled', 'grammar');
+      return { token, text: '' };
+    }
+    const token = this.sampler.next(logits, m ? { bits: m.mask, vocabSize: m.grammar.vocabSize } : undefined);
+    m?.accept(token);
     return this.take(token, this.request.logprobs ? tokenLogprob(logits, token, this.request.topLogprobs) : undefined);
   }
 
@@ -142,7 +159,8 @@ export class Generation {
     if (lp) this.logprobs.push(lp);
     this.tokens.push(token);
     const applied = this.tokens.length === 1 && this.applied ? { applied: this.applied } : {};
-    const isEos = !this.request.ignoreEos && this.eosTokenIds.has(token);
+    // under a grammar a stop token is allowed only where the grammar is complete: it always ends
+    const isEos = (!this.request.ignoreEos || !!this.matcher) && this.eosTokenIds.has(token);
     if (isEos) {
       this.finish('stop', 'eos');
       return { token, text: this.release(this.decoder.flush(), true), logprob: lp, ...applied };
@@ -165,6 +183,12 @@ export class Generation {
   private finish(reason: FinishReason, by?: string): void {
     this.finishReason = reason;
     this.stoppedBy = by;
+    this.matcher?.close();
+  }
+
+  /** Milliseconds this row waited for its grammar masks (0 unconstrained). */
+  get grammarWaitMs(): number {
+    return this.matcher?.waitedMs ?? 0;
   }
 
   /**

@@ -1,4 +1,5 @@
 import { Rng } from '../rng.ts';
+import { applyMask } from '../grammar/row.ts';
 
 /**
  * Next-token selection: repetition penalty, OpenAI's frequency/presence penalties and logit
@@ -51,8 +52,12 @@ export class Sampler {
     this.counts = params.frequencyPenalty || params.presencePenalty ? new Map() : null;
   }
 
-  /** Picks the next token; `logits` is not modified. */
-  next(logits: Float32Array): number {
+  /**
+   * Picks the next token; `logits` is not modified. `mask` (structured output: bit t set = token t
+   * allowed, over the first `maskVocab` ids) applies after the penalties and the bias and before
+   * temperature, top-k and top-p, so every way of sampling picks only allowed tokens.
+   */
+  next(logits: Float32Array, mask?: { bits: Int32Array; vocabSize: number }): number {
     const p = this.params;
     let scores = logits;
     if (p.repetitionPenalty !== 1 && this.seen.size) {
@@ -65,6 +70,10 @@ export class Sampler {
       const presence = p.presencePenalty ?? 0;
       for (const [t, n] of this.counts ?? []) scores[t] -= n * frequency + presence;
       for (const [t, bias] of p.logitBias ?? []) scores[t] += bias;
+    }
+    if (mask) {
+      if (scores === logits) scores = logits.slice();
+      applyMask(scores, mask.bits, mask.vocabSize);
     }
     const token = p.temperature === 0 ? argmax(scores) : this.draw(scores);
     if (p.repetitionPenalty !== 1) this.seen.add(token);

@@ -162,3 +162,30 @@ export const problemTypeNotFound = defineError(
   'not_found',
   (p: { code: string }) => `no error code "${p.code}" in the catalogue (GET /problems lists them)`,
 );
+
+// structured output (response_format, structured_outputs)
+export const grammarInvalid = defineError(
+  'grammar_invalid',
+  'invalid_request',
+  (p: { what: string; reason: string }) => `the ${p.what} can't be used to constrain the output: ${p.reason}`,
+);
+export const grammarTooLarge = defineError(
+  'grammar_too_large',
+  'invalid_request',
+  (p: { what: string; bytes: number; limit: number }) => `the ${p.what} is ${p.bytes} bytes, over the limit of ${p.limit}`,
+);
+export const grammarTooDeep = defineError(
+  'grammar_too_deep',
+  'invalid_request',
+  (p: { depth: number; limit: number }) => `the schema nests ${p.depth} levels deep, over the limit of ${p.limit}`,
+);
+export const grammarCompileTimeout = defineError(
+  'grammar_compile_timeout',
+  'invalid_request',
+  (p: { what: string; limit: number }) => `the ${p.what} took longer than ${p.limit} ms to compile (the compile-time limit)`,
+);
+export const structuredOutputAmbiguous = defineError('structured_output_ambiguous', 'invalid_request', (p: { given: string[] }) =>
+  p.given.length
+    ? `give one way to constrain the output, not ${p.given.join(' and ')}`
+    : 'structured_outputs names no constraint (json, choice, grammar or json_object)',
+);

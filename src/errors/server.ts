@@ -67,6 +67,11 @@ export const weightsFormatUnsupported = defineError(
   (p: { format: string; device: string }) =>
     `--weights ${p.format} is not supported on the ${p.device} device: the graphs compute in float32 (on the CPU, ORT would convert half weights back to float32 at load); use f32, q8 or q4`,
 );
+export const grammarThreadFailed = defineError(
+  'grammar_thread_failed',
+  'internal',
+  () => "structured output: the grammar thread of this request's row stopped answering",
+);
 
 function mib(bytes: number): string {
   return (bytes / 2 ** 20).toFixed(1);

@@ -9,6 +9,9 @@ import type { ModelRuntime } from './runtime.ts';
 import type { SteeringResolver, SteerItem } from './steering.ts';
 import type { TenantQueues } from './tenant-queue.ts';
 import type { UsageMeter } from './usage.ts';
+import type { PreparedGrammar } from '../grammar/service.ts';
+import type { GrammarSpec } from '../grammar/spec.ts';
+import { grammarThreadFailed } from '../errors.ts';
 
 /**
  * Turns a route's validated request into an engine request (intervention resolved, input
@@ -20,6 +23,8 @@ export interface PreparedGeneration {
   /** The intervention or composition id `adapter`/`model` named, or null (the base model, or a list). */
   interventionId: string | null;
   request: GenerationRequest;
+  /** Structured output: the compiled grammar; each row opens its own matcher when it runs. */
+  grammar?: PreparedGrammar;
 }
 
 /** What a request applies: an intervention or composition by name (`field` names it), or a list of items. */
@@ -75,7 +80,13 @@ export class GenerationService {
    * Resolves what the request applies (nothing when the name is null or the base model's; see
    * steering.ts) and tokenizes the input in the offload pool, after checking its length.
    */
-  async prepare(tenant: Tenant, steering: SteeringInput, input: GenerationInput, idPrefix = 'gen'): Promise<PreparedGeneration> {
+  async prepare(
+    tenant: Tenant,
+    steering: SteeringInput,
+    input: GenerationInput,
+    idPrefix = 'gen',
+    grammar: GrammarSpec | null = null,
+  ): Promise<PreparedGeneration> {
     const rt = this.runtime();
     const prompt = promptInput(input);
     const maxChars = this.budget.maxPromptChars ?? DEFAULT_CHARS_PER_CONTEXT_TOKEN * rt.config.maxPositions;
@@ -95,7 +106,9 @@ export class GenerationService {
       ...toGenerationRequest(tokens, input, resolved.interventions, rt.config.maxPositions),
       ...(steering.returnCoefficients ? { returnCoefficients: true } : {}),
     };
-    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved.id, request };
+    // compiled last, once everything cheaper has been checked (on a grammar thread: see grammar/service.ts)
+    const compiled = grammar ? await rt.grammars.prepare(grammar) : undefined;
+    return { id: `${idPrefix}-${randomUUID()}`, interventionId: resolved.id, request, ...(compiled ? { grammar: compiled } : {}) };
   }
 
   /** Runs a prepared generation, recording metrics (inside `admitted`). */
@@ -144,16 +157,24 @@ export class GenerationService {
   private async runRow(prepared: PreparedGeneration, signal: AbortSignal, onToken?: (e: TokenEvent) => void): Promise<GenerationResult> {
     const started = performance.now();
     let first = 0;
-    const result = await this.runtime().engine.generate(prepared.request, {
-      signal,
-      onToken: (e) => {
-        if (!first) {
-          first = performance.now();
-          this.metrics.timeToFirstToken.observe((first - started) / 1000);
-        }
-        onToken?.(e);
-      },
-    });
+    const grammars = this.runtime().grammars;
+    const row = prepared.grammar ? await prepared.grammar.open() : undefined;
+    const request = row ? { ...prepared.request, grammar: row } : prepared.request;
+    const result = await this.runtime()
+      .engine.generate(request, {
+        signal,
+        onToken: (e) => {
+          if (!first) {
+            first = performance.now();
+            this.metrics.timeToFirstToken.observe((first - started) / 1000);
+          }
+          onToken?.(e);
+        },
+      })
+      .finally(() => row && grammars.release(row));
+    if (result.finishReason === 'cancelled' && result.stoppedBy === 'grammar') {
+      throw grammarThreadFailed();
+    }
     this.metrics.promptTokens.inc(result.promptTokens);
     this.metrics.generatedTokens.inc(result.tokens.length);
     const decodeSeconds = (performance.now() - first) / 1000;

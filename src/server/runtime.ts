@@ -5,6 +5,7 @@ import type { InterventionCache } from '../interventions/cache.ts';
 import type { ModelConfig } from '../model/config.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
 import type { OffloadPool } from '../offload/pool.ts';
+import type { GrammarService } from '../grammar/service.ts';
 
 /**
  * What the routes need once the model is loaded: the base model's name, config and tokenizer,
@@ -24,6 +25,8 @@ export interface ModelRuntime {
   tokenizer: TextTokenizer;
   engine: EngineClient;
   interventions: InterventionCache;
+  /** Structured output: grammars compiled for this model's tokenizer, and the rows' matchers. */
+  grammars: GrammarService;
   /** The device the engine runs on, and its adapter. */
   placement: Placement;
 }

@@ -20,6 +20,9 @@ import type { ModelRuntime } from './runtime.ts';
 import { describeHugePages } from '../engine/huge-pages.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { OffloadPool } from '../offload/pool.ts';
+import { GrammarService } from '../grammar/service.ts';
+import type { GrammarBudgets } from '../grammar/spec.ts';
+import { loadGrammarVocab } from '../grammar/vocab.ts';
 import type { InputBudgets } from './app.ts';
 
 /** Everything `reft-server serve` is configured with (flags and REFT_* variables). */
@@ -47,6 +50,8 @@ export interface ServeSettings {
   uploadLimit: number;
   /** Text bounds checked before tokenizing (see jobs/data.ts and prompts/prompt-input.ts). */
   inputBudgets: InputBudgets;
+  /** Structured output's budgets: schema or grammar bytes, schema depth, compile time (grammar/spec.ts). */
+  grammarBudgets?: Partial<GrammarBudgets>;
   shutdownTimeoutMs: number;
   usageFlushMs: number;
   logLevel: string;
@@ -136,7 +141,11 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     );
     store.onInterventionChanged((id) => interventions.invalidate(id));
     if (s.sharedInterventionsDir) await registerSharedInterventions(store, s.sharedInterventionsDir, model.config, app.log);
+    const grammars = new GrammarService(await loadGrammarVocab(dir, model.config.vocabSize, model.tokenizer.eosTokenIds), {
+      budgets: s.grammarBudgets,
+    });
     runtime = {
+      grammars,
       name: s.modelName,
       aliases: s.modelAliases ?? [],
       modelDir: dir,
@@ -189,6 +198,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       clearInterval(sweep);
       clearTimeout(timer);
       await runtime?.engine.close();
+      await runtime?.grammars.close();
       await offload.close();
       await store.close();
       app.log.info('stopped');

@@ -7,6 +7,7 @@ import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
 import type { GenerationService, PreparedGeneration } from '../generation-service.ts';
 import { SseStream } from '../sse.ts';
+import { grammarSpecOf, structuredOutputFields } from '../structured-output.ts';
 import { logprobPieces } from '../logprob-pieces.ts';
 import { problemSchema } from './schemas.ts';
 import { appliedSchema, promptTokenTextsSchema, returnCoefficientsField, steerListSchema } from './steer-schemas.ts';
@@ -26,6 +27,7 @@ const generateBody = z.strictObject({
   ...inputFields,
   ...samplingFields,
   stream: z.boolean().default(false).describe('stream tokens as server-sent events'),
+  ...structuredOutputFields,
 });
 
 const logprobSchema = z.object({
@@ -108,9 +110,10 @@ export function generateRoutes(app: FastifyInstance, service: GenerationService)
     },
     async (request, reply) =>
       service.admitted(request.tenant, disconnectSignal(reply), async (disconnected) => {
-        const { adapter, interventions, return_coefficients, stream, ...input } = request.body;
+        const { adapter, interventions, return_coefficients, stream, response_format, structured_outputs, ...input } = request.body;
         const steering = { name: adapter, field: 'adapter', items: interventions, returnCoefficients: return_coefficients };
-        const prepared = await service.prepare(request.tenant, steering, input);
+        const grammar = grammarSpecOf({ response_format, structured_outputs });
+        const prepared = await service.prepare(request.tenant, steering, input, 'gen', grammar);
         const tokenizer = service.model.tokenizer;
         if (!stream) {
           const result = await service.run(request.tenant, prepared, { signal: disconnected });

@@ -1,4 +1,5 @@
 import { useEffect, useRef, useState } from 'preact/hooks';
+import { schemaProblem } from '../schema-check.ts';
 import { ApiError, call, listAll, stream, type AppliedEdit, type GenerateEvent, type Intervention } from '../api.ts';
 import { FORM, FieldError, describedBy, useFieldErrors } from '../components/field-errors.tsx';
 import { HeatStrip } from '../components/heat-strip.tsx';
@@ -84,10 +85,25 @@ function steering(rows: Row[], f: Features): Record<string, unknown> {
   return { adapter: only.intervention };
 }
 
+/** With a schema: whether the output parses and follows it (checked here, as a reader would). */
+function validation(text: string, schema: Record<string, unknown> | null): string {
+  if (!schema) return '';
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return ' · not JSON';
+  }
+  const problem = schemaProblem(value, schema);
+  return problem ? ` · does not follow the schema (${problem})` : ' · valid: follows the schema';
+}
+
 export function GeneratePage({ active, revision, preselect }: { active: boolean; revision: number; preselect: string | null }) {
   const [info, setInfo] = useState<Features | null>(null);
   const [list, setList] = useState<Intervention[]>([]);
   const [prompt, setPrompt] = useState('Once upon a time');
+  /** Structured output: a JSON Schema the output must follow (empty: none). */
+  const [schemaText, setSchemaText] = useState('');
   const [chat, setChat] = useState(false);
   const [sampling, setSampling] = useState<Sampling>({ max_new_tokens: 24, temperature: 0, top_p: 1, top_k: 0, seed: 1 });
   const [rows, setRows] = useState<Row[]>([newRow()]);
@@ -100,6 +116,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
   const [runs, setRuns] = useState(0);
   const fieldNames = [
     ...SAMPLING_FIELDS,
+    'response_format.json_schema.schema',
     ...rows.flatMap((_, i) => ['intervention', 'strength', 'layers', 'positions'].map((k) => `interventions.${i}.${k}`)),
   ];
   const fe = useFieldErrors(fieldNames, { adapter: 'interventions.0.intervention', messages: 'prompt' });
@@ -120,6 +137,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
 
   async function runPane(
     body: Record<string, unknown>,
+    schema: Record<string, unknown> | null,
     set: (p: Pane) => void,
     signal: AbortSignal,
     onApplied?: (a: AppliedEdit[][], tokens?: string[]) => void,
@@ -138,7 +156,11 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
           text += e.text;
           set({ text, state: 'running', note: 'streaming…' });
         } else if (e.type === 'done') {
-          set({ text: e.text, state: 'done', note: `done: ${e.usage.completion_tokens} tokens, finish ${e.finish_reason}` });
+          set({
+            text: e.text,
+            state: 'done',
+            note: `done: ${e.usage.completion_tokens} tokens, finish ${e.finish_reason}${validation(e.text, schema)}`,
+          });
           return;
         } else if (e.type === 'error') throw new ApiError(e.error);
       }
@@ -163,7 +185,24 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
       return;
     }
     const names = rows.filter((r) => r.intervention).map((r) => r.intervention);
-    const common = { ...input(), ...sampling };
+    let schema: Record<string, unknown> | null = null;
+    if (schemaText.trim()) {
+      try {
+        schema = JSON.parse(schemaText);
+      } catch (err) {
+        fe.show(
+          new ApiError({
+            status: 400,
+            code: 'grammar_invalid',
+            detail: `not JSON: ${(err as Error).message}`,
+            field: 'response_format.json_schema.schema',
+          }),
+        );
+        return;
+      }
+    }
+    const format = schema ? { response_format: { type: 'json_schema', json_schema: { name: 'playground', schema } } } : {};
+    const common = { ...input(), ...sampling, ...format };
     setShownPrompt(prompt);
     setRuns((n) => n + 1);
     setApplied(null);
@@ -176,8 +215,8 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
         () => setApplied({ edits, tokens: [], names }),
       );
     };
-    const jobs = [runPane({ ...common, ...steer }, setSteered, controller.signal, onApplied)];
-    if (compare) jobs.push(runPane(common, setBase, controller.signal));
+    const jobs = [runPane({ ...common, ...steer }, schema, setSteered, controller.signal, onApplied)];
+    if (compare) jobs.push(runPane(common, schema, setBase, controller.signal));
     const results = await Promise.allSettled(jobs);
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed && !controller.signal.aborted) fe.show(failed.reason);
@@ -230,6 +269,17 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
           {...describedBy('gen', 'prompt', errs)}
         />
         <FieldError form="gen" field="prompt" errors={errs} />
+
+        <label for="gen-schema">JSON Schema (optional: the output follows it)</label>
+        <textarea
+          id="gen-schema"
+          rows={3}
+          placeholder='{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}}, "required": ["name"]}'
+          value={schemaText}
+          onInput={(e) => setSchemaText(e.currentTarget.value)}
+          {...describedBy('gen', 'response_format.json_schema.schema', errs)}
+        />
+        <FieldError form="gen" field="response_format.json_schema.schema" errors={errs} />
 
         <fieldset class="grid">
           <legend>Sampling</legend>

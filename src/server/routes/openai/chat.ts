@@ -9,6 +9,7 @@ import { appliedFields, disconnectSignal } from '../generate.ts';
 import { checkMaxTokens, choicesOf, generationInput, refuseUnsupported, steeringOf } from './request.ts';
 import { created, finishOf, streamOpenAI, usageOf } from './response.ts';
 import { chatBody, chatResponse, openaiRoute } from './schemas.ts';
+import { grammarSpecOf } from '../../structured-output.ts';
 
 function chatLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
@@ -32,7 +33,6 @@ export function chatCompletionsRoute(app: FastifyInstance, service: GenerationSe
           'functions',
           'function_call',
           'parallel_tool_calls',
-          'response_format',
           'audio',
           'modalities',
           'prediction',
@@ -52,7 +52,7 @@ export function chatCompletionsRoute(app: FastifyInstance, service: GenerationSe
             : { value: b.max_tokens, field: 'max_tokens' };
         const input = { ...generationInput(b, maxTokens.value, lp, tokenizer.vocabSize), messages: b.messages };
         if (b.logprobs) input.logprobs = true;
-        const prepared = await service.prepare(request.tenant, steeringOf(b), input, 'chatcmpl');
+        const prepared = await service.prepare(request.tenant, steeringOf(b), input, 'chatcmpl', grammarSpecOf(b));
         checkMaxTokens(prepared, maxTokens, service.model.config.maxPositions);
         const rows = choicesOf([prepared], n);
         const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };

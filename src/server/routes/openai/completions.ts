@@ -9,6 +9,7 @@ import { appliedFields, disconnectSignal } from '../generate.ts';
 import { checkMaxTokens, choicesOf, generationInput, refuseUnsupported, steeringOf } from './request.ts';
 import { created, finishOf, streamOpenAI, usageOf } from './response.ts';
 import { MAX_CHOICES, completionBody, completionResponse, openaiRoute, type CompletionPrompt } from './schemas.ts';
+import { grammarSpecOf } from '../../structured-output.ts';
 
 function completionLogprobs(lps: TokenLogprob[] | undefined, prompt: readonly number[], tokenizer: TextTokenizer) {
   if (!lps) return null;
@@ -58,6 +59,7 @@ export function completionsRoute(app: FastifyInstance, service: GenerationServic
         const tokenizer = service.model.tokenizer;
         const context = service.model.config.maxPositions;
         const sampling = generationInput(b, b.max_tokens, b.logprobs ?? 0, tokenizer.vocabSize);
+        const grammar = grammarSpecOf(b);
         const prepared: PreparedGeneration[] = [];
         for (const p of prompts) {
           const one = await service.prepare(
@@ -65,6 +67,7 @@ export function completionsRoute(app: FastifyInstance, service: GenerationServic
             steeringOf(b),
             { ...sampling, ...(typeof p === 'string' ? { prompt: p } : { input_ids: p }) },
             'cmpl',
+            grammar,
           );
           checkMaxTokens(one, { value: b.max_tokens, field: 'max_tokens' }, context);
           prepared.push(one);

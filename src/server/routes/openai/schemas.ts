@@ -3,6 +3,7 @@ import { openaiErrorSchema } from '../../openai-error.ts';
 import { messageSchema } from '../../../prompts/prompt-input.ts';
 import { samplingFields } from '../../generation-request.ts';
 import { returnCoefficientsField, steerListSchema } from '../steer-schemas.ts';
+import { structuredOutputFields } from '../../structured-output.ts';
 
 /** The OpenAI routes' request and response bodies, as the OpenAPI document shows them. */
 
@@ -45,6 +46,7 @@ const common = {
   return_coefficients: returnCoefficientsField
     .optional()
     .describe("extension: add `applied` (and `prompt_token_texts`) to each choice, on a stream to each choice's first chunk"),
+  ...structuredOutputFields,
 };
 
 const tokenIds = z.array(z.number().int().min(0)).min(1).max(1_000_000);
@@ -75,7 +77,6 @@ export const chatBody = z.strictObject({
   functions: notSupported,
   function_call: notSupported,
   parallel_tool_calls: notSupported,
-  response_format: notSupported,
   audio: notSupported,
   modalities: notSupported,
   prediction: notSupported,
