@@ -159,7 +159,12 @@ describe('API fidelity (single-tenant server)', () => {
       const greedy = await ask({ n: 2 });
       expect(greedy.choices[0].text).toBe(greedy.choices[1].text);
       const promptTokens = tokenizer.encode(PROMPT).length;
-      expect(greedy.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: 12, total_tokens: promptTokens + 12 });
+      expect(greedy.usage).toEqual({
+        prompt_tokens: promptTokens,
+        completion_tokens: 12,
+        total_tokens: promptTokens + 12,
+        prompt_tokens_details: { cached_tokens: 0 },
+      });
       const chat = await client.chat.completions.create({
         model: base,
         messages: [{ role: 'user', content: 'Tell me a story.' }],

@@ -2,7 +2,9 @@ import { describe, expect, it } from 'vitest';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../src/engine/generation.ts';
 import { GREEDY } from '../src/engine/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler, type SchedulerLimits } from '../src/engine/scheduler.ts';
-import type { KvBudget, SequenceId, StepExecutor, StepOutputs, StepPlan } from '../src/engine/step-plan.ts';
+import type { BlockId } from '../src/engine/prefix-cache.ts';
+import { PREFIX_BLOCK_TOKENS } from '../src/engine/prefix-keys.ts';
+import type { BlockSave, KvBudget, SequenceId, StepExecutor, StepOutputs, StepPlan } from '../src/engine/step-plan.ts';
 import { ReftError } from '../src/errors.ts';
 
 /**
@@ -14,11 +16,14 @@ const VOCAB = 8;
 const EOS = 0;
 
 class FakeRunner implements StepExecutor {
-  readonly config = { maxPositions: 256 };
+  readonly config = { maxPositions: 1024 };
   readonly plans: StepPlan[] = [];
-  /** Live rows: the batch's and the long prompt's, with their lengths. */
+  /** Live rows: the batch's and the prompts' being prefilled a run at a time, with their lengths. */
   readonly batch = new Map<SequenceId, number>();
-  private long: { seq: SequenceId; next: number } | null = null;
+  /** Prompts being prefilled a run at a time, and the token each is at. */
+  private readonly runs = new Map<SequenceId, number>();
+  /** Prefix-cache blocks held. */
+  readonly blocks = new Set<BlockId>();
   private nextId = 1;
   /** Parts to fail, by name, on the next plan that has them. */
   failNext: Partial<Record<'decode' | 'prefill' | 'chunk', Error>> = {};
@@ -27,6 +32,7 @@ class FakeRunner implements StepExecutor {
   constructor(
     readonly prefillChunkTokens: number,
     readonly kvBudget: KvBudget = { bytes: Infinity, onDevice: false },
+    readonly prefixCache: { budgetBytes: number; blockBytes: number } | null = null,
   ) {}
 
   kvStepBytes(rows: number, tokens: number): number {
@@ -42,20 +48,32 @@ class FakeRunner implements StepExecutor {
     const seqs = [
       ...this.batch.keys(),
       ...plan.prefill.map((p) => p.seq),
-      ...(plan.chunk && plan.chunk.start === 0 ? [plan.chunk.seq] : []),
+      ...plan.chunks.filter((c) => !this.runs.has(c.seq)).map((c) => c.seq),
     ];
     return this.kvStepBytes(seqs.length, Math.max(0, ...seqs.map((s) => budgets.get(s) ?? 0)));
+  }
+
+  private save(saves: BlockSave[] | undefined, upTo: number, saved: BlockId[]): void {
+    for (const { index, id } of saves ?? []) {
+      if (this.blocks.has(id) || (index + 1) * PREFIX_BLOCK_TOKENS > upTo) continue;
+      this.blocks.add(id);
+      saved.push(id);
+    }
   }
 
   async execute(plan: StepPlan): Promise<StepOutputs> {
     this.plans.push(plan);
     await new Promise((r) => setImmediate(r)); // a step takes time: others get to run meanwhile
-    const out: StepOutputs = { decoded: new Map(), prefilled: new Map(), failed: [] };
+    const out: StepOutputs = { decoded: new Map(), prefilled: new Map(), failed: [], saved: [] };
     for (const seq of plan.release) {
       this.batch.delete(seq);
-      if (this.long?.seq === seq) this.long = null;
+      this.runs.delete(seq);
     }
-    const inBatch = [...this.batch.keys()].filter((s) => s !== this.long?.seq);
+    for (const id of plan.dropBlocks) {
+      expect(this.blocks.has(id)).toBe(true);
+      this.blocks.delete(id);
+    }
+    const inBatch = [...this.batch.keys()].filter((s) => !this.runs.has(s));
     if (plan.decode.length) {
       expect(plan.decode.map((d) => d.seq).sort()).toEqual(inBatch.sort());
       if (this.failNext.decode) {
@@ -80,32 +98,33 @@ class FakeRunner implements StepExecutor {
           expect(this.batch.has(p.seq)).toBe(false);
           expect(p.input.tokens.length).toBeLessThanOrEqual(this.prefillChunkTokens);
           this.batch.set(p.seq, p.input.tokens.length);
+          this.save(p.save, p.input.tokens.length, out.saved);
           out.prefilled.set(p.seq, { id: p.seq, logits: oneHot(((p.seq + p.input.tokens.length) % 7) + 1) });
         }
       }
     }
-    if (plan.chunk) {
-      const c = plan.chunk;
+    for (const c of plan.chunks) {
       expect(c.end - c.start).toBeLessThanOrEqual(this.prefillChunkTokens);
-      if (c.start === 0) {
-        expect(this.long).toBeNull();
-        this.long = { seq: c.seq, next: 0 };
-        this.batch.set(c.seq, 0);
+      if (!this.runs.has(c.seq)) {
+        for (const id of c.cached ?? []) expect(this.blocks.has(id)).toBe(true);
+        expect(c.start).toBe((c.cached?.length ?? 0) * PREFIX_BLOCK_TOKENS);
+        this.runs.set(c.seq, c.start);
+        this.batch.set(c.seq, c.start);
       }
-      const long = this.long!;
-      expect(long).toEqual({ seq: c.seq, next: c.start });
+      expect(this.runs.get(c.seq)).toBe(c.start);
       if (this.failNext.chunk) {
         out.failed.push({ seqs: [c.seq], error: this.failNext.chunk });
         this.batch.delete(c.seq);
-        this.long = null;
+        this.runs.delete(c.seq);
         delete this.failNext.chunk;
-      } else {
-        long.next = c.end;
-        this.batch.set(c.seq, c.end);
-        if (c.end === c.input.tokens.length) {
-          this.long = null;
-          out.prefilled.set(c.seq, { id: c.seq, logits: oneHot(((c.seq + c.end) % 7) + 1) });
-        }
+        continue;
+      }
+      this.runs.set(c.seq, c.end);
+      this.batch.set(c.seq, c.end);
+      this.save(c.save, c.end, out.saved);
+      if (c.end === c.input.tokens.length) {
+        this.runs.delete(c.seq);
+        out.prefilled.set(c.seq, { id: c.seq, logits: oneHot(((c.seq + c.end) % 7) + 1) });
       }
     }
     return out;
@@ -183,7 +202,7 @@ describe('the scheduler plans steps a runner executes', () => {
     await Promise.all(all.map((s) => s.done));
     await scheduler.idle();
     for (const plan of runner.plans) {
-      const rows = plan.decode.length + plan.prefill.length + (plan.chunk ? 1 : 0);
+      const rows = plan.decode.length + plan.prefill.length + plan.chunks.length;
       expect(rows).toBeLessThanOrEqual(2);
     }
   });
@@ -196,7 +215,7 @@ describe('the scheduler plans steps a runner executes', () => {
     const long2 = submit('long2', request(9, 2));
     const results = await Promise.all([short.done, long1.done, long2.done]);
     await scheduler.idle();
-    const chunks = runner.plans.filter((p) => p.chunk).map((p) => [p.chunk!.seq, p.chunk!.start, p.chunk!.end]);
+    const chunks = runner.plans.flatMap((p) => p.chunks.map((c) => [c.seq, c.start, c.end]));
     expect(chunks).toEqual([
       [2, 0, 4],
       [2, 4, 8],
@@ -206,7 +225,7 @@ describe('the scheduler plans steps a runner executes', () => {
       [3, 8, 9],
     ]);
     // while long1's chunks ran, short decoded in the same steps
-    const withChunk = runner.plans.filter((p) => p.chunk?.seq === 2);
+    const withChunk = runner.plans.filter((p) => p.chunks.some((c) => c.seq === 2));
     expect(withChunk.slice(1).every((p) => p.decode.some((d) => d.seq === 1))).toBe(true);
     expect(results[1].tokens).toEqual(expectedTokens(2, 10, 2));
     expect(results[2].tokens).toEqual(expectedTokens(3, 9, 2));
@@ -318,5 +337,125 @@ describe('the scheduler plans steps a runner executes', () => {
     const flags = runner.plans.flatMap((p) => p.decode.map((d) => [d.seq, d.logits]));
     expect(flags.filter(([s]) => s === 1).every(([, l]) => l === false)).toBe(true);
     expect(flags.filter(([s]) => s === 2).every(([, l]) => l === true)).toBe(true);
+  });
+});
+
+describe('the prefix cache in the plans', () => {
+  const BLOCK_BYTES = 10;
+  const cached = (budgetBlocks: number, chunk = 512, kv?: KvBudget) =>
+    new FakeRunner(chunk, kv, { budgetBytes: budgetBlocks * BLOCK_BYTES, blockBytes: BLOCK_BYTES });
+  const withCache = (promptLength: number, maxNew: number, namespace = 'tenant:a', extra: Partial<GenerationRequest> = {}) =>
+    request(promptLength, maxNew, { prefixCache: { namespace }, ...extra });
+
+  it('a prompt seen before loads its full blocks and computes only the rest; the result reports them', async () => {
+    const runner = cached(100);
+    const { scheduler, submit } = harness(runner);
+    const first = await submit('a', withCache(200, 3)).done;
+    const second = await submit('b', withCache(200, 3)).done;
+    await scheduler.idle();
+    expect(first.cachedTokens).toBe(0);
+    expect(second.cachedTokens).toBe(3 * PREFIX_BLOCK_TOKENS); // 200 tokens: blocks 0..2, the last token's block is computed
+    const saving = runner.plans.find((p) => p.prefill.some((r) => r.seq === 1))!.prefill[0];
+    expect(saving.save!.map((s) => s.index)).toEqual([0, 1, 2]);
+    const loading = runner.plans.flatMap((p) => p.chunks).find((c) => c.seq === 2)!;
+    expect(loading).toMatchObject({ start: 192, end: 200, cached: saving.save!.map((s) => s.id) });
+    expect(second.tokens).toEqual(expectedTokens(2, 200, 3));
+    // another namespace, or a request that opts out, computes its prompt whole
+    expect((await submit('c', withCache(200, 3, 'tenant:b')).done).cachedTokens).toBe(0);
+    expect((await submit('d', request(200, 3)).done).cachedTokens).toBe(0);
+  });
+
+  it('blocks being saved are not loaded by a prompt in the same step', async () => {
+    const runner = cached(100);
+    const { scheduler, submit } = harness(runner);
+    // a and b queue while a step is in flight, so the next plan admits both
+    const busy = submit('busy', request(3, 4));
+    const [a, b] = await Promise.all([submit('a', withCache(150, 2)).done, submit('b', withCache(150, 2)).done]);
+    await busy.done;
+    await scheduler.idle();
+    expect([a.cachedTokens, b.cachedTokens]).toEqual([0, 0]);
+    const both = runner.plans.find((p) => p.prefill.length === 2)!;
+    expect(both.prefill.map((r) => r.save?.length ?? 0)).toEqual([2, 0]); // the second has nothing new to save
+  });
+
+  it('a prompt longer than a chunk resumes after its cached blocks, a chunk per step, saving blocks as they are computed', async () => {
+    const runner = cached(100, 100);
+    const { scheduler, submit } = harness(runner);
+    await submit('a', withCache(100, 2)).done; // block 0
+    const long = await submit('b', withCache(400, 2)).done;
+    const again = await submit('c', withCache(400, 2)).done;
+    await scheduler.idle();
+    expect(long.cachedTokens).toBe(64);
+    expect(runner.plans.flatMap((p) => p.chunks.filter((c) => c.seq === 2).map((c) => [c.start, c.end]))).toEqual([
+      [64, 164],
+      [164, 264],
+      [264, 364],
+      [364, 400],
+    ]);
+    expect(again.cachedTokens).toBe(384); // every full block before the last token
+    expect(long.tokens).toEqual(expectedTokens(2, 400, 2));
+  });
+
+  it('the least recently used blocks are evicted to stay within the budget, and the runner frees them', async () => {
+    const runner = cached(4);
+    const { scheduler, submit } = harness(runner);
+    const prompt = (seed: number) => ({ ...withCache(150, 1), tokens: Array.from({ length: 150 }, (_, i) => 1 + ((i + seed) % 7)) });
+    await submit('a', prompt(1)).done; // 2 blocks
+    await submit('b', prompt(2)).done; // 2 more: full
+    await submit('a2', prompt(1)).done; // a's blocks are used again
+    await submit('c', prompt(3)).done; // evicts b's, the least recently used
+    await scheduler.idle();
+    expect(scheduler.stats().prefixCache).toEqual({ blocks: 4, bytes: 4 * BLOCK_BYTES, evictions: 2 });
+    expect(runner.blocks.size).toBe(4);
+    expect((await submit('a3', prompt(1)).done).cachedTokens).toBe(128);
+    expect((await submit('b2', prompt(2)).done).cachedTokens).toBe(0);
+  });
+
+  it('a prefill that fails saves nothing: its blocks are forgotten and no later prompt loads them', async () => {
+    const runner = cached(100);
+    const { scheduler, submit } = harness(runner);
+    runner.failNext.prefill = new Error('prefill broke');
+    await expect(submit('a', withCache(200, 2)).done).rejects.toThrow('prefill broke');
+    const again = await submit('b', withCache(200, 2)).done;
+    await scheduler.idle();
+    expect(again.cachedTokens).toBe(0);
+    expect(runner.blocks.size).toBe(3);
+  });
+
+  it('a request for its coefficients loads only the blocks before its first edit (the edits must run to be read)', async () => {
+    const runner = cached(100);
+    const { scheduler, submit } = harness(runner);
+    const edit = {
+      kind: 'loreft' as const,
+      layer: 0,
+      rank: 1,
+      positions: { first: 0, last: 3 },
+      down: new Float32Array(1),
+      bias: new Float32Array(1),
+      up: new Float32Array(1),
+    };
+    await submit('a', withCache(200, 1, 'tenant:a', { interventions: [{ ...edit, positions: { first: 0, last: 70 } }] })).done;
+    // the last 70 of 200 positions start at 130 (block 2): blocks 0 and 1 are the base model's
+    const asked = await submit(
+      'b',
+      withCache(200, 1, 'tenant:a', { interventions: [{ ...edit, positions: { first: 0, last: 70 } }], returnCoefficients: true }),
+    ).done;
+    const silent = await submit('c', withCache(200, 1, 'tenant:a', { interventions: [{ ...edit, positions: { first: 0, last: 70 } }] }))
+      .done;
+    await scheduler.idle();
+    expect(asked.cachedTokens).toBe(128);
+    expect(silent.cachedTokens).toBe(192);
+  });
+
+  it('on a device the blocks share the KV budget, and rows evict them', async () => {
+    // rows × their longest budget, and 10 bytes a block, within 600
+    const runner = cached(100, 512, { bytes: 600, onDevice: true });
+    const { scheduler, submit } = harness(runner);
+    await submit('a', withCache(260, 1)).done; // 4 blocks: 40 bytes
+    expect(scheduler.stats().prefixCache!.blocks).toBe(4);
+    await Promise.all([submit('b', request(200, 90)).done, submit('c', request(200, 90)).done]); // 2 × 290 = 580 bytes
+    await scheduler.idle();
+    expect(scheduler.stats().prefixCache!.blocks).toBeLessThanOrEqual(2);
+    expect(runner.blocks.size).toBe(scheduler.stats().prefixCache!.blocks);
   });
 });

@@ -71,7 +71,12 @@ describe.each(BACKENDS)('on %s', (backend) => {
         expect(res.status, JSON.stringify(res.body)).toBe(200);
         expect(res.body.choices[0].text, c.name).toBe(continuation(tokenizer, c.prompt, c.greedy));
         expect(res.body.choices[0].logprobs.token_logprobs).toHaveLength(24);
-        expect(res.body.usage).toEqual({ prompt_tokens: c.prompt.length, completion_tokens: 24, total_tokens: c.prompt.length + 24 });
+        expect(res.body.usage).toEqual({
+          prompt_tokens: c.prompt.length,
+          completion_tokens: 24,
+          total_tokens: c.prompt.length + 24,
+          prompt_tokens_details: { cached_tokens: 0 },
+        });
       }
     });
 

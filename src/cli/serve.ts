@@ -49,6 +49,8 @@ interface ServeFlags extends WorkerFlags {
   logLevel: string;
   kvBudget?: number;
   deviceKvBudget: number;
+  prefixCacheBytes?: number;
+  prefixCacheShared?: boolean;
 }
 
 export function serveCommand(): Command {
@@ -248,6 +250,21 @@ export function serveCommand(): Command {
     )
     .addOption(
       opt(
+        '--prefix-cache-bytes <bytes>',
+        "bytes the prefix cache's blocks of prompt keys and values may hold (0: off; default a quarter of the KV budget, at most 1 GiB; on a GPU within --device-kv-budget)",
+        'REFT_PREFIX_CACHE_BYTES',
+        bytesArg('--prefix-cache-bytes', 0),
+      ),
+    )
+    .addOption(
+      opt(
+        '--prefix-cache-shared',
+        "share the prefix cache's blocks between tenants (single-tenant deployments; by default each tenant has its own)",
+        'REFT_PREFIX_CACHE_SHARED',
+      ),
+    )
+    .addOption(
+      opt(
         '--device-kv-budget <bytes>',
         "bytes the KV cache may hold on a GPU (--device webgpu) at a step's peak; requests beyond it wait in the queue",
         'REFT_DEVICE_KV_BUDGET',
@@ -326,6 +343,8 @@ async function runServe(f: ServeFlags): Promise<void> {
     device: f.device,
     kvBudget: f.kvBudget,
     deviceKvBudget: f.deviceKvBudget,
+    prefixCacheBytes: f.prefixCacheBytes,
+    prefixCacheShared: f.prefixCacheShared,
     weights,
   });
   const stop = (signal: string) => {

@@ -2,7 +2,7 @@ import * as ort from 'onnxruntime-node';
 import { decoderInputs as IN, decoderOutputs as OUT } from '../graph/decoder.ts';
 import { GraphBuilder } from '../graph/onnx.ts';
 import type { ModelConfig } from '../model/config.ts';
-import { kvBytesPerToken, type KvPlacement, type KvShape, type KvStore, type StepOutput } from './kv-store.ts';
+import { kvBytesPerToken, type KvBlock, type KvPlacement, type KvShape, type KvStore, type StepOutput } from './kv-store.ts';
 import { createSession, type SessionOptions } from '../runtime/session.ts';
 
 /**
@@ -25,8 +25,7 @@ export class DeviceKvPlacement implements KvPlacement {
 
   private constructor(
     private readonly config: ModelConfig,
-    private readonly joinSession: ort.InferenceSession,
-    private readonly selectSession: ort.InferenceSession,
+    private readonly graphs: DeviceKvGraphs,
   ) {
     // Only the presents are named: naming host outputs 'cpu' too makes the binding pre-allocate
     // them at their last shape, which fails when a run's shape differs (ORT 1.30, measured).
@@ -41,15 +40,34 @@ export class DeviceKvPlacement implements KvPlacement {
       ...opts,
       outputLocations: Object.fromEntries(Array.from({ length: n }, (_, i) => [`y.${i}`, 'gpu-buffer' as const])),
     };
-    const [join, select] = await Promise.all([
-      createSession(joinGraph(config, n), '.', onDevice),
-      createSession(selectGraph(config, n), '.', onDevice),
-    ]);
-    return new DeviceKvPlacement(config, join, select);
+    const [join, select, slice, append] = await Promise.all(
+      [joinGraph, selectGraph, sliceGraph, appendGraph].map((graph) => createSession(graph(config, n), '.', onDevice)),
+    );
+    return new DeviceKvPlacement(config, { join, select, slice, append });
   }
 
   createStore(rows: number): DeviceKvStore {
-    return new DeviceKvStore(this.config, rows, this.joinSession, this.selectSession);
+    return new DeviceKvStore(this.config, rows, this.graphs);
+  }
+
+  /** The blocks' tensors appended along the length axis into new ones (the blocks stay the cache's). */
+  async storeFromBlocks(blocks: readonly KvBlock[]): Promise<DeviceKvStore> {
+    const store = this.createStore(1);
+    let set: KvSet = emptySet(this.config, 1);
+    for (const block of blocks) {
+      if (!(block instanceof DeviceKvBlock)) throw new Error('a device KV store loads only device blocks');
+      const feeds: Record<string, ort.Tensor> = {};
+      set.forEach((t, i) => (feeds[`a.${i}`] = t));
+      block.set.forEach((t, i) => (feeds[`b.${i}`] = t));
+      const next = outputsOf(await this.graphs.append.run(feeds), set.length);
+      disposeSet(set);
+      set = next;
+    }
+    store.load(
+      set,
+      blocks.reduce((n, b) => n + b.tokens, 0),
+    );
+    return store;
   }
 
   /** The cache is padded to its longest row, and a step holds its past and its presents at once. */
@@ -58,7 +76,27 @@ export class DeviceKvPlacement implements KvPlacement {
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.joinSession.release(), this.selectSession.release()]);
+    await Promise.all(Object.values(this.graphs).map((g) => g.release()));
+  }
+}
+
+/** The small graphs that move rows on the device (see the graphs at the end of this file). */
+interface DeviceKvGraphs {
+  join: ort.InferenceSession;
+  select: ort.InferenceSession;
+  slice: ort.InferenceSession;
+  append: ort.InferenceSession;
+}
+
+/** Keys and values of some tokens on the device: per layer [1, kv_heads, tokens, head_dim]. */
+export class DeviceKvBlock implements KvBlock {
+  constructor(
+    readonly tokens: number,
+    readonly set: KvSet,
+  ) {}
+
+  dispose(): void {
+    disposeSet(this.set);
   }
 }
 
@@ -72,8 +110,7 @@ export class DeviceKvStore implements KvStore {
   constructor(
     private readonly shape: KvShape,
     rows: number,
-    private readonly joinSession: ort.InferenceSession,
-    private readonly selectSession: ort.InferenceSession,
+    private readonly graphs: DeviceKvGraphs,
   ) {
     this.lengths = new Array<number>(rows).fill(0);
     this.order = this.lengths.map((_, i) => i);
@@ -116,7 +153,7 @@ export class DeviceKvStore implements KvStore {
       const feeds: Record<string, ort.Tensor> = { pad_a: pad(this.set[0], length), pad_b: pad(other.set[0], length) };
       this.set.forEach((t, i) => (feeds[`a.${i}`] = t));
       other.set.forEach((t, i) => (feeds[`b.${i}`] = t));
-      const joined = outputsOf(await this.joinSession.run(feeds), this.set.length);
+      const joined = outputsOf(await this.graphs.join.run(feeds), this.set.length);
       disposeSet(this.set);
       disposeSet(other.set);
       this.set = joined;
@@ -128,6 +165,23 @@ export class DeviceKvStore implements KvStore {
     other.set = null;
     other.lengths.length = 0;
     other.order = [];
+  }
+
+  /** A one-row store's contents: `set` holding `tokens` tokens (its prefix from the cache). */
+  load(set: KvSet, tokens: number): void {
+    disposeSet(this.set);
+    this.set = set;
+    this.lengths[0] = tokens;
+  }
+
+  async exportBlock(row: number, start: number, tokens: number): Promise<DeviceKvBlock> {
+    await this.settle();
+    const feeds: Record<string, ort.Tensor> = {
+      starts: new ort.Tensor('int64', BigInt64Array.of(BigInt(row), BigInt(start)), [2]),
+      ends: new ort.Tensor('int64', BigInt64Array.of(BigInt(row + 1), BigInt(start + tokens)), [2]),
+    };
+    this.set!.forEach((t, i) => (feeds[`x.${i}`] = t));
+    return new DeviceKvBlock(tokens, outputsOf(await this.graphs.slice.run(feeds), this.set!.length));
   }
 
   /** The device tensors are rearranged by the next `settle`, so rows leaving between two steps cost one small graph run together. */
@@ -152,7 +206,7 @@ export class DeviceKvStore implements KvStore {
       length: new ort.Tensor('int64', BigInt64Array.of(BigInt(length)), [1]),
     };
     this.set.forEach((t, i) => (feeds[`x.${i}`] = t));
-    const selected = outputsOf(await this.selectSession.run(feeds), this.set.length);
+    const selected = outputsOf(await this.graphs.select.run(feeds), this.set.length);
     disposeSet(this.set);
     this.set = selected;
     this.order = this.lengths.map((_, i) => i);
@@ -195,6 +249,36 @@ export function joinGraph(shape: KvShape, n: number): Uint8Array {
     const b = g.op('Pad', [g.input(`b.${i}`, 'float32', dims('rows_b', 'length_b')), padB]);
     const y = g.op('Concat', [a, b], { axis: 0 }, { name: `y.${i}` });
     g.output(y, y, 'float32', dims('rows', 'length'));
+  }
+  return g.encode({ '': 21 });
+}
+
+/** y.i = x.i[starts[0]:ends[0], :, starts[1]:ends[1]]: some tokens of some rows (a prefix-cache block). */
+export function sliceGraph(shape: KvShape, n: number): Uint8Array {
+  const g = new GraphBuilder('kv_slice');
+  const dims = (rows: string, length: string) => [rows, shape.numKvHeads, length, shape.headDim];
+  const starts = g.input('starts', 'int64', [2]);
+  const ends = g.input('ends', 'int64', [2]);
+  const axes = g.int64s('axes', [0, 2]);
+  for (let i = 0; i < n; i++) {
+    const y = g.op('Slice', [g.input(`x.${i}`, 'float32', dims('rows', 'length')), starts, ends, axes], {}, { name: `y.${i}` });
+    g.output(y, y, 'float32', dims('rows_out', 'length_out'));
+  }
+  return g.encode({ '': 21 });
+}
+
+/** y.i = Concat(a.i, b.i) along the length axis: a row's tokens, then more. */
+export function appendGraph(shape: KvShape, n: number): Uint8Array {
+  const g = new GraphBuilder('kv_append');
+  const dims = (length: string) => ['rows', shape.numKvHeads, length, shape.headDim];
+  for (let i = 0; i < n; i++) {
+    const y = g.op(
+      'Concat',
+      [g.input(`a.${i}`, 'float32', dims('length_a')), g.input(`b.${i}`, 'float32', dims('length_b'))],
+      { axis: 2 },
+      { name: `y.${i}` },
+    );
+    g.output(y, y, 'float32', dims('length'));
   }
   return g.encode({ '': 21 });
 }

@@ -40,6 +40,8 @@ export class EngineClient {
     readonly weights: WeightsReport,
     /** The KV cache's budget, and whether it is on the device. */
     readonly kvBudget: KvBudget,
+    /** Bytes the prefix cache may hold (0: off). */
+    readonly prefixCacheBytes: number,
     /** What the engine said while loading (the quantization cache's outcome). */
     readonly startupLog: readonly string[],
   ) {
@@ -66,6 +68,7 @@ export class EngineClient {
       tokensInFlight: 0,
       steps: 0,
       lastBatchSize: 0,
+      prefixCache: null,
       kvBytes: 0,
       weightsFormat: format,
       weightBytes: bytes,
@@ -81,7 +84,7 @@ export class EngineClient {
       const onMessage = (m: FromWorker) => {
         if (m.type === 'ready') {
           worker.off('message', onMessage);
-          resolve(new EngineClient(worker, m.weights, m.kvBudget, m.log));
+          resolve(new EngineClient(worker, m.weights, m.kvBudget, m.prefixCacheBytes, m.log));
         } else if (m.type === 'fatal') {
           void worker.terminate();
           reject(ReftError.fromJSON(m.error));

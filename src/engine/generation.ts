@@ -38,6 +38,11 @@ export interface GenerationRequest {
    * is picked under the matcher's mask; the row ends ("stop") when the grammar is complete.
    */
   grammar?: RowGrammar;
+  /**
+   * Reuse and keep the prompt's blocks in the prefix cache, within `namespace` (a tenant, and the
+   * request's cache salt): blocks are shared only within one. Absent: the prompt is computed whole.
+   */
+  prefixCache?: { namespace: string };
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled';
@@ -63,6 +68,8 @@ export interface GenerationResult {
   text: string;
   finishReason: FinishReason;
   promptTokens: number;
+  /** Prompt tokens whose keys and values came from the prefix cache (not computed). */
+  cachedTokens: number;
   logprobs?: TokenLogprob[];
   /** Name of the stop string or 'eos' when finishReason is 'stop'; 'grammar' when a constrained row's matcher failed (finishReason 'cancelled'). */
   stoppedBy?: string;
@@ -129,6 +136,9 @@ export class Generation {
     const adjusted = p.repetitionPenalty !== 1 || !!p.frequencyPenalty || !!p.presencePenalty || !!p.logitBias?.length;
     return p.temperature === 0 && !adjusted && this.request.topLogprobs === 0 && !this.matcher;
   }
+
+  /** Prompt tokens the prefix cache supplied (set at admission). */
+  cachedTokens = 0;
 
   /** Records the prefill's readout; the first token event and the result carry it. */
   setApplied(applied: AppliedEdit[][] | undefined): void {
@@ -221,6 +231,7 @@ export class Generation {
       text: this.emitted,
       finishReason: this.finishReason ?? 'length',
       promptTokens: this.request.tokens.length,
+      cachedTokens: this.cachedTokens,
       logprobs: this.request.logprobs ? this.logprobs : undefined,
       stoppedBy: this.stoppedBy,
       ...(this.applied ? { applied: this.applied } : {}),

@@ -2,7 +2,7 @@ import * as ort from 'onnxruntime-node';
 import { decoderInputs as IN, decoderOutputs as OUT, type AttentionLayout } from '../graph/decoder.ts';
 import { ropeTables, rotateHeads, type RopeTables } from '../graph/rope.ts';
 import type { ModelConfig } from '../model/config.ts';
-import { kvBytesPerToken, type KvPlacement, type KvStore, type StepOutput } from './kv-store.ts';
+import { kvBytesPerToken, type KvBlock, type KvPlacement, type KvStore, type StepOutput } from './kv-store.ts';
 
 /**
  * The KV cache in host memory, which the CPU provider reads in place.
@@ -48,6 +48,15 @@ export class HostKvPlacement implements KvPlacement {
   createStore(rows: number, tokens = 0): HostKvStore {
     const store = new HostKvStore(this.config, (out, l) => this.newRows(out, l), this.rope);
     store.addRows(rows, tokens);
+    return store;
+  }
+
+  async storeFromBlocks(blocks: readonly KvBlock[], tokens: number): Promise<HostKvStore> {
+    const store = this.createStore(1, tokens);
+    for (const block of blocks) {
+      if (!(block instanceof HostKvBlock)) throw new Error('a host KV store loads only host blocks');
+      store.importBlock(block);
+    }
     return store;
   }
 
@@ -194,6 +203,39 @@ export class HostKvStore implements KvStore {
     }
   }
 
+  async exportBlock(row: number, start: number, tokens: number): Promise<HostKvBlock> {
+    const { numKvHeads, headDim, numLayers } = this.config;
+    const copy = (slab: Float32Array) => {
+      const out = new Float32Array(numKvHeads * tokens * headDim);
+      for (let h = 0; h < numKvHeads; h++) {
+        const from = ((row * numKvHeads + h) * this.capacity + start) * headDim;
+        out.set(slab.subarray(from, from + tokens * headDim), h * tokens * headDim);
+      }
+      return out;
+    };
+    return new HostKvBlock(
+      tokens,
+      Array.from({ length: numLayers }, (_, l) => copy(this.keys[l])),
+      Array.from({ length: numLayers }, (_, l) => copy(this.values[l])),
+    );
+  }
+
+  /** Appends a block's tokens to the first row (a store made for one prompt). */
+  importBlock(block: HostKvBlock): void {
+    const { numKvHeads, headDim, numLayers } = this.config;
+    const start = this.lengths[0];
+    if (start + block.tokens > this.capacity) this.fit(start + block.tokens);
+    for (let l = 0; l < numLayers; l++) {
+      for (let h = 0; h < numKvHeads; h++) {
+        const from = h * block.tokens * headDim;
+        const to = (h * this.capacity + start) * headDim;
+        this.keys[l].set(block.keys[l].subarray(from, from + block.tokens * headDim), to);
+        this.values[l].set(block.values[l].subarray(from, from + block.tokens * headDim), to);
+      }
+    }
+    this.lengths[0] += block.tokens;
+  }
+
   async adopt(other: KvStore): Promise<void> {
     if (!(other instanceof HostKvStore)) throw new Error('a host KV store adopts only host rows');
     const first = this.lengths.length;
@@ -234,4 +276,15 @@ export class HostKvStore implements KvStore {
     this.lengths.length = 0;
     this.fit(0);
   }
+}
+
+/** Keys and values of some tokens, per layer [kv_heads, tokens, head_dim]. */
+export class HostKvBlock implements KvBlock {
+  constructor(
+    readonly tokens: number,
+    readonly keys: Float32Array[],
+    readonly values: Float32Array[],
+  ) {}
+
+  dispose(): void {}
 }

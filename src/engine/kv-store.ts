@@ -28,6 +28,8 @@ export interface KvStore {
   keep(out: StepOutput, seq: number, grew: readonly number[]): void;
   /** Moves every row of `other` (of the same kind) after this store's rows; `other` is left empty. */
   adopt(other: KvStore): Promise<void>;
+  /** A copy of row `row`'s tokens [start, start + tokens), to keep in the prefix cache. */
+  exportBlock(row: number, start: number, tokens: number): Promise<KvBlock>;
   /** Removes row `r` by moving the last row into its place; returns the index that moved, or -1. */
   removeRow(r: number): number;
   /** Frees everything the store holds; it has no rows after. */
@@ -44,6 +46,8 @@ export interface KvPlacement {
   readonly fetches: readonly string[] | null;
   /** A store of `rows` empty rows. */
   createStore(rows: number): KvStore;
+  /** A store of one row holding `blocks`' tokens in order (a prompt's cached prefix), with room for `tokens` tokens. */
+  storeFromBlocks(blocks: readonly KvBlock[], tokens: number): Promise<KvStore>;
   /**
    * The bytes `rows` rows of up to `tokens` tokens hold at a step's peak: a step holds its past
    * and what attention writes (a present of past + new, or the host's copy) at once, each padded
@@ -51,6 +55,12 @@ export interface KvPlacement {
    */
   stepBytes(rows: number, tokens: number): number;
   close(): Promise<void>;
+}
+
+/** Some tokens' keys and values kept apart from any row (a prefix-cache block), where the placement keeps its cache. */
+export interface KvBlock {
+  readonly tokens: number;
+  dispose(): void;
 }
 
 /** Bytes of keys and values one token takes over every layer (float32). */

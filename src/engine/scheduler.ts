@@ -7,17 +7,21 @@ import {
   type GenerationResult,
   type TokenEvent,
 } from './generation.ts';
-import type { PrefillInput, SequenceId, StepExecutor, StepOutputs, StepPlan, StepSample } from './step-plan.ts';
+import { PrefixCache, type BlockId, type PrefixCacheStats } from './prefix-cache.ts';
+import { PREFIX_BLOCK_TOKENS, firstEditedPosition, prefixBlockKeys } from './prefix-keys.ts';
+import type { BlockSave, ChunkRun, PrefillInput, SequenceId, StepExecutor, StepOutputs, StepPlan, StepSample } from './step-plan.ts';
 
 /**
  * Continuous batching, as a policy over plain step plans (src/engine/step-plan.ts). Requests
  * wait in a bounded queue, in which tenants take turns (the oldest request of the tenant
  * admitted longest ago goes next; first come first served within a tenant). Each step, `plan`
  * says which sequences leave, one decode token for every running sequence, which newcomers
- * (that fit the batch, token and KV budgets) are prefilled together, and the next chunk of the
- * one long prompt being prefilled a chunk per step, so running sequences keep decoding
- * meanwhile. The runner executes the plan; `apply` takes its outputs: tokens are picked and
- * sent, finished sequences leave at the next step.
+ * (that fit the batch, token and KV budgets) are prefilled together, and the runs of prompts
+ * prefilled over a cache of their own: the next chunk of the one long prompt prefilled a chunk
+ * per step (so running sequences keep decoding meanwhile), and prompts whose leading blocks the
+ * prefix cache holds (src/engine/prefix-cache.ts), which start after them. The runner executes
+ * the plan; `apply` takes its outputs: tokens are picked and sent, finished sequences leave at
+ * the next step.
  */
 export interface SchedulerLimits {
   maxBatchSize: number;
@@ -30,6 +34,9 @@ export interface SchedulerLimits {
 }
 
 export const DEFAULT_LIMITS: SchedulerLimits = { maxBatchSize: 32, maxTokensInFlight: 65536, maxQueue: 256, maxPrefillTokens: 4096 };
+
+/** Runs over a cache of their own in one step: each reads every weight once, so a step of many would stall decoding. */
+const MAX_RUNS_PER_STEP = 8;
 
 export interface GenerationSink {
   onToken(event: TokenEvent): void;
@@ -47,6 +54,20 @@ interface Entry {
   budget: number;
   /** Counted in tokensInFlight (from admission until it ends). */
   admitted: boolean;
+  /** Its prompt's prefix-cache block keys (none when the request or the runner has no cache). */
+  blockKeys: string[];
+  /** Prefix-cache blocks it loads or saves, pinned until its prefill has run. */
+  pins: BlockId[];
+}
+
+/** A prompt prefilled over a cache of its own, a run per step. */
+interface Run {
+  entry: Entry;
+  input: PrefillInput;
+  next: number;
+  /** Blocks its first run loads (its cached prefix). */
+  cached: BlockId[];
+  save: BlockSave[];
 }
 
 export interface SchedulerStats {
@@ -55,19 +76,21 @@ export interface SchedulerStats {
   tokensInFlight: number;
   steps: number;
   lastBatchSize: number;
+  prefixCache: PrefixCacheStats | null;
 }
 
 export class Scheduler {
   private readonly queue: Entry[] = [];
   /** The decoding batch. */
   private readonly running = new Map<SequenceId, Entry>();
-  /** Prompts the step in flight prefills; they join `running` with its outputs. */
+  /** Prompts the step in flight prefills together; they join `running` with its outputs. */
   private readonly starting = new Map<SequenceId, Entry>();
-  /** The long prompt being prefilled a chunk per step (one at a time), and its next token. */
-  private long: { entry: Entry; input: PrefillInput; next: number } | null = null;
+  /** Prompts prefilled a run per step, in admission order. */
+  private readonly runs = new Map<SequenceId, Run>();
   /** Sequences that ended since the last plan: the next one releases their KV rows. */
   private ended: SequenceId[] = [];
   private readonly byKey = new Map<string, Entry>();
+  private readonly cache: PrefixCache | null;
   private tokensInFlight = 0;
   private loop: Promise<void> | null = null;
   private steps = 0;
@@ -81,15 +104,19 @@ export class Scheduler {
     private readonly detokenizer: Detokenizer,
     private readonly eosTokenIds: ReadonlySet<number>,
     readonly limits: SchedulerLimits = DEFAULT_LIMITS,
-  ) {}
+  ) {
+    const c = runner.prefixCache;
+    this.cache = c ? new PrefixCache(c.budgetBytes, c.blockBytes) : null;
+  }
 
   stats(): SchedulerStats {
     return {
       queued: this.queue.length,
-      running: this.running.size + this.starting.size + (this.long ? 1 : 0),
+      running: this.running.size + this.starting.size + this.runs.size,
       tokensInFlight: this.tokensInFlight,
       steps: this.steps,
       lastBatchSize: this.lastBatchSize,
+      prefixCache: this.cache?.stats ?? null,
     };
   }
 
@@ -118,6 +145,9 @@ export class Scheduler {
       sink,
       budget,
       admitted: false,
+      blockKeys:
+        this.cache && request.prefixCache ? prefixBlockKeys(request.tokens, request.interventions, request.prefixCache.namespace) : [],
+      pins: [],
     };
     this.queue.push(entry);
     this.byKey.set(key, entry);
@@ -145,7 +175,7 @@ export class Scheduler {
     if (!this.loop) {
       this.loop = this.run().finally(() => {
         this.loop = null;
-        if (this.queue.length || this.running.size || this.long || this.ended.length) this.kick();
+        if (this.queue.length || this.running.size || this.runs.size || this.ended.length) this.kick();
       });
     }
   }
@@ -158,15 +188,15 @@ export class Scheduler {
       } catch (error) {
         // not one part's failure: whatever rows the runner still holds for them go with the next plan
         this.ended.push(...planned(plan));
-        outputs = { decoded: new Map(), prefilled: new Map(), failed: [{ seqs: planned(plan), error }] };
+        outputs = { decoded: new Map(), prefilled: new Map(), failed: [{ seqs: planned(plan), error }], saved: [] };
       }
       this.apply(plan, outputs);
     }
   }
 
   /**
-   * The next step, or null when there is nothing to do: the sequences that ended, a token for
-   * every running one, the newcomers admitted, and the long prompt's next chunk.
+   * The next step, or null when there is nothing to do: the sequences that ended and the blocks
+   * evicted, a token for every running sequence, the newcomers admitted, and the runs.
    */
   plan(): StepPlan | null {
     this.reap();
@@ -178,32 +208,42 @@ export class Scheduler {
     const prefill: StepPlan['prefill'] = [];
     for (const e of this.admit()) {
       e.seq = this.runner.newSequenceId();
-      if (this.isLong(e)) {
-        this.long = { entry: e, input: prefillInput(e.generation.request), next: 0 };
+      const input = prefillInput(e.generation.request);
+      const cached = this.cache?.match(this.usableKeys(e)) ?? [];
+      const save = this.cache?.allocate(e.blockKeys, cached.length) ?? [];
+      e.pins = [...cached, ...save.map((s) => s.id)];
+      e.generation.cachedTokens = cached.length * PREFIX_BLOCK_TOKENS;
+      if (cached.length || this.isLong(e)) {
+        this.runs.set(e.seq, { entry: e, input, next: cached.length * PREFIX_BLOCK_TOKENS, cached, save });
       } else {
         this.starting.set(e.seq, e);
-        prefill.push({ seq: e.seq, input: prefillInput(e.generation.request) });
+        prefill.push({ seq: e.seq, input, ...(save.length ? { save } : {}) });
       }
     }
-    let chunk: StepPlan['chunk'] = null;
-    if (this.long) {
-      const { entry, input, next } = this.long;
-      chunk = { seq: entry.seq!, input, start: next, end: Math.min(input.tokens.length, next + this.runner.prefillChunkTokens) };
-    }
+    const chunks: ChunkRun[] = [...this.runs.values()].map((r) => ({
+      seq: r.entry.seq!,
+      input: r.input,
+      start: r.next,
+      end: Math.min(r.input.tokens.length, r.next + this.runner.prefillChunkTokens),
+      ...(r.cached.length ? { cached: r.cached } : {}),
+      ...(r.save.length ? { save: r.save } : {}),
+    }));
     const release = this.ended.splice(0);
-    if (!release.length && !decode.length && !prefill.length && !chunk) return null;
+    const dropBlocks = this.cache?.takeDropped() ?? [];
+    if (!release.length && !dropBlocks.length && !decode.length && !prefill.length && !chunks.length) return null;
     if (decode.length) {
       this.steps++;
       this.lastBatchSize = decode.length;
     }
-    return { release, decode, prefill, chunk };
+    return { release, dropBlocks, decode, prefill, chunks };
   }
 
   /** Takes a step's outputs: failures end their requests, every new token is picked and sent. */
   apply(plan: StepPlan, outputs: StepOutputs): void {
+    this.cache?.saved(outputs.saved);
     for (const { seqs, error } of outputs.failed) {
       for (const seq of seqs) {
-        const e = this.running.get(seq) ?? this.starting.get(seq) ?? (this.long?.entry.seq === seq ? this.long.entry : undefined);
+        const e = this.running.get(seq) ?? this.starting.get(seq) ?? this.runs.get(seq)?.entry;
         if (e) this.fail(e, error); // the runner holds no rows for it any more
       }
     }
@@ -211,12 +251,16 @@ export class Scheduler {
       const e = this.running.get(seq);
       if (e) this.emit(e, sample);
     }
-    if (plan.chunk && this.long?.entry.seq === plan.chunk.seq) this.long.next = plan.chunk.end;
+    for (const c of plan.chunks) {
+      const run = this.runs.get(c.seq);
+      if (run) [run.next, run.cached] = [c.end, []];
+    }
     for (const [seq, out] of outputs.prefilled) {
-      const e = this.starting.get(seq) ?? (this.long?.entry.seq === seq ? this.long.entry : undefined);
+      const e = this.starting.get(seq) ?? this.runs.get(seq)?.entry;
       if (!e) continue;
       this.starting.delete(seq);
-      if (e === this.long?.entry) this.long = null;
+      this.runs.delete(seq);
+      this.unpin(e);
       this.running.set(seq, e);
       e.generation.setApplied(out.applied);
       this.emit(e, { logits: out.logits });
@@ -227,30 +271,50 @@ export class Scheduler {
     return e.generation.request.tokens.length > this.runner.prefillChunkTokens;
   }
 
+  /** The block keys a request may load: with its coefficients asked for, only those before its first edit (their edits must run). */
+  private usableKeys(e: Entry): string[] {
+    const r = e.generation.request;
+    if (!r.returnCoefficients) return e.blockKeys;
+    return e.blockKeys.slice(0, Math.floor(firstEditedPosition(r.interventions, r.tokens.length) / PREFIX_BLOCK_TOKENS));
+  }
+
+  /** How many prompt tokens of `e` the cache holds now. */
+  private cachedTokens(e: Entry): number {
+    return this.cache ? this.cache.peek(this.usableKeys(e)) * PREFIX_BLOCK_TOKENS : 0;
+  }
+
   private admit(): Entry[] {
     const admitted: Entry[] = [];
-    let shortRows = 0;
-    let longestShort = 0;
+    // prompts prefilled together this step (their padded tokens), and runs over their own cache
+    let rows = 0;
+    let longestRow = 0;
+    let runs = this.runs.size;
+    let prefillTokens = 0;
+    const long = () => [...this.runs.values()].some((r) => r.input.tokens.length - r.next > this.runner.prefillChunkTokens);
+    let longAdmitted = long();
     while (this.queue.length) {
       const at = this.nextInTurn();
       const next = this.queue[at];
       const n = next.generation.request.tokens.length;
-      const fitsBatch = this.running.size + (this.long ? 1 : 0) + admitted.length < this.limits.maxBatchSize;
+      const fitsBatch = this.running.size + this.runs.size + admitted.length < this.limits.maxBatchSize;
       const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight && this.fitsKv(admitted, next);
-      // a long prompt is prefilled a chunk per step, outside the step's prompt budget, one at a time;
-      // short ones run together, padded to the longest
-      const long = this.isLong(next);
-      const fitsPrefill = long
-        ? !this.long && !admitted.some((e) => this.isLong(e))
-        : shortRows === 0 || (shortRows + 1) * Math.max(longestShort, n) <= this.limits.maxPrefillTokens;
+      const computed = n - this.cachedTokens(next);
+      const asRun = computed < n || this.isLong(next);
+      const multiChunk = computed > this.runner.prefillChunkTokens;
+      // the long prompt runs a chunk per step outside the step's prompt budget, one at a time;
+      // the rest count their computed tokens, prompts run together padded to the longest
+      const tokens = asRun ? computed : (rows + 1) * Math.max(longestRow, n) - rows * longestRow;
+      const fitsPrefill = multiChunk
+        ? !longAdmitted
+        : admitted.length === 0 || (prefillTokens + tokens <= this.limits.maxPrefillTokens && (!asRun || runs < MAX_RUNS_PER_STEP));
       if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
       this.queue.splice(at, 1);
       this.lastAdmitted.set(next.generation.request.tenant ?? '', ++this.admissions);
       admitted.push(next);
-      if (!long) {
-        shortRows++;
-        longestShort = Math.max(longestShort, n);
-      }
+      if (multiChunk) longAdmitted = true;
+      else prefillTokens += tokens;
+      if (asRun) runs++;
+      else [rows, longestRow] = [rows + 1, Math.max(longestRow, n)];
       next.admitted = true;
       this.tokensInFlight += next.budget;
     }
@@ -259,12 +323,15 @@ export class Scheduler {
 
   /**
    * Whether the running rows, those admitted this step and `next` fit the KV budget at their
-   * longest budget (the batch is padded to its longest row); if not, `next` waits.
+   * longest budget (the batch is padded to its longest row); if not, `next` waits. On a device
+   * the prefix cache's blocks share the budget, and rows evict them.
    */
   private fitsKv(admitted: Entry[], next: Entry): boolean {
-    const rows = [...this.running.values(), ...admitted, next];
-    if (this.long) rows.push(this.long.entry);
-    return this.runner.kvStepBytes(rows.length, Math.max(...rows.map((e) => e.budget))) <= this.runner.kvBudget.bytes;
+    const rows = [...this.running.values(), ...[...this.runs.values()].map((r) => r.entry), ...admitted, next];
+    const bytes = this.runner.kvStepBytes(rows.length, Math.max(...rows.map((e) => e.budget)));
+    const { bytes: budget, onDevice } = this.runner.kvBudget;
+    if (onDevice && this.cache) this.cache.shrink(budget - bytes);
+    return bytes + (onDevice ? (this.cache?.stats.bytes ?? 0) : 0) <= budget;
   }
 
   /** The queue index of the oldest request of the tenant admitted longest ago (never: first). */
@@ -298,7 +365,7 @@ export class Scheduler {
   /** Ends the finished or cancelled sequences: their rows are released by the next plan. */
   private reap(): void {
     for (const e of [...this.running.values()]) if (e.generation.done) this.finish(e);
-    if (this.long?.entry.generation.done) this.finish(this.long.entry);
+    for (const r of [...this.runs.values()]) if (r.entry.generation.done) this.finish(r.entry);
   }
 
   private finish(e: Entry): void {
@@ -316,25 +383,27 @@ export class Scheduler {
   /** Takes a sequence out of the batch's bookkeeping; whether it held KV rows. */
   private forget(e: Entry): boolean {
     const seq = e.seq!;
-    if (this.long?.entry === e) {
-      this.long = null;
-      return true;
-    }
-    return this.running.delete(seq) || this.starting.delete(seq);
+    return this.running.delete(seq) || this.starting.delete(seq) || this.runs.delete(seq);
   }
 
   private settle(e: Entry): void {
+    this.unpin(e);
     if (e.admitted) {
       e.admitted = false;
       this.tokensInFlight -= e.budget;
     }
     this.byKey.delete(e.key);
   }
+
+  private unpin(e: Entry): void {
+    this.cache?.unpin(e.pins);
+    e.pins = [];
+  }
 }
 
 /** Every sequence a plan runs (what a step that failed as a whole fails). */
 function planned(plan: StepPlan): SequenceId[] {
-  return [...plan.decode.map((d) => d.seq), ...plan.prefill.map((p) => p.seq), ...(plan.chunk ? [plan.chunk.seq] : [])];
+  return [...plan.decode.map((d) => d.seq), ...plan.prefill.map((p) => p.seq), ...plan.chunks.map((c) => c.seq)];
 }
 
 /** What the runner prefills for a request: its prompt, its interventions, whether it reports them. */

@@ -1,4 +1,5 @@
 import type { AppliedEdit, RequestIntervention } from './generation.ts';
+import type { BlockId } from './prefix-cache.ts';
 
 /**
  * What the scheduler asks of the runner each step, as a plain value (vLLM v1's split between
@@ -33,29 +34,50 @@ export interface PrefillOutput {
 /** A decode step's result for one sequence: its logits, or its greedy token picked on the device. */
 export type StepSample = { logits: Float32Array } | { token: number; logprob: number };
 
+/** After the prompt's tokens up to its end have run, keep its block `index` (tokens [64·index, 64·index + 64)) as block `id`. */
+export interface BlockSave {
+  index: number;
+  id: BlockId;
+}
+
 export interface StepPlan {
   /** Sequences that left since the last step: their KV rows are freed first. */
   release: SequenceId[];
+  /** Prefix-cache blocks evicted since the last step: freed first too. */
+  dropBlocks: BlockId[];
   /**
    * One token for each sequence of the running batch (every one of them: attention's past is the
    * whole batch); `logits` when its sampler needs them, else a device may pick the greedy token.
    */
   decode: Array<{ seq: SequenceId; token: number; logits: boolean }>;
   /** New prompts prefilled together as the rows of one run (padded to the longest); they then join the batch. */
-  prefill: Array<{ seq: SequenceId; input: PrefillInput }>;
+  prefill: Array<{ seq: SequenceId; input: PrefillInput; save?: BlockSave[] }>;
   /**
-   * Tokens [start, end) of the one long prompt being prefilled a chunk per step over its own
-   * cache (the first chunk starts it); after its last chunk it joins the batch.
+   * Prompts prefilled a run each over a cache of their own, tokens [start, end) this step: the
+   * one long prompt prefilled a chunk per step, and prompts whose leading blocks are cached
+   * (`cached`, loaded on their first run, which starts after them). After its last run a prompt
+   * joins the batch.
    */
-  chunk: { seq: SequenceId; input: PrefillInput; start: number; end: number } | null;
+  chunks: ChunkRun[];
+}
+
+export interface ChunkRun {
+  seq: SequenceId;
+  input: PrefillInput;
+  start: number;
+  end: number;
+  cached?: BlockId[];
+  save?: BlockSave[];
 }
 
 export interface StepOutputs {
   decoded: Map<SequenceId, StepSample>;
-  /** The prompts prefilled this step, and the long prompt once its last chunk has run. */
+  /** The prompts whose prefill ended this step. */
   prefilled: Map<SequenceId, PrefillOutput>;
   /** Parts of the step that failed; their sequences hold no KV rows any more. */
   failed: Array<{ seqs: SequenceId[]; error: unknown }>;
+  /** Prefix-cache blocks saved this step. */
+  saved: BlockId[];
 }
 
 /** Bytes the KV cache may hold, and where it is (the error for a request that could never fit says which option bounds it). */
@@ -72,6 +94,8 @@ export interface StepExecutor {
   readonly kvBudget: KvBudget;
   /** Bytes `rows` sequences of up to `tokens` tokens each hold at a step's peak. */
   kvStepBytes(rows: number, tokens: number): number;
+  /** The prefix cache's budget and a block's bytes, or null when it is off. */
+  readonly prefixCache: { budgetBytes: number; blockBytes: number } | null;
   /** A new sequence's id (one counter per runner, whoever starts the sequence). */
   newSequenceId(): SequenceId;
   execute(plan: StepPlan): Promise<StepOutputs>;

@@ -18,10 +18,23 @@ import { readoutFor, withApplied, type CoefficientReadout } from './coefficients
 import { DeviceKvPlacement } from './device-kv-store.ts';
 import { HostKvPlacement } from './host-kv-store.ts';
 import { interventionFeeds, type LayerInterventionFeed, type PrefillRow } from './intervention-feeds.ts';
-import type { KvPlacement, KvStore, StepOutput } from './kv-store.ts';
+import { kvBytesPerToken, type KvBlock, type KvPlacement, type KvStore, type StepOutput } from './kv-store.ts';
 import { createSession, type SessionOptions } from '../runtime/session.ts';
 import { checkPrompt, concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
-import type { KvBudget, PrefillInput, PrefillOutput, SequenceId, StepExecutor, StepOutputs, StepPlan, StepSample } from './step-plan.ts';
+import type { BlockId } from './prefix-cache.ts';
+import { PREFIX_BLOCK_TOKENS } from './prefix-keys.ts';
+import type {
+  BlockSave,
+  ChunkRun,
+  KvBudget,
+  PrefillInput,
+  PrefillOutput,
+  SequenceId,
+  StepExecutor,
+  StepOutputs,
+  StepPlan,
+  StepSample,
+} from './step-plan.ts';
 
 export interface RunnerOptions extends SessionOptions {
   /** Where built graphs are cached. */
@@ -36,8 +49,10 @@ export interface RunnerOptions extends SessionOptions {
   kvCache?: 'host' | 'device';
   /** Bytes the host KV cache may hold at a step's peak (default 1 GiB; the server derives its own from the machine). */
   kvBudget?: number;
-  /** Bytes the device KV cache may hold at a step's peak (default 1 GiB). */
+  /** Bytes the device KV cache may hold at a step's peak (default 1 GiB), the prefix cache's blocks included (rows evict them). */
   deviceKvBudget?: number;
+  /** Bytes the prefix cache's blocks may hold (0: off; default a quarter of the KV budget, at most 1 GiB). */
+  prefixCacheBytes?: number;
   /** Start-up messages (the quantization cache says whether it was hit). */
   log?: (message: string) => void;
 }
@@ -61,7 +76,7 @@ export interface StepTransfer {
   pastLocations: Array<ort.Tensor['location']>;
 }
 
-/** The long prompt being prefilled a chunk per step, over its own cache. */
+/** A prompt prefilled over its own cache, a run per step (a long one, or one whose prefix was cached). */
 interface PendingPrompt {
   seq: SequenceId;
   store: KvStore;
@@ -85,7 +100,9 @@ export class StepRunner implements StepExecutor {
   private readonly rowOf = new Map<SequenceId, number>();
   private readonly idOf: SequenceId[] = [];
   private nextId = 1;
-  private pending: PendingPrompt | null = null;
+  private readonly pending = new Map<SequenceId, PendingPrompt>();
+  /** Prefix-cache blocks, by the ids the scheduler gave them. */
+  private readonly blocks = new Map<BlockId, KvBlock>();
   /** The prompt `beginPrefill` started, for `continuePrefill`. */
   private manualChunk: { seq: SequenceId; input: PrefillInput; next: number } | null = null;
   private readonly emptyInterventions: Record<string, ort.Tensor>;
@@ -94,6 +111,7 @@ export class StepRunner implements StepExecutor {
   /** The last step's traffic, for tests and metrics. */
   lastTransfer: StepTransfer = { uploaded: 0, downloaded: 0, pastLocations: [] };
   readonly kvBudget: KvBudget;
+  readonly prefixCache: { budgetBytes: number; blockBytes: number } | null;
 
   private constructor(
     readonly config: ModelConfig,
@@ -101,11 +119,14 @@ export class StepRunner implements StepExecutor {
     private readonly placement: KvPlacement,
     readonly prefillChunkTokens: number,
     kvBudget: number,
+    prefixCacheBytes: number,
     /** What the weights are held as, and their bytes. */
     readonly weights: WeightsReport,
   ) {
     this.batch = placement.createStore(0);
     this.emptyInterventions = emptyInterventionFeeds(config);
+    const blockBytes = PREFIX_BLOCK_TOKENS * kvBytesPerToken(config);
+    this.prefixCache = prefixCacheBytes >= blockBytes ? { budgetBytes: prefixCacheBytes, blockBytes } : null;
     this.kvBudget = { bytes: kvBudget, onDevice: placement.side === 'device' };
     if (placement.fetches) {
       const plain = [OUT.logits, ...placement.fetches];
@@ -140,22 +161,26 @@ export class StepRunner implements StepExecutor {
     });
     const chunk = opts.prefillChunkTokens ?? DEFAULT_PREFILL_CHUNK_TOKENS;
     const budget = side === 'device' ? (opts.deviceKvBudget ?? DEFAULT_KV_BUDGET) : (opts.kvBudget ?? defaultHostKvBudget(report.bytes));
-    return new StepRunner(config, session, placement, chunk, budget, report);
+    const prefix = opts.prefixCacheBytes ?? Math.min(2 ** 30, Math.floor(budget / 4));
+    return new StepRunner(config, session, placement, chunk, budget, prefix, report);
   }
 
-  /** Sequences holding KV rows: the batch's and the one being prefilled in chunks. */
+  /** Sequences holding KV rows: the batch's and those being prefilled over a cache of their own. */
   get liveSequences(): SequenceId[] {
-    const prefilling = this.prefilling;
-    return prefilling === null ? [...this.idOf] : [...this.idOf, prefilling];
+    const manual = this.manualChunk && !this.pending.has(this.manualChunk.seq) ? [this.manualChunk.seq] : [];
+    return [...this.idOf, ...this.pending.keys(), ...manual];
   }
 
-  /** The sequence being prefilled a chunk at a time, if any. */
+  /** The sequence `beginPrefill` started, or else one being prefilled a run per step, if any. */
   get prefilling(): SequenceId | null {
-    return this.pending?.seq ?? this.manualChunk?.seq ?? null;
+    return this.manualChunk?.seq ?? this.pending.keys().next().value ?? null;
   }
 
+  /** Bytes the rows' caches hold (the prefix cache's blocks apart). */
   get kvBytes(): number {
-    return this.batch.byteSize + (this.pending?.store.byteSize ?? 0);
+    let bytes = this.batch.byteSize;
+    for (const p of this.pending.values()) bytes += p.store.byteSize;
+    return bytes;
   }
 
   kvStepBytes(rows: number, tokens: number): number {
@@ -172,8 +197,12 @@ export class StepRunner implements StepExecutor {
    * is reported; the other parts still run.
    */
   async execute(plan: StepPlan): Promise<StepOutputs> {
-    const outputs: StepOutputs = { decoded: new Map(), prefilled: new Map(), failed: [] };
+    const outputs: StepOutputs = { decoded: new Map(), prefilled: new Map(), failed: [], saved: [] };
     for (const seq of plan.release) this.release(seq);
+    for (const id of plan.dropBlocks) {
+      this.blocks.get(id)?.dispose();
+      this.blocks.delete(id);
+    }
     if (plan.decode.length) {
       try {
         outputs.decoded = await this.decodeBatch(plan.decode);
@@ -185,25 +214,25 @@ export class StepRunner implements StepExecutor {
     }
     if (plan.prefill.length) {
       try {
-        for (const out of await this.prefillTogether(plan.prefill)) outputs.prefilled.set(out.id, out);
+        for (const out of await this.prefillTogether(plan.prefill, outputs.saved)) outputs.prefilled.set(out.id, out);
       } catch (error) {
         outputs.failed.push({ seqs: plan.prefill.map((p) => p.seq), error });
       }
     }
-    if (plan.chunk) {
+    for (const chunk of plan.chunks) {
       try {
-        const out = await this.runChunk(plan.chunk);
+        const out = await this.runChunk(chunk, outputs.saved);
         if (out) outputs.prefilled.set(out.id, out);
       } catch (error) {
-        this.release(plan.chunk.seq);
-        outputs.failed.push({ seqs: [plan.chunk.seq], error });
+        this.release(chunk.seq);
+        outputs.failed.push({ seqs: [chunk.seq], error });
       }
     }
     return outputs;
   }
 
   /** Prompts as the rows of one run with no past (shorter rows padded); they join the batch. */
-  private async prefillTogether(rows: StepPlan['prefill']): Promise<PrefillOutput[]> {
+  private async prefillTogether(rows: StepPlan['prefill'], saved: BlockId[]): Promise<PrefillOutput[]> {
     rows.forEach(({ input }, i) => checkPrompt(this.config, input.tokens, `inputs.${i}.tokens`));
     const inputs = rows.map((r) => r.input);
     const b = inputs.length;
@@ -234,6 +263,7 @@ export class StepRunner implements StepExecutor {
         seq,
         inputs.map((x) => x.tokens.length),
       );
+      for (const [r, row] of rows.entries()) await this.saveBlocks(fresh, r, row.save, row.input.tokens.length, saved);
     } catch (err) {
       fresh.clear();
       throw err;
@@ -253,17 +283,24 @@ export class StepRunner implements StepExecutor {
     });
   }
 
-  /** Runs tokens [start, end) of the long prompt over its own cache; after the last chunk it joins the batch. */
-  private async runChunk(c: NonNullable<StepPlan['chunk']>): Promise<PrefillOutput | null> {
+  /**
+   * Runs tokens [start, end) of a prompt over its own cache, made on its first run (with its
+   * cached prefix's blocks, which it starts after); after its last run it joins the batch.
+   */
+  private async runChunk(c: ChunkRun, saved: BlockId[]): Promise<PrefillOutput | null> {
     const x = c.input;
     const n = x.tokens.length;
-    if (c.start === 0) {
+    let p = this.pending.get(c.seq);
+    if (!p) {
       checkPrompt(this.config, x.tokens, 'tokens');
-      if (this.pending) throw new Error(`sequence ${this.pending.seq} is still being prefilled`);
-      this.pending = { seq: c.seq, store: this.placement.createStore(1), logits: [], readout: readoutFor(x) };
+      const blocks = (c.cached ?? []).map((id) => this.blocks.get(id) ?? missingBlock(id));
+      if (c.start !== blocks.reduce((t, b) => t + b.tokens, 0))
+        throw new Error(`sequence ${c.seq} starts at ${c.start}, not after its cached blocks`);
+      const store = blocks.length ? await this.placement.storeFromBlocks(blocks, n) : this.placement.createStore(1);
+      p = { seq: c.seq, store, logits: [], readout: readoutFor(x) };
+      this.pending.set(c.seq, p);
     }
-    const p = this.pending;
-    if (!p || p.seq !== c.seq) throw new Error(`sequence ${c.seq} is not being prefilled`);
+    if (p.store.lengths[0] !== c.start) throw new Error(`sequence ${c.seq} is at token ${p.store.lengths[0]}, not ${c.start}`);
     const seq = c.end - c.start;
     const wanted = x.allLogits ? seq : c.end === n ? 1 : 0;
     // at least one logit pair: the device's reductions refuse empty inputs; none comes back unless wanted
@@ -282,11 +319,28 @@ export class StepRunner implements StepExecutor {
     p.store.keep(out, seq, [seq]);
     if (wanted) p.logits.push(concatFloats(this.hostLogits(out, range(wanted))));
     p.readout?.record(0, layerFeeds, this.coefficients(out));
+    await this.saveBlocks(p.store, 0, c.save, c.end, saved);
     if (c.end < n) return null;
-    this.pending = null;
+    this.pending.delete(c.seq);
     await this.batch.adopt(p.store);
     this.addRow(p.seq);
     return withApplied({ id: p.seq, logits: p.logits.length === 1 ? p.logits[0] : concatFloats(p.logits) }, p.readout);
+  }
+
+  /** Keeps the blocks of `save` that row `row` of `store` now holds whole (it holds tokens up to `upTo`). */
+  private async saveBlocks(
+    store: KvStore,
+    row: number,
+    save: readonly BlockSave[] | undefined,
+    upTo: number,
+    saved: BlockId[],
+  ): Promise<void> {
+    for (const { index, id } of save ?? []) {
+      const start = index * PREFIX_BLOCK_TOKENS;
+      if (this.blocks.has(id) || start + PREFIX_BLOCK_TOKENS > upTo) continue;
+      this.blocks.set(id, await store.exportBlock(row, start, PREFIX_BLOCK_TOKENS));
+      saved.push(id);
+    }
   }
 
   /** One token for every row of the batch; rows that asked get logits, the others may get the device's greedy pick. */
@@ -398,9 +452,10 @@ export class StepRunner implements StepExecutor {
 
   /** Drops a sequence (decoding or being prefilled) and frees its KV rows; unknown ones are ignored. */
   release(id: SequenceId): void {
-    if (this.pending?.seq === id) {
-      this.pending.store.clear();
-      this.pending = null;
+    const pending = this.pending.get(id);
+    if (pending) {
+      pending.store.clear();
+      this.pending.delete(id);
     }
     if (this.manualChunk?.seq === id) this.manualChunk = null;
     const r = this.rowOf.get(id);
@@ -416,7 +471,8 @@ export class StepRunner implements StepExecutor {
   }
 
   async close(): Promise<void> {
-    this.pending?.store.clear();
+    for (const p of this.pending.values()) p.store.clear();
+    for (const b of this.blocks.values()) b.dispose();
     this.batch.clear();
     await this.placement.close();
     await this.session.release();
@@ -435,7 +491,7 @@ export class StepRunner implements StepExecutor {
       if (input.tokens.length <= this.prefillChunkTokens) continue;
       for (let start = 0; start < input.tokens.length; start += this.prefillChunkTokens) {
         const end = Math.min(input.tokens.length, start + this.prefillChunkTokens);
-        const out = (await this.executeOrThrow({ ...NO_WORK, chunk: { seq: seqs[i], input, start, end } })).prefilled.get(seqs[i]);
+        const out = (await this.executeOrThrow({ ...NO_WORK, chunks: [{ seq: seqs[i], input, start, end }] })).prefilled.get(seqs[i]);
         if (out) outputs.set(seqs[i], out);
       }
     }
@@ -445,8 +501,7 @@ export class StepRunner implements StepExecutor {
   /** Starts prefilling one prompt a chunk at a time (`continuePrefill` runs each chunk). */
   beginPrefill(input: PrefillInput): SequenceId {
     checkPrompt(this.config, input.tokens, 'tokens');
-    if (this.pending || this.manualChunk)
-      throw new Error(`sequence ${this.pending?.seq ?? this.manualChunk?.seq} is still being prefilled`);
+    if (this.manualChunk) throw new Error(`sequence ${this.manualChunk.seq} is still being prefilled`);
     this.manualChunk = { seq: this.newSequenceId(), input, next: 0 };
     return this.manualChunk.seq;
   }
@@ -458,7 +513,7 @@ export class StepRunner implements StepExecutor {
     const end = Math.min(m.input.tokens.length, m.next + this.prefillChunkTokens);
     const chunk = { seq: m.seq, input: m.input, start: m.next, end };
     m.next = end;
-    const out = (await this.executeOrThrow({ ...NO_WORK, chunk })).prefilled.get(m.seq) ?? null;
+    const out = (await this.executeOrThrow({ ...NO_WORK, chunks: [chunk] })).prefilled.get(m.seq) ?? null;
     if (out) this.manualChunk = null;
     return out;
   }
@@ -482,7 +537,11 @@ export class StepRunner implements StepExecutor {
   }
 }
 
-const NO_WORK: StepPlan = { release: [], decode: [], prefill: [], chunk: null };
+const NO_WORK: StepPlan = { release: [], dropBlocks: [], decode: [], prefill: [], chunks: [] };
+
+function missingBlock(id: BlockId): never {
+  throw new Error(`prefix-cache block ${id} is not held`);
+}
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 

@@ -16,6 +16,8 @@ export interface WorkerInit {
   /** Bytes the KV cache may hold at a step's peak, in host memory (--kv-budget) and on the device (--device-kv-budget). */
   kvBudget?: number;
   deviceKvBudget?: number;
+  /** Bytes the prefix cache's blocks may hold (0: off). */
+  prefixCacheBytes?: number;
   /** The weights' format (default f32); q8/q4 are quantized at load, cached under cacheDir. */
   weights?: WeightFormat;
 }
@@ -27,7 +29,7 @@ export type ToWorker =
   | { type: 'shutdown' };
 
 export type FromWorker =
-  | { type: 'ready'; weights: WeightsReport; kvBudget: KvBudget; log: string[] }
+  | { type: 'ready'; weights: WeightsReport; kvBudget: KvBudget; prefixCacheBytes: number; log: string[] }
   | { type: 'fatal'; error: SerializedError }
   | { type: 'token'; key: string; event: TokenEvent }
   | { type: 'done'; key: string; result: GenerationResult }

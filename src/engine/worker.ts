@@ -22,6 +22,7 @@ async function main(init: WorkerInit): Promise<void> {
     device: init.device,
     kvBudget: init.kvBudget,
     deviceKvBudget: init.deviceKvBudget,
+    prefixCacheBytes: init.prefixCacheBytes,
     weights: init.weights,
     log: (message) => log.push(message),
   });
@@ -57,7 +58,7 @@ async function main(init: WorkerInit): Promise<void> {
         break;
     }
   });
-  send({ type: 'ready', weights: runner.weights, kvBudget: runner.kvBudget, log });
+  send({ type: 'ready', weights: runner.weights, kvBudget: runner.kvBudget, prefixCacheBytes: runner.prefixCache?.budgetBytes ?? 0, log });
 }
 
 main(workerData as WorkerInit).catch((e) => send({ type: 'fatal', error: serialize(e) }));

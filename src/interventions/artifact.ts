@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { ReftError, artifactConfigInvalid, artifactConfigNotJson, artifactConfigTooDeep, artifactModelMismatch, artifactRotationNotOrthonormal, artifactTensorDtype, artifactTensorMissing, artifactTensorNonFinite, artifactTensorShape, artifactTensorUnexpected, artifactWeightsInvalid, firstIssue, interventionLayerOutOfRange } from '../errors.ts';
 import { parseSafetensors, plainFloats, toFloat32, type FloatAllocator, type SafetensorsFile } from '../model/safetensors.ts';
@@ -66,6 +67,8 @@ export interface LowRankIntervention extends InterventionSpec {
   down: Float32Array; // [rank, d]
   bias: Float32Array; // [rank]
   up: Float32Array; // [rank, d]
+  /** The factors' digest, as `interventionDigest` computes it (set by `lowRank`, so once per artifact). */
+  digest?: string;
 }
 
 export interface Artifact {
@@ -224,6 +227,26 @@ function checkOrthonormalRows(r: Float32Array, rank: number, d: number, name: st
 
 /** Folds a kind's tensors into delta = (h·downᵀ + bias)·up. */
 export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>, d: number, allocate: FloatAllocator = plainFloats): LowRankIntervention {
+  const { down, bias, up } = factors(spec, t, d, allocate);
+  return { ...spec, down, bias, up, digest: factorDigest(down, bias, up) };
+}
+
+/**
+ * What an edit does, whatever its artifact is called or however often it was replaced: a digest
+ * of its factors (the prefix cache keys prompt blocks by it).
+ */
+export function interventionDigest(iv: Pick<LowRankIntervention, 'down' | 'bias' | 'up' | 'digest'>): string {
+  return iv.digest ?? factorDigest(iv.down, iv.bias, iv.up);
+}
+
+function factorDigest(...tensors: Float32Array[]): string {
+  const hash = createHash('sha256');
+  for (const t of tensors) hash.update(new Uint8Array(t.buffer, t.byteOffset, t.byteLength)).update('|');
+  return hash.digest('hex').slice(0, 32);
+}
+
+/** The kind's factors in the engine's one form: delta = (h·downᵀ + bias)·up. */
+function factors(spec: InterventionSpec, t: Record<string, Float32Array>, d: number, allocate: FloatAllocator): Pick<LowRankIntervention, 'down' | 'bias' | 'up'> {
   const zeros = () => allocate(spec.rank * d);
   const minus = (a: Float32Array, b: Float32Array) => {
     const out = allocate(a.length);
@@ -233,14 +256,14 @@ export function lowRank(spec: InterventionSpec, t: Record<string, Float32Array>,
   const bias = t['source.bias'];
   switch (spec.kind) {
     case 'loreft':
-      return { ...spec, down: minus(t['source.weight'], t.rotate), bias, up: t.rotate };
+      return { down: minus(t['source.weight'], t.rotate), bias, up: t.rotate };
     case 'direft':
-      return { ...spec, down: t['source.weight'], bias, up: t['proj.weight'] };
+      return { down: t['source.weight'], bias, up: t['proj.weight'] };
     case 'noreft':
-      return { ...spec, down: minus(t['source.weight'], t['proj.weight']), bias, up: t['proj.weight'] };
+      return { down: minus(t['source.weight'], t['proj.weight']), bias, up: t['proj.weight'] };
     case 'consreft':
-      return { ...spec, down: minus(zeros(), t.rotate), bias, up: t.rotate };
+      return { down: minus(zeros(), t.rotate), bias, up: t.rotate };
     case 'lobireft':
-      return { ...spec, down: zeros(), bias, up: t.rotate };
+      return { down: zeros(), bias, up: t.rotate };
   }
 }

@@ -35,6 +35,20 @@ export const inputFields = {
   input_ids: z.array(z.number().int().min(0)).min(1).max(1_000_000).optional(),
 };
 
+/** The prefix cache, per request: the salt narrows the namespace a prompt's blocks are shared in; `cache_prompt: false` opts out. */
+export const prefixCacheFields = {
+  cache_salt: z
+    .string()
+    .min(1)
+    .max(256)
+    .optional()
+    .describe("the prompt's cached blocks are shared only with requests of the same tenant sending the same salt"),
+  cache_prompt: z
+    .boolean()
+    .optional()
+    .describe("reuse and keep the prompt's prefix in the prefix cache (default true; false: compute it whole)"),
+};
+
 export const generateOptionsSchema = z.strictObject({ ...inputFields, ...samplingFields });
 export type GenerateOptions = z.infer<typeof generateOptionsSchema>;
 

@@ -45,6 +45,8 @@ export interface GenerationInput extends Omit<GenerateOptions, 'prompt' | 'messa
   prompt?: string;
   messages?: Array<{ role: string; content: string }>;
   input_ids?: number[];
+  cache_salt?: string;
+  cache_prompt?: boolean;
 }
 
 export class GenerationService {
@@ -105,6 +107,7 @@ export class GenerationService {
       tenant: tenant.id,
       ...toGenerationRequest(tokens, input, resolved.interventions, rt.config.maxPositions),
       ...(steering.returnCoefficients ? { returnCoefficients: true } : {}),
+      ...(input.cache_prompt === false ? {} : { prefixCache: { namespace: prefixCacheNamespace(rt, tenant.id, input.cache_salt) } }),
     };
     // compiled last, once everything cheaper has been checked (on a grammar thread: see grammar/service.ts)
     const compiled = grammar ? await rt.grammars.prepare(grammar) : undefined;
@@ -176,9 +179,21 @@ export class GenerationService {
       throw grammarThreadFailed();
     }
     this.metrics.promptTokens.inc(result.promptTokens);
+    this.metrics.prefixCacheTokens.inc({ source: 'cached' }, result.cachedTokens);
+    this.metrics.prefixCacheTokens.inc({ source: 'computed' }, result.promptTokens - result.cachedTokens);
+    if (result.cachedTokens > 0) this.metrics.prefixCacheHits.inc();
     this.metrics.generatedTokens.inc(result.tokens.length);
     const decodeSeconds = (performance.now() - first) / 1000;
     if (result.tokens.length > 1 && decodeSeconds > 0) this.metrics.tokensPerSecond.observe((result.tokens.length - 1) / decodeSeconds);
     return result;
   }
+}
+
+/**
+ * Where a prompt's blocks are shared: its tenant's namespace (or every tenant's, when the server
+ * shares them), narrowed by the request's salt. Shared interventions do not widen it.
+ */
+function prefixCacheNamespace(rt: ModelRuntime, tenant: string, salt: string | undefined): string {
+  const owner = rt.prefixCacheShared ? '*' : `tenant:${tenant}`;
+  return salt === undefined ? owner : `${owner}\0salt:${salt}`;
 }

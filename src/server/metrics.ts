@@ -32,6 +32,17 @@ export class ServerMetrics {
   });
   readonly generatedTokens = new Counter({ name: 'reft_generated_tokens_total', help: 'Tokens generated', registers: [this.registry] });
   readonly promptTokens = new Counter({ name: 'reft_prompt_tokens_total', help: 'Prompt tokens processed', registers: [this.registry] });
+  readonly prefixCacheTokens = new Counter({
+    name: 'reft_prefix_cache_prompt_tokens_total',
+    help: 'Prompt tokens of finished generations by where their keys and values came from: the prefix cache (cached) or a prefill (computed)',
+    labelNames: ['source'],
+    registers: [this.registry],
+  });
+  readonly prefixCacheHits = new Counter({
+    name: 'reft_prefix_cache_hits_total',
+    help: 'Generations whose prompt started with blocks from the prefix cache',
+    registers: [this.registry],
+  });
   readonly interventionCache = new Counter({
     name: 'reft_adapter_cache_total',
     help: 'Intervention cache lookups',
@@ -73,6 +84,18 @@ export class ServerMetrics {
       (s) => s.tokensInFlight,
     );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
+    engineGauge('reft_prefix_cache_bytes', "Bytes held by the prefix cache's blocks", (s) => s.prefixCache?.bytes ?? 0);
+    engineGauge('reft_prefix_cache_blocks', 'Blocks of 64 prompt tokens the prefix cache holds', (s) => s.prefixCache?.blocks ?? 0);
+    new Counter({
+      name: 'reft_prefix_cache_evictions_total',
+      help: 'Prefix-cache blocks evicted to make room',
+      registers: [this.registry],
+      async collect() {
+        const stats = await current();
+        this.reset();
+        this.inc(stats?.prefixCache?.evictions ?? 0);
+      },
+    });
     new Gauge({
       name: 'reft_model_weight_bytes',
       help: "Bytes of the base model's weights as the engine holds them (format: f32, q8, q4)",

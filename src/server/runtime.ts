@@ -27,6 +27,8 @@ export interface ModelRuntime {
   interventions: InterventionCache;
   /** Structured output: grammars compiled for this model's tokenizer, and the rows' matchers. */
   grammars: GrammarService;
+  /** Whether every tenant's prompts share the prefix cache's blocks (single-tenant deployments); else each tenant has its own. */
+  prefixCacheShared: boolean;
   /** The device the engine runs on, and its adapter. */
   placement: Placement;
 }

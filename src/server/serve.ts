@@ -61,6 +61,9 @@ export interface ServeSettings {
   /** Bytes the KV cache may hold at a step's peak in host memory (default: from the machine's memory) and on the device (WebGPU). */
   kvBudget?: number;
   deviceKvBudget?: number;
+  /** Bytes the prefix cache's blocks may hold (0: off; default from the KV budget), and whether tenants share them. */
+  prefixCacheBytes?: number;
+  prefixCacheShared?: boolean;
   /** The base model's weights: f32, or q8/q4 quantized at load (cached under cacheDir). */
   weights?: WeightFormat;
 }
@@ -126,6 +129,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
       device: placement.device,
       kvBudget: s.kvBudget,
       deviceKvBudget: s.deviceKvBudget,
+      prefixCacheBytes: s.prefixCacheBytes,
       weights: s.weights,
     });
     metrics.device.set({ device: placement.device, adapter: placement.adapter }, 1);
@@ -146,6 +150,7 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
     });
     runtime = {
       grammars,
+      prefixCacheShared: s.prefixCacheShared ?? false,
       name: s.modelName,
       aliases: s.modelAliases ?? [],
       modelDir: dir,
@@ -170,6 +175,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
         quantizationCache: engine.weights.cache,
         kvCache: engine.kvBudget.onDevice ? 'device' : 'host',
         kvBudgetBytes: engine.kvBudget.bytes,
+        prefixCacheBytes: engine.prefixCacheBytes,
+        prefixCacheShared: s.prefixCacheShared ?? false,
         ...describeHugePages(),
       },
       'model ready',

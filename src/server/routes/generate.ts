@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { AppliedEdit, GenerationResult } from '../../engine/generation.ts';
-import { inputFields, samplingFields } from '../generation-request.ts';
+import { inputFields, prefixCacheFields, samplingFields } from '../generation-request.ts';
 import type { TextTokenizer } from '../../model/tokenizer.ts';
 import { problemOf, toReftError } from '../problem.ts';
 import type { GenerationService, PreparedGeneration } from '../generation-service.ts';
@@ -28,6 +28,7 @@ const generateBody = z.strictObject({
   ...samplingFields,
   stream: z.boolean().default(false).describe('stream tokens as server-sent events'),
   ...structuredOutputFields,
+  ...prefixCacheFields,
 });
 
 const logprobSchema = z.object({
@@ -44,7 +45,12 @@ const generateResponse = z.object({
   token_ids: z.array(z.number().int()),
   finish_reason: z.enum(['stop', 'length', 'cancelled']),
   stop_reason: z.string().nullable(),
-  usage: z.object({ prompt_tokens: z.number().int(), completion_tokens: z.number().int(), total_tokens: z.number().int() }),
+  usage: z.object({
+    prompt_tokens: z.number().int(),
+    completion_tokens: z.number().int(),
+    total_tokens: z.number().int(),
+    prompt_tokens_details: z.object({ cached_tokens: z.number().int().describe('prompt tokens read from the prefix cache, not computed') }),
+  }),
   logprobs: z.array(logprobSchema).optional(),
   applied: appliedSchema.optional(),
   prompt_token_texts: promptTokenTextsSchema.optional(),
@@ -73,7 +79,12 @@ export function generateResponseBody(
     token_ids: r.tokens,
     finish_reason: r.finishReason,
     stop_reason: r.stoppedBy ?? null,
-    usage: { prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length },
+    usage: {
+      prompt_tokens: r.promptTokens,
+      completion_tokens: r.tokens.length,
+      total_tokens: r.promptTokens + r.tokens.length,
+      prompt_tokens_details: { cached_tokens: r.cachedTokens },
+    },
     ...(r.logprobs
       ? {
           logprobs: logprobPieces(tokenizer, p.request.tokens, r.logprobs).map((lp) => ({

@@ -47,6 +47,8 @@ export function generationInput(
     frequency_penalty: b.frequency_penalty ?? 0,
     presence_penalty: b.presence_penalty ?? 0,
     logit_bias: logitBias(b.logit_bias, vocabSize),
+    cache_salt: b.cache_salt,
+    cache_prompt: b.cache_prompt,
   };
 }
 

@@ -10,9 +10,16 @@ import { appliedFields } from '../generate.ts';
 
 export function usageOf(results: GenerationResult[], n: number) {
   // each prompt counts once, as OpenAI counts it, however many choices it has
-  const prompt = results.filter((_, i) => i % n === 0).reduce((sum, r) => sum + r.promptTokens, 0);
+  const prompts = results.filter((_, i) => i % n === 0);
+  const prompt = prompts.reduce((sum, r) => sum + r.promptTokens, 0);
+  const cached = prompts.reduce((sum, r) => sum + r.cachedTokens, 0);
   const completion = results.reduce((sum, r) => sum + r.tokens.length, 0);
-  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+  return {
+    prompt_tokens: prompt,
+    completion_tokens: completion,
+    total_tokens: prompt + completion,
+    prompt_tokens_details: { cached_tokens: cached },
+  };
 }
 
 export const finishOf = (r: GenerationResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);

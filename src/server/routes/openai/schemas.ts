@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { openaiErrorSchema } from '../../openai-error.ts';
 import { messageSchema } from '../../../prompts/prompt-input.ts';
-import { samplingFields } from '../../generation-request.ts';
+import { prefixCacheFields, samplingFields } from '../../generation-request.ts';
 import { returnCoefficientsField, steerListSchema } from '../steer-schemas.ts';
 import { structuredOutputFields } from '../../structured-output.ts';
 
@@ -47,6 +47,7 @@ const common = {
     .optional()
     .describe("extension: add `applied` (and `prompt_token_texts`) to each choice, on a stream to each choice's first chunk"),
   ...structuredOutputFields,
+  ...prefixCacheFields,
 };
 
 const tokenIds = z.array(z.number().int().min(0)).min(1).max(1_000_000);
@@ -87,7 +88,12 @@ export const chatBody = z.strictObject({
   service_tier: notSupported,
 });
 
-const usageSchema = z.object({ prompt_tokens: z.number().int(), completion_tokens: z.number().int(), total_tokens: z.number().int() });
+const usageSchema = z.object({
+  prompt_tokens: z.number().int(),
+  completion_tokens: z.number().int(),
+  total_tokens: z.number().int(),
+  prompt_tokens_details: z.object({ cached_tokens: z.number().int().describe('prompt tokens read from the prefix cache, not computed') }),
+});
 
 export const completionResponse = z.looseObject({
   id: z.string(),
