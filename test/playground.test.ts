@@ -134,6 +134,23 @@ describe('the web playground, single-tenant', () => {
     expect(health.headers.get('content-security-policy')).toBeNull();
   });
 
+  it("shows each side's prompt tokens and how many came from the prefix cache, as the API counts them", async () => {
+    const { page } = tab;
+    const story = `${PROMPT}, there was a little girl named Lily. She loved to play outside in the park with her dog, Max. One day, they saw a big red ball under a tree. Lily ran to get it, but Max was faster. They played all day until the sun went down, and then they went home to eat dinner with Mom and Dad. After dinner, Lily told Mom about the ball.`;
+    await page.goto(`${server.url}/#/generate`);
+    await fillGenerate(page, story);
+    await page.getByLabel('Intervention 1', { exact: true }).selectOption('alpha');
+    const first = await startRun(page, 'Compare');
+    await paneText(page, 'base', first);
+    const second = await startRun(page, 'Compare');
+    await paneText(page, 'base', second);
+    const note = await page.getByTestId('state-base').innerText();
+    const api2 = await json(api, 'POST', '/v1/generate', { prompt: story, ...SAMPLING });
+    const { prompt_tokens, prompt_tokens_details } = api2.body.usage;
+    expect(prompt_tokens_details.cached_tokens).toBeGreaterThan(0);
+    expect(note).toContain(`prompt ${prompt_tokens} tokens, ${prompt_tokens_details.cached_tokens} cached`);
+  });
+
   it('compares a prompt with and without an intervention, side by side, as /v1/generate answers with the same seed', async () => {
     const { page } = tab;
     await page.goto(`${server.url}/#/generate`);

@@ -143,7 +143,7 @@ export interface GenerateResult {
   text: string;
   token_ids: number[];
   finish_reason: string;
-  usage: { prompt_tokens: number; completion_tokens: number };
+  usage: { prompt_tokens: number; completion_tokens: number; prompt_tokens_details: { cached_tokens: number } };
   /** With return_coefficients: per request item, per intervention, c(h) at its positions. */
   applied?: AppliedEdit[][];
   /** The text of each prompt token: the columns `applied`'s positions index. */

@@ -159,7 +159,7 @@ export function GeneratePage({ active, revision, preselect }: { active: boolean;
           set({
             text: e.text,
             state: 'done',
-            note: `done: ${e.usage.completion_tokens} tokens, finish ${e.finish_reason}${validation(e.text, schema)}`,
+            note: `done: ${e.usage.completion_tokens} tokens, finish ${e.finish_reason}; prompt ${e.usage.prompt_tokens} tokens, ${e.usage.prompt_tokens_details.cached_tokens} cached${validation(e.text, schema)}`,
           });
           return;
         } else if (e.type === 'error') throw new ApiError(e.error);
