@@ -35,7 +35,7 @@ async function burst(runner: DecodeRunner, rows: number, vocab: number, seed: nu
 }
 
 /** RSS of a process and its descendants, bytes (Linux /proc). */
-function treeRss(pid: number): number {
+export function treeRss(pid: number): number {
   const children = (() => {
     try {
       return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);

@@ -9,6 +9,7 @@ import { describeMachine } from './machine.ts';
 import { benchGpu } from './gpu.ts';
 import { LLAMA_1B_CONFIG, SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 import { benchServer } from './server.ts';
+import { benchPrefixCache } from './prefix-cache.ts';
 import { benchSteer } from './steer.ts';
 import { benchStructured } from './structured.ts';
 import { benchRecipeA, benchTrainingStep } from './training.ts';
@@ -31,7 +32,7 @@ if (!DEVICE_CHOICES.includes(deviceChoice)) throw new Error(`--device must be on
 // --baseline <rev> compares the engine section against that revision of this repository, in the same run
 const baselineAt = args.indexOf('--baseline');
 const baselineRev = baselineAt >= 0 ? args.splice(baselineAt, 2)[1] : undefined;
-const sections = args.length ? args : ['engine', 'server', 'steer', 'training', 'soak', 'weights'];
+const sections = args.length ? args : ['engine', 'server', 'steer', 'prefix', 'training', 'soak', 'weights'];
 
 const lines: string[] = [];
 const log = (s: string) => {
@@ -78,6 +79,7 @@ if (sections.includes('structured')) results.structured = await benchStructured(
 if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);
 if (sections.includes('server')) results.server = await benchServer(dir, model.config, log);
 if (sections.includes('steer')) results.steer = await benchSteer(dir, model.config, log);
+if (sections.includes('prefix')) results.prefix_cache = await benchPrefixCache(dir, model.config, log);
 if (sections.includes('soak')) {
   // two servers and one worker on PostgreSQL (REFT_TEST_DATABASE_URL), on stories260k
   const { soakCluster } = await import('../test/support/cluster.ts');
