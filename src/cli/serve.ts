@@ -11,6 +11,7 @@ import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../offload/budgets.ts';
 import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
+import { parseLibDirs } from '../cuda/load.ts';
 import { envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
 
 const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
@@ -283,6 +284,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     logLevel: f.logLevel,
     threads: f.threads,
     device: f.device,
+    cudaLibDirs: parseLibDirs(f.cudaLibDir),
     deviceKvBudget: f.deviceKvBudget,
     weights,
   });

@@ -1,7 +1,4 @@
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 
 export type Device = 'cpu' | 'cuda' | 'webgpu';
@@ -16,7 +13,7 @@ export interface SessionOptions {
 
 /**
  * The providers of a session on `device`. ORT adds the CPU provider behind them, for shape-only
- * nodes (and anything the device has no kernel for). The node binding 1.30 takes only a few
+ * nodes (and anything the device has no kernel for). The node binding (1.29) takes only a few
  * WebGPU options (preferredLayout, validationMode, the buffer cache modes, enableRobustness,
  * forceCpuNodeNames); the defaults serve.
  */
@@ -49,29 +46,4 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
       },
     },
   } as ort.InferenceSession.SessionOptions);
-}
-
-/** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
-export async function cudaAvailable(): Promise<boolean> {
-  // Without the provider libraries beside the binding, asking ORT for CUDA only makes it print a
-  // native error line of its own before ours.
-  const library = (name: string) => (process.platform === 'win32' ? `${name}.dll` : `lib${name}.so`);
-  const providers = ['onnxruntime_providers_shared', 'onnxruntime_providers_cuda'].map(library);
-  if (!providers.every((f) => existsSync(join(bindingDir(), f)))) return false;
-  const { GraphBuilder } = await import('../graph/onnx.ts');
-  const g = new GraphBuilder('probe');
-  g.output(g.op('Identity', [g.input('x', 'float32', [1])]), 'y', 'float32', [1]);
-  try {
-    const session = await ort.InferenceSession.create(g.encode({ '': 21 }), { executionProviders: ['cuda'], logSeverityLevel: 4 });
-    await session.release();
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Where onnxruntime-node keeps its native libraries (and the CUDA install adds its providers). */
-function bindingDir(): string {
-  const entry = createRequire(import.meta.url).resolve('onnxruntime-node'); // <package>/dist/index.js
-  return join(dirname(dirname(entry)), 'bin', 'napi-v6', process.platform, process.arch);
 }

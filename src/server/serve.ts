@@ -53,6 +53,8 @@ export interface ServeSettings {
   threads?: number;
   /** Where the engine runs (default auto: CUDA, else a hardware GPU through WebGPU, else the CPU). */
   device?: DeviceChoice;
+  /** Folders with CUDA's libraries (--cuda-lib-dir), loaded before ORT's CUDA provider. */
+  cudaLibDirs?: readonly string[];
   /** Bytes the KV cache may hold on the device (WebGPU). */
   deviceKvBudget?: number;
   /** The base model's weights: f32, or q8/q4 quantized at load (cached under cacheDir). */
@@ -111,7 +113,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
 
   const ready = (async () => {
     // the device probe (a second, in a child process) runs while the model loads
-    const [model, placement] = await Promise.all([loadModel(dir), resolveDevice(s.device ?? 'auto')]);
+    const [model, placement] = await Promise.all([loadModel(dir), resolveDevice(s.device ?? 'auto', { cudaLibDirs: s.cudaLibDirs })]);
+    if (placement.cudaSkipped) app.log.info(placement.cudaSkipped, 'not using CUDA');
     const engine = await EngineClient.start({
       modelDir: dir,
       cacheDir: s.cacheDir,
