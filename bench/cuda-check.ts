@@ -7,11 +7,13 @@
  *
  *   node --import tsx bench/cuda-check.ts [cuda|webgpu|cpu]   (REFT_CUDA_LIB_DIR: --cuda-lib-dir)
  */
+import * as ort from 'onnxruntime-node';
 import { parseLibDirs } from '../src/cuda/load.ts';
 import { resolveDevice, type DeviceChoice } from '../src/engine/device.ts';
 import { Engine, type PrefillInput } from '../src/engine/engine.ts';
 import { argmax } from '../src/engine/sampler.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
+import { GraphBuilder } from '../src/graph/onnx.ts';
 import { loadModel } from '../src/model/load.ts';
 import { greedyBatch, maxAbsDiff, testCacheDir } from '../test/support/engine.ts';
 import { STORIES, inferenceCases } from '../test/support/fixtures.ts';
@@ -98,9 +100,41 @@ for (let step = 0; step < 12; step++) {
 gpu.release(first.id);
 check(worst < TOLERANCE, `KV-cached decoding equals full recomputation over 12 steps (${worst.toExponential(2)})`);
 
+// The open question asked of the binding itself (README, CUDA): can a CUDA session's output stay
+// on the device? The 1.29 binding binds 'gpu-buffer' outputs to WebGPU's memory name; see what a
+// CUDA session makes of that, and whether such an output can be fed back in.
+let binding = 'not asked (not on CUDA)';
+if (placement.device === 'cuda') {
+  const g = new GraphBuilder('binding_probe');
+  g.output(g.op('Relu', [g.input('x', 'float32', [2])]), 'y', 'float32', [2]);
+  const x = new ort.Tensor('float32', Float32Array.from([-1, 2]), [2]);
+  try {
+    const s = await ort.InferenceSession.create(g.encode({ '': 21 }), {
+      executionProviders: ['cuda'],
+      preferredOutputLocation: 'gpu-buffer',
+    });
+    const y = (await s.run({ x })).y;
+    binding = `a gpu-buffer output on CUDA came back with location ${y.location}`;
+    if (y.location === 'gpu-buffer') {
+      const plain = await ort.InferenceSession.create(g.encode({ '': 21 }), { executionProviders: ['cuda'] });
+      const back = await plain.run({ x: y }).then(
+        (r) => `fed back in: [${Array.from(r.y.data as Float32Array).join(', ')}] (want [0, 2])`,
+        (e: Error) => `fed back in, refused: ${e.message}`,
+      );
+      binding += `; ${back}`;
+      await plain.release();
+    }
+    await s.release();
+  } catch (e) {
+    binding = `a gpu-buffer output on CUDA fails: ${(e as Error).message}`;
+  }
+  say(`binding: ${binding}`);
+}
+
 await gpu.close();
 await cpu.close();
 const summary = {
+  binding,
   device: placement,
   cases: cases.length,
   failures,

@@ -14,8 +14,8 @@ export interface SessionOptions {
 /**
  * The providers of a session on `device`. ORT adds the CPU provider behind them, for shape-only
  * nodes (and anything the device has no kernel for). The node binding (1.29) takes only a few
- * WebGPU options (preferredLayout, validationMode, the buffer cache modes, enableRobustness,
- * forceCpuNodeNames); the defaults serve.
+ * WebGPU options (preferredLayout, validationMode, the buffer cache modes, forceCpuNodeNames;
+ * 1.30 adds enableRobustness) and, for CUDA, only deviceId; the defaults serve.
  */
 function executionProviders(device: Device): ort.InferenceSession.ExecutionProviderConfig[] {
   if (device === 'cuda') return ['cuda', 'cpu'];
