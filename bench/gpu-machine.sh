@@ -133,6 +133,9 @@ bench() {
 
 webgpu_stages() {
   link
+  # for BENCH_1B_DEVICES=cuda,…: pip's CUDA 13 libraries, where the image has them
+  CU13=$(cuda_lib_dir)
+  [ -n "$CU13" ] && export LD_LIBRARY_PATH=$CU13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   stage adapter
   VK_LOADER_DEBUG=driver timeout -k 5 60 node --import tsx --input-type=module \
     -e "const d = await import('./src/engine/device.ts'); console.log(JSON.stringify(await d.resolveDevice('auto')), JSON.stringify(await d.resolveDevice('webgpu')))" \
