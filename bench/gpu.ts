@@ -13,11 +13,13 @@ import { LlamaCppRunner, NODE_LLAMA_CPP_VERSION, ggufOf, nodeLlamaCpp } from './
 import { median, round } from './machine.ts';
 
 /**
- * Issue 14's benchmark on a real GPU: our WebGPU engine (KV cache on the device, greedy tokens
- * picked on the device) against llama.cpp's Vulkan build (node-llama-cpp) on the same F32
- * weights as GGUF, and optionally our CPU engine, interleaved round by round: decode tokens/s at
- * batch 1, 8, 32 and 64, a 512-token prefill, and batch 32 with a different LoReFT per row
- * against 32 plain rows. Ratios are medians of each round's ours/llama.cpp pair.
+ * Issue 14's benchmark on a real GPU: our engine on each GPU device asked for (WebGPU: KV cache
+ * on the device, greedy tokens picked on the device; CUDA (issue 24): the host-cache engine on
+ * ORT's CUDA provider, which copies the past in every step) against llama.cpp's Vulkan build
+ * (node-llama-cpp) on the same F32 weights as GGUF, and optionally our CPU engine, interleaved
+ * round by round: decode tokens/s at batch 1, 8, 32 and 64, a 512-token prefill, and batch 32
+ * with a different LoReFT per row against 32 plain rows (on the first device). Ratios are
+ * medians of each round's ours/llama.cpp pair.
  */
 export const GPU_BATCHES = [1, 8, 32, 64];
 const PREFILL_TOKENS = 512;
@@ -80,7 +82,8 @@ const medians = (s: Samples) => Object.fromEntries(Object.entries(s).map(([k, xs
 const stepsFor = (batch: number) => (batch === 1 ? 32 : 16);
 
 export interface GpuBenchOptions {
-  placement: Placement;
+  /** Where ours runs: each GPU device to measure (the first one also runs the steering pair). */
+  placements: Placement[];
   cacheDir: string;
   /** Run our CPU engine beside (slow on large models). */
   cpu: boolean;
@@ -90,14 +93,18 @@ export interface GpuBenchOptions {
 export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (s: string) => void) {
   const { config, checkpoint } = model;
   const vocab = config.vocabSize;
-  const rounds = opts.rounds ?? 3;
+  const rounds = opts.rounds ?? Number(process.env.BENCH_GPU_ROUNDS ?? 3);
   const work = join(import.meta.dirname, '.work');
   const threads = availableParallelism();
 
-  const t = performance.now();
-  const gpu = await StepRunner.create(config, checkpoint, { cacheDir: opts.cacheDir, device: 'webgpu', deviceKvBudget: 8 * 2 ** 30 });
-  const gpuLoadMs = performance.now() - t;
-  log(`gpu: ours on ${opts.placement.device} (${opts.placement.adapter}), engine created in ${round(gpuLoadMs)} ms`);
+  const engines: Array<{ device: string; adapter: string; engine: StepRunner; createMs: number }> = [];
+  for (const p of opts.placements) {
+    const t = performance.now();
+    const engine = await StepRunner.create(config, checkpoint, { cacheDir: opts.cacheDir, device: p.device, deviceKvBudget: 8 * 2 ** 30 });
+    engines.push({ device: p.device, adapter: p.adapter, engine, createMs: performance.now() - t });
+    log(`gpu: ours on ${p.device} (${p.adapter}), engine created in ${round(engines.at(-1)!.createMs)} ms`);
+  }
+  const gpu = engines[0].engine;
   const cpu = opts.cpu ? await StepRunner.create(config, checkpoint, { cacheDir: opts.cacheDir, device: 'cpu' }) : null;
 
   // llama.cpp's side may fail where ours runs (no Vulkan device for it): ours is still measured
@@ -107,7 +114,7 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
   });
   const runner = side?.runner;
 
-  const ours: Samples = {};
+  const ours: Record<string, Samples> = Object.fromEntries(engines.map((e) => [e.device, {}]));
   const theirs: Samples = {};
   const onCpu: Samples = {};
   const steering: Samples = {};
@@ -115,13 +122,15 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
   const plain32 = prompts(32, vocab).map((tokens) => ({ tokens }));
   const steered32 = plain32.map((x, i) => ({ ...x, interventions: intervention(i, model) }));
   // shaders compile and buffers are first allocated at each new shape: once, untimed
-  for (const b of GPU_BATCHES)
-    await decodeRate(
-      gpu,
-      prompts(b, vocab).map((tokens) => ({ tokens })),
-      2,
-    );
-  await prefillMs(gpu, long);
+  for (const { engine } of engines) {
+    for (const b of GPU_BATCHES)
+      await decodeRate(
+        engine,
+        prompts(b, vocab).map((tokens) => ({ tokens })),
+        2,
+      );
+    await prefillMs(engine, long);
+  }
   await decodeRate(gpu, steered32, 2);
   /** One engine's decode at each batch size and its 512-token prefill, into `samples`. */
   const measure = async (engine: StepRunner, samples: Samples) => {
@@ -138,7 +147,9 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
     push(samples, 'prefill_512_ms', await prefillMs(engine, long));
   };
   for (let r = 0; r < rounds; r++) {
-    const runOurs = () => measure(gpu, ours);
+    const runOurs = async () => {
+      for (const { device, engine } of engines) await measure(engine, ours[device]);
+    };
     const runTheirs = async () => {
       if (!runner) return;
       for (const b of GPU_BATCHES) push(theirs, `decode_b${b}`, await runner.decodeRate(prompts(b, vocab), stepsFor(b)));
@@ -155,44 +166,48 @@ export async function benchGpu(model: LoadedModel, opts: GpuBenchOptions, log: (
     if (cpu) await measure(cpu, onCpu);
     const last = (x: Samples) => GPU_BATCHES.map((b) => round(x[`decode_b${b}`]?.at(-1) ?? NaN)).join(' / ');
     log(
-      `gpu: round ${r + 1}/${rounds}: decode tok/s at batch ${GPU_BATCHES.join('/')}: ours ${last(ours)}, llama.cpp ${last(theirs)}` +
+      `gpu: round ${r + 1}/${rounds}: decode tok/s at batch ${GPU_BATCHES.join('/')}: ${engines.map((e) => `ours (${e.device}) ${last(ours[e.device])}`).join(', ')}, llama.cpp ${last(theirs)}` +
         (cpu ? `, ours on the CPU ${last(onCpu)}` : '') +
         `; 32 steered ${round(steering.steered_b32.at(-1)!)} vs plain ${round(steering.plain_b32.at(-1)!)}`,
     );
   }
 
-  const ratio = (key: string, inverse = false) =>
-    round(median(ours[key].map((x, i) => (inverse ? theirs[key][i] / x : x / theirs[key][i]))));
-  const ratios = Object.fromEntries([
-    ...GPU_BATCHES.map((b) => [`decode_b${b}`, ratio(`decode_b${b}`)]),
-    ['prefill_512', ratio('prefill_512_ms', true)],
-  ]);
+  const ratio = (mine: Samples, key: string, inverse = false) =>
+    round(median(mine[key].map((x, i) => (inverse ? theirs[key][i] / x : x / theirs[key][i]))));
+  const ratiosOf = (mine: Samples) =>
+    Object.fromEntries([
+      ...GPU_BATCHES.map((b) => [`decode_b${b}`, ratio(mine, `decode_b${b}`)]),
+      ['prefill_512', ratio(mine, 'prefill_512_ms', true)],
+    ]) as Record<string, number>;
   const steeredOverPlain = round(median(steering.steered_b32.map((x, i) => x / steering.plain_b32[i])));
   const line = (s: Samples) =>
     GPU_BATCHES.map((b) => `${round(median(s[`decode_b${b}`]))}`).join(' / ') +
     ` tok/s at batch ${GPU_BATCHES.join('/')}; prefill 512 ${round(median(s.prefill_512_ms))} ms`;
-  log(`gpu: ours (WebGPU) ${line(ours)}`);
+  for (const e of engines) log(`gpu: ours (${e.device}) ${line(ours[e.device])}`);
   if (runner) log(`gpu: llama.cpp (Vulkan) ${line(theirs)}`);
   if (cpu) log(`gpu: ours (CPU, ${threads} threads) ${line(onCpu)}`);
   if (runner)
-    log(
-      `gpu: ours/llama.cpp ${GPU_BATCHES.map((b) => `${ratios[`decode_b${b}`]}x`).join(' / ')} at batch ${GPU_BATCHES.join('/')}, prefill ${ratios.prefill_512}x (medians of ${rounds} rounds' ratios)`,
-    );
+    for (const e of engines) {
+      const ratios = ratiosOf(ours[e.device]);
+      log(
+        `gpu: ours (${e.device})/llama.cpp ${GPU_BATCHES.map((b) => `${ratios[`decode_b${b}`]}x`).join(' / ')} at batch ${GPU_BATCHES.join('/')}, prefill ${ratios.prefill_512}x (medians of ${rounds} rounds' ratios)`,
+      );
+    }
   log(
-    `gpu: 32 rows with 32 different LoReFT interventions (rank 8, 4 layers, f7+l7) ${round(median(steering.steered_b32))} tok/s vs 32 plain ${round(median(steering.plain_b32))} tok/s: ${steeredOverPlain}x`,
+    `gpu: 32 rows with 32 different LoReFT interventions (rank 8, 4 layers, f7+l7) on ${engines[0].device} ${round(median(steering.steered_b32))} tok/s vs 32 plain ${round(median(steering.plain_b32))} tok/s: ${steeredOverPlain}x`,
   );
   await runner?.close();
   await side?.llama.dispose();
-  await gpu.close();
+  for (const { engine } of engines) await engine.close();
   await cpu?.close();
   return {
     model: { layers: config.numLayers, hidden: config.hiddenSize, vocab, weight_bytes: gpu.weights.bytes },
-    adapter: opts.placement.adapter,
-    engine_create_ms: round(gpuLoadMs),
-    ours_webgpu: medians(ours),
+    ours: Object.fromEntries(
+      engines.map((e) => [e.device, { adapter: e.adapter, engine_create_ms: round(e.createMs), ...medians(ours[e.device]) }]),
+    ),
     llama_cpp_vulkan: side ? { ...side.description, ...medians(theirs) } : null,
     ours_cpu: cpu ? { threads, ...medians(onCpu) } : null,
-    ratios_ours_over_llama_cpp: ratios,
+    ratios_ours_over_llama_cpp: runner ? Object.fromEntries(engines.map((e) => [e.device, ratiosOf(ours[e.device])])) : null,
     steered_b32_over_plain_b32: steeredOverPlain,
     steering: medians(steering),
     rounds,

@@ -1,5 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { parseLibDirs } from '../src/runtime/cuda/load.ts';
 import { DEVICE_CHOICES, resolveDevice, type DeviceChoice } from '../src/runtime/device.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import { loadModel } from '../src/model/load.ts';
@@ -42,7 +43,9 @@ const log = (s: string) => {
 
 const machine = describeMachine();
 log(`machine: ${JSON.stringify(machine)}`);
-const placement = await resolveDevice(deviceChoice);
+// REFT_CUDA_LIB_DIR: --cuda-lib-dir (CUDA 13's libraries, loaded before ORT's CUDA provider)
+const cudaLibDirs = parseLibDirs(process.env.REFT_CUDA_LIB_DIR);
+const placement = await resolveDevice(deviceChoice, { cudaLibDirs });
 log(`device: ${placement.device} (${placement.adapter})`);
 const dir = await randomCheckpoint(join(ROOT, 'bench', '.work', 'smol135m-f32'), STORIES, SMOL_135M_CONFIG);
 const model = await loadModel(dir);
@@ -73,7 +76,13 @@ if (sections.includes('gpu')) {
       : which === 'stories260k'
         ? await loadModel(STORIES)
         : model;
-  results.gpu = await benchGpu(gpuModel, { placement, cacheDir, cpu: which !== 'llama1b' }, log);
+  // BENCH_GPU_DEVICES: ours on each of these (e.g. cuda,webgpu), default the --device resolved
+  const placements = process.env.BENCH_GPU_DEVICES
+    ? await Promise.all(
+        [...new Set(process.env.BENCH_GPU_DEVICES.split(','))].map((d) => resolveDevice(d as DeviceChoice, { cudaLibDirs })),
+      )
+    : [placement];
+  results.gpu = await benchGpu(gpuModel, { placements, cacheDir, cpu: which !== 'llama1b' && process.env.BENCH_GPU_CPU !== '0' }, log);
 }
 if (sections.includes('structured')) results.structured = await benchStructured(ROOT, log);
 if (sections.includes('weights')) results.weights = await benchWeights(model, cacheDir, log);

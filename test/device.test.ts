@@ -16,7 +16,7 @@ describe('device resolution', () => {
   });
 
   it('auto takes the CPU over a software adapter; webgpu by name takes it', async () => {
-    expect(await resolveDevice('auto')).toEqual({ device: 'cpu', adapter: 'cpu' });
+    expect(await resolveDevice('auto')).toMatchObject({ device: 'cpu', adapter: 'cpu' });
     const webgpu = await resolveDevice('webgpu');
     expect(webgpu.device).toBe('webgpu');
     expect(webgpu.adapter).toMatch(/^llvmpipe \(LLVM .*\) \(libvulkan_lvp\.so, software\)$/);

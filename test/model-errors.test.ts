@@ -79,7 +79,7 @@ describe('bad checkpoints are refused with an error that names the problem', () 
 });
 
 describe('a device this install cannot drive', () => {
-  it('worker --device cuda on the CPU-only install says how to get CUDA, in one line of ours', () => {
+  it('worker --device cuda without the CUDA provider says how to install it, in one line of ours', () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'reft-cuda-'));
     const r = spawnSync(process.execPath, [BIN, 'worker', '--device', 'cuda', '--model', STORIES, '--data-dir', dataDir], {
       encoding: 'utf8',
@@ -87,7 +87,7 @@ describe('a device this install cannot drive', () => {
     });
     expect(r.status).toBe(1);
     expect(r.stderr.trim().split('\n')).toEqual([
-      'reft-server: this onnxruntime-node install has no CUDA provider: after npm ci run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js, or run with --device cpu',
+      "reft-server: ORT's CUDA provider is not installed: run npm run setup:cuda, or run with --device cpu",
     ]);
   });
 });

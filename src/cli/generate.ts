@@ -8,8 +8,8 @@ import { readArtifactDir } from '../interventions/directory.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
-import { deviceOption, intArg, numberArg, weightsOption } from './options.ts';
+import type { DeviceChoice } from '../runtime/device.ts';
+import { cudaLibDirOption, deviceOption, intArg, numberArg, weightsOption, placeForCommand } from './options.ts';
 import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 import { MAX_STEER_ITEMS, steerItemSchema } from '../server/routes/steer-schemas.ts';
 import { steerItem, type SteerItem } from '../server/steering.ts';
@@ -28,6 +28,7 @@ interface GenerateFlags {
   seed?: number;
   stop?: string[];
   device: DeviceChoice;
+  cudaLibDir?: string;
   weights: WeightsFlag;
 }
 
@@ -116,6 +117,7 @@ export function generateCommand(): Command {
     .option('--seed <s>', 'random seed (same seed, same output)', intArg('--seed'))
     .addOption(new Option('--stop <text...>', 'stop strings'))
     .addOption(deviceOption())
+    .addOption(cudaLibDirOption())
     .action(runGenerate);
 }
 
@@ -148,7 +150,7 @@ async function runGenerate(flags: GenerateFlags): Promise<void> {
   const tokens = tokenize(promptInput(parsed.data), tokenizer);
   const interventions = await steeredInterventions(flags.intervention ?? [], config);
   const request = toGenerationRequest(tokens, parsed.data, interventions, config.maxPositions);
-  const { device } = await resolveDevice(flags.device);
+  const { device } = await placeForCommand(flags);
   const engine = await EngineClient.start({ modelDir: dir, cacheDir: cacheDir(), limits: DEFAULT_LIMITS, device, weights });
   try {
     const result = await engine.generate(request, { onToken: (e) => process.stdout.write(e.text) });

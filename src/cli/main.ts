@@ -6,6 +6,7 @@ import { generateCommand } from './generate.ts';
 import { importPyreftCommand } from './import-pyreft.ts';
 import { openapiCommand } from './openapi.ts';
 import { serveCommand } from './serve.ts';
+import { setupCudaCommand } from './setup-cuda.ts';
 import { trainCommand } from './train.ts';
 import { workerCommand } from './worker.ts';
 
@@ -26,6 +27,7 @@ program.addCommand(generateCommand());
 program.addCommand(trainCommand());
 program.addCommand(importPyreftCommand());
 program.addCommand(openapiCommand());
+program.addCommand(setupCudaCommand());
 
 try {
   await program.parseAsync(process.argv);

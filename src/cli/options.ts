@@ -1,5 +1,6 @@
 import { InvalidArgumentError, Option } from 'commander';
-import { DEVICE_CHOICES, type DeviceChoice } from '../runtime/device.ts';
+import { parseLibDirs } from '../runtime/cuda/load.ts';
+import { DEVICE_CHOICES, resolveDevice, type DeviceChoice, type Placement } from '../runtime/device.ts';
 import { DEFAULT_TRAIN_MEMORY_BUDGET } from '../training/memory.ts';
 import { WEIGHT_FORMATS, type WeightsFlag } from '../quant/formats.ts';
 
@@ -72,6 +73,8 @@ export const storeOptions = () => [
 /** The training worker's settings: shared by `worker` and the worker `serve` starts. */
 export interface WorkerFlags {
   device: DeviceChoice;
+  /** --cuda-lib-dir, as given (folders joined by ':'). */
+  cudaLibDir?: string;
   weights: WeightsFlag;
   leaseMs: number;
   pollMs: number;
@@ -85,6 +88,7 @@ export interface WorkerFlags {
 export const workerOptions = () => [
   weightsOption(),
   deviceOption(),
+  cudaLibDirOption(),
   envOption(
     '--lease-ms <ms>',
     'a claimed job is re-claimed this long after its worker stops heartbeating',
@@ -119,6 +123,31 @@ export const deviceOption = () =>
     'auto',
   ).choices([...DEVICE_CHOICES]);
 
+/**
+ * Where CUDA 13's libraries are when the dynamic loader doesn't find them itself (not in
+ * LD_LIBRARY_PATH or ldconfig's cache): shared by the commands that take --device.
+ */
+export const cudaLibDirOption = () =>
+  envOption(
+    '--cuda-lib-dir <dirs>',
+    "folders (':'-separated) with CUDA 13's libraries for --device cuda/auto, e.g. pip's site-packages/nvidia/cu13/lib; loaded before ORT's CUDA provider",
+    'REFT_CUDA_LIB_DIR',
+  );
+
+/**
+ * Resolves --device for a command that runs the model in this process (`generate`, `train`),
+ * loading --cuda-lib-dir's libraries if CUDA is taken. Where `auto` passed over a CUDA provider
+ * that is installed (so CUDA was expected), one line on stderr says why; a machine that never
+ * ran setup:cuda hears nothing.
+ */
+export async function placeForCommand(f: { device: DeviceChoice; cudaLibDir?: string }): Promise<Placement> {
+  const placement = await resolveDevice(f.device, { cudaLibDirs: parseLibDirs(f.cudaLibDir) });
+  const skipped = placement.cudaSkipped;
+  if (skipped && skipped.code !== 'cuda_provider_missing')
+    process.stderr.write(`reft-server: not using CUDA, running on ${placement.device}: ${skipped.reason}\n`);
+  return placement;
+}
+
 /** Shared by `serve`, `worker` and `train`: batches are split into micro-batches to stay under it. */
 export const trainMemoryBudgetOption = () =>
   envOption(
@@ -134,6 +163,7 @@ export function workerArgv(f: WorkerFlags): string[] {
   return [
     '--device',
     f.device,
+    ...(f.cudaLibDir ? ['--cuda-lib-dir', f.cudaLibDir] : []),
     '--weights',
     f.weights,
     '--lease-ms',

@@ -12,6 +12,7 @@ import { cacheDir } from '../settings.ts';
 import { DEFAULT_MAX_TRAINING_CHARS, DEFAULT_MAX_TRAINING_ROWS } from '../jobs/data.ts';
 import { openStore } from '../storage/open.ts';
 import { modelDir, modelOption } from './model-option.ts';
+import { parseLibDirs } from '../runtime/cuda/load.ts';
 import { bytesArg, envOption as opt, intArg as int, storeOptions, workerArgv, workerOptions, type WorkerFlags } from './options.ts';
 
 const PACKAGE_ROOT = join(import.meta.dirname, '..', '..');
@@ -342,6 +343,7 @@ async function runServe(f: ServeFlags): Promise<void> {
     threads: f.threads,
     device: f.device,
     kvBudget: f.kvBudget,
+    cudaLibDirs: parseLibDirs(f.cudaLibDir),
     deviceKvBudget: f.deviceKvBudget,
     prefixCacheBytes: f.prefixCacheBytes,
     prefixCacheShared: f.prefixCacheShared,

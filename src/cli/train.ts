@@ -10,8 +10,8 @@ import { INTERVENTION_KINDS } from '../interventions/artifact.ts';
 import { LR_SCHEDULERS, Trainer, type RecipeInput } from '../training/index.ts';
 import { recipeSchema } from '../training/recipe.ts';
 import { modelDir, modelOption } from './model-option.ts';
-import { resolveDevice, type DeviceChoice } from '../runtime/device.ts';
-import { deviceOption, intArg, numberArg, trainMemoryBudgetOption, weightsOption } from './options.ts';
+import type { DeviceChoice } from '../runtime/device.ts';
+import { cudaLibDirOption, deviceOption, intArg, numberArg, trainMemoryBudgetOption, weightsOption, placeForCommand } from './options.ts';
 import { resolveWeightFormat, type WeightsFlag } from '../quant/formats.ts';
 
 /** `reft-server train data.jsonl --out DIR [recipe flags]`: train locally, write the artifact. */
@@ -37,6 +37,7 @@ interface Flags {
   progress: boolean;
   trainMemoryBudget: number;
   device: DeviceChoice;
+  cudaLibDir?: string;
   weights: WeightsFlag;
 }
 
@@ -52,6 +53,7 @@ export function trainCommand(): Command {
     .addOption(modelOption())
     .addOption(trainMemoryBudgetOption())
     .addOption(deviceOption())
+    .addOption(cudaLibDirOption())
     .addOption(weightsOption())
     .addOption(new Option('--kind <kind>', `intervention kind${d('kind')}`).choices([...INTERVENTION_KINDS]))
     .option('--rank <r>', `rank${d('rank')}`, intArg('--rank', 1))
@@ -124,7 +126,7 @@ async function runTrain(data: string, f: Flags): Promise<void> {
         hideCursor: true,
       })
     : null;
-  const { device } = await resolveDevice(f.device);
+  const { device } = await placeForCommand(f);
   const trainer = await Trainer.fromExamples(model, recipe, examples, {
     device,
     cacheDir: cacheDir(),

@@ -1,5 +1,6 @@
 import { Command } from 'commander';
 import pino from 'pino';
+import { parseLibDirs } from '../runtime/cuda/load.ts';
 import { resolveDevice } from '../runtime/device.ts';
 import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
@@ -62,7 +63,8 @@ function exitWithParent(stop: (why: string) => void): void {
 
 async function runWorker(f: Flags): Promise<void> {
   const log = pino({ level: f.logLevel }).child({ component: 'worker' });
-  const placement = await resolveDevice(f.device);
+  const placement = await resolveDevice(f.device, { cudaLibDirs: parseLibDirs(f.cudaLibDir) });
+  if (placement.cudaSkipped) log.info(placement.cudaSkipped, 'not using CUDA');
   const weights = resolveWeightFormat(f.weights, placement.device);
   // Signals and the server's death are watched from the start: loading the model takes a while.
   let runner: JobRunner | null = null;

@@ -1,9 +1,9 @@
 /**
  * The operators the training graph emits where ONNX Runtime's execution providers differ, chosen
  * here once per device (and part of the graph cache key). The CPU and CUDA get the fused
- * kernels; ORT 1.30's WebGPU provider lacks ConstantOfShape, LogSoftmax, Size and an int64
- * Range, so its graph builds the same values from kernels it has (verified by the node
- * placement test in test/webgpu-training.test.ts).
+ * kernels; ORT's WebGPU provider (1.30, and the pinned 1.29) lacks ConstantOfShape, LogSoftmax,
+ * Size and an int64 Range, so its graph builds the same values from kernels it has (verified by
+ * the node placement test in test/webgpu-training.test.ts).
  */
 export type TrainingDevice = 'cpu' | 'cuda' | 'webgpu';
 

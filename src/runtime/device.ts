@@ -1,9 +1,10 @@
 import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
-import { cudaUnavailable, webgpuUnavailable } from '../errors.ts';
+import { cudaStatus, loadCudaLibraries } from './cuda/load.ts';
+import { webgpuUnavailable, type ErrorCode } from '../errors.ts';
 import { probeModel } from './probe-model.ts';
-import { cudaAvailable, type Device } from './session.ts';
+import type { Device } from './session.ts';
 
 /** What `--device` accepts: a device, or `auto` to take the best one this machine has. */
 export type DeviceChoice = Device | 'auto';
@@ -21,8 +22,17 @@ export interface Adapter {
 /** Where the model runs, as logs, /readyz and /metrics say it. */
 export interface Placement {
   device: Device;
-  /** `name (driver)` of the WebGPU adapter, the provider's name otherwise. */
+  /** `name (driver)` of the WebGPU adapter, the GPU's name on CUDA, the provider's name otherwise. */
   adapter: string;
+  /** Under `auto`, why CUDA was passed over (its error's code and one-line message). */
+  cudaSkipped?: { code: ErrorCode; reason: string };
+}
+
+export interface DeviceOptions {
+  /** The input a device that isn't there is blamed on. */
+  field?: string;
+  /** Folders with CUDA's libraries (--cuda-lib-dir), loaded before ORT's CUDA provider. */
+  cudaLibDirs?: readonly string[];
 }
 
 // Mesa's llvmpipe (lavapipe), Google's SwiftShader: Vulkan drivers that rasterize on the CPU
@@ -30,21 +40,31 @@ const SOFTWARE_DRIVER = /lvp|lavapipe|swiftshader/i;
 const SOFTWARE_NAME = /llvmpipe|lavapipe|softpipe|swiftshader/i;
 
 /**
- * Resolves `--device`: `auto` takes CUDA if its provider loads, else WebGPU on a hardware
- * adapter, else the CPU; a software adapter (llvmpipe) only when WebGPU is asked for by name.
- * A device asked for by name that isn't there is an error naming `field`.
+ * Resolves `--device`: `auto` takes CUDA if its provider loads and runs, else WebGPU on a
+ * hardware adapter, else the CPU; a software adapter (llvmpipe) only when WebGPU is asked for
+ * by name. A device asked for by name that isn't there is an error naming `field`, for CUDA the
+ * reason (see cudaStatus); `auto` says in `cudaSkipped` why it passed CUDA over. Once CUDA is
+ * chosen, the libraries found in `cudaLibDirs` are loaded into this process.
  */
-export async function resolveDevice(choice: DeviceChoice, field = 'device'): Promise<Placement> {
+export async function resolveDevice(choice: DeviceChoice, opts: DeviceOptions = {}): Promise<Placement> {
+  const field = opts.field ?? 'device';
   if (choice === 'cpu') return { device: 'cpu', adapter: 'cpu' };
+  let cudaSkipped: Placement['cudaSkipped'];
   if (choice === 'cuda' || choice === 'auto') {
-    if (await cudaAvailable()) return { device: 'cuda', adapter: 'cuda' };
-    if (choice === 'cuda') {
-      throw cudaUnavailable(field);
+    const cuda = await cudaStatus({ libDirs: opts.cudaLibDirs });
+    if (cuda.ok) {
+      loadCudaLibraries(cuda.preload);
+      return { device: 'cuda', adapter: cuda.gpu };
     }
+    if (choice === 'cuda') throw cuda.error.withField(cuda.error.message, field);
+    cudaSkipped = { code: cuda.error.code, reason: cuda.error.message };
   }
   const adapter = await webgpuAdapter();
-  if (choice === 'auto')
-    return adapter && !adapter.software ? { device: 'webgpu', adapter: describeAdapter(adapter) } : { device: 'cpu', adapter: 'cpu' };
+  if (choice === 'auto') {
+    const placement: Placement =
+      adapter && !adapter.software ? { device: 'webgpu', adapter: describeAdapter(adapter) } : { device: 'cpu', adapter: 'cpu' };
+    return { ...placement, cudaSkipped };
+  }
   if (!adapter) {
     throw webgpuUnavailable(field);
   }

@@ -1,9 +1,5 @@
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
-import { probeModel } from './probe-model.ts';
 
 export type Device = 'cpu' | 'cuda' | 'webgpu';
 
@@ -17,9 +13,9 @@ export interface SessionOptions {
 
 /**
  * The providers of a session on `device`. ORT adds the CPU provider behind them, for shape-only
- * nodes (and anything the device has no kernel for). The node binding 1.30 takes only a few
- * WebGPU options (preferredLayout, validationMode, the buffer cache modes, enableRobustness,
- * forceCpuNodeNames); the defaults serve.
+ * nodes (and anything the device has no kernel for). The node binding (1.29) takes only a few
+ * WebGPU options (preferredLayout, validationMode, the buffer cache modes, forceCpuNodeNames;
+ * 1.30 adds enableRobustness) and, for CUDA, only deviceId; the defaults serve.
  */
 function executionProviders(device: Device): ort.InferenceSession.ExecutionProviderConfig[] {
   if (device === 'cuda') return ['cuda', 'cpu'];
@@ -50,26 +46,4 @@ export async function createSession(graph: Uint8Array, dataDir: string, opts: Se
       },
     },
   } as ort.InferenceSession.SessionOptions);
-}
-
-/** Whether ORT's CUDA provider loads here (the CPU-only install lists it but cannot load it). */
-export async function cudaAvailable(): Promise<boolean> {
-  // Without the provider libraries beside the binding, asking ORT for CUDA only makes it print a
-  // native error line of its own before ours.
-  const library = (name: string) => (process.platform === 'win32' ? `${name}.dll` : `lib${name}.so`);
-  const providers = ['onnxruntime_providers_shared', 'onnxruntime_providers_cuda'].map(library);
-  if (!providers.every((f) => existsSync(join(bindingDir(), f)))) return false;
-  try {
-    const session = await ort.InferenceSession.create(probeModel('Identity'), { executionProviders: ['cuda'], logSeverityLevel: 4 });
-    await session.release();
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Where onnxruntime-node keeps its native libraries (and the CUDA install adds its providers). */
-function bindingDir(): string {
-  const entry = createRequire(import.meta.url).resolve('onnxruntime-node'); // <package>/dist/index.js
-  return join(dirname(dirname(entry)), 'bin', 'napi-v6', process.platform, process.arch);
 }

@@ -58,6 +58,8 @@ export interface ServeSettings {
   threads?: number;
   /** Where the engine runs (default auto: CUDA, else a hardware GPU through WebGPU, else the CPU). */
   device?: DeviceChoice;
+  /** Folders with CUDA's libraries (--cuda-lib-dir), loaded before ORT's CUDA provider. */
+  cudaLibDirs?: readonly string[];
   /** Bytes the KV cache may hold at a step's peak in host memory (default: from the machine's memory) and on the device (WebGPU). */
   kvBudget?: number;
   deviceKvBudget?: number;
@@ -120,7 +122,8 @@ export async function startServer(s: ServeSettings): Promise<RunningServer> {
 
   const ready = (async () => {
     // the device probe (a second, in a child process) runs while the model loads
-    const [model, placement] = await Promise.all([loadModel(dir), resolveDevice(s.device ?? 'auto')]);
+    const [model, placement] = await Promise.all([loadModel(dir), resolveDevice(s.device ?? 'auto', { cudaLibDirs: s.cudaLibDirs })]);
+    if (placement.cudaSkipped) app.log.info(placement.cudaSkipped, 'not using CUDA');
     const engine = await EngineClient.start({
       modelDir: dir,
       cacheDir: s.cacheDir,
