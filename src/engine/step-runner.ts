@@ -106,6 +106,8 @@ export class StepRunner implements StepExecutor {
   /** The prompt `beginPrefill` started, for `continuePrefill`. */
   private manualChunk: { seq: SequenceId; input: PrefillInput; next: number } | null = null;
   private readonly emptyInterventions: Record<string, ort.Tensor>;
+  /** Whether the graph takes the multi-token flag (its prefill runs attend in plain operators: WebGPU). */
+  private readonly multiTokenFlag: boolean;
   /** The host variant's fetches without and with the coefficients (the device variant fetches every output). */
   private readonly fetches: { plain: string[]; readout: string[] } | null;
   /** The last step's traffic, for tests and metrics. */
@@ -127,6 +129,7 @@ export class StepRunner implements StepExecutor {
     this.emptyInterventions = emptyInterventionFeeds(config);
     const blockBytes = PREFIX_BLOCK_TOKENS * kvBytesPerToken(config);
     this.prefixCache = prefixCacheBytes >= blockBytes ? { budgetBytes: prefixCacheBytes, blockBytes } : null;
+    this.multiTokenFlag = session.inputNames.includes(IN.multiToken);
     this.kvBudget = { bytes: kvBudget, onDevice: placement.side === 'device' };
     if (placement.fetches) {
       const plain = [OUT.logits, ...placement.fetches];
@@ -398,6 +401,8 @@ export class StepRunner implements StepExecutor {
   /**
    * One decoder run. `logitRows` are the logit pairs (rows of `logit_index`) whose logits the
    * host needs; `report`, the step's intervention feeds when some row reports its coefficients.
+   * A graph that takes the multi-token flag (WebGPU's) is told whether the run carries more than
+   * one token per row: those runs attend in plain operators (src/graph/matmul-attention.ts).
    * The host variant fetches the new keys and values and every logit row; the device variant
    * returns every output, its presents left on the device and only the chosen logit rows and
    * coefficient rows downloaded. Records the bytes that crossed.
@@ -407,6 +412,10 @@ export class StepRunner implements StepExecutor {
     logitRows: number[],
     report: readonly LayerInterventionFeed[] | null,
   ): Promise<StepOutput> {
+    if (this.multiTokenFlag) {
+      const multi = feeds[IN.inputIds].dims[1] > 1;
+      feeds[IN.multiToken] = new ort.Tensor('bool', Uint8Array.of(multi ? 1 : 0), []);
+    }
     if (!this.fetches) {
       feeds[IN.hostLogitRows] = new ort.Tensor('int64', BigInt64Array.from(logitRows, BigInt), [logitRows.length]);
       const coefficientRows = report ? Math.max(0, ...report.map((f) => f.k)) : 0;

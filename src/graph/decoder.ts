@@ -5,6 +5,7 @@ import type { ModelConfig } from '../model/config.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
 import type { QuantizedCheckpoint } from '../quant/cache.ts';
+import { matmulAttention, prefillAttention, type AttentionValues } from './matmul-attention.ts';
 import { floatWeightSource, quantizedWeightSource, type WeightSource } from './projection-weights.ts';
 import { ropeTables } from './rope.ts';
 import { offsetWeight } from './weights.ts';
@@ -37,6 +38,11 @@ import { offsetWeight } from './weights.ts';
  * folded), and the lm_head a Gemm with `transB` (its input is 2-D), which keeps a tied
  * embedding in one copy.
  *
+ * Attention is chosen per device too (matmul-attention.ts): under WebGPU a run of several tokens
+ * per row (`multi_token`, set by the caller) attends in plain MatMul / Softmax operators, in an If
+ * per layer whose other branch is GroupQueryAttention for decode steps, because ORT's WebGPU
+ * GroupQueryAttention prefills 32 tokens or more with a shader that Dawn miscompiles.
+ *
  * After decoder layer L, the interventions of the batch edit the residual stream:
  *   h[index] += ((h[index]·downᵀ + bias) ⊙ mask)·up
  * where `iv.L.index` [K, 2] lists the (row, position) pairs edited on layer L (unique),
@@ -50,7 +56,7 @@ import { offsetWeight } from './weights.ts';
  * only the first `coefficient_rows` of them come back (0 unless a row asked), so a step that
  * edits but reports nothing downloads nothing more.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v6';
+export const DECODER_GRAPH_VERSION = 'decoder-v7';
 
 /**
  * Where the graph's caller keeps the KV cache:
@@ -71,6 +77,11 @@ export const decoderInputs = {
   seqlensK: 'seqlens_k',
   totalSequenceLength: 'total_sequence_length',
   hasInterventions: 'has_interventions',
+  /**
+   * WebGPU only (matmul-attention.ts): [] bool, whether the run carries more than one token per
+   * row, which then attends in plain operators instead of GroupQueryAttention.
+   */
+  multiToken: 'multi_token',
   logitIndex: 'logit_index',
   /** Device cache only: which logit rows come back to the host as `logits`. */
   hostLogitRows: 'host_logit_rows',
@@ -124,6 +135,7 @@ export function buildDecoderGraph(
     totalSeq: g.input(decoderInputs.totalSequenceLength, 'int32', []),
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
+    multiToken: prefillAttention(device) === 'MatMulSoftmax' ? g.input(decoderInputs.multiToken, 'bool', []) : null,
     coefficientRows: cache === 'device' ? g.input(decoderInputs.coefficientRows, 'int64', [1]) : null,
   };
   const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
@@ -155,6 +167,8 @@ interface DecoderGraphInputs {
   totalSeq: string;
   logitIndex: string;
   hasInterventions: string;
+  /** Under MatMulSoftmax prefill attention: the run's multi-token flag. */
+  multiToken: string | null;
   /** Device cache: the coefficient rows to return; host: all of them. */
   coefficientRows: string | null;
 }
@@ -193,26 +207,52 @@ function inferenceOps(
     const l = layer.index;
     const pastKey = g.input(decoderInputs.pastKey(l), 'float32', ['batch', numKvHeads, 'past', headDim]);
     const pastValue = g.input(decoderInputs.pastValue(l), 'float32', ['batch', numKvHeads, 'past', headDim]);
-    const gqa = { num_heads: numHeads, kv_num_heads: numKvHeads, ...attentionAttributes(config, layer) };
     const { seqlensK, totalSeq } = inputs;
     const host = cache === 'host';
-    /** GQA's output; under a device cache its presents become the graph's outputs. */
-    const attend = (gqaInputs: string[], rotary: Record<string, AttrValue>): string => {
-      const outputs = host ? undefined : [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
-      const [out, presentKey, presentValue] = g.opN(
+    const presentDims = ['batch', numKvHeads, 'present', headDim];
+    /** GroupQueryAttention's node in `b` (the graph, or an If branch); outputs named by `outputs`. */
+    const gqa = (b: GraphBuilder, gqaInputs: string[], rotary: Record<string, AttrValue>, outputs?: string[]): string[] =>
+      b.opN(
         'GroupQueryAttention',
         gqaInputs,
         3,
-        { ...gqa, ...rotary },
+        { num_heads: numHeads, kv_num_heads: numKvHeads, ...attentionAttributes(config, layer), ...rotary },
         { domain: MS_DOMAIN, outputs },
       );
+    /**
+     * The layer's attention: GroupQueryAttention, or (MatMulSoftmax) an If on the multi-token
+     * flag whose branches attend in plain operators (`multi`, from q, k, v rotated) or with
+     * GroupQueryAttention. Under a device cache its presents are the graph's outputs.
+     */
+    const attend = (gqaInputs: string[], rotary: Record<string, AttrValue>, multi: (b: GraphBuilder) => AttentionValues): string => {
+      const names = host ? [`attention.${l}`] : [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
+      let out: string;
+      if (!inputs.multiToken) {
+        out = gqa(g, gqaInputs, rotary, host ? undefined : names)[0];
+      } else {
+        /** An If branch whose results are named as its outputs (no Identity copies a present). */
+        const branch = (name: string, results: (b: GraphBuilder, outputs: string[]) => void) => {
+          const b = new GraphBuilder(`${name}_${l}`, `${name}_${l}/`);
+          const outputs = names.map((n) => `${name}_${l}/${n}`);
+          results(b, outputs);
+          outputs.forEach((o, i) => b.output(o, o, 'float32', i ? presentDims : ['batch', 'seq', qDim]));
+          return subgraph(b);
+        };
+        const plain = branch('matmul_attention', (b, [out, presentKey, presentValue]) =>
+          matmulAttention(b, config, layer, multi(b), { out, presentKey, presentValue }),
+        );
+        // under a host cache the presents are not the branch's outputs (nor anyone's)
+        const unused = [decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)].map((n) => `group_query_attention_${l}/unused.${n}`);
+        const fused = branch('group_query_attention', (b, outputs) => gqa(b, gqaInputs, rotary, host ? [outputs[0], ...unused] : outputs));
+        out = g.opN('If', [inputs.multiToken], names.length, { then_branch: plain, else_branch: fused }, { outputs: names })[0];
+      }
       if (!host) {
-        const dims = ['batch', numKvHeads, 'present', headDim];
-        g.output(presentKey, presentKey, 'float32', dims);
-        g.output(presentValue, presentValue, 'float32', dims);
+        g.output(decoderOutputs.presentKey(l), decoderOutputs.presentKey(l), 'float32', presentDims);
+        g.output(decoderOutputs.presentValue(l), decoderOutputs.presentValue(l), 'float32', presentDims);
       }
       return out;
     };
+    const past = { pastKey, pastValue, seqlensK };
     if (layout === 'packed') {
       if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
       const parts = [layer.q, layer.k, layer.v];
@@ -230,7 +270,14 @@ function inferenceOps(
         host ? decoderOutputs.qkv(l) : undefined,
       );
       if (host) g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
-      return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 });
+      // the plain branch splits the projection and rotates q and k as GroupQueryAttention does
+      const multi = (b: GraphBuilder): AttentionValues => {
+        const [q, k, v] = b.opN('Split', [qkv, b.int64s('qkv_split', [qDim, kvDim, kvDim])], 3, { axis: -1 });
+        const rotate = (t: string, heads: number) =>
+          b.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN });
+        return { q: rotate(q, numHeads), k: rotate(k, numKvHeads), v, ...past };
+      };
+      return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 }, multi);
     }
     const rotary = (t: string, heads: number, name?: string) =>
       g.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
@@ -243,7 +290,7 @@ function inferenceOps(
       g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
       g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
     }
-    return attend([q, k, v, pastKey, pastValue, seqlensK, totalSeq], { do_rotary: 0 });
+    return attend([q, k, v, pastKey, pastValue, seqlensK, totalSeq], { do_rotary: 0 }, () => ({ q, k, v, ...past }));
   };
 
   return {
