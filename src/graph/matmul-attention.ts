@@ -10,7 +10,7 @@ import type { GraphBuilder } from './onnx.ts';
  * - `MatMulSoftmax` (WebGPU): plain MatMul / Softmax over the past and the new keys, in an If
  *   on the input `multi_token`; decode steps (one token per row) keep GroupQueryAttention.
  *
- * Why not GroupQueryAttention on WebGPU: ORT 1.30 attends to a run of 32 or more new tokens with
+ * Why not GroupQueryAttention on WebGPU: ORT (1.29 and 1.30) attends to a run of 32 or more new tokens with
  * its FlashAttention shader, whose key-tile loop declares its score accumulators without an
  * initializer (`var qk_1 : vec4<f32>;`, zero on every iteration in WGSL). Dawn's WGSL compiler
  * (Tint) makes them SPIR-V variables initialized once per invocation and stores no zero in the
