@@ -30,7 +30,7 @@ import { offsetWeight } from './weights.ts';
  * GroupQueryAttention also takes the architecture's attention scale, soft-cap and sliding
  * window (`local_window_size`: the keys a query sees, its own included).
  *
- * Under a host cache, a decode step (one token a row) over a past of at least
+ * Under a host cache on the CPU, a decode step (one token a row) over a past of at least
  * DECODE_ATTENTION_MIN_CAPACITY slots attends in plain operators instead (decodeAttention, in an
  * If): GQA writes a present of past + new, which the host drops, so it would zero and copy the
  * whole past of every layer each step. That path reads the past tensors whole, padding
@@ -144,7 +144,7 @@ export function buildDecoderGraph(
     coefficientRows: cache === 'device' ? g.input(decoderInputs.coefficientRows, 'int64', [1]) : null,
   };
   const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
-  const logits = decoderForward(inferenceOps(g, config, weights, layout, cache, inputs), config);
+  const logits = decoderForward(inferenceOps(g, config, weights, layout, device, cache, inputs), config);
   if (cache === 'host') {
     g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
     return g.encode(OPSETS);
@@ -182,6 +182,7 @@ function inferenceOps(
   config: ModelConfig,
   weights: WeightSource,
   layout: AttentionLayout,
+  device: Device,
   cache: KvCacheSide,
   inputs: DecoderGraphInputs,
 ): ForwardOps {
@@ -218,12 +219,12 @@ function inferenceOps(
     const host = cache === 'host';
     /**
      * GQA's output; under a device cache its presents become the graph's outputs. Under a host
-     * cache a decode step (one new token a row) takes `decode` instead, in an If on the step's
-     * length: GQA writes a present (past + new) that the host drops, so it would copy the whole
-     * past of every layer each step (see decodeAttention).
+     * cache on the CPU, a decode step over a long past takes `decode` instead, in an If: GQA's
+     * CPU kernel writes a present (past + new) that the host drops, so it would zero and copy
+     * the whole past of every layer each step (see decodeAttention). Other providers keep GQA.
      */
     const attend = (gqaInputs: string[], rotary: Record<string, AttrValue>, decode: (b: GraphBuilder) => string): string => {
-      if (host) {
+      if (host && device === 'cpu') {
         const step = new GraphBuilder(`decode_attention_${l}`, `decode_attention_${l}/`);
         const one = decode(step);
         step.output(one, one, 'float32', ['batch', 1, qDim]);
@@ -233,7 +234,7 @@ function inferenceOps(
         const branches = { then_branch: subgraph(step), else_branch: subgraph(prompt) };
         return g.op('If', [decodeStep().isDecode], branches, { name: `attention.${l}` });
       }
-      const outputs = [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
+      const outputs = host ? undefined : [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
       const [out, presentKey, presentValue] = g.opN(
         'GroupQueryAttention',
         gqaInputs,
@@ -241,9 +242,11 @@ function inferenceOps(
         { ...gqa, ...rotary },
         { domain: MS_DOMAIN, outputs },
       );
-      const dims = ['batch', numKvHeads, 'present', headDim];
-      g.output(presentKey, presentKey, 'float32', dims);
-      g.output(presentValue, presentValue, 'float32', dims);
+      if (!host) {
+        const dims = ['batch', numKvHeads, 'present', headDim];
+        g.output(presentKey, presentKey, 'float32', dims);
+        g.output(presentValue, presentValue, 'float32', dims);
+      }
       return out;
     };
     const decodeOver = (b: GraphBuilder, t: DecodeTokens): string =>
