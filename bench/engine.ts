@@ -1,3 +1,5 @@
+import { availableParallelism, loadavg } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
@@ -9,6 +11,7 @@ import type { LoadedModel } from '../src/model/load.ts';
 import { inPairs, median, pairRatios, round } from './machine.ts';
 import { bandwidthProbe, gemvProbe, type Probe } from './probes.ts';
 import { hugePages } from '../src/engine/huge-pages.ts';
+import { GGUF_TYPE, LlamaCppRunner, NODE_LLAMA_CPP_VERSION, ggufOf, nodeLlamaCpp } from './llama-cpp.ts';
 
 /**
  * Issue 2's engine benchmark on the 135M-shape model: decode at batch 1 and 8 next to the
@@ -201,6 +204,8 @@ export async function benchEngine(model: LoadedModel, engine: StepRunner, workDi
     `decode after an intervened prompt vs a plain one: ${round(1000 / median(after.b), 1)} vs ${round(1000 / median(after.a), 1)} tokens/s (ratio ${round(decodeRatio, 3)}, median of ${after.a.length} pairs)`,
   );
 
+  const longContext = await benchLongContext(model, engine, workDir, log);
+
   return {
     read_bandwidth_gb_s: round(bandwidth / 1e9),
     weight_bytes_per_step: weightBytes,
@@ -223,5 +228,112 @@ export async function benchEngine(model: LoadedModel, engine: StepRunner, workDi
     decode_after_intervened_prompt_tokens_s: round(1000 / median(after.b), 1),
     decode_after_plain_prompt_tokens_s: round(1000 / median(after.a), 1),
     decode_after_intervention_ratio: round(decodeRatio, 3),
+    long_context: longContext,
   };
+}
+
+/** A sequence decoding greedily, a token per `step()`: ours or llama.cpp's. */
+interface DecodeStream {
+  step(): Promise<void>;
+  close(): Promise<void>;
+}
+
+async function ourStream(engine: StepRunner, tokens: number[]): Promise<DecodeStream> {
+  const [out] = await engine.prefill([{ tokens }]);
+  let token = argmax(out.logits);
+  return {
+    step: async () => {
+      token = argmax((await engine.decode(new Map([[out.id, token]]))).get(out.id)!);
+    },
+    close: async () => engine.release(out.id),
+  };
+}
+
+/**
+ * Median milliseconds of `steps` decode steps of `stream`, after a pause (ORT's pool threads
+ * spin for ~35 ms after a run, llama.cpp's too, and would share the cores with the other
+ * engine's burst) and one untimed step.
+ */
+async function burstMs(stream: DecodeStream, steps: number): Promise<number> {
+  await sleep(60);
+  await stream.step();
+  const times: number[] = [];
+  for (let i = 0; i < steps; i++) {
+    const t = performance.now();
+    await stream.step();
+    times.push(performance.now() - t);
+  }
+  return median(times);
+}
+
+const SHORT_CONTEXT = 32;
+/** BENCH_LONG_CONTEXTS: the long prompts' lengths; BENCH_LONG_ROUNDS: paired rounds for each. */
+const LONG_CONTEXTS = (process.env.BENCH_LONG_CONTEXTS ?? '2000,4000').split(',').map(Number);
+const LONG_ROUNDS = Number(process.env.BENCH_LONG_ROUNDS ?? 12);
+const BURST_STEPS = 4;
+
+/**
+ * Issue 23's long-context goals: batch-1 decode after a 2,000- and a 4,000-token prompt, ours
+ * beside llama.cpp (node-llama-cpp on the same F32 weights as GGUF, the same threads), and
+ * beside both engines' decode after a 32-token prompt, so that each ratio is a median of pairs
+ * measured next to each other. Four sequences stay live while their bursts rotate round by
+ * round: our long one in `engine`, our short one in an engine of its own (an engine steps all
+ * its sequences together), and one in each of two llama.cpp contexts.
+ */
+export async function benchLongContext(model: LoadedModel, engine: StepRunner, workDir: string, log: (s: string) => void) {
+  const threads = availableParallelism(); // what our CPU sessions use (src/engine/session.ts)
+  const llama = await nodeLlamaCpp(join(workDir, 'llama'), threads);
+  const gguf = await ggufOf(model.dir, join(workDir, 'gguf'), GGUF_TYPE.f32);
+  const margin = LONG_ROUNDS * (BURST_STEPS + 1) + 16; // the tokens the bursts add
+  const longRunner = await LlamaCppRunner.open(llama, gguf, { threads, sequences: 1, contextSize: Math.max(...LONG_CONTEXTS) + margin });
+  const shortRunner = await LlamaCppRunner.open(llama, gguf, { threads, sequences: 1, contextSize: SHORT_CONTEXT + margin });
+  const shortEngine = await StepRunner.create(model.config, model.checkpoint, { cacheDir: join(workDir, 'cache') });
+  const vocab = model.config.vocabSize;
+  log(
+    `long context: llama.cpp ${llama.llamaCppRelease.release} (node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, flash attention ${longRunner.flashAttention}), ${threads} threads, GGUF F32; bursts of ${BURST_STEPS} steps, ${LONG_ROUNDS} rounds a length`,
+  );
+  const results: Record<string, unknown> = {};
+  const tokensPerSecond = (ms: number[]) => round(1000 / median(ms), 1);
+  /** Median of the rounds' a/b (ms over ms: b's speed over a's). */
+  const paired = (a: number[], b: number[]) => round(median(a.map((x, i) => x / b[i])), 3);
+  for (const n of LONG_CONTEXTS) {
+    const longPrompt = prompt(1000 + n, n, vocab);
+    const shortPrompt = prompt(1000 + SHORT_CONTEXT, SHORT_CONTEXT, vocab);
+    const streams = {
+      ours: await ourStream(engine, longPrompt),
+      llama: await longRunner.stream(longPrompt),
+      oursShort: await ourStream(shortEngine, shortPrompt),
+      llamaShort: await shortRunner.stream(shortPrompt),
+    };
+    const keys = Object.keys(streams) as Array<keyof typeof streams>;
+    const ms = Object.fromEntries(keys.map((k) => [k, [] as number[]])) as Record<keyof typeof streams, number[]>;
+    const loadBefore = loadavg()[0];
+    for (let r = 0; r < LONG_ROUNDS; r++) {
+      for (const k of keys.slice(r % keys.length).concat(keys.slice(0, r % keys.length)))
+        ms[k].push(await burstMs(streams[k], BURST_STEPS));
+    }
+    const loadAfter = loadavg()[0];
+    for (const k of keys) await streams[k].close();
+    const block = {
+      ours_tokens_s: tokensPerSecond(ms.ours),
+      llama_cpp_tokens_s: tokensPerSecond(ms.llama),
+      ours_over_llama_cpp: paired(ms.llama, ms.ours),
+      short_ours_tokens_s: tokensPerSecond(ms.oursShort),
+      short_llama_cpp_tokens_s: tokensPerSecond(ms.llamaShort),
+      short_ours_over_llama_cpp: paired(ms.llamaShort, ms.oursShort),
+      ours_over_our_short: paired(ms.oursShort, ms.ours),
+      llama_cpp_over_its_short: paired(ms.llamaShort, ms.llama),
+      round_ratios_ours_over_llama_cpp: ms.ours.map((x, i) => round(ms.llama[i] / x, 3)),
+      load_average_1m: { before: round(loadBefore), after: round(loadAfter) },
+    };
+    results[String(n)] = block;
+    log(
+      `decode after ${n} tokens: ours ${block.ours_tokens_s} tokens/s, llama.cpp ${block.llama_cpp_tokens_s}: ${block.ours_over_llama_cpp}x; after ${SHORT_CONTEXT} tokens: ours ${block.short_ours_tokens_s}, llama.cpp ${block.short_llama_cpp_tokens_s}: ${block.short_ours_over_llama_cpp}x; ${n} over ${SHORT_CONTEXT} tokens: ours ${block.ours_over_our_short}x, llama.cpp ${block.llama_cpp_over_its_short}x (medians of ${LONG_ROUNDS} rounds' ratios; load ${block.load_average_1m.before}-${block.load_average_1m.after})`,
+    );
+  }
+  await shortEngine.close();
+  await longRunner.close();
+  await shortRunner.close();
+  await llama.dispose();
+  return { llama_cpp_release: llama.llamaCppRelease.release, threads, burst_steps: BURST_STEPS, rounds: LONG_ROUNDS, contexts: results };
 }

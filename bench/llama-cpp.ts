@@ -157,6 +157,19 @@ export class LlamaCppRunner {
     return (steps * prompts.length) / seconds;
   }
 
+  /**
+   * Greedy decoding of `prompt` on the first sequence, a token per `step()`, for timing decode
+   * steps in bursts beside another engine's; the prompt runs before this returns.
+   */
+  async stream(prompt: number[]): Promise<{ step(): Promise<void>; close(): Promise<void> }> {
+    const gen = this.sequences[0].evaluate(prompt, { temperature: 0, yieldEogToken: true });
+    const step = async () => {
+      if ((await gen.next()).done) throw new Error('llama.cpp sequence ended early');
+    };
+    await step(); // the prompt's token
+    return { step, close: () => this.reset([gen]) };
+  }
+
   /** Milliseconds to evaluate `tokens` from an empty sequence up to the first sampled token. */
   async prefillMs(tokens: number[]): Promise<number> {
     const t = performance.now();

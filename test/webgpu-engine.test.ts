@@ -60,7 +60,9 @@ describe('the decoder graph under WebGPU', () => {
   });
 
   it("the CPU's graph under WebGPU would leave its projections on the CPU (what the check catches)", async () => {
-    const graph = buildDecoderGraph(model.config, model.checkpoint, 'separate', 'cpu');
+    // the device-cache variant: the host-cache one also attends over long pasts with FusedMatMul
+    // (decodeAttention, CPU only), whose products would join the projections here
+    const graph = buildDecoderGraph(model.config, model.checkpoint, 'separate', 'cpu', 'device');
     const onCpu = cpuComputeNodes(await nodePlacement(graph, model.checkpoint.dataDir, 'webgpu'));
     // q, k, v, o, gate+up, down per layer, and the lm_head
     expect(onCpu.map((n) => n.op)).toEqual(new Array(6 * model.config.numLayers + 1).fill('FusedMatMul'));

@@ -5,7 +5,7 @@ import type { ModelConfig } from '../model/config.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
 import type { QuantizedCheckpoint } from '../quant/cache.ts';
-import { matmulAttention, prefillAttention, type AttentionValues } from './matmul-attention.ts';
+import { matmulAttention, prefillAttention } from './matmul-attention.ts';
 import { floatWeightSource, quantizedWeightSource, type WeightSource } from './projection-weights.ts';
 import { ropeTables } from './rope.ts';
 import { offsetWeight } from './weights.ts';
@@ -30,6 +30,13 @@ import { offsetWeight } from './weights.ts';
  *   and `new_value.L` ([batch, seq, kv_heads·head_dim]).
  * GroupQueryAttention also takes the architecture's attention scale, soft-cap and sliding
  * window (`local_window_size`: the keys a query sees, its own included).
+ *
+ * Under a host cache on the CPU, a decode step (one token a row) over a past of at least
+ * DECODE_ATTENTION_MIN_CAPACITY slots attends in plain operators instead (decodeAttention, in an
+ * If): GQA writes a present of past + new, which the host drops, so it would zero and copy the
+ * whole past of every layer each step. That path reads the past tensors whole, padding
+ * included (masked from `seqlens_k`), so every layer's past must share one capacity (the past
+ * of layer 0 gives it) and hold finite values past each row's length.
  *
  * Projections are built for the device: on the CPU (and CUDA) FusedMatMul with `transB` reads
  * the `[out, in]` weights as they are; ORT's WebGPU provider has no FusedMatMul kernel (the node
@@ -56,7 +63,15 @@ import { offsetWeight } from './weights.ts';
  * only the first `coefficient_rows` of them come back (0 unless a row asked), so a step that
  * edits but reports nothing downloads nothing more.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v7';
+export const DECODER_GRAPH_VERSION = 'decoder-v8';
+
+/**
+ * From this past capacity on, a host-cache decode step attends in plain operators rather than
+ * GroupQueryAttention. Below it GQA's copies are small and its one kernel costs less than the
+ * plain path's dozen (measured on 30 layers of the 135M shapes, one thread: GQA 1.5 ms and the
+ * plain path 1.9-2.1 ms at 128 slots, 2.7 and 2.0 ms at 256, 10 and 5.3 ms at 1,024).
+ */
+export const DECODE_ATTENTION_MIN_CAPACITY = 256;
 
 /**
  * Where the graph's caller keeps the KV cache:
@@ -70,6 +85,8 @@ export const DECODER_GRAPH_VERSION = 'decoder-v7';
 export type KvCacheSide = 'host' | 'device';
 
 const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
+/** TensorProto.DataType INT64, for Cast. */
+const onnxInt64 = 7;
 
 export const decoderInputs = {
   inputIds: 'input_ids',
@@ -139,7 +156,7 @@ export function buildDecoderGraph(
     coefficientRows: cache === 'device' ? g.input(decoderInputs.coefficientRows, 'int64', [1]) : null,
   };
   const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
-  const logits = decoderForward(inferenceOps(g, config, weights, layout, cache, inputs), config);
+  const logits = decoderForward(inferenceOps(g, config, weights, layout, device, cache, inputs), config);
   if (cache === 'host') {
     g.output(logits, decoderOutputs.logits, 'float32', ['logit_rows', config.vocabSize]);
     return g.encode(OPSETS);
@@ -179,6 +196,7 @@ function inferenceOps(
   config: ModelConfig,
   weights: WeightSource,
   layout: AttentionLayout,
+  device: Device,
   cache: KvCacheSide,
   inputs: DecoderGraphInputs,
 ): ForwardOps {
@@ -202,6 +220,9 @@ function inferenceOps(
     return g.op('Reshape', [norm(heads, w), g.int64s('flat_view', [0, 0, -1])]);
   };
   const { cos, sin } = rotaryTables(g, config);
+  /** What every layer's decode attention shares, built once (host cache only). */
+  let decodeValues: DecodeStepValues | null = null;
+  const decodeStep = (): DecodeStepValues => (decodeValues ??= decodeStepValues(g, inputs.ids, inputs.seqlensK, decoderInputs.pastKey(0)));
 
   const attention = (x: string, layer: LayerSpec): string => {
     const l = layer.index;
@@ -220,31 +241,46 @@ function inferenceOps(
         { domain: MS_DOMAIN, outputs },
       );
     /**
-     * The layer's attention: GroupQueryAttention, or (MatMulSoftmax) an If on the multi-token
-     * flag whose branches attend in plain operators (`multi`, from q, k, v rotated) or with
-     * GroupQueryAttention. Under a device cache its presents are the graph's outputs.
+     * The layer's attention, from the inputs GroupQueryAttention takes (`gqaInputs`) or the
+     * rotated q, k, v at some positions (`tokens`, for the plain-operator branches):
+     * - host cache on the CPU: an If on a decode step over a long past, which attends in plain
+     *   operators reading the past in place (decodeAttention: GQA's CPU kernel would zero and copy
+     *   the whole past of every layer into a present the host drops), else GroupQueryAttention;
+     * - WebGPU (MatMulSoftmax): an If on the multi-token flag, whose runs of several tokens attend
+     *   in plain operators (matmul-attention.ts) and decode steps with GroupQueryAttention;
+     * - else GroupQueryAttention. Under a device cache its presents are the graph's outputs.
      */
-    const attend = (gqaInputs: string[], rotary: Record<string, AttrValue>, multi: (b: GraphBuilder) => AttentionValues): string => {
+    const attend = (
+      gqaInputs: string[],
+      rotary: Record<string, AttrValue>,
+      tokens: (b: GraphBuilder, positions: string) => DecodeTokens,
+    ): string => {
       const names = host ? [`attention.${l}`] : [`attention.${l}`, decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)];
+      /** An If branch whose results are named as its outputs (no Identity copies a present). */
+      const branch = (name: string, results: (b: GraphBuilder, outputs: string[]) => void) => {
+        const b = new GraphBuilder(`${name}_${l}`, `${name}_${l}/`);
+        const outputs = names.map((n) => `${name}_${l}/${n}`);
+        results(b, outputs);
+        outputs.forEach((o, i) => b.output(o, o, 'float32', i ? presentDims : ['batch', 'seq', qDim]));
+        return subgraph(b);
+      };
+      // under a host cache the presents are not the branch's outputs (nor anyone's)
+      const unused = [decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)].map((n) => `group_query_attention_${l}/unused.${n}`);
+      const fused = () =>
+        branch('group_query_attention', (b, outputs) => gqa(b, gqaInputs, rotary, host ? [outputs[0], ...unused] : outputs));
       let out: string;
-      if (!inputs.multiToken) {
-        out = gqa(g, gqaInputs, rotary, host ? undefined : names)[0];
-      } else {
-        /** An If branch whose results are named as its outputs (no Identity copies a present). */
-        const branch = (name: string, results: (b: GraphBuilder, outputs: string[]) => void) => {
-          const b = new GraphBuilder(`${name}_${l}`, `${name}_${l}/`);
-          const outputs = names.map((n) => `${name}_${l}/${n}`);
-          results(b, outputs);
-          outputs.forEach((o, i) => b.output(o, o, 'float32', i ? presentDims : ['batch', 'seq', qDim]));
-          return subgraph(b);
-        };
+      if (host && device === 'cpu') {
+        const step = new GraphBuilder(`decode_attention_${l}`, `decode_attention_${l}/`);
+        const one = decodeOver(step, tokens(step, decodeStep().positions));
+        step.output(one, one, 'float32', ['batch', 1, qDim]);
+        out = g.opN('If', [decodeStep().isDecode], 1, { then_branch: subgraph(step), else_branch: fused() }, { outputs: names })[0];
+      } else if (inputs.multiToken) {
         const plain = branch('matmul_attention', (b, [out, presentKey, presentValue]) =>
-          matmulAttention(b, config, layer, multi(b), { out, presentKey, presentValue }),
+          matmulAttention(b, config, layer, { ...tokens(b, inputs.positions), ...past }, { out, presentKey, presentValue }),
         );
-        // under a host cache the presents are not the branch's outputs (nor anyone's)
-        const unused = [decoderOutputs.presentKey(l), decoderOutputs.presentValue(l)].map((n) => `group_query_attention_${l}/unused.${n}`);
-        const fused = branch('group_query_attention', (b, outputs) => gqa(b, gqaInputs, rotary, host ? [outputs[0], ...unused] : outputs));
-        out = g.opN('If', [inputs.multiToken], names.length, { then_branch: plain, else_branch: fused }, { outputs: names })[0];
+        out = g.opN('If', [inputs.multiToken], names.length, { then_branch: plain, else_branch: fused() }, { outputs: names })[0];
+      } else {
+        out = gqa(g, gqaInputs, rotary, host ? undefined : names)[0];
       }
       if (!host) {
         g.output(decoderOutputs.presentKey(l), decoderOutputs.presentKey(l), 'float32', presentDims);
@@ -253,6 +289,13 @@ function inferenceOps(
       return out;
     };
     const past = { pastKey, pastValue, seqlensK };
+    const decodeOver = (b: GraphBuilder, t: DecodeTokens): string =>
+      decodeAttention(b, config, t, {
+        pastKey,
+        pastValue,
+        mask: decodeStep().mask(layer.slidingWindow),
+        probsSplit: decodeStep().probsSplit,
+      });
     if (layout === 'packed') {
       if (layer.qNorm) throw new Error('graph builder: the packed attention layout has no per-head q/k norms; use separate');
       const parts = [layer.q, layer.k, layer.v];
@@ -270,14 +313,14 @@ function inferenceOps(
         host ? decoderOutputs.qkv(l) : undefined,
       );
       if (host) g.output(qkv, qkv, 'float32', ['batch', 'seq', qDim + 2 * kvDim]);
-      // the plain branch splits the projection and rotates q and k as GroupQueryAttention does
-      const multi = (b: GraphBuilder): AttentionValues => {
+      // the plain branches split the projection and rotate q and k as GroupQueryAttention does
+      const tokens = (b: GraphBuilder, positions: string): DecodeTokens => {
         const [q, k, v] = b.opN('Split', [qkv, b.int64s('qkv_split', [qDim, kvDim, kvDim])], 3, { axis: -1 });
         const rotate = (t: string, heads: number) =>
-          b.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN });
-        return { q: rotate(q, numHeads), k: rotate(k, numKvHeads), v, ...past };
+          b.op('RotaryEmbedding', [t, positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN });
+        return { q: rotate(q, numHeads), k: rotate(k, numKvHeads), v };
       };
-      return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 }, multi);
+      return attend([qkv, '', '', pastKey, pastValue, seqlensK, totalSeq, cos, sin], { do_rotary: 1, rotary_interleaved: 0 }, tokens);
     }
     const rotary = (t: string, heads: number, name?: string) =>
       g.op('RotaryEmbedding', [t, inputs.positions, cos, sin], { interleaved: 0, num_heads: heads }, { domain: MS_DOMAIN, name });
@@ -290,7 +333,7 @@ function inferenceOps(
       g.output(k, k, 'float32', ['batch', 'seq', kvDim]);
       g.output(v, v, 'float32', ['batch', 'seq', kvDim]);
     }
-    return attend([q, k, v, pastKey, pastValue, seqlensK, totalSeq], { do_rotary: 0 }, () => ({ q, k, v, ...past }));
+    return attend([q, k, v, pastKey, pastValue, seqlensK, totalSeq], { do_rotary: 0 }, () => ({ q, k, v }));
   };
 
   return {
@@ -355,6 +398,100 @@ function attentionAttributes(config: ModelConfig, layer: LayerSpec): Record<stri
   if (attentionSoftcap !== null) attrs.softcap = float(attentionSoftcap);
   if (layer.slidingWindow !== null) attrs.local_window_size = layer.slidingWindow;
   return attrs;
+}
+
+interface DecodeStepValues {
+  /** Whether the step runs one token a row over a past of DECODE_ATTENTION_MIN_CAPACITY or more (bool scalar). */
+  isDecode: string;
+  /** Each row's past length as [batch, 1] int64: the new token's position. */
+  positions: string;
+  /** The additive mask [batch, 1, 1, 1, capacity] of each row's past keys a new token sees. */
+  mask: (window: number | null) => string;
+  /** [capacity, 1]: splits the probabilities over the past and the new key. */
+  probsSplit: string;
+}
+
+/**
+ * The values every layer's decode attention shares. The past's capacity is read from layer 0's
+ * past: the host feeds every layer's past at one capacity (one slab layout).
+ */
+function decodeStepValues(g: GraphBuilder, ids: string, seqlensK: string, pastKey0: string): DecodeStepValues {
+  const scalar = (hint: string, v: number) => g.constant(hint, BigInt64Array.of(BigInt(v)), []);
+  const seq = g.op('Shape', [ids], { start: 1, end: 2 });
+  const capacityDim = g.op('Shape', [pastKey0], { start: 2, end: 3 });
+  const capacity = g.op('Squeeze', [capacityDim]);
+  const oneToken = g.op('Equal', [seq, g.int64s('one', [1])]);
+  const longPast = g.op('GreaterOrEqual', [capacityDim, g.int64s('min_past', [DECODE_ATTENTION_MIN_CAPACITY])]);
+  const isDecode = g.op('Squeeze', [g.op('And', [oneToken, longPast])]);
+  const keys = g.op('Range', [scalar('zero', 0), capacity, scalar('one', 1)]); // [capacity]
+  const positions = g.op('Unsqueeze', [g.op('Cast', [seqlensK], { to: onnxInt64 }), g.int64s('axis_1', [1])]); // [batch, 1]
+  const seen = g.op('Less', [keys, positions]);
+  const zero = g.constant('zero', Float32Array.of(0), []);
+  const hidden = g.constant('hidden', Float32Array.of(-Infinity), []);
+  const masks = new Map<number | null, string>();
+  const mask = (window: number | null): string => {
+    let m = masks.get(window);
+    if (m) return m;
+    let visible = seen;
+    if (window !== null) {
+      // GroupQueryAttention's local_window_size: the query at position p sees the keys from
+      // p - window + 1 on (its own among them)
+      const first = g.op('Sub', [positions, g.int64s('window', [window - 1])]);
+      visible = g.op('And', [seen, g.op('GreaterOrEqual', [keys, first])]);
+    }
+    m = g.op('Unsqueeze', [g.op('Where', [visible, zero, hidden]), g.int64s('axes_1_2_3', [1, 2, 3])]);
+    masks.set(window, m);
+    return m;
+  };
+  const probsSplit = g.op('Concat', [capacityDim, g.int64s('one', [1])], { axis: 0 });
+  return { isDecode, positions, mask, probsSplit };
+}
+
+/** A decode step's new token per row, [batch, 1, heads·head_dim] each; q and k rotated. */
+interface DecodeTokens {
+  q: string;
+  k: string;
+  v: string;
+}
+
+/**
+ * Attention of one new token a row over its past, in plain operators that read the past in
+ * place: scores against the past keys [batch, kv_heads, capacity, head_dim] (masked past each
+ * row's length, and outside a sliding window) and against the new key, one softmax over both,
+ * and the weighted sum of the past values plus the new value's share. GroupQueryAttention
+ * instead zeroes a present, copies the past into it once per q head, and reads it from there.
+ *
+ * Each q head is a product of its own (one row: [batch, kv_heads, group, 1, head_dim] against
+ * the past viewed as [batch, kv_heads, 1, capacity, head_dim]), with the scale applied to q
+ * beforehand: MLAS streams a one-row product's other side through its unpacked kernels only
+ * when alpha is 1, and otherwise copies it into packed panels first (measured on 30 layers of
+ * 4,032 past tokens, one thread: 18 ms this way, 36 ms as one 3-row product a KV head, 47 ms
+ * GQA). Same scale, soft-cap and window as GQA.
+ */
+function decodeAttention(
+  b: GraphBuilder,
+  config: ModelConfig,
+  t: DecodeTokens,
+  past: { pastKey: string; pastValue: string; mask: string; probsSplit: string },
+): string {
+  const { numHeads, numKvHeads, headDim } = config;
+  const { attentionScale, attentionSoftcap } = config.layout;
+  const scale = b.constant('scale', Float32Array.of(attentionScale ?? 1 / Math.sqrt(headDim)), []);
+  // one token a row: [batch, 1, heads·head_dim] is [batch, kv_heads, heads per kv head, 1, head_dim]
+  const q = b.op('Reshape', [b.op('Mul', [t.q, scale]), b.int64s('q_heads', [-1, numKvHeads, numHeads / numKvHeads, 1, headDim])]);
+  const kvHeads = b.int64s('kv_heads', [-1, numKvHeads, 1, 1, headDim]);
+  const perHead = (x: string) => b.op('Unsqueeze', [x, b.int64s('group_axis', [2])]); // a view, no copy
+  const score = (keys: string) => {
+    const s = b.op('FusedMatMul', [q, keys], { transB: 1 }, { domain: MS_DOMAIN });
+    return attentionSoftcap === null ? s : softcapOp(b, s, attentionSoftcap);
+  };
+  const pastScores = b.op('Add', [score(perHead(past.pastKey)), past.mask]);
+  const scores = b.op('Concat', [pastScores, score(b.op('Reshape', [t.k, kvHeads]))], { axis: -1 });
+  const probs = b.op('Softmax', [scores], { axis: -1 });
+  const [pastProbs, newProbs] = b.opN('Split', [probs, past.probsSplit], 2, { axis: -1 });
+  const newShare = b.op('Mul', [newProbs, b.op('Reshape', [t.v, kvHeads])]);
+  const heads = b.op('Add', [b.op('MatMul', [pastProbs, perHead(past.pastValue)]), newShare]);
+  return b.op('Reshape', [heads, b.int64s('flat', [-1, 1, numHeads * headDim])]);
 }
 
 /** cap·tanh(x / cap) in plain operators. */
