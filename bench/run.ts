@@ -56,8 +56,10 @@ if (sections.includes('engine') || sections.includes('training')) {
   const engine = await StepRunner.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
   if (sections.includes('engine')) {
     results.engine = await benchEngine(model, engine, join(ROOT, 'bench', '.work'), log);
-    if (baselineRev)
-      results.against_revision = await benchAgainstRevision(dir, model.config, engine, baselineRev, join(ROOT, 'bench', '.work'), log);
+    if (baselineRev) {
+      const todayRunner = () => StepRunner.create(model.config, model.checkpoint, { cacheDir, device: placement.device });
+      results.against_revision = await benchAgainstRevision(dir, model.config, todayRunner, baselineRev, join(ROOT, 'bench', '.work'), log);
+    }
   }
   if (sections.includes('training')) {
     results.training = {
