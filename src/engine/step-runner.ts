@@ -105,7 +105,8 @@ export class StepRunner implements StepExecutor {
   private readonly blocks = new Map<BlockId, KvBlock>();
   /** The prompt `beginPrefill` started, for `continuePrefill`. */
   private manualChunk: { seq: SequenceId; input: PrefillInput; next: number } | null = null;
-  private readonly emptyInterventions: Record<string, ort.Tensor>;
+  /** A decode step's feeds: the empty intervention inputs stay, the rest is set each step. */
+  private readonly decodeFeeds: Record<string, ort.Tensor>;
   /** Whether the graph takes the multi-token flag (its prefill runs attend in plain operators: WebGPU). */
   private readonly multiTokenFlag: boolean;
   /** The host variant's fetches without and with the coefficients (the device variant fetches every output). */
@@ -126,7 +127,7 @@ export class StepRunner implements StepExecutor {
     readonly weights: WeightsReport,
   ) {
     this.batch = placement.createStore(0);
-    this.emptyInterventions = emptyInterventionFeeds(config);
+    this.decodeFeeds = emptyInterventionFeeds(config);
     const blockBytes = PREFIX_BLOCK_TOKENS * kvBytesPerToken(config);
     this.prefixCache = prefixCacheBytes >= blockBytes ? { budgetBytes: prefixCacheBytes, blockBytes } : null;
     this.multiTokenFlag = session.inputNames.includes(IN.multiToken);
@@ -367,10 +368,8 @@ export class StepRunner implements StepExecutor {
     }
     logitRows.sort((x, y) => x - y);
     const logitPairs = BigInt64Array.from({ length: 2 * b }, (_, i) => (i % 2 ? 0n : BigInt(i / 2)));
-    const feeds: Record<string, ort.Tensor> = {
-      ...this.emptyInterventions,
-      ...tokenFeeds(b, 1, { ids, positions, seqlens, total: maxLen + 1, logitPairs }),
-    };
+    // one feeds object for every decode step: its empty intervention inputs stay, the rest is set
+    const feeds = Object.assign(this.decodeFeeds, tokenFeeds(b, 1, { ids, positions, seqlens, total: maxLen + 1, logitPairs }));
     await this.batch.feedPast(feeds);
     const out = await this.run(feeds, logitRows, null);
     this.batch.keep(out, 1, new Array<number>(b).fill(1));
@@ -429,7 +428,7 @@ export class StepRunner implements StepExecutor {
     } catch (err) {
       throw this.fetches ? err : deviceError(err);
     }
-    this.lastTransfer = transfer(feeds, out);
+    if (!this.fetches) this.lastTransfer = transfer(feeds, out); // host ↔ device traffic: only a device has any
     return out;
   }
 
