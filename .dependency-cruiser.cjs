@@ -21,6 +21,7 @@ const LAYERS = [
   ['storage', '^src/storage/'],
   ['quant', '^src/quant/'],
   ['interventions', '^src/interventions/'],
+  ['prefix-cache', '^src/prefix-cache/'], // the prefix cache's block keys and books (the blocks are the engine's)
   ['graph', '^src/graph/'],
   ['engine', '^src/engine/'],
   ['training', '^src/training/'],

@@ -10,7 +10,7 @@ import { parsePositions } from '../src/interventions/positions.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { inPairs, median, pairRatios, round } from './machine.ts';
 import { bandwidthProbe, gemvProbe, type Probe } from './probes.ts';
-import { hugePages } from '../src/engine/huge-pages.ts';
+import { hugePages } from '../src/runtime/huge-pages.ts';
 import { GGUF_TYPE, LlamaCppRunner, NODE_LLAMA_CPP_VERSION, ggufOf, nodeLlamaCpp } from './llama-cpp.ts';
 
 /**

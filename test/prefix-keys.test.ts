@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
 import { steer } from '../src/interventions/steer.ts';
-import { PREFIX_BLOCK_TOKENS, prefixBlockKeys } from '../src/engine/prefix-keys.ts';
+import { PREFIX_BLOCK_TOKENS, prefixBlockKeys } from '../src/prefix-cache/block-keys.ts';
 import { Rng } from '../src/rng.ts';
 
 /**

@@ -2,8 +2,8 @@ import { describe, expect, it } from 'vitest';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../src/engine/generation.ts';
 import { GREEDY } from '../src/engine/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler, type SchedulerLimits } from '../src/engine/scheduler.ts';
-import type { BlockId } from '../src/engine/prefix-cache.ts';
-import { PREFIX_BLOCK_TOKENS } from '../src/engine/prefix-keys.ts';
+import type { BlockId } from '../src/prefix-cache/block-index.ts';
+import { PREFIX_BLOCK_TOKENS } from '../src/prefix-cache/block-keys.ts';
 import type { BlockSave, KvBudget, SequenceId, StepExecutor, StepOutputs, StepPlan } from '../src/engine/step-plan.ts';
 import { ReftError } from '../src/errors.ts';
 

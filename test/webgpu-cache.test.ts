@@ -5,7 +5,7 @@ import { argmax, logSumExp } from '../src/engine/sampler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { STORIES, inferenceCases } from './support/fixtures.ts';
-import { joinGraph, selectGraph } from '../src/engine/device-kv-store.ts';
+import { joinGraph, selectGraph } from '../src/graph/kv-cache-graphs.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
 import { cpuComputeNodes, nodePlacement } from './support/placement.ts';
 

@@ -6,7 +6,7 @@ import { JobRunner } from '../jobs/runner.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDir } from '../settings.ts';
 import { describeStore, openStore } from '../storage/open.ts';
-import { describeHugePages } from '../engine/huge-pages.ts';
+import { describeHugePages } from '../runtime/huge-pages.ts';
 import { modelDir, modelOption } from './model-option.ts';
 import { envOption, intArg, storeOptions, workerOptions, type WorkerFlags } from './options.ts';
 import { resolveWeightFormat } from '../quant/formats.ts';

@@ -7,8 +7,8 @@ import {
   type GenerationResult,
   type TokenEvent,
 } from './generation.ts';
-import { PrefixCache, type BlockId, type PrefixCacheStats } from './prefix-cache.ts';
-import { PREFIX_BLOCK_TOKENS, firstEditedPosition, prefixBlockKeys } from './prefix-keys.ts';
+import { PrefixCache, type BlockId, type PrefixCacheStats } from '../prefix-cache/block-index.ts';
+import { PREFIX_BLOCK_TOKENS, firstEditedPosition, prefixBlockKeys } from '../prefix-cache/block-keys.ts';
 import type { BlockSave, ChunkRun, PrefillInput, SequenceId, StepExecutor, StepOutputs, StepPlan, StepSample } from './step-plan.ts';
 
 /**

@@ -1,5 +1,5 @@
 import type { AppliedEdit, RequestIntervention } from './generation.ts';
-import type { BlockId } from './prefix-cache.ts';
+import type { BlockId } from '../prefix-cache/block-index.ts';
 
 /**
  * What the scheduler asks of the runner each step, as a plain value (vLLM v1's split between

@@ -1,6 +1,6 @@
 import { totalmem } from 'node:os';
 import * as ort from 'onnxruntime-node';
-import { deviceOutOfMemory, sequenceReachedContext } from '../errors.ts';
+import { sequenceReachedContext } from '../errors.ts';
 import {
   DECODER_GRAPH_VERSION,
   buildDecoderGraph,
@@ -19,10 +19,11 @@ import { DeviceKvPlacement } from './device-kv-store.ts';
 import { HostKvPlacement } from './host-kv-store.ts';
 import { interventionFeeds, type LayerInterventionFeed, type PrefillRow } from './intervention-feeds.ts';
 import { kvBytesPerToken, type KvBlock, type KvPlacement, type KvStore, type StepOutput } from './kv-store.ts';
+import { deviceError, runTransfer, type RunTransfer } from '../runtime/device-runs.ts';
 import { createSession, type SessionOptions } from '../runtime/session.ts';
 import { checkPrompt, concatFloats, emptyInterventionFeeds, setInterventions, tokenFeeds } from './step-feeds.ts';
-import type { BlockId } from './prefix-cache.ts';
-import { PREFIX_BLOCK_TOKENS } from './prefix-keys.ts';
+import type { BlockId } from '../prefix-cache/block-index.ts';
+import { PREFIX_BLOCK_TOKENS } from '../prefix-cache/block-keys.ts';
 import type {
   BlockSave,
   ChunkRun,
@@ -68,14 +69,6 @@ export function defaultHostKvBudget(weightBytes: number): number {
   return Math.max(64 * 2 ** 20, Math.floor((memory - weightBytes) / 2));
 }
 
-/** Bytes a step handed to the device and took back (host ↔ device traffic through ORT). */
-export interface StepTransfer {
-  uploaded: number;
-  downloaded: number;
-  /** Where the step's past key/value feeds were ('gpu-buffer': on the device). */
-  pastLocations: Array<ort.Tensor['location']>;
-}
-
 /** A prompt prefilled over its own cache, a run per step (a long one, or one whose prefix was cached). */
 interface PendingPrompt {
   seq: SequenceId;
@@ -112,7 +105,7 @@ export class StepRunner implements StepExecutor {
   /** The host variant's fetches without and with the coefficients (the device variant fetches every output). */
   private readonly fetches: { plain: string[]; readout: string[] } | null;
   /** The last step's traffic, for tests and metrics. */
-  lastTransfer: StepTransfer = { uploaded: 0, downloaded: 0, pastLocations: [] };
+  lastTransfer: RunTransfer = { uploaded: 0, downloaded: 0, pastLocations: [] };
   readonly kvBudget: KvBudget;
   readonly prefixCache: { budgetBytes: number; blockBytes: number } | null;
 
@@ -428,7 +421,7 @@ export class StepRunner implements StepExecutor {
     } catch (err) {
       throw this.fetches ? err : deviceError(err);
     }
-    if (!this.fetches) this.lastTransfer = transfer(feeds, out); // host ↔ device traffic: only a device has any
+    if (!this.fetches) this.lastTransfer = runTransfer(feeds, out); // host ↔ device traffic: only a device has any
     return out;
   }
 
@@ -552,28 +545,3 @@ function missingBlock(id: BlockId): never {
 }
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
-
-function transfer(feeds: Record<string, ort.Tensor>, out: StepOutput): StepTransfer {
-  const bytes = (ts: Iterable<ort.Tensor>) => {
-    let n = 0;
-    for (const t of ts) if (t.location === 'cpu') n += (t.data as ArrayBufferView).byteLength;
-    return n;
-  };
-  const pastLocations = [
-    ...new Set(
-      Object.entries(feeds)
-        .filter(([name]) => name.startsWith('past_'))
-        .map(([, t]) => t.location),
-    ),
-  ];
-  return { uploaded: bytes(Object.values(feeds)), downloaded: bytes(Object.values(out)), pastLocations };
-}
-
-/** ORT's allocation failures on the device, as an error that says what ran out. */
-function deviceError(err: unknown): unknown {
-  const message = (err as Error)?.message ?? String(err);
-  if (/out of memory|failed to allocate|allocation failed|OOM/i.test(message)) {
-    return deviceOutOfMemory({ detail: message }, undefined, { retryAfterSeconds: 1 });
-  }
-  return err;
-}

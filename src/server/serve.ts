@@ -17,7 +17,7 @@ import type { Store, Tenant } from '../storage/store.ts';
 import { buildApp } from './app.ts';
 import { DEFAULT_TENANT_NAME } from './auth.ts';
 import type { ModelRuntime } from './runtime.ts';
-import { describeHugePages } from '../engine/huge-pages.ts';
+import { describeHugePages } from '../runtime/huge-pages.ts';
 import type { TenantLimits } from './tenant-limits.ts';
 import { OffloadPool } from '../offload/pool.ts';
 import { GrammarService } from '../grammar/service.ts';

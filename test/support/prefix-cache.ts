@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { GenerationRequest, GenerationResult } from '../../src/engine/generation.ts';
-import { PREFIX_BLOCK_TOKENS, firstEditedPosition } from '../../src/engine/prefix-keys.ts';
+import { PREFIX_BLOCK_TOKENS, firstEditedPosition } from '../../src/prefix-cache/block-keys.ts';
 import { GREEDY } from '../../src/engine/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../../src/engine/scheduler.ts';
 import type { StepRunner } from '../../src/engine/step-runner.ts';
