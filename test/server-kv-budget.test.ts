@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { inferenceCases } from './support/fixtures.ts';
-import { json, type Api } from './support/http.ts';
+import { json, metricValue, type Api } from './support/http.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 /**
@@ -25,11 +25,7 @@ afterAll(async () => {
   expect(await server.stop()).toBe(0);
 });
 
-const metric = async (name: string): Promise<number> => {
-  const text = (await json(api, 'GET', '/metrics')).body as string;
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return Number(line?.split(' ')[1]);
-};
+const metric = (name: string): Promise<number> => metricValue(api, name);
 
 /** `n` prompt tokens: the fixture prompts over and over. */
 function tokens(n: number): number[] {

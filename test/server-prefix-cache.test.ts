@@ -1,7 +1,7 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { artifact, randomLoreft } from './support/artifacts.ts';
-import { json, sse, upload, type Api } from './support/http.ts';
+import { json, metricValue, sse, upload, type Api } from './support/http.ts';
 import { storiesWithChatTemplate } from './support/model-copies.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
@@ -48,15 +48,8 @@ afterAll(async () => {
   expect(await shared.stop()).toBe(0);
 });
 
-const metric = async (s: ServerProcess, line: string): Promise<number> => {
-  const text = (await json({ url: s.url, key: s === server ? ADMIN : undefined }, 'GET', '/metrics')).body as string;
-  return Number(
-    text
-      .split('\n')
-      .find((l) => l.startsWith(`${line} `))
-      ?.split(' ')[1] ?? NaN,
-  );
-};
+const metric = (s: ServerProcess, line: string): Promise<number> =>
+  metricValue({ url: s.url, key: s === server ? ADMIN : undefined }, line);
 
 describe('the prefix cache over HTTP', () => {
   it('a prompt sent again reuses its full blocks: the same tokens, and usage and the metrics say how many were cached', async () => {

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { artifact, fixtureArtifact, randomLoreft } from './support/artifacts.ts';
 import { inferenceCases } from './support/fixtures.ts';
-import { json, sse, upload, type Api } from './support/http.ts';
+import { json, metricValue, sse, upload, type Api } from './support/http.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 /**
@@ -25,11 +25,7 @@ afterAll(async () => {
   expect(await server.stop()).toBe(0);
 });
 
-const metric = async (name: string): Promise<number> => {
-  const text = (await json(api, 'GET', '/metrics')).body as string;
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return Number(line?.split(' ')[1]);
-};
+const metric = (name: string): Promise<number> => metricValue(api, name);
 
 /** Runs `work` while sampling the batch size and queue depth; returns their peaks. */
 async function watching<T>(work: () => Promise<T>): Promise<{ result: T; maxBatch: number; maxQueued: number }> {

@@ -32,6 +32,13 @@ export async function json(
   return { status: res.status, body: parsed, headers: res.headers };
 }
 
+/** One sample's value from the server's /metrics (`name` with its labels, as the line starts); NaN when absent. */
+export async function metricValue(api: Api, name: string): Promise<number> {
+  const text = (await json(api, 'GET', '/metrics')).body as string;
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return Number(line?.split(' ')[1] ?? NaN);
+}
+
 export function artifactForm(files: Partial<ArtifactFiles>, fields: Record<string, string> = {}): FormData {
   const form = new FormData();
   if (files.config !== undefined) form.append('config', new Blob([files.config], { type: 'application/json' }), 'reft_config.json');
