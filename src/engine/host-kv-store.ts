@@ -109,8 +109,13 @@ export class HostKvStore implements KvStore {
     private readonly rope: RopeTables | undefined,
   ) {}
 
+  /**
+   * The slabs up to their capacity. The room beyond it is address space the kernel maps to
+   * memory only when decoding grows the slabs into it (a fresh allocation's pages are its zero
+   * page until written), and the budget counts the capacity it grows to.
+   */
   get byteSize(): number {
-    return this.keys.reduce((s, k) => s + k.byteLength * 2, 0);
+    return this.keys.length * 2 * this.rowCapacity * this.rowStride * Float32Array.BYTES_PER_ELEMENT;
   }
 
   private get rowStride(): number {
