@@ -18,6 +18,7 @@ const LAYERS = [
   ['model', '^src/model/'],
   ['prompts', '^src/prompts/'],
   ['grammar', '^src/grammar/'], // structured output: xgrammar's compiler and the rows' matchers
+  ['sampling', '^src/sampling/'], // next-token selection: penalties, bias, grammar masks, temperature, top-k/top-p
   ['storage', '^src/storage/'],
   ['quant', '^src/quant/'],
   ['interventions', '^src/interventions/'],

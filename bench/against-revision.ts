@@ -2,7 +2,7 @@ import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import type { ModelConfig } from '../src/model/config.ts';
 import { Rng } from '../src/rng.ts';
 import { inPairs, median, pairRatios, round } from './machine.ts';

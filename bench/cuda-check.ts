@@ -12,7 +12,7 @@ import { parseLibDirs } from '../src/runtime/cuda/load.ts';
 import { resolveDevice, type DeviceChoice } from '../src/runtime/device.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
 import { loadModel } from '../src/model/load.ts';

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { Rng } from '../src/rng.ts';
 import { lowRank, type LowRankIntervention } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';

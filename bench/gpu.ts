@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import type { Placement } from '../src/runtime/device.ts';
 import type { PrefillInput, SequenceId } from '../src/engine/step-plan.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { lowRank } from '../src/interventions/artifact.ts';
 import { parsePositions } from '../src/interventions/positions.ts';
 import { steer } from '../src/interventions/steer.ts';

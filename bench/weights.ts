@@ -3,7 +3,7 @@ import { rm } from 'node:fs/promises';
 import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import type { WeightFormat } from '../src/quant/formats.ts';
 import { Rng } from '../src/rng.ts';

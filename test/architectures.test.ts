@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import { positionsFor } from '../src/interventions/positions.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { randomCheckpoint } from '../bench/random-checkpoint.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { DECODE_ATTENTION_MIN_CAPACITY } from '../src/graph/decoder.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { maxAbsDiff, testCacheDir } from './support/engine.ts';

@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { randomCheckpoint, type WeightDType } from '../bench/random-checkpoint.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { artifact, randomLoreft } from './support/artifacts.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';

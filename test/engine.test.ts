@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import type { LoadedModel } from '../src/model/load.ts';
 import { inferenceCases } from './support/fixtures.ts';
 import { greedyBatch as greedyRows, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
-import { GREEDY } from '../src/engine/sampler.ts';
+import { GREEDY } from '../src/sampling/sampler.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';
 import { encodeSafetensors } from '../src/model/safetensors.ts';
 import { toGenerationRequest } from '../src/server/generation-request.ts';

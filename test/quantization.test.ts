@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { ReftError } from '../src/errors.ts';
 import { GraphBuilder, MS_DOMAIN } from '../src/graph/onnx.ts';
 import type { LoadedModel } from '../src/model/load.ts';

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { GenerationRequest, GenerationResult, TokenEvent } from '../src/engine/generation.ts';
-import { GREEDY } from '../src/engine/sampler.ts';
+import { GREEDY } from '../src/sampling/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler, type SchedulerLimits } from '../src/engine/scheduler.ts';
 import type { BlockId } from '../src/prefix-cache/block-index.ts';
 import { PREFIX_BLOCK_TOKENS } from '../src/prefix-cache/block-keys.ts';

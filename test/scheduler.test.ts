@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { GenerationRequest, GenerationResult } from '../src/engine/generation.ts';
-import { GREEDY } from '../src/engine/sampler.ts';
+import { GREEDY } from '../src/sampling/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { greedyBatch, testCacheDir } from './support/engine.ts';

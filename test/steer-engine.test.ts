@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
 import type { AppliedEdit, GenerationRequest, GenerationResult, TokenEvent } from '../src/engine/generation.ts';
-import { GREEDY } from '../src/engine/sampler.ts';
+import { GREEDY } from '../src/sampling/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../src/engine/scheduler.ts';
 import type { LowRankIntervention } from '../src/interventions/artifact.ts';
 import { steer } from '../src/interventions/steer.ts';

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { SequenceId } from '../src/engine/step-plan.ts';
-import { argmax, logSumExp } from '../src/engine/sampler.ts';
+import { argmax, logSumExp } from '../src/sampling/sampler.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { greedyBatch, maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { STORIES, inferenceCases } from './support/fixtures.ts';

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StepRunner } from '../src/engine/step-runner.ts';
 import type { PrefillInput } from '../src/engine/step-plan.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { ReftError } from '../src/errors.ts';
 import { buildDecoderGraph } from '../src/graph/decoder.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';

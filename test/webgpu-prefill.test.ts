@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomCheckpoint } from '../bench/random-checkpoint.ts';
 import type { StepPlan } from '../src/engine/step-plan.ts';
 import { StepRunner } from '../src/engine/step-runner.ts';
-import { argmax } from '../src/engine/sampler.ts';
+import { argmax } from '../src/sampling/sampler.ts';
 import { matmulAttention } from '../src/graph/matmul-attention.ts';
 import { GraphBuilder } from '../src/graph/onnx.ts';
 import { layerSpec } from '../src/model/architecture.ts';

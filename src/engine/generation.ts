@@ -1,7 +1,7 @@
 import { promptTooLong } from '../errors.ts';
 import type { RequestIntervention } from '../interventions/steer.ts';
 import { RowMatcher, type RowGrammar } from '../grammar/row.ts';
-import { Sampler, logSumExp, type SamplingParams } from './sampler.ts';
+import { Sampler, logSumExp, type SamplingParams } from '../sampling/sampler.ts';
 
 export type { RequestIntervention } from '../interventions/steer.ts';
 

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { StepRunner } from '../../src/engine/step-runner.ts';
 import type { PrefillInput } from '../../src/engine/step-plan.ts';
-import { argmax } from '../../src/engine/sampler.ts';
+import { argmax } from '../../src/sampling/sampler.ts';
 import { loadModel, type LoadedModel } from '../../src/model/load.ts';
 import { STORIES } from './fixtures.ts';
 

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { GenerationRequest, GenerationResult } from '../../src/engine/generation.ts';
 import { PREFIX_BLOCK_TOKENS, firstEditedPosition } from '../../src/prefix-cache/block-keys.ts';
-import { GREEDY } from '../../src/engine/sampler.ts';
+import { GREEDY } from '../../src/sampling/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../../src/engine/scheduler.ts';
 import type { StepRunner } from '../../src/engine/step-runner.ts';
 import { readArtifactDir } from '../../src/interventions/directory.ts';

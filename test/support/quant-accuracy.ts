@@ -1,5 +1,5 @@
 import type { StepRunner } from '../../src/engine/step-runner.ts';
-import { Sampler } from '../../src/engine/sampler.ts';
+import { Sampler } from '../../src/sampling/sampler.ts';
 
 /**
  * Teacher-forced accuracy of a quantized model against the float one, on text the float model

@@ -6,7 +6,7 @@ import { steer, type RequestIntervention } from '../../src/interventions/steer.t
 import type { PrefillInput } from '../../src/engine/step-plan.ts';
 import type { StepRunner } from '../../src/engine/step-runner.ts';
 import type { AppliedEdit } from '../../src/engine/generation.ts';
-import { argmax } from '../../src/engine/sampler.ts';
+import { argmax } from '../../src/sampling/sampler.ts';
 import type { ModelConfig } from '../../src/model/config.ts';
 import { FIXTURES } from './fixtures.ts';
 
