@@ -14,6 +14,7 @@ import { StepSession, type TrainingBatch } from '../src/training/step-session.ts
 import { testCacheDir } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
 import { loadError } from './support/model-copies.ts';
+import { GEMMA2_FIELDS, SMALL_SHAPES } from './support/small-models.ts';
 
 /**
  * Qwen3 and Gemma 2 on small random checkpoints written here in Hugging Face's layout, against
@@ -23,18 +24,7 @@ import { loadError } from './support/model-copies.ts';
  */
 type Arch = 'qwen3' | 'gemma2';
 
-const common = {
-  hidden_size: 64,
-  intermediate_size: 96,
-  num_hidden_layers: 3,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
-  vocab_size: 512,
-  max_position_embeddings: 128,
-  bos_token_id: 1,
-  eos_token_id: 2,
-  tie_word_embeddings: true,
-};
+const common = { ...SMALL_SHAPES, intermediate_size: 96, max_position_embeddings: 128, tie_word_embeddings: true };
 const CONFIGS: Record<Arch, Record<string, unknown>> = {
   qwen3: {
     ...common,
@@ -48,15 +38,10 @@ const CONFIGS: Record<Arch, Record<string, unknown>> = {
   },
   gemma2: {
     ...common,
-    architectures: ['Gemma2ForCausalLM'],
-    model_type: 'gemma2',
+    ...GEMMA2_FIELDS,
     head_dim: 16,
     rms_norm_eps: 1e-6,
     rope_theta: 10000,
-    hidden_activation: 'gelu_pytorch_tanh',
-    query_pre_attn_scalar: 24,
-    attn_logit_softcapping: 3,
-    final_logit_softcapping: 4,
     sliding_window: 4,
   },
 };

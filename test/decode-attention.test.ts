@@ -9,6 +9,7 @@ import { DECODE_ATTENTION_MIN_CAPACITY } from '../src/graph/decoder.ts';
 import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { maxAbsDiff, testCacheDir } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
+import { GEMMA2_FIELDS, SMALL_SHAPES } from './support/small-models.ts';
 
 /**
  * A decode step over a past of DECODE_ATTENTION_MIN_CAPACITY slots or more attends in plain
@@ -19,18 +20,12 @@ import { STORIES } from './support/fixtures.ts';
  * lengths in one batch.
  */
 const base = {
-  hidden_size: 64,
+  ...SMALL_SHAPES,
   intermediate_size: 96,
-  num_hidden_layers: 3,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
   head_dim: 16,
-  vocab_size: 512,
   max_position_embeddings: 512,
   rms_norm_eps: 1e-5,
   rope_theta: 10000,
-  bos_token_id: 1,
-  eos_token_id: 2,
   tie_word_embeddings: true,
 };
 const MODELS: Record<string, { config: Record<string, unknown>; layouts: Array<'packed' | 'separate'> }> = {
@@ -42,12 +37,7 @@ const MODELS: Record<string, { config: Record<string, unknown>; layouts: Array<'
   gemma2: {
     config: {
       ...base,
-      architectures: ['Gemma2ForCausalLM'],
-      model_type: 'gemma2',
-      hidden_activation: 'gelu_pytorch_tanh',
-      query_pre_attn_scalar: 24,
-      attn_logit_softcapping: 3,
-      final_logit_softcapping: 4,
+      ...GEMMA2_FIELDS,
       sliding_window: 4,
     },
     layouts: ['packed', 'separate'],

@@ -11,6 +11,7 @@ import { artifact, randomLoreft } from './support/artifacts.ts';
 import { parseArtifact } from '../src/interventions/artifact.ts';
 import { maxAbsDiff, testCacheDir } from './support/engine.ts';
 import { STORIES } from './support/fixtures.ts';
+import { SMALL_SHAPES } from './support/small-models.ts';
 
 /**
  * The decoder graph's two attention layouts and the architectures and weight types the fixture
@@ -19,19 +20,13 @@ import { STORIES } from './support/fixtures.ts';
  * layout gives, and half-precision weights what the same values in F32 give.
  */
 const base = {
-  hidden_size: 64,
+  ...SMALL_SHAPES,
   intermediate_size: 128,
-  num_hidden_layers: 3,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
   head_dim: 16,
-  vocab_size: 512,
   max_position_embeddings: 256,
   rms_norm_eps: 1e-5,
   rope_theta: 10000,
   hidden_act: 'silu',
-  bos_token_id: 1,
-  eos_token_id: 2,
 };
 const MODELS: Record<string, Record<string, unknown>> = {
   llama: { ...base, architectures: ['LlamaForCausalLM'], tie_word_embeddings: true },

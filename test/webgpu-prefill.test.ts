@@ -13,6 +13,7 @@ import { loadModel, type LoadedModel } from '../src/model/load.ts';
 import { maxAbsDiff, storiesEngine, testCacheDir } from './support/engine.ts';
 import { nodePlacement } from './support/placement.ts';
 import { STORIES } from './support/fixtures.ts';
+import { GEMMA2_FIELDS, SMALL_SHAPES } from './support/small-models.ts';
 
 /**
  * Prefill runs of 32 tokens and more on WebGPU (Mesa's llvmpipe here), the runs ORT 1.30's
@@ -114,25 +115,14 @@ describe('long prefill runs on WebGPU equal the CPU', () => {
 describe("Gemma 2's attention in plain operators on WebGPU: scale, soft-cap, sliding window", () => {
   // a small random checkpoint (head_dim 16, so both layouts); its even layers see 6 keys
   const GEMMA2 = {
-    architectures: ['Gemma2ForCausalLM'],
-    model_type: 'gemma2',
-    hidden_size: 64,
+    ...SMALL_SHAPES,
+    ...GEMMA2_FIELDS,
     intermediate_size: 96,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
     head_dim: 16,
-    vocab_size: 512,
     max_position_embeddings: 256,
     rms_norm_eps: 1e-6,
     rope_theta: 10000,
-    hidden_activation: 'gelu_pytorch_tanh',
-    query_pre_attn_scalar: 24,
-    attn_logit_softcapping: 3,
-    final_logit_softcapping: 4,
     sliding_window: 6,
-    bos_token_id: 1,
-    eos_token_id: 2,
     tie_word_embeddings: true,
   };
 

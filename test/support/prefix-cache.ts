@@ -1,15 +1,17 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { expect } from 'vitest';
+import { afterAll, beforeAll, expect } from 'vitest';
 import type { GenerationRequest, GenerationResult } from '../../src/engine/generation.ts';
 import { PREFIX_BLOCK_TOKENS, firstEditedPosition } from '../../src/prefix-cache/block-keys.ts';
 import { GREEDY } from '../../src/sampling/sampler.ts';
 import { DEFAULT_LIMITS, Scheduler } from '../../src/engine/scheduler.ts';
-import type { StepRunner } from '../../src/engine/step-runner.ts';
+import { StepRunner } from '../../src/engine/step-runner.ts';
 import { readArtifactDir } from '../../src/interventions/directory.ts';
 import type { RequestIntervention } from '../../src/interventions/steer.ts';
-import type { LoadedModel } from '../../src/model/load.ts';
-import { FIXTURES, inferenceCases } from './fixtures.ts';
+import { loadModel, type LoadedModel } from '../../src/model/load.ts';
+import type { Device } from '../../src/runtime/session.ts';
+import { testCacheDir } from './engine.ts';
+import { FIXTURES, STORIES, inferenceCases } from './fixtures.ts';
 import { appliedError, requestInterventions, steerArtifacts, steerCases } from './steer.ts';
 
 /**
@@ -24,6 +26,36 @@ export interface PrefixCase {
   name: string;
   interventions: RequestIntervention[];
   returnCoefficients: boolean;
+}
+
+/**
+ * A suite over stories260k and its prefix cases: loads them before its tests, gives runners with
+ * an 8 MiB prefix cache, and closes them after.
+ */
+export function prefixCacheSuite(loadTimeoutMs?: number) {
+  let model: LoadedModel;
+  let cases: PrefixCase[];
+  const runners: StepRunner[] = [];
+  beforeAll(async () => {
+    model = await loadModel(STORIES);
+    cases = await prefixCases(model);
+  }, loadTimeoutMs);
+  afterAll(async () => {
+    for (const r of runners) await r.close();
+  });
+  return {
+    get model() {
+      return model;
+    },
+    get cases() {
+      return cases;
+    },
+    async runner(opts: { device?: Device; prefillChunkTokens?: number } = {}): Promise<StepRunner> {
+      const r = await StepRunner.create(model.config, model.checkpoint, { cacheDir: testCacheDir, prefixCacheBytes: 8 * 2 ** 20, ...opts });
+      runners.push(r);
+      return r;
+    },
+  };
 }
 
 export async function prefixCases(model: LoadedModel): Promise<PrefixCase[]> {
