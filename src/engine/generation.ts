@@ -196,11 +196,6 @@ export class Generation {
     this.matcher?.close();
   }
 
-  /** Milliseconds this row waited for its grammar masks (0 unconstrained). */
-  get grammarWaitMs(): number {
-    return this.matcher?.waitedMs ?? 0;
-  }
-
   /**
    * Adds decoded text, cuts at the first stop string, and returns what can be emitted now: the
    * text minus the longest tail that is still a prefix of a stop string (unless `final`).

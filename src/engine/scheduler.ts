@@ -19,7 +19,7 @@ import type { BlockSave, ChunkRun, PrefillInput, SequenceId, StepExecutor, StepO
  * (that fit the batch, token and KV budgets) are prefilled together, and the runs of prompts
  * prefilled over a cache of their own: the next chunk of the one long prompt prefilled a chunk
  * per step (so running sequences keep decoding meanwhile), and prompts whose leading blocks the
- * prefix cache holds (src/engine/prefix-cache.ts), which start after them. The runner executes
+ * prefix cache holds (src/prefix-cache/block-index.ts), which start after them. The runner executes
  * the plan; `apply` takes its outputs: tokens are picked and sent, finished sequences leave at
  * the next step.
  */

@@ -249,12 +249,17 @@ export class StepRunner implements StepExecutor {
     const fresh = this.placement.createStore(b);
     await fresh.feedPast(feeds);
     const prefillRows = inputs.map((x) => ({ length: x.promptLength ?? x.tokens.length, interventions: x.interventions ?? [] }));
-    const { layerFeeds, readouts } = this.setInterventions(feeds, prefillRows, seq, inputs);
+    const layerFeeds = this.setInterventions(feeds, prefillRows, seq);
+    const readouts = inputs.map(readoutFor);
+    const reporting = readouts.some((r) => r !== null);
     const pairs = logitPairs.length / 2;
     let out: StepOutput;
     try {
-      out = await this.run(feeds, range(pairs), readouts.some((r) => r !== null) ? layerFeeds : null);
-      readouts.forEach((r, row) => r?.record(row, layerFeeds, this.coefficients(out)));
+      out = await this.run(feeds, range(pairs), reporting ? layerFeeds : null);
+      if (reporting) {
+        const coefficients = this.coefficients(out);
+        readouts.forEach((r, row) => r?.record(row, layerFeeds, coefficients));
+      }
       fresh.keep(
         out,
         seq,
@@ -311,7 +316,7 @@ export class StepRunner implements StepExecutor {
     });
     await p.store.feedPast(feeds);
     const row = { length: x.promptLength ?? n, interventions: x.interventions ?? [], start: c.start };
-    const { layerFeeds } = this.setInterventions(feeds, [row], seq, []);
+    const layerFeeds = this.setInterventions(feeds, [row], seq);
     const out = await this.run(feeds, range(wanted), p.readout ? layerFeeds : null);
     p.store.keep(out, seq, [seq]);
     if (wanted) p.logits.push(concatFloats(this.hostLogits(out, range(wanted))));
@@ -378,16 +383,11 @@ export class StepRunner implements StepExecutor {
     return result;
   }
 
-  /** Sets a step's intervention inputs; the readouts of the rows that report their coefficients. */
-  private setInterventions(
-    feeds: Record<string, ort.Tensor>,
-    rows: PrefillRow[],
-    seq: number,
-    inputs: readonly PrefillInput[],
-  ): { layerFeeds: LayerInterventionFeed[]; readouts: Array<CoefficientReadout | null> } {
+  /** Sets a step's intervention inputs; returns them per layer (a readout reads the edits from them). */
+  private setInterventions(feeds: Record<string, ort.Tensor>, rows: PrefillRow[], seq: number): LayerInterventionFeed[] {
     const layerFeeds = interventionFeeds(rows, seq, this.config.numLayers, this.config.hiddenSize);
     setInterventions(feeds, layerFeeds, this.config.hiddenSize);
-    return { layerFeeds, readouts: inputs.map(readoutFor) };
+    return layerFeeds;
   }
 
   /**

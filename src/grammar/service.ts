@@ -48,14 +48,9 @@ interface Host {
 interface Entry {
   id: number;
   host: Host;
-  ms: number;
 }
 
 export interface PreparedGrammar {
-  key: string;
-  /** Milliseconds its compilation took (0: from the cache). */
-  compileMs: number;
-  cached: boolean;
   /** Opens one row's matcher (each row of a request gets its own). */
   open(): Promise<RowGrammar>;
 }
@@ -129,17 +124,9 @@ export class GrammarService {
    */
   async prepare(spec: GrammarSpec): Promise<PreparedGrammar> {
     const canonical = canonicalGrammar(spec, this.budgets);
-    let entry = this.cache.get(canonical.key);
-    const cached = !!entry;
-    if (entry) this.cacheHits++;
-    else entry = await this.compile(canonical, spec);
-    const key = canonical.key;
-    return {
-      key,
-      compileMs: cached ? 0 : entry.ms,
-      cached,
-      open: () => this.open(key, canonical, spec),
-    };
+    if (this.cache.has(canonical.key)) this.cacheHits++;
+    else await this.compile(canonical, spec);
+    return { open: () => this.open(canonical.key, canonical, spec) };
   }
 
   /** Ends a row's matcher (from the main thread, when its request has settled; idempotent). */
@@ -189,7 +176,7 @@ export class GrammarService {
         this.kill(host);
         throw grammarInvalid({ what, reason: reply.reason }, spec.field);
       }
-      const entry: Entry = { id, host, ms: reply.type === 'compiled' ? reply.ms : 0 };
+      const entry: Entry = { id, host };
       host.grammars.add(id);
       this.cache.set(canonical.key, entry);
       return entry;

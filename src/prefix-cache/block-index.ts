@@ -1,7 +1,7 @@
 /**
  * Which prompt blocks the runner holds (the prefix cache's bookkeeping, on the scheduler's side:
  * the runner holds the keys and values by block id and does what the plans say). A block is
- * found by its key (src/engine/prefix-keys.ts); `match` gives the longest run of a prompt's
+ * found by its key (src/prefix-cache/block-keys.ts); `match` gives the longest run of a prompt's
  * blocks held from its start, `allocate` ids for the ones a prefill will save, within the
  * byte budget, evicting the least recently used blocks no step in flight uses.
  *
@@ -124,14 +124,8 @@ export class PrefixCache {
 
   /** Whether one more block fits, after evicting the least recently used unpinned ones. */
   private makeRoom(): boolean {
-    if ((this.blocks.size + 1) * this.blockBytes <= this.budgetBytes) return true;
-    for (const block of this.blocks.values()) {
-      if (block.pins > 0) continue;
-      this.forget(block);
-      this.evictions++;
-      if ((this.blocks.size + 1) * this.blockBytes <= this.budgetBytes) return true;
-    }
-    return false;
+    this.shrink(this.budgetBytes - this.blockBytes);
+    return (this.blocks.size + 1) * this.blockBytes <= this.budgetBytes;
   }
 
   private forget(block: Block): void {

@@ -94,9 +94,9 @@ export class Sampler {
     for (let i = 0; i < v; i++) if (scores[i] > max) max = scores[i];
     const floor = max - 40 * temperature;
     if (weights.length < v) [weights, binOf] = [new Float64Array(v), new Uint16Array(v)];
+    if (topK === 0 && topP >= 1) return this.drawAll(scores, max, floor);
     const binMass = new Float64Array(BINS);
     const binCount = new Uint32Array(BINS);
-    if (topK === 0 && topP >= 1) return this.drawAll(scores, max, floor);
     const scale = BINS / (max - floor);
     let candidates = 0;
     for (let i = 0; i < v; i++) {

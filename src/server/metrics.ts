@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { EngineStats } from '../engine/worker-messages.ts';
+import { PREFIX_BLOCK_TOKENS } from '../prefix-cache/block-keys.ts';
 
 /** Prometheus metrics of one server process. */
 export class ServerMetrics {
@@ -85,7 +86,11 @@ export class ServerMetrics {
     );
     engineGauge('reft_kv_cache_bytes', 'Bytes held by the KV cache', (s) => s.kvBytes);
     engineGauge('reft_prefix_cache_bytes', "Bytes held by the prefix cache's blocks", (s) => s.prefixCache?.bytes ?? 0);
-    engineGauge('reft_prefix_cache_blocks', 'Blocks of 64 prompt tokens the prefix cache holds', (s) => s.prefixCache?.blocks ?? 0);
+    engineGauge(
+      'reft_prefix_cache_blocks',
+      `Blocks of ${PREFIX_BLOCK_TOKENS} prompt tokens the prefix cache holds`,
+      (s) => s.prefixCache?.blocks ?? 0,
+    );
     new Counter({
       name: 'reft_prefix_cache_evictions_total',
       help: 'Prefix-cache blocks evicted to make room',
