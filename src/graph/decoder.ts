@@ -1,11 +1,11 @@
 import type { Device } from '../runtime/session.ts';
 import type { LayerSpec, LinearWeights } from '../model/architecture.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
-import type { ModelConfig } from '../model/config.ts';
+import { attentionScale, type ModelConfig } from '../model/config.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
-import { GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
+import { ELEM, GraphBuilder, MS_DOMAIN, float, subgraph, type AttrValue } from './onnx.ts';
 import type { QuantizedCheckpoint } from '../quant/cache.ts';
-import { matmulAttention, prefillAttention } from './matmul-attention.ts';
+import { matmulAttention, prefillsInPlainOperators, softcapOp } from './matmul-attention.ts';
 import { floatWeightSource, quantizedWeightSource, type WeightSource } from './projection-weights.ts';
 import { ropeTables } from './rope.ts';
 import { offsetWeight } from './weights.ts';
@@ -63,7 +63,7 @@ import { offsetWeight } from './weights.ts';
  * only the first `coefficient_rows` of them come back (0 unless a row asked), so a step that
  * edits but reports nothing downloads nothing more.
  */
-export const DECODER_GRAPH_VERSION = 'decoder-v8';
+export const DECODER_GRAPH_VERSION = 'decoder-v9';
 
 /**
  * From this past capacity on, a host-cache decode step attends in plain operators rather than
@@ -85,8 +85,6 @@ export const DECODE_ATTENTION_MIN_CAPACITY = 256;
 export type KvCacheSide = 'host' | 'device';
 
 const OPSETS = { '': 21, [MS_DOMAIN]: 1 };
-/** TensorProto.DataType INT64, for Cast. */
-const onnxInt64 = 7;
 
 export const decoderInputs = {
   inputIds: 'input_ids',
@@ -152,7 +150,7 @@ export function buildDecoderGraph(
     totalSeq: g.input(decoderInputs.totalSequenceLength, 'int32', []),
     logitIndex: g.input(decoderInputs.logitIndex, 'int64', ['logit_rows', 2]),
     hasInterventions: g.input(decoderInputs.hasInterventions, 'bool', []),
-    multiToken: prefillAttention(device) === 'MatMulSoftmax' ? g.input(decoderInputs.multiToken, 'bool', []) : null,
+    multiToken: prefillsInPlainOperators(device) ? g.input(decoderInputs.multiToken, 'bool', []) : null,
     coefficientRows: cache === 'device' ? g.input(decoderInputs.coefficientRows, 'int64', [1]) : null,
   };
   const weights = quantized ? quantizedWeightSource(g, quantized) : floatWeightSource(g, checkpoint, device);
@@ -424,7 +422,7 @@ function decodeStepValues(g: GraphBuilder, ids: string, seqlensK: string, pastKe
   const longPast = g.op('GreaterOrEqual', [capacityDim, g.int64s('min_past', [DECODE_ATTENTION_MIN_CAPACITY])]);
   const isDecode = g.op('Squeeze', [g.op('And', [oneToken, longPast])]);
   const keys = g.op('Range', [scalar('zero', 0), capacity, scalar('one', 1)]); // [capacity]
-  const positions = g.op('Unsqueeze', [g.op('Cast', [seqlensK], { to: onnxInt64 }), g.int64s('axis_1', [1])]); // [batch, 1]
+  const positions = g.op('Unsqueeze', [g.op('Cast', [seqlensK], { to: ELEM.int64 }), g.int64s('axis_1', [1])]); // [batch, 1]
   const seen = g.op('Less', [keys, positions]);
   const zero = g.constant('zero', Float32Array.of(0), []);
   const hidden = g.constant('hidden', Float32Array.of(-Infinity), []);
@@ -475,8 +473,8 @@ function decodeAttention(
   past: { pastKey: string; pastValue: string; mask: string; probsSplit: string },
 ): string {
   const { numHeads, numKvHeads, headDim } = config;
-  const { attentionScale, attentionSoftcap } = config.layout;
-  const scale = b.constant('scale', Float32Array.of(attentionScale ?? 1 / Math.sqrt(headDim)), []);
+  const { attentionSoftcap } = config.layout;
+  const scale = b.constant('scale', Float32Array.of(attentionScale(config)), []);
   // one token a row: [batch, 1, heads·head_dim] is [batch, kv_heads, heads per kv head, 1, head_dim]
   const q = b.op('Reshape', [b.op('Mul', [t.q, scale]), b.int64s('q_heads', [-1, numKvHeads, numHeads / numKvHeads, 1, headDim])]);
   const kvHeads = b.int64s('kv_heads', [-1, numKvHeads, 1, 1, headDim]);
@@ -492,12 +490,6 @@ function decodeAttention(
   const newShare = b.op('Mul', [newProbs, b.op('Reshape', [t.v, kvHeads])]);
   const heads = b.op('Add', [b.op('MatMul', [pastProbs, perHead(past.pastValue)]), newShare]);
   return b.op('Reshape', [heads, b.int64s('flat', [-1, 1, numHeads * headDim])]);
-}
-
-/** cap·tanh(x / cap) in plain operators. */
-function softcapOp(g: GraphBuilder, x: string, cap: number, name?: string): string {
-  const scaled = g.op('Tanh', [g.op('Div', [x, g.constant('softcap', Float32Array.of(cap), [])])]);
-  return g.op('Mul', [scaled, g.constant('softcap', Float32Array.of(cap), [])], {}, { name });
 }
 
 /**

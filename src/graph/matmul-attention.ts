@@ -1,14 +1,14 @@
 import type { LayerSpec } from '../model/architecture.ts';
-import type { ModelConfig } from '../model/config.ts';
+import { attentionScale, type ModelConfig } from '../model/config.ts';
 import type { Device } from '../runtime/session.ts';
-import type { GraphBuilder } from './onnx.ts';
+import { ELEM, type GraphBuilder } from './onnx.ts';
 
 /**
- * How the inference graph attends in a run of more than one token per row (a prefill or a
- * prefill chunk), chosen per device like the projections (projection-weights.ts):
- * - `GroupQueryAttention` (the CPU, CUDA): the fused operator, as for decode steps.
- * - `MatMulSoftmax` (WebGPU): plain MatMul / Softmax over the past and the new keys, in an If
- *   on the input `multi_token`; decode steps (one token per row) keep GroupQueryAttention.
+ * Whether the inference graph attends in plain MatMul / Softmax operators over the past and the
+ * new keys in a run of more than one token per row (a prefill or a prefill chunk), in an If on the
+ * input `multi_token` (decode steps, one token per row, keep GroupQueryAttention): on WebGPU.
+ * Elsewhere (the CPU, CUDA) every run takes the fused GroupQueryAttention. Chosen per device like
+ * the projections (projection-weights.ts).
  *
  * Why not GroupQueryAttention on WebGPU: ORT (1.29 and 1.30) attends to a run of 32 or more new tokens with
  * its FlashAttention shader, whose key-tile loop declares its score accumulators without an
@@ -23,10 +23,8 @@ import type { GraphBuilder } from './onnx.ts';
  * multi-token run takes the plain operators here; they cost more passes over the scores (a
  * 200-token prefill of stories260k on llvmpipe: 60 → 180 ms), decode steps nothing.
  */
-export type PrefillAttention = 'GroupQueryAttention' | 'MatMulSoftmax';
-
-export function prefillAttention(device: Device): PrefillAttention {
-  return device === 'webgpu' ? 'MatMulSoftmax' : 'GroupQueryAttention';
+export function prefillsInPlainOperators(device: Device): boolean {
+  return device === 'webgpu';
 }
 
 /** Additive bias of a hidden key: exp(−1e9 − max) is exactly 0 in float32. */
@@ -34,7 +32,7 @@ const MASKED = -1e9;
 /** Position given to past slots no row holds, so that every query sees them as future. */
 const NOWHERE = 1e9;
 
-export interface AttentionValues {
+interface AttentionValues {
   /** Rotated queries [batch, seq, heads·head_dim]. */
   q: string;
   /** Rotated new keys and the new values [batch, seq, kv_heads·head_dim]. */
@@ -90,7 +88,7 @@ export function matmulAttention(
   const queries = indices(a.q, 1); // [seq]
   const keys = indices(presentKey, 2); // [past + seq]
   const pastSlots = g.op('Sub', [keys.count, queries.count]); // [1]
-  const total = g.op('Add', [g.op('Cast', [a.seqlensK], { to: 1 }), scalar('one', 1)]); // [batch]
+  const total = g.op('Add', [g.op('Cast', [a.seqlensK], { to: ELEM.float32 }), scalar('one', 1)]); // [batch]
   const past = g.op('Unsqueeze', [g.op('Relu', [g.op('Sub', [total, queries.count])]), axes('axis1', [1])]); // [batch, 1]
   const queryPos = g.op('Unsqueeze', [g.op('Add', [past, queries.range]), axes('axis2', [2])]); // [batch, seq, 1]
   const slotPos = g.op('Where', [g.op('Less', [keys.range, past]), keys.range, scalar('nowhere', NOWHERE)]); // [batch, keys]
@@ -106,15 +104,21 @@ export function matmulAttention(
   bias = g.op('Unsqueeze', [bias, axes('axes12', [1, 2])]); // [batch, 1, 1, seq, keys]
 
   // queries grouped by their kv head: [batch, kv, group, seq, hd] against [batch, kv, 1, hd, keys]
-  const scale = config.layout.attentionScale ?? 1 / Math.sqrt(headDim);
+  const scale = attentionScale(config);
   const q5 = g.op('Transpose', [g.op('Reshape', [a.q, axes('q_view', [0, 0, kv, group, headDim])])], { perm: [0, 2, 3, 1, 4] });
   const kT = g.op('Transpose', [g.op('Unsqueeze', [presentKey, axes('axis2', [2])])], { perm: [0, 1, 2, 4, 3] });
   let scores = g.op('MatMul', [g.op('Mul', [q5, scalar('attn_scale', scale)]), kT]);
   const cap = config.layout.attentionSoftcap;
-  if (cap !== null) scores = g.op('Mul', [g.op('Tanh', [g.op('Mul', [scores, scalar('softcap_inv', 1 / cap)])]), scalar('softcap', cap)]);
+  if (cap !== null) scores = softcapOp(g, scores, cap);
   const probs = g.op('Softmax', [g.op('Add', [scores, bias])], { axis: -1 });
   const heads = g.op('MatMul', [probs, g.op('Unsqueeze', [presentValue, axes('axis2', [2])])]); // [batch, kv, group, seq, hd]
   const flat = axes('flat_heads', [0, 0, numHeads * headDim]);
   const out = g.op('Reshape', [g.op('Transpose', [heads], { perm: [0, 3, 1, 2, 4] }), flat], {}, { name: names.out });
   return { out, presentKey, presentValue };
+}
+
+/** cap·tanh(x / cap) in plain operators (Gemma 2's attention and final soft-caps). */
+export function softcapOp(g: GraphBuilder, x: string, cap: number, name?: string): string {
+  const scaled = g.op('Tanh', [g.op('Div', [x, g.constant('softcap', Float32Array.of(cap), [])])]);
+  return g.op('Mul', [scaled, g.constant('softcap', Float32Array.of(cap), [])], {}, { name });
 }

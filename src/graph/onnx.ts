@@ -16,7 +16,7 @@ type AttributeProto = OnnxTypes.IAttributeProto;
 export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'int64' | 'int32' | 'uint8' | 'bool';
 export type Dim = number | string;
 
-const ELEM: Record<ElemType, number> = {
+export const ELEM: Record<ElemType, number> = {
   float32: onnx.TensorProto.DataType.FLOAT,
   float16: onnx.TensorProto.DataType.FLOAT16,
   bfloat16: onnx.TensorProto.DataType.BFLOAT16,

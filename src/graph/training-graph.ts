@@ -1,6 +1,6 @@
 import type { LayerSpec, LinearWeights } from '../model/architecture.ts';
 import type { Checkpoint } from '../model/checkpoint.ts';
-import type { ModelConfig } from '../model/config.ts';
+import { attentionScale, type ModelConfig } from '../model/config.ts';
 import { Tape } from './autodiff/tape.ts';
 import { decoderForward, type ForwardOps } from './forward.ts';
 import { GraphBuilder } from './onnx.ts';
@@ -181,7 +181,7 @@ function trainingOps(
 
   const masks = attentionMasks(t, operators, inputs.ids, inputs.attentionMask);
   const { cos, sin, rotateHalf } = rotary(t, config, inputs.positions);
-  const scale = t.scalar('attn_scale', config.layout.attentionScale ?? 1 / Math.sqrt(headDim));
+  const scale = t.scalar('attn_scale', attentionScale(config));
   // [B, S] ++ [kv_heads, group or 1, head_dim], for viewing the flat projections per head
   const batchSeq = g.op('Shape', [inputs.ids]);
   const headsShape = (n: number) => g.op('Concat', [batchSeq, g.int64s('heads', [numKvHeads, n, headDim])], { axis: 0 });

@@ -137,6 +137,11 @@ function parseRopeScaling(raw: Record<string, unknown> | null | undefined): Rope
   throw ropeScalingUnsupported({ type }, 'rope_scaling.rope_type');
 }
 
+/** The scale attention applies to q·k: the architecture's, else 1/√head_dim. */
+export function attentionScale(config: ModelConfig): number {
+  return config.layout.attentionScale ?? 1 / Math.sqrt(config.headDim);
+}
+
 /** Inverse frequencies of the rotary embedding, as transformers computes them (incl. scaling). */
 export function ropeInverseFrequencies(config: ModelConfig): Float64Array {
   const half = config.headDim / 2;
