@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { ReftError, engineCrashed, engineStopping } from '../errors.ts';
+import { spawnTypeScriptWorker } from '../offload/typescript-worker.ts';
 import type { GenerationRequest, GenerationResult, TokenEvent } from './generation.ts';
 import type { WeightsReport } from '../quant/load.ts';
 import type { KvBudget } from './step-plan.ts';
@@ -16,15 +17,8 @@ interface Pending {
   onToken?: (e: TokenEvent) => void;
 }
 
-/**
- * The worker's entry is TypeScript: register tsx's loader in the new thread first (a loader
- * registered by the host, tsx's or vitest's, does not carry over to worker threads).
- */
 function spawnWorker(workerData: WorkerInit): Worker {
-  const entry = new URL('./worker.ts', import.meta.url).href;
-  const tsx = import.meta.resolve('tsx/esm/api');
-  const bootstrap = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
-  return new Worker(bootstrap, { eval: true, workerData });
+  return spawnTypeScriptWorker(new URL('./worker.ts', import.meta.url), workerData);
 }
 
 export class EngineClient {

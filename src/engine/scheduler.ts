@@ -56,6 +56,8 @@ interface Entry {
   admitted: boolean;
   /** Its prompt's prefix-cache block keys (none when the request or the runner has no cache). */
   blockKeys: string[];
+  /** The leading ones it may load: with its coefficients asked for, only those before its first edit (their edits must run). */
+  usableKeys: string[];
   /** Prefix-cache blocks it loads or saves, pinned until its prefill has run. */
   pins: BlockId[];
 }
@@ -139,14 +141,19 @@ export class Scheduler {
         ? deviceKvBudgetExceeded({ budget }, 'max_new_tokens')
         : kvBudgetExceeded({ budget, bytes, limit: kv.bytes }, 'max_new_tokens');
     }
+    const blockKeys =
+      this.cache && request.prefixCache ? prefixBlockKeys(request.tokens, request.interventions, request.prefixCache.namespace) : [];
+    const usableKeys = request.returnCoefficients
+      ? blockKeys.slice(0, Math.floor(firstEditedPosition(request.interventions, request.tokens.length) / PREFIX_BLOCK_TOKENS))
+      : blockKeys;
     const entry: Entry = {
       key,
       generation: new Generation(request, this.eosTokenIds, context, this.detokenizer),
       sink,
       budget,
       admitted: false,
-      blockKeys:
-        this.cache && request.prefixCache ? prefixBlockKeys(request.tokens, request.interventions, request.prefixCache.namespace) : [],
+      blockKeys,
+      usableKeys,
       pins: [],
     };
     this.queue.push(entry);
@@ -209,7 +216,7 @@ export class Scheduler {
     for (const e of this.admit()) {
       e.seq = this.runner.newSequenceId();
       const input = prefillInput(e.generation.request);
-      const cached = this.cache?.match(this.usableKeys(e)) ?? [];
+      const cached = this.cache?.match(e.usableKeys) ?? [];
       const save = this.cache?.allocate(e.blockKeys, cached.length) ?? [];
       e.pins = [...cached, ...save.map((s) => s.id)];
       e.generation.cachedTokens = cached.length * PREFIX_BLOCK_TOKENS;
@@ -271,16 +278,9 @@ export class Scheduler {
     return e.generation.request.tokens.length > this.runner.prefillChunkTokens;
   }
 
-  /** The block keys a request may load: with its coefficients asked for, only those before its first edit (their edits must run). */
-  private usableKeys(e: Entry): string[] {
-    const r = e.generation.request;
-    if (!r.returnCoefficients) return e.blockKeys;
-    return e.blockKeys.slice(0, Math.floor(firstEditedPosition(r.interventions, r.tokens.length) / PREFIX_BLOCK_TOKENS));
-  }
-
   /** How many prompt tokens of `e` the cache holds now. */
   private cachedTokens(e: Entry): number {
-    return this.cache ? this.cache.peek(this.usableKeys(e)) * PREFIX_BLOCK_TOKENS : 0;
+    return this.cache ? this.cache.peek(e.usableKeys) * PREFIX_BLOCK_TOKENS : 0;
   }
 
   private admit(): Entry[] {

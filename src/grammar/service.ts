@@ -1,8 +1,7 @@
-import { createRequire } from 'node:module';
-import { pathToFileURL } from 'node:url';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { LRUCache } from 'lru-cache';
 import { grammarCompileTimeout, grammarInvalid, ReftError } from '../errors.ts';
+import { spawnTypeScriptWorker } from '../offload/typescript-worker.ts';
 import { canonicalGrammar, DEFAULT_GRAMMAR_BUDGETS, type CanonicalGrammar, type GrammarBudgets, type GrammarSpec } from './spec.ts';
 import type { FromHost, ToHost } from './host.ts';
 import { closeRow, newRowBuffer, RowState, type RowGrammar } from './row.ts';
@@ -64,18 +63,7 @@ export interface GrammarStats {
 }
 
 function spawnHost(vocab: GrammarVocab): Worker {
-  const entry = new URL('./host.ts', import.meta.url).href;
-  // import.meta.resolve is missing under vitest; require.resolve finds tsx's CommonJS build, beside its ESM one
-  const tsx =
-    typeof import.meta.resolve === 'function'
-      ? import.meta.resolve('tsx/esm/api')
-      : pathToFileURL(
-          createRequire(import.meta.url)
-            .resolve('tsx/esm/api')
-            .replace(/\.cjs$/, '.mjs'),
-        ).href;
-  const bootstrap = `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); });`;
-  return new Worker(bootstrap, { eval: true, workerData: { vocab } });
+  return spawnTypeScriptWorker(new URL('./host.ts', import.meta.url), { vocab });
 }
 
 export class GrammarService {

@@ -57,15 +57,13 @@ export function chatCompletionsRoute(app: FastifyInstance, service: GenerationSe
         const rows = choicesOf([prepared], n);
         const base = { id: prepared.id, object: 'chat.completion' as const, created: created(), model: b.model };
         if (b.stream) {
-          const started = new Set<number>();
           return streamOpenAI(
             service,
             request,
             reply,
             rows,
-            (index, text, finish, applied) => {
-              const delta = !started.has(index) ? { role: 'assistant', content: text } : finish ? {} : { content: text };
-              started.add(index);
+            (index, text, finish, first, applied) => {
+              const delta = first ? { role: 'assistant', content: text } : finish ? {} : { content: text };
               const choice = { index, delta, logprobs: null, finish_reason: finish, ...applied };
               return { ...base, object: 'chat.completion.chunk', choices: [choice] };
             },

@@ -79,18 +79,14 @@ export function completionsRoute(app: FastifyInstance, service: GenerationServic
         };
         const base = { id: prepared[0].id, object: 'text_completion' as const, created: created(), model: b.model };
         if (b.stream) {
-          const started = new Set<number>();
           return streamOpenAI(
             service,
             request,
             reply,
             rows,
-            (index, text, finish, applied) => {
+            (index, text, finish, first, applied) => {
               // the echoed prompt leads each choice's first chunk
-              if (!started.has(index)) {
-                started.add(index);
-                text = echo(index) + text;
-              }
+              if (first) text = echo(index) + text;
               return { ...base, choices: [{ index, text, logprobs: null, finish_reason: finish, ...applied }] };
             },
             b.stream_options?.include_usage ? (res) => ({ ...base, choices: [], usage: usageOf(res, n) }) : null,

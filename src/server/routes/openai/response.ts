@@ -30,20 +30,26 @@ export async function streamOpenAI(
   request: FastifyRequest,
   reply: FastifyReply,
   rows: PreparedGeneration[],
-  chunk: (index: number, text: string, finish: string | null, applied?: object) => unknown,
+  /** One choice's chunk; `first` for the first chunk of choice `index`. */
+  chunk: (index: number, text: string, finish: string | null, first: boolean, applied?: object) => unknown,
   usageChunk: ((results: GenerationResult[]) => unknown) | null,
 ): Promise<void> {
   const sse = new SseStream(request, reply);
   const tokenizer = service.model.tokenizer;
+  const started = new Set<number>();
+  const send = (i: number, text: string, finish: string | null, applied?: object) => {
+    sse.send(chunk(i, text, finish, !started.has(i), applied));
+    started.add(i);
+  };
   try {
     const results = await service.runAll(request.tenant, rows, {
       signal: sse.signal,
       onToken: (i, e) => {
-        if (e.applied) sse.send(chunk(i, e.text, null, appliedFields(rows[i], e.applied, tokenizer)));
-        else if (e.text) sse.send(chunk(i, e.text, null));
+        if (e.applied) send(i, e.text, null, appliedFields(rows[i], e.applied, tokenizer));
+        else if (e.text) send(i, e.text, null);
       },
     });
-    results.forEach((r, i) => sse.send(chunk(i, '', finishOf(r))));
+    results.forEach((r, i) => send(i, '', finishOf(r)));
     if (usageChunk) sse.send(usageChunk(results));
     sse.send('[DONE]');
   } catch (err) {
