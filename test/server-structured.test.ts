@@ -2,7 +2,7 @@ import { Ajv } from 'ajv';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sharedInterventionsFolder, storiesWithChatTemplate } from './support/model-copies.ts';
-import { json, sse, type Api } from './support/http.ts';
+import { json, metricValue, sse, type Api } from './support/http.ts';
 import { startServerProcess, type ServerProcess } from './support/server.ts';
 
 /**
@@ -270,6 +270,22 @@ describe('structured output over HTTP', () => {
     expect(typeof JSON.parse(text)).toBe('object');
   });
 
+  it("json_object's grammar is compiled when the server starts: its first request compiles nothing", async () => {
+    const until = Date.now() + 30_000;
+    while ((await metricValue(api, 'reft_grammar_cached')) < 1 && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
+    const compiles = await metricValue(api, 'reft_grammar_compiles_total');
+    const hits = await metricValue(api, 'reft_grammar_cache_hits_total');
+    const res = await json(api, 'POST', '/v1/generate', { prompt: 'x', response_format: { type: 'json_object' }, max_new_tokens: 300 });
+    expect(res.status).toBe(200);
+    expect(typeof JSON.parse(res.body.text)).toBe('object');
+    expect(await metricValue(api, 'reft_grammar_compiles_total')).toBe(compiles);
+    expect(await metricValue(api, 'reft_grammar_cache_hits_total')).toBe(hits + 1);
+    // the row's matcher is let go (its grammar thread reports it closed soon after the response)
+    const released = Date.now() + 5_000;
+    while ((await metricValue(api, 'reft_grammar_rows')) > 0 && Date.now() < released) await new Promise((r) => setTimeout(r, 50));
+    expect(await metricValue(api, 'reft_grammar_rows')).toBe(0);
+  });
+
   it('bad, oversized and too deep schemas and unknown types are 400s naming the field', async () => {
     const base = await baseName();
     const chat = (response_format: unknown) =>
@@ -285,6 +301,23 @@ describe('structured output over HTTP', () => {
     });
     expect(big.status).toBe(400);
     expect(big.body.error).toMatchObject({ param: 'response_format.json_schema.schema', code: 'grammar_too_large' });
+    // bounded strings compile one rule per character of their bounds: a budget of them, in all
+    const long = await chat({
+      type: 'json_schema',
+      json_schema: {
+        name: 'x',
+        schema: {
+          type: 'array',
+          items: [
+            { type: 'string', maxLength: 3000 },
+            { type: 'string', minLength: 2000 },
+          ],
+        },
+      },
+    });
+    expect(long.status).toBe(400);
+    expect(long.body.error).toMatchObject({ param: 'response_format.json_schema.schema', code: 'grammar_invalid' });
+    expect(long.body.error.message).toContain('minLength and maxLength add up to 5002 characters');
     let deep: Record<string, unknown> = { type: 'integer' };
     for (let i = 0; i < 20; i++) deep = { type: 'object', properties: { a: deep }, required: ['a'] };
     const tooDeep = await chat({ type: 'json_schema', json_schema: { name: 'x', schema: deep } });

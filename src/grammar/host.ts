@@ -1,8 +1,9 @@
 import { parentPort, workerData } from 'node:worker_threads';
-import { JSON_LAYOUT, type CompileJob } from './spec.ts';
+import { compileJob, createCompiler } from './compile.ts';
+import type { CompileJob } from './spec.ts';
 import { RowState, rowViews } from './row.ts';
 import type { GrammarVocab } from './vocab.ts';
-import { loadXGrammar, type CompiledGrammar, type GrammarCompiler, type GrammarMatcher } from './xgrammar.ts';
+import { loadXGrammar, type CompiledGrammar, type GrammarMatcher } from './xgrammar.ts';
 
 /**
  * A grammar thread: one xgrammar instance (WASM, single-threaded) with the model's TokenizerInfo,
@@ -52,29 +53,9 @@ function reason(e: unknown): string {
 async function main(vocab: GrammarVocab): Promise<void> {
   const started = performance.now();
   const xg = loadXGrammar();
-  const info = await xg.TokenizerInfo.createTokenizerInfo(
-    vocab.encoded,
-    vocab.type,
-    vocab.prependSpace,
-    vocab.encoded.length,
-    vocab.stopTokenIds,
-  );
-  // xgrammar's own cache is off: the service keeps the compiled grammars, by canonical text
-  const compiler: GrammarCompiler = await xg.GrammarCompiler.createGrammarCompiler(info, false);
+  const { compiler } = await createCompiler(xg, vocab);
   const grammars = new Map<number, CompiledGrammar>();
-
-  async function compile(job: CompileJob): Promise<CompiledGrammar> {
-    const { anyWhitespace, indent, separators } = JSON_LAYOUT;
-    if (job.kind === 'grammar') return compiler.compileGrammar(job.text, 'root');
-    if (!job.rules?.length) return compiler.compileJSONSchema(job.text, anyWhitespace, indent, separators, job.strict);
-    // bounded numbers: xgrammar writes the EBNF of the rest, their exact rules go in (ranges.ts)
-    let ebnf = await xg.Testings._jsonSchemaToEBNF(job.text, anyWhitespace, indent, separators, job.strict);
-    for (const [placeholder, rule] of job.rules) {
-      if (!ebnf.includes(placeholder)) throw new Error(`internal: no ${placeholder} in the schema's grammar`);
-      ebnf = ebnf.split(placeholder).join(rule);
-    }
-    return compiler.compileGrammar(ebnf, 'root');
-  }
+  const compile = (job: CompileJob) => compileJob(xg, compiler, job);
 
   /** Serves one row: accept each token the engine writes, compute the next mask, until closed. */
   async function serve(matcher: GrammarMatcher, buffer: SharedArrayBuffer, id: number): Promise<void> {

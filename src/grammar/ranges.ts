@@ -2,9 +2,7 @@
  * Exact grammars for bounded numbers. xgrammar 0.1.27 (the web build) writes wrong rules for
  * JSON Schema's numeric bounds: `{"type":"integer","minimum":0,"maximum":120}` allows 121…129,
  * `{"type":"number","maximum":10}` allows 10.5, a bound of -1.5 lets any character stand for its
- * dot. So a bounded `integer` or `number` is taken out of the schema before xgrammar sees it
- * (a unique string constant stands in for it) and its rule, built here, replaces the constant's
- * rule in the EBNF xgrammar writes for the rest.
+ * dot. So a bounded `integer` or `number` gets the rule built here instead (exact-rules.ts).
  *
  * The rules are exact: every string they allow is a JSON number inside the bounds. A `number`
  * is written with a fixed count of decimals: as many as the bounds have, at least 1, at most 6
@@ -112,42 +110,4 @@ export function numberRangeRule(b: NumericBounds): string | null {
   if (hi >= 0n) alts.push(magnitudes(lo > 0n ? lo : 0n, hi, k));
   if (lo < 0n) alts.push(`"-" ${magnitudes(hi < 0n ? -hi : 1n, -lo, k)}`);
   return `(${alts.join(' | ')})`;
-}
-
-const BOUNDS = ['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum'] as const;
-
-/**
- * Replaces every bounded integer or number in a schema by a placeholder constant; returns the
- * new schema and, per placeholder (as xgrammar writes the constant's rule: `"\"…\""`), the rule
- * that replaces it. A numeric schema with anything else (multipleOf, enum, …) is left to xgrammar.
- */
-export function extractNumericRanges(schema: unknown): { schema: unknown; rules: Array<[string, string]> } {
-  const rules: Array<[string, string]> = [];
-  const walk = (node: unknown): unknown => {
-    if (Array.isArray(node)) return node.map(walk);
-    if (node === null || typeof node !== 'object') return node;
-    const o = node as Record<string, unknown>;
-    const bounded = (o.type === 'integer' || o.type === 'number') && BOUNDS.some((k) => typeof o[k] === 'number');
-    const others = Object.keys(o).filter(
-      (k) => k !== 'type' && !(BOUNDS as readonly string[]).includes(k) && k !== 'description' && k !== 'title',
-    );
-    if (bounded && others.length === 0) {
-      const rule = numberRangeRule(o as unknown as NumericBounds);
-      if (rule !== null) {
-        const name = `reft_number_range_${rules.length}_${Math.random().toString(36).slice(2, 10)}`;
-        rules.push([`"\\"${name}\\""`, rule]);
-        return { const: name };
-      }
-    }
-    const out: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(o))
-      out[k] = k === 'properties' || k === '$defs' || k === 'definitions' ? mapValues(v, walk) : walk(v);
-    return out;
-  };
-  return { schema: walk(schema), rules };
-}
-
-function mapValues(v: unknown, f: (x: unknown) => unknown): unknown {
-  if (v === null || typeof v !== 'object' || Array.isArray(v)) return f(v);
-  return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, f(x)]));
 }

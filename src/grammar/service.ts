@@ -2,7 +2,14 @@ import type { Worker } from 'node:worker_threads';
 import { LRUCache } from 'lru-cache';
 import { grammarCompileTimeout, grammarInvalid, ReftError } from '../errors.ts';
 import { spawnTypeScriptWorker } from '../offload/typescript-worker.ts';
-import { canonicalGrammar, DEFAULT_GRAMMAR_BUDGETS, type CanonicalGrammar, type GrammarBudgets, type GrammarSpec } from './spec.ts';
+import {
+  canonicalGrammar,
+  DEFAULT_GRAMMAR_BUDGETS,
+  type CanonicalGrammar,
+  type CompileJob,
+  type GrammarBudgets,
+  type GrammarSpec,
+} from './spec.ts';
 import type { FromHost, ToHost } from './host.ts';
 import { closeRow, newRowBuffer, RowState, type RowGrammar } from './row.ts';
 import type { GrammarVocab } from './vocab.ts';
@@ -92,6 +99,11 @@ export class GrammarService {
     this.addHost(); // one thread warm, so the first compilation doesn't wait for the vocabulary
   }
 
+  /** Whether close() was called (a compilation it cut short fails with no fault of its grammar). */
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
   get vocabSize(): number {
     return this.vocab.encoded.length;
   }
@@ -114,7 +126,7 @@ export class GrammarService {
     const canonical = canonicalGrammar(spec, this.budgets);
     if (this.cache.has(canonical.key)) this.cacheHits++;
     else await this.compile(canonical, spec);
-    return { open: () => this.open(canonical.key, canonical, spec) };
+    return { open: () => this.open(canonical, spec) };
   }
 
   /** Ends a row's matcher (from the main thread, when its request has settled; idempotent). */
@@ -131,12 +143,18 @@ export class GrammarService {
   private compile(canonical: CanonicalGrammar, spec: GrammarSpec): Promise<Entry> {
     const running = this.inflight.get(canonical.key);
     if (running) return running;
-    const work = this.compileOnIdleHost(canonical, spec).finally(() => this.inflight.delete(canonical.key));
+    let job: CompileJob;
+    try {
+      job = canonical.job(); // a refusal here is the request's own 400, before any thread is taken
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const work = this.compileOnIdleHost(canonical.key, job, spec).finally(() => this.inflight.delete(canonical.key));
     this.inflight.set(canonical.key, work);
     return work;
   }
 
-  private async compileOnIdleHost(canonical: CanonicalGrammar, spec: GrammarSpec): Promise<Entry> {
+  private async compileOnIdleHost(key: string, job: CompileJob, spec: GrammarSpec): Promise<Entry> {
     const host = await this.idleHost(); // reserved: host.compiling is set
     const id = this.nextId++;
     this.compiles++;
@@ -152,7 +170,7 @@ export class GrammarService {
     let timer: NodeJS.Timeout | undefined;
     try {
       const reply = await Promise.race([
-        this.ask(host, id, { type: 'compile', id, job: canonical.job }),
+        this.ask(host, id, { type: 'compile', id, job }),
         new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), limit))),
       ]);
       if (reply === 'timeout') {
@@ -166,7 +184,7 @@ export class GrammarService {
       }
       const entry: Entry = { id, host };
       host.grammars.add(id);
-      this.cache.set(canonical.key, entry);
+      this.cache.set(key, entry);
       return entry;
     } finally {
       clearTimeout(timer);
@@ -176,7 +194,8 @@ export class GrammarService {
     }
   }
 
-  private async open(key: string, canonical: CanonicalGrammar, spec: GrammarSpec): Promise<RowGrammar> {
+  private async open(canonical: CanonicalGrammar, spec: GrammarSpec): Promise<RowGrammar> {
+    const key = canonical.key;
     for (let attempt = 0; ; attempt++) {
       let entry = this.cache.get(key);
       if (!entry || entry.host.dead) entry = await this.compile(canonical, spec);

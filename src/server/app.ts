@@ -139,6 +139,7 @@ export async function buildApp(opts: AppOptions): Promise<{ app: FastifyInstance
   };
   const queues = new TenantQueues(opts.tenantLimits.maxConcurrentRequests, opts.tenantLimits.maxQueuedRequests);
   metrics.watchTenantQueues(() => queues.queued);
+  metrics.watchGrammars(() => opts.runtime()?.grammars.stats() ?? null);
   const steering = new SteeringResolver(() => runtime().interventions, opts.store);
   const service = new GenerationService(runtime, queues, metrics, usage, steering, budgets);
   healthRoutes(

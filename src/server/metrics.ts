@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { EngineStats } from '../engine/worker-messages.ts';
+import type { GrammarStats } from '../grammar/service.ts';
 import { PREFIX_BLOCK_TOKENS } from '../prefix-cache/block-keys.ts';
 
 /** Prometheus metrics of one server process. */
@@ -136,6 +137,26 @@ export class ServerMetrics {
         this.set(queued());
       },
     });
+  }
+
+  /** Structured output's grammar service (null while the model loads), read at each scrape. */
+  watchGrammars(stats: () => GrammarStats | null): void {
+    const series: Array<[string, string, (s: GrammarStats) => number, 'counter' | 'gauge']> = [
+      ['reft_grammar_compiles_total', 'Grammars compiled (schemas, choice lists, EBNF, json_object)', (s) => s.compiles, 'counter'],
+      ['reft_grammar_cache_hits_total', 'Constrained requests whose grammar was already compiled', (s) => s.cacheHits, 'counter'],
+      ['reft_grammar_cached', 'Compiled grammars kept', (s) => s.cached, 'gauge'],
+      ['reft_grammar_threads', 'Grammar threads running', (s) => s.threads, 'gauge'],
+      ['reft_grammar_rows', 'Constrained rows with a live matcher', (s) => s.liveRows, 'gauge'],
+    ];
+    for (const [name, help, value, kind] of series) {
+      const collect = function (this: Counter | Gauge) {
+        const now = stats();
+        this.reset();
+        if (now) this.inc(value(now));
+      };
+      if (kind === 'counter') new Counter({ name, help, registers: [this.registry], collect });
+      else new Gauge({ name, help, registers: [this.registry], collect });
+    }
   }
 
   register(app: FastifyInstance): void {
