@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { Sampler, type SamplingParams } from '../src/sampling/sampler.ts';
+import { expAbove40, Sampler, type SamplingParams } from '../src/sampling/sampler.ts';
 
 /**
  * The sampler's draws against the distribution written the plain way: candidates sorted best
@@ -55,6 +55,15 @@ describe('sampling', () => {
       }
     });
   }
+
+  it("a draw's weights are e^x within 2e-7 over the whole range a candidate can have", () => {
+    let worst = 0;
+    for (let i = 0; i <= 400_000; i++) {
+      const x = (-40 * i) / 400_000 - (i === 400_000 ? 1e-9 : 0);
+      worst = Math.max(worst, Math.abs(expAbove40(x) / Math.exp(x) - 1));
+    }
+    expect(worst).toBeLessThan(2e-7);
+  });
 
   it('the same seed draws the same tokens; temperature 0 is the argmax', () => {
     const params = { temperature: 0.9, topK: 40, topP: 0.95, repetitionPenalty: 1, seed: 3 };

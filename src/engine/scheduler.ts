@@ -297,7 +297,7 @@ export class Scheduler {
       const next = this.queue[at];
       const n = next.generation.request.tokens.length;
       const fitsBatch = this.running.size + this.runs.size + admitted.length < this.limits.maxBatchSize;
-      const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight && this.fitsKv(admitted, next);
+      const fitsTokens = this.tokensInFlight + next.budget <= this.limits.maxTokensInFlight;
       const computed = n - this.cachedTokens(next);
       const asRun = computed < n || this.isLong(next);
       const multiChunk = computed > this.runner.prefillChunkTokens;
@@ -307,7 +307,8 @@ export class Scheduler {
       const fitsPrefill = multiChunk
         ? !longAdmitted
         : admitted.length === 0 || (prefillTokens + tokens <= this.limits.maxPrefillTokens && (!asRun || runs < MAX_RUNS_PER_STEP));
-      if (!fitsBatch || !fitsTokens || !fitsPrefill) break;
+      // the KV budget last: making room for it may evict prefix-cache blocks
+      if (!fitsBatch || !fitsTokens || !fitsPrefill || !this.fitsKv(admitted, next)) break;
       this.queue.splice(at, 1);
       this.lastAdmitted.set(next.generation.request.tenant ?? '', ++this.admissions);
       admitted.push(next);

@@ -106,7 +106,7 @@ export class Sampler {
       }
       const b = Math.min(BINS - 1, Math.floor((scores[i] - floor) * scale));
       binOf[i] = b;
-      binMass[b] += weights[i] = Math.exp((scores[i] - max) / temperature);
+      binMass[b] += weights[i] = expAbove40((scores[i] - max) / temperature);
       binCount[b]++;
       candidates++;
     }
@@ -152,7 +152,7 @@ export class Sampler {
   private drawAll(scores: Float32Array, max: number, floor: number): number {
     const t = this.params.temperature;
     let total = 0;
-    for (let i = 0; i < scores.length; i++) total += weights[i] = scores[i] >= floor ? Math.exp((scores[i] - max) / t) : 0;
+    for (let i = 0; i < scores.length; i++) total += weights[i] = scores[i] >= floor ? expAbove40((scores[i] - max) / t) : 0;
     let u = this.rng.next() * total;
     let last = 0;
     for (let i = 0; i < scores.length; i++) {
@@ -162,6 +162,23 @@ export class Sampler {
     }
     return last;
   }
+}
+
+/**
+ * e^x for x in [−40, 0], the draws' weights (candidates are within 40 nats of the best), within
+ * 2e-7 of Math.exp (float32's own precision is 1.2e-7): 2^k from a table times a degree-6
+ * polynomial for 2^f around f = ½. Math.exp was most of a draw: 1.8 of 1.9 ms over 128k tokens;
+ * a draw is 0.7 ms this way.
+ */
+const EXP2_TERMS = [1, 2, 3, 4, 5, 6].map((n) => Math.LN2 ** n / [1, 2, 6, 24, 120, 720][n - 1]);
+const [E1, E2, E3, E4, E5, E6] = EXP2_TERMS;
+const POW2_SQRT2 = Float64Array.from({ length: 64 }, (_, i) => 2 ** (i - 63) * Math.SQRT2);
+
+export function expAbove40(x: number): number {
+  const y = x * Math.LOG2E;
+  const k = Math.floor(y);
+  const f = y - k - 0.5;
+  return POW2_SQRT2[k + 63] * (1 + f * (E1 + f * (E2 + f * (E3 + f * (E4 + f * (E5 + f * E6))))));
 }
 
 /** Score bins of a draw; the draw's scratch, shared (the sampler runs on one thread, never reentered). */
