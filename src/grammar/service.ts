@@ -140,15 +140,10 @@ export class GrammarService {
     this.hosts.length = 0;
   }
 
-  private compile(canonical: CanonicalGrammar, spec: GrammarSpec): Promise<Entry> {
+  private async compile(canonical: CanonicalGrammar, spec: GrammarSpec): Promise<Entry> {
     const running = this.inflight.get(canonical.key);
     if (running) return running;
-    let job: CompileJob;
-    try {
-      job = canonical.job(); // a refusal here is the request's own 400, before any thread is taken
-    } catch (e) {
-      return Promise.reject(e);
-    }
+    const job = canonical.job(); // a refusal here is the request's own 400, before any thread is taken
     const work = this.compileOnIdleHost(canonical.key, job, spec).finally(() => this.inflight.delete(canonical.key));
     this.inflight.set(canonical.key, work);
     return work;
